@@ -1,0 +1,324 @@
+"""``edgepack build``: from a trained model and its data to a signed bundle.
+
+Steps, each reported to a progress callback: load the model and the data, convert to
+ONNX, quantise, judge fidelity against the original, profile the training data and the
+packaged model's predictions on it, pick smoke-test samples, write the manifest with
+lineage, sign, pack.
+
+Reproducible: with ``SOURCE_DATE_EPOCH`` set, the same inputs give byte-identical
+bundles (created_at and the tar mtimes come from it; every other byte is a function
+of the inputs).
+
+Loading a pickled or joblib model runs code from that file: it happens here, on the
+build machine, on the user's own file; a device never loads a pickle.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.bundle import BUNDLE_SUFFIX, file_entry, pack_bundle
+from edge_agent.errors import SchemaError
+from edge_agent.manifest import NAME_RE, FeatureSpec, Lineage, Manifest, parse_version
+from edge_agent.runtime import ModelRunner, Prediction
+from edge_agent.signing import Envelope, load_private_key
+from edge_agent.wire import sha256_hex
+from packager.convert import Converted, adopt_onnx, convert_sklearn, sklearn_outputs
+from packager.data import Table, load_table
+from packager.errors import BuildError, FidelityError, ModelLoadError
+from packager.fidelity import Bounds, judge, table
+from packager.quantize import quantize
+from packager.reference import build_reference, pick_samples
+
+__all__ = ["BuildOptions", "BuildResult", "build"]
+
+FIDELITY_ROWS = 2000
+LIBRARIES = ("edgefleet", "numpy", "onnx", "onnxruntime", "skl2onnx", "scikit-learn",
+             "protobuf", "pandas")
+Progress = Callable[[str, str], None]
+
+
+@dataclass
+class BuildOptions:
+    model: Path
+    train_data: Path
+    name: str
+    version: str
+    key: Path
+    target: str | None = None
+    passphrase: bytes | None = None
+    quantize: str = "none"
+    calibration_data: Path | None = None
+    keep_first_float: bool = True
+    bounds: Bounds = field(default_factory=Bounds)
+    force: bool = False
+    out_dir: Path = Path(".")
+    bins: int = 10
+    eval_data: Path | None = None
+    description: str = ""
+    code_revision: str | None = None
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: Manifest
+    sha256: str
+    size: int
+    fidelity_rows: list[tuple[str, float, float, bool]]
+    timings: dict[str, float]
+    notes: list[str]
+
+
+def _now(epoch: str | None) -> tuple[int, str]:
+    if epoch:
+        try:
+            ts = int(epoch)
+        except ValueError as exc:
+            raise BuildError(f"SOURCE_DATE_EPOCH={epoch!r} is not an integer") from exc
+    else:
+        ts = int(time.time())
+    stamp = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return ts, stamp
+
+
+def _libraries() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _git_revision(where: Path) -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=where, capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{rev}+dirty" if dirty else rev
+
+
+def _load_model(path: Path) -> tuple[Any, bytes]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read model ({exc.strerror})") from exc
+    if path.suffix.lower() == ".onnx":
+        return None, raw
+    import joblib
+
+    try:
+        return joblib.load(path), raw
+    except Exception as exc:  # unpickling raises anything at all
+        raise ModelLoadError(f"{path}: not a pickled or joblib model "
+                             f"({type(exc).__name__}: {exc})") from exc
+
+
+def _features(est: Any, data: Table) -> Table:
+    names = getattr(est, "feature_names_in_", None)
+    if names is not None:
+        return data.select([str(n) for n in names])
+    expected = getattr(est, "n_features_in_", None)
+    if expected is not None and expected != len(data.names):
+        raise BuildError(f"{data.path}: the model expects {expected} features, the data has "
+                         f"{len(data.names)} columns besides the target "
+                         f"({', '.join(data.names[:8])}…); pass --target or fix the columns")
+    return data
+
+
+def _sample(data: Table, n: int) -> Table:
+    if data.rows <= n:
+        return data
+    seed = int(data.sha256[:8], 16)  # deterministic for the same data
+    index = np.sort(np.random.default_rng(seed).choice(data.rows, size=n, replace=False))
+    return data.take(index)
+
+
+def _columns(data: Table) -> dict[str, np.ndarray]:
+    return {n: data.columns[n] for n in data.names}
+
+
+def _metrics(task: str, pred: Prediction, target: np.ndarray | None, prefix: str
+             ) -> dict[str, float]:
+    if target is None:
+        return {}
+    from sklearn import metrics
+
+    if task == "classification":
+        got, want = np.asarray(pred.labels).astype(str), np.asarray(target).astype(str)
+        return {f"{prefix}accuracy": float(metrics.accuracy_score(want, got)),
+                f"{prefix}f1_macro": float(metrics.f1_score(want, got, average="macro"))}
+    y = np.asarray(target, dtype=np.float64)
+    return {f"{prefix}mae": float(metrics.mean_absolute_error(y, pred.values)),
+            f"{prefix}rmse": float(np.sqrt(metrics.mean_squared_error(y, pred.values))),
+            f"{prefix}r2": float(metrics.r2_score(y, pred.values))}
+
+
+def _feature_specs(data: Table, binding_dtype: str) -> tuple[FeatureSpec, ...]:
+    specs = []
+    for n in data.names:
+        col = data.columns[n]
+        if data.kinds[n] == "categorical":
+            present = sorted({str(v) for v in col.tolist() if v is not None})
+            specs.append(FeatureSpec(n, "categorical", "string", categories=tuple(present[:4096]),
+                                     missing_allowed=any(v is None for v in col.tolist())))
+        else:
+            finite = col[np.isfinite(col)]
+            specs.append(FeatureSpec(
+                n, "numeric", data.dtypes[n] if data.dtypes[n] == "int64" else binding_dtype,
+                float(finite.min()) if finite.size else None,
+                float(finite.max()) if finite.size else None,
+                missing_allowed=bool(finite.size < col.size)))
+    return tuple(specs)
+
+
+def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) -> BuildResult:
+    """Build, sign and write a bundle; return where and what.
+
+    Raises:
+        PackagerError: a refused input or step (see :mod:`packager.errors`).
+        KeyFileError: the signing key cannot be used.
+    """
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def step(name: str, detail: str = "") -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+        progress(name, detail)
+
+    if not NAME_RE.match(opts.name):
+        raise BuildError(f"--name {opts.name!r}: use lower-case letters, digits, '.', '_', '-' "
+                         "(at most 64)")
+    try:
+        parse_version(opts.version)
+    except SchemaError as exc:
+        raise BuildError(f"--version: {exc}") from exc
+    key = load_private_key(opts.key, opts.passphrase)  # fail before the slow steps
+    epoch, created_at = _now(os.environ.get("SOURCE_DATE_EPOCH"))
+
+    est, model_bytes = _load_model(opts.model)
+    data = load_table(opts.train_data, opts.target)
+    step("load", f"{data.rows} rows × {len(data.names)} columns from {opts.train_data.name}")
+
+    if est is None:
+        converted: Converted = adopt_onnx(model_bytes, data, str(opts.model))
+        features = data.select(list(data.names))
+    else:
+        features = _features(est, data)
+        converted = convert_sklearn(est, features)
+    step("convert", f"{converted.estimator} → ONNX, {converted.binding.layout} layout"
+         + (f" ({'; '.join(converted.notes)})" if converted.notes else ""))
+
+    calibration = None
+    if opts.quantize == "static":
+        cal = load_table(opts.calibration_data, opts.target) if opts.calibration_data \
+            else features
+        cal = _sample(cal.select(features.names), 512)
+        calibration = _calibration_feeds(converted, cal)
+    model, quant = quantize(converted.model, opts.quantize, calibration=calibration,
+                            keep_first_float=opts.keep_first_float)
+    step("quantize", quant.note or (f"{opts.quantize}: {quant.quantized_ops} ops quantised"
+                                    if quant.applied else "none"))
+
+    provisional = Manifest(
+        name=opts.name, version=opts.version, created_at=created_at, task=converted.task,
+        inputs=_feature_specs(features, converted.binding.dtype), outputs=converted.outputs,
+        binding=converted.binding, files=(), reference_hash="0" * 64,
+        lineage=Lineage(sha256_hex(model_bytes), "onnx" if est is None else "sklearn",
+                        converted.estimator, data.sha256, data.rows),
+        classes=converted.classes)
+    runner = ModelRunner(provisional, model)
+
+    evaluation = load_table(opts.eval_data, opts.target).select(features.names) \
+        if opts.eval_data else None
+    check = evaluation if evaluation is not None else _sample(features, FIDELITY_ROWS)
+    shipped = runner.run_columns(_columns(check))
+    if est is not None:
+        original = sklearn_outputs(est, check, converted.binding.layout)
+        fidelity, rows = judge(original, shipped, converted.task, opts.bounds)
+    else:
+        fidelity, rows = replace(provisional.fidelity, rows=0), []
+    if not fidelity.passed:
+        if not opts.force:
+            raise FidelityError(
+                f"{opts.model.name}: the packaged model disagrees with the original "
+                f"beyond the bounds on {fidelity.rows} rows (use --force to build anyway)",
+                table(rows))
+        fidelity = replace(fidelity, forced=True)
+    step("fidelity", f"{'passed' if fidelity.passed else 'FAILED (forced)'} on "
+         f"{fidelity.rows} rows")
+
+    everything = runner.run_columns(_columns(features))
+    spec, reference = build_reference(features, everything, converted.task,
+                                      converted.classes, opts.bins)
+    samples = pick_samples(features, lambda part: runner.run_columns(_columns(part)))
+    step("profile", f"reference over {features.rows} rows, {len(spec.inputs)} features, "
+         f"reference_hash {spec.reference_hash[:12]}")
+
+    metrics = _metrics(converted.task, shipped, check.target,
+                       "eval_" if evaluation is not None else "train_")
+    files = {"model.onnx": model, "reference.json": reference,
+             "samples.json": samples.to_bytes()}
+    manifest = replace(
+        provisional, description=opts.description,
+        files=tuple(sorted(file_entry(k, v) for k, v in files.items())),
+        reference_hash=spec.reference_hash, quantization=quant, fidelity=fidelity,
+        metrics=metrics,
+        lineage=replace(provisional.lineage, code_revision=opts.code_revision
+                        or _git_revision(Path.cwd()), libraries=_libraries()))
+    payload = manifest.to_bytes()
+    bundle = pack_bundle(manifest, Envelope().signed(key, payload), files, epoch)
+    out = _write(opts.out_dir, f"{opts.name}-{opts.version}{BUNDLE_SUFFIX}", bundle)
+    step("sign", f"{out} ({len(bundle):,} bytes)")
+    return BuildResult(out, manifest, sha256_hex(bundle), len(bundle), rows, timings,
+                       converted.notes)
+
+
+def _calibration_feeds(converted: Converted, cal: Table) -> list[dict[str, np.ndarray]]:
+    import onnxruntime as ort
+
+    from edge_agent.runtime import _ORT_NP  # the dtypes the graph declares
+
+    session = ort.InferenceSession(converted.model, providers=["CPUExecutionProvider"])
+    feeds = []
+    for start in range(0, cal.rows, 64):
+        part = cal.take(np.arange(start, min(start + 64, cal.rows)))
+        if converted.binding.layout == "tensor":
+            inp = session.get_inputs()[0]
+            feeds.append({inp.name: part.matrix().astype(_ORT_NP[inp.type])})
+        else:
+            feeds.append({i.name: np.asarray(part.columns[i.name]).astype(
+                _ORT_NP[i.type]).reshape(-1, 1) for i in session.get_inputs()})
+    return feeds
+
+
+def _write(directory: Path, name: str, data: bytes) -> Path:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / name
+        tmp = directory / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise BuildError(f"{directory}: cannot write the bundle ({exc.strerror})") from exc
+    return target

@@ -1,0 +1,65 @@
+"""The packager's error tree. Each names the file, column or estimator at fault.
+
+    PackagerError
+    ├── DataError              training / calibration data unreadable or unusable
+    ├── ModelLoadError         the model file cannot be loaded
+    ├── UnsupportedModelError  no converter for this estimator (names it)
+    ├── ConversionError        the converter or onnxruntime failed on the converted graph
+    ├── QuantizationError      the asked quantisation could not be done
+    ├── FidelityError          the converted model disagrees with the original past a bound
+    └── BuildError             anything else the build refuses (bad name, version, output)
+
+Contract errors (:mod:`edge_agent.errors`) pass through unchanged: a bad key is a
+``KeyFileError``, a bad bundle a ``BundleError``.
+"""
+
+from __future__ import annotations
+
+from edge_agent.errors import EdgefleetError
+
+__all__ = [
+    "BuildError",
+    "ConversionError",
+    "DataError",
+    "FidelityError",
+    "ModelLoadError",
+    "PackagerError",
+    "QuantizationError",
+    "UnsupportedModelError",
+]
+
+
+class PackagerError(EdgefleetError):
+    """Base of the packager's refusals."""
+
+
+class DataError(PackagerError):
+    """Training, evaluation or calibration data cannot be used."""
+
+
+class ModelLoadError(PackagerError):
+    """The model file cannot be loaded."""
+
+
+class UnsupportedModelError(PackagerError):
+    """No converter for this estimator."""
+
+
+class ConversionError(PackagerError):
+    """Conversion to ONNX failed, or the converted graph does not run."""
+
+
+class QuantizationError(PackagerError):
+    """The asked quantisation failed."""
+
+
+class FidelityError(PackagerError):
+    """The converted model disagrees with the original beyond the bounds."""
+
+    def __init__(self, message: str, table: str = "") -> None:
+        super().__init__(message)
+        self.table = table
+
+
+class BuildError(PackagerError):
+    """A build input (name, version, option, output path) is refused."""

@@ -1,0 +1,107 @@
+"""The fidelity gate: the packaged ONNX model against the original, on real rows.
+
+Classifiers: label agreement, max and mean absolute probability difference.
+Regressors: max absolute error, and that error relative to the spread (std) of the
+original's predictions, so one bound serves targets of any scale.
+
+The report goes into the manifest whether the gate passed or not; a failed gate
+stops the build unless forced. This module does not run either model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.manifest import Fidelity
+from edge_agent.runtime import Prediction
+from packager.errors import BuildError
+
+__all__ = ["Bounds", "judge", "parse_bounds"]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    label_disagreement: float = 0.01  # at most 1 % of labels differ
+    prob_diff: float = 0.1  # no probability moves more than 0.1
+    mean_prob_diff: float = 0.01
+    rel_error: float = 0.02  # regressors: max |error| / std(original predictions)
+
+    def as_dict(self, task: str) -> dict[str, float]:
+        if task == "classification":
+            return {"label_disagreement": self.label_disagreement, "prob_diff": self.prob_diff,
+                    "mean_prob_diff": self.mean_prob_diff}
+        return {"rel_error": self.rel_error}
+
+
+def parse_bounds(items: tuple[str, ...] | list[str], task_hint: str | None = None) -> Bounds:
+    """``KEY=VALUE`` items (keys as in :class:`Bounds`); a bare number bounds the main
+    measure (label disagreement for classifiers, relative error for regressors).
+
+    Raises:
+        BuildError: unknown key or a value that is not a non-negative number.
+    """
+    values: dict[str, float] = {}
+    fields = Bounds.__dataclass_fields__
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            key, text = "_main", item
+        if key != "_main" and key not in fields:
+            raise BuildError(f"--max-fidelity-loss: unknown bound {key!r} "
+                             f"(use {', '.join(fields)})")
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise BuildError(f"--max-fidelity-loss: {text!r} is not a number") from exc
+        if not value >= 0:
+            raise BuildError(f"--max-fidelity-loss: {key} must be >= 0")
+        values[key] = value
+    main = values.pop("_main", None)
+    if main is not None:
+        values.setdefault("label_disagreement", main)
+        values.setdefault("rel_error", main)
+    return Bounds(**values)
+
+
+def judge(original: dict[str, np.ndarray], shipped: Prediction, task: str,
+          bounds: Bounds) -> tuple[Fidelity, list[tuple[str, float, float, bool]]]:
+    """Compare outputs; return the manifest's report and rows (measure, value, bound, ok)."""
+    rows: list[tuple[str, float, float, bool]] = []
+    n = len(shipped)
+    if task == "classification":
+        got = np.asarray(shipped.labels).astype(str)
+        want = np.asarray(original["label"]).astype(str)
+        agreement = float(np.mean(got == want)) if n else 1.0
+        rows.append(("label_disagreement", 1.0 - agreement, bounds.label_disagreement,
+                     1.0 - agreement <= bounds.label_disagreement + 1e-12))
+        max_d = mean_d = None
+        if "probabilities" in original and shipped.probabilities is not None:
+            d = np.abs(shipped.probabilities - original["probabilities"])
+            max_d, mean_d = float(d.max()), float(d.mean())
+            rows.append(("prob_diff", max_d, bounds.prob_diff, max_d <= bounds.prob_diff))
+            rows.append(("mean_prob_diff", mean_d, bounds.mean_prob_diff,
+                         mean_d <= bounds.mean_prob_diff))
+        passed = all(ok for *_, ok in rows)
+        report = Fidelity(rows=n, passed=passed, label_agreement=agreement,
+                          max_abs_prob_diff=max_d, mean_abs_prob_diff=mean_d,
+                          bounds=bounds.as_dict(task))
+    else:
+        want = np.asarray(original["value"], dtype=np.float64)
+        err = np.abs(np.asarray(shipped.values, dtype=np.float64) - want)
+        max_err = float(err.max()) if n else 0.0
+        spread = float(want.std()) or 1.0
+        rel = max_err / spread
+        rows.append(("rel_error", rel, bounds.rel_error, rel <= bounds.rel_error))
+        passed = rel <= bounds.rel_error
+        report = Fidelity(rows=n, passed=passed, max_abs_error=max_err, max_rel_error=rel,
+                          bounds=bounds.as_dict(task))
+    return report, rows
+
+
+def table(rows: list[tuple[str, float, float, bool]]) -> str:
+    lines = [f"{'measure':<20} {'value':>12} {'bound':>10}  result"]
+    for name, value, bound, ok in rows:
+        lines.append(f"{name:<20} {value:>12.6g} {bound:>10.4g}  {'ok' if ok else 'FAIL'}")
+    return "\n".join(lines)

@@ -1,0 +1,461 @@
+"""The agent's one MQTT connection: drains the durable outbox, receives desired state.
+
+:class:`MqttLink` wraps paho-mqtt 2.x so that its threads, callbacks and return codes stay
+inside this module. The rest of the agent sees four things: messages it put in the
+:class:`~edge_agent.outbox.Outbox` leave it once the broker has acknowledged them;
+``on_message(topic, payload)`` for what arrives on the subscriptions; ``on_connect()``
+after each (re)connection; and :attr:`MqttLink.connected`.
+
+Delivery is at least once, end to end, with the outbox as the only durable state:
+
+- a pump thread publishes the oldest pending outbox items while connected, at most
+  ``max_inflight`` of them un-acknowledged at a time;
+- paho's ``on_publish`` (PUBACK) maps the packet id back to the outbox row; the pump, not
+  paho's thread, then acks the row (an fsync must not stall the network loop);
+- on a disconnect every in-flight item is forgotten: it is still in the outbox and is
+  published again after the reconnect. paho re-sends its own copy too, under the old
+  packet id, so the map from packet id to row is kept (bounded) and a PUBACK for either
+  copy acks the row. Duplicates are possible; the server removes them on (device,
+  sequence). Loss is not: a row leaves the outbox only after a PUBACK for a packet
+  carrying it.
+- a PUBACK with a permanent refusal (not authorized, bad topic, too large) acks the row
+  and counts it in :attr:`MqttLink.rejected`: retrying would never succeed and would block
+  every message behind it. (Mosquitto 2.0 also closes the connection after a refused
+  QoS 1 publish; the link reconnects.) Transient refusals (quota) are retried later.
+
+Sessions are clean (MQTT 5 ``clean_start``), so the subscriptions are made again in every
+``on_connect``; desired state is retained and arrives on each subscription.
+
+Nothing here blocks inside a paho callback: callbacks only update state under a short
+lock and wake the pump. paho calls ``on_publish`` while holding its own message lock,
+which ``publish()`` also takes, so this module never holds its lock across a paho call.
+``on_message`` runs on paho's thread; its exceptions are logged and swallowed.
+
+This module deliberately does not know topics or message schemas
+(:mod:`edge_agent.messages` does), does not persist anything itself, and never logs the
+password.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_agent.errors import EdgefleetError
+from edge_agent.outbox import Outbox, OutboxError
+
+__all__ = ["LinkConfig", "MqttError", "MqttLink"]
+
+log = logging.getLogger(__name__)
+
+# PUBACK reason codes after which sending the same message again cannot succeed
+_PERMANENT_REFUSALS = frozenset(
+    {
+        0x87,  # Not authorized (the broker's ACL)
+        0x90,  # Topic Name invalid
+        0x95,  # Packet too large
+        0x99,  # Payload format invalid
+    }
+)
+_RETRY_AFTER_REFUSAL = 1.0  # seconds the pump waits after a transient refusal
+_IDLE_POLL = 1.0  # seconds; the pump re-reads the outbox at least this often
+
+
+class MqttError(EdgefleetError):
+    """The MQTT link refused a request (an invalid topic, a link that is not started)."""
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """Where and how to connect. The password never appears in ``repr``.
+
+    ``reconnect_min_delay`` / ``reconnect_max_delay`` bound paho's exponential back-off
+    between connection attempts, in seconds (paho takes fractions too).
+    """
+
+    host: str
+    port: int
+    client_id: str
+    username: str
+    password: str = field(repr=False)
+    tls_ca: Path | None = None
+    keepalive: int = 30
+    will_topic: str | None = None
+    will_payload: bytes = b""
+    subscriptions: tuple[str, ...] = ()
+    reconnect_min_delay: float = 1
+    reconnect_max_delay: float = 60
+
+
+class MqttLink:
+    """One MQTT 5 connection that drains ``outbox`` and hands arriving messages on.
+
+    Args:
+        config: the broker and credentials.
+        outbox: the durable queue to drain; the link acks rows, never puts them.
+        on_message: called as ``on_message(topic, payload)`` on paho's thread;
+            exceptions are logged and swallowed.
+        on_connect: called with no arguments after each successful (re)connection, on the
+            link's own thread (a good place to publish a retained ``online`` status).
+        max_inflight: most outbox messages published and not yet acknowledged.
+    """
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        outbox: Outbox,
+        on_message: Callable[[str, bytes], None],
+        on_connect: Callable[[], None] | None = None,
+        max_inflight: int = 20,
+    ) -> None:
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
+        self.config = config
+        self.outbox = outbox
+        self._on_message_cb = on_message
+        self._on_connect_cb = on_connect
+        self.max_inflight = max_inflight
+
+        self._cond = threading.Condition()
+        # all of the below are guarded by _cond
+        self._connected = False
+        self._generation = 0  # bumped on every connect and disconnect
+        # paho mid -> outbox id; kept across reconnects (paho re-sends under the old mid),
+        # the oldest entries pruned past _max_sent
+        self._sent: dict[int, int] = {}
+        self._max_sent = 4 * max_inflight
+        self._busy: set[int] = set()  # outbox ids published or awaiting their outbox ack
+        # (outbox id, refused for good) answered by the broker, to be acked in the outbox
+        self._acked: list[tuple[int, bool]] = []
+        self._early: dict[int, ReasonCode] = {}  # PUBACKs that beat publish() returning
+        self._publishing = False
+        self._connect_pending = False
+        self._retry_at = 0.0
+        self._dirty = False
+        self._stopping = False
+        self._rejected = 0
+        self._published = 0
+
+        self._pump: threading.Thread | None = None
+        self._client = self._make_client()
+
+    def _make_client(self) -> paho.Client:
+        cfg = self.config
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls_ca is not None:
+            client.tls_set(ca_certs=str(cfg.tls_ca))
+        if cfg.will_topic is not None:
+            client.will_set(cfg.will_topic, cfg.will_payload, qos=1, retain=True)
+        client.reconnect_delay_set(cfg.reconnect_min_delay, cfg.reconnect_max_delay)  # type: ignore[arg-type]
+        # paho queues past its in-flight window; ours is the same, so it never has to
+        client.max_inflight_messages_set(self.max_inflight)
+        client.on_connect = self._paho_connect
+        client.on_disconnect = self._paho_disconnect
+        client.on_publish = self._paho_publish
+        client.on_message = self._paho_message
+        client.on_connect_fail = self._paho_connect_fail
+        return client
+
+    # -- public ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start connecting (in the background) and draining the outbox. Returns at once.
+
+        Raises:
+            MqttError: already started, stopped (make a new link), or the host cannot be
+                used.
+        """
+        if self._pump is not None:
+            raise MqttError("link already started")
+        if self._stopping:
+            raise MqttError("a stopped link cannot start again; make a new MqttLink")
+        cfg = self.config
+        try:
+            self._client.connect_async(
+                cfg.host, cfg.port, keepalive=cfg.keepalive, clean_start=True
+            )
+        except (ValueError, OSError) as exc:
+            raise MqttError(f"cannot connect to {cfg.host}:{cfg.port}: {exc}") from exc
+        self.outbox.add_listener(self._wake)
+        self._pump = threading.Thread(
+            target=self._pump_main, name=f"mqtt-pump-{cfg.client_id}", daemon=True
+        )
+        self._pump.start()
+        self._client.loop_start()
+
+    def stop(self, timeout: float = 5) -> None:
+        """Disconnect cleanly (no last will), stop paho's thread and the pump. Idempotent.
+
+        Messages still in flight stay in the outbox for the next link.
+        """
+        pump = self._pump
+        if pump is None:
+            return
+        self.outbox.remove_listener(self._wake)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        pump.join(timeout)
+        if pump.is_alive():
+            log.warning("mqtt pump did not stop within %.1f s", timeout)
+        self._client.disconnect()
+        with self._cond:
+            # paho's thread writes the DISCONNECT; stopping it first would close the socket
+            # without one, and the broker would publish the last will ("offline")
+            self._cond.wait_for(lambda: not self._connected, timeout=timeout)
+        self._client.loop_stop()  # joins paho's thread; its loop wakes at least every second
+        with self._cond:
+            self._connected = False
+            self._sent.clear()
+            self._busy.clear()
+            self._early.clear()
+        self._pump = None
+
+    def publish_retained(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """Publish a retained message directly, bypassing the outbox (status messages).
+
+        Returns:
+            True if it was handed to a live connection; False if not connected (paho
+            then sends it after reconnecting).
+
+        Raises:
+            MqttError: the topic or qos is invalid.
+        """
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=True)
+        except ValueError as exc:
+            raise MqttError(f"cannot publish to {topic!r}: {exc}") from exc
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def rejected(self) -> int:
+        """Outbox messages the broker refused for good (acked and dropped), since start."""
+        return self._rejected
+
+    @property
+    def published(self) -> int:
+        """Outbox messages acknowledged by the broker, since start (duplicates included)."""
+        return self._published
+
+    @property
+    def inflight(self) -> int:
+        with self._cond:
+            return len(self._busy)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the outbox is empty; True if it emptied within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.outbox.depth > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.05))
+        return True
+
+    def __enter__(self) -> MqttLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- paho callbacks: paho's thread; short, never block, never call paho ---------------
+
+    def _paho_connect(
+        self, client: Any, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            # paho closes the socket and retries with back-off; nothing for us to undo
+            log.warning(
+                "MQTT connection to %s:%d as %r refused: %s",
+                self.config.host,
+                self.config.port,
+                self.config.username,
+                reason,
+            )
+            return
+        for topic in self.config.subscriptions:
+            # queues a SUBSCRIBE packet; does not wait for the SUBACK
+            client.subscribe(topic, qos=1)
+        with self._cond:
+            self._connected = True
+            self._generation += 1
+            self._busy = {item_id for item_id, _ in self._acked}
+            self._connect_pending = True
+            self._dirty = True
+            self._cond.notify_all()
+        log.info("MQTT connected to %s:%d", self.config.host, self.config.port)
+
+    def _paho_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
+        with self._cond:
+            was_connected = self._connected
+            self._connected = False
+            self._generation += 1
+            # forgotten, not lost: these rows are still in the outbox and go out again
+            self._busy = {item_id for item_id, _ in self._acked}
+            self._dirty = True
+            self._cond.notify_all()
+        if was_connected and not self._stopping:
+            log.warning("MQTT disconnected: %s", reason)
+
+    def _paho_connect_fail(self, client: Any, userdata: Any) -> None:
+        log.debug("MQTT connection to %s:%d failed; retrying", self.config.host, self.config.port)
+
+    def _paho_publish(
+        self, client: Any, userdata: Any, mid: int, reason: ReasonCode, properties: Any
+    ) -> None:
+        with self._cond:
+            item_id = self._sent.pop(mid, None)
+            if item_id is None:
+                if self._publishing:
+                    # the PUBACK arrived before publish() returned the mid to the pump
+                    self._early[mid] = reason
+                # else: a PUBACK for a retained status message, or for a row whose mid
+                # was pruned: not ours to track
+                return
+            self._settle(item_id, reason)
+
+    def _settle(self, item_id: int, reason: ReasonCode) -> None:
+        """Record the broker's answer for one row (caller holds ``_cond``)."""
+        if not reason.is_failure:
+            self._acked.append((item_id, False))
+        elif reason.value in _PERMANENT_REFUSALS:
+            self._acked.append((item_id, True))
+            log.error(
+                "broker refused outbox message %d for good (%s); dropping it", item_id, reason
+            )
+        else:
+            self._busy.discard(item_id)
+            self._retry_at = time.monotonic() + _RETRY_AFTER_REFUSAL
+            log.warning("broker refused outbox message %d (%s); retrying", item_id, reason)
+        self._dirty = True
+        self._cond.notify_all()
+
+    def _paho_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            log.warning("dropped a message whose topic is not UTF-8")
+            return
+        try:
+            self._on_message_cb(topic, bytes(message.payload))
+        except Exception:
+            log.exception("on_message failed for %r; message dropped", topic)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._dirty = True
+            self._cond.notify_all()
+
+    # -- the pump: its own thread ------------------------------------------------------
+
+    def _pump_main(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._dirty or self._stopping, timeout=_IDLE_POLL)
+                if self._stopping:
+                    return
+                self._dirty = False
+                acked, self._acked = self._acked, []
+                call_connect, self._connect_pending = self._connect_pending, False
+            try:
+                did = self._pump_once(acked, call_connect)
+            except Exception:  # the pump must outlive any single failure
+                log.exception("mqtt pump step failed")
+                did = False
+                time.sleep(_RETRY_AFTER_REFUSAL)
+            if did:
+                with self._cond:
+                    self._dirty = True
+
+    def _pump_once(self, acked: list[tuple[int, bool]], call_connect: bool) -> bool:
+        """Ack what the broker acknowledged, then fill the in-flight window. True if busy."""
+        for item_id, refused in acked:
+            try:
+                removed = self.outbox.ack(item_id)
+            except OutboxError:
+                # the row stays and will be sent again: a duplicate, not a loss
+                log.exception("could not ack outbox message %d", item_id)
+                removed = False
+            with self._cond:
+                self._busy.discard(item_id)
+                if removed and refused:
+                    self._rejected += 1
+                elif not refused:
+                    self._published += 1
+                self._cond.notify_all()  # flush() waiters
+        if call_connect and self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb()
+            except Exception:
+                log.exception("on_connect callback failed")
+
+        with self._cond:
+            if not self._connected or self._stopping or time.monotonic() < self._retry_at:
+                # after a refusal the idle poll (every _IDLE_POLL s) resumes the pump
+                return bool(acked)
+            generation = self._generation
+            room = self.max_inflight - len(self._busy)
+            busy = set(self._busy)
+        if room <= 0:
+            return bool(acked)
+        try:
+            items = self.outbox.pending(limit=room, exclude=busy)
+        except OutboxError:
+            log.exception("could not read the outbox")
+            return bool(acked)
+        sent = 0
+        for item in items:
+            with self._cond:
+                if self._generation != generation or self._stopping:
+                    break
+                self._busy.add(item.id)
+                self._publishing = True
+            try:
+                info = self._client.publish(item.topic, item.payload, qos=item.qos)
+            except ValueError:
+                # the outbox refuses such topics at put; a row from elsewhere is dropped
+                log.exception("outbox message %d cannot be published; dropped", item.id)
+                with self._cond:
+                    self._publishing = False
+                    self._acked.append((item.id, True))
+                continue
+            with self._cond:
+                self._publishing = False
+                early, self._early = self._early, {}
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._generation != generation:
+                    # not on the wire on this connection: try again after reconnecting
+                    self._busy.discard(item.id)
+                    break
+                if info.mid in early:
+                    self._settle(item.id, early[info.mid])
+                else:
+                    # QoS 0 too: paho calls on_publish for it once written to the socket
+                    self._sent.pop(info.mid, None)  # a wrapped mid goes to the end
+                    self._sent[info.mid] = item.id
+                    while len(self._sent) > self._max_sent:
+                        del self._sent[next(iter(self._sent))]
+            sent += 1
+        return bool(acked) or sent > 0

@@ -118,7 +118,8 @@ FAMILIES = [
            "iris", string_labels=True),
     Family("hist-gradient-boosting-binary",
            lambda: HistGradientBoostingClassifier(max_iter=25, random_state=0),
-           "breast_cancer"),
+           # HGB compares float64 inputs with float64 thresholds: the graph takes doubles
+           "breast_cancer", binding_dtype="float64"),
     Family("knn-multiclass-array", lambda: KNeighborsClassifier(5), "wine", as_array=True),
     Family("mlp-multiclass-digits",
            lambda: MLPClassifier((24,), max_iter=150, random_state=0), "digits",
@@ -133,7 +134,8 @@ FAMILIES = [
     Family("gradient-boosting-regressor",
            lambda: GradientBoostingRegressor(n_estimators=30, random_state=0), "diabetes"),
     Family("hist-gradient-boosting-regressor",
-           lambda: HistGradientBoostingRegressor(max_iter=30, random_state=0), "diabetes"),
+           lambda: HistGradientBoostingRegressor(max_iter=30, random_state=0), "diabetes",
+           binding_dtype="float64"),
     Family("pipeline-scaler-logistic-multiclass",
            lambda: Pipeline([("scale", StandardScaler()),
                              ("lr", LogisticRegression(max_iter=300))]), "wine"),
@@ -143,16 +145,14 @@ FAMILIES = [
            lambda: Pipeline([("scale", StandardScaler()),
                              ("mlp", MLPClassifier((16,), max_iter=200, random_state=0))]),
            "breast_cancer", prob_tol=1e-4),
-    # a tree ensemble after a scaler: converted in float64, cast late (see convert.py)
+    # a tree ensemble after a scaler: cast late, thresholds in float64 (see convert.py).
+    # Before packager.precision, one held-out row 4 ulps below a float32-rounded
+    # threshold was off by 2.2 % of the spread.
     Family("pipeline-scaler-hist-gradient-boosting-regressor",
            lambda: Pipeline([("scale", StandardScaler()),
                              ("hgb", HistGradientBoostingRegressor(max_iter=30,
                                                                    random_state=0))]),
-           "diabetes", binding_dtype="float64",
-           known_issue="float32 split thresholds: one held-out row whose scaled bmi is 4 "
-                       "float64 ulps below an HGB threshold takes the other branch in ONNX "
-                       "(|error| 1.22, 2.2 % of the spread; the gate on training rows cannot "
-                       "see it). packager/precision.py exists to fix this; not yet wired."),
+           "diabetes", binding_dtype="float64"),
     Family("pipeline-imputer-scaler-logistic-nans",
            lambda: Pipeline([("impute", SimpleImputer()), ("scale", StandardScaler()),
                              ("lr", LogisticRegression(max_iter=300))]),

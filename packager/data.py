@@ -122,7 +122,10 @@ def load_table(path: Path, target: str | None = None) -> Table:
         if suffix in (".csv", ".txt", ".gz"):
             import pandas as pd
 
-            frame = pd.read_csv(path, keep_default_na=True, low_memory=False)
+            # round_trip: pandas < 3's default parser is off by an ulp on some values,
+            # and the schema's ranges and the reference must be the file's exact numbers
+            frame = pd.read_csv(path, keep_default_na=True, low_memory=False,
+                                float_precision="round_trip")
             raw = {str(c): frame[c].to_numpy() for c in frame.columns}
         elif suffix in (".parquet", ".pq"):
             try:

@@ -255,7 +255,8 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
     shipped = runner.run_columns(_columns(check))
     if est is not None:
         original = sklearn_outputs(est, check, converted.binding.layout)
-        fidelity, rows = judge(original, shipped, converted.task, opts.bounds)
+        fidelity, rows = judge(original, shipped, converted.task, opts.bounds,
+                               converted.classes)
     else:
         fidelity, rows = replace(provisional.fidelity, rows=0), []
     if not fidelity.passed:

@@ -59,7 +59,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,7 @@ from edge_agent.signing import (  # noqa: E402
     key_id,
     write_key_pair,
 )
-from packager.build import BuildOptions, BuildResult, build  # noqa: E402
+from packager.build import BuildOptions, BuildResult, build, library_versions  # noqa: E402
 
 ROWS, FEATURES, BATCH = 5000, 20, 1000
 SEED = 0
@@ -448,16 +447,16 @@ def _git() -> str | None:
         return None
 
 
+def _latency_header(unit: str) -> list[str]:
+    return ["family", "sklearn", "ort fp32", "fp32 bare", "ort int8", "int8 bare", "sk/fp32",
+            "sk/int8", "fp32/int8", f"wrapper {unit}"]
+
+
 def machine() -> dict[str, Any]:
     import onnxruntime as ort
     from threadpoolctl import threadpool_info
 
-    versions = {"python": platform.python_version()}
-    for lib in LIBRARIES:
-        try:
-            versions[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            continue
+    versions = library_versions(LIBRARIES)
     return {
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -617,35 +616,13 @@ def report(results: list[dict[str, Any]]) -> str:
         "Single row, µs per call (median); ratios are sklearn / onnxruntime through "
         "ModelRunner; wrapper = ModelRunner.run_matrix minus bare session.run (fp32)",
         _table(
-            [
-                "family",
-                "sklearn",
-                "ort fp32",
-                "fp32 bare",
-                "ort int8",
-                "int8 bare",
-                "sk/fp32",
-                "sk/int8",
-                "fp32/int8",
-                "wrapper µs",
-            ],
+            _latency_header("µs"),
             single_rows,
         ),
         "",
         "1,000-row batch, ms per call (median)",
         _table(
-            [
-                "family",
-                "sklearn",
-                "ort fp32",
-                "fp32 bare",
-                "ort int8",
-                "int8 bare",
-                "sk/fp32",
-                "sk/int8",
-                "fp32/int8",
-                "wrapper ms",
-            ],
+            _latency_header("ms"),
             batch_rows,
         ),
         "",

@@ -41,7 +41,7 @@ from packager.fidelity import Bounds, judge, table
 from packager.quantize import quantize
 from packager.reference import build_reference, pick_samples
 
-__all__ = ["BuildOptions", "BuildResult", "build"]
+__all__ = ["BuildOptions", "BuildResult", "build", "library_versions"]
 
 FIDELITY_ROWS = 2000
 LIBRARIES = ("edgefleet", "numpy", "onnx", "onnxruntime", "skl2onnx", "scikit-learn",
@@ -93,9 +93,10 @@ def _now(epoch: str | None) -> tuple[int, str]:
     return ts, stamp
 
 
-def _libraries() -> dict[str, str]:
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
+    """Python and the installed versions of ``names`` (those not installed are left out)."""
     out = {"python": platform.python_version()}
-    for name in LIBRARIES:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -286,7 +287,7 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
         reference_hash=spec.reference_hash, quantization=quant, fidelity=fidelity,
         metrics=metrics,
         lineage=replace(provisional.lineage, code_revision=opts.code_revision
-                        or _git_revision(Path.cwd()), libraries=_libraries()))
+                        or _git_revision(Path.cwd()), libraries=library_versions()))
     payload = manifest.to_bytes()
     bundle = pack_bundle(manifest, Envelope().signed(key, payload), files, epoch)
     out = _write(opts.out_dir, f"{opts.name}-{opts.version}{BUNDLE_SUFFIX}", bundle)

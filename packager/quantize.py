@@ -175,11 +175,12 @@ def quantize(
         raise QuantizationError(
             f"the model is not a readable ONNX file: {_first_line(exc)}"
         ) from exc
+    if mode == "none":
+        # nothing to do: the caller already holds a graph that loads (convert checked it)
+        return model, Quantization(mode="none", note="not quantised (mode none)")
     # protobuf parses many a byte string as some model: only onnxruntime's word counts, and
     # every path below that ships these bytes unchanged relies on this check
     _session(model, "the model to quantise")
-    if mode == "none":
-        return model, Quantization(mode="none", note="not quantised (mode none)")
 
     proto = repair_opsets(proto)
     _name_nodes(proto)

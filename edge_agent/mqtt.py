@@ -155,7 +155,9 @@ class MqttLink:
             client_id=cfg.client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
         )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        paho_log = logging.getLogger(f"{__name__}.paho")
+        paho_log.addFilter(self._quiet_when_stopping)
+        client.enable_logger(paho_log)
         client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls_ca is not None:
             client.tls_set(ca_certs=str(cfg.tls_ca))
@@ -170,6 +172,11 @@ class MqttLink:
         client.on_message = self._paho_message
         client.on_connect_fail = self._paho_connect_fail
         return client
+
+    def _quiet_when_stopping(self, record: logging.LogRecord) -> bool:
+        # paho's loop thread takes one more turn after a clean disconnect closed the socket
+        # and logs it as an error ("Client is not connected"): noise, not news
+        return not (self._stopping and record.getMessage().startswith("Client is not connected"))
 
     # -- public ------------------------------------------------------------------------
 
@@ -238,6 +245,23 @@ class MqttLink:
         """
         try:
             info = self._client.publish(topic, payload, qos=qos, retain=True)
+        except ValueError as exc:
+            raise MqttError(f"cannot publish to {topic!r}: {exc}") from exc
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def publish_now(self, topic: str, payload: bytes, qos: int = 0) -> bool:
+        """Publish directly if connected, else drop (heartbeats: stale ones are useless).
+
+        Returns:
+            True if it was handed to a live connection.
+
+        Raises:
+            MqttError: the topic or qos is invalid.
+        """
+        if not self._connected:
+            return False
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=False)
         except ValueError as exc:
             raise MqttError(f"cannot publish to {topic!r}: {exc}") from exc
         return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS

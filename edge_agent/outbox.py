@@ -256,6 +256,31 @@ class Outbox:
             self._bytes -= row[0]
             return True
 
+    def next_sequence(self, name: str) -> int:
+        """The next value (1, 2, ...) of a named counter kept in the same file, durably.
+
+        The agent numbers its summaries and reports with these; the server de-duplicates on
+        (device, sequence). The counter moves before the message is put, so a crash in
+        between leaves a gap, never a number used twice.
+
+        Raises:
+            OutboxError: the file failed (the counter did not move).
+        """
+        key = f"seq:{name}"
+        with self._lock:
+            conn = self._open_conn()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (key,))
+                conn.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (key,))
+                (value,) = conn.execute("SELECT value FROM counters WHERE name = ?",
+                                        (key,)).fetchone()
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise self._mapped(exc, f"sequence {name!r}") from exc
+        return int(value)
+
     # -- reading ---------------------------------------------------------------------------
 
     def pending(self, limit: int = 100, exclude: Collection[int] = ()) -> list[OutboxItem]:

@@ -1,0 +1,455 @@
+"""The agent's serving core: predict, record, profile in the background, close windows.
+
+:class:`Agent` serves predictions from the live :class:`~edge_agent.model.LoadedModel`
+and keeps, for the current window, what the fleet needs to know: a
+:class:`~edge_agent.profile.Profile` of every served input and output, a latency
+histogram, error counters and, when a shadow candidate runs, its agreement with the live
+model. :meth:`Agent.close_window` turns the window into a :class:`Window`, which the
+daemon wraps in a :class:`~edge_agent.messages.Summary` with a sequence number.
+
+Profiling is always on and kept off the request path. A call checks its rows, runs the
+model, and appends the checked rows and the raw outputs to the window's buffer (a list
+append under a short lock); a worker thread turns full buffers (and whole batches) into
+numpy columns and profiles them, vectorised. A single-row call therefore pays no numpy
+pass of its own beyond building the model's input tensor. A shadow candidate runs on its
+own worker thread on the same checked inputs; its answers are compared with the live
+ones and never returned.
+
+Windows close by time or by rows: :attr:`Agent.window_due` is set when the row bound is
+reached, and the owner (the daemon, or a library user) calls :meth:`close_window`.
+
+Thread-safe: ``predict`` may be called from many threads at once.
+
+This module does not talk to the network, write files or decide what to install.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from edge_agent.errors import EdgefleetError, InputError
+from edge_agent.messages import LATENCY_EDGES_MS, BundleRef, ShadowStats, Summary
+from edge_agent.model import LoadedModel, Outputs, PredictError, concat_outputs
+from edge_agent.profile import Profile, to_wire
+
+__all__ = ["Agent", "NoModelError", "Result", "Window"]
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 256  # single rows buffered before the worker profiles them
+LATENCY_SLOTS = len(LATENCY_EDGES_MS) + 1
+RECENT_LATENCIES = 2048  # for the heartbeat's p50/p95
+
+
+class NoModelError(EdgefleetError):
+    """No bundle is installed yet: there is nothing to serve."""
+
+
+class Result(NamedTuple):
+    """What a call returns: the bundle that answered and its raw outputs (numpy)."""
+
+    bundle: str  # name@version
+    labels: np.ndarray | None
+    probabilities: np.ndarray | None
+    values: np.ndarray | None
+
+    def rows(self, classes: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Per-row plain-Python answers, for JSON (``label``, ``probabilities``, ``value``)."""
+        n = len(next(a for a in (self.labels, self.values, self.probabilities)
+                     if a is not None))
+        out: list[dict[str, Any]] = [{} for _ in range(n)]
+        if self.labels is not None:
+            for row, v in zip(out, np.asarray(self.labels).reshape(-1).tolist(), strict=True):
+                row["label"] = v
+        if self.probabilities is not None:
+            keys = [str(c) for c in classes]
+            for row, p in zip(out, np.asarray(self.probabilities).tolist(), strict=True):
+                row["probabilities"] = dict(zip(keys, p, strict=True)) if keys else p
+        if self.values is not None:
+            for row, v in zip(out, np.asarray(self.values).reshape(-1).tolist(), strict=True):
+                row["value"] = v
+        return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """A closed window: everything a summary carries except its sequence number."""
+
+    bundle: BundleRef
+    start: float
+    end: float
+    rows: int
+    profile: dict[str, Any]  # edge_agent.profile.to_wire()
+    latency_counts: tuple[int, ...]
+    errors: dict[str, int] = field(default_factory=dict)
+    shadow: ShadowStats | None = None
+
+    def summary(self, device: str, seq: int, dropped: int = 0) -> Summary:
+        return Summary(device, seq, self.bundle, self.start, self.end, self.profile,
+                       self.latency_counts, dict(self.errors), self.shadow, dropped)
+
+
+class _Open:
+    """The current window of one model. ``lock`` guards the profile and the buffers."""
+
+    def __init__(self, model: LoadedModel, start: float) -> None:
+        self.model = model
+        self.start = start
+        self.rows = 0
+        self.profile = Profile(model.spec)
+        self.lock = threading.Lock()
+        self.cells: list[list[Any]] = []  # single rows not yet handed to the worker
+        self.cell_outputs: list[Outputs] = []
+        self.pending: deque[tuple[Any, Outputs]] = deque()  # chunks for the worker
+        self.latency = [0] * LATENCY_SLOTS
+        self.errors: dict[str, int] = {}
+        self.shadow_ref: BundleRef | None = None
+        self.shadow_rows = self.shadow_agreed = self.shadow_errors = 0
+        self.shadow_latency = [0] * LATENCY_SLOTS
+        self.finished = False
+
+    def empty(self) -> bool:
+        return self.rows == 0 and not self.errors and self.shadow_rows == 0
+
+    def drain(self) -> None:
+        """Profile every pending chunk (the worker, and :meth:`finish`)."""
+        with self.lock:
+            while self.pending:
+                inputs, outputs = self.pending.popleft()
+                self._profile(inputs, outputs)
+
+    def finish(self) -> None:
+        with self.lock:
+            if self.cells:
+                self.pending.append((self.cells, concat_outputs(self.cell_outputs)))
+                self.cells, self.cell_outputs = [], []
+            while self.pending:
+                inputs, outputs = self.pending.popleft()
+                self._profile(inputs, outputs)
+            self.finished = True
+
+    def _profile(self, inputs: Any, outputs: Outputs) -> None:
+        model = self.model
+        try:
+            if isinstance(inputs, np.ndarray):
+                columns = {n: inputs[:, j] for j, n in enumerate(model.validator.names)}
+                n = inputs.shape[0]
+            else:
+                batch = model.validator.from_cells(inputs)
+                columns, n = batch.columns, batch.rows
+            self.profile.update(columns, model.profile_outputs(outputs), rows=n,
+                                matrix=inputs if isinstance(inputs, np.ndarray) else None)
+        except Exception:  # a profiling bug must never take serving down
+            log.exception("profiling a chunk of %s failed; its rows are not profiled",
+                          model.label)
+            self.errors["profile"] = self.errors.get("profile", 0) + 1
+
+
+class Agent:
+    """Serves the live model, runs a shadow, and keeps the current window.
+
+    Args:
+        device_id: the device this agent runs on (goes into every window).
+        window_rows: close a window after this many rows (0: only by time).
+        clock: wall-clock seconds (window start and end times).
+        shadow_queue_rows: most rows waiting for the shadow model; beyond, skipped and
+            counted as ``shadow_skipped``.
+        shadow_tolerance: a regressor's shadow value agrees within this relative error.
+    """
+
+    def __init__(self, device_id: str, *, window_rows: int = 0,
+                 clock: Callable[[], float] = time.time, shadow_queue_rows: int = 10_000,
+                 shadow_tolerance: float = 0.05) -> None:
+        self.device_id = device_id
+        self.window_rows = window_rows
+        self.window_due = threading.Event()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._shadow: LoadedModel | None = None
+        self._window: _Open | None = None
+        self._recent: deque[float] = deque(maxlen=RECENT_LATENCIES)
+        self._started = time.monotonic()
+        self.predictions = 0  # rows served since start
+        self.calls = 0
+        self.errors = 0  # refused or failed calls since start
+        self._shadow_tolerance = shadow_tolerance
+        self._shadow_limit = shadow_queue_rows
+        self._shadow_waiting = 0
+        self._profile_q: queue.SimpleQueue[_Open | None] = queue.SimpleQueue()
+        self._shadow_q: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._closed = False
+        self._workers = [
+            threading.Thread(target=self._profile_main, name="agent-profile", daemon=True),
+            threading.Thread(target=self._shadow_main, name="agent-shadow", daemon=True),
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    # -- models ------------------------------------------------------------------------
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self._model
+
+    @property
+    def shadow(self) -> LoadedModel | None:
+        return self._shadow
+
+    def activate(self, model: LoadedModel) -> Window | None:
+        """Serve ``model`` from now on; return the closed window of the previous one."""
+        now = self._clock()
+        with self._lock:
+            old = self._window
+            self._model = model
+            self._window = _Open(model, now)
+        return self._close(old, now)
+
+    def set_shadow(self, model: LoadedModel | None) -> None:
+        """Run ``model`` beside the live one (None stops the shadow)."""
+        with self._lock:
+            self._shadow = model
+
+    # -- serving -------------------------------------------------------------------------
+
+    def predict(self, rows: Any) -> Result:
+        """Predict a list of rows (mappings or schema-ordered lists) or a 2-D array.
+
+        Raises:
+            NoModelError: nothing is installed.
+            InputError: a row breaks the schema (names the feature and row).
+            PredictError: the model failed at run time.
+        """
+        t0 = time.perf_counter()
+        model = self._model
+        if model is None:
+            self._count_error(None, "no_model")
+            raise NoModelError("no bundle is installed yet")
+        validator = model.validator
+        try:
+            if isinstance(rows, np.ndarray):
+                inputs: Any = validator.array(rows).matrix
+                outputs = model.run_matrix(inputs)
+                n = inputs.shape[0]
+            else:
+                if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
+                    raise InputError("rows: expected a list of rows (objects or lists in "
+                                     f"schema order), got {type(rows).__name__}")
+                n = len(rows)
+                if n == 0 or n > validator.max_rows:
+                    validator.batch(rows)  # raises the right InputError
+                inputs = [validator.row(r, i) for i, r in enumerate(rows)]
+                outputs = model.run_cells(inputs)
+        except InputError:
+            self._count_error(model, "input")
+            raise
+        except PredictError:
+            self._count_error(model, "runtime")
+            raise
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        self._record(model, inputs, n, outputs, elapsed_ms)
+        return Result(model.label, outputs.labels, outputs.probabilities, outputs.values)
+
+    def predict_one(self, row: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
+        """One row in, one plain-Python answer out (``label``/``probabilities``/``value``)."""
+        result = self.predict([row])
+        model = self._model
+        return result.rows(model.classes if model is not None else ())[0]
+
+    def _record(self, model: LoadedModel, inputs: Any, n: int, outputs: Outputs,
+                elapsed_ms: float) -> None:
+        slot = bisect.bisect_right(LATENCY_EDGES_MS, elapsed_ms)
+        wake = shadow = None
+        with self._lock:
+            self.calls += 1
+            self.predictions += n
+            self._recent.append(elapsed_ms)
+            window = self._window
+            if window is None or window.model is not model:
+                return  # the model was switched while this call ran: served, not profiled
+            window.rows += n
+            window.latency[slot] += 1
+            if isinstance(inputs, np.ndarray):
+                window.pending.append((inputs, outputs))
+                wake = window
+            else:
+                window.cells.extend(inputs)
+                window.cell_outputs.append(outputs)
+                if len(window.cells) >= CHUNK_ROWS:
+                    window.pending.append((window.cells, concat_outputs(window.cell_outputs)))
+                    window.cells, window.cell_outputs = [], []
+                    wake = window
+            if self.window_rows and window.rows >= self.window_rows:
+                self.window_due.set()
+            if self._shadow is not None:
+                if self._shadow_waiting + n <= self._shadow_limit:
+                    self._shadow_waiting += n
+                    shadow = self._shadow
+                else:
+                    window.errors["shadow_skipped"] = window.errors.get("shadow_skipped", 0) + n
+        if wake is not None:
+            self._profile_q.put(wake)
+        if shadow is not None:
+            self._shadow_q.put((shadow, model, inputs, n, outputs))
+
+    def _count_error(self, model: LoadedModel | None, kind: str) -> None:
+        with self._lock:
+            self.calls += 1
+            self.errors += 1
+            window = self._window
+            if window is not None and (model is None or window.model is model):
+                window.errors[kind] = window.errors.get(kind, 0) + 1
+
+    # -- windows ---------------------------------------------------------------------------
+
+    def close_window(self, now: float | None = None) -> Window | None:
+        """Close the current window and start the next; None if it was empty.
+
+        An empty window (no rows, no errors, no shadow rows) is not reported: its start
+        moves to ``now``, so the next report covers only time with traffic.
+        """
+        now = self._clock() if now is None else now
+        self.window_due.clear()
+        with self._lock:
+            old = self._window
+            if old is None:
+                return None
+            if old.empty():
+                old.start = now
+                return None
+            self._window = _Open(old.model, now)
+        return self._close(old, now)
+
+    def _close(self, old: _Open | None, now: float) -> Window | None:
+        if old is None or old.empty():
+            return None
+        old.finish()
+        shadow = None
+        if old.shadow_ref is not None:
+            shadow = ShadowStats(old.shadow_ref, old.shadow_rows, old.shadow_agreed,
+                                 tuple(old.shadow_latency), old.shadow_errors)
+        return Window(old.model.ref, old.start, max(now, old.start), old.rows,
+                      to_wire(old.profile), tuple(old.latency), dict(sorted(old.errors.items())),
+                      shadow)
+
+    @property
+    def window_start(self) -> float | None:
+        window = self._window
+        return None if window is None else window.start
+
+    @property
+    def window_rows_so_far(self) -> int:
+        window = self._window
+        return 0 if window is None else window.rows
+
+    # -- health ----------------------------------------------------------------------------
+
+    def latency_percentiles(self) -> tuple[float | None, float | None]:
+        """p50 and p95 of recent calls, in milliseconds (None before the first call)."""
+        with self._lock:
+            recent = sorted(self._recent)
+        if not recent:
+            return None, None
+        return (recent[int(0.5 * (len(recent) - 1))], recent[int(0.95 * (len(recent) - 1))])
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self._started
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _profile_main(self) -> None:
+        while True:
+            window = self._profile_q.get()
+            if window is None:
+                return
+            window.drain()
+
+    def _shadow_main(self) -> None:
+        while True:
+            item = self._shadow_q.get()
+            if item is None:
+                return
+            shadow, model, inputs, n, live = item
+            try:
+                self._run_shadow(shadow, model, inputs, n, live)
+            except Exception:
+                log.exception("shadow step failed")
+            finally:
+                with self._lock:
+                    self._shadow_waiting -= n
+
+    def _run_shadow(self, shadow: LoadedModel, model: LoadedModel, inputs: Any, n: int,
+                    live: Outputs) -> None:
+        t0 = time.perf_counter()
+        try:
+            if shadow.validator.names != model.validator.names:
+                # another schema: re-check the rows by feature name against the candidate's
+                names = model.validator.names
+                rows = inputs.tolist() if isinstance(inputs, np.ndarray) else inputs
+                inputs = [shadow.validator.row(dict(zip(names, r, strict=True)), i)
+                          for i, r in enumerate(rows)]
+            got = (shadow.run_matrix(inputs) if isinstance(inputs, np.ndarray)
+                   else shadow.run_cells(inputs))
+            error = False
+        except (PredictError, InputError):
+            got, error = None, True
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        agreed = 0 if got is None else self._agreement(live, got)
+        slot = bisect.bisect_right(LATENCY_EDGES_MS, elapsed_ms)
+        with self._lock:
+            window = self._window
+            if window is None or self._shadow is not shadow:
+                return  # the shadow was replaced meanwhile: this answer counts nowhere
+            if window.shadow_ref != shadow.ref:
+                window.shadow_ref = shadow.ref
+                window.shadow_rows = window.shadow_agreed = window.shadow_errors = 0
+                window.shadow_latency = [0] * LATENCY_SLOTS
+            window.shadow_latency[slot] += 1
+            if error:
+                window.shadow_errors += 1
+            else:
+                window.shadow_rows += n
+                window.shadow_agreed += agreed
+
+    def _agreement(self, live: Outputs, shadow: Outputs) -> int:
+        if live.labels is not None and shadow.labels is not None:
+            a = np.asarray(live.labels).reshape(-1).astype(str)
+            b = np.asarray(shadow.labels).reshape(-1).astype(str)
+            return int((a == b).sum())
+        if live.values is not None and shadow.values is not None:
+            a = np.asarray(live.values, dtype=np.float64).reshape(-1)
+            b = np.asarray(shadow.values, dtype=np.float64).reshape(-1)
+            tol = self._shadow_tolerance * np.maximum(1.0, np.abs(a))
+            return int((np.abs(a - b) <= tol).sum())
+        return 0
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until the shadow worker has caught up (tests, clean shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._shadow_waiting == 0:
+                    return True
+            time.sleep(0.005)
+        return False
+
+    def close(self) -> None:
+        """Stop the worker threads. Idempotent; the open window is left as it is."""
+        if self._closed:
+            return
+        self._closed = True
+        self._profile_q.put(None)
+        self._shadow_q.put(None)
+        for worker in self._workers:
+            worker.join(5)

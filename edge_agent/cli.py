@@ -1,0 +1,229 @@
+"""``edge-agent``: run the daemon, predict once from a file, show the device's status.
+
+Commands call the library and format; they hold no rules. A refusal prints one line on
+stderr (``edge-agent: error: ...``) and exits 1; a usage mistake is click's exit 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge_agent import __version__
+from edge_agent.errors import EdgefleetError, InputError
+
+__all__ = ["cli", "main"]
+
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edge-agent")
+def cli() -> None:
+    """The edgefleet device agent: serve verified models, report, follow the fleet."""
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The agent's TOML config.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
+def run(config_path: Path, log_level: str) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    from edge_agent.config import load_config
+    from edge_agent.daemon import AgentDaemon
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    AgentDaemon(load_config(config_path)).run()
+
+
+def _read_rows(path: Path, manifest: Any) -> list[dict[str, Any]]:
+    """Rows from CSV (header row) or JSON lines, typed by the bundle's schema."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read ({exc.strerror})") from exc
+    if len(raw) > MAX_INPUT_BYTES:
+        raise click.ClickException(f"{path}: larger than {MAX_INPUT_BYTES} bytes")
+    text = raw.decode("utf-8", errors="replace")
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise click.ClickException(f"{path}:{number}: not JSON ({exc})") from exc
+            if not isinstance(row, dict):
+                raise click.ClickException(f"{path}:{number}: expected an object per line")
+            rows.append(row)
+        return rows
+    kinds = {s.name: s.kind for s in manifest.inputs}
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    for number, record in enumerate(reader, 2):
+        row: dict[str, Any] = {}
+        for name, cell in record.items():
+            if name not in kinds:
+                continue
+            if cell is None or cell == "":
+                row[name] = None
+            elif kinds[name] == "numeric":
+                try:
+                    row[name] = float(cell)
+                except ValueError:
+                    raise InputError(f"{path}:{number}: feature {name!r} is numeric, got "
+                                     f"{cell[:40]!r}", feature=name) from None
+            else:
+                row[name] = cell
+        rows.append(row)
+    return rows
+
+
+@cli.command()
+@click.option("--bundle", "bundle_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The .edgebundle file.")
+@click.option("--input", "input_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Rows: CSV with a header row, or JSON lines (.jsonl).")
+@click.option("--trust", multiple=True, metavar="[ROLE=]PUBKEY",
+              help="A trusted public key (repeat). Or take them from --config.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Take the trust store and policy from this agent config.")
+@click.option("--threshold", type=int, default=None, help="Trusted signatures needed.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per row on stdout.")
+def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
+            config_path: Path | None, threshold: int | None, as_json: bool) -> None:
+    """Verify a bundle and predict the rows of a file with it (one-off use)."""
+    from edge_agent.agent import Agent
+    from edge_agent.bundle import read_bundle_file, verify_bundle
+    from edge_agent.model import LoadedModel
+    from edge_agent.signing import Policy, TrustStore
+
+    specs, roles = list(trust), ()
+    if config_path is not None:
+        from edge_agent.config import load_config
+
+        config = load_config(config_path)
+        specs += list(config.trust_keys)
+        roles = config.required_roles
+        threshold = threshold or config.threshold
+    if not specs:
+        raise click.ClickException("give --trust PUBKEY (or --config): bundles are "
+                                   "verified before they run")
+    store = TrustStore.from_files(specs)
+    bundle = verify_bundle(read_bundle_file(bundle_path), store,
+                           Policy(threshold or 1, frozenset(roles)))
+    model = LoadedModel(bundle)
+    rows = _read_rows(input_path, bundle.manifest)
+    if not rows:
+        raise click.ClickException(f"{input_path}: no rows")
+    agent = Agent("local")
+    try:
+        agent.activate(model)
+        answers = []
+        for start in range(0, len(rows), model.validator.max_rows):
+            part = rows[start:start + model.validator.max_rows]
+            answers += agent.predict(part).rows(model.classes)
+    finally:
+        agent.close()
+    if as_json:
+        for answer in answers:
+            click.echo(json.dumps(answer, separators=(",", ":")))
+        return
+    click.echo(f"{model.label}: {len(answers)} row(s)")
+    for i, answer in enumerate(answers):
+        if "label" in answer:
+            probs = answer.get("probabilities") or {}
+            top = max(probs.values()) if probs else None
+            click.echo(f"  {i:>5}  {answer['label']!s:<16}"
+                       + (f"  p={top:.3f}" if top is not None else ""))
+        else:
+            click.echo(f"  {i:>5}  {answer['value']:.6g}")
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The agent's TOML config.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(config_path: Path, as_json: bool) -> None:
+    """What is installed, what waits in the outbox, and the running agent's health."""
+    from edge_agent.config import load_config
+    from edge_agent.outbox import Outbox
+    from edge_agent.slots import Slots
+
+    config = load_config(config_path)
+    slots = Slots(config.data_dir)
+    state = slots.state.to_dict()
+    box_path = config.data_dir / "outbox.db"
+    outbox = None
+    if box_path.exists():
+        with Outbox(box_path) as box:
+            outbox = {"depth": box.depth, "bytes": box.size, "dropped": box.dropped}
+    live = None
+    if config.http_port:
+        url = f"http://{config.http_host}:{config.http_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                live = json.loads(response.read(1 << 20))
+        except urllib.error.HTTPError as exc:  # 503: running, nothing installed
+            live = json.loads(exc.read(1 << 20) or b"{}")
+        except (OSError, ValueError):
+            live = None
+    doc = {"device": config.device_id, "state": state, "outbox": outbox, "running": live}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        return
+
+    def label(ref: dict[str, Any] | None) -> str:
+        return "none" if ref is None else f"{ref['name']}@{ref['version']}"
+
+    lines = [f"device    {config.device_id}",
+             f"active    {label(state['active'])}",
+             f"previous  {label(state['previous'])}",
+             f"shadow    {label(state['shadow'])}",
+             f"revision  {state['revision']}"]
+    for sha, reason in state["failed"].items():
+        lines.append(f"failed    {sha[:12]}…  {reason[:100]}")
+    if outbox is not None:
+        lines.append(f"outbox    {outbox['depth']} waiting ({outbox['bytes']:,} bytes), "
+                     f"{outbox['dropped']} dropped")
+    if live is None:
+        lines.append("agent     not running (no answer on the local endpoint)")
+    else:
+        lines.append(f"agent     running {live.get('uptime_s', 0):.0f} s, "
+                     f"{live.get('predictions', 0)} predictions, {live.get('errors', 0)} errors, "
+                     f"{'connected' if live.get('connected') else 'not connected'}")
+    click.echo("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning edgefleet errors into one line and exit 1."""
+    try:
+        cli.main(args=argv, prog_name="edge-agent", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("edge-agent: aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except EdgefleetError as exc:
+        click.echo(f"edge-agent: error: {exc}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

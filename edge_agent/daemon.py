@@ -1,0 +1,507 @@
+"""``edge-agent run``: the daemon that wires the agent's parts together on a device.
+
+Threads, each with one job, none of them blocking another:
+
+- the MQTT link (:mod:`edge_agent.mqtt`): drains the durable outbox, receives the retained
+  desired state; its callbacks only hand the message on;
+- the ticker: closes windows (by time, or by rows when the agent says so) into summaries
+  in the outbox, and sends heartbeats;
+- the reconciler: acts on the newest desired state (:func:`edge_agent.reconcile.plan`):
+  download, verify, install beside the current model, smoke-test, switch, report;
+- the local HTTP endpoint (:mod:`edge_agent.httpapi`), and the agent's own profiling and
+  shadow workers.
+
+Every bundle is verified (signatures against the trust store and policy, then every file's
+digest) each time it is loaded, also from the device's own disk at start. A bundle that
+fails to download, verify, load or smoke-test is reported as ``failed`` with the reason and
+the old model keeps serving. A crash at any point leaves the last committed state, so the
+old model is active after restart (see :mod:`edge_agent.slots`).
+
+This module does not define formats or rules; it carries them out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from edge_agent import __version__
+from edge_agent.agent import Agent, Window
+from edge_agent.bundle import Limits, VerifiedBundle, verify_bundle
+from edge_agent.config import AgentConfig, ConfigError
+from edge_agent.download import Downloader, DownloadError
+from edge_agent.errors import BundleError, EdgefleetError, KeyFileError, SchemaError
+from edge_agent.messages import (
+    BundleRef,
+    DesiredState,
+    Heartbeat,
+    Message,
+    Report,
+    Status,
+    decode,
+    encode,
+    topic,
+)
+from edge_agent.model import LoadedModel, LoadError
+from edge_agent.mqtt import LinkConfig, MqttLink
+from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.reconcile import LiveStep, Plan, ShadowStep, plan
+from edge_agent.signing import Policy, TrustStore
+from edge_agent.slots import SlotError, Slots, State
+
+__all__ = ["AgentDaemon", "InstallError"]
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 0.25
+_RETRY_MIN_S, _RETRY_MAX_S = 1.0, 60.0
+
+
+class InstallError(EdgefleetError):
+    """An install step failed; the message is the reason reported to the server."""
+
+
+class AgentDaemon:
+    """One device's agent: serving, reporting and reconciling, from one config.
+
+    Args:
+        config: the checked configuration.
+        clock: wall-clock seconds (windows, reports, heartbeats).
+
+    Raises:
+        ConfigError: a trust key cannot be loaded.
+        SlotError: the data directory cannot be used.
+        OutboxError: the outbox file cannot be opened.
+    """
+
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.device = config.device_id
+        self._clock = clock
+        try:
+            self.trust = TrustStore.from_files(config.trust_keys)
+        except KeyFileError as exc:
+            raise ConfigError(f"trust.keys: {exc}", key="trust.keys") from exc
+        self.policy = Policy(config.threshold, frozenset(config.required_roles))
+        self.limits = Limits(max_bundle_bytes=config.download_max_bytes)
+        self.slots = Slots(config.data_dir)
+        self.outbox = Outbox(config.data_dir / "outbox.db", config.outbox_max_messages,
+                             config.outbox_max_bytes)
+        self.agent = Agent(self.device, window_rows=config.window_rows, clock=clock,
+                           shadow_queue_rows=config.shadow_queue_rows)
+        self.downloader = Downloader(config.server_url, config.token,
+                                     max_bytes=config.download_max_bytes,
+                                     timeout_s=config.download_timeout_s,
+                                     ca_file=config.server_ca)
+        self.link = MqttLink(LinkConfig(
+            host=config.broker_host, port=config.broker_port, client_id=f"{self.device}-agent",
+            username=config.username, password=config.broker_password, tls_ca=config.tls_ca,
+            keepalive=config.keepalive_s, will_topic=topic(self.device, "status"),
+            will_payload=encode(self._status("offline")),
+            subscriptions=(topic(self.device, "desired"),),
+            reconnect_max_delay=config.reconnect_max_delay_s),
+            self.outbox, self._on_message, on_connect=self._on_connect)
+        self.http = None
+        if config.http_port:
+            from edge_agent.httpapi import LocalServer
+
+            self.http = LocalServer(self.agent, self.health, host=config.http_host,
+                                    port=config.http_port, max_body=config.http_max_body)
+        self._stop = threading.Event()
+        self._desired_lock = threading.Condition()
+        self._desired: DesiredState | None = None
+        self._threads: list[threading.Thread] = []
+        self._last_heartbeat = 0.0
+        self.last_outcome: Report | None = None
+        self.desired_errors = 0
+        self._started = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load what is installed, then start every thread. Returns at once."""
+        if self._started:
+            return
+        self._started = True
+        self._load_installed()
+        self.link.start()
+        if self.http is not None:
+            self.http.start()
+        for target, name in ((self._tick_main, "agent-ticker"),
+                             (self._reconcile_main, "agent-reconciler")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("edge-agent %s started as %s (bundle %s)", __version__, self.device,
+                 self.agent.model.label if self.agent.model else "none")
+
+    def stop(self, flush_timeout: float = 3.0) -> None:
+        """Close the window, say offline, push what can be pushed, stop everything."""
+        if not self._started:
+            return
+        self._started = False
+        self._stop.set()
+        with self._desired_lock:
+            self._desired_lock.notify_all()
+        for thread in self._threads:
+            thread.join(10)
+        self._threads.clear()
+        self._close_window()
+        if self.http is not None:
+            self.http.stop()
+        if self.link.connected:
+            self.link.publish_retained(topic(self.device, "status"),
+                                       encode(self._status("offline")))
+            self.link.flush(flush_timeout)
+        self.link.stop()
+        self.agent.close()
+        self.outbox.close()
+
+    def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
+        def handler(signum: int, frame: Any) -> None:
+            log.info("signal %d: stopping", signum)
+            self._stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _verify(self, data: bytes, *, installed: BundleRef | None = None,
+                allow_downgrade: bool = True) -> VerifiedBundle:
+        return verify_bundle(data, self.trust, self.policy, limits=self.limits,
+                             installed_version=None if installed is None else installed.version,
+                             allow_downgrade=allow_downgrade)
+
+    def _load(self, data: bytes, **kwargs: Any) -> LoadedModel:
+        return LoadedModel(self._verify(data, **kwargs),
+                           intra_op_threads=self.config.intra_op_threads,
+                           max_rows=self.config.max_rows_per_call)
+
+    def _load_installed(self) -> None:
+        state = self.slots.state
+        if self.slots.recovered:
+            self._report("failed", state.revision, BundleRef("unknown", "0.0.0"),
+                         self.slots.recovered)
+        if state.active is not None:
+            try:
+                self.agent.activate(self._load(self.slots.read(state.active.sha256)))
+            except (BundleError, LoadError, SlotError) as exc:
+                reason = f"installed bundle {state.active.label} failed to load: {exc}"
+                log.error("%s", reason)
+                self._fall_back(state, reason)
+        if self.slots.state.shadow is not None:
+            shadow = self.slots.state.shadow
+            try:
+                self.agent.set_shadow(self._load(self.slots.read(shadow.sha256)))
+            except (BundleError, LoadError, SlotError) as exc:
+                log.error("shadow %s failed to load: %s", shadow.label, exc)
+                self._commit(replace(self.slots.state, shadow=None))
+
+    def _fall_back(self, state: State, reason: str) -> None:
+        """The active bundle no longer loads (a corrupt disk, a revoked key): go back."""
+        previous = state.previous
+        if previous is not None:
+            try:
+                self.agent.activate(self._load(self.slots.read(previous.sha256)))
+                self._commit(replace(state, active=previous, previous=None)
+                             .with_failure(state.active.sha256, reason))
+                self._report("rolled_back", state.revision, previous,
+                             f"{reason}; back on {previous.label}")
+                return
+            except (BundleError, LoadError, SlotError) as exc:
+                reason = f"{reason}; the previous {previous.label} failed too: {exc}"
+        self._commit(replace(state, active=None, previous=None)
+                     .with_failure(state.active.sha256, reason))
+        self._report("failed", state.revision, state.active, reason)
+
+    # -- MQTT callbacks (paho's and the link's threads: hand over, never block) --------
+
+    def _on_message(self, topic_name: str, payload: bytes) -> None:
+        try:
+            message = decode(topic_name, payload)
+        except SchemaError as exc:
+            self.desired_errors += 1
+            log.warning("ignored a malformed message on %s: %s", topic_name[:120], exc)
+            return
+        if not isinstance(message, DesiredState) or message.device != self.device:
+            return
+        with self._desired_lock:
+            self._desired = message
+            self._desired_lock.notify_all()
+
+    def _on_connect(self) -> None:
+        self.link.publish_retained(topic(self.device, "status"), encode(self._status("online")))
+
+    def _status(self, state: str) -> Status:
+        model, shadow = self.agent.model, self.agent.shadow
+        return Status(self.device, state, __version__, None if model is None else model.ref,
+                      None if shadow is None else shadow.ref, dict(self.config.labels),
+                      self._clock())
+
+    # -- ticker ------------------------------------------------------------------------------
+
+    def _tick_main(self) -> None:
+        while not self._stop.is_set():
+            due = self.agent.window_due.wait(_TICK_S)
+            try:
+                now = self._clock()
+                start = self.agent.window_start
+                if due or (start is not None and now - start >= self.config.window_s):
+                    self._close_window(now)
+                if now - self._last_heartbeat >= self.config.heartbeat_s:
+                    self._last_heartbeat = now
+                    self._heartbeat(now)
+            except Exception:  # the ticker must outlive any one failure
+                log.exception("ticker step failed")
+                time.sleep(_TICK_S)
+
+    def _close_window(self, now: float | None = None) -> None:
+        self._put_window(self.agent.close_window(now))
+
+    def _put_window(self, window: Window | None) -> None:
+        if window is None:
+            return
+        try:
+            seq = self.outbox.next_sequence("summary")
+            summary = window.summary(self.device, seq, self.outbox.dropped)
+            self.outbox.put(summary.topic, encode(summary))
+        except (OutboxError, SchemaError) as exc:
+            # the window is lost, and it is said: the drop counter goes out with the next
+            log.error("could not store the window summary: %s", exc)
+
+    def _heartbeat(self, now: float) -> None:
+        p50, p95 = self.agent.latency_percentiles()
+        beat = Heartbeat(self.device, now, round(self.agent.uptime_s, 3), _rss_bytes(),
+                         self.agent.predictions, self.agent.errors, self.outbox.depth,
+                         self.outbox.dropped, p50, p95)
+        self.link.publish_now(beat.topic, encode(beat), qos=0)
+
+    # -- reconciling ---------------------------------------------------------------------
+
+    def _reconcile_main(self) -> None:
+        while not self._stop.is_set():
+            with self._desired_lock:
+                self._desired_lock.wait_for(lambda: self._desired is not None
+                                            or self._stop.is_set(), timeout=1.0)
+                desired, self._desired = self._desired, None
+            if desired is None:
+                continue
+            try:
+                self.reconcile(desired)
+            except Exception:
+                log.exception("reconciling toward revision %d failed", desired.revision)
+
+    def _newer(self, revision: int) -> bool:
+        with self._desired_lock:
+            return self._desired is not None and self._desired.revision > revision
+
+    def reconcile(self, desired: DesiredState) -> Plan:
+        """Carry out one plan toward ``desired`` (the reconciler thread; tests call it too)."""
+        step = plan(desired, self.slots.state, self.slots.has)
+        if step.stale:
+            log.info("ignored desired revision %d (acted on %d already)", desired.revision,
+                     self.slots.state.revision)
+            return step
+        if step.live is not None:
+            self._live(step.live, desired.revision)
+        if step.shadow is not None:
+            self._shadow(step.shadow, desired.revision)
+        if self.slots.state.revision != desired.revision:
+            self._commit(replace(self.slots.state, revision=desired.revision))
+        return step
+
+    def _live(self, live: LiveStep, revision: int) -> None:
+        state = self.slots.state
+        if live.kind == "confirm":
+            self._commit(replace(state, revision=revision))
+            self._report("installed", revision, state.active, "already running")
+            return
+        if live.kind == "refuse":
+            self._fail(revision, live.target, live.reason)
+            return
+        try:
+            model = self._prepare(live.target, revision, download=live.kind == "install",
+                                  installed=state.active,
+                                  allow_downgrade=live.allow_downgrade or live.rollback)
+        except (DownloadError, BundleError, LoadError, SlotError, InstallError) as exc:
+            self._fail(revision, live.target, _reason(exc))
+            return
+        if model is None:
+            return  # a newer desired state arrived during the download
+        old = self.agent.model
+        self._put_window(self.agent.activate(model))
+        previous = None if old is None else old.ref
+        shadow = state.shadow if not (state.shadow and state.shadow.sha256 == model.ref.sha256) \
+            else None
+        self._commit(State(model.ref, previous, shadow, revision, state.failed))
+        if shadow is None and self.agent.shadow is not None \
+                and self.agent.shadow.ref.sha256 == model.ref.sha256:
+            self.agent.set_shadow(None)
+        outcome = "rolled_back" if live.rollback else "installed"
+        self._report(outcome, revision, model.ref,
+                     f"from {previous.label}" if previous is not None else "first install")
+        self.link.publish_retained(topic(self.device, "status"), encode(self._status("online")))
+        log.info("%s %s (revision %d)", outcome, model.label, revision)
+
+    def _shadow(self, step: ShadowStep, revision: int) -> None:
+        state = self.slots.state
+        if step.kind == "stop":
+            self.agent.set_shadow(None)
+            self._commit(replace(state, shadow=None))
+            return
+        target = step.target
+        assert target is not None
+        try:
+            model = self._prepare(target, revision, download=step.download)
+            if model is None:
+                return
+        except (DownloadError, BundleError, LoadError, SlotError, InstallError) as exc:
+            reason = _reason(exc)
+            self._commit(self.slots.state.with_failure(target.sha256, reason)
+                         if target.sha256 else self.slots.state)
+            self._report("shadow_failed", revision, target, reason)
+            return
+        self.agent.set_shadow(model)
+        self._commit(replace(self.slots.state, shadow=model.ref))
+        self._report("shadow_started", revision, model.ref, "")
+        self.link.publish_retained(topic(self.device, "status"), encode(self._status("online")))
+
+    def _prepare(self, target: BundleRef, revision: int, *, download: bool,
+                 installed: BundleRef | None = None,
+                 allow_downgrade: bool = True) -> LoadedModel | None:
+        """Get the bundle's bytes (download or local file), verify, load, smoke-test, keep.
+
+        The downloaded file becomes the slot file by a rename, only after it verified and
+        passed its smoke test; a failure removes it. None if superseded during download.
+
+        Raises:
+            DownloadError, BundleError, LoadError, SlotError, InstallError: the reason.
+        """
+        temp = None
+        try:
+            if download:
+                fetched = self._fetch(target, revision)
+                if fetched is None:
+                    return None
+                temp, data = fetched
+            else:
+                data = self.slots.read(target.sha256)
+            model = self._load(data, installed=installed, allow_downgrade=allow_downgrade)
+            problems = model.smoke_test()
+            if problems:
+                raise InstallError(f"smoke test failed: {'; '.join(problems)}")
+            if temp is not None:
+                self.slots.store(model.ref.sha256, temp=temp)
+                temp = None
+            return model
+        finally:
+            if temp is not None:
+                temp.unlink(missing_ok=True)
+
+    def _fetch(self, target: BundleRef, revision: int) -> tuple[Path, bytes] | None:
+        """Download with retries for transient failures; None if superseded meanwhile.
+
+        Raises:
+            DownloadError: a failure that retrying cannot fix (or the agent is stopping).
+            SlotError: the disk refused the file.
+        """
+        delay = _RETRY_MIN_S
+        while True:
+            fd, temp = self.slots.temp_file()
+            try:
+                self.downloader.fetch(target.url or _default_url(target), fd,
+                                      sha256=target.sha256, size=target.size)
+                return temp, temp.read_bytes()
+            except DownloadError as exc:
+                temp.unlink(missing_ok=True)
+                if not exc.retryable or self._stop.is_set():
+                    raise
+                log.warning("download of %s failed (%s); retrying in %.0f s", target.label,
+                            exc, delay)
+            if self._stop.wait(delay) or self._newer(revision):
+                return None
+            delay = min(delay * 2, _RETRY_MAX_S)
+
+    # -- reporting and state -----------------------------------------------------------------
+
+    def _fail(self, revision: int, target: BundleRef, reason: str) -> None:
+        state = self.slots.state
+        if target.sha256:
+            state = state.with_failure(target.sha256, reason)
+        self._commit(replace(state, revision=revision))
+        self._report("failed", revision, target, reason)
+        log.error("install of %s failed: %s", target.label, reason)
+
+    def _commit(self, state: State) -> None:
+        try:
+            self.slots.commit(state)
+        except SlotError as exc:
+            log.error("could not record the install state: %s", exc)
+
+    def _report(self, outcome: str, revision: int, bundle: BundleRef, reason: str) -> None:
+        try:
+            seq = self.outbox.next_sequence("report")
+            report = Report(self.device, seq, revision, outcome,
+                            BundleRef(bundle.name, bundle.version, bundle.sha256),
+                            reason[:2000], self._clock())
+            self.last_outcome = report
+            self._put(report)
+        except OutboxError as exc:
+            log.error("could not store the %s report: %s", outcome, exc)
+
+    def _put(self, message: Message) -> None:
+        self.outbox.put(message.topic, encode(message))
+
+    # -- health ------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /health`` and ``edge-agent status`` show."""
+        model, shadow = self.agent.model, self.agent.shadow
+        p50, p95 = self.agent.latency_percentiles()
+        return {
+            "device": self.device, "agent_version": __version__,
+            "bundle": None if model is None else model.label,
+            "bundle_sha256": None if model is None else model.ref.sha256,
+            "shadow": None if shadow is None else shadow.label,
+            "uptime_s": round(self.agent.uptime_s, 3), "predictions": self.agent.predictions,
+            "errors": self.agent.errors, "latency_p50_ms": p50, "latency_p95_ms": p95,
+            "window_rows": self.agent.window_rows_so_far, "outbox_depth": self.outbox.depth,
+            "outbox_dropped": self.outbox.dropped, "connected": self.link.connected,
+            "revision": self.slots.state.revision, "rss_bytes": _rss_bytes(),
+            "last_report": None if self.last_outcome is None else {
+                "outcome": self.last_outcome.outcome,
+                "bundle": self.last_outcome.bundle.label,
+                "reason": self.last_outcome.reason},
+        }
+
+
+def _default_url(ref: BundleRef) -> str:
+    return f"/api/v1/bundles/{ref.name}/{ref.version}/download"
+
+
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,171 @@
+"""The agent's local HTTP endpoint, for apps on the device that do not embed the library.
+
+Standard library only (``http.server``): a device should not carry a web framework for two
+routes. It listens on 127.0.0.1 by default; it is not an internet-facing server.
+
+    POST /predict   {"rows": [{feature: value, ...}, ...]}  or  {"row": {...}}
+                    (rows may also be lists in schema order)
+                    → 200 {"bundle": "name@version", "predictions": [{"label": ..,
+                       "probabilities": {class: p, ..}} | {"value": ..}, ...]}
+                    (for "row": {"bundle": .., "prediction": {...}})
+    GET  /health    → 200 (serving) or 503 (no model yet) with the agent's health
+
+Errors are JSON ``{"error": {"type", "message", "feature"?, "row"?}}`` with 400 for a
+refused input (naming the feature), 413 for a body over the limit, 415 for a body that is
+not JSON, 404/405 for other paths and methods, 503 when no model is installed and 500 when
+the model fails at run time. A request can never take the agent down: every handler error
+becomes a 500 and is logged.
+
+This module does not validate rows itself (the agent does) and never serves outside the
+host and port it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from edge_agent.agent import Agent, NoModelError
+from edge_agent.errors import InputError
+from edge_agent.model import PredictError
+
+__all__ = ["LocalServer"]
+
+log = logging.getLogger(__name__)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: local apps call in a loop
+    server_version = "edge-agent"
+    timeout = 30  # an idle or stuck connection is closed, not kept forever
+
+    server: _Server  # type: ignore[assignment]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, kind: str, message: str, **extra: Any) -> None:
+        self._send(status, {"error": {"type": kind, "message": message, **extra}})
+
+    def do_GET(self) -> None:
+        try:
+            if self.path.split("?")[0] != "/health":
+                self._error(404, "NotFound", f"no route {self.path[:100]!r}")
+                return
+            health = self.server.health()
+            self._send(200 if health.get("bundle") else 503, health)
+        except Exception:
+            log.exception("GET %s failed", self.path[:100])
+            self._error(500, "InternalError", "the agent failed to answer; see its log")
+
+    def do_POST(self) -> None:
+        try:
+            self._post()
+        except Exception:
+            log.exception("POST %s failed", self.path[:100])
+            self._error(500, "InternalError", "the agent failed to answer; see its log")
+
+    def _post(self) -> None:
+        if self.path.split("?")[0] != "/predict":
+            self._drain()
+            self._error(404, "NotFound", f"no route {self.path[:100]!r}")
+            return
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self._error(411, "LengthRequired", "send the body with a Content-Length")
+            self.close_connection = True
+            return
+        size = int(length)
+        if size > self.server.max_body:
+            self._error(413, "PayloadTooLarge",
+                        f"body of {size} bytes; the limit is {self.server.max_body}")
+            self.close_connection = True  # the body is not read: the connection is spent
+            return
+        raw = self.rfile.read(size)
+        try:
+            doc = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            self._error(415, "NotJson", f"the body is not JSON: {exc}")
+            return
+        single = isinstance(doc, dict) and "row" in doc and "rows" not in doc
+        rows = [doc["row"]] if single else doc.get("rows") if isinstance(doc, dict) else None
+        if rows is None:
+            self._error(400, "InputError", 'expected {"rows": [...]} or {"row": {...}}')
+            return
+        agent = self.server.agent
+        try:
+            result = agent.predict(rows)
+        except InputError as exc:
+            self._error(400, "InputError", str(exc), feature=exc.feature, row=exc.row)
+            return
+        except NoModelError as exc:
+            self._error(503, "NoModel", str(exc))
+            return
+        except PredictError as exc:
+            self._error(500, "PredictError", str(exc))
+            return
+        model = agent.model
+        answers = result.rows(model.classes if model is not None else ())
+        if single:
+            self._send(200, {"bundle": result.bundle, "prediction": answers[0]})
+        else:
+            self._send(200, {"bundle": result.bundle, "predictions": answers})
+
+    def _drain(self) -> None:
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) <= self.server.max_body:
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], agent: Agent,
+                 health: Callable[[], dict[str, Any]], max_body: int) -> None:
+        super().__init__(address, _Handler)
+        self.agent = agent
+        self.health = health
+        self.max_body = max_body
+
+
+class LocalServer:
+    """The endpoint on ``host:port`` (port 0: a free one, see :attr:`port`)."""
+
+    def __init__(self, agent: Agent, health: Callable[[], dict[str, Any]], *,
+                 host: str = "127.0.0.1", port: int = 8750, max_body: int = 1 << 20) -> None:
+        self._server = _Server((host, port), agent, health, max_body)
+        self.host, self.port = self._server.server_address[:2]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.2}, name="agent-http",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket. Idempotent."""
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self._server.server_close()

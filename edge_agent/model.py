@@ -1,0 +1,172 @@
+"""A verified bundle, loaded and ready to serve: session, schema checks, bins, smoke test.
+
+:class:`LoadedModel` is what the agent holds for its live model and for a shadow
+candidate. It is built only from a :class:`~edge_agent.bundle.VerifiedBundle`, so nothing
+here is ever parsed from bytes whose signature did not check out.
+
+Running is split in two so the request path stays short: :meth:`LoadedModel.run_cells`
+takes rows that :class:`~edge_agent.schema.InputValidator` checked and returns the raw
+output arrays (no copies, no per-row Python), :meth:`LoadedModel.run_matrix` does the same
+for a checked array. Turning outputs into profile columns (:meth:`profile_outputs`) is
+left to the profiling worker, off the request path.
+
+This module does not record, profile or decide what to install.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from edge_agent.bundle import VerifiedBundle
+from edge_agent.errors import EdgefleetError, SchemaError
+from edge_agent.messages import BundleRef
+from edge_agent.profile import parse_reference
+from edge_agent.runtime import _NP, ModelRunner
+from edge_agent.samples import Samples, smoke_test
+from edge_agent.schema import Batch, Cell, InputValidator
+
+__all__ = ["LoadError", "LoadedModel", "Outputs", "PredictError", "concat_outputs"]
+
+
+class LoadError(EdgefleetError):
+    """A verified bundle could not be loaded (its model, reference or samples)."""
+
+
+class PredictError(EdgefleetError):
+    """The model failed on input that passed the schema checks (a runtime error)."""
+
+
+class Outputs(NamedTuple):
+    """Raw model outputs for a batch: numpy arrays as onnxruntime returned them."""
+
+    labels: np.ndarray | None  # (n,)
+    probabilities: np.ndarray | None  # (n, classes)
+    values: np.ndarray | None  # (n,) or (n, 1)
+
+
+class LoadedModel:
+    """One bundle's model, schema and reference, loaded into an onnxruntime session.
+
+    Args:
+        bundle: a bundle that passed :func:`~edge_agent.bundle.verify_bundle`.
+        intra_op_threads: onnxruntime threads per operator (1 suits single rows).
+        max_rows: most rows one call may carry.
+
+    Raises:
+        LoadError: the model does not load in onnxruntime, or reference.json or
+            samples.json is malformed (named).
+    """
+
+    def __init__(self, bundle: VerifiedBundle, *, intra_op_threads: int = 1,
+                 max_rows: int = 10_000) -> None:
+        manifest = bundle.manifest
+        self.manifest = manifest
+        self.ref = BundleRef(manifest.name, manifest.version, bundle.sha256)
+        self.label = self.ref.label
+        try:
+            self.spec, self.reference = parse_reference(bundle.member("reference.json"))
+            self.samples = (Samples.from_bytes(bundle.member("samples.json"))
+                            if manifest.file("samples.json") else None)
+        except (SchemaError, KeyError) as exc:
+            raise LoadError(f"{self.label}: {exc}") from exc
+        if self.spec.reference_hash != manifest.reference_hash:
+            raise LoadError(f"{self.label}: reference.json is not the reference the manifest "
+                            "names (reference_hash differs)")
+        try:
+            self.runner = ModelRunner(manifest, bundle.member("model.onnx"),
+                                      intra_op_threads=intra_op_threads)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise LoadError(f"{self.label}: model.onnx does not load in onnxruntime: "
+                            f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        self.validator = InputValidator(manifest, max_rows=max_rows)
+        self.task = manifest.task
+        self.classes = manifest.classes
+        session = self.runner.session
+        self._session_run = session.run
+        # fast path: one float tensor in schema order, outputs by role
+        self._tensor = manifest.binding.layout == "tensor"
+        self._input_name = manifest.binding.input_name
+        self._dtype = _NP[manifest.binding.dtype]
+        roles = [(o.role, o.name) for o in manifest.outputs
+                 if o.role in ("label", "probabilities", "value")]
+        self._names = [name for _, name in roles]
+        self._slots = tuple(("label", "probabilities", "value").index(r) for r, _ in roles)
+
+    # -- running ---------------------------------------------------------------------
+
+    def run_cells(self, cells: list[list[Cell]]) -> Outputs:
+        """Run checked rows (from :meth:`InputValidator.row`).
+
+        Raises:
+            PredictError: onnxruntime failed on these rows.
+        """
+        if self._tensor:
+            return self._run({self._input_name: np.array(cells, dtype=self._dtype)})
+        return self.run_batch(self.validator.from_cells(cells))
+
+    def run_matrix(self, matrix: np.ndarray) -> Outputs:
+        """Run a checked ``(n, F)`` float array in schema order."""
+        if self._tensor:
+            return self._run({self._input_name: matrix.astype(self._dtype, copy=False)})
+        return self.run_batch(Batch(len(matrix), {
+            n: matrix[:, j] for j, n in enumerate(self.validator.names)}, matrix))
+
+    def run_batch(self, batch: Batch) -> Outputs:
+        """Run a checked :class:`~edge_agent.schema.Batch` (any layout)."""
+        try:
+            pred = self.runner.run_columns(batch.columns)
+        except Exception as exc:
+            raise PredictError(f"{self.label}: the model failed: {type(exc).__name__}: "
+                               f"{str(exc)[:300]}") from exc
+        return Outputs(pred.labels, pred.probabilities, pred.values)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> Outputs:
+        try:
+            results = self._session_run(self._names, feeds)
+        except Exception as exc:
+            raise PredictError(f"{self.label}: the model failed: {type(exc).__name__}: "
+                               f"{str(exc)[:300]}") from exc
+        out: list[Any] = [None, None, None]
+        for slot, value in zip(self._slots, results, strict=True):
+            out[slot] = value
+        return Outputs(*out)
+
+    # -- what the profile and the shadow need -----------------------------------------
+
+    def profile_outputs(self, outputs: Outputs) -> dict[str, np.ndarray]:
+        """The output columns the profile spec names (``class``, ``confidence``, ``value``)."""
+        cols: dict[str, np.ndarray] = {}
+        if outputs.labels is not None:
+            # raw labels: the categorical profile turns only the distinct values into text
+            cols["class"] = np.asarray(outputs.labels).reshape(-1)
+        if outputs.probabilities is not None:
+            cols["confidence"] = np.asarray(outputs.probabilities, dtype=np.float64).max(axis=1)
+        if outputs.values is not None:
+            cols["value"] = np.asarray(outputs.values, dtype=np.float64).reshape(-1)
+        return cols
+
+    def smoke_test(self) -> list[str]:
+        """Run the bundle's own sample rows; what differs (empty: the bundle behaves)."""
+        if self.samples is None:
+            return ["the bundle carries no samples.json to smoke-test with"]
+        try:
+            return smoke_test(self.runner, self.samples)
+        except Exception as exc:  # a model that cannot even run its samples fails the test
+            return [f"running the samples failed: {type(exc).__name__}: {str(exc)[:200]}"]
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.label}, sha256={self.ref.sha256[:12]}…)"
+
+
+def concat_outputs(parts: list[Outputs]) -> Outputs:
+    """One :class:`Outputs` from several (the profiling worker's chunks)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(i: int) -> np.ndarray | None:
+        arrays = [p[i] for p in parts]
+        return None if arrays[0] is None else np.concatenate(arrays, axis=0)
+
+    return Outputs(cat(0), cat(1), cat(2))

@@ -1,0 +1,206 @@
+"""The serving core with real bundles and real onnxruntime: answers, windows, shadow, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from edge_agent.agent import CHUNK_ROWS, Agent, NoModelError
+from edge_agent.bundle import verify_bundle
+from edge_agent.errors import InputError
+from edge_agent.messages import LATENCY_EDGES_MS, decode, encode
+from edge_agent.model import LoadedModel
+from edge_agent.profile import Profile, from_wire
+from edge_agent.signing import TrustStore
+from tests.bundles import FEATURES, sensor_data
+
+
+@pytest.fixture(scope="module")
+def load(bundles, signing_keys):
+    trust = TrustStore.from_files(signing_keys.trust_specs())
+
+    def make(version: str = "1.0.0", model: str = "logreg") -> LoadedModel:
+        data = bundles.build(version, model=model).read_bytes()
+        return LoadedModel(verify_bundle(data, trust))
+
+    return make
+
+
+@pytest.fixture
+def agent():
+    clock = iter(float(t) for t in range(1000, 100000, 10))
+    a = Agent("dev-1", clock=lambda: next(clock))
+    yield a
+    a.close()
+
+
+def rows(n: int, seed: int = 3) -> list[dict]:
+    return sensor_data(n, seed=seed)[list(FEATURES)].to_dict("records")
+
+
+def test_no_model_yet(agent):
+    with pytest.raises(NoModelError):
+        agent.predict(rows(1))
+    assert agent.errors == 1 and agent.close_window() is None
+
+
+def test_answers_are_the_models_own(agent, load):
+    model = load()
+    agent.activate(model)
+    data = rows(50)
+    got = agent.predict(data)
+    direct = model.runner.run_columns(model.validator.batch(data).columns)
+    assert got.bundle == "sensor@1.0.0"
+    np.testing.assert_array_equal(got.labels, direct.labels)
+    np.testing.assert_allclose(got.probabilities, direct.probabilities, rtol=0, atol=1e-7)
+    one = agent.predict_one(data[0])
+    assert one["label"] == int(direct.labels[0])
+    assert set(one["probabilities"]) == {"0", "1"}
+    assert one["probabilities"]["1"] == pytest.approx(float(direct.probabilities[0, 1]))
+    as_array = agent.predict(np.array([[r[f] for f in FEATURES] for r in data]))
+    np.testing.assert_array_equal(as_array.labels, direct.labels)
+
+
+def test_a_window_profiles_exactly_what_was_served(agent, load):
+    model = load()
+    agent.activate(model)
+    data = rows(CHUNK_ROWS * 2 + 37)  # two full chunks for the worker and a tail
+    for row in data[:CHUNK_ROWS + 10]:
+        agent.predict([row])
+    agent.predict(data[CHUNK_ROWS + 10:CHUNK_ROWS + 110])  # a list batch
+    matrix = np.array([[r[f] for f in FEATURES] for r in data[CHUNK_ROWS + 110:]])
+    agent.predict(matrix)  # an array batch
+    window = agent.close_window()
+    assert window.rows == len(data)
+    assert window.bundle.sha256 == model.ref.sha256 and window.end >= window.start
+    assert sum(window.latency_counts) == CHUNK_ROWS + 10 + 2
+    assert len(window.latency_counts) == len(LATENCY_EDGES_MS) + 1
+
+    # the same rows profiled in one go, with the model's own outputs
+    batch = model.validator.batch(data)
+    want = Profile(model.spec)
+    pred = model.runner.run_columns(batch.columns)
+    from edge_agent.model import Outputs
+
+    want.update(batch.columns, model.profile_outputs(Outputs(pred.labels, pred.probabilities,
+                                                             None)), rows=len(data))
+    got = from_wire(window.profile, model.spec)
+    assert got.rows == want.rows == len(data)
+    for name in FEATURES:
+        g, w = got.inputs[name], want.inputs[name]
+        assert g.counts.tolist() == w.counts.tolist()
+        assert g.missing == w.missing
+        np.testing.assert_allclose(g.sums, w.sums, rtol=5e-6)  # 6 digits on the wire
+    assert got.outputs["class"].counts.tolist() == want.outputs["class"].counts.tolist()
+    assert got.outputs["confidence"].counts.tolist() == want.outputs["confidence"].counts.tolist()
+
+    # and the summary built from it is a valid message under 2 KB on the wire
+    summary = window.summary("dev-1", seq=7)
+    payload = encode(summary)
+    assert len(payload) < 2048
+    assert decode(summary.topic, payload) == summary
+    # the next window starts empty
+    assert agent.close_window() is None
+
+
+def test_refused_inputs_are_counted_in_the_window(agent, load):
+    agent.activate(load())
+    agent.predict(rows(3))
+    for bad in ([{"temperature": 1.0}], [{"temperature": "x", "humidity": 1.0,
+                                          "vibration": 1.0, "current": 1.0}], "nope", []):
+        with pytest.raises(InputError):
+            agent.predict(bad)
+    window = agent.close_window()
+    assert window.errors == {"input": 4}
+    assert window.rows == 3 and agent.errors == 4 and agent.predictions == 3
+
+
+def test_row_bound_sets_window_due(load):
+    agent = Agent("dev-1", window_rows=10)
+    try:
+        agent.activate(load())
+        agent.predict(rows(9))
+        assert not agent.window_due.is_set()
+        agent.predict(rows(1))
+        assert agent.window_due.is_set()
+        assert agent.close_window().rows == 10
+        assert not agent.window_due.is_set()
+    finally:
+        agent.close()
+
+
+def test_switching_models_closes_the_old_window(agent, load):
+    agent.activate(load("1.0.0"))
+    agent.predict(rows(5))
+    closed = agent.activate(load("1.1.0"))
+    assert closed.rows == 5 and closed.bundle.version == "1.0.0"
+    agent.predict(rows(2))
+    assert agent.close_window().bundle.version == "1.1.0"
+
+
+@pytest.mark.parametrize(("candidate", "low", "high"), [
+    pytest.param("logreg", 1.0, 1.0, id="same-model-agrees"),
+    pytest.param("inverted", 0.0, 0.1, id="inverted-model-disagrees"),
+])
+def test_shadow_agreement(agent, load, candidate, low, high):
+    agent.activate(load("1.0.0"))
+    shadow = load("2.0.0", candidate)
+    agent.set_shadow(shadow)
+    data = rows(400)
+    live = [agent.predict([r]).labels[0] for r in data[:100]]
+    agent.predict(data[100:])
+    assert agent.wait_idle()
+    window = agent.close_window()
+    stats = window.shadow
+    assert stats.bundle == shadow.ref and stats.rows == 400 and stats.errors == 0
+    assert low <= stats.agreed / stats.rows <= high
+    assert sum(stats.latency_counts) == 101  # one per call
+    assert window.rows == 400 and len(live) == 100  # the live answers were served
+
+
+def test_shadow_queue_bound_skips_and_counts(load):
+    agent = Agent("dev-1", shadow_queue_rows=5)
+    try:
+        agent.activate(load())
+        agent.set_shadow(load("2.0.0", "inverted"))
+        agent.predict(rows(50))  # more than the shadow may hold: skipped, counted
+        assert agent.wait_idle()
+        window = agent.close_window()
+        assert window.errors.get("shadow_skipped") == 50
+        assert window.shadow is None
+    finally:
+        agent.close()
+
+
+def test_many_threads_predict_at_once(agent, load):
+    agent.activate(load())
+    data = rows(200)
+    errors: list[BaseException] = []
+
+    def work(part):
+        try:
+            for row in part:
+                agent.predict([row])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(data[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    window = agent.close_window()
+    assert window.rows == 200 and agent.predictions == 200
+    assert from_wire(window.profile, agent.model.spec).inputs["humidity"].n == 200
+
+
+def test_latency_percentiles(agent, load):
+    assert agent.latency_percentiles() == (None, None)
+    agent.activate(load())
+    for row in rows(20):
+        agent.predict([row])
+    p50, p95 = agent.latency_percentiles()
+    assert 0 < p50 <= p95 < 1000

@@ -1,0 +1,25 @@
+"""The device side stays light: no edge_agent module pulls in the build or server stack."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import edge_agent
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("sklearn", "skl2onnx", "fastapi", "pandas", "onnx", "uvicorn", "sqlite_utils", "scipy")
+
+
+def test_every_agent_module_imports_without_the_heavy_stack():
+    modules = sorted(f"edge_agent.{m.name}" for m in pkgutil.iter_modules(edge_agent.__path__))
+    assert "edge_agent.daemon" in modules and "edge_agent.cli" in modules
+    code = (f"import sys; import {', '.join(modules)}; "
+            f"bad = [m for m in {HEAVY!r} if m in sys.modules]; "
+            "assert not bad, bad; print('clean')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "clean"

@@ -49,9 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +70,8 @@ from threadpoolctl import threadpool_limits
 _HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
+from benchmarks.common import blocks, stats, table  # noqa: E402
+from benchmarks.common import machine as common_machine  # noqa: E402
 from edge_agent.bundle import verify_bundle  # noqa: E402
 from edge_agent.runtime import ModelRunner  # noqa: E402
 from edge_agent.signing import (  # noqa: E402
@@ -81,7 +81,7 @@ from edge_agent.signing import (  # noqa: E402
     key_id,
     write_key_pair,
 )
-from packager.build import BuildOptions, BuildResult, build, library_versions  # noqa: E402
+from packager.build import BuildOptions, BuildResult, build  # noqa: E402
 
 ROWS, FEATURES, BATCH = 5000, 20, 1000
 SEED = 0
@@ -215,43 +215,6 @@ def _write_csv(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 # ------------------------------------------------------------------------ measuring
 
 
-def _stats(ns: list[int]) -> dict[str, float]:
-    """Microseconds."""
-    us = np.asarray(ns, dtype=np.float64) / 1e3
-    return {
-        "median_us": float(np.median(us)),
-        "p10_us": float(np.percentile(us, 10)),
-        "p90_us": float(np.percentile(us, 90)),
-        "mean_us": float(us.mean()),
-        "n": len(ns),
-    }
-
-
-def _blocks(
-    contenders: dict[str, Callable[[int], Any]], warmup: int, repeats: int
-) -> dict[str, dict[str, float]]:
-    """Time each contender in warm blocks, two rounds, the second in reverse order.
-
-    Blocks, not round-robin: a 25 ms scikit-learn forest call evicts the caches, and
-    whichever contender ran next paid for it (a round-robin pilot showed 200 µs of
-    "wrapper cost" that was only that). The reversed second round spreads slow drift
-    of a shared machine over all contenders.
-    """
-    times: dict[str, list[int]] = {name: [] for name in contenders}
-    clock = time.perf_counter_ns
-    halves = (repeats - repeats // 2, repeats // 2)
-    for order, count in zip((list(contenders), list(reversed(contenders))), halves, strict=True):
-        for name in order:
-            fn = contenders[name]
-            for i in range(warmup):
-                fn(i)
-            for i in range(count):
-                start = clock()
-                fn(i)
-                times[name].append(clock() - start)
-    return {name: _stats(t) for name, t in times.items()}
-
-
 def _bare(runner: ModelRunner) -> tuple[Callable[[np.ndarray], Any], np.dtype]:
     """``session.run`` on a ready array, same outputs as the runner asks for."""
     session = runner.session
@@ -372,7 +335,7 @@ def _bench_family(
                 start = clock()
                 verify_bundle(data, trust)
                 ns.append(clock() - start)
-            out["modes"][mode]["verify"] = _stats(ns)
+            out["modes"][mode]["verify"] = stats(ns)
 
     sk = est.predict_proba if task == "classification" else est.predict
     rows64 = [x_eval[i : i + 1].copy() for i in range(BATCH)]
@@ -393,8 +356,8 @@ def _bench_family(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out["latency_single"] = _blocks(single, rep.warmup, rep.single)
-        out["latency_batch"] = _blocks(batch, rep.batch_warmup, rep.batch)
+        out["latency_single"] = blocks(single, rep.warmup, rep.single)
+        out["latency_batch"] = blocks(batch, rep.batch_warmup, rep.batch)
     out["ratios"] = {
         kind: {
             f"{a}/{b}": out[kind][a]["median_us"] / out[kind][b]["median_us"]
@@ -418,35 +381,6 @@ def _stats_s(walls: list[float]) -> dict[str, float]:
 # ------------------------------------------------------------------------ machine
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _ram_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def _git() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _latency_header(unit: str) -> list[str]:
     return ["family", "sklearn", "ort fp32", "fp32 bare", "ort int8", "int8 bare", "sk/fp32",
             "sk/int8", "fp32/int8", f"wrapper {unit}"]
@@ -454,48 +388,13 @@ def _latency_header(unit: str) -> list[str]:
 
 def machine() -> dict[str, Any]:
     import onnxruntime as ort
-    from threadpoolctl import threadpool_info
 
-    versions = library_versions(LIBRARIES)
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": _cpu_model(),
-        "cores": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "ram_bytes": _ram_bytes(),
-        "python": sys.version.split()[0],
-        "python_implementation": platform.python_implementation(),
-        "versions": versions,
-        "onnxruntime_providers": ort.get_available_providers(),
-        "native_threadpools": [
-            {k: p.get(k) for k in ("user_api", "internal_api", "version", "num_threads")}
-            for p in threadpool_info()
-        ],
-        "git_revision": _git(),
-    }
+    info = common_machine(LIBRARIES)
+    info["onnxruntime_providers"] = ort.get_available_providers()
+    return info
 
 
 # ------------------------------------------------------------------------ report
-
-
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    sep = (
-        "|"
-        + "|".join(
-            ("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)
-        )
-        + "|"
-    )
-    return "\n".join([line(head) + " |", sep, *(line(r) + " |" for r in rows)])
 
 
 def _fid(m: dict[str, Any]) -> str:
@@ -596,7 +495,7 @@ def report(results: list[dict[str, Any]]) -> str:
         "Build, size, fidelity (build = whole packager.build.build, median; fidelity = "
         "label agreement and max |Δp|, or max error / std of predictions, on 1,000 "
         "held-out rows; verify = verify_bundle on the fp32 bundle's bytes)",
-        _table(
+        table(
             [
                 "family",
                 "build fp32 s",
@@ -615,20 +514,20 @@ def report(results: list[dict[str, Any]]) -> str:
         "",
         "Single row, µs per call (median); ratios are sklearn / onnxruntime through "
         "ModelRunner; wrapper = ModelRunner.run_matrix minus bare session.run (fp32)",
-        _table(
+        table(
             _latency_header("µs"),
             single_rows,
         ),
         "",
         "1,000-row batch, ms per call (median)",
-        _table(
+        table(
             _latency_header("ms"),
             batch_rows,
         ),
         "",
         "fp32 build steps, s (median; build.py's own step timings), and the int8 build's "
         "quantize step",
-        _table(
+        table(
             [
                 "family",
                 "load",

@@ -241,6 +241,10 @@ class Agent:
                 inputs: Any = validator.array(rows).matrix
                 outputs = model.run_matrix(inputs)
                 n = inputs.shape[0]
+            elif type(rows) is list and len(rows) == 1:  # the single-row path, kept short
+                inputs = [validator.row(rows[0])]
+                outputs = model.run_cells(inputs)
+                n = 1
             else:
                 if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
                     raise InputError("rows: expected a list of rows (objects or lists in "

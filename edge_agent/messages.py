@@ -166,7 +166,7 @@ class ShadowStats:
 
 
 def _counts(f: Fields, key: str) -> tuple[int, ...]:
-    items = f.list(key, (), max_len=len(LATENCY_EDGES_MS) + 1)
+    items = f.list(key, [], max_len=len(LATENCY_EDGES_MS) + 1)
     if items and len(items) != len(LATENCY_EDGES_MS) + 1:
         raise f.bad(key, f"expected {len(LATENCY_EDGES_MS) + 1} counters")
     if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in items):

@@ -15,7 +15,7 @@ This module does not record, profile or decide what to install.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -92,7 +92,8 @@ class LoadedModel:
         roles = [(o.role, o.name) for o in manifest.outputs
                  if o.role in ("label", "probabilities", "value")]
         self._names = [name for _, name in roles]
-        self._slots = tuple(("label", "probabilities", "value").index(r) for r, _ in roles)
+        where = {role: i for i, (role, _) in enumerate(roles)}
+        self._at = tuple(where.get(r) for r in ("label", "probabilities", "value"))
 
     # -- running ---------------------------------------------------------------------
 
@@ -128,10 +129,10 @@ class LoadedModel:
         except Exception as exc:
             raise PredictError(f"{self.label}: the model failed: {type(exc).__name__}: "
                                f"{str(exc)[:300]}") from exc
-        out: list[Any] = [None, None, None]
-        for slot, value in zip(self._slots, results, strict=True):
-            out[slot] = value
-        return Outputs(*out)
+        label, proba, value = self._at
+        return Outputs(None if label is None else results[label],
+                       None if proba is None else results[proba],
+                       None if value is None else results[value])
 
     # -- what the profile and the shadow need -----------------------------------------
 

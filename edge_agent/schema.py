@@ -33,6 +33,7 @@ from edge_agent.manifest import Manifest
 __all__ = ["Batch", "InputValidator"]
 
 Cell = float | str | None
+_FLOAT = {float}
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class InputValidator:
             InputError: a missing feature, a wrong type, a non-finite or disallowed
                 missing value; ``feature`` and ``row`` say where.
         """
-        if isinstance(values, Mapping):
+        if type(values) is dict or isinstance(values, Mapping):  # the ABC check is slow
             try:
                 cells = [values[n] for n in self.names]
             except KeyError as exc:
@@ -91,7 +92,7 @@ class InputValidator:
                              f"in schema order, got {type(values).__name__}", row=index)
         # fast path: all floats and their sum finite means every cell is a finite float
         # (NaN and inf propagate through a sum; an overflowing sum takes the slow path)
-        if self._simple and all(type(c) is float for c in cells):
+        if self._simple and set(map(type, cells)) == _FLOAT:
             total = sum(cells)
             if total - total == 0.0:
                 return cells

@@ -92,7 +92,7 @@ def test_a_window_profiles_exactly_what_was_served(agent, load):
         g, w = got.inputs[name], want.inputs[name]
         assert g.counts.tolist() == w.counts.tolist()
         assert g.missing == w.missing
-        np.testing.assert_allclose(g.sums, w.sums, rtol=5e-6)  # 6 digits on the wire
+        np.testing.assert_allclose(g.sums, w.sums, rtol=5e-5)  # 5 digits on the wire
     assert got.outputs["class"].counts.tolist() == want.outputs["class"].counts.tolist()
     assert got.outputs["confidence"].counts.tolist() == want.outputs["confidence"].counts.tolist()
 

@@ -117,3 +117,14 @@ def test_unreadable_files(tmp_path, body):
     path.write_bytes(body)
     with pytest.raises(ConfigError, match=str(path)):
         load_config(path)
+
+
+def test_the_shipped_example_config_is_valid(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "deploy" / "agent.example.toml"
+    copy = tmp_path / "agent.toml"
+    copy.write_text(example.read_text())
+    (tmp_path / "secret").write_text("efd_x\n")
+    (tmp_path / "secret").chmod(0o600)
+    config = load_config(copy)
+    assert config.device_id == "press-017" and config.broker_port == 8883
+    assert config.tls_ca == (tmp_path / "ca.pem").resolve()

@@ -630,3 +630,15 @@ def test_large_batches_are_profiled_like_small_ones():
     assert dw["counts"] == dp["counts"]
     assert math.isclose(dw["m2"], dp["m2"], rel_tol=1e-9)
     assert math.isclose(dw["m2"] / 5000, float(np.var(values)), rel_tol=1e-9)
+
+
+def test_values_near_the_float_limit_still_give_a_sendable_profile():
+    from edge_agent.profile import to_wire
+    from edge_agent.wire import canonical_json
+
+    spec = ProfileSpec((numeric_spec("x", np.array([0.0, 1.0, 2.0])),))
+    profile = Profile(spec)
+    profile.update({"x": np.array([1e200, -1e200, 1e300, 1e300])})
+    assert profile.inputs["x"].n == 4 and profile.inputs["x"].counts.tolist()[-1] == 3
+    canonical_json(profile.to_dict())  # no inf anywhere: it serialises
+    canonical_json(to_wire(profile))

@@ -1,0 +1,52 @@
+"""Coverage-guided fuzzing of bundle verification with atheris (not part of ``make test``).
+
+    .venv/bin/pip install atheris
+    .venv/bin/python tests/fuzz/fuzz_bundle.py -atheris_runs=200000 [corpus_dir]
+
+Seeds: a real bundle is built once into ``tests/fuzz/corpus-bundle`` if the directory is
+empty. A crash is any exception outside ``BundleError`` (edgefleet's refusals).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import atheris
+
+with atheris.instrument_imports():
+    from edge_agent.bundle import Limits, verify_bundle
+    from edge_agent.errors import BundleError
+    from edge_agent.signing import generate_key, trust_from_mapping
+
+TRUST = trust_from_mapping({"fuzz": generate_key().public_key()})
+LIMITS = Limits(max_bundle_bytes=1 << 20, max_member_bytes=1 << 18, max_total_bytes=1 << 19)
+
+
+def one(data: bytes) -> None:
+    with contextlib.suppress(BundleError):
+        verify_bundle(data, TRUST, limits=LIMITS)
+
+
+def _seed(corpus: Path) -> None:
+    if corpus.exists() and any(corpus.iterdir()):
+        return
+    corpus.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import tempfile
+
+    from tests.bundles import BundleFactory, make_keys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        factory = BundleFactory(Path(tmp) / "b", make_keys(Path(tmp) / "k"))
+        (corpus / "sensor.edgebundle").write_bytes(factory.build("1.0.0").read_bytes())
+
+
+if __name__ == "__main__":
+    corpus = Path(__file__).with_name("corpus-bundle")
+    _seed(corpus)
+    args = sys.argv + ([str(corpus)] if not any(not a.startswith("-") for a in sys.argv[1:])
+                       else [])
+    atheris.Setup(args, one)
+    atheris.Fuzz()

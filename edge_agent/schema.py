@@ -59,6 +59,7 @@ class InputValidator:
                               s.dtype == "int64") for s in manifest.inputs)
         self._need_finite = np.array([not s.missing_allowed for s in manifest.inputs])
         self._whole = np.array([s.dtype == "int64" for s in manifest.inputs])
+        self._width = len(self.names)
         self._simple = self.numeric_only and not any(
             c[2] or c[3] for c in self._checks)  # every cell: a finite float, nothing else
 
@@ -71,13 +72,17 @@ class InputValidator:
             InputError: a missing feature, a wrong type, a non-finite or disallowed
                 missing value; ``feature`` and ``row`` say where.
         """
-        if type(values) is dict or isinstance(values, Mapping):  # the ABC check is slow
+        kind = type(values)
+        if kind is dict or (kind is not list and isinstance(values, Mapping)):
+            # (exact type tests first: the Mapping ABC check costs a microsecond)
             try:
                 cells = [values[n] for n in self.names]
             except KeyError as exc:
                 name = exc.args[0]
                 raise InputError(f"row {index}: feature {name!r} is missing", feature=name,
                                  row=index) from None
+        elif kind is list and len(values) == self._width:
+            cells = values.copy()  # a copy: the caller may reuse its list
         elif isinstance(values, (list, tuple, np.ndarray)):
             if isinstance(values, np.ndarray):
                 if values.ndim != 1:

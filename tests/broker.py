@@ -134,6 +134,7 @@ class Mosquitto:
         self.persistence = persistence
         self.acl = acl
         self.users: dict[str, str] = {}
+        self.hashed_users: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.config_path = self.dir / "mosquitto.conf"
@@ -146,6 +147,13 @@ class Mosquitto:
         if self.starts:
             raise BrokerError("add users before the broker first starts")
         self.users[username] = password
+
+    def add_hashed_user(self, username: str, hashed: str) -> None:
+        """Add an account by its password-file hash (Mosquitto's ``$7$…`` form, as the fleet
+        server stores it for each device); only before the first :meth:`start`."""
+        if self.starts:
+            raise BrokerError("add users before the broker first starts")
+        self.hashed_users[username] = hashed
 
     def _write_config(self) -> None:
         passwd = self.dir / "passwd"
@@ -162,6 +170,9 @@ class Mosquitto:
                 raise BrokerError(f"mosquitto_passwd failed for {user!r}: {stderr}")
         if not self.users:
             passwd.touch(mode=0o600)
+        if self.hashed_users:
+            with passwd.open("a") as fh:
+                fh.writelines(f"{user}:{hashed}\n" for user, hashed in self.hashed_users.items())
         acl = self.dir / "acl"
         acl.write_text(self.acl.format(server=SERVER_USER))
         lines = [

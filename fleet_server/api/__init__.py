@@ -1,0 +1,48 @@
+"""The REST API: :func:`create_app` builds the FastAPI application over a set of services.
+
+Routes do HTTP only (parse, authorise, call a service, shape the answer); the rules are in
+the services; every domain error becomes JSON in one handler (:mod:`.errors`). Each
+resource has its own small router module under :mod:`.routes`; the dashboard (served under
+``/`` by the same app) adds its router through ``extra_routers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastapi import APIRouter, Depends, FastAPI
+
+from edge_agent import __version__
+from fleet_server.api.deps import strict_query
+from fleet_server.api.errors import install_handlers
+from fleet_server.api.routes import alerts, bundles, devices, drift, groups, system, telemetry
+from fleet_server.api.schemas import ErrorBody
+from fleet_server.services import Services
+
+__all__ = ["ROUTERS", "create_app"]
+
+ROUTERS = (system.router, devices.router, groups.router, bundles.router, telemetry.router,
+           drift.router, alerts.router)
+_ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
+    (400, "Not a bundle"), (401, "No or unknown credentials"),
+    (403, "The credentials' role does not allow this"), (404, "Not found"),
+    (409, "Conflicts with what is stored"), (413, "Upload too large"),
+    (422, "A request value was refused"))}
+
+
+def create_app(services: Services, *, extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The fleet server's ASGI application over ``services``."""
+    app = FastAPI(
+        title="edgefleet fleet server", version=__version__,
+        description="Devices, groups, bundles, drift and alerts of an edgefleet fleet. "
+                    "Authenticate with `Authorization: Bearer <token>`: operator tokens "
+                    "(efo_…, roles viewer < operator < approver) or, for bundle downloads "
+                    "and a device's own desired state, the device secret (efd_…).",
+        responses=_ERRORS)  # type: ignore[arg-type]
+    app.state.services = services
+    install_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router, dependencies=[Depends(strict_query)])
+    for router in extra_routers:
+        app.include_router(router)
+    return app

@@ -1,0 +1,1 @@
+"""One router per resource; :func:`fleet_server.api.create_app` includes them all."""

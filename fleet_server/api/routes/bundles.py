@@ -1,0 +1,92 @@
+"""``/api/v1/bundles``: upload (verified against the trust store), list, inspect, download."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from fleet_server.api.deps import AnyPrincipal, Operator, ServicesDep, Viewer
+from fleet_server.api.schemas import BundleDetail, BundlePublic
+from fleet_server.errors import PayloadTooLargeError, PermissionDeniedError
+
+router = APIRouter(prefix="/api/v1/bundles", tags=["bundles"])
+Name = Annotated[str, Path(max_length=64)]
+Version = Annotated[str, Path(max_length=128)]
+
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}}
+
+
+async def read_bounded(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes.
+
+    Raises:
+        PayloadTooLargeError: declared or streamed past the limit (nothing is kept).
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"upload of {declared} bytes exceeds the limit of {limit}")
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"upload exceeds the limit of {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+@router.post("", response_model=BundlePublic, status_code=201, openapi_extra=_UPLOAD_BODY)
+async def upload_bundle(request: Request, response: Response, services: ServicesDep,
+                        who: Operator) -> BundlePublic:
+    """Upload a bundle file (the raw ``.edgebundle`` bytes as the body).
+
+    It is verified as a device would verify it: signatures against the server's trust
+    store and policy, every member's size and sha256, no unsafe members; its
+    ``reference.json`` must match the manifest. A refusal is a 4xx whose error type is
+    the reason's class (``UntrustedSignerError``, ``DigestMismatchError``, …) and whose
+    message names the member. The same bytes again answer 200; other bytes under an
+    existing name@version answer 409.
+    """
+    data = await read_bounded(request, services.config.max_upload_bytes)
+    record, created = await run_in_threadpool(services.bundles.upload, data, who.actor,
+                                              services.clock())
+    response.status_code = 201 if created else 200
+    return BundlePublic.model_validate(record.to_dict())
+
+
+@router.get("", response_model=list[BundlePublic])
+def list_bundles(services: ServicesDep, _: Viewer,
+                 name: Annotated[str | None, Query(max_length=64)] = None) -> list[BundlePublic]:
+    """Stored bundles, by name then upload time; ``name`` filters."""
+    return [BundlePublic.model_validate(b.to_dict()) for b in services.bundles.list(name)]
+
+
+@router.get("/{name}/{version}", response_model=BundleDetail)
+def get_bundle(name: Name, version: Version, services: ServicesDep, _: Viewer) -> BundleDetail:
+    """One bundle with its full manifest (inputs, outputs, lineage, fidelity, files)."""
+    record = services.bundles.get(name, version)
+    return BundleDetail.model_validate(record.to_dict(manifest=True))
+
+
+@router.get("/{name}/{version}/download", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}},
+                "description": "The bundle file"}})
+def download_bundle(name: Name, version: Version, services: ServicesDep,
+                    who: AnyPrincipal) -> FileResponse:
+    """The bundle file, for devices (with their secret) and operators (viewer or more).
+
+    ``X-Edgefleet-Sha256`` carries the file's sha256; the device verifies the bundle
+    itself before installing it anyway.
+    """
+    if who.kind == "operator" and not who.has_role("viewer"):
+        raise PermissionDeniedError("needs role 'viewer'")
+    record = services.bundles.get(name, version)
+    path = services.bundles.file(record)
+    return FileResponse(path, media_type="application/octet-stream",
+                        filename=f"{record.name}-{record.version}.edgebundle",
+                        headers={"X-Edgefleet-Sha256": record.sha256,
+                                 "ETag": f'"{record.sha256}"'})

@@ -1,0 +1,51 @@
+"""``/api/v1/groups``: named label selectors."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+
+from fleet_server.api.deps import Operator, ServicesDep, Viewer
+from fleet_server.api.schemas import GROUP_PATTERN, GroupCreate, GroupPublic
+from fleet_server.models import Group
+from fleet_server.services import Services
+
+router = APIRouter(prefix="/api/v1/groups", tags=["groups"])
+GroupName = Annotated[str, Path(pattern=GROUP_PATTERN)]
+
+
+def _public(services: Services, group: Group) -> GroupPublic:
+    return GroupPublic(**group.to_dict(), members=len(services.registry.members(group)))
+
+
+@router.get("", response_model=list[GroupPublic])
+def list_groups(services: ServicesDep, _: Viewer) -> list[GroupPublic]:
+    """Every group with its selector and current member count."""
+    return [_public(services, g) for g in services.registry.groups()]
+
+
+@router.post("", response_model=GroupPublic, status_code=201)
+def create_group(body: GroupCreate, services: ServicesDep, who: Operator) -> GroupPublic:
+    """Create a group: devices whose labels match every selector pair are members.
+
+    ``important_features``: a drift of any of these makes the group drift;
+    ``requires_approval``: rollouts to it need an approver.
+    """
+    group = services.registry.create_group(
+        body.name, body.selector, who.actor, services.clock(),
+        requires_approval=body.requires_approval, important_features=body.important_features)
+    return _public(services, group)
+
+
+@router.get("/{name}", response_model=GroupPublic)
+def get_group(name: GroupName, services: ServicesDep, _: Viewer) -> GroupPublic:
+    """One group."""
+    return _public(services, services.registry.group(name))
+
+
+@router.delete("/{name}", status_code=204, response_class=Response)
+def delete_group(name: GroupName, services: ServicesDep, who: Operator) -> Response:
+    """Delete a group (its devices are untouched)."""
+    services.registry.delete_group(name, who.actor, services.clock())
+    return Response(status_code=204)

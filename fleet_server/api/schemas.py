@@ -1,0 +1,306 @@
+"""The API's request and response schemas, in families (``…Create`` in, ``…Public`` out).
+
+They mirror the records' ``to_dict()`` (:mod:`fleet_server.models`, the drift report's
+own) field for field, so a route is ``Model.model_validate(record.to_dict())``. Request
+models refuse unknown fields. Nothing here holds logic.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The server's own rules, stated in the document (pydantic checks them with Rust regexes,
+# where "$" is the end of the text; the services check them again).
+DEVICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+LABEL_KEY_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+GROUP_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+_ID = r"(0|[1-9][0-9]*|[0-9]*[a-zA-Z-][0-9a-zA-Z-]*)"
+SEMVER_PATTERN = (r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+                  rf"(-{_ID}(\.{_ID})*)?")
+BUNDLE_PATTERN = rf"^[a-z0-9][a-z0-9._-]{{0,63}}@{SEMVER_PATTERN}$"
+
+DeviceId = Annotated[str, Field(pattern=DEVICE_PATTERN, description="A device id")]
+GroupName = Annotated[str, Field(pattern=GROUP_PATTERN)]
+BundleLabel = Annotated[str, Field(pattern=BUNDLE_PATTERN, description="name@version")]
+Labels = Annotated[dict[Annotated[str, Field(pattern=LABEL_KEY_PATTERN)],
+                        Annotated[str, Field(max_length=128)]], Field(max_length=32)]
+
+
+class _In(BaseModel):
+    # strict: JSON 0 is not false, "1" is not 1; unknown fields are refused
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="The error's class, e.g. NotFoundError, SignatureError")
+    message: str = Field(description="What went wrong, naming the thing at fault")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class BundleRefPublic(BaseModel):
+    name: str
+    version: str
+    sha256: str = ""
+    url: str = ""
+    size: int = 0
+
+
+# -- system ---------------------------------------------------------------------------------
+
+
+class HealthPublic(BaseModel):
+    status: str
+    version: str
+    db_version: int
+    mqtt: str = Field(description="connected, disconnected or disabled")
+
+
+# -- devices --------------------------------------------------------------------------------
+
+
+class DevicePublic(BaseModel):
+    id: str
+    labels: dict[str, str]
+    set_labels: dict[str, str]
+    reported_labels: dict[str, str]
+    created: float
+    has_secret: bool
+    online: bool
+    status_time: float | None
+    last_seen: float | None
+    agent_version: str
+    bundle: BundleRefPublic | None
+    shadow: BundleRefPublic | None
+    health: dict[str, Any] | None
+    heartbeat_time: float | None
+    last_summary: float | None
+    summaries: int
+    dropped: int
+
+
+class DesiredPublic(BaseModel):
+    device: str
+    revision: int
+    bundle: BundleRefPublic | None
+    shadow: BundleRefPublic | None
+    allow_downgrade: bool
+    updated: float
+    updated_by: str
+
+
+class ReportPublic(BaseModel):
+    device: str
+    seq: int
+    revision: int
+    outcome: str
+    bundle: BundleRefPublic
+    reason: str
+    time: float
+    received: float
+
+
+class DeviceDetail(DevicePublic):
+    desired: DesiredPublic | None
+    reports: list[ReportPublic]
+
+
+class DeviceCreate(_In):
+    id: DeviceId = Field(description="The device id, also its MQTT username")
+    labels: Labels = Field(default_factory=dict)
+    rotate: bool = Field(False, description="Issue a new secret for an existing device")
+
+
+class DeviceCreated(BaseModel):
+    device: DevicePublic
+    secret: str = Field(description="The device secret (MQTT password and HTTP token); "
+                                    "shown only in this response")
+
+
+class LabelsUpdate(_In):
+    labels: Labels
+
+
+class DesiredUpdate(_In):
+    bundle: BundleLabel | None = Field(None, description="name@version, or null")
+    shadow: BundleLabel | None = Field(None, description="name@version, or null")
+    allow_downgrade: bool = False
+
+
+# -- groups ---------------------------------------------------------------------------------
+
+
+class GroupCreate(_In):
+    name: GroupName
+    selector: Labels = Field(default_factory=dict, description="Labels a member must all have")
+    requires_approval: bool = False
+    important_features: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list, max_length=256)
+
+
+class GroupPublic(BaseModel):
+    name: str
+    selector: dict[str, str]
+    requires_approval: bool
+    important_features: list[str]
+    created: float
+    created_by: str
+    members: int
+
+
+# -- bundles --------------------------------------------------------------------------------
+
+
+class Signer(BaseModel):
+    keyid: str
+    role: str
+    name: str
+
+
+class BundlePublic(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    size: int
+    reference_hash: str
+    uploaded: float
+    uploaded_by: str
+    signers: list[Signer]
+    url: str
+
+
+class BundleDetail(BundlePublic):
+    manifest: dict[str, Any]
+
+
+# -- telemetry ------------------------------------------------------------------------------
+
+
+class SummaryPublic(BaseModel):
+    device: str
+    seq: int
+    bundle: str
+    reference_hash: str
+    window_start: float
+    window_end: float
+    rows: int
+    received: float
+    folded: bool
+    errors: dict[str, int]
+    latency_counts: list[int]
+    shadow: dict[str, Any] | None
+    dropped: int
+
+
+class DeadLetterPublic(BaseModel):
+    id: int
+    received: float
+    topic: str
+    device: str
+    error: str
+    reason: str
+    size: int
+    payload_prefix: str = Field(description="The first bytes of the payload, hex")
+
+
+# -- drift ----------------------------------------------------------------------------------
+
+
+class FeatureDriftPublic(BaseModel):
+    name: str
+    role: str
+    kind: str
+    n_base: int
+    n_live: int
+    verdict: str
+    stats: dict[str, float | None]
+    reasons: list[str]
+    labels: list[str] = Field(description="One per histogram slot")
+    base_hist: list[float] = Field(description="Reference proportions per slot")
+    live_hist: list[float] = Field(description="Live proportions per slot")
+    min_rows: int
+
+
+class DriftReportPublic(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    schema_: int = Field(alias="schema")
+    reference_hash: str
+    rows_base: int
+    rows_live: int
+    share_drifted: float
+    verdict: str
+    important: list[str]
+    reasons: list[str]
+    features: list[FeatureDriftPublic]
+
+
+class DriftResultPublic(BaseModel):
+    bundle: str
+    scope: str
+    since: int
+    until: int
+    devices: int
+    summaries: int
+    rollups: int
+    suspect: list[str]
+    compared_with: str
+    report: DriftReportPublic
+
+
+class SeriesPublic(BaseModel):
+    bundle: str
+    scope: str
+    since: int
+    until: int
+    step: int
+    starts: list[int]
+    rows: list[int]
+    verdicts: list[str]
+    features: dict[str, dict[str, list[Any]]]
+
+
+class DriftWindowPublic(BaseModel):
+    bundle: str
+    scope: str
+    window_start: int
+    window_end: int
+    verdict: str
+    share_drifted: float
+    rows: int
+    devices: int
+    features: dict[str, Any]
+    evaluated: float
+
+
+# -- alerts ---------------------------------------------------------------------------------
+
+
+class AlertPublic(BaseModel):
+    id: int
+    kind: str
+    bundle: str
+    group: str
+    device: str
+    state: str
+    opened: float
+    resolved: float | None
+    message: str
+    details: dict[str, Any]
+    webhook: str
+    attempts: int
+
+
+class AttemptPublic(BaseModel):
+    attempt: int
+    time: float
+    status: int | None
+    error: str
+
+
+class AlertDetail(AlertPublic):
+    deliveries: list[AttemptPublic]

@@ -1,0 +1,183 @@
+"""The server's typed configuration: every bound and interval, with its documented default.
+
+``fleet serve`` and ``fleet ingest`` build a :class:`ServerConfig` from their options;
+tests build one directly. Every value is checked in ``__post_init__`` so a bad setting
+fails at start-up with the setting's name, not later in a worker thread.
+
+This module reads no files and no environment (the CLI does), and holds no secrets
+beyond the broker password, which never appears in ``repr``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+from edge_agent.bundle import Limits
+from fleet_server.drift import Thresholds
+
+__all__ = [
+    "DEFAULT_DRIFT",
+    "DEFAULT_INGEST",
+    "BrokerConfig", "DriftConfig", "IngestConfig", "ServerConfig",
+    "WebhookConfig",
+]
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """The server's MQTT connection (account ``server`` in the broker's ACL).
+
+    ``share``: the shared-subscription group (``$share/<share>/...``) ingest joins, so
+    several workers split the load; None subscribes plainly (one worker gets everything,
+    and retained status messages too, which shared subscriptions never receive).
+    ``receive_maximum``: most un-acknowledged QoS 1 messages the broker may send us; the
+    ingest queue can never hold more, which bounds memory without blocking paho's thread.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = "server"
+    password: str = field(default="", repr=False)
+    client_id: str = ""  # "" = fleet-<role>-<pid>
+    tls_ca: Path | None = None
+    share: str | None = None
+    keepalive: int = 30
+    receive_maximum: int = 2000
+    reconnect_min_delay: float = 0.5
+    reconnect_max_delay: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"broker port must be 1..65535, got {self.port}")
+        if not 1 <= self.receive_maximum <= 65535:
+            raise ValueError("receive_maximum must be 1..65535 (MQTT 5)")
+        if self.share is not None and (not self.share or any(c in self.share for c in "/+#")):
+            raise ValueError(f"share group {self.share!r}: no '/', '+' or '#'")
+        _positive("reconnect_min_delay", self.reconnect_min_delay)
+        if self.reconnect_max_delay < self.reconnect_min_delay:
+            raise ValueError("reconnect_max_delay must be >= reconnect_min_delay")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Batching, bounds and time rules of the ingest worker.
+
+    A batch is written in one transaction and acknowledged to the broker after its commit:
+    at most ``batch_max`` messages, and the first of them waits at most ``batch_wait_s``.
+    ``levels``: rollup bucket widths in seconds, finest first, each a multiple of the one
+    before; a report reads the coarsest buckets that fit its range.
+    """
+
+    batch_max: int = 500
+    batch_wait_s: float = 0.05
+    levels: tuple[int, ...] = (60, 3600)
+    max_clock_skew_s: float = 24 * 3600.0  # windows ending further in the future: refused
+    dead_letter_payload_bytes: int = 4096  # prefix of a refused payload kept for diagnosis
+    dead_letter_keep: int = 100_000  # rows; older ones are pruned
+    retention_s: float = 30 * 24 * 3600.0  # summaries and the finest rollups
+    coarse_retention_s: float = 400 * 24 * 3600.0  # coarser rollups
+
+    def __post_init__(self) -> None:
+        if self.batch_max < 1:
+            raise ValueError("batch_max must be >= 1")
+        _positive("batch_wait_s", self.batch_wait_s)
+        if not self.levels or any(w < 1 for w in self.levels):
+            raise ValueError("levels must be positive widths in seconds")
+        for fine, coarse in pairwise(self.levels):
+            if coarse <= fine or coarse % fine:
+                raise ValueError(f"level {coarse} s is not a multiple of {fine} s")
+        if 86400 % self.levels[0] and self.levels[0] % 86400:
+            raise ValueError("the finest level must divide a day (or be whole days)")
+        for name in ("max_clock_skew_s", "retention_s", "coarse_retention_s"):
+            _positive(name, getattr(self, name))
+        if self.dead_letter_payload_bytes < 0 or self.dead_letter_keep < 1:
+            raise ValueError("dead-letter bounds must be positive")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """The periodic evaluation: every ``window_s`` (a multiple of the finest rollup level)
+    each bundle with data is judged per group and for the whole fleet, once the window is
+    ``lateness_s`` old (late summaries still count in on-demand reports)."""
+
+    thresholds: Thresholds = Thresholds()
+    window_s: int = 300
+    lateness_s: float = 120.0
+    suspect_sensors: bool = True
+    max_series_points: int = 500
+    max_device_reports: int = 20_000  # devices judged one by one per window and group
+
+    def __post_init__(self) -> None:
+        if self.window_s < 1:
+            raise ValueError("window_s must be >= 1")
+        if self.lateness_s < 0:
+            raise ValueError("lateness_s must be >= 0")
+        if self.max_series_points < 1 or self.max_device_reports < 0:
+            raise ValueError("series and device-report bounds must be positive")
+
+
+DEFAULT_INGEST = IngestConfig()
+DEFAULT_DRIFT = DriftConfig()
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """Where alerts are POSTed (the retraining trigger), and how hard to try."""
+
+    url: str | None = None
+    secret: str = field(default="", repr=False)  # set: body signed with HMAC-SHA256
+    timeout_s: float = 5.0
+    max_attempts: int = 5
+    backoff_s: float = 1.0  # first retry after this, doubling ...
+    backoff_max_s: float = 60.0  # ... up to this
+    queue_max: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook URL {self.url!r} must be http:// or https://")
+        if self.max_attempts < 1 or self.queue_max < 1:
+            raise ValueError("webhook attempts and queue must be >= 1")
+        _positive("timeout_s", self.timeout_s)
+        _positive("backoff_s", self.backoff_s)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``fleet serve`` runs with. ``bundle_dir`` defaults to ``<db>.bundles``."""
+
+    db: Path
+    bundle_dir: Path | None = None
+    broker: BrokerConfig | None = None  # None: no MQTT (API only; no ingest, no publishing)
+    ingest: bool = True  # run the ingest worker in this process
+    ingest_config: IngestConfig = IngestConfig()
+    drift: DriftConfig = DriftConfig()
+    evaluate: bool = True  # run the periodic drift evaluator in this process
+    webhook: WebhookConfig = WebhookConfig()
+    trust: tuple[str, ...] = ()  # ROLE=PATH public keys, as TrustStore.from_files takes
+    threshold: int = 1  # trusted signatures an upload needs
+    required_roles: frozenset[str] = frozenset()
+    limits: Limits = Limits()
+    max_upload_bytes: int = 256 * 1024 * 1024
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        if self.threshold < 1:
+            raise ValueError("threshold must be >= 1")
+        if self.max_upload_bytes < 1:
+            raise ValueError("max_upload_bytes must be >= 1")
+        if self.drift.window_s % self.ingest_config.levels[0]:
+            raise ValueError(f"the drift window ({self.drift.window_s} s) must be a multiple "
+                             f"of the finest rollup level ({self.ingest_config.levels[0]} s)")
+
+    @property
+    def bundles_path(self) -> Path:
+        return self.bundle_dir if self.bundle_dir is not None else \
+            self.db.with_name(self.db.name + ".bundles")

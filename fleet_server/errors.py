@@ -1,0 +1,115 @@
+"""The fleet server's error tree, and the HTTP status each kind of refusal maps to.
+
+Services raise these; the API's one exception handler (:mod:`fleet_server.api.errors`)
+turns them into ``{"error": {"type": ..., "message": ...}}`` with the status below; the
+CLI prints the message on one line and exits non-zero. Every message names the device,
+bundle, group, token or field at fault.
+
+    EdgefleetError                     (edge_agent.errors)
+    └── FleetError                     500 unless a subclass says otherwise
+        ├── NotFoundError              404 a device, bundle, group, alert ... does not exist
+        ├── ConflictError              409 it exists already, or differs from what exists
+        ├── AuthenticationError        401 no token, an unknown or a revoked one
+        ├── PermissionDeniedError      403 a valid token whose role does not allow this
+        ├── InvalidRequestError        422 a request value refused (names the field)
+        │   └── BundleReferenceError   422 a verified bundle whose reference.json is unusable
+        ├── PayloadTooLargeError       413 an upload past the configured limit
+        ├── UnavailableError           503 a dependency (the broker) is not reachable now
+        └── StoreError                 500 the database failed
+            └── SchemaVersionError     500 the database is newer than this code
+
+Bundle refusals keep their own classes from :mod:`edge_agent.errors` (``SignatureError``,
+``DigestMismatchError``, ...): the handler maps them to 400 (not a bundle at all), 413
+(a size limit) or 422 (everything else), with the class name as the error type.
+
+This module deliberately holds no HTTP machinery: ``status`` is plain data.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from edge_agent.errors import EdgefleetError
+
+__all__ = [
+    "AuthenticationError",
+    "BundleReferenceError",
+    "ConflictError",
+    "FleetError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "SchemaVersionError",
+    "StoreError",
+    "UnavailableError",
+]
+
+
+class FleetError(EdgefleetError):
+    """Base of every error the fleet server raises on purpose."""
+
+    status: ClassVar[int] = 500
+
+
+class NotFoundError(FleetError):
+    """A named thing does not exist; ``kind`` and ``key`` say which."""
+
+    status = 404
+
+    def __init__(self, kind: str, key: str, message: str | None = None) -> None:
+        super().__init__(message or f"{kind} {key!r} not found")
+        self.kind = kind
+        self.key = key
+
+
+class ConflictError(FleetError):
+    """The thing exists already, or the request contradicts what is stored."""
+
+    status = 409
+
+
+class AuthenticationError(FleetError):
+    """No credentials, or credentials the server does not know (or revoked)."""
+
+    status = 401
+
+
+class PermissionDeniedError(FleetError):
+    """Valid credentials whose role does not allow the request."""
+
+    status = 403
+
+
+class InvalidRequestError(FleetError):
+    """A request value is refused; ``field`` names it."""
+
+    status = 422
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class BundleReferenceError(InvalidRequestError):
+    """A correctly signed bundle whose ``reference.json`` cannot be used for drift."""
+
+
+class PayloadTooLargeError(FleetError):
+    """An upload larger than the configured limit; nothing was stored."""
+
+    status = 413
+
+
+class UnavailableError(FleetError):
+    """A dependency the request needs (the MQTT broker) is not reachable right now."""
+
+    status = 503
+
+
+class StoreError(FleetError):
+    """The database failed (locked past the timeout, disk full, corrupt)."""
+
+
+class SchemaVersionError(StoreError):
+    """The database was migrated by a newer fleet server than this one."""

@@ -1,0 +1,295 @@
+"""The server's records: frozen values that the store returns and the services pass around.
+
+Each has ``to_dict()`` (JSON-ready, what the API's schemas and the CLI's ``--json`` show).
+Nothing secret is ever in a record: tokens and device secrets exist in plaintext only in
+the one response that creates them (:class:`Issued`), and hashes stay inside the store.
+
+This module does not read or write anything; :mod:`fleet_server.store` builds these from
+rows, the services decide what they mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.messages import BundleRef
+
+__all__ = [
+    "ROLES",
+    "Alert",
+    "AuditEntry",
+    "BundleRecord",
+    "DeadLetter",
+    "DesiredRecord",
+    "Device",
+    "DriftWindow",
+    "Group",
+    "Issued",
+    "ReportRecord",
+    "SummaryRecord",
+    "Token",
+    "download_url",
+]
+
+# ordered: each role may do everything the ones before it may
+ROLES = ("viewer", "operator", "approver")
+
+
+def download_url(name: str, version: str) -> str:
+    """The download path of a bundle; relative, the agent joins it with its server URL."""
+    return f"/api/v1/bundles/{name}/{version}/download"
+
+
+def _ref(ref: BundleRef | None) -> dict[str, Any] | None:
+    return None if ref is None else ref.to_dict()
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    name: str
+    role: str
+    created: float
+    created_by: str
+    last_used: float | None = None
+    revoked: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "created": self.created,
+                "created_by": self.created_by, "last_used": self.last_used,
+                "revoked": self.revoked}
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A credential just created: the only time its plaintext exists outside its owner."""
+
+    name: str
+    secret: str = field(repr=False)
+    role: str
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    labels: dict[str, str]  # effective: reported by the device, overridden by the operator's
+    set_labels: dict[str, str]
+    reported_labels: dict[str, str]
+    created: float
+    has_secret: bool = False
+    online: bool = False
+    status_time: float | None = None
+    last_seen: float | None = None
+    agent_version: str = ""
+    bundle: BundleRef | None = None
+    shadow: BundleRef | None = None
+    health: dict[str, Any] | None = None  # the last heartbeat's body
+    heartbeat_time: float | None = None
+    last_summary: float | None = None
+    summaries: int = 0
+    dropped: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "labels": dict(self.labels), "set_labels": dict(self.set_labels),
+                "reported_labels": dict(self.reported_labels), "created": self.created,
+                "has_secret": self.has_secret, "online": self.online,
+                "status_time": self.status_time, "last_seen": self.last_seen,
+                "agent_version": self.agent_version, "bundle": _ref(self.bundle),
+                "shadow": _ref(self.shadow), "health": self.health,
+                "heartbeat_time": self.heartbeat_time, "last_summary": self.last_summary,
+                "summaries": self.summaries, "dropped": self.dropped}
+
+
+@dataclass(frozen=True)
+class Group:
+    """A named label selector: a device is a member when every selector label matches."""
+
+    name: str
+    selector: dict[str, str]
+    requires_approval: bool = False
+    important_features: tuple[str, ...] = ()
+    created: float = 0.0
+    created_by: str = ""
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.selector.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "selector": dict(self.selector),
+                "requires_approval": self.requires_approval,
+                "important_features": list(self.important_features),
+                "created": self.created, "created_by": self.created_by}
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    id: int
+    name: str
+    version: str
+    sha256: str
+    size: int
+    reference_hash: str
+    uploaded: float
+    uploaded_by: str
+    signers: tuple[dict[str, str], ...] = ()  # {"keyid", "role", "name"} of verified signers
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def ref(self) -> BundleRef:
+        return BundleRef(self.name, self.version, self.sha256,
+                         download_url(self.name, self.version), self.size)
+
+    def to_dict(self, *, manifest: bool = False) -> dict[str, Any]:
+        out = {"name": self.name, "version": self.version, "sha256": self.sha256,
+               "size": self.size, "reference_hash": self.reference_hash,
+               "uploaded": self.uploaded, "uploaded_by": self.uploaded_by,
+               "signers": [dict(s) for s in self.signers],
+               "url": download_url(self.name, self.version)}
+        if manifest:
+            out["manifest"] = self.manifest
+        return out
+
+
+@dataclass(frozen=True)
+class DesiredRecord:
+    device: str
+    revision: int
+    bundle: BundleRef | None
+    shadow: BundleRef | None
+    allow_downgrade: bool
+    updated: float
+    updated_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "revision": self.revision, "bundle": _ref(self.bundle),
+                "shadow": _ref(self.shadow), "allow_downgrade": self.allow_downgrade,
+                "updated": self.updated, "updated_by": self.updated_by}
+
+
+@dataclass(frozen=True)
+class ReportRecord:
+    device: str
+    seq: int
+    revision: int
+    outcome: str
+    bundle: BundleRef
+    reason: str
+    time: float
+    received: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "seq": self.seq, "revision": self.revision,
+                "outcome": self.outcome, "bundle": self.bundle.to_dict(),
+                "reason": self.reason, "time": self.time, "received": self.received}
+
+
+@dataclass(frozen=True)
+class SummaryRecord:
+    """A stored window summary's header (the profile itself stays in the store)."""
+
+    device: str
+    seq: int
+    bundle: str  # name@version as the device declared it
+    reference_hash: str
+    window_start: float
+    window_end: float
+    rows: int
+    received: float
+    folded: bool
+    errors: dict[str, int] = field(default_factory=dict)
+    latency_counts: tuple[int, ...] = ()
+    shadow: dict[str, Any] | None = None
+    dropped: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "seq": self.seq, "bundle": self.bundle,
+                "reference_hash": self.reference_hash, "window_start": self.window_start,
+                "window_end": self.window_end, "rows": self.rows, "received": self.received,
+                "folded": self.folded, "errors": dict(self.errors),
+                "latency_counts": list(self.latency_counts), "shadow": self.shadow,
+                "dropped": self.dropped}
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    received: float
+    topic: str
+    device: str
+    error: str  # the exception's class name
+    reason: str
+    size: int  # of the whole payload; ``payload`` holds at most the configured prefix
+    payload: bytes = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "received": self.received, "topic": self.topic,
+                "device": self.device, "error": self.error, "reason": self.reason,
+                "size": self.size, "payload_prefix": self.payload[:256].hex()}
+
+
+@dataclass(frozen=True)
+class DriftWindow:
+    """One evaluated window of one bundle and scope (a group name, or ``*`` for the fleet)."""
+
+    bundle: str
+    scope: str
+    window_start: int
+    window_end: int
+    verdict: str
+    share_drifted: float
+    rows: int
+    devices: int
+    features: dict[str, Any]  # name -> {"verdict", "role", "psi", "ks", ...}
+    evaluated: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bundle": self.bundle, "scope": self.scope, "window_start": self.window_start,
+                "window_end": self.window_end, "verdict": self.verdict,
+                "share_drifted": self.share_drifted, "rows": self.rows,
+                "devices": self.devices, "features": self.features,
+                "evaluated": self.evaluated}
+
+
+@dataclass(frozen=True)
+class Alert:
+    id: int
+    kind: str  # drift | suspect_sensor
+    bundle: str
+    group: str
+    device: str
+    state: str  # open | resolved
+    opened: float
+    resolved: float | None
+    message: str
+    details: dict[str, Any]
+    webhook: str  # none | pending | delivered | failed
+    attempts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "bundle": self.bundle, "group": self.group,
+                "device": self.device, "state": self.state, "opened": self.opened,
+                "resolved": self.resolved, "message": self.message, "details": self.details,
+                "webhook": self.webhook, "attempts": self.attempts}
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    time: float
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "time": self.time, "actor": self.actor, "action": self.action,
+                "target": self.target, "details": self.details}

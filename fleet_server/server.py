@@ -1,0 +1,146 @@
+"""The running server: services, MQTT link, ingest worker, evaluator, webhook and HTTP.
+
+:class:`FleetServer` is what ``fleet serve`` (everything in one process) and ``fleet
+ingest`` (a worker alone, ``publish_desired=False``, no HTTP, no evaluator) run. Start
+order: fold summaries still waiting for a known bundle, then the webhook, the link, the
+ingest worker, the evaluator. Stop order is the reverse of what feeds what: HTTP first
+(no new requests), then ingest drains and acknowledges what it holds, then the link
+closes, then the evaluator and webhook stop, then the store closes.
+
+:meth:`FleetServer.start_http` runs uvicorn on a thread on an already bound socket (port 0
+picks a free one) and returns the base URL; tests and the benchmark use it. This module
+holds no rules of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import uvicorn
+from fastapi import APIRouter
+
+from fleet_server.api import create_app
+from fleet_server.config import ServerConfig
+from fleet_server.evaluator import Evaluator
+from fleet_server.ingest import IngestWorker
+from fleet_server.mqtt import ServerLink
+from fleet_server.services import build_services
+from fleet_server.webhook import Webhook
+
+__all__ = ["FleetServer"]
+
+log = logging.getLogger(__name__)
+
+
+class FleetServer:
+    def __init__(self, config: ServerConfig, *, publish_desired: bool = True,
+                 clock: Callable[[], float] = time.time,
+                 extra_routers: Sequence[APIRouter] = ()) -> None:
+        self.config = config
+        self.link: ServerLink | None = None
+        if config.broker is not None and (config.ingest or publish_desired):
+            self.link = ServerLink(config.broker, subscribe=config.ingest,
+                                   on_connect=self._on_connect if publish_desired else None,
+                                   role="serve" if publish_desired else "ingest")
+        self.services = build_services(config, publisher=self.link if publish_desired else None,
+                                       clock=clock)
+        s = self.services
+        if self.link is not None:
+            link = self.link
+            s.mqtt_state = lambda: "connected" if link.connected else "disconnected"
+            s.metrics.watch_link(lambda: link.queued, lambda: link.dropped)
+        self.webhook = Webhook(config.webhook, s.store, s.metrics, clock) \
+            if config.webhook.url else None
+        s.alerts.notifier = self.webhook
+        self.worker = IngestWorker(self.link, s.ingestor, config.ingest_config) \
+            if self.link is not None and config.ingest else None
+        self.evaluator = Evaluator(s.store, s.bundles, s.registry, s.alerts, config.drift,
+                                   config.ingest_config, clock) if config.evaluate else None
+        self.app = create_app(s, extra_routers=extra_routers)
+        self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+        self._started = False
+
+    def _on_connect(self) -> None:
+        self.services.desired.republish_all()
+
+    def start(self) -> None:
+        """Start the background parts (not HTTP). Returns at once."""
+        if self._started:
+            return
+        self._started = True
+        folded = self.services.ingestor.sweep_pending()
+        if folded:
+            log.info("folded %d summaries that were waiting for their bundle", folded)
+        if self.webhook is not None:
+            self.webhook.start()
+        if self.link is not None:
+            self.link.start()
+        if self.worker is not None:
+            self.worker.start()
+        if self.evaluator is not None:
+            self.evaluator.start()
+
+    def stop(self) -> None:
+        """Stop everything this server started. Idempotent."""
+        self.stop_http()
+        if self.worker is not None:
+            self.worker.stop()
+        if self.link is not None:
+            self.link.stop()
+        if self.evaluator is not None:
+            self.evaluator.stop()
+        if self.webhook is not None:
+            self.webhook.stop()
+        self.services.close()
+        self._started = False
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    def _uvicorn(self, host: str, port: int) -> uvicorn.Server:
+        return uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning",
+                                             access_log=False, lifespan="off",
+                                             timeout_graceful_shutdown=5))
+
+    def serve_http(self) -> None:
+        """Serve HTTP in this thread until interrupted (``fleet serve``)."""
+        self._http = self._uvicorn(self.config.host, self.config.port)
+        self._http.run()
+
+    def start_http(self, host: str = "127.0.0.1", port: int = 0, timeout: float = 10.0) -> str:
+        """Serve HTTP on a thread; returns the base URL (``http://host:port``)."""
+        # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and
+        # accepted sockets inherit it; without it Nagle holds each response's body ~40 ms
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        bound = sock.getsockname()[1]
+        server = self._http = self._uvicorn(host, bound)
+        self._http_thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                                             name="fleet-http", daemon=True)
+        self._http_thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if time.monotonic() > deadline or not self._http_thread.is_alive():
+                raise RuntimeError(f"HTTP server did not start on {host}:{bound}")
+            time.sleep(0.01)
+        return f"http://{host}:{bound}"
+
+    def stop_http(self, timeout: float = 10.0) -> None:
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_thread is not None:
+                self._http_thread.join(timeout)
+            self._http = None
+            self._http_thread = None
+
+    def __enter__(self) -> FleetServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,89 @@
+"""The services of one server, wired together over one store: what the API routes call.
+
+:func:`build_services` is the composition root: it opens the store, the bundle directory
+and the trust store, and builds each service with its collaborators. The result is a plain
+container (:class:`Services`) that ``create_app`` puts on ``app.state`` and that the
+rollout engine and the dashboard can take as well. Threads (ingest worker, evaluator,
+webhook) and the MQTT link are started by :mod:`fleet_server.server`, not here.
+
+Public service APIs (for the rollout shell and the dashboard):
+
+- ``registry`` (:class:`~fleet_server.registry.Registry`): devices, labels, groups,
+  ``members(group)``;
+- ``desired`` (:class:`~fleet_server.desired.DesiredStates`): ``assign``,
+  ``assign_many``, ``get``, ``republish_all``;
+- ``bundles`` (:class:`~fleet_server.bundles.Bundles`): ``upload``, ``get``,
+  ``by_label``, ``list``, ``reference`` (spec, base profile, rollup layout);
+- ``drift`` (:class:`~fleet_server.drift_service.DriftService`): ``report``, ``series``,
+  ``merged`` (a scope's merged rollup, for rollout gates);
+- ``alerts`` (:class:`~fleet_server.alerts.Alerts`), ``auth``
+  (:class:`~fleet_server.auth.Auth`), ``ingestor``, ``metrics``, ``store``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edge_agent.signing import Policy, TrustStore
+from fleet_server.alerts import Alerts
+from fleet_server.auth import Auth
+from fleet_server.blobs import BlobStore
+from fleet_server.bundles import Bundles
+from fleet_server.config import ServerConfig
+from fleet_server.desired import DesiredStates, Publisher
+from fleet_server.drift_service import DriftService
+from fleet_server.ingest import Ingestor
+from fleet_server.metrics import Metrics
+from fleet_server.registry import Registry
+from fleet_server.store import Store
+
+__all__ = ["Services", "build_services"]
+
+
+@dataclass
+class Services:
+    config: ServerConfig
+    store: Store
+    auth: Auth
+    registry: Registry
+    bundles: Bundles
+    desired: DesiredStates
+    drift: DriftService
+    alerts: Alerts
+    ingestor: Ingestor
+    metrics: Metrics
+    clock: Callable[[], float] = time.time
+    mqtt_state: Callable[[], str] = field(default=lambda: "disabled")
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def build_services(config: ServerConfig, *, publisher: Publisher | None = None,
+                   clock: Callable[[], float] = time.time) -> Services:
+    """Open the store and build every service.
+
+    Raises:
+        StoreError: the database or the bundle directory cannot be opened.
+        KeyFileError: a trust key cannot be read.
+    """
+    store = Store(config.db)
+    try:
+        trust = TrustStore.from_files(config.trust)
+        metrics = Metrics(store)
+        bundles = Bundles(store, BlobStore(config.bundles_path), trust,
+                          Policy(config.threshold, config.required_roles), config.limits)
+        registry = Registry(store)
+        ingestor = Ingestor(store, bundles, config.ingest_config, metrics, clock)
+        bundles.on_uploaded = ingestor.fold_pending
+        return Services(
+            config=config, store=store, auth=Auth(store), registry=registry, bundles=bundles,
+            desired=DesiredStates(store, bundles, publisher, clock),
+            drift=DriftService(store, bundles, registry, config.drift,
+                               config.ingest_config.levels),
+            alerts=Alerts(store, metrics), ingestor=ingestor, metrics=metrics, clock=clock)
+    except BaseException:
+        store.close()
+        raise

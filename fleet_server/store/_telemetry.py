@@ -1,0 +1,259 @@
+"""Store tables of what devices send: summaries, rollups, reports, dead letters, counters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.messages import BundleRef
+from fleet_server.models import DeadLetter, ReportRecord, SummaryRecord
+from fleet_server.store._base import StoreBase, chunks, dumps, loads
+from fleet_server.store._fleet import selector_sql
+
+FLEET_SCOPE = "*"  # the rollup of every device; no device id can be "*"
+
+PENDING, FOLDED, REFUSED = 0, 1, 2
+
+RollupKey = tuple[int, int, int, str]  # bundle id, width, bucket, scope
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """One summary as the ingest worker stores it (the profile deflated, as received)."""
+
+    device: str
+    seq: int
+    bundle_name: str
+    bundle_version: str
+    reference_hash: str
+    window_start: float
+    window_end: float
+    rows: int
+    received: float
+    latency: tuple[int, ...]
+    errors: dict[str, int]
+    shadow: dict[str, Any] | None
+    dropped: int
+    profile: bytes
+    folded: int
+
+
+@dataclass(frozen=True)
+class PendingSummary:
+    id: int
+    device: str
+    window_start: float
+    window_end: float
+    reference_hash: str
+    profile: bytes
+
+
+class TelemetryTables(StoreBase):
+    # -- summaries -----------------------------------------------------------------------
+
+    def insert_summary(self, s: SummaryRow) -> bool:
+        """Store a summary unless (device, seq) is stored; True if this call stored it."""
+        cur = self._exec(
+            "INSERT OR IGNORE INTO summaries (device, seq, bundle_name, bundle_version, "
+            "reference_hash, window_start, window_end, rows, received, latency, errors, "
+            "shadow, dropped, profile, folded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?)",
+            [s.device, s.seq, s.bundle_name, s.bundle_version, s.reference_hash,
+             s.window_start, s.window_end, s.rows, s.received, dumps(list(s.latency)),
+             dumps(s.errors), None if s.shadow is None else dumps(s.shadow), s.dropped,
+             s.profile, s.folded])
+        return cur.rowcount == 1
+
+    def pending_summaries(self, name: str, version: str, limit: int = 1000,
+                          after_id: int = 0) -> list[PendingSummary]:
+        rows = self._rows(
+            "SELECT id, device, window_start, window_end, reference_hash, profile "
+            "FROM summaries WHERE bundle_name = ? AND bundle_version = ? AND folded = 0 "
+            "AND id > ? ORDER BY id LIMIT ?", [name, version, after_id, limit])
+        return [PendingSummary(r["id"], r["device"], r["window_start"], r["window_end"],
+                               r["reference_hash"], r["profile"]) for r in rows]
+
+    def pending_bundles(self) -> list[tuple[str, str]]:
+        """(name, version) of every bundle some summary is waiting for."""
+        return [(r["bundle_name"], r["bundle_version"]) for r in self._rows(
+            "SELECT DISTINCT bundle_name, bundle_version FROM summaries WHERE folded = 0")]
+
+    def mark_summaries(self, ids: Sequence[int], state: int) -> None:
+        self._many("UPDATE summaries SET folded = ? WHERE id = ?", [(state, i) for i in ids])
+
+    def count_summaries(self, *, folded: int | None = None) -> int:
+        if folded is None:
+            row = self._one("SELECT COUNT(*) AS n FROM summaries")
+        else:
+            row = self._one("SELECT COUNT(*) AS n FROM summaries WHERE folded = ?", [folded])
+        return int(row["n"]) if row else 0
+
+    def list_summaries(self, *, device: str | None = None, bundle: tuple[str, str] | None = None,
+                       since: float | None = None, until: float | None = None,
+                       limit: int = 100, offset: int = 0) -> list[SummaryRecord]:
+        where, params = [], []
+        if device is not None:
+            where.append("device = ?")
+            params.append(device)
+        if bundle is not None:
+            where += ["bundle_name = ?", "bundle_version = ?"]
+            params += list(bundle)
+        if since is not None:
+            where.append("window_end >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("window_end < ?")
+            params.append(until)
+        sql = ("SELECT device, seq, bundle_name, bundle_version, reference_hash, window_start,"
+               " window_end, rows, received, folded, errors, latency, shadow, dropped "
+               "FROM summaries")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY window_end DESC, device, seq LIMIT ? OFFSET ?"
+        return [SummaryRecord(r["device"], r["seq"], f"{r['bundle_name']}@{r['bundle_version']}",
+                              r["reference_hash"], r["window_start"], r["window_end"], r["rows"],
+                              r["received"], r["folded"] == FOLDED, loads(r["errors"], {}),
+                              tuple(loads(r["latency"], [])), loads(r["shadow"]), r["dropped"])
+                for r in self._rows(sql, [*params, limit, offset])]
+
+    def prune_summaries(self, before: float) -> int:
+        with self.transaction():
+            return self._exec("DELETE FROM summaries WHERE window_end < ?", [before]).rowcount
+
+    # -- rollups -------------------------------------------------------------------------
+
+    def load_rollups(self, keys: Sequence[RollupKey]) -> dict[RollupKey, bytes]:
+        out: dict[RollupKey, bytes] = {}
+        for part in chunks(list(keys), 200):
+            values = ",".join(["(?, ?, ?, ?)"] * len(part))
+            params = [x for key in part for x in key]
+            cur = self._exec(
+                "SELECT bundle_id, width, bucket, scope, data FROM rollups WHERE "
+                f"(bundle_id, width, bucket, scope) IN (VALUES {values})", params)
+            for b, w, k, s, data in cur.fetchall():
+                out[(b, w, k, s)] = data
+        return out
+
+    def save_rollups(self, rows: Sequence[tuple[RollupKey, int, int, bytes]]) -> None:
+        """Write merged rollups: ``(key, rows, summaries, data)``; replaces what is there."""
+        self._many(
+            "INSERT OR REPLACE INTO rollups (bundle_id, width, bucket, scope, rows, summaries, "
+            "data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(*key, n_rows, n_summaries, data) for key, n_rows, n_summaries, data in rows])
+
+    def read_rollups(self, bundle_id: int, width: int, lo: int, hi: int, *,
+                     scope: str | None = None, selector: Mapping[str, str] | None = None
+                     ) -> list[tuple[str, int, bytes]]:
+        """``(scope, bucket, data)`` of buckets ``lo <= bucket < hi`` of one level.
+
+        ``scope`` picks one scope (a device, or :data:`FLEET_SCOPE`); else ``selector``
+        picks the devices whose labels match (every device for an empty one).
+        """
+        sql = ("SELECT scope, bucket, data FROM rollups WHERE bundle_id = ? AND width = ? "
+               "AND bucket >= ? AND bucket < ?")
+        params: list[Any] = [bundle_id, width, lo, hi]
+        if scope is not None:
+            sql += " AND scope = ?"
+            params.append(scope)
+        elif selector:
+            sub, sub_params = selector_sql(selector)
+            sql += f" AND scope IN ({sub})"
+            params += sub_params
+        else:
+            sql += " AND scope != ?"
+            params.append(FLEET_SCOPE)
+        return [(s, b, d) for s, b, d in self._exec(sql, params).fetchall()]
+
+    def count_rollup_scopes(self, bundle_id: int, tiles: Sequence[tuple[int, int, int]]
+                            ) -> int:
+        """Distinct devices with a rollup in any of ``(width, lo, hi)``."""
+        if not tiles:
+            return 0
+        part = ("SELECT scope FROM rollups WHERE bundle_id = ? AND width = ? AND bucket >= ? "
+                "AND bucket < ? AND scope != ?")
+        params = [x for w, lo, hi in tiles for x in (bundle_id, w, lo, hi, FLEET_SCOPE)]
+        union = " UNION ALL ".join([part] * len(tiles))
+        row = self._exec(f"SELECT COUNT(DISTINCT scope) FROM ({union})", params).fetchone()
+        return int(row[0])
+
+    def rollup_buckets(self, bundle_id: int, width: int, lo: int, hi: int,
+                       scope: str = FLEET_SCOPE) -> list[int]:
+        return [r[0] for r in self._exec(
+            "SELECT bucket FROM rollups WHERE bundle_id = ? AND width = ? AND scope = ? AND "
+            "bucket >= ? AND bucket < ? ORDER BY bucket", [bundle_id, width, scope, lo, hi])]
+
+    def rollup_span(self, bundle_id: int, width: int) -> tuple[int, int] | None:
+        row = self._exec("SELECT MIN(bucket), MAX(bucket) FROM rollups WHERE bundle_id = ? "
+                         "AND width = ? AND scope = ?", [bundle_id, width, FLEET_SCOPE]).fetchone()
+        return None if row is None or row[0] is None else (int(row[0]), int(row[1]))
+
+    def bundles_with_rollups(self, width: int, lo: int, hi: int) -> list[int]:
+        return [r[0] for r in self._exec(
+            "SELECT DISTINCT bundle_id FROM rollups WHERE width = ? AND scope = ? AND "
+            "bucket >= ? AND bucket < ? ORDER BY 1", [width, FLEET_SCOPE, lo, hi])]
+
+    def prune_rollups(self, width: int, before: int) -> int:
+        with self.transaction():
+            return self._exec("DELETE FROM rollups WHERE width = ? AND bucket < ?",
+                              [width, before]).rowcount
+
+    # -- reports -------------------------------------------------------------------------
+
+    def insert_report(self, r: ReportRecord) -> bool:
+        cur = self._exec(
+            "INSERT OR IGNORE INTO reports (device, seq, revision, outcome, bundle, reason, "
+            "time, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [r.device, r.seq, r.revision, r.outcome, dumps(r.bundle.to_dict()), r.reason,
+             r.time, r.received])
+        return cur.rowcount == 1
+
+    def list_reports(self, device: str | None = None, *, limit: int = 20,
+                     revision: int | None = None) -> list[ReportRecord]:
+        where, params = [], []
+        if device is not None:
+            where.append("device = ?")
+            params.append(device)
+        if revision is not None:
+            where.append("revision = ?")
+            params.append(revision)
+        sql = "SELECT * FROM reports" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self._rows(sql + " ORDER BY received DESC, id DESC LIMIT ?", [*params, limit])
+        return [ReportRecord(r["device"], r["seq"], r["revision"], r["outcome"],
+                             BundleRef(**loads(r["bundle"])), r["reason"], r["time"],
+                             r["received"]) for r in rows]
+
+    # -- dead letters and counters -------------------------------------------------------
+
+    def add_dead_letters(self, rows: Sequence[tuple[float, str, str, str, str, int, bytes]]
+                         ) -> None:
+        """``(received, topic, device, error, reason, size, payload prefix)`` each."""
+        self._many("INSERT INTO dead_letters (received, topic, device, error, reason, size, "
+                   "payload) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def list_dead_letters(self, *, limit: int = 100, offset: int = 0,
+                          device: str | None = None) -> list[DeadLetter]:
+        sql, params = "SELECT * FROM dead_letters", []
+        if device is not None:
+            sql += " WHERE device = ?"
+            params.append(device)
+        rows = self._rows(sql + " ORDER BY id DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        return [DeadLetter(r["id"], r["received"], r["topic"], r["device"], r["error"],
+                           r["reason"], r["size"], r["payload"]) for r in rows]
+
+    def count_dead_letters(self) -> int:
+        row = self._one("SELECT COUNT(*) AS n FROM dead_letters")
+        return int(row["n"]) if row else 0
+
+    def prune_dead_letters(self, keep: int) -> int:
+        with self.transaction():
+            return self._exec("DELETE FROM dead_letters WHERE id <= (SELECT MAX(id) FROM "
+                              "dead_letters) - ?", [keep]).rowcount
+
+    def add_counters(self, deltas: Mapping[str, int]) -> None:
+        self._many("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
+                   "DO UPDATE SET value = value + excluded.value",
+                   [(k, v) for k, v in sorted(deltas.items()) if v])
+
+    def counters(self) -> dict[str, int]:
+        return {r["name"]: r["value"] for r in self._rows("SELECT name, value FROM counters")}

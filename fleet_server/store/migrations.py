@@ -1,0 +1,208 @@
+"""Versioned schema migrations of the fleet database (``PRAGMA user_version``).
+
+Each migration runs in its own ``BEGIN IMMEDIATE`` transaction together with the version
+bump, so a crash mid-way leaves the previous version intact and two processes opening the
+same file at once migrate it once (the second re-reads the version under the write lock).
+A file whose version is higher than :data:`LATEST` was written by a newer server and is
+refused rather than guessed at.
+
+History:
+
+1. registry, credentials, groups, bundles, window summaries, reports, dead letters, audit;
+2. rollups and drift: ``summaries.folded`` (existing summaries become pending, so the
+   server folds them into the new rollups when it starts), rollups, desired state, drift
+   windows, alerts and webhook attempts.
+
+Migrations are append-only: a released one is never edited, a change is a new one. This
+module holds SQL text only; :mod:`fleet_server.store` runs it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["LATEST", "MIGRATIONS"]
+
+_V1 = """
+CREATE TABLE tokens (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT    NOT NULL UNIQUE,
+    role        TEXT    NOT NULL,
+    hash        TEXT    NOT NULL UNIQUE,
+    created     REAL    NOT NULL,
+    created_by  TEXT    NOT NULL,
+    last_used   REAL,
+    revoked     REAL
+);
+CREATE TABLE devices (
+    id              TEXT    PRIMARY KEY,
+    labels          TEXT    NOT NULL DEFAULT '{}',
+    set_labels      TEXT    NOT NULL DEFAULT '{}',
+    reported_labels TEXT    NOT NULL DEFAULT '{}',
+    secret_hash     TEXT    UNIQUE,
+    mqtt_hash       TEXT,
+    created         REAL    NOT NULL,
+    created_by      TEXT    NOT NULL DEFAULT '',
+    online          INTEGER NOT NULL DEFAULT 0,
+    status_time     REAL,
+    last_seen       REAL,
+    agent_version   TEXT    NOT NULL DEFAULT '',
+    bundle          TEXT,
+    shadow          TEXT,
+    health          TEXT,
+    heartbeat_time  REAL,
+    last_summary    REAL,
+    summaries       INTEGER NOT NULL DEFAULT 0,
+    dropped         INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE device_labels (
+    device  TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    key     TEXT NOT NULL,
+    value   TEXT NOT NULL,
+    PRIMARY KEY (device, key)
+);
+CREATE INDEX device_labels_kv ON device_labels (key, value);
+CREATE TABLE groups (
+    name                TEXT    PRIMARY KEY,
+    selector            TEXT    NOT NULL,
+    requires_approval   INTEGER NOT NULL DEFAULT 0,
+    important_features  TEXT    NOT NULL DEFAULT '[]',
+    created             REAL    NOT NULL,
+    created_by          TEXT    NOT NULL
+);
+CREATE TABLE bundles (
+    id              INTEGER PRIMARY KEY,
+    name            TEXT    NOT NULL,
+    version         TEXT    NOT NULL,
+    sha256          TEXT    NOT NULL,
+    size            INTEGER NOT NULL,
+    reference_hash  TEXT    NOT NULL,
+    manifest        TEXT    NOT NULL,
+    reference       BLOB    NOT NULL,
+    signers         TEXT    NOT NULL,
+    uploaded        REAL    NOT NULL,
+    uploaded_by     TEXT    NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE TABLE summaries (
+    id              INTEGER PRIMARY KEY,
+    device          TEXT    NOT NULL,
+    seq             INTEGER NOT NULL,
+    bundle_name     TEXT    NOT NULL,
+    bundle_version  TEXT    NOT NULL,
+    reference_hash  TEXT    NOT NULL,
+    window_start    REAL    NOT NULL,
+    window_end      REAL    NOT NULL,
+    rows            INTEGER NOT NULL,
+    received        REAL    NOT NULL,
+    latency         TEXT    NOT NULL,
+    errors          TEXT    NOT NULL,
+    shadow          TEXT,
+    dropped         INTEGER NOT NULL,
+    profile         BLOB    NOT NULL,
+    UNIQUE (device, seq)
+);
+CREATE INDEX summaries_window ON summaries (window_end);
+CREATE TABLE reports (
+    id          INTEGER PRIMARY KEY,
+    device      TEXT    NOT NULL,
+    seq         INTEGER NOT NULL,
+    revision    INTEGER NOT NULL,
+    outcome     TEXT    NOT NULL,
+    bundle      TEXT    NOT NULL,
+    reason      TEXT    NOT NULL,
+    time        REAL    NOT NULL,
+    received    REAL    NOT NULL,
+    UNIQUE (device, seq)
+);
+CREATE TABLE dead_letters (
+    id          INTEGER PRIMARY KEY,
+    received    REAL    NOT NULL,
+    topic       TEXT    NOT NULL,
+    device      TEXT    NOT NULL,
+    error       TEXT    NOT NULL,
+    reason      TEXT    NOT NULL,
+    size        INTEGER NOT NULL,
+    payload     BLOB    NOT NULL
+);
+CREATE TABLE counters (
+    name    TEXT    PRIMARY KEY,
+    value   INTEGER NOT NULL
+);
+CREATE TABLE audit (
+    id      INTEGER PRIMARY KEY,
+    time    REAL    NOT NULL,
+    actor   TEXT    NOT NULL,
+    action  TEXT    NOT NULL,
+    target  TEXT    NOT NULL,
+    details TEXT    NOT NULL
+);
+"""
+
+_V2 = """
+ALTER TABLE summaries ADD COLUMN folded INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX summaries_pending ON summaries (bundle_name, bundle_version) WHERE folded = 0;
+CREATE TABLE rollups (
+    bundle_id   INTEGER NOT NULL,
+    width       INTEGER NOT NULL,
+    bucket      INTEGER NOT NULL,
+    scope       TEXT    NOT NULL,
+    rows        INTEGER NOT NULL,
+    summaries   INTEGER NOT NULL,
+    data        BLOB    NOT NULL,
+    PRIMARY KEY (bundle_id, width, bucket, scope)
+);
+CREATE INDEX rollups_scope ON rollups (bundle_id, width, scope, bucket);
+CREATE TABLE desired (
+    device          TEXT    PRIMARY KEY,
+    revision        INTEGER NOT NULL,
+    bundle          TEXT,
+    shadow          TEXT,
+    allow_downgrade INTEGER NOT NULL DEFAULT 0,
+    updated         REAL    NOT NULL,
+    updated_by      TEXT    NOT NULL
+);
+CREATE TABLE drift_windows (
+    id              INTEGER PRIMARY KEY,
+    bundle_id       INTEGER NOT NULL,
+    scope           TEXT    NOT NULL,
+    window_start    INTEGER NOT NULL,
+    window_end      INTEGER NOT NULL,
+    verdict         TEXT    NOT NULL,
+    share_drifted   REAL    NOT NULL,
+    rows            INTEGER NOT NULL,
+    devices         INTEGER NOT NULL,
+    features        TEXT    NOT NULL,
+    evaluated       REAL    NOT NULL,
+    UNIQUE (bundle_id, scope, window_start)
+);
+CREATE TABLE alerts (
+    id          INTEGER PRIMARY KEY,
+    kind        TEXT    NOT NULL,
+    bundle_id   INTEGER NOT NULL,
+    group_name  TEXT    NOT NULL DEFAULT '',
+    device      TEXT    NOT NULL DEFAULT '',
+    state       TEXT    NOT NULL,
+    opened      REAL    NOT NULL,
+    resolved    REAL,
+    message     TEXT    NOT NULL,
+    details     TEXT    NOT NULL,
+    webhook     TEXT    NOT NULL DEFAULT 'none',
+    attempts    INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX alerts_one_open ON alerts (kind, bundle_id, group_name, device)
+    WHERE state = 'open';
+CREATE TABLE webhook_attempts (
+    id          INTEGER PRIMARY KEY,
+    alert_id    INTEGER NOT NULL REFERENCES alerts (id),
+    attempt     INTEGER NOT NULL,
+    time        REAL    NOT NULL,
+    status      INTEGER,
+    error       TEXT    NOT NULL DEFAULT ''
+);
+"""
+
+# (version, what it does, SQL); versions are 1, 2, ... in order
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
+    (2, "rollups, desired state, drift windows, alerts, webhook attempts", _V2),
+)
+LATEST = MIGRATIONS[-1][0]

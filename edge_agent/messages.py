@@ -20,13 +20,14 @@ interpret profiles beyond their framing (see :mod:`edge_agent.profile`).
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from edge_agent.errors import SchemaError
-from edge_agent.wire import Fields, canonical_json, parse_json
+from edge_agent.wire import FAST_CHECKS_FLOATS, Fields, canonical_json, parse_json
 
 __all__ = [
     "MAX_PAYLOAD",
@@ -174,6 +175,24 @@ def _counts(f: Fields, key: str) -> tuple[int, ...]:
     return tuple(items)
 
 
+def _finite_profile(profile: dict[str, Any]) -> bool:
+    """Whether every float in a wire profile is finite (decode skips the per-float hook)."""
+    floats: list[Any] = []
+    for key in ("in", "out"):
+        for item in profile[key]:
+            if type(item) is not list:
+                continue  # malformed: from_wire names it
+            for part in item:
+                if type(part) is list:
+                    floats.extend(part)
+                elif type(part) is float:
+                    floats.append(part)
+    try:
+        return all(map(math.isfinite, floats))
+    except TypeError:  # a None min/max or a malformed cell: check the numbers only
+        return all(map(math.isfinite, (x for x in floats if type(x) in (int, float))))
+
+
 class Message:
     """Base: every message has a device and knows its kind."""
 
@@ -234,6 +253,8 @@ class Summary(Message):
         pf.list("in", max_len=4096)
         pf.list("out", max_len=16)
         pf.done()  # the framing only: from_wire() checks the numbers against the reference
+        if not FAST_CHECKS_FLOATS and not _finite_profile(profile):
+            raise f.bad("profile", "holds a number that is not finite (an overflowing literal)")
         errors = f.mapping("errors", {})
         if len(errors) > 32 or not all(isinstance(v, int) and not isinstance(v, bool)
                                        and v >= 0 for v in errors.values()):
@@ -404,7 +425,9 @@ def decode(topic_name: str, payload: bytes) -> Message:
                           field="payload")
     if payload[:1] == b"\x78":
         payload = _inflate(payload)
-    f = Fields(parse_json(payload, what=kind, max_bytes=MAX_INFLATED), kind)
+    # every field goes through a reader, and a summary checks its floats in one pass
+    # (Summary.from_fields): the fast parser is safe here
+    f = Fields(parse_json(payload, what=kind, max_bytes=MAX_INFLATED, fast=True), kind)
     if f.int("schema") != MESSAGE_SCHEMA:
         raise f.bad("schema", f"unsupported message schema (this edgefleet reads "
                               f"{MESSAGE_SCHEMA})")

@@ -19,6 +19,13 @@ from typing import Any, TypeVar
 
 from edge_agent.errors import SchemaError
 
+try:  # optional: the server installs it (ingest parses thousands of summaries a second)
+    import orjson
+except ImportError:  # pragma: no cover - the device's light install
+    orjson = None
+# parse_json(fast=True) refuses floats that overflow to infinity itself (orjson)
+FAST_CHECKS_FLOATS = orjson is not None
+
 __all__ = ["Fields", "canonical_json", "parse_json", "sha256_hex"]
 
 T = TypeVar("T")
@@ -72,17 +79,30 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def parse_json(data: bytes, *, what: str, max_bytes: int) -> Any:
+def parse_json(data: bytes, *, what: str, max_bytes: int, fast: bool = False) -> Any:
     """Parse JSON bytes with a size bound; NaN and infinity are refused.
+
+    ``fast=True`` is for message payloads whose every field is checked by a schema
+    reader: with orjson installed (the server) it parses 5-10x faster, refusing NaN,
+    Infinity and literals that overflow to infinity itself; integers beyond 64 bits come
+    back as floats there, which the readers refuse as "not an integer". Without orjson,
+    the check that no float literal overflows is skipped (a Python call per float): the
+    caller checks every float itself. Manifests and other signed documents use the exact
+    standard-library path.
 
     Raises:
         SchemaError: too large, not UTF-8 or not JSON; the message names ``what``.
     """
     if len(data) > max_bytes:
         raise SchemaError(f"{what}: {len(data)} bytes exceeds the limit of {max_bytes}")
+    if fast and orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise SchemaError(f"{what}: not valid JSON ({exc})") from exc
     try:
         return json.loads(data.decode("utf-8"), parse_constant=_no_constants,
-                          parse_float=_finite_float)
+                          parse_float=None if fast else _finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SchemaError(f"{what}: not valid JSON ({exc})") from exc
 

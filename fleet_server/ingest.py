@@ -189,11 +189,14 @@ class Ingestor:
         counts: dict[str, list] = {}
         deltas: dict[RollupKey, list[Packed]] = defaultdict(list)
         statuses: list[tuple[float, Status]] = []
+        summaries: list[tuple[Summary, SummaryRow, Packed | None, Reference | None]] = []
         for item, msg in decoded:
             if not item.retained:
                 seen[msg.device] = max(seen.get(msg.device, 0.0), item.received)
             if isinstance(msg, Summary):
-                self._summary(item, msg, dead, result, deltas, counts, now)
+                prepared = self._summary(item, msg, dead)
+                if prepared is not None:
+                    summaries.append(prepared)
             elif isinstance(msg, Report):
                 rec = ReportRecord(msg.device, msg.seq, msg.revision, msg.outcome, msg.bundle,
                                    msg.reason, msg.time or item.received, item.received)
@@ -213,6 +216,23 @@ class Ingestor:
                 assert isinstance(msg, Status)
                 statuses.append((msg.time or item.received, msg))
                 result.stored["status"] += 1
+        # one existence query and one executemany for the batch's summaries
+        inserted = store.insert_summaries([row for _, row, _, _ in summaries])
+        for (msg, _, packed, ref), fresh in zip(summaries, inserted, strict=True):
+            if not fresh:
+                result.duplicates["summary"] += 1
+                continue
+            result.stored["summary"] += 1
+            result.lags.append(msg.window_end)
+            c = counts.setdefault(msg.device, [0, 0.0, 0])
+            c[0] += 1
+            c[1] = max(c[1], msg.window_end)
+            c[2] = max(c[2], msg.dropped)
+            if packed is None or ref is None:
+                result.pending += 1
+                continue
+            for k in self._keys(ref.bundle.id, msg.device, msg.window_start, msg.window_end):
+                deltas[k].append(packed)
         for t, s in sorted(statuses, key=lambda x: x[0]):
             store.apply_status(s.device, online=s.state == "online", time=t,
                                agent_version=s.agent_version, bundle=s.bundle,
@@ -224,9 +244,9 @@ class Ingestor:
         if dead:
             self._dead_letters(dead, result)
 
-    def _summary(self, item: Incoming, msg: Summary, dead: list[_Dead], result: BatchResult,
-                 deltas: dict[RollupKey, list[Packed]], counts: dict[str, list],
-                 now: float) -> None:
+    def _summary(self, item: Incoming, msg: Summary, dead: list[_Dead]
+                 ) -> tuple[Summary, SummaryRow, Packed | None, Reference | None] | None:
+        """Check a summary against its bundle's reference and make its row (None: refused)."""
         key = (msg.bundle.name, msg.bundle.version)
         ref = self._reference(key)
         packed = None
@@ -236,26 +256,13 @@ class Ingestor:
             except (SchemaError, ReferenceMismatchError) as exc:
                 dead.append(_Dead(item.received, item.topic, type(exc).__name__, str(exc),
                                   item.payload))
-                return
+                return None
         row = SummaryRow(msg.device, msg.seq, msg.bundle.name, msg.bundle.version,
                          msg.reference_hash, msg.window_start, msg.window_end, msg.rows,
                          item.received, msg.latency_counts, dict(msg.errors),
                          None if msg.shadow is None else msg.shadow.to_dict(), msg.dropped,
                          item.payload, FOLDED if packed is not None else PENDING)
-        if not self.store.insert_summary(row):
-            result.duplicates["summary"] += 1
-            return
-        result.stored["summary"] += 1
-        result.lags.append(msg.window_end)
-        c = counts.setdefault(msg.device, [0, 0.0, 0])
-        c[0] += 1
-        c[1] = max(c[1], msg.window_end)
-        c[2] = max(c[2], msg.dropped)
-        if packed is None:
-            result.pending += 1
-            return
-        for k in self._keys(ref.bundle.id, msg.device, msg.window_start, msg.window_end):
-            deltas[k].append(packed)
+        return msg, row, packed, ref
 
     def _reference(self, key: tuple[str, str]) -> Reference | None:
         bundle_id = self._known.get(key)

@@ -183,11 +183,16 @@ class Layout:
                 path = f"{where}.{f.role}.{f.name}.counts"
                 raise SchemaError(f"{path}: expected {f.slots} non-negative integers",
                                   field=path)
-            if f.numeric:
-                if type(item[1]) is not list or len(item[1]) != f.slots:
-                    path = f"{where}.{f.role}.{f.name}.sums"
-                    raise SchemaError(f"{path}: expected {f.slots} finite numbers", field=path)
-                self._check_scalars(f"{where}.{f.role}.{f.name}", item)
+            if f.numeric and (type(item[1]) is not list or len(item[1]) != f.slots):
+                path = f"{where}.{f.role}.{f.name}.sums"
+                raise SchemaError(f"{path}: expected {f.slots} finite numbers", field=path)
+        # missing, min, max and M2 of every numeric feature, checked in bulk; only a
+        # refusal goes feature by feature (_check_scalars) to name the culprit
+        num_items = [item for f, item in zip(self.features, items, strict=True) if f.numeric]
+        if num_items and not self._scalars_ok(num_items):
+            for f, item in zip(self.features, items, strict=True):
+                if f.numeric:
+                    self._check_scalars(f"{where}.{f.role}.{f.name}", item)
         # every count and every sum of the summary checked in one pass each (in C: map,
         # set, min, max); only a refusal goes back feature by feature to name the culprit
         counts = list(chain.from_iterable(item[0] for item in items))
@@ -210,6 +215,26 @@ class Layout:
                 float_parts += (lo, hi, m2)
         return Packed(self, np.array(int_parts, dtype=np.int64),
                       np.array(float_parts, dtype=np.float64))
+
+    @staticmethod
+    def _scalars_ok(items: list[list[Any]]) -> bool:
+        missing = [it[2] for it in items]
+        m2 = [it[5] for it in items]
+        bounds = [x for it in items for x in (it[3], it[4]) if x is not None]
+        if not (set(map(type, missing)) <= _INT and min(missing) >= 0
+                and max(missing) <= _MAX_COUNT):
+            return False
+        if not (set(map(type, m2)) <= _NUMBERS and all(map(math.isfinite, m2))
+                and min(m2) >= 0):
+            return False
+        if not (set(map(type, bounds)) <= _NUMBERS and all(map(math.isfinite, bounds))):
+            return False
+        for it in items:  # values present: min and max set and ordered
+            lo, hi = it[3], it[4]
+            if (lo is None or hi is None or lo > hi) and any(
+                    c for c in it[0] if type(c) is int):
+                return False
+        return True
 
     @staticmethod
     def _check_scalars(path: str, item: list[Any]) -> None:

@@ -65,6 +65,40 @@ class TelemetryTables(StoreBase):
              s.profile, s.folded])
         return cur.rowcount == 1
 
+    def insert_summaries(self, rows: Sequence[SummaryRow]) -> list[bool]:
+        """Store many summaries, each unless its (device, seq) is stored or repeated earlier
+        in ``rows``; which ones this call stored. Call inside :meth:`transaction` (the
+        existence check and the inserts must see the same table)."""
+        if not rows:
+            return []
+        keys = sorted({(r.device, r.seq) for r in rows})
+        stored: set[tuple[str, int]] = set()
+        for start in range(0, len(keys), 400):  # 2 parameters a key, under SQLite's 999
+            part = keys[start:start + 400]
+            clause = " OR ".join(["(device = ? AND seq = ?)"] * len(part))
+            params = [v for k in part for v in k]
+            stored.update((r["device"], r["seq"]) for r in self._rows(
+                f"SELECT device, seq FROM summaries WHERE {clause}", params))
+        fresh, out = [], []
+        for s in rows:
+            key = (s.device, s.seq)
+            if key in stored:
+                out.append(False)
+                continue
+            stored.add(key)
+            out.append(True)
+            fresh.append([s.device, s.seq, s.bundle_name, s.bundle_version, s.reference_hash,
+                          s.window_start, s.window_end, s.rows, s.received,
+                          dumps(list(s.latency)), dumps(s.errors),
+                          None if s.shadow is None else dumps(s.shadow), s.dropped,
+                          s.profile, s.folded])
+        self._many(
+            "INSERT INTO summaries (device, seq, bundle_name, bundle_version, "
+            "reference_hash, window_start, window_end, rows, received, latency, errors, "
+            "shadow, dropped, profile, folded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?)", fresh)
+        return out
+
     def pending_summaries(self, name: str, version: str, limit: int = 1000,
                           after_id: int = 0) -> list[PendingSummary]:
         rows = self._rows(

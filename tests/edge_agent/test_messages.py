@@ -37,6 +37,7 @@ from edge_agent.profile import (
     numeric_spec,
     to_wire,
 )
+from edge_agent.wire import canonical_json
 
 devices = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 versions = st.builds(lambda a, b, c: f"{a}.{b}.{c}", *(st.integers(0, 99),) * 3)
@@ -194,3 +195,33 @@ def test_topics_are_at_most_seven_levels_and_parse_back():
     assert parse_topic(t) == ("pi-kitchen.01", "summary")
     with pytest.raises(SchemaError):
         topic("a/b", "summary")
+
+
+def test_an_overflowing_float_in_a_summary_profile_is_refused():
+    spec = _spec(3)
+    s = Summary("d", 1, BundleRef("m", "1.0.0"), 0.0, 1.0, to_wire(_profile(spec, 100)))
+    text = canonical_json(s.to_dict()).decode()
+    first_sum = json.dumps(s.profile["in"][0][1][1])
+    bad = text.replace(first_sum, "1e400", 1).encode()
+    assert bad != text.encode()
+    with pytest.raises(SchemaError, match="profile|infinity"):
+        decode(topic("d", "summary"), bad)
+    with pytest.raises(SchemaError):  # the other kinds keep the parser's own check
+        decode(topic("d", "heartbeat"), b'{"schema":1,"type":"heartbeat","device":"d",'
+               b'"time":1e400}')
+
+
+def test_without_orjson_the_summary_checks_its_own_floats(monkeypatch):
+    import edge_agent.messages as messages
+    import edge_agent.wire as wire
+
+    monkeypatch.setattr(wire, "orjson", None)
+    monkeypatch.setattr(messages, "FAST_CHECKS_FLOATS", False)
+    spec = _spec(3)
+    s = Summary("d", 1, BundleRef("m", "1.0.0"), 0.0, 1.0, to_wire(_profile(spec, 100)))
+    good = encode(s)
+    assert decode(topic("d", "summary"), good) == s
+    text = canonical_json(s.to_dict()).decode()
+    bad = text.replace(json.dumps(s.profile["in"][0][1][1]), "1e400", 1).encode()
+    with pytest.raises(SchemaError, match="not finite"):
+        decode(topic("d", "summary"), bad)

@@ -222,3 +222,21 @@ def test_nested_fields_carry_the_path():
     with pytest.raises(SchemaError) as excinfo:
         Fields({"outer": [1]}, "doc").obj("outer")
     assert excinfo.value.field == "doc.outer"
+
+
+@pytest.mark.parametrize("literal", [
+    b"1e400", b"1E+400", b"1e0400", b"9" * 400 + b".0", b"9" * 308 + b"e1",
+    b"1" + b"0" * 290 + b"e99", b"-1e309",
+])
+def test_every_overflowing_float_literal_is_refused(literal):
+    from edge_agent.wire import parse_json
+
+    with pytest.raises(SchemaError):
+        parse_json(b"[" + literal + b"]", what="x", max_bytes=10_000)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_finite_floats_parse_back_exactly(x):
+    from edge_agent.wire import parse_json
+
+    assert parse_json(json.dumps([x]).encode(), what="x", max_bytes=1000) == [x]

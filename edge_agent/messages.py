@@ -50,8 +50,8 @@ TOPIC_PREFIX = "edgefleet/v1"
 MESSAGE_SCHEMA = 1
 MAX_PAYLOAD = 128 * 1024  # AWS IoT Core's limit; Mosquitto's is far larger
 MAX_INFLATED = 1024 * 1024
-DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" takes "x\n"
+LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
 # request latency histogram (milliseconds): [0,0.1) ... [500, inf)
 LATENCY_EDGES_MS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
 KINDS = ("summary", "report", "heartbeat", "status", "desired")

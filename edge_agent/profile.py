@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import pairwise
 from typing import Any
 
@@ -156,8 +157,9 @@ class ProfileSpec:
                 raise f.bad(group, "names must be unique")
         return cls(inputs, outputs)
 
-    @property
+    @cached_property
     def reference_hash(self) -> str:
+        # cached: a frozen spec never changes, and every Profile and from_wire asks
         return sha256_hex(canonical_json(self.to_dict()))
 
     def input(self, name: str) -> FeatureBins:
@@ -293,8 +295,9 @@ class _Numeric:
         for key, values in (("counts", counts), ("sums", sums)):
             if len(values) != self.spec.slots:
                 raise f.bad(key, f"expected {self.spec.slots} bins for {self.spec.name}")
-        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
-            raise f.bad("counts", "must be non-negative integers")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**63
+                   for c in counts):
+            raise f.bad("counts", "must be non-negative 64-bit integers")
         if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
                    for s in sums):
             raise f.bad("sums", "must be finite numbers")
@@ -362,8 +365,9 @@ class _Categorical:
         counts = f.list("counts", max_len=MAX_VOCAB + 3)
         if len(counts) != self.spec.slots:
             raise f.bad("counts", f"expected {self.spec.slots} counters for {self.spec.name}")
-        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
-            raise f.bad("counts", "must be non-negative integers")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < 2**63
+                   for c in counts):
+            raise f.bad("counts", "must be non-negative 64-bit integers")
         self.counts = np.asarray(counts, dtype=np.int64)
 
 

@@ -145,7 +145,8 @@ class Fields:
             raise self.bad(key, f"longer than {max_len} characters")
         return value
 
-    def int(self, key: str, default: Any = ..., /, *, minimum: int | None = 0) -> int:
+    def int(self, key: str, default: Any = ..., /, *, minimum: int | None = 0,
+            maximum: int = 2**63 - 1) -> int:
         value = self.raw(key, default)
         if value is default and default is not ...:
             return value
@@ -153,6 +154,8 @@ class Fields:
             raise self.bad(key, f"expected an integer, got {_kind(value)}")
         if minimum is not None and value < minimum:
             raise self.bad(key, f"must be >= {minimum}, got {value}")
+        if value > maximum:  # 64-bit by default: what SQLite and numpy hold
+            raise self.bad(key, f"must be <= {maximum}")
         return value
 
     def float(self, key: str, default: Any = ..., /) -> float:

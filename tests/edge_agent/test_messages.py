@@ -204,7 +204,7 @@ def test_an_overflowing_float_in_a_summary_profile_is_refused():
     first_sum = json.dumps(s.profile["in"][0][1][1])
     bad = text.replace(first_sum, "1e400", 1).encode()
     assert bad != text.encode()
-    with pytest.raises(SchemaError, match="profile|infinity"):
+    with pytest.raises(SchemaError, match=r"profile|infinity"):
         decode(topic("d", "summary"), bad)
     with pytest.raises(SchemaError):  # the other kinds keep the parser's own check
         decode(topic("d", "heartbeat"), b'{"schema":1,"type":"heartbeat","device":"d",'
@@ -225,3 +225,19 @@ def test_without_orjson_the_summary_checks_its_own_floats(monkeypatch):
     bad = text.replace(json.dumps(s.profile["in"][0][1][1]), "1e400", 1).encode()
     with pytest.raises(SchemaError, match="not finite"):
         decode(topic("d", "summary"), bad)
+
+
+@pytest.mark.parametrize("device", ["dev1\n", "dev 1", "", "a/b", "x" * 65])
+def test_bad_device_ids(device):
+    from edge_agent.messages import valid_device_id
+
+    assert not valid_device_id(device)
+
+
+def test_sequence_numbers_beyond_64_bits_are_refused():
+    payload = canonical_json({"schema": 1, "type": "report", "device": "d", "seq": 2**64,
+                              "revision": 1, "outcome": "installed",
+                              "bundle": {"name": "m", "version": "1.0.0", "sha256": "",
+                                         "url": "", "size": 0}, "reason": "", "time": 0.0})
+    with pytest.raises(SchemaError, match="seq"):
+        decode(topic("d", "report"), payload)

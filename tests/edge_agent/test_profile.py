@@ -642,3 +642,15 @@ def test_values_near_the_float_limit_still_give_a_sendable_profile():
     assert profile.inputs["x"].n == 4 and profile.inputs["x"].counts.tolist()[-1] == 3
     canonical_json(profile.to_dict())  # no inf anywhere: it serialises
     canonical_json(to_wire(profile))
+
+
+def test_counts_beyond_64_bits_are_a_schema_error_not_an_overflow():
+    from edge_agent.profile import from_wire, to_wire
+
+    spec = ProfileSpec((numeric_spec("x", np.array([0.0, 1.0, 2.0])),))
+    p = Profile(spec)
+    p.update({"x": np.array([0.5, 1.5])})
+    wire = to_wire(p)
+    wire["in"][0][0][1] = 2**64
+    with pytest.raises(SchemaError, match="64-bit"):
+        from_wire(wire, spec)

@@ -78,6 +78,14 @@ class NumericSpec:
     def slots(self) -> int:  # below + bins + above
         return len(self.edges) + 1
 
+    @property
+    def anchors(self) -> tuple[float, ...]:
+        """Per slot, the edge the wire form measures that slot's sum and bounds from:
+        ``e0`` for the slot below the range and the first bin, then each bin's left edge,
+        and ``eB`` for the slot above."""
+        e = self.edges
+        return (e[0], *e[:-1], e[-1])
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "numeric", "edges": list(self.edges)}
 
@@ -289,7 +297,13 @@ class _Numeric:
                 "missing": self.missing, "min": None if empty else self.min,
                 "max": None if empty else self.max, "m2": self.m2}
 
-    def load(self, f: Fields) -> None:
+    @property
+    def _span(self) -> float:
+        return abs(self.spec.edges[0]) + abs(self.spec.edges[-1])
+
+    def load(self, f: Fields, *, wire: bool = False) -> None:
+        """Read a state; ``wire``: sums, min and max as :func:`to_wire` writes them
+        (offsets from the anchors), turned back into values before they are checked."""
         counts = f.list("counts", max_len=MAX_BINS + 3)
         sums = f.list("sums", max_len=MAX_BINS + 3)
         for key, values in (("counts", counts), ("sums", sums)):
@@ -305,6 +319,16 @@ class _Numeric:
         self.sums = np.asarray(sums, dtype=np.float64)
         self.missing = f.int("missing")
         lo, hi = f.opt_float("min"), f.opt_float("max")
+        if wire:
+            self.sums = self.sums + self.counts * np.asarray(self.spec.anchors)
+            lo = None if lo is None else lo + self.spec.edges[0]
+            hi = None if hi is None else hi + self.spec.edges[-1]
+            if not (np.isfinite(self.sums).all() and (lo is None or math.isfinite(lo))
+                    and (hi is None or math.isfinite(hi))):
+                raise f.bad("sums", "overflow when restored from the wire form")
+            if lo is not None and hi is not None and lo > hi and \
+                    lo - hi <= WIRE_ORDER_TOLERANCE * (abs(lo) + abs(hi) + self._span):
+                hi = lo  # min == max, each rounded on its own: not out of order
         self.m2 = f.float("m2")
         if self.m2 < 0:
             raise f.bad("m2", "must be >= 0")
@@ -571,6 +595,11 @@ class Profile:
 # --------------------------------------------------------------------------- wire form
 
 
+# min and max travel rounded to 6 digits, each from its own edge: one constant value can
+# come back as min a hair above max. An inversion this small is rounding, not malformation.
+WIRE_ORDER_TOLERANCE = 1e-5
+
+
 def _r5(x: float) -> float:
     # 5 significant digits (relative error <= 5e-5) for sums and M2: a bin's mean and the
     # std come out to 5e-5 relative, far finer than any drift statistic resolves, in 60 %
@@ -589,19 +618,25 @@ def to_wire(profile: Profile) -> dict[str, Any]:
     """The compact, positional form a summary message carries.
 
     Features are in spec order (the reference fixes the order and the names), so the wire
-    form holds numbers only: a numeric feature is ``[counts, sums, missing, min, max, m2]``
-    and a categorical one ``[counts]``. Sums and M2 are rounded to 5 significant digits
-    (relative error <= 5e-5), min and max to 6; counts stay exact. 20 numeric features
-    with 10 bins take under 2 KB once the message is deflated (measured in
-    benchmarks/agent.py: 1,853 bytes with a classifier's outputs).
+    form holds numbers only: a numeric feature is ``[counts, offsets, missing, min, max,
+    m2]`` and a categorical one ``[counts]``. Counts stay exact. A slot's sum travels as
+    its offset from ``count x anchor`` (:attr:`NumericSpec.anchors`: the slot's left edge),
+    min as ``min - e0`` and max as ``max - eB``: what is rounded (offsets and M2 to 5
+    significant digits, min and max to 6) is then the spread within the bins, not the
+    feature's level, so a pressure of 101,325 ± 10 Pa keeps its per-bin means as well as
+    one around 0. 20 numeric features with 10 bins take under 2 KB once the message is
+    deflated (benchmarks/agent.py).
     """
 
     def one(state: _Numeric | _Categorical) -> list[Any]:
         if isinstance(state, _Categorical):
             return [state.counts.tolist()]
         empty = state.n == 0
-        return [state.counts.tolist(), [_r5(s) for s in state.sums.tolist()], state.missing,
-                None if empty else _r6(state.min), None if empty else _r6(state.max),
+        anchors = np.asarray(state.spec.anchors)
+        offsets = state.sums - state.counts * anchors
+        lo, hi = state.spec.edges[0], state.spec.edges[-1]
+        return [state.counts.tolist(), [_r5(x) for x in offsets.tolist()], state.missing,
+                None if empty else _r6(state.min - lo), None if empty else _r6(state.max - hi),
                 _r5(state.m2)]
 
     return {"reference_hash": profile.reference_hash, "rows": profile.rows,
@@ -638,7 +673,10 @@ def from_wire(obj: Any, spec: ProfileSpec, where: str = "profile") -> Profile:
             if len(item) != len(keys):
                 raise SchemaError(f"{path}: expected {len(keys)} items", field=path)
             sf = Fields(dict(zip(keys, item, strict=True)), path)
-            state.load(sf)
+            if isinstance(state, _Numeric):
+                state.load(sf, wire=True)
+            else:
+                state.load(sf)
             sf.done()
     f.done()
     return prof

@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ReferenceMismatchError, SchemaError
-from edge_agent.profile import CategoricalSpec, NumericSpec, Profile, ProfileSpec
+from edge_agent.profile import (
+    WIRE_ORDER_TOLERANCE,
+    CategoricalSpec,
+    NumericSpec,
+    Profile,
+    ProfileSpec,
+)
 
 __all__ = ["Layout", "Packed", "layout_for"]
 
@@ -121,6 +127,15 @@ class Layout:
         self._min_cols = np.array([f.sums_at + f.slots for f in num], dtype=np.intp)
         self._max_cols = self._min_cols + 1
         self._m2_cols = self._min_cols + 2
+        # the wire form's sums, min and max are offsets from the bins' edges
+        # (edge_agent.profile.to_wire): per numeric feature, its anchors and outer edges
+        num_specs = [s for s in (*spec.inputs, *spec.outputs) if isinstance(s, NumericSpec)]
+        self._anchors = np.concatenate([np.asarray(s.anchors) for s in num_specs]) \
+            if num_specs else np.zeros(0)
+        self._lo_edges = np.array([s.edges[0] for s in num_specs])
+        self._hi_edges = np.array([s.edges[-1] for s in num_specs])
+        self._edges_of = {f.name + "\0" + f.role: (s.edges[0], s.edges[-1])
+                          for f, s in zip(num, num_specs, strict=True)}
 
     # -- building ------------------------------------------------------------------------
 
@@ -192,7 +207,8 @@ class Layout:
         if num_items and not self._scalars_ok(num_items):
             for f, item in zip(self.features, items, strict=True):
                 if f.numeric:
-                    self._check_scalars(f"{where}.{f.role}.{f.name}", item)
+                    self._check_scalars(f"{where}.{f.role}.{f.name}", item,
+                                        *self._edges_of[f.name + "\0" + f.role])
         # every count and every sum of the summary checked in one pass each (in C: map,
         # set, min, max); only a refusal goes back feature by feature to name the culprit
         counts = list(chain.from_iterable(item[0] for item in items))
@@ -213,11 +229,23 @@ class Layout:
                 int_parts.append(missing)
                 float_parts += sums_f
                 float_parts += (lo, hi, m2)
-        return Packed(self, np.array(int_parts, dtype=np.int64),
-                      np.array(float_parts, dtype=np.float64))
+        ints = np.array(int_parts, dtype=np.int64)
+        floats = np.array(float_parts, dtype=np.float64)
+        if self._num:  # offsets back to values (empty features keep their ±inf)
+            floats[self._sum_cols] += ints[self._count_cols] * self._anchors
+            floats[self._min_cols] += self._lo_edges
+            floats[self._max_cols] += self._hi_edges
+            # min == max rounded each on its own can come back a hair apart
+            lows = floats[self._min_cols]
+            floats[self._max_cols] = np.where(np.isfinite(lows),
+                                              np.maximum(floats[self._max_cols], lows),
+                                              floats[self._max_cols])
+            if not np.isfinite(floats[self._sum_cols]).all():
+                raise SchemaError(f"{where}: sums overflow when restored from the wire form",
+                                  field=where)
+        return Packed(self, ints, floats)
 
-    @staticmethod
-    def _scalars_ok(items: list[list[Any]]) -> bool:
+    def _scalars_ok(self, items: list[list[Any]]) -> bool:
         missing = [it[2] for it in items]
         m2 = [it[5] for it in items]
         bounds = [x for it in items for x in (it[3], it[4]) if x is not None]
@@ -229,16 +257,18 @@ class Layout:
             return False
         if not (set(map(type, bounds)) <= _NUMBERS and all(map(math.isfinite, bounds))):
             return False
-        for it in items:  # values present: min and max set and ordered
-            lo, hi = it[3], it[4]
-            if (lo is None or hi is None or lo > hi) and any(
+        for it, e0, eb in zip(items, self._lo_edges.tolist(), self._hi_edges.tolist(),
+                              strict=True):
+            lo, hi = it[3], it[4]  # offsets from e0 and eB: ordered once restored
+            if (lo is None or hi is None or _inverted(lo + e0, hi + eb, e0, eb)) and any(
                     c for c in it[0] if type(c) is int):
                 return False
         return True
 
     @staticmethod
-    def _check_scalars(path: str, item: list[Any]) -> None:
-        """``missing``, ``min``, ``max`` and ``m2`` of one numeric feature."""
+    def _check_scalars(path: str, item: list[Any], e0: float, eb: float) -> None:
+        """``missing``, ``min``, ``max`` and ``m2`` of one numeric feature (min and max as
+        offsets from its outer edges ``e0`` and ``eb``)."""
         counts, _, missing, lo, hi, m2 = item
         if type(missing) is not int or not 0 <= missing <= _MAX_COUNT:
             raise SchemaError(f"{path}.missing: expected a non-negative integer",
@@ -250,7 +280,8 @@ class Layout:
         if type(m2) not in _NUMBER or not math.isfinite(m2) or m2 < 0:
             raise SchemaError(f"{path}.m2: expected a finite number >= 0", field=f"{path}.m2")
         # counts are checked later (all features at once); here only whether there are any
-        if any(c for c in counts if type(c) is int) and (lo is None or hi is None or lo > hi):
+        if any(c for c in counts if type(c) is int) and (
+                lo is None or hi is None or _inverted(lo + e0, hi + eb, e0, eb)):
             raise SchemaError(f"{path}.min: min and max must be set and ordered when there "
                               "are values", field=f"{path}.min")
 
@@ -485,6 +516,11 @@ class Layout:
 
 
 _CACHE: dict[str, Layout] = {}
+
+
+def _inverted(lo: float, hi: float, e0: float, eb: float) -> bool:
+    """min above max by more than the wire form's rounding (profile.WIRE_ORDER_TOLERANCE)."""
+    return lo > hi and lo - hi > WIRE_ORDER_TOLERANCE * (abs(lo) + abs(hi) + abs(e0) + abs(eb))
 
 
 def layout_for(spec: ProfileSpec) -> Layout:

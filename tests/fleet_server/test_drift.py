@@ -655,3 +655,21 @@ def test_compare_of_twenty_features_is_fast():
         compare(base, live)
         best = min(best, time.perf_counter() - start)
     assert best < 0.005, f"{best * 1e3:.2f} ms"
+
+
+def test_the_wire_form_keeps_wasserstein_for_features_far_from_zero():
+    """Sums travel as offsets from the bin edges: a level of 1e5 with a spread of 1 must
+    not lose its per-bin means to rounding (absolute 5-digit sums moved W by ~0.01 here)."""
+    from edge_agent.profile import from_wire, to_wire
+
+    rng = np.random.default_rng(7)
+    ref = 101_325.0 + rng.normal(0, 1, 5000)
+    live = 101_325.3 + rng.normal(0, 1, 3000)
+    spec = ProfileSpec((numeric_spec("pressure", ref),))
+    base, window = Profile(spec), Profile(spec)
+    base.update({"pressure": ref})
+    window.update({"pressure": live})
+    exact = compare(base, window).feature("pressure").stats["wasserstein"]
+    sent = compare(base, from_wire(to_wire(window), spec)).feature("pressure").stats
+    assert abs(sent["wasserstein"] - exact) < 1e-3
+    assert abs(sent["mean"] - live.mean()) < 1e-3

@@ -43,7 +43,6 @@ from edge_agent.messages import (
     BundleRef,
     DesiredState,
     Heartbeat,
-    Message,
     Report,
     Status,
     decode,
@@ -122,6 +121,7 @@ class AgentDaemon:
         self._last_heartbeat = 0.0
         self.last_outcome: Report | None = None
         self.desired_errors = 0
+        self.lost_windows = 0  # windows a full disk kept out of the outbox, not yet reported
         self._started = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -277,13 +277,22 @@ class AgentDaemon:
     def _put_window(self, window: Window | None) -> None:
         if window is None:
             return
+        if self.lost_windows:  # said in the next summary that could be stored
+            window = replace(window, errors={**window.errors,
+                                             "lost_windows": self.lost_windows})
         try:
-            seq = self.outbox.next_sequence("summary")
-            summary = window.summary(self.device, seq, self.outbox.dropped)
-            self.outbox.put(summary.topic, encode(summary))
+            self.outbox.put_numbered(
+                topic(self.device, "summary"),
+                lambda seq: encode(window.summary(self.device, seq, self.outbox.dropped)),
+                "summary")
         except (OutboxError, SchemaError) as exc:
-            # the window is lost, and it is said: the drop counter goes out with the next
-            log.error("could not store the window summary: %s", exc)
+            # a full disk: the window is lost and takes no sequence number (so the server's
+            # ledger has no gap for it); the loss is counted and reported once it can be
+            self.lost_windows += 1
+            log.error("could not store the window summary (%d lost so far): %s",
+                      self.lost_windows, exc)
+        else:
+            self.lost_windows = 0
 
     def _heartbeat(self, now: float) -> None:
         p50, p95 = self.agent.latency_percentiles()
@@ -455,18 +464,16 @@ class AgentDaemon:
             log.error("could not record the install state: %s", exc)
 
     def _report(self, outcome: str, revision: int, bundle: BundleRef, reason: str) -> None:
+        def build(seq: int) -> bytes:
+            self.last_outcome = Report(self.device, seq, revision, outcome,
+                                       BundleRef(bundle.name, bundle.version, bundle.sha256),
+                                       reason[:2000], self._clock())
+            return encode(self.last_outcome)
+
         try:
-            seq = self.outbox.next_sequence("report")
-            report = Report(self.device, seq, revision, outcome,
-                            BundleRef(bundle.name, bundle.version, bundle.sha256),
-                            reason[:2000], self._clock())
-            self.last_outcome = report
-            self._put(report)
+            self.outbox.put_numbered(topic(self.device, "report"), build, "report")
         except OutboxError as exc:
             log.error("could not store the %s report: %s", outcome, exc)
-
-    def _put(self, message: Message) -> None:
-        self.outbox.put(message.topic, encode(message))
 
     # -- health ------------------------------------------------------------------------------
 

@@ -167,13 +167,26 @@ class Outbox:
                 65,535 bytes or holds a wildcard, ``qos`` is not 0-2, or the file failed.
             OutboxFullError: the disk is full; nothing was stored and nothing dropped.
         """
-        payload = bytes(payload)
-        if len(payload) > self.max_payload:
-            raise OutboxError(
-                f"payload of {len(payload)} bytes for {topic!r} exceeds the outbox limit "
-                f"of {self.max_payload} bytes",
-                path=self.path,
-            )
+        return self._put(topic, bytes(payload), qos)[0]
+
+    def put_numbered(self, topic: str, build: Callable[[int], bytes], sequence: str,
+                     qos: int = 1) -> tuple[int, int]:
+        """Number a message with the next value of counter ``sequence`` and store it, in
+        one transaction: a message that could not be stored (a full disk) uses no number,
+        so the numbers the server sees have no gap that is not a real loss.
+
+        ``build(seq)`` makes the payload; it runs under the outbox's lock, so keep it short
+        (encoding a message). Returns ``(row id, seq)``.
+
+        Raises:
+            OutboxError, OutboxFullError: as :meth:`put`; the counter did not move.
+        """
+        return self._put(topic, build, qos, sequence)
+
+    def _put(self, topic: str, payload: bytes | Callable[[int], bytes], qos: int,
+             sequence: str | None = None) -> tuple[int, int]:
+        if isinstance(payload, bytes):
+            self._check_size(topic, payload)
         topic_bytes = topic.encode("utf-8", errors="replace")
         if not topic or len(topic_bytes) > _MAX_TOPIC_BYTES or "+" in topic or "#" in topic:
             # refused here: a message that can never be published would sit in the outbox
@@ -182,10 +195,16 @@ class Outbox:
             raise OutboxError(f"qos must be 0, 1 or 2, not {qos!r}", path=self.path)
         with self._lock:
             conn = self._open_conn()
-            over_count = max(0, self._depth + 1 - self.max_messages)
-            over_bytes = max(0, self._bytes + len(payload) - self.max_bytes)
+            seq = 0
             try:
                 conn.execute("BEGIN IMMEDIATE")
+                if sequence is not None:
+                    seq = self._bump(conn, sequence)
+                if not isinstance(payload, bytes):
+                    payload = bytes(payload(seq))
+                    self._check_size(topic, payload)
+                over_count = max(0, self._depth + 1 - self.max_messages)
+                over_bytes = max(0, self._bytes + len(payload) - self.max_bytes)
                 n_drop, freed = 0, 0
                 if over_count or over_bytes:
                     n_drop, freed = self._drop_oldest(conn, over_count, over_bytes)
@@ -197,6 +216,9 @@ class Outbox:
             except sqlite3.Error as exc:
                 _rollback(conn)
                 raise self._mapped(exc, f"put to {topic!r}") from exc
+            except BaseException:
+                _rollback(conn)
+                raise
             # counters move only after the commit, so a failed put leaves them true
             self._depth += 1 - n_drop
             self._bytes += len(payload) - freed
@@ -210,7 +232,30 @@ class Outbox:
             except Exception:
                 log.exception("outbox listener failed")
         assert row_id is not None
-        return row_id
+        return row_id, seq
+
+    def _check_size(self, topic: str, payload: bytes) -> None:
+        if len(payload) > self.max_payload:
+            raise OutboxError(
+                f"payload of {len(payload)} bytes for {topic!r} exceeds the outbox limit "
+                f"of {self.max_payload} bytes",
+                path=self.path,
+            )
+
+    @staticmethod
+    def _bump(conn: sqlite3.Connection, name: str) -> int:
+        key = f"seq:{name}"
+        conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (key,))
+        conn.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (key,))
+        (value,) = conn.execute("SELECT value FROM counters WHERE name = ?", (key,)).fetchone()
+        return int(value)
+
+    def last_sequence(self, name: str) -> int:
+        """The last number :meth:`put_numbered` or :meth:`next_sequence` gave out (0: none)."""
+        with self._lock:
+            row = self._open_conn().execute(
+                "SELECT value FROM counters WHERE name = ?", (f"seq:{name}",)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def _drop_oldest(self, conn: sqlite3.Connection, count: int, nbytes: int) -> tuple[int, int]:
         """Delete the oldest rows until ``count`` rows and ``nbytes`` bytes are freed."""
@@ -266,15 +311,11 @@ class Outbox:
         Raises:
             OutboxError: the file failed (the counter did not move).
         """
-        key = f"seq:{name}"
         with self._lock:
             conn = self._open_conn()
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (key,))
-                conn.execute("UPDATE counters SET value = value + 1 WHERE name = ?", (key,))
-                (value,) = conn.execute("SELECT value FROM counters WHERE name = ?",
-                                        (key,)).fetchone()
+                value = self._bump(conn, name)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(conn)

@@ -45,7 +45,12 @@ class BrokerConfig:
     port: int = 1883
     username: str = "server"
     password: str = field(default="", repr=False)
-    client_id: str = ""  # "" = fleet-<role>-<pid>
+    # the session the broker keeps while the server is away (restart, crash, upgrade):
+    # its subscriptions' messages are queued for it, so nothing a device sent is lost.
+    # The client id must then be stable across restarts: "" = fleet-serve, or for
+    # `fleet ingest` fleet-ingest-<host>-<share> (set it when one host runs several)
+    client_id: str = ""
+    session_expiry_s: int = 86_400  # 0: clean sessions (messages sent while away are lost)
     tls_ca: Path | None = None
     share: str | None = None
     keepalive: int = 30

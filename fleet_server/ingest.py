@@ -418,7 +418,11 @@ class IngestWorker:
         """Stop after committing and acknowledging what has been received."""
         if self._thread is None:
             return
-        self.link.unsubscribe()
+        if self.link.config.session_expiry_s == 0:
+            # a clean session forgets what it holds: stop the flow, drain what came
+            self.link.unsubscribe()
+        # (a kept session must keep its subscriptions: the broker queues for them while we
+        # are away, and what we received and did not acknowledge comes again)
         self._stop.set()
         self._thread.join(timeout)
         if self._thread.is_alive():

@@ -5,24 +5,30 @@ threads and return codes stay in this module. The rest of the server sees
 :meth:`ServerLink.drain` (messages received, oldest first), :meth:`ServerLink.ack` (after
 they are committed), :meth:`ServerLink.publish_retained` and an ``on_connect`` callback.
 
-Subscriptions are made in every ``on_connect``: sessions are clean, and a shared
-subscription (``$share/<group>/…``, for several ingest workers) must be renewed on every
-connection anyway, because Mosquitto 2.0.11 loses a kept session's shared subscriptions
-on restart. The server subscribes to ``summary``, ``report``, ``heartbeat`` and
-``status`` of every device, never to ``desired`` (its own retained messages).
+Sessions are kept (MQTT 5 session expiry, a day by default, under a client id that is
+stable across restarts): while the server is down, restarting or being upgraded, the
+broker queues every device message for it (Mosquitto must not cap the queue:
+``max_queued_messages 0``), and hands over on reconnect what it had delivered and we had
+not acknowledged. Shared subscriptions (``$share/<group>/…``, several ingest workers) keep
+an absent worker's share queued for it too (measured on Mosquitto 2.0.11). Subscriptions
+are made again in every ``on_connect`` anyway, because Mosquitto 2.0.11 loses a kept
+session's shared subscriptions on restart. The server subscribes to ``summary``,
+``report``, ``heartbeat`` and ``status`` of every device, never to ``desired`` (its own
+retained messages).
 
 Acknowledgement and its guarantee. QoS 1 messages are acknowledged *manually*, after
 the ingest worker's transaction holding them has committed (:meth:`ack`). With MQTT 5's
 Receive Maximum the broker never has more than ``receive_maximum`` of them
 unacknowledged with us, so the queue between paho's thread and the worker is bounded
 without ever blocking paho's thread, and a database that stops accepting writes stalls
-ingest (the broker holds the rest) instead of dropping messages. What it cannot give,
-with clean sessions, is redelivery after a crash: if the server dies, the messages it
-had received but not committed (at most one batch in flight plus the queue, i.e. at
-most ``receive_maximum``) are lost, because the broker forgets a clean session's
-unacknowledged messages when the connection drops and the devices' outboxes already
-let them go at the broker's PUBACK. :meth:`stop` drains: the worker commits what it
-holds before the connection closes. QoS 0 messages (heartbeats) are best effort: past
+ingest (the broker holds the rest) instead of dropping messages. With the kept session a
+crash loses nothing either: what was received and not committed was not acknowledged,
+and the broker sends it again (duplicates are removed on (device, sequence)). The limits
+are the broker's: a broker restart without persistence forgets the session, and a session
+absent longer than its expiry is dropped. ``session_expiry_s=0`` gives clean sessions
+(then a server restart loses what devices publish meanwhile, which the fault tests
+show). :meth:`stop` drains: the worker commits what it holds before the connection
+closes. QoS 0 messages (heartbeats) are best effort: past
 ``receive_maximum`` queued messages they are dropped and counted in
 :attr:`ServerLink.dropped`.
 
@@ -37,7 +43,7 @@ the password.
 from __future__ import annotations
 
 import logging
-import os
+import socket
 import threading
 import time
 from collections import deque
@@ -100,7 +106,10 @@ class ServerLink:
         self.dropped = 0  # QoS 0 messages dropped past the bound
         self.connects = 0
         self._callbacks: list[threading.Thread] = []
-        client_id = config.client_id or f"fleet-{role}-{os.getpid()}-{id(self) & 0xffff:x}"
+        client_id = config.client_id or (
+            "fleet-serve" if role == "serve" else
+            f"fleet-{role}-{socket.gethostname()}-{config.share or 'all'}")
+        self.client_id = client_id
         client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                              client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
                              manual_ack=True)
@@ -135,9 +144,14 @@ class ServerLink:
             return
         props = Properties(PacketTypes.CONNECT)
         props.ReceiveMaximum = self.config.receive_maximum
+        kept = self.config.session_expiry_s > 0
+        if kept:
+            props.SessionExpiryInterval = self.config.session_expiry_s
         try:
+            # a kept session: while we are away the broker queues what we subscribed to,
+            # and redelivers what we received and had not acknowledged (committed)
             self._client.connect_async(self.config.host, self.config.port,
-                                       keepalive=self.config.keepalive, clean_start=True,
+                                       keepalive=self.config.keepalive, clean_start=not kept,
                                        properties=props)
         except (ValueError, OSError) as exc:
             raise UnavailableError(f"cannot connect to the broker at {self.config.host}:"
@@ -146,8 +160,9 @@ class ServerLink:
         self._client.loop_start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Disconnect and stop paho's thread. Idempotent. Unacked messages are lost to us
-        (the broker drops them with the clean session), so drain and ack first."""
+        """Disconnect and stop paho's thread. Idempotent. Drain and ack first: unacked
+        messages come again on the next connection of a kept session (lost with a clean
+        one)."""
         if not self._started:
             return
         self._stopping = True

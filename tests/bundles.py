@@ -25,15 +25,14 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from edge_agent.bundle import file_entry, pack_bundle, read_unverified
 from edge_agent.signing import Envelope, generate_key, key_id, load_private_key, write_key_pair
+from packager.sample_data import FEATURES, sensor_data
 
 __all__ = ["FEATURES", "BundleFactory", "KeyPair", "SigningKeys", "make_keys", "sensor_data"]
 
-FEATURES = ("temperature", "humidity", "vibration", "current")
 EPOCH = "1767225600"  # 2026-01-01T00:00:00Z
 
 
@@ -62,24 +61,6 @@ def make_keys(directory: Path) -> SigningKeys:
         private, public = write_key_pair(key, directory, name)
         pairs[name] = KeyPair(private, public, key_id(key.public_key()))
     return SigningKeys(**pairs)
-
-
-def sensor_data(rows: int, seed: int = 0, *, shift: dict[str, float] | None = None
-                ) -> pd.DataFrame:
-    """Sensor readings and a ``fault`` label; ``shift`` adds to features (in their units)."""
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame({
-        "temperature": rng.normal(60.0, 8.0, rows),
-        "humidity": rng.uniform(20.0, 80.0, rows),
-        "vibration": rng.lognormal(0.0, 0.5, rows),
-        "current": rng.normal(4.0, 1.0, rows),
-    })
-    score = (0.15 * (frame["temperature"] - 60) + 1.2 * (frame["vibration"] - 1.1)
-             + 0.6 * (frame["current"] - 4) + rng.normal(0, 0.5, rows))
-    frame["fault"] = (score > 0.8).astype(int)
-    for name, delta in (shift or {}).items():
-        frame[name] = frame[name] + delta
-    return frame
 
 
 class BundleFactory:

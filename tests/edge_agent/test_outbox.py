@@ -284,3 +284,35 @@ class OutboxMachine(RuleBasedStateMachine):
 
 TestOutboxMachine = OutboxMachine.TestCase
 TestOutboxMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+def test_numbered_puts_leave_no_gap_when_the_disk_fills(tmp_path):
+    from edge_agent.outbox import OutboxFullError
+
+    box = Outbox(tmp_path / "o.db", max_payload=4096)
+    try:
+        assert box.put_numbered("t", lambda seq: f"m{seq}".encode(), "summary") [1] == 1
+        used = box._conn.execute("PRAGMA page_count").fetchone()[0]
+        box._conn.execute(f"PRAGMA max_page_count = {used}")
+        with pytest.raises(OutboxFullError):
+            for _ in range(50):  # fills the last pages, then refuses
+                box.put_numbered("t", lambda seq: bytes(3000), "summary")
+        stuck = box.last_sequence("summary")
+        with pytest.raises(OutboxFullError):
+            box.put_numbered("t", lambda seq: bytes(3000), "summary")
+        assert box.last_sequence("summary") == stuck  # a refused put used no number
+        box._conn.execute("PRAGMA max_page_count = 1000000")
+        _, seq = box.put_numbered("t", lambda seq: f"m{seq}".encode(), "summary")
+        assert seq == stuck + 1
+        numbers = [int(i.payload[1:]) for i in box.pending(1000) if i.payload[:1] == b"m"]
+        assert numbers == [1, seq]
+        assert box.put_numbered("t", lambda seq: b"r", "report")[1] == 1  # its own counter
+    finally:
+        box.close()
+
+
+def test_a_numbered_payload_over_the_limit_uses_no_number(tmp_path):
+    with Outbox(tmp_path / "o.db", max_payload=10) as box:
+        with pytest.raises(OutboxError, match="exceeds"):
+            box.put_numbered("t", lambda seq: bytes(11), "s")
+        assert box.last_sequence("s") == 0 and box.depth == 0

@@ -354,14 +354,13 @@ class AgentDaemon:
         if model is None:
             return  # a newer desired state arrived during the download
         old = self.agent.model
+        promoted = state.shadow is not None and state.shadow.sha256 == model.ref.sha256
+        if self.agent.shadow is not None and self.agent.shadow.ref.sha256 == model.ref.sha256:
+            self.agent.set_shadow(None)  # the candidate never shadows itself, not even briefly
         self._put_window(self.agent.activate(model))
         previous = None if old is None else old.ref
-        shadow = state.shadow if not (state.shadow and state.shadow.sha256 == model.ref.sha256) \
-            else None
-        self._commit(State(model.ref, previous, shadow, revision, state.failed))
-        if shadow is None and self.agent.shadow is not None \
-                and self.agent.shadow.ref.sha256 == model.ref.sha256:
-            self.agent.set_shadow(None)
+        self._commit(State(model.ref, previous, None if promoted else state.shadow, revision,
+                           state.failed))
         outcome = "rolled_back" if live.rollback else "installed"
         self._report(outcome, revision, model.ref,
                      f"from {previous.label}" if previous is not None else "first install")

@@ -209,7 +209,9 @@ def test_shadow_agreement_goes_into_the_summary(fleet, downloads, make_daemon, b
     assert sum(s.agreed for s in stats) / rows_seen < 0.1  # the inverted model disagrees
     # promoting the candidate stops the shadow
     fleet.desire("dev1", 3, candidate, allow_downgrade=False)
-    wait_until(lambda: daemon.agent.model.ref.version == "2.0.0", 15, "the candidate to go live")
+    wait_until(lambda: daemon.slots.state.active.version == "2.0.0", 15,
+               "the candidate to go live")  # the state is committed after the switch
+    assert daemon.agent.model.ref.version == "2.0.0"
     assert daemon.agent.shadow is None and daemon.slots.state.shadow is None
 
 

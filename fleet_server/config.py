@@ -86,8 +86,10 @@ class IngestConfig:
     max_clock_skew_s: float = 24 * 3600.0  # windows ending further in the future: refused
     dead_letter_payload_bytes: int = 4096  # prefix of a refused payload kept for diagnosis
     dead_letter_keep: int = 100_000  # rows; older ones are pruned
-    retention_s: float = 30 * 24 * 3600.0  # summaries and the finest rollups
-    coarse_retention_s: float = 400 * 24 * 3600.0  # coarser rollups
+    # about 10.8 MiB per device-day at 60-s windows, mostly the finest rollups (fleet_sim):
+    # these bounds hold a device at about 100 MiB (README, "Beyond one machine")
+    retention_s: float = 7 * 24 * 3600.0  # summaries and the finest rollups
+    coarse_retention_s: float = 180 * 24 * 3600.0  # coarser rollups
 
     def __post_init__(self) -> None:
         if self.batch_max < 1:
@@ -172,8 +174,15 @@ class ServerConfig:
     max_upload_bytes: int = 256 * 1024 * 1024
     host: str = "127.0.0.1"
     port: int = 8000
+    rollout_tick_s: float = 5.0  # how often the rollout engine judges every rollout
+    max_gate_summaries: int = 20_000  # summaries one gate window reads, per side at most
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.rollout_tick_s, (int, float)) and self.rollout_tick_s > 0
+                and self.rollout_tick_s < float("inf")):
+            raise ValueError("rollout_tick_s must be a number > 0")
+        if self.max_gate_summaries < 1:
+            raise ValueError("max_gate_summaries must be >= 1")
         if self.threshold < 1:
             raise ValueError("threshold must be >= 1")
         if self.max_upload_bytes < 1:

@@ -157,8 +157,8 @@ __all__ = [
     "GateWindow", "InstallObs", "InvalidTransitionError", "Observation", "ObservationError",
     "PlanError", "RolloutError", "RolloutFinishedError", "RolloutPlan", "RolloutState",
     "Stage", "StateMismatchError", "TouchedDevice", "UnknownActionError",
-    "act", "decide", "gate_window", "initial_state", "plan_order", "plan_preview",
-    "stage_members", "stage_size",
+    "act", "assignments", "canary_phase", "decide", "gate_window", "initial_state",
+    "plan_order", "plan_preview", "stage_members", "stage_size",
 ]
 
 
@@ -682,3 +682,20 @@ def act(plan: RolloutPlan, state: RolloutState, action: str, obs: Observation, *
     new = _touch(plan, new, obs.devices, now)
     return Decision(new, _desired(plan, new, obs.devices), new.history[len(state.history):],
                     tuple(results))
+
+
+# --------------------------------------------------------------------------- views
+
+
+def assignments(plan: RolloutPlan, state: RolloutState,
+                devices: Mapping[str, DeviceObs]) -> dict[str, DesiredAssignment]:
+    """The desired state ``state`` implies for ``devices`` (and every touched device once
+    aborted), without deciding anything: what :func:`decide` would publish, for display."""
+    return _desired(plan, state, devices)
+
+
+def canary_phase(plan: RolloutPlan, touched: TouchedDevice, obs: DeviceObs,
+                 now: float) -> str:
+    """pending | installed | healthy | failed | timeout: how the gates see one touched
+    device, for display."""
+    return _classify(plan, touched, obs, now)

@@ -3,9 +3,10 @@
 :class:`FleetServer` is what ``fleet serve`` (everything in one process) and ``fleet
 ingest`` (a worker alone, ``publish_desired=False``, no HTTP, no evaluator) run. Start
 order: fold summaries still waiting for a known bundle, then the webhook, the link, the
-ingest worker, the evaluator. Stop order is the reverse of what feeds what: HTTP first
-(no new requests), then ingest drains and acknowledges what it holds, then the link
-closes, then the evaluator and webhook stop, then the store closes.
+ingest worker, the evaluator, the rollout engine. Stop order is the reverse of what feeds
+what: HTTP first (no new requests), then the rollout engine (it publishes), then ingest
+drains and acknowledges what it holds, then the link closes, then the evaluator and
+webhook stop, then the store closes.
 
 :meth:`FleetServer.start_http` runs uvicorn on a thread on an already bound socket (port 0
 picks a free one) and returns the base URL; tests and the benchmark use it. This module
@@ -28,6 +29,7 @@ from fleet_server.config import ServerConfig
 from fleet_server.evaluator import Evaluator
 from fleet_server.ingest import IngestWorker
 from fleet_server.mqtt import ServerLink
+from fleet_server.rollout_service import RolloutEngine
 from fleet_server.services import build_services
 from fleet_server.webhook import Webhook
 
@@ -60,6 +62,9 @@ class FleetServer:
             if self.link is not None and config.ingest else None
         self.evaluator = Evaluator(s.store, s.bundles, s.registry, s.alerts, config.drift,
                                    config.ingest_config, clock) if config.evaluate else None
+        # the engine publishes desired states: an ingest-only worker does not run one
+        self.rollout_engine = RolloutEngine(s.rollouts, config.rollout_tick_s) \
+            if publish_desired else None
         self.app = create_app(s, extra_routers=extra_routers)
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
@@ -84,10 +89,14 @@ class FleetServer:
             self.worker.start()
         if self.evaluator is not None:
             self.evaluator.start()
+        if self.rollout_engine is not None:
+            self.rollout_engine.start()
 
     def stop(self) -> None:
         """Stop everything this server started. Idempotent."""
         self.stop_http()
+        if self.rollout_engine is not None:
+            self.rollout_engine.stop()
         if self.worker is not None:
             self.worker.stop()
         if self.link is not None:

@@ -16,6 +16,8 @@ Public service APIs (for the rollout shell and the dashboard):
   ``by_label``, ``list``, ``reference`` (spec, base profile, rollup layout);
 - ``drift`` (:class:`~fleet_server.drift_service.DriftService`): ``report``, ``series``,
   ``merged`` (a scope's merged rollup, for rollout gates);
+- ``rollouts`` (:class:`~fleet_server.rollout_service.Rollouts`): ``create``, ``get``,
+  ``list``, ``act``, ``preview``, ``tick`` (the engine thread is the server's);
 - ``alerts`` (:class:`~fleet_server.alerts.Alerts`), ``auth``
   (:class:`~fleet_server.auth.Auth`), ``ingestor``, ``metrics``, ``store``.
 """
@@ -37,6 +39,7 @@ from fleet_server.drift_service import DriftService
 from fleet_server.ingest import Ingestor
 from fleet_server.metrics import Metrics
 from fleet_server.registry import Registry
+from fleet_server.rollout_service import Rollouts
 from fleet_server.store import Store
 
 __all__ = ["Services", "build_services"]
@@ -54,6 +57,7 @@ class Services:
     alerts: Alerts
     ingestor: Ingestor
     metrics: Metrics
+    rollouts: Rollouts
     clock: Callable[[], float] = time.time
     mqtt_state: Callable[[], str] = field(default=lambda: "disabled")
 
@@ -78,12 +82,15 @@ def build_services(config: ServerConfig, *, publisher: Publisher | None = None,
         registry = Registry(store)
         ingestor = Ingestor(store, bundles, config.ingest_config, metrics, clock)
         bundles.on_uploaded = ingestor.fold_pending
+        desired = DesiredStates(store, bundles, publisher, clock)
+        drift = DriftService(store, bundles, registry, config.drift,
+                             config.ingest_config.levels)
         return Services(
             config=config, store=store, auth=Auth(store), registry=registry, bundles=bundles,
-            desired=DesiredStates(store, bundles, publisher, clock),
-            drift=DriftService(store, bundles, registry, config.drift,
-                               config.ingest_config.levels),
-            alerts=Alerts(store, metrics), ingestor=ingestor, metrics=metrics, clock=clock)
+            desired=desired, drift=drift, alerts=Alerts(store, metrics), ingestor=ingestor,
+            metrics=metrics,
+            rollouts=Rollouts(store, registry, bundles, desired, drift, config, clock),
+            clock=clock)
     except BaseException:
         store.close()
         raise

@@ -11,7 +11,8 @@ The parts, by table:
 
 - ``_fleet``: tokens, devices and their labels, groups, desired state, audit;
 - ``_telemetry``: summaries, rollups, reports, dead letters, counters;
-- ``_drift``: bundles, evaluated drift windows, alerts, webhook attempts.
+- ``_drift``: bundles, evaluated drift windows, alerts, webhook attempts;
+- ``_rollouts``: rollouts, and the telemetry reads their gates make.
 
 The store decides nothing: it does not judge, validate messages, hash secrets or read the
 clock (every time is a parameter). Bundle files live outside it (:mod:`fleet_server.blobs`).
@@ -22,6 +23,7 @@ from __future__ import annotations
 from fleet_server.store._base import StoreBase
 from fleet_server.store._drift import DriftTables
 from fleet_server.store._fleet import FleetTables, selector_sql
+from fleet_server.store._rollouts import RolloutRow, RolloutTables, WindowSummary
 from fleet_server.store._telemetry import (
     FLEET_SCOPE,
     FOLDED,
@@ -41,12 +43,14 @@ __all__ = [
     "PENDING",
     "REFUSED",
     "PendingSummary",
+    "RolloutRow",
     "RollupKey",
     "Store",
     "SummaryRow",
+    "WindowSummary",
     "selector_sql",
 ]
 
 
-class Store(FleetTables, TelemetryTables, DriftTables, StoreBase):
+class Store(FleetTables, TelemetryTables, DriftTables, RolloutTables, StoreBase):
     """The fleet database. ``Store(path)`` opens (creating and migrating) the file."""

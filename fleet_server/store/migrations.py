@@ -11,7 +11,9 @@ History:
 1. registry, credentials, groups, bundles, window summaries, reports, dead letters, audit;
 2. rollups and drift: ``summaries.folded`` (existing summaries become pending, so the
    server folds them into the new rollups when it starts), rollups, desired state, drift
-   windows, alerts and webhook attempts.
+   windows, alerts and webhook attempts;
+3. rollouts: one row per rollout (its plan, its state with the audit history, the last
+   gate results, what was last sent to each device).
 
 Migrations are append-only: a released one is never edited, a change is a new one. This
 module holds SQL text only; :mod:`fleet_server.store` runs it.
@@ -200,9 +202,28 @@ CREATE TABLE webhook_attempts (
 );
 """
 
+_V3 = """
+CREATE TABLE rollouts (
+    id              TEXT    PRIMARY KEY,
+    group_name      TEXT    NOT NULL,
+    bundle          TEXT    NOT NULL,
+    status          TEXT    NOT NULL,
+    plan            TEXT    NOT NULL,
+    state           TEXT    NOT NULL,
+    gate_results    TEXT    NOT NULL DEFAULT '[]',
+    sent            TEXT    NOT NULL DEFAULT '{}',
+    created_at      REAL    NOT NULL,
+    updated_at      REAL    NOT NULL
+);
+CREATE INDEX rollouts_status ON rollouts (status, group_name);
+CREATE INDEX reports_device ON reports (device, received);
+CREATE INDEX summaries_device ON summaries (device, window_end);
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
     (2, "rollups, desired state, drift windows, alerts, webhook attempts", _V2),
+    (3, "rollouts", _V3),
 )
 LATEST = MIGRATIONS[-1][0]

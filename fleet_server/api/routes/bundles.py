@@ -14,6 +14,7 @@ from fleet_server.errors import PayloadTooLargeError, PermissionDeniedError
 
 router = APIRouter(prefix="/api/v1/bundles", tags=["bundles"])
 Name = Annotated[str, Path(max_length=64)]
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # edge_agent.manifest.NAME_RE
 Version = Annotated[str, Path(max_length=128)]
 
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
@@ -59,7 +60,8 @@ async def upload_bundle(request: Request, response: Response, services: Services
 
 @router.get("", response_model=list[BundlePublic])
 def list_bundles(services: ServicesDep, _: Viewer,
-                 name: Annotated[str | None, Query(max_length=64)] = None) -> list[BundlePublic]:
+                 name: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+                 ) -> list[BundlePublic]:
     """Stored bundles, by name then upload time; ``name`` filters."""
     return [BundlePublic.model_validate(b.to_dict()) for b in services.bundles.list(name)]
 

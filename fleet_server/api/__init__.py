@@ -15,14 +15,23 @@ from fastapi import APIRouter, Depends, FastAPI
 from edge_agent import __version__
 from fleet_server.api.deps import strict_query
 from fleet_server.api.errors import install_handlers
-from fleet_server.api.routes import alerts, bundles, devices, drift, groups, system, telemetry
+from fleet_server.api.routes import (
+    alerts,
+    bundles,
+    devices,
+    drift,
+    groups,
+    rollouts,
+    system,
+    telemetry,
+)
 from fleet_server.api.schemas import ErrorBody
 from fleet_server.services import Services
 
 __all__ = ["ROUTERS", "create_app"]
 
 ROUTERS = (system.router, devices.router, groups.router, bundles.router, telemetry.router,
-           drift.router, alerts.router)
+           drift.router, alerts.router, rollouts.router)
 _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
     (400, "Not a bundle"), (401, "No or unknown credentials"),
     (403, "The credentials' role does not allow this"), (404, "Not found"),
@@ -45,4 +54,7 @@ def create_app(services: Services, *, extra_routers: Sequence[APIRouter] = ()) -
         app.include_router(router, dependencies=[Depends(strict_query)])
     for router in extra_routers:
         app.include_router(router)
+    from fleet_server.dashboard import router as dashboard  # HTML pages under /
+
+    app.include_router(dashboard)
     return app

@@ -56,9 +56,16 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/alerts"): VIEWER,
     ("GET", "/api/v1/alerts/{alert_id}"): VIEWER,
     ("POST", "/api/v1/alerts/{alert_id}/resolve"): OPERATOR,
+    ("GET", "/api/v1/rollouts"): VIEWER,
+    ("POST", "/api/v1/rollouts"): OPERATOR,
+    ("POST", "/api/v1/rollouts/preview"): VIEWER,
+    ("GET", "/api/v1/rollouts/{rollout_id}"): VIEWER,
+    # approve also needs the approver role, which the rollout service checks (403 too)
+    ("POST", "/api/v1/rollouts/{rollout_id}/{action}"): OPERATOR,
 }
 PRINCIPALS = ("anonymous", "revoked", "device", "other-device", "viewer", "operator", "approver")
-PATH_VALUES = {"device": "dev1", "name": "sensor", "version": "1.0.0", "alert_id": "1"}
+PATH_VALUES = {"device": "dev1", "name": "sensor", "version": "1.0.0", "alert_id": "1",
+               "rollout_id": "r1", "action": "abort"}
 QUERY = {"/api/v1/drift": {"bundle": "sensor@1.0.0"},
          "/api/v1/drift/series": {"bundle": "sensor@1.0.0"},
          "/api/v1/drift/windows": {"bundle": "sensor@1.0.0"}}
@@ -100,11 +107,32 @@ def matrix(tmp_path_factory, signing_keys, bundles):
     server.stop()
 
 
+# The dashboard's HTML pages: a signed-in session cookie (tests/fleet_server/test_dashboard.py)
+# or a redirect to the sign-in form; a bearer token, even an approver's, is not a session.
+DASHBOARD_PAGES = frozenset({"/", "/devices", "/devices/{device_id}", "/drift", "/alerts",
+                             "/rollouts", "/rollouts/{rollout_id}"})
+DASHBOARD_OPEN = frozenset({("GET", "/login"), ("POST", "/login"), ("GET", "/logout"),
+                            ("POST", "/logout")})
+
+
 def test_every_route_has_a_rule(matrix):
     server, _, _ = matrix
     routes = app_routes(server.app)
-    assert routes - set(RULES) == set(), "routes without an access rule"
-    assert set(RULES) - routes == set(), "rules for routes that do not exist"
+    dashboard = {("GET", p) for p in DASHBOARD_PAGES} | DASHBOARD_OPEN
+    assert routes - set(RULES) - dashboard == set(), "routes without an access rule"
+    assert (set(RULES) | dashboard) - routes == set(), "rules for routes that do not exist"
+
+
+@pytest.mark.parametrize("path", sorted(DASHBOARD_PAGES))
+def test_dashboard_pages_need_a_session_not_a_token(matrix, path):
+    _, client, creds = matrix
+    url = path.replace("{device_id}", "dev1").replace("{rollout_id}", "r1")
+    for who in PRINCIPALS:
+        headers = {} if who == "anonymous" else {"Authorization": f"Bearer {creds[who]}"}
+        r = client.get(url, headers=headers, follow_redirects=False)
+        assert r.status_code == 303, (who, r.status_code)
+        assert r.headers["location"].startswith("/login"), (who, r.headers["location"])
+        assert "Bearer" not in r.text and (who == "anonymous" or creds[who] not in r.text)
 
 
 @pytest.mark.parametrize(("method", "path"), sorted(RULES), ids=[f"{m} {p}" for m, p in

@@ -294,6 +294,12 @@ def device_passwd_file(db: Path, out: Path) -> None:
 
 
 register(main, device)
+# the rollout and broker command groups live in modules of their own
+from fleet_server.cli_broker import broker_config  # noqa: E402
+from fleet_server.cli_rollout import rollout  # noqa: E402
+
+main.add_command(rollout)
+main.add_command(broker_config)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """A real Mosquitto for tests: its own config, password file and ACL, on a free loopback port.
 
-The ACL is the one the design asks of production, so tests exercise what the broker
-really enforces:
+The ACL is the one the design asks of production (``fleet_server.brokerconf.ACL_TEMPLATE``,
+its one source), so tests exercise what the broker really enforces:
 
 - every user (a device) may publish ``summary``, ``report``, ``heartbeat`` and ``status``
   under ``edgefleet/v1/<its username>/``, and read only ``edgefleet/v1/<its username>/desired``;
@@ -34,29 +34,18 @@ from pathlib import Path
 
 import pytest
 
+from fleet_server.brokerconf import ACL_TEMPLATE
+
 __all__ = ["INSTALL_HINT", "BrokerError", "Mosquitto", "find_mosquitto"]
 
 INSTALL_HINT = (
-    "mosquitto is not installed: run `scripts/ensure-mosquitto`, "
+    "mosquitto is not installed: run `scripts/ensure-system-packages mosquitto`, "
     "or `sudo apt-get install -y mosquitto` (Debian/Ubuntu) / `brew install mosquitto` (macOS)"
 )
 SERVER_USER = "server"
 
-_ACL = """\
-# devices: one username per device; %u is the authenticated username, never the client id.
-# Write topics are listed one by one: "write %u/# except desired" cannot be said, because a
-# `deny` line wins over every grant whatever its place in the file, and denies reads too.
-pattern write edgefleet/v1/%u/summary
-pattern write edgefleet/v1/%u/report
-pattern write edgefleet/v1/%u/heartbeat
-pattern write edgefleet/v1/%u/status
-pattern read edgefleet/v1/%u/desired
-
-# the fleet server's ingest account
-user {server}
-topic read edgefleet/v1/+/#
-topic write edgefleet/v1/+/desired
-"""
+# the production ACL, from its one source (``{server}``: the server account's name)
+_ACL = ACL_TEMPLATE
 
 
 class BrokerError(RuntimeError):

@@ -1,12 +1,13 @@
 # The two commands a new user needs: `make demo` and `make test`.
 # Both create .venv and install what they need; nothing else must be set up by hand.
-# `make test` also installs Mosquitto (Debian's package, as root) for the integration tests,
-# or says exactly what to run when it cannot.
+# System programs (Debian packages, installed as root, or the command to run is printed):
+# `make demo` needs Mosquitto; `make test` needs Mosquitto and Chromium.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
+BENCH  := $(VENV)/.installed-bench
 
 .PHONY: demo test lint bench install clean
 
@@ -19,13 +20,18 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
+$(BENCH): $(STAMP)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	@touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m packager.demo
+	@bash scripts/ensure-system-packages mosquitto
+	$(BIN)/python -m fleet_server.demo
 
 test: $(STAMP)
-	@bash scripts/ensure-mosquitto
+	@bash scripts/ensure-system-packages mosquitto chromium
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest
 
@@ -33,8 +39,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP)
+bench: $(BENCH)
+	@bash scripts/ensure-system-packages mosquitto
 	$(BIN)/python benchmarks/packager.py
+	$(BIN)/python benchmarks/agent.py
+	$(BIN)/python benchmarks/server.py
+	$(BIN)/python benchmarks/fleet_sim.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

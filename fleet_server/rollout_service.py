@@ -398,20 +398,34 @@ class Rollouts:
 
     def tick(self, now: float | None = None) -> None:
         """One step of every unfinished rollout (and of finished ones whose final desired
-        states have not all gone out). Errors are logged per rollout, never raised."""
+        states have not all gone out); then, for each group with nothing unfinished whose
+        latest rollout completed, its bundle for fresh members (:meth:`_follow`). Errors
+        are logged per rollout, never raised."""
         now = self.clock() if now is None else now
         try:
-            rows = self.store.list_rollouts(active=True) + [
-                r for r in self.store.list_rollouts(active=False) if not r.sent.get(_SETTLED)]
+            active = self.store.list_rollouts(active=True)
+            finished = self.store.list_rollouts(active=False)  # newest first
         except Exception:
             log.exception("rollout tick: cannot list rollouts")
             return
+        rows = active + [r for r in finished if not r.sent.get(_SETTLED)]
         for row in rows:
             try:
                 with self._lock:
                     self._step(row.id, now)
             except Exception:
                 log.exception("rollout %s: tick failed", row.id)
+        busy = {r.group for r in active}
+        latest: dict[str, RolloutRow] = {}
+        for r in finished:
+            latest.setdefault(r.group, r)
+        for row in latest.values():
+            if row.group not in busy and row.status == "completed" and row.sent.get(_SETTLED):
+                try:
+                    with self._lock:
+                        self._follow(row.id, now)
+                except Exception:
+                    log.exception("rollout %s: assigning new members failed", row.id)
         live = {r.id for r in rows if r.status not in FINISHED}
         with self._lock:
             for key in [k for k in self._packed if k[0] not in live]:
@@ -433,6 +447,27 @@ class Rollouts:
         for entry in d.audit:
             log.info("rollout %s: %s %s -> %s: %s", plan.id, entry.action, entry.from_status,
                      entry.to_status, entry.reason)
+
+    def _follow(self, rollout_id: str, now: float) -> None:
+        """A group's latest rollout, once completed, gives its bundle to fresh members.
+
+        A device that joins the group later and has never been assigned anything (a
+        newly provisioned one) gets the bundle the group runs. A device that already has a
+        desired state keeps it: an operator's or another group's assignment is never
+        overridden; the group's next rollout takes it along.
+        """
+        row = self._row(rollout_id)
+        plan, state = self._load(row)
+        fresh = [d for d in sorted(self._members(plan)) if d not in row.sent
+                 and d not in state.touched and self.desired.record(d) is None]
+        if not fresh:
+            return
+        self.desired.assign_many([Assignment(d, plan.bundle, None, False) for d in fresh],
+                                 actor=f"rollout:{plan.id}", now=now)
+        key = _key(DesiredAssignment(plan.bundle, role="complete"))
+        self.store.save_rollout_sent(plan.id, {**row.sent, **{d: key for d in fresh}})
+        log.info("rollout %s: %s joined %s after completion and get %s", plan.id,
+                 ", ".join(fresh), plan.group, plan.bundle.label)
 
     def _publish(self, plan: RolloutPlan, desired: Mapping[str, DesiredAssignment],
                  sent: Mapping[str, Any], status: str, now: float) -> dict[str, Any]:

@@ -203,6 +203,17 @@ def test_a_rollout_is_judged_on_stored_telemetry_and_completes(fleet):
     s.rollouts.tick(t0 + 30)
     s.rollouts.tick(t0 + 31)
     assert len(rec.sent) == published  # completion sends nothing the devices have
+    # joiners after completion: a fresh device gets the group's bundle, once; a device
+    # that already has a desired state (an operator's) keeps it
+    s.registry.add_device("dev-new", {"site": "a"}, "test", t0 + 32)
+    s.registry.add_device("dev-pinned", {"site": "a"}, "test", t0 + 32)
+    s.desired.assign("dev-pinned", "sensor@1.0.0", actor="operator:x", now=t0 + 32)
+    s.rollouts.tick(t0 + 33)
+    s.rollouts.tick(t0 + 34)
+    assert rec.versions()["dev-new"] == "1.1.0"
+    assert rec.versions()["dev-pinned"] == "1.0.0"
+    assert len([m for m in rec.sent if m[0] == "dev-new"]) == 1  # once, not every tick
+    assert s.desired.record("dev-new").updated_by == "rollout:r1"
     # persisted: another service over the same file sees the same
     other = build_services(s.config)
     try:

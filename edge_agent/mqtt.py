@@ -220,6 +220,12 @@ class MqttLink:
         pump.join(timeout)
         if pump.is_alive():
             log.warning("mqtt pump did not stop within %.1f s", timeout)
+        with self._cond:
+            # let the PUBACKs of what is in flight arrive first: closing a socket with
+            # unread data sends a TCP reset, and a broker that reads the reset before the
+            # DISCONNECT publishes the last will ("offline") of a clean stop
+            self._cond.wait_for(lambda: not self._sent or not self._connected,
+                                timeout=min(timeout, 2.0))
         self._client.disconnect()
         with self._cond:
             # paho's thread writes the DISCONNECT; stopping it first would close the socket

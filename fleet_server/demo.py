@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--exit", action="store_true",
                         help="stop when the story is told (default: keep serving until Ctrl-C)")
-    parser.add_argument("--port", type=int, default=8000, help="dashboard and API port")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="dashboard and API port (a free one if it is taken; 0: any)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("fleet_server.alerts").setLevel(logging.ERROR)  # the story prints them
@@ -476,7 +477,15 @@ def main(argv: list[str] | None = None) -> int:
 
     banner("1. package v1, v2 and a faulty v3 of a predictive-maintenance model")
     bundles = package(OUT)
-    demo = Demo(OUT, args.port)
+    port = args.port
+    if port:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                say(f"port {port} is in use: the dashboard takes a free port instead")
+                port = 0
+    demo = Demo(OUT, port)
 
     def interrupt(*_: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C or SIGTERM: unwind to the cleanup below

@@ -315,7 +315,8 @@ class Demo:
                              "it as root) or `sudo apt-get install -y mosquitto`")
         log_file = (conf.parent / "mosquitto.log").open("ab")
         proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # Ctrl-C stops it after the agents
         self.processes.append(proc)
 
         def listening() -> bool:
@@ -488,8 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = Demo(OUT, port)
 
     def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt  # Ctrl-C or SIGTERM: unwind to the cleanup below
+        # Ctrl-C or SIGTERM: unwind to the cleanup below, once; a second signal during the
+        # cleanup is ignored so that every process still gets stopped
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     try:
         banner("2. start the fleet: Mosquitto, the fleet server, 20 agents")

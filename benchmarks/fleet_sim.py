@@ -315,34 +315,6 @@ def _template(work: Path, bundle: Path, pub: Path, devices: int) -> tuple[Path, 
     return db, secrets
 
 
-def _start_broker(conf: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    with log_path.open("ab") as fh:
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited {proc.returncode}: {log_path.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("mosquitto did not listen") from None
-            time.sleep(0.02)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -395,11 +367,13 @@ def _integrity(db: Path) -> dict[str, int]:
 def one_run(work: Path, template: Path, broker_dir: Path, port: int, password: str,
             pub: Path, accounts: list[tuple[str, str]], profiles: list[dict], args,
             workers: int, repeat: int) -> dict[str, Any]:
+    from fleet_server.brokerconf import start_broker, stop_broker
+
     run = work / f"run-w{workers}-r{repeat}"
     run.mkdir()
     db = run / "fleet.db"
     shutil.copy(template, db)
-    broker = _start_broker(broker_dir / "mosquitto.conf", port, run / "mosquitto.log")
+    broker = start_broker(broker_dir / "mosquitto.conf", port, run / "mosquitto.log")
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
     try:
@@ -465,7 +439,7 @@ def one_run(work: Path, template: Path, broker_dir: Path, port: int, password: s
             proc.join(30)
             if proc.is_alive():
                 proc.kill()
-        _stop(broker)
+        stop_broker(broker)
 
 
 def per_device_day(sizes: dict[str, Any], devices: int, window_s: float) -> dict[str, float]:

@@ -29,13 +29,17 @@ import logging
 import os
 import re
 import secrets
+import shutil
+import socket
+import subprocess
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleet_server.errors import InvalidRequestError
+from fleet_server.errors import FleetError, InvalidRequestError
 
 if TYPE_CHECKING:
     from fleet_server.store import Store
@@ -345,3 +349,62 @@ def write_broker_config(setup: BrokerSetup, store: Store) -> dict[str, Path]:
              texts[PASSWD_NAME].count("\n"), setup.bind, setup.port,
              f", TLS on {setup.listener_tls_port}" if setup.tls else "")
     return written
+
+
+# --------------------------------------------------------------------------- running it
+
+
+class BrokerStartError(FleetError):
+    """Mosquitto is not installed, exited at start, or did not listen in time."""
+
+
+def mosquitto_binary() -> Path | None:
+    """Mosquitto's path (Debian puts it in /usr/sbin, off a normal user's PATH), or None."""
+    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    return Path(found) if os.access(found, os.X_OK) else None
+
+
+def start_broker(conf: Path, port: int, log: Path, *, timeout: float = 10.0,
+                 new_session: bool = False,
+                 preexec_fn: Callable[[], object] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``mosquitto -c conf`` (output to ``log``) and wait until it listens on ``port``.
+
+    ``new_session``: not in this terminal's process group, so a Ctrl-C reaches only the
+    caller, which stops the broker last (:func:`stop_broker`).
+
+    Raises:
+        BrokerStartError: not installed, exited (the log's text in the message), or not
+            listening within ``timeout`` seconds (then killed).
+    """
+    binary = mosquitto_binary()
+    if binary is None:
+        raise BrokerStartError("mosquitto is not installed (Debian/Ubuntu: "
+                               "sudo apt-get install -y mosquitto)")
+    with log.open("ab") as fh:
+        proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=fh,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=new_session, preexec_fn=preexec_fn)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise BrokerStartError(f"mosquitto -c {conf} exited with status {proc.returncode}:"
+                                   f"\n{log.read_text(errors='replace')[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                stop_broker(proc)
+                raise BrokerStartError(f"mosquitto -c {conf} did not listen on port {port} "
+                                       f"within {timeout:.0f} s; see {log}") from None
+            time.sleep(0.02)
+
+
+def stop_broker(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """Terminate a broker :func:`start_broker` started, by its handle; kill if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)

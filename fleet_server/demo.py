@@ -309,27 +309,13 @@ class Demo:
         self.url = url
 
     def _start_mosquitto(self, conf: Path, port: int) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not os.access(binary, os.X_OK):
-            raise SystemExit("demo: mosquitto is not installed; run `make demo` (it installs "
-                             "it as root) or `sudo apt-get install -y mosquitto`")
-        log_file = (conf.parent / "mosquitto.log").open("ab")
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log_file,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # Ctrl-C stops it after the agents
-        self.processes.append(proc)
+        from fleet_server.brokerconf import BrokerStartError, start_broker
 
-        def listening() -> bool:
-            if proc.poll() is not None:
-                raise SystemExit(f"demo: mosquitto exited ({proc.returncode}); see "
-                                 f"{conf.parent / 'mosquitto.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    return True
-            except OSError:
-                return False
-
-        wait_for("mosquitto to listen", listening, 10, every=0.05)
+        try:  # its own session: Ctrl-C stops the agents first, then the broker
+            self.processes.append(start_broker(conf, port, conf.parent / "mosquitto.log",
+                                               new_session=True))
+        except BrokerStartError as exc:
+            raise SystemExit(f"demo: {exc} (`make demo` installs it as root)") from exc
 
     # -- rollouts --------------------------------------------------------------------------
 
@@ -378,12 +364,10 @@ class Demo:
             self.client.close()
         if self.server is not None:
             self.server.stop()
+        from fleet_server.brokerconf import stop_broker
+
         for proc in self.processes:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_broker(proc)
         if self.webhook is not None:
             self.webhook.stop()
 

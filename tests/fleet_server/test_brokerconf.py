@@ -40,6 +40,8 @@ from fleet_server.brokerconf import (
     SERVER_PASSWORD_NAME,
     BrokerSetup,
     render,
+    start_broker,
+    stop_broker,
     write_broker_config,
 )
 from fleet_server.cli import main
@@ -384,36 +386,10 @@ def _die_with_parent() -> None:
 
 
 def start_mosquitto(conf: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    found = find_mosquitto()
-    if found is None:
+    if find_mosquitto() is None:
         pytest.skip(INSTALL_HINT)
-    with log.open("ab") as fh:
-        proc = subprocess.Popen([str(found[0]), "-c", str(conf)], stdout=fh,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    import socket
-
-    deadline = time.monotonic() + 10
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"mosquitto exited {proc.returncode}:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"mosquitto did not listen:\n{log.read_text()}") from None
-            time.sleep(0.02)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    return start_broker(conf, port, log,
+                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 
 @pytest.fixture(scope="module")
@@ -434,7 +410,7 @@ def real_broker(tmp_path_factory) -> Iterator[RealBroker]:
     yield broker
     for c in broker.clients:
         c.close()
-    stop(proc)
+    stop_broker(proc)
 
 
 @pytest.mark.slow
@@ -663,4 +639,4 @@ def test_a_real_broker_serves_the_tls_listener(tmp_path):
         assert wrong.connect() in (0x86, 0x87)
         wrong.close()
     finally:
-        stop(proc)
+        stop_broker(proc)

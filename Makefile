@@ -28,7 +28,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	@bash scripts/ensure-system-packages mosquitto
-	$(BIN)/python -m fleet_server.demo
+	$(BIN)/python -m demo
 
 test: $(STAMP)
 	@bash scripts/ensure-system-packages mosquitto chromium

@@ -14,7 +14,7 @@ In one run, side by side:
    Medians of warm blocks. The agent's profiling worker runs during the timed blocks, as on
    a device; "amortised" adds the time to profile what the block served (the worker's
    backlog, drained after the block), so it is the agent's whole cost per call.
-2. **Profiling 10,000 rows x 20 numeric features** with :class:`edge_agent.profile.Profile`,
+2. **Profiling 10,000 rows x 20 numeric features** with :class:`edgefleet.contract.profile.Profile`,
    next to whylogs (``why.log`` on the same rows as a DataFrame) when it is installed.
    whylogs computes more (KLL quantile sketches, frequent items, cardinality): it is the
    tool an engineer would otherwise reach for, not the same computation.
@@ -54,12 +54,12 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path
 from benchmarks.common import blocks, machine, rss_kib, table  # noqa: E402
 from benchmarks.packager import BATCH, _data, _families, _write_csv  # noqa: E402
 from edge_agent.agent import Agent  # noqa: E402
-from edge_agent.bundle import verify_bundle  # noqa: E402
-from edge_agent.messages import Summary, encode  # noqa: E402
 from edge_agent.model import LoadedModel  # noqa: E402
-from edge_agent.profile import Profile, ProfileSpec, numeric_spec, to_wire  # noqa: E402
-from edge_agent.signing import TrustStore, generate_key, write_key_pair  # noqa: E402
-from edge_agent.wire import canonical_json  # noqa: E402
+from edgefleet.contract.bundle import verify_bundle  # noqa: E402
+from edgefleet.contract.messages import Summary, encode  # noqa: E402
+from edgefleet.contract.profile import Profile, ProfileSpec, numeric_spec, to_wire  # noqa: E402
+from edgefleet.contract.signing import TrustStore, generate_key, write_key_pair  # noqa: E402
+from edgefleet.contract.wire import canonical_json  # noqa: E402
 from packager.build import BuildOptions, build  # noqa: E402
 
 FAMILIES = ("LogisticRegression", "MLPClassifier", "RandomForestClassifier",
@@ -173,7 +173,7 @@ def _profile_speed(rep: Repeats) -> dict[str, Any]:
 def _summary_size() -> dict[str, Any]:
     rng = np.random.default_rng(1)
     ref = rng.normal(size=(5_000, 20))
-    from edge_agent.profile import CONFIDENCE_EDGES, NumericSpec, categorical_spec
+    from edgefleet.contract.profile import CONFIDENCE_EDGES, NumericSpec, categorical_spec
 
     spec = ProfileSpec(tuple(numeric_spec(f"feature_{i:02d}", ref[:, i]) for i in range(20)),
                        (categorical_spec("class", ["0", "1"]),
@@ -183,7 +183,7 @@ def _summary_size() -> dict[str, Any]:
     profile.update({f"feature_{i:02d}": live[:, i] for i in range(20)},
                    {"class": rng.integers(0, 2, 3_000),
                     "confidence": rng.uniform(0.5, 1, 3_000)}, rows=3_000)
-    from edge_agent.messages import BundleRef
+    from edgefleet.contract.messages import BundleRef
 
     summary = Summary("press-017", 12345, BundleRef("churn", "1.4.2", "ab" * 32), 1.7e9,
                       1.7e9 + 60, to_wire(profile), tuple(rng.integers(0, 500, 13).tolist()),
@@ -196,7 +196,7 @@ _BARE = """
 import sys, json, numpy as np, onnxruntime as ort
 sys.path.insert(0, {root!r})
 from benchmarks.common import rss_kib
-from edge_agent.bundle import read_unverified
+from edgefleet.contract.bundle import read_unverified
 model = read_unverified(open({path!r}, "rb").read()).member("model.onnx")
 o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.inter_op_num_threads = 1
 s = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
@@ -228,7 +228,7 @@ daemon.stop(flush_timeout=0)
 
 def _memory(path: Path, keys: Path, work: Path) -> dict[str, Any]:
     from edge_agent.slots import Slots, State
-    from edge_agent.wire import sha256_hex
+    from edgefleet.contract.wire import sha256_hex
 
     data = path.read_bytes()
     manifest = verify_bundle(data, TrustStore.from_files([str(keys)])).manifest
@@ -236,7 +236,7 @@ def _memory(path: Path, keys: Path, work: Path) -> dict[str, Any]:
     slots = Slots(agent_dir / "data")
     sha = sha256_hex(data)
     slots.store(sha, data)
-    from edge_agent.messages import BundleRef
+    from edgefleet.contract.messages import BundleRef
 
     slots.commit(State(BundleRef(manifest.name, manifest.version, sha, "", len(data))))
     secret = agent_dir / "secret"

@@ -1,5 +1,5 @@
 """Fleet simulation: N devices, each with its own broker account, against a real Mosquitto
-(configured by :mod:`fleet_server.brokerconf`, production ACL) and real ingest workers.
+(configured by :mod:`fleet_server.telemetry.broker`, production ACL) and real ingest workers.
 
 Run from the repository root::
 
@@ -16,7 +16,7 @@ What runs:
   %u``) is what admits every message. Devices are lightweight: one publisher process
   drives every connection over raw sockets (a 60-line MQTT encoder, not paho, which
   needs a thread per client). Their messages are the real thing: ``Summary`` messages
-  (``edge_agent.messages.encode``) of a 20-feature bundle's profiles of real rows, QoS 1.
+  (``edgefleet.contract.messages.encode``) of a 20-feature bundle's profiles of real rows, QoS 1.
 - **Server.** ``--workers`` ingest workers (default: a run with 1, then a run with 2),
   each what ``fleet ingest`` runs (a ``FleetServer`` without HTTP, evaluator or desired
   state) in its own process, in one shared subscription (``$share/ingest/...``), writing
@@ -172,7 +172,7 @@ class Devices:
 
 def _payloads(devices: list[str], profiles: list[dict], seqs: range, ends: list[list[float]],
               window_s: float) -> list[tuple[str, int, bytes]]:
-    from edge_agent.messages import BundleRef, Summary, encode, topic
+    from edgefleet.contract.messages import BundleRef, Summary, encode, topic
 
     ref = BundleRef("bench", "1.0.0")
     out = []
@@ -251,7 +251,7 @@ def _status(pid: int) -> dict[str, int]:
 def _worker(conn, db: str, pub: str, host: str, port: int, password: str, name: str) -> None:
     """Child process: what ``fleet ingest`` runs, plus a hook recording each batch's
     commit time, summaries stored and lags."""
-    from fleet_server.cli import tune_gc
+    from fleet_server.cli.serve import tune_gc
     from fleet_server.config import BrokerConfig, ServerConfig
     from fleet_server.server import FleetServer
 
@@ -285,8 +285,8 @@ def _worker(conn, db: str, pub: str, host: str, port: int, password: str, name: 
 
 def _bundle_and_profiles(work: Path) -> tuple[Path, Path, list[dict]]:
     from benchmarks.server import _profile, build_bundle, live_rows
-    from edge_agent.bundle import read_unverified
-    from edge_agent.profile import parse_reference, to_wire
+    from edgefleet.contract.bundle import read_unverified
+    from edgefleet.contract.profile import parse_reference, to_wire
 
     bundle, pub, model, ref_x = build_bundle(work)
     spec, _ = parse_reference(read_unverified(bundle.read_bytes()).member("reference.json"))
@@ -367,7 +367,7 @@ def _integrity(db: Path) -> dict[str, int]:
 def one_run(work: Path, template: Path, broker_dir: Path, port: int, password: str,
             pub: Path, accounts: list[tuple[str, str]], profiles: list[dict], args,
             workers: int, repeat: int) -> dict[str, Any]:
-    from fleet_server.brokerconf import start_broker, stop_broker
+    from fleet_server.telemetry.broker import start_broker, stop_broker
 
     run = work / f"run-w{workers}-r{repeat}"
     run.mkdir()
@@ -485,8 +485,8 @@ def main() -> None:
     need = args.devices + 1024
     if soft < need:  # the publisher and the broker hold one socket per device
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(need, soft), hard), hard))
-    from fleet_server.brokerconf import BrokerSetup, write_broker_config
     from fleet_server.store import Store
+    from fleet_server.telemetry.broker import BrokerSetup, write_broker_config
 
     began = time.time()
     work = Path(tempfile.mkdtemp(prefix="fleet-sim-"))

@@ -13,10 +13,10 @@ For each scikit-learn family below, in one run and side by side:
 - the fidelity the build recorded in the manifest (held-out rows);
 - latency of scikit-learn (``predict_proba`` for classifiers, ``predict`` for
   regressors) against onnxruntime float32 and int8, each through
-  :class:`edge_agent.runtime.ModelRunner` ``run_matrix`` (what the agent calls) and
+  :class:`edgefleet.contract.runtime.ModelRunner` ``run_matrix`` (what the agent calls) and
   through a bare ``session.run`` on a ready float32 array (to show the wrapper's cost),
   for one row and for a 1,000-row batch;
-- :func:`edge_agent.bundle.verify_bundle` on the bundle bytes.
+- :func:`edgefleet.contract.bundle.verify_bundle` on the bundle bytes.
 
 Data: synthetic, 20 numeric features x 5,000 rows (``make_classification`` for the
 classifiers, ``make_regression`` for the regressors, ``random_state=0``); 4,000 rows
@@ -72,9 +72,9 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 
 from benchmarks.common import blocks, stats, table  # noqa: E402
 from benchmarks.common import machine as common_machine  # noqa: E402
-from edge_agent.bundle import verify_bundle  # noqa: E402
-from edge_agent.runtime import ModelRunner  # noqa: E402
-from edge_agent.signing import (  # noqa: E402
+from edgefleet.contract.bundle import verify_bundle  # noqa: E402
+from edgefleet.contract.runtime import ModelRunner  # noqa: E402
+from edgefleet.contract.signing import (  # noqa: E402
     TrustedKey,
     TrustStore,
     generate_key,
@@ -644,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
             "data": f"synthetic: make_classification / make_regression, {FEATURES} numeric "
             f"features x {ROWS} rows, random_state={SEED}; {ROWS - BATCH} train, "
             f"{BATCH} held out (eval_data and the latency batch)",
-            "onnxruntime": "edge_agent.runtime.session_options(): intra_op_num_threads=1, "
+            "onnxruntime": "edgefleet.contract.runtime.session_options(): intra_op_num_threads=1, "
             "inter_op_num_threads=1, ORT_SEQUENTIAL, ORT_ENABLE_ALL, "
             "CPUExecutionProvider",
             "sklearn": "threadpoolctl.threadpool_limits(1) for the whole run (training, "

@@ -7,7 +7,7 @@ Run from the repository root::
 In one run:
 
 1. **Ingest throughput, end to end.** Simulated devices publish real summary messages (a
-   20-feature bundle's profiles of real rows, ``edge_agent.messages.encode``d, QoS 1)
+   20-feature bundle's profiles of real rows, ``edgefleet.contract.messages.encode``d, QoS 1)
    over ``--connections`` MQTT connections of one publisher process to a real Mosquitto;
    a :class:`fleet_server.server.FleetServer` in this process ingests them into SQLite
    (WAL, ``synchronous=FULL``, a file in a temporary directory). Throughput is summaries
@@ -17,11 +17,11 @@ In one run:
    window ends at its scheduled send time, and the lag is from there to the commit of the
    transaction holding it (the ``edgefleet_ingest_lag_seconds`` definition), p50/p99.
 3. **Ingest rules alone**: the drift data set below goes through
-   :meth:`fleet_server.ingest.Ingestor.process` in batches of 500 without a broker.
+   :meth:`fleet_server.telemetry.ingest.Ingestor.process` in batches of 500 without a broker.
 4. **Drift reports.** ``--devices`` devices (half labelled ``site=a``) x ``--windows``
    windows of ``--rows`` rows each, all in one hour-aligned hour, 20 numeric features
    drifting by known amounts (0 to 1 reference standard deviations, or rescaled); then
-   :meth:`fleet_server.drift_service.DriftService.report` for the fleet, the ``site=a``
+   :meth:`fleet_server.monitoring.drift.DriftService.report` for the fleet, the ``site=a``
    group, one device, and an hour that is not aligned (per-minute rollups). Median of
    ``--repeats`` after a warm-up; peak Python memory (tracemalloc) in a separate run.
 5. **Evidently** (``DataDriftPreset``, its defaults) on the *equivalent raw rows*: every
@@ -61,8 +61,8 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path
                               if Path(p or ".").resolve() != _ROOT / "benchmarks"]
 
 from benchmarks.common import machine, table  # noqa: E402
-from edge_agent.messages import BundleRef, Status, Summary, encode, topic  # noqa: E402
-from edge_agent.profile import Profile, parse_reference, to_wire  # noqa: E402
+from edgefleet.contract.messages import BundleRef, Status, Summary, encode, topic  # noqa: E402
+from edgefleet.contract.profile import Profile, parse_reference, to_wire  # noqa: E402
 
 LIBRARIES = ("edgefleet", "numpy", "scipy", "pandas", "sqlite-utils", "paho-mqtt", "fastapi",
              "evidently", "scikit-learn")
@@ -135,7 +135,7 @@ def build_bundle(work: Path) -> tuple[Path, Path, Any, np.ndarray]:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from edge_agent.signing import generate_key, write_key_pair
+    from edgefleet.contract.signing import generate_key, write_key_pair
     from packager.build import BuildOptions, build
 
     x, y = training_data(TRAIN_ROWS, SEED)
@@ -228,7 +228,7 @@ def _worker(conn, db: str, pub: str, host: str, port: int) -> None:
     """Child process: what ``fleet ingest`` runs (a FleetServer without HTTP, evaluator or
     desired-state publishing, in the shared subscription), plus a hook that records each
     committed summary's lag."""
-    from fleet_server.cli import tune_gc
+    from fleet_server.cli.serve import tune_gc
     from fleet_server.config import BrokerConfig, ServerConfig
     from fleet_server.server import FleetServer
 
@@ -398,8 +398,8 @@ def _peak_mb(fn) -> float:
 def drift_bench(work: Path, bundle: Path, pub: Path, fleet: FleetData, ref_x: np.ndarray,
                 sizes: Sizes) -> dict[str, Any]:
     from fleet_server.config import ServerConfig
-    from fleet_server.mqtt import Incoming
     from fleet_server.services import build_services
+    from fleet_server.telemetry.link import Incoming
 
     services = build_services(ServerConfig(db=work / "drift.db", trust=(f"build={pub}",),
                                            evaluate=False))
@@ -414,7 +414,7 @@ def drift_bench(work: Path, bundle: Path, pub: Path, fleet: FleetData, ref_x: np
             s.ingestor.process(statuses[i:i + 500], now=now)
         s.registry.create_group("site-a", {"site": "a"}, "bench", now)
         log(f"  ingesting {len(fleet.messages):,} summaries (rules only, no broker)")
-        from fleet_server.cli import tune_gc
+        from fleet_server.cli.serve import tune_gc
 
         defaults = gc.get_threshold()
         tune_gc()  # as the fleet processes do (this one holds every payload: a large heap)
@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         log("building the 20-feature bundle")
         bundle, pub, model, ref_x = build_bundle(work)
-        from edge_agent.bundle import read_unverified
+        from edgefleet.contract.bundle import read_unverified
 
         spec, _ = parse_reference(read_unverified(bundle.read_bytes()).member("reference.json"))
         log(f"profiling {sizes.devices:,} devices x {sizes.windows} windows")
@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _reseq(t: str, payload: bytes, i: int) -> tuple[str, bytes]:
     """A copy of a summary under a sequence number no other copy has (not a duplicate)."""
-    from edge_agent.messages import decode
+    from edgefleet.contract.messages import decode
 
     msg = decode(t, payload)
     assert isinstance(msg, Summary)

@@ -2,10 +2,10 @@
 
 :class:`Agent` serves predictions from the live :class:`~edge_agent.model.LoadedModel`
 and keeps, for the current window, what the fleet needs to know: a
-:class:`~edge_agent.profile.Profile` of every served input and output, a latency
+:class:`~edgefleet.contract.profile.Profile` of every served input and output, a latency
 histogram, error counters and, when a shadow candidate runs, its agreement with the live
 model. :meth:`Agent.close_window` turns the window into a :class:`Window`, which the
-daemon wraps in a :class:`~edge_agent.messages.Summary` with a sequence number.
+daemon wraps in a :class:`~edgefleet.contract.messages.Summary` with a sequence number.
 
 Profiling is always on and kept off the request path. A call checks its rows, runs the
 model, and appends the checked rows and the raw outputs to the window's buffer (a list
@@ -37,10 +37,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from edge_agent.errors import EdgefleetError, InputError
-from edge_agent.messages import LATENCY_EDGES_MS, BundleRef, ShadowStats, Summary
+from edge_agent.errors import NoModelError
 from edge_agent.model import LoadedModel, Outputs, PredictError, concat_outputs
-from edge_agent.profile import Profile, to_wire
+from edgefleet.contract.errors import InputError
+from edgefleet.contract.messages import LATENCY_EDGES_MS, BundleRef, ShadowStats, Summary
+from edgefleet.contract.profile import Profile, to_wire
 
 __all__ = ["Agent", "NoModelError", "Result", "Window"]
 
@@ -49,10 +50,6 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 256  # single rows buffered before the worker profiles them
 LATENCY_SLOTS = len(LATENCY_EDGES_MS) + 1
 RECENT_LATENCIES = 2048  # for the heartbeat's p50/p95
-
-
-class NoModelError(EdgefleetError):
-    """No bundle is installed yet: there is nothing to serve."""
 
 
 class Result(NamedTuple):
@@ -89,7 +86,7 @@ class Window:
     start: float
     end: float
     rows: int
-    profile: dict[str, Any]  # edge_agent.profile.to_wire()
+    profile: dict[str, Any]  # edgefleet.contract.profile.to_wire()
     latency_counts: tuple[int, ...]
     errors: dict[str, int] = field(default_factory=dict)
     shadow: ShadowStats | None = None

@@ -18,8 +18,9 @@ from typing import Any
 
 import click
 
-from edge_agent import __version__
-from edge_agent.errors import EdgefleetError, InputError
+from edgefleet import __version__
+from edgefleet.contract.errors import InputError
+from edgefleet.errors import EdgefleetError
 
 __all__ = ["cli", "main"]
 
@@ -108,9 +109,9 @@ def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
             config_path: Path | None, threshold: int | None, as_json: bool) -> None:
     """Verify a bundle and predict the rows of a file with it (one-off use)."""
     from edge_agent.agent import Agent
-    from edge_agent.bundle import read_bundle_file, verify_bundle
     from edge_agent.model import LoadedModel
-    from edge_agent.signing import Policy, TrustStore
+    from edgefleet.contract.bundle import read_bundle_file, verify_bundle
+    from edgefleet.contract.signing import Policy, TrustStore
 
     specs, roles = list(trust), ()
     if config_path is not None:

@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import EdgefleetError
-from edge_agent.messages import LABEL_RE, valid_device_id
+from edge_agent.errors import ConfigError
+from edgefleet.contract.messages import LABEL_RE, valid_device_id
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,14 +58,6 @@ else:  # pragma: no cover - exercised on 3.10 only
 __all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config"]
 
 MAX_CONFIG_BYTES = 64 * 1024
-
-
-class ConfigError(EdgefleetError):
-    """The configuration cannot be used; ``key`` names the setting at fault."""
-
-    def __init__(self, message: str, *, key: str | None = None) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 @dataclass(frozen=True)

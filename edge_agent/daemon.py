@@ -33,13 +33,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent import __version__
 from edge_agent.agent import Agent, Window
-from edge_agent.bundle import Limits, VerifiedBundle, verify_bundle
 from edge_agent.config import AgentConfig, ConfigError
 from edge_agent.download import Downloader, DownloadError
-from edge_agent.errors import BundleError, EdgefleetError, KeyFileError, SchemaError
-from edge_agent.messages import (
+from edge_agent.errors import InstallError
+from edge_agent.model import LoadedModel, LoadError
+from edge_agent.mqtt import LinkConfig, MqttLink
+from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.reconcile import LiveStep, Plan, ShadowStep, plan
+from edge_agent.slots import SlotError, Slots, State
+from edgefleet import __version__
+from edgefleet.contract.bundle import Limits, VerifiedBundle, verify_bundle
+from edgefleet.contract.errors import BundleError, KeyFileError, SchemaError
+from edgefleet.contract.messages import (
     BundleRef,
     DesiredState,
     Heartbeat,
@@ -49,12 +55,7 @@ from edge_agent.messages import (
     encode,
     topic,
 )
-from edge_agent.model import LoadedModel, LoadError
-from edge_agent.mqtt import LinkConfig, MqttLink
-from edge_agent.outbox import Outbox, OutboxError
-from edge_agent.reconcile import LiveStep, Plan, ShadowStep, plan
-from edge_agent.signing import Policy, TrustStore
-from edge_agent.slots import SlotError, Slots, State
+from edgefleet.contract.signing import Policy, TrustStore
 
 __all__ = ["AgentDaemon", "InstallError"]
 
@@ -62,10 +63,6 @@ log = logging.getLogger(__name__)
 
 _TICK_S = 0.25
 _RETRY_MIN_S, _RETRY_MAX_S = 1.0, 60.0
-
-
-class InstallError(EdgefleetError):
-    """An install step failed; the message is the reason reported to the server."""
 
 
 class AgentDaemon:

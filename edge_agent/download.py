@@ -33,32 +33,17 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_agent.errors import EdgefleetError
+from edge_agent.errors import (
+    DownloadDigestError,
+    DownloadError,
+    DownloadTooLargeError,
+    TransferError,
+)
 
 __all__ = ["DownloadDigestError", "DownloadError", "DownloadTooLargeError", "Downloader",
            "TransferError"]
 
 _CHUNK = 64 * 1024
-
-
-class DownloadError(EdgefleetError):
-    """A bundle download failed; the message names the URL (never the token)."""
-
-    retryable = False
-
-
-class TransferError(DownloadError):
-    def __init__(self, message: str, *, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-class DownloadTooLargeError(DownloadError):
-    """More bytes than the limit, or than the desired state announced."""
-
-
-class DownloadDigestError(DownloadError):
-    """The downloaded bytes do not have the sha256 (or length) the desired state names."""
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

@@ -1,160 +1,114 @@
-"""The error tree of the contracts (bundle, profile, messages) and of the agent.
+"""The device daemon's error tree: everything ``edge-agent`` refuses on its own account.
 
-Every refusal has a class of its own and a message that names the member, field or
-feature at fault, so a caller can react to the kind and a person can read the reason.
-Security failures are never reported as bare ``ValueError``.
+Contract refusals (a bad bundle, a bad input row, a malformed message) are the contracts'
+own types in :mod:`edgefleet.contract.errors`; these are the agent's. Each class is
+imported by the module that raises it, so ``edge_agent.download.DownloadError`` and
+``edge_agent.errors.DownloadError`` are one class.
 
-    EdgefleetError
-    ├── SchemaError                 a wire document is malformed (names the field)
-    ├── KeyFileError                a key file is unreadable, wrongly typed or too open
-    ├── BundleError                 a bundle is refused
-    │   ├── BundleFormatError       not a (gzip) tar, truncated, unreadable envelope
-    │   ├── UnsafeMemberError       absolute path, ``..``, nested path
-    │   ├── LinkMemberError         symlink or hardlink
-    │   ├── SpecialMemberError      device, fifo, directory
-    │   ├── SizeLimitError          a member, the total or the member count over a limit
-    │   ├── DuplicateMemberError    the same name twice
-    │   ├── MissingMemberError      a file the manifest lists is absent
-    │   ├── ExtraMemberError        a file the manifest does not list is present
-    │   ├── DigestMismatchError     a member's sha256 differs from the manifest
-    │   ├── SizeMismatchError       a member's size differs from the manifest
-    │   ├── ManifestError           the signed manifest breaks its own schema
-    │   ├── SignatureError          signature checks failed
-    │   │   ├── BadSignatureError       a signature does not verify (corrupt, wrong payload)
-    │   │   ├── UntrustedSignerError    no signature from a key in the trust store
-    │   │   └── ThresholdError          fewer trusted signatures than the policy asks
-    │   └── DowngradeError          the version is lower than the one installed
-    ├── ReferenceMismatchError      profiles over different references are never merged
-    └── InputError                  prediction input refused (names the feature)
-
-``ManifestError`` wraps the ``SchemaError`` of a manifest whose signature checked out
-(a trusted signer shipped a bad document): it is a bundle refusal like the others.
+    EdgefleetError                       (edgefleet.errors)
+    └── AgentError
+        ├── ConfigError                  the configuration cannot be used (names the key)
+        ├── SlotError                    the data directory cannot be used
+        ├── LoadError                    a verified bundle could not be loaded
+        ├── NoModelError                 nothing installed yet: nothing to serve
+        ├── PredictError                 the runtime failed on input that passed the checks
+        ├── InstallError                 an install step failed (the reason is reported)
+        ├── DownloadError                a bundle download failed (names the URL, never the token)
+        │   ├── TransferError            the connection failed (``retryable`` says whether to retry)
+        │   ├── DownloadTooLargeError    more bytes than the limit or than announced
+        │   └── DownloadDigestError      not the sha256 or length the desired state names
+        ├── OutboxError                  the outbox refused a message or its file failed
+        │   └── OutboxFullError          the disk or the page limit is full
+        └── MqttError                    the MQTT link refused a request
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from edgefleet.errors import EdgefleetError
+
 __all__ = [
-    "BadSignatureError",
-    "BundleError",
-    "BundleFormatError",
-    "DigestMismatchError",
-    "DowngradeError",
-    "DuplicateMemberError",
-    "EdgefleetError",
-    "ExtraMemberError",
-    "InputError",
-    "KeyFileError",
-    "LinkMemberError",
-    "ManifestError",
-    "MissingMemberError",
-    "ReferenceMismatchError",
-    "SchemaError",
-    "SignatureError",
-    "SizeLimitError",
-    "SizeMismatchError",
-    "SpecialMemberError",
-    "ThresholdError",
-    "UnsafeMemberError",
-    "UntrustedSignerError",
+    "AgentError",
+    "ConfigError",
+    "DownloadDigestError",
+    "DownloadError",
+    "DownloadTooLargeError",
+    "InstallError",
+    "LoadError",
+    "MqttError",
+    "NoModelError",
+    "OutboxError",
+    "OutboxFullError",
+    "PredictError",
+    "SlotError",
+    "TransferError",
 ]
 
 
-class EdgefleetError(Exception):
-    """Base of every error edgefleet raises on purpose."""
+class AgentError(EdgefleetError):
+    """Base of the device daemon's own errors."""
 
 
-class SchemaError(EdgefleetError):
-    """A document does not follow its schema; the message names the field."""
+class ConfigError(AgentError):
+    """The configuration cannot be used; ``key`` names the setting at fault."""
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(message)
-        self.field = field
+        self.key = key
 
 
-class KeyFileError(EdgefleetError):
-    """A key file cannot be used (unreadable, wrong type, wrong passphrase, mode)."""
+class SlotError(AgentError):
+    """The data directory cannot be used (permissions, a full disk, a corrupt state file)."""
 
 
-class BundleError(EdgefleetError):
-    """A bundle is refused. ``member`` names the file inside the bundle at fault."""
+class LoadError(AgentError):
+    """A verified bundle could not be loaded (its model, reference or samples)."""
 
-    def __init__(self, message: str, *, member: str | None = None) -> None:
+
+class NoModelError(AgentError):
+    """No bundle is installed yet: there is nothing to serve."""
+
+
+class PredictError(AgentError):
+    """The model failed on input that passed the schema checks (a runtime error)."""
+
+
+class InstallError(AgentError):
+    """An install step failed; the message is the reason reported to the server."""
+
+
+class DownloadError(AgentError):
+    """A bundle download failed; the message names the URL (never the token)."""
+
+    retryable = False
+
+
+class TransferError(DownloadError):
+    def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
-        self.member = member
+        self.retryable = retryable
 
 
-class BundleFormatError(BundleError):
-    """Not a gzip-compressed tar, truncated, or an unreadable signature envelope."""
+class DownloadTooLargeError(DownloadError):
+    """More bytes than the limit, or than the desired state announced."""
 
 
-class UnsafeMemberError(BundleError):
-    """A member name that could escape the bundle directory."""
+class DownloadDigestError(DownloadError):
+    """The downloaded bytes do not have the sha256 (or length) the desired state names."""
 
 
-class LinkMemberError(BundleError):
-    """A symlink or hardlink member."""
+class OutboxError(AgentError):
+    """The outbox refused a message or its file failed; ``path`` names the file."""
 
-
-class SpecialMemberError(BundleError):
-    """A device, fifo, directory or any other non-regular member."""
-
-
-class SizeLimitError(BundleError):
-    """A size or count beyond the configured limit (a tar bomb, say)."""
-
-
-class DuplicateMemberError(BundleError):
-    """Two members with the same name."""
-
-
-class MissingMemberError(BundleError):
-    """A member that must be present is absent."""
-
-
-class ExtraMemberError(BundleError):
-    """A member the manifest does not list."""
-
-
-class DigestMismatchError(BundleError):
-    """A member's sha256 differs from the manifest."""
-
-
-class SizeMismatchError(BundleError):
-    """A member's size differs from the manifest."""
-
-
-class ManifestError(BundleError):
-    """The signed manifest does not follow its schema (or is not canonical)."""
-
-
-class SignatureError(BundleError):
-    """The signature envelope does not satisfy the trust policy."""
-
-
-class BadSignatureError(SignatureError):
-    """A signature from a trusted key that does not verify over the manifest."""
-
-
-class UntrustedSignerError(SignatureError):
-    """No signature comes from a key in the trust store."""
-
-
-class ThresholdError(SignatureError):
-    """Fewer valid trusted signatures (or required roles) than the policy asks."""
-
-
-class DowngradeError(BundleError):
-    """The bundle's version is lower than the installed one and no downgrade was asked."""
-
-
-class ReferenceMismatchError(EdgefleetError):
-    """Two profiles (or a profile and a summary) over different reference bins."""
-
-
-class InputError(EdgefleetError):
-    """Prediction input refused; ``feature`` names the feature at fault."""
-
-    def __init__(self, message: str, *, feature: str | None = None, row: int | None = None):
+    def __init__(self, message: str, *, path: Path | None = None) -> None:
         super().__init__(message)
-        self.feature = feature
-        self.row = row
+        self.path = path
+
+
+class OutboxFullError(OutboxError):
+    """The disk (or the configured page limit) is full; the operation stored nothing."""
+
+
+class MqttError(AgentError):
+    """The MQTT link refused a request (an invalid topic, a link that is not started)."""

@@ -30,8 +30,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from edge_agent.agent import Agent, NoModelError
-from edge_agent.errors import InputError
 from edge_agent.model import PredictError
+from edgefleet.contract.errors import InputError
 
 __all__ = ["LocalServer"]
 

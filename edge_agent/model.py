@@ -1,11 +1,11 @@
 """A verified bundle, loaded and ready to serve: session, schema checks, bins, smoke test.
 
 :class:`LoadedModel` is what the agent holds for its live model and for a shadow
-candidate. It is built only from a :class:`~edge_agent.bundle.VerifiedBundle`, so nothing
+candidate. It is built only from a :class:`~edgefleet.contract.bundle.VerifiedBundle`, so nothing
 here is ever parsed from bytes whose signature did not check out.
 
 Running is split in two so the request path stays short: :meth:`LoadedModel.run_cells`
-takes rows that :class:`~edge_agent.schema.InputValidator` checked and returns the raw
+takes rows that :class:`~edgefleet.contract.inputs.InputValidator` checked and returns the raw
 output arrays (no copies, no per-row Python), :meth:`LoadedModel.run_matrix` does the same
 for a checked array. Turning outputs into profile columns (:meth:`profile_outputs`) is
 left to the profiling worker, off the request path.
@@ -19,23 +19,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from edge_agent.bundle import VerifiedBundle
-from edge_agent.errors import EdgefleetError, SchemaError
-from edge_agent.messages import BundleRef
-from edge_agent.profile import parse_reference
-from edge_agent.runtime import _NP, ModelRunner
-from edge_agent.samples import Samples, smoke_test
-from edge_agent.schema import Batch, Cell, InputValidator
+from edge_agent.errors import LoadError, PredictError
+from edgefleet.contract.bundle import VerifiedBundle
+from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.inputs import Batch, Cell, InputValidator
+from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.profile import parse_reference
+from edgefleet.contract.runtime import _NP, ModelRunner
+from edgefleet.contract.samples import Samples, smoke_test
 
 __all__ = ["LoadError", "LoadedModel", "Outputs", "PredictError", "concat_outputs"]
-
-
-class LoadError(EdgefleetError):
-    """A verified bundle could not be loaded (its model, reference or samples)."""
-
-
-class PredictError(EdgefleetError):
-    """The model failed on input that passed the schema checks (a runtime error)."""
 
 
 class Outputs(NamedTuple):
@@ -50,7 +43,7 @@ class LoadedModel:
     """One bundle's model, schema and reference, loaded into an onnxruntime session.
 
     Args:
-        bundle: a bundle that passed :func:`~edge_agent.bundle.verify_bundle`.
+        bundle: a bundle that passed :func:`~edgefleet.contract.bundle.verify_bundle`.
         intra_op_threads: onnxruntime threads per operator (1 suits single rows).
         max_rows: most rows one call may carry.
 
@@ -115,7 +108,7 @@ class LoadedModel:
             n: matrix[:, j] for j, n in enumerate(self.validator.names)}, matrix))
 
     def run_batch(self, batch: Batch) -> Outputs:
-        """Run a checked :class:`~edge_agent.schema.Batch` (any layout)."""
+        """Run a checked :class:`~edgefleet.contract.inputs.Batch` (any layout)."""
         try:
             pred = self.runner.run_columns(batch.columns)
         except Exception as exc:

@@ -32,7 +32,7 @@ which ``publish()`` also takes, so this module never holds its lock across a pah
 ``on_message`` runs on paho's thread; its exceptions are logged and swallowed.
 
 This module deliberately does not know topics or message schemas
-(:mod:`edge_agent.messages` does), does not persist anything itself, and never logs the
+(:mod:`edgefleet.contract.messages` does), does not persist anything itself, and never logs the
 password.
 """
 
@@ -50,7 +50,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.errors import EdgefleetError
+from edge_agent.errors import MqttError
 from edge_agent.outbox import Outbox, OutboxError
 
 __all__ = ["LinkConfig", "MqttError", "MqttLink"]
@@ -68,10 +68,6 @@ _PERMANENT_REFUSALS = frozenset(
 )
 _RETRY_AFTER_REFUSAL = 1.0  # seconds the pump waits after a transient refusal
 _IDLE_POLL = 1.0  # seconds; the pump re-reads the outbox at least this often
-
-
-class MqttError(EdgefleetError):
-    """The MQTT link refused a request (an invalid topic, a link that is not started)."""
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.errors import EdgefleetError
+from edge_agent.errors import OutboxError, OutboxFullError
 
 __all__ = ["Outbox", "OutboxError", "OutboxFullError", "OutboxItem"]
 
@@ -69,18 +69,6 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0);
 """
-
-
-class OutboxError(EdgefleetError):
-    """The outbox refused a message or its file failed; ``path`` names the file."""
-
-    def __init__(self, message: str, *, path: Path | None = None) -> None:
-        super().__init__(message)
-        self.path = path
-
-
-class OutboxFullError(OutboxError):
-    """The disk (or the configured page limit) is full; the operation stored nothing."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The reconcile decision: from a desired state and what is installed, what to do. Pure.
 
-The server publishes, per device, a retained :class:`~edge_agent.messages.DesiredState`
+The server publishes, per device, a retained :class:`~edgefleet.contract.messages.DesiredState`
 (with a revision that grows on every change); the agent compares it with its
 :class:`~edge_agent.slots.State` and :func:`plan` says what to do about the live model and
 the shadow. The daemon carries the plan out (download, verify, smoke-test, switch) and
@@ -30,10 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_agent.errors import SchemaError
-from edge_agent.manifest import parse_version
-from edge_agent.messages import BundleRef, DesiredState
 from edge_agent.slots import State
+from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.manifest import parse_version
+from edgefleet.contract.messages import BundleRef, DesiredState
 
 __all__ = ["LiveStep", "Plan", "ShadowStep", "plan", "same_bundle"]
 

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import EdgefleetError, SchemaError
-from edge_agent.messages import BundleRef
-from edge_agent.wire import Fields, canonical_json, parse_json
+from edge_agent.errors import SlotError
+from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.wire import Fields, canonical_json, parse_json
 
 __all__ = ["SlotError", "Slots", "State"]
 
@@ -42,10 +43,6 @@ log = logging.getLogger(__name__)
 STATE_SCHEMA = 1
 _SHA_RE = re.compile(r"^[0-9a-f]{64}\Z")
 MAX_FAILED = 32  # remembered failed installs (by sha256), oldest forgotten first
-
-
-class SlotError(EdgefleetError):
-    """The data directory cannot be used (permissions, a full disk, a corrupt state file)."""
 
 
 @dataclass(frozen=True)

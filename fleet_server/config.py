@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
-from edge_agent.bundle import Limits
-from fleet_server.drift import Thresholds
+from edgefleet.contract.bundle import Limits
+from fleet_server.errors import ConfigError
+from fleet_server.profiles.drift import Thresholds
 
 __all__ = [
     "DEFAULT_DRIFT",
@@ -27,7 +28,7 @@ __all__ = [
 
 def _positive(name: str, value: float) -> None:
     if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,14 @@ class BrokerConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
-            raise ValueError(f"broker port must be 1..65535, got {self.port}")
+            raise ConfigError(f"broker port must be 1..65535, got {self.port}")
         if not 1 <= self.receive_maximum <= 65535:
-            raise ValueError("receive_maximum must be 1..65535 (MQTT 5)")
+            raise ConfigError("receive_maximum must be 1..65535 (MQTT 5)")
         if self.share is not None and (not self.share or any(c in self.share for c in "/+#")):
-            raise ValueError(f"share group {self.share!r}: no '/', '+' or '#'")
+            raise ConfigError(f"share group {self.share!r}: no '/', '+' or '#'")
         _positive("reconnect_min_delay", self.reconnect_min_delay)
         if self.reconnect_max_delay < self.reconnect_min_delay:
-            raise ValueError("reconnect_max_delay must be >= reconnect_min_delay")
+            raise ConfigError("reconnect_max_delay must be >= reconnect_min_delay")
 
 
 @dataclass(frozen=True)
@@ -93,19 +94,19 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         if self.batch_max < 1:
-            raise ValueError("batch_max must be >= 1")
+            raise ConfigError("batch_max must be >= 1")
         _positive("batch_wait_s", self.batch_wait_s)
         if not self.levels or any(w < 1 for w in self.levels):
-            raise ValueError("levels must be positive widths in seconds")
+            raise ConfigError("levels must be positive widths in seconds")
         for fine, coarse in pairwise(self.levels):
             if coarse <= fine or coarse % fine:
-                raise ValueError(f"level {coarse} s is not a multiple of {fine} s")
+                raise ConfigError(f"level {coarse} s is not a multiple of {fine} s")
         if 86400 % self.levels[0] and self.levels[0] % 86400:
-            raise ValueError("the finest level must divide a day (or be whole days)")
+            raise ConfigError("the finest level must divide a day (or be whole days)")
         for name in ("max_clock_skew_s", "retention_s", "coarse_retention_s"):
             _positive(name, getattr(self, name))
         if self.dead_letter_payload_bytes < 0 or self.dead_letter_keep < 1:
-            raise ValueError("dead-letter bounds must be positive")
+            raise ConfigError("dead-letter bounds must be positive")
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,11 @@ class DriftConfig:
 
     def __post_init__(self) -> None:
         if self.window_s < 1:
-            raise ValueError("window_s must be >= 1")
+            raise ConfigError("window_s must be >= 1")
         if self.lateness_s < 0:
-            raise ValueError("lateness_s must be >= 0")
+            raise ConfigError("lateness_s must be >= 0")
         if self.max_series_points < 1 or self.max_device_reports < 0:
-            raise ValueError("series and device-report bounds must be positive")
+            raise ConfigError("series and device-report bounds must be positive")
 
 
 DEFAULT_INGEST = IngestConfig()
@@ -148,9 +149,9 @@ class WebhookConfig:
 
     def __post_init__(self) -> None:
         if self.url is not None and not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"webhook URL {self.url!r} must be http:// or https://")
+            raise ConfigError(f"webhook URL {self.url!r} must be http:// or https://")
         if self.max_attempts < 1 or self.queue_max < 1:
-            raise ValueError("webhook attempts and queue must be >= 1")
+            raise ConfigError("webhook attempts and queue must be >= 1")
         _positive("timeout_s", self.timeout_s)
         _positive("backoff_s", self.backoff_s)
 
@@ -180,15 +181,15 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.rollout_tick_s, (int, float)) and self.rollout_tick_s > 0
                 and self.rollout_tick_s < float("inf")):
-            raise ValueError("rollout_tick_s must be a number > 0")
+            raise ConfigError("rollout_tick_s must be a number > 0")
         if self.max_gate_summaries < 1:
-            raise ValueError("max_gate_summaries must be >= 1")
+            raise ConfigError("max_gate_summaries must be >= 1")
         if self.threshold < 1:
-            raise ValueError("threshold must be >= 1")
+            raise ConfigError("threshold must be >= 1")
         if self.max_upload_bytes < 1:
-            raise ValueError("max_upload_bytes must be >= 1")
+            raise ConfigError("max_upload_bytes must be >= 1")
         if self.drift.window_s % self.ingest_config.levels[0]:
-            raise ValueError(f"the drift window ({self.drift.window_s} s) must be a multiple "
+            raise ConfigError(f"the drift window ({self.drift.window_s} s) must be a multiple "
                              f"of the finest rollup level ({self.ingest_config.levels[0]} s)")
 
     @property

@@ -5,7 +5,7 @@ turns them into ``{"error": {"type": ..., "message": ...}}`` with the status bel
 CLI prints the message on one line and exits non-zero. Every message names the device,
 bundle, group, token or field at fault.
 
-    EdgefleetError                     (edge_agent.errors)
+    EdgefleetError                     (edgefleet.errors)
     └── FleetError                     500 unless a subclass says otherwise
         ├── NotFoundError              404 a device, bundle, group, alert ... does not exist
         ├── ConflictError              409 it exists already, or differs from what exists
@@ -15,10 +15,15 @@ bundle, group, token or field at fault.
         │   └── BundleReferenceError   422 a verified bundle whose reference.json is unusable
         ├── PayloadTooLargeError       413 an upload past the configured limit
         ├── UnavailableError           503 a dependency (the broker) is not reachable now
-        └── StoreError                 500 the database failed
-            └── SchemaVersionError     500 the database is newer than this code
+        │   └── BrokerStartError       503 Mosquitto missing, exited at start, or not listening
+        ├── StoreError                 500 the database failed
+        │   └── SchemaVersionError     500 the database is newer than this code
+        ├── ConfigError                a setting refused at start-up (names the setting)
+        ├── ClientError                the CLI's view of a refusal: the server's status and type
+        └── RolloutError               (fleet_server.rollouts.values: plan 422, transition 409,
+                                        approval 403; each subclass carries its status)
 
-Bundle refusals keep their own classes from :mod:`edge_agent.errors` (``SignatureError``,
+Bundle refusals keep their own classes from :mod:`edgefleet.contract.errors` (``SignatureError``,
 ``DigestMismatchError``, ...): the handler maps them to 400 (not a bundle at all), 413
 (a size limit) or 422 (everything else), with the class name as the error type.
 
@@ -29,11 +34,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from edge_agent.errors import EdgefleetError
+from edgefleet.errors import EdgefleetError
 
 __all__ = [
     "AuthenticationError",
+    "BrokerStartError",
     "BundleReferenceError",
+    "ClientError",
+    "ConfigError",
     "ConflictError",
     "FleetError",
     "InvalidRequestError",
@@ -113,3 +121,24 @@ class StoreError(FleetError):
 
 class SchemaVersionError(StoreError):
     """The database was migrated by a newer fleet server than this one."""
+
+
+class BrokerStartError(UnavailableError):
+    """Mosquitto is not installed, exited at start, or did not listen in time."""
+
+
+class ClientError(FleetError):
+    """The server refused a request (``status``, ``kind`` from its answer) or is unreachable
+    (``status`` 0). Raised by the CLI's HTTP client, never by the server."""
+
+    def __init__(self, message: str, *, status: int = 0, kind: str = "") -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]
+        self.kind = kind
+
+
+class ConfigError(FleetError):
+    """A server setting is refused when the configuration is built; the message names it.
+
+    Raised at start-up, before any thread runs, so a bad setting never fails later in a
+    worker."""

@@ -11,12 +11,18 @@ rows, the services decide what they mean.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-from edge_agent.messages import BundleRef
+from edgefleet.contract.messages import BundleRef
 
 __all__ = [
+    "FLEET_SCOPE",
     "ROLES",
+    "ROLLOUT_ACTIONS",
+    "ROLLOUT_ACTIVE",
+    "ROLLOUT_FINISHED",
+    "ROLLOUT_STATUSES",
     "Alert",
     "AuditEntry",
     "BundleRecord",
@@ -27,6 +33,8 @@ __all__ = [
     "Group",
     "Issued",
     "ReportRecord",
+    "RolloutAction",
+    "RolloutStatus",
     "SummaryRecord",
     "Token",
     "download_url",
@@ -34,6 +42,40 @@ __all__ = [
 
 # ordered: each role may do everything the ones before it may
 ROLES = ("viewer", "operator", "approver")
+# The scope name of the whole fleet, in rollups, drift windows and alerts (a device id or a
+# group name can never be "*"): one owner for the store, the evaluator, the API and the pages.
+FLEET_SCOPE = "*"
+
+
+class RolloutStatus(str, Enum):
+    """Where a rollout is. A ``str`` enum: it compares equal to its value, is stored and sent
+    as that value, and FastAPI takes it as a query parameter. The one owner of the rollout
+    vocabulary: the state machine, the store, the API and the dashboard import it."""
+
+    PENDING_APPROVAL = "pending_approval"
+    READY = "ready"
+    SHADOW = "shadow"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+
+
+class RolloutAction(str, Enum):
+    """What an operator can do to a rollout."""
+
+    APPROVE = "approve"
+    START = "start"
+    PAUSE = "pause"
+    RESUME = "resume"
+    PROMOTE = "promote"
+    ABORT = "abort"
+
+
+ROLLOUT_STATUSES = tuple(s.value for s in RolloutStatus)
+ROLLOUT_ACTIVE = (RolloutStatus.SHADOW.value, RolloutStatus.RUNNING.value)
+ROLLOUT_FINISHED = (RolloutStatus.COMPLETED.value, RolloutStatus.ABORTED.value)
+ROLLOUT_ACTIONS = tuple(a.value for a in RolloutAction)
 
 
 def download_url(name: str, version: str) -> str:

@@ -26,12 +26,12 @@ from fastapi import APIRouter
 
 from fleet_server.api import create_app
 from fleet_server.config import ServerConfig
-from fleet_server.evaluator import Evaluator
-from fleet_server.ingest import IngestWorker
-from fleet_server.mqtt import ServerLink
-from fleet_server.rollout_service import RolloutEngine
+from fleet_server.monitoring.evaluator import Evaluator
+from fleet_server.monitoring.webhook import Webhook
+from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.services import build_services
-from fleet_server.webhook import Webhook
+from fleet_server.telemetry.ingest import IngestWorker
+from fleet_server.telemetry.link import ServerLink
 
 __all__ = ["FleetServer"]
 

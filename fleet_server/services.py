@@ -8,18 +8,18 @@ webhook) and the MQTT link are started by :mod:`fleet_server.server`, not here.
 
 Public service APIs (for the rollout shell and the dashboard):
 
-- ``registry`` (:class:`~fleet_server.registry.Registry`): devices, labels, groups,
+- ``registry`` (:class:`~fleet_server.registry.devices.Registry`): devices, labels, groups,
   ``members(group)``;
-- ``desired`` (:class:`~fleet_server.desired.DesiredStates`): ``assign``,
+- ``desired`` (:class:`~fleet_server.registry.desired.DesiredStates`): ``assign``,
   ``assign_many``, ``get``, ``republish_all``;
-- ``bundles`` (:class:`~fleet_server.bundles.Bundles`): ``upload``, ``get``,
+- ``bundles`` (:class:`~fleet_server.registry.bundles.Bundles`): ``upload``, ``get``,
   ``by_label``, ``list``, ``reference`` (spec, base profile, rollup layout);
-- ``drift`` (:class:`~fleet_server.drift_service.DriftService`): ``report``, ``series``,
+- ``drift`` (:class:`~fleet_server.monitoring.drift.DriftService`): ``report``, ``series``,
   ``merged`` (a scope's merged rollup, for rollout gates);
-- ``rollouts`` (:class:`~fleet_server.rollout_service.Rollouts`): ``create``, ``get``,
+- ``rollouts`` (:class:`~fleet_server.rollouts.engine.Rollouts`): ``create``, ``get``,
   ``list``, ``act``, ``preview``, ``tick`` (the engine thread is the server's);
-- ``alerts`` (:class:`~fleet_server.alerts.Alerts`), ``auth``
-  (:class:`~fleet_server.auth.Auth`), ``ingestor``, ``metrics``, ``store``.
+- ``alerts`` (:class:`~fleet_server.monitoring.alerts.Alerts`), ``auth``
+  (:class:`~fleet_server.registry.auth.Auth`), ``ingestor``, ``metrics``, ``store``.
 """
 
 from __future__ import annotations
@@ -28,19 +28,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from edge_agent.signing import Policy, TrustStore
-from fleet_server.alerts import Alerts
-from fleet_server.auth import Auth
-from fleet_server.blobs import BlobStore
-from fleet_server.bundles import Bundles
+from edgefleet.contract.signing import Policy, TrustStore
 from fleet_server.config import ServerConfig
-from fleet_server.desired import DesiredStates, Publisher
-from fleet_server.drift_service import DriftService
-from fleet_server.ingest import Ingestor
 from fleet_server.metrics import Metrics
-from fleet_server.registry import Registry
-from fleet_server.rollout_service import Rollouts
+from fleet_server.monitoring.alerts import Alerts
+from fleet_server.monitoring.drift import DriftService
+from fleet_server.registry.auth import Auth
+from fleet_server.registry.blobs import BlobStore
+from fleet_server.registry.bundles import Bundles
+from fleet_server.registry.desired import DesiredStates, Publisher
+from fleet_server.registry.devices import Registry
+from fleet_server.rollouts.engine import Rollouts
 from fleet_server.store import Store
+from fleet_server.telemetry.ingest import Ingestor
 
 __all__ = ["Services", "build_services"]
 

@@ -1,0 +1,24 @@
+"""``edgepack``: a trained model and its data in, a signed, verified bundle out.
+
+The steps, in the order a build runs them:
+
+===============  ==============================================================
+``data``         read the training and held-out data (CSV, Parquet, arrays), bounded
+``convert``      scikit-learn (pipelines, trees, linear models, MLPs) to ONNX
+``precision``    keep tree thresholds exact: float64 where float32 would move a split
+``quantize``     dynamic, static or fp16 quantisation of the graphs that have MatMul/Conv
+``fidelity``     the gate: the converted model must answer as the original did
+``reference``    the training profile (the same code the device profiles with)
+``build``        the whole build, the manifest with lineage, and signing
+``sample_data``  small synthetic data sets the tests and the demo train on
+``cli``          the ``edgepack`` command
+``errors``       the packager's error tree
+===============  ==============================================================
+
+This package runs on a workstation or a build server; it is never installed on a device
+and the agent never imports it. What it shares with the agent and the fleet (the bundle,
+manifest, profile and signing formats) is in :mod:`edgefleet.contract`.
+"""
+
+__all__ = ["build", "cli", "convert", "data", "errors", "fidelity", "precision", "quantize",
+           "reference", "sample_data"]

@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.bundle import BUNDLE_SUFFIX, file_entry, pack_bundle
-from edge_agent.errors import SchemaError
-from edge_agent.manifest import NAME_RE, FeatureSpec, Lineage, Manifest, parse_version
-from edge_agent.runtime import ModelRunner, Prediction
-from edge_agent.signing import Envelope, load_private_key
-from edge_agent.wire import sha256_hex
+from edgefleet.contract.bundle import BUNDLE_SUFFIX, file_entry, pack_bundle
+from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.manifest import NAME_RE, FeatureSpec, Lineage, Manifest, parse_version
+from edgefleet.contract.runtime import ModelRunner, Prediction
+from edgefleet.contract.signing import Envelope, load_private_key
+from edgefleet.contract.wire import sha256_hex
 from packager.convert import Converted, adopt_onnx, convert_sklearn, sklearn_outputs
 from packager.data import Table, load_table
 from packager.errors import BuildError, FidelityError, ModelLoadError
@@ -299,7 +299,7 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
 def _calibration_feeds(converted: Converted, cal: Table) -> list[dict[str, np.ndarray]]:
     import onnxruntime as ort
 
-    from edge_agent.runtime import _ORT_NP  # the dtypes the graph declares
+    from edgefleet.contract.runtime import _ORT_NP  # the dtypes the graph declares
 
     session = ort.InferenceSession(converted.model, providers=["CPUExecutionProvider"])
     feeds = []

@@ -18,10 +18,10 @@ from typing import Any
 
 import click
 
-from edge_agent import __version__
-from edge_agent.bundle import read_bundle_file, read_unverified, sign_bundle, verify_bundle
-from edge_agent.errors import BundleError, EdgefleetError
-from edge_agent.signing import (
+from edgefleet import __version__
+from edgefleet.contract.bundle import read_bundle_file, read_unverified, sign_bundle, verify_bundle
+from edgefleet.contract.errors import BundleError
+from edgefleet.contract.signing import (
     Policy,
     TrustStore,
     generate_key,
@@ -29,6 +29,7 @@ from edge_agent.signing import (
     load_private_key,
     write_key_pair,
 )
+from edgefleet.errors import EdgefleetError
 
 __all__ = ["cli", "main"]
 

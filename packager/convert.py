@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from edge_agent.manifest import Binding, OutputSpec
+from edgefleet.contract.manifest import Binding, OutputSpec
 from packager.data import Table
 from packager.errors import ConversionError, UnsupportedModelError
 from packager.precision import exact_tree_thresholds

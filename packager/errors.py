@@ -9,13 +9,13 @@
     ├── FidelityError          the converted model disagrees with the original past a bound
     └── BuildError             anything else the build refuses (bad name, version, output)
 
-Contract errors (:mod:`edge_agent.errors`) pass through unchanged: a bad key is a
+Contract errors (:mod:`edgefleet.contract.errors`) pass through unchanged: a bad key is a
 ``KeyFileError``, a bad bundle a ``BundleError``.
 """
 
 from __future__ import annotations
 
-from edge_agent.errors import EdgefleetError
+from edgefleet.errors import EdgefleetError
 
 __all__ = [
     "BuildError",

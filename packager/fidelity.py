@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.manifest import Fidelity
-from edge_agent.runtime import Prediction
+from edgefleet.contract.manifest import Fidelity
+from edgefleet.contract.runtime import Prediction
+from edgefleet.parsing import split_pair
 from packager.errors import BuildError
 
 __all__ = ["Bounds", "judge", "parse_bounds"]
@@ -45,9 +46,7 @@ def parse_bounds(items: tuple[str, ...] | list[str], task_hint: str | None = Non
     values: dict[str, float] = {}
     fields = Bounds.__dataclass_fields__
     for item in items:
-        key, sep, text = item.partition("=")
-        if not sep:
-            key, text = "_main", item
+        key, text = split_pair(item, "--max-fidelity-loss", default_key="_main")
         if key != "_main" and key not in fields:
             raise BuildError(f"--max-fidelity-loss: unknown bound {key!r} "
                              f"(use {', '.join(fields)})")

@@ -1,6 +1,6 @@
 """Quantise a converted ONNX model for the device, and report honestly what happened.
 
-Four modes, as the manifest names them (:data:`edge_agent.manifest.QUANT_MODES`):
+Four modes, as the manifest names them (:data:`edgefleet.contract.manifest.QUANT_MODES`):
 
 - ``none``: the model ships as converted.
 - ``dynamic``: int8 weights; activations are quantised at run time
@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edge_agent.manifest import QUANT_MODES, Quantization
+from edgefleet.contract.manifest import QUANT_MODES, Quantization
 from packager.errors import QuantizationError
 
 __all__ = ["QUANTIZED_KERNELS", "WEIGHT_OPS", "quantize", "repair_opsets"]

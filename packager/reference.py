@@ -1,7 +1,7 @@
 """The bundle's ``reference.json`` and ``samples.json``, from the training data.
 
 The reference profile is computed with the device's own profile code
-(:mod:`edge_agent.profile`) on the training inputs and on the *packaged* model's
+(:mod:`edgefleet.contract.profile`) on the training inputs and on the *packaged* model's
 predictions for them, so live windows are compared with exactly what the shipped
 model did on the data it was trained on.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.profile import (
+from edgefleet.contract.profile import (
     CONFIDENCE_EDGES,
     CategoricalSpec,
     NumericSpec,
@@ -22,9 +22,9 @@ from edge_agent.profile import (
     categorical_spec,
     numeric_spec,
 )
-from edge_agent.runtime import Prediction
-from edge_agent.samples import Samples
-from edge_agent.wire import canonical_json
+from edgefleet.contract.runtime import Prediction
+from edgefleet.contract.samples import Samples
+from edgefleet.contract.wire import canonical_json
 from packager.data import Table
 
 __all__ = ["REFERENCE_SCHEMA", "build_reference", "pick_samples"]

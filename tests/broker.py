@@ -1,6 +1,6 @@
 """A real Mosquitto for tests: its own config, password file and ACL, on a free loopback port.
 
-The ACL is the one the design asks of production (``fleet_server.brokerconf.ACL_TEMPLATE``,
+The ACL is the one the design asks of production (``fleet_server.telemetry.broker.ACL_TEMPLATE``,
 its one source), so tests exercise what the broker really enforces:
 
 - every user (a device) may publish ``summary``, ``report``, ``heartbeat`` and ``status``
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet_server.brokerconf import ACL_TEMPLATE
+from fleet_server.telemetry.broker import ACL_TEMPLATE
 
 __all__ = ["INSTALL_HINT", "BrokerError", "Mosquitto", "find_mosquitto"]
 

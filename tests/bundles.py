@@ -27,8 +27,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from edge_agent.bundle import file_entry, pack_bundle, read_unverified
-from edge_agent.signing import Envelope, generate_key, key_id, load_private_key, write_key_pair
+from edgefleet.contract.bundle import file_entry, pack_bundle, read_unverified
+from edgefleet.contract.signing import (
+    Envelope,
+    generate_key,
+    key_id,
+    load_private_key,
+    write_key_pair,
+)
 from packager.sample_data import FEATURES, sensor_data
 
 __all__ = ["FEATURES", "BundleFactory", "KeyPair", "SigningKeys", "make_keys", "sensor_data"]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from edge_agent import __version__
+from edgefleet import __version__
 from fleet_server.api.deps import strict_query
 from fleet_server.api.errors import install_handlers
 from fleet_server.api.routes import (

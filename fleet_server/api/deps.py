@@ -7,7 +7,7 @@ error is a :class:`~fleet_server.errors.AuthenticationError` (401) or
 :class:`~fleet_server.errors.PermissionDeniedError` (403), mapped by the one handler.
 
 The bearer scheme is declared (``HTTPBearer``) so the OpenAPI document shows it; the
-check itself is :meth:`fleet_server.auth.Auth.authenticate`.
+check itself is :meth:`fleet_server.registry.auth.Auth.authenticate`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from fleet_server.auth import Auth, Principal
 from fleet_server.errors import InvalidRequestError
+from fleet_server.registry.auth import Auth, Principal
 from fleet_server.services import Services
 
 __all__ = ["AnyPrincipal", "Approver", "Operator", "ServicesDep", "Viewer", "strict_query"]

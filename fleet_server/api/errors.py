@@ -1,11 +1,10 @@
 """The one place domain errors become HTTP responses: ``{"error": {"type", "message"}}``.
 
-- :class:`~fleet_server.errors.FleetError` subclasses carry their status;
-- bundle refusals (:class:`~edge_agent.errors.BundleError`): 400 when the upload is not a
+- :class:`~fleet_server.errors.FleetError` subclasses carry their status (rollout refusals
+  included: an action the status does not allow 409, a missing approval 403, a bad plan 422);
+- bundle refusals (:class:`~edgefleet.contract.errors.BundleError`): 400 when the upload is not a
   bundle at all, 413 for a size limit, 422 for everything else (bad signature, digest,
   members, ...), the type being the contract's class name (``UntrustedSignerError``);
-- rollout refusals: an action the status does not allow (finished included) 409, an
-  actor or a bundle without the approval it needs 403, a bad plan 422;
 - other contract errors (``SchemaError``, ``ReferenceMismatchError``): 422;
 - request validation (FastAPI/pydantic): 422 with the fields at fault;
 - Starlette's own (unknown path 404, wrong method 405): their status;
@@ -24,18 +23,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from edge_agent.errors import (
-    BundleError,
-    BundleFormatError,
-    EdgefleetError,
-    SizeLimitError,
-)
+from edgefleet.contract.errors import BundleError, BundleFormatError, SizeLimitError
+from edgefleet.errors import EdgefleetError
 from fleet_server.errors import FleetError
-from fleet_server.rollout_model import (
-    ActorNotAllowedError,
-    ApprovalRequiredError,
-    InvalidTransitionError,
-)
 
 __all__ = ["error_response", "install_handlers", "status_of"]
 
@@ -49,10 +39,6 @@ def status_of(exc: Exception) -> int:
         return 400
     if isinstance(exc, SizeLimitError):
         return 413
-    if isinstance(exc, InvalidTransitionError):
-        return 409
-    if isinstance(exc, (ActorNotAllowedError, ApprovalRequiredError)):
-        return 403
     if isinstance(exc, (BundleError, EdgefleetError)):
         return 422
     return 500

@@ -30,7 +30,6 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from fleet_server.auth import Principal
 from fleet_server.dashboard import drift_page, pages, rollout_pages
 from fleet_server.dashboard.html import error_page, login_page, page
 from fleet_server.dashboard.pages import BadParam, Query
@@ -41,6 +40,7 @@ from fleet_server.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from fleet_server.registry.auth import Principal
 from fleet_server.services import Services
 
 __all__ = ["router"]

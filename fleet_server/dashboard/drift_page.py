@@ -1,9 +1,9 @@
 """The drift page: one bundle over the fleet, a group or a device, per feature.
 
 For each feature: its verdict and statistics over the whole range (from
-:meth:`~fleet_server.drift_service.DriftService.report`, the exactly merged rollup against
+:meth:`~fleet_server.monitoring.drift.DriftService.report`, the exactly merged rollup against
 the bundle's reference profile), its main statistic over time with the warn and drift
-thresholds (from :meth:`~fleet_server.drift_service.DriftService.series`), and the
+thresholds (from :meth:`~fleet_server.monitoring.drift.DriftService.series`), and the
 reference against the live histogram. The main statistic is PSI for a numeric feature and
 the Jensen-Shannon distance for a categorical one, the two the verdicts mostly turn on.
 

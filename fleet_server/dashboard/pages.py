@@ -20,10 +20,12 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from edge_agent.messages import LATENCY_EDGES_MS
+from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.messages import LATENCY_EDGES_MS
+from edgefleet.parsing import split_pair
 from fleet_server.dashboard.charts import bars, series
 from fleet_server.dashboard.html import Raw, badge, card, esc, link, pairs, table, when
-from fleet_server.models import Device, SummaryRecord
+from fleet_server.models import FLEET_SCOPE, ROLLOUT_FINISHED, Device, SummaryRecord
 from fleet_server.services import Services
 
 __all__ = ["STALE_AFTER_S", "STATUSES", "BadParam", "Query", "alerts", "device", "device_list",
@@ -32,7 +34,6 @@ __all__ = ["STALE_AFTER_S", "STATUSES", "BadParam", "Query", "alerts", "device",
 STALE_AFTER_S = 180.0  # six missed heartbeats at the agent's default 30 s
 STATUSES = ("online", "stale", "offline")
 MAX_LIST = 10_000  # devices read for one page; more are counted as "not shown"
-FINISHED_ROLLOUTS = ("completed", "aborted")
 
 
 class BadParam(Exception):
@@ -80,9 +81,10 @@ class Query:
         value = self.get(key)
         if value is None:
             return {}
-        k, sep, v = value.partition("=")
-        if not sep or not k:
-            raise BadParam(key, f"{value!r}: expected key=value")
+        try:
+            k, v = split_pair(value, key)
+        except SchemaError as exc:
+            raise BadParam(key, str(exc)) from None
         return {k: v}
 
 
@@ -140,7 +142,7 @@ def _active_rollouts(services: Services) -> list[dict[str, Any]] | None:
     svc = rollouts_service(services)
     if svc is None:
         return None
-    return [r for r in svc.list() if r.get("status") not in FINISHED_ROLLOUTS]
+    return [r for r in svc.list() if r.get("status") not in ROLLOUT_FINISHED]
 
 
 # --------------------------------------------------------------------------- overview
@@ -209,7 +211,7 @@ def _alert_table(rows: Sequence[Any]) -> Raw:
                   "message", "webhook"),
                  [(a.id, badge(a.kind), badge(a.state), when(a.opened), when(a.resolved),
                    link("/drift", a.bundle, bundle=a.bundle,
-                        group=a.group if a.group and a.group != "*" else None),
+                        group=a.group if a.group and a.group != FLEET_SCOPE else None),
                    a.group, link(f"/devices/{a.device}", a.device) if a.device else "—",
                    a.message, a.webhook) for a in rows], numeric=(0,), empty="no alerts")
 

@@ -20,7 +20,7 @@ from fleet_server.dashboard.charts import gauge
 from fleet_server.dashboard.html import Raw, badge, esc, link, pairs, table, when
 from fleet_server.dashboard.pages import Query, rollouts_service
 from fleet_server.errors import NotFoundError
-from fleet_server.rollout_model import STATUSES
+from fleet_server.rollouts.values import STATUSES
 from fleet_server.services import Services
 
 __all__ = ["rollout", "rollout_list"]

@@ -1,7 +1,7 @@
 """Dashboard sign-in: a token typed once into a form, then a server-side session cookie.
 
 The operator pastes an operator token into ``/login``; it is checked with the same
-:meth:`~fleet_server.auth.Auth.authenticate` the REST API uses and, if it is a viewer (or
+:meth:`~fleet_server.registry.auth.Auth.authenticate` the REST API uses and, if it is a viewer (or
 better), kept in memory under a fresh random session id. The browser only ever holds that
 id, in an ``HttpOnly; SameSite=Strict; Path=/`` cookie (``Secure`` when the request came
 over HTTPS), so the token is in no URL, no page, no log and no cookie jar. Every page
@@ -21,8 +21,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from fleet_server.auth import Auth, Principal
 from fleet_server.errors import AuthenticationError, PermissionDeniedError
+from fleet_server.registry.auth import Auth, Principal
 
 __all__ = ["COOKIE", "MAX_AGE_S", "MAX_SESSIONS", "Sessions"]
 

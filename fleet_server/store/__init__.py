@@ -15,7 +15,8 @@ The parts, by table:
 - ``_rollouts``: rollouts, and the telemetry reads their gates make.
 
 The store decides nothing: it does not judge, validate messages, hash secrets or read the
-clock (every time is a parameter). Bundle files live outside it (:mod:`fleet_server.blobs`).
+clock (every time is a parameter). Bundle files live outside it
+(:mod:`fleet_server.registry.blobs`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from edge_agent.messages import BundleRef
+from edgefleet.contract.messages import BundleRef
 from fleet_server.errors import ConflictError, NotFoundError, StoreError
 from fleet_server.models import AuditEntry, DesiredRecord, Device, Group, Token
 from fleet_server.store._base import StoreBase, chunks, dumps, loads

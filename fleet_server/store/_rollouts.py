@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet_server.errors import ConflictError, StoreError
+from fleet_server.models import ROLLOUT_FINISHED
 from fleet_server.store._base import StoreBase, chunks, dumps, loads
-
-FINISHED_STATUSES = ("completed", "aborted")
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class RolloutTables(StoreBase):
             params.append(status)
         if active is not None:
             where.append("status NOT IN (?, ?)" if active else "status IN (?, ?)")
-            params += list(FINISHED_STATUSES)
+            params += list(ROLLOUT_FINISHED)
         if where:
             sql += " WHERE " + " AND ".join(where)
         rows = self._rows(sql + " ORDER BY created_at DESC, id LIMIT ?", [*params, limit])

@@ -6,12 +6,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.messages import BundleRef
-from fleet_server.models import DeadLetter, ReportRecord, SummaryRecord
+from edgefleet.contract.messages import BundleRef
+from fleet_server.models import FLEET_SCOPE, DeadLetter, ReportRecord, SummaryRecord
 from fleet_server.store._base import StoreBase, chunks, dumps, loads
 from fleet_server.store._fleet import selector_sql
-
-FLEET_SCOPE = "*"  # the rollup of every device; no device id can be "*"
 
 PENDING, FOLDED, REFUSED = 0, 1, 2
 

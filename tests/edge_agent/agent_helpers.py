@@ -14,8 +14,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from edge_agent.messages import BundleRef
-from edge_agent.wire import sha256_hex
+from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.wire import sha256_hex
 
 __all__ = ["BundleServer", "wait_until", "write_config"]
 
@@ -79,7 +79,7 @@ class BundleServer:
         The ref carries the sha256 and size of the *real* file, so serving altered ``body``
         bytes is a tampered download.
         """
-        from edge_agent.bundle import read_unverified
+        from edgefleet.contract.bundle import read_unverified
 
         data = path.read_bytes()
         manifest = read_unverified(data).manifest
@@ -149,8 +149,8 @@ class Recorder:
         assert self._subscribed.wait(5), "recorder did not subscribe"
 
     def _on_message(self, client, userdata, message) -> None:
-        from edge_agent.errors import SchemaError
-        from edge_agent.messages import decode
+        from edgefleet.contract.errors import SchemaError
+        from edgefleet.contract.messages import decode
 
         with self._lock:
             self.raw.append((message.topic, bytes(message.payload)))
@@ -163,7 +163,7 @@ class Recorder:
 
     def desire(self, device: str, revision: int, bundle=None, shadow=None,
                allow_downgrade: bool = False) -> None:
-        from edge_agent.messages import DesiredState, encode, topic
+        from edgefleet.contract.messages import DesiredState, encode, topic
 
         message = DesiredState(device, revision, bundle, shadow, allow_downgrade)
         info = self.client.publish(topic(device, "desired"), encode(message), qos=1, retain=True)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from edge_agent.agent import CHUNK_ROWS, Agent, NoModelError
-from edge_agent.bundle import verify_bundle
-from edge_agent.errors import InputError
-from edge_agent.messages import LATENCY_EDGES_MS, decode, encode
 from edge_agent.model import LoadedModel
-from edge_agent.profile import Profile, from_wire
-from edge_agent.signing import TrustStore
+from edgefleet.contract.bundle import verify_bundle
+from edgefleet.contract.errors import InputError
+from edgefleet.contract.messages import LATENCY_EDGES_MS, decode, encode
+from edgefleet.contract.profile import Profile, from_wire
+from edgefleet.contract.signing import TrustStore
 from tests.bundles import FEATURES, sensor_data
 
 

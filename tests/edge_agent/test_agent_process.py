@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from edge_agent.messages import Report, Status, Summary, decode
 from edge_agent.outbox import Outbox
 from edge_agent.slots import Slots
+from edgefleet.contract.messages import Report, Status, Summary, decode
 from tests.broker import SERVER_USER, Mosquitto, free_port
 from tests.bundles import FEATURES, sensor_data
 from tests.edge_agent.agent_helpers import BundleServer, Recorder, wait_until, write_config

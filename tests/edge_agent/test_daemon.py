@@ -13,13 +13,13 @@ import time
 import numpy as np
 import pytest
 
-from edge_agent.bundle import pack_bundle, read_unverified
 from edge_agent.config import load_config
 from edge_agent.daemon import AgentDaemon
-from edge_agent.messages import Heartbeat, Report, Status, Summary
 from edge_agent.model import Outputs
-from edge_agent.profile import Profile, from_wire
-from edge_agent.signing import Envelope, generate_key
+from edgefleet.contract.bundle import pack_bundle, read_unverified
+from edgefleet.contract.messages import Heartbeat, Report, Status, Summary
+from edgefleet.contract.profile import Profile, from_wire
+from edgefleet.contract.signing import Envelope, generate_key
 from tests.broker import SERVER_USER, Mosquitto
 from tests.bundles import FEATURES, sensor_data
 from tests.edge_agent.agent_helpers import BundleServer, Recorder, wait_until, write_config
@@ -142,7 +142,7 @@ def test_a_bundle_failing_its_smoke_test_keeps_the_old_model(fleet, downloads, m
 
 
 def _desired(revision, bundle, shadow=None, allow_downgrade=False):
-    from edge_agent.messages import DesiredState
+    from edgefleet.contract.messages import DesiredState
 
     return DesiredState("dev1", revision, bundle, shadow, allow_downgrade)
 

@@ -14,7 +14,7 @@ from edge_agent.download import (
     DownloadTooLargeError,
     TransferError,
 )
-from edge_agent.wire import sha256_hex
+from edgefleet.contract.wire import sha256_hex
 
 BODY = os.urandom(100_000)
 TOKEN = "efd_secret-token-123"

@@ -8,10 +8,10 @@ import json
 import pytest
 
 from edge_agent.agent import Agent
-from edge_agent.bundle import verify_bundle
 from edge_agent.httpapi import LocalServer
 from edge_agent.model import LoadedModel
-from edge_agent.signing import TrustStore
+from edgefleet.contract.bundle import verify_bundle
+from edgefleet.contract.signing import TrustStore
 from tests.bundles import FEATURES, sensor_data
 
 

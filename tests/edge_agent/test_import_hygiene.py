@@ -1,4 +1,4 @@
-"""The device side stays light: no edge_agent module pulls in the build or server stack."""
+"""The device side stays light: no agent or contract module pulls in the build or server stack."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ import sys
 from pathlib import Path
 
 import edge_agent
+import edgefleet.contract
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("sklearn", "skl2onnx", "fastapi", "pandas", "onnx", "uvicorn", "sqlite_utils", "scipy")
 
 
 def test_every_agent_module_imports_without_the_heavy_stack():
-    modules = sorted(f"edge_agent.{m.name}" for m in pkgutil.iter_modules(edge_agent.__path__))
+    modules = sorted(
+        [f"edge_agent.{m.name}" for m in pkgutil.iter_modules(edge_agent.__path__)]
+        + [f"edgefleet.contract.{m.name}"
+           for m in pkgutil.iter_modules(edgefleet.contract.__path__)])
     assert "edge_agent.daemon" in modules and "edge_agent.cli" in modules
+    assert "edgefleet.contract.bundle" in modules and "edgefleet.contract.inputs" in modules
     code = (f"import sys; import {', '.join(modules)}; "
             f"bad = [m for m in {HEAVY!r} if m in sys.modules]; "
             "assert not bad, bad; print('clean')")

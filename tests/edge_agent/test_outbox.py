@@ -23,8 +23,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from edge_agent.errors import EdgefleetError
 from edge_agent.outbox import Outbox, OutboxError, OutboxFullError, OutboxItem
+from edgefleet.errors import EdgefleetError
 
 MAX_MESSAGES = 6
 MAX_BYTES = 64

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.messages import BundleRef, DesiredState
 from edge_agent.reconcile import plan, same_bundle
 from edge_agent.slots import State
+from edgefleet.contract.messages import BundleRef, DesiredState
 
 
 def ref(version: str, sha: str | None = None, name: str = "m") -> BundleRef:

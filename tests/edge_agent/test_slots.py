@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.errors import SchemaError
-from edge_agent.messages import BundleRef
 from edge_agent.slots import MAX_FAILED, SlotError, Slots, State
-from edge_agent.wire import canonical_json, sha256_hex
+from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.wire import canonical_json, sha256_hex
 
 SHA = st.text("0123456789abcdef", min_size=64, max_size=64)
 REFS = st.one_of(st.none(), st.builds(

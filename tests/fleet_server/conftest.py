@@ -2,8 +2,8 @@
 devices played with the device's own transport (Outbox + MqttLink), servers on real ports.
 
 Every server, broker and device link a fixture starts is stopped by it. Devices publish
-exactly what an agent would: ``edge_agent.messages.encode`` of real messages, summaries
-carrying profiles computed by ``edge_agent.profile.Profile`` over the bins of a real
+exactly what an agent would: ``edgefleet.contract.messages.encode`` of real messages, summaries
+carrying profiles computed by ``edgefleet.contract.profile.Profile`` over the bins of a real
 bundle's ``reference.json``.
 """
 
@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.bundle import read_unverified
-from edge_agent.messages import (
+from edge_agent.mqtt import LinkConfig, MqttLink
+from edge_agent.outbox import Outbox
+from edgefleet.contract.bundle import read_unverified
+from edgefleet.contract.messages import (
     BundleRef,
     Heartbeat,
     Report,
@@ -29,9 +31,7 @@ from edge_agent.messages import (
     encode,
     topic,
 )
-from edge_agent.mqtt import LinkConfig, MqttLink
-from edge_agent.outbox import Outbox
-from edge_agent.profile import Profile, ProfileSpec, parse_reference, to_wire
+from edgefleet.contract.profile import Profile, ProfileSpec, parse_reference, to_wire
 from fleet_server.config import BrokerConfig, DriftConfig, IngestConfig, ServerConfig
 from fleet_server.server import FleetServer
 from fleet_server.services import Services, build_services

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge_agent.bundle import pack_bundle, read_unverified
-from edge_agent.messages import (
+from edgefleet.contract.bundle import pack_bundle, read_unverified
+from edgefleet.contract.messages import (
     LATENCY_EDGES_MS,
     BundleRef,
     Report,
@@ -17,10 +17,10 @@ from edge_agent.messages import (
     decode,
     encode,
 )
-from edge_agent.profile import to_wire
-from edge_agent.signing import load_private_key
-from fleet_server.mqtt import Incoming
+from edgefleet.contract.profile import to_wire
+from edgefleet.contract.signing import load_private_key
 from fleet_server.services import Services
+from fleet_server.telemetry.link import Incoming
 from tests.fleet_server.conftest import profile_of
 
 

@@ -12,8 +12,8 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from edge_agent.bundle import file_entry, pack_bundle, read_unverified, sign_bundle
-from edge_agent.signing import Envelope, generate_key, load_private_key
+from edgefleet.contract.bundle import file_entry, pack_bundle, read_unverified, sign_bundle
+from edgefleet.contract.signing import Envelope, generate_key, load_private_key
 from fleet_server.models import download_url
 
 pytestmark = pytest.mark.slow

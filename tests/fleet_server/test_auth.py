@@ -9,20 +9,20 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet_server.auth import (
-    Auth,
-    Principal,
-    mosquitto_hash,
-    secret_hash,
-    verify_mosquitto_hash,
-)
 from fleet_server.errors import (
     AuthenticationError,
     ConflictError,
     InvalidRequestError,
     PermissionDeniedError,
 )
-from fleet_server.registry import Registry
+from fleet_server.registry.auth import (
+    Auth,
+    Principal,
+    mosquitto_hash,
+    secret_hash,
+    verify_mosquitto_hash,
+)
+from fleet_server.registry.devices import Registry
 from fleet_server.store import Store
 from tests.broker import Mosquitto, find_mosquitto
 

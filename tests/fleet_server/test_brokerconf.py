@@ -31,8 +31,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleet_server.auth import mosquitto_hash, verify_mosquitto_hash
-from fleet_server.brokerconf import (
+from fleet_server.cli import main
+from fleet_server.errors import InvalidRequestError
+from fleet_server.registry.auth import mosquitto_hash, verify_mosquitto_hash
+from fleet_server.registry.devices import Registry
+from fleet_server.store import Store
+from fleet_server.telemetry.broker import (
     ACL_NAME,
     ACL_TEMPLATE,
     CONF_NAME,
@@ -44,10 +48,6 @@ from fleet_server.brokerconf import (
     stop_broker,
     write_broker_config,
 )
-from fleet_server.cli import main
-from fleet_server.errors import InvalidRequestError
-from fleet_server.registry import Registry
-from fleet_server.store import Store
 from tests.broker import INSTALL_HINT, find_mosquitto, free_port
 
 NOT_AUTHORIZED = 0x87

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from fleet_server.cli import main
-from fleet_server.cli_util import parse_time
+from fleet_server.cli.util import parse_time
 from tests.broker import free_port
 from tests.fleet_server.conftest import profile_of, summary_of, wait_until
 
@@ -91,8 +91,8 @@ def test_operating_a_fleet_from_the_cli(cli, sensor_bundle):
     # the devices send windows; the drift table shows what they profiled
     ref = s.bundles.reference(1)
     now = time.time()
-    from edge_agent.messages import encode, topic
-    from fleet_server.mqtt import Incoming
+    from edgefleet.contract.messages import encode, topic
+    from fleet_server.telemetry.link import Incoming
 
     for i, d in enumerate(("dev1", "dev2")):
         msg = summary_of(d, 1, profile_of(ref.spec, 500, i, {"temperature": 9.0}, ref.base),

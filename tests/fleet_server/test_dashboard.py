@@ -24,10 +24,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge_agent.messages import LATENCY_EDGES_MS, BundleRef
+from edgefleet.contract.messages import LATENCY_EDGES_MS, BundleRef
 from fleet_server.config import DriftConfig
 from fleet_server.dashboard.session import COOKIE
-from fleet_server.evaluator import Evaluator
+from fleet_server.monitoring.evaluator import Evaluator
 from fleet_server.server import FleetServer
 from tests.broker import SERVER_USER, Mosquitto
 from tests.fleet_server.conftest import (

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from edge_agent.messages import DesiredState, decode, topic
-from fleet_server.desired import Assignment
+from edgefleet.contract.messages import DesiredState, decode, topic
 from fleet_server.errors import InvalidRequestError, NotFoundError
 from fleet_server.models import download_url
+from fleet_server.registry.desired import Assignment
 from tests.fleet_server.conftest import wait_until
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ from scipy import integrate
 from scipy import stats as sps
 from scipy.spatial.distance import jensenshannon
 
-from edge_agent.errors import ReferenceMismatchError, SchemaError
-from edge_agent.profile import (
+from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
+from edgefleet.contract.profile import (
     CONFIDENCE_EDGES,
     CategoricalSpec,
     NumericSpec,
@@ -26,8 +26,8 @@ from edge_agent.profile import (
     categorical_spec,
     numeric_spec,
 )
-from edge_agent.wire import canonical_json
-from fleet_server.drift import (
+from edgefleet.contract.wire import canonical_json
+from fleet_server.profiles.drift import (
     STAT_KEYS,
     DriftReport,
     FeatureDrift,
@@ -660,7 +660,7 @@ def test_compare_of_twenty_features_is_fast():
 def test_the_wire_form_keeps_wasserstein_for_features_far_from_zero():
     """Sums travel as offsets from the bin edges: a level of 1e5 with a spread of 1 must
     not lose its per-bin means to rounding (absolute 5-digit sums moved W by ~0.01 here)."""
-    from edge_agent.profile import from_wire, to_wire
+    from edgefleet.contract.profile import from_wire, to_wire
 
     rng = np.random.default_rng(7)
     ref = 101_325.0 + rng.normal(0, 1, 5000)

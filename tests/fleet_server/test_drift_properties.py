@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.profile import (
+from edgefleet.contract.profile import (
     CONFIDENCE_EDGES,
     NumericSpec,
     Profile,
@@ -18,8 +18,8 @@ from edge_agent.profile import (
     categorical_spec,
     numeric_spec,
 )
-from edge_agent.wire import canonical_json
-from fleet_server.drift import STAT_KEYS, VERDICTS, DriftReport, Thresholds, compare
+from edgefleet.contract.wire import canonical_json
+from fleet_server.profiles.drift import STAT_KEYS, VERDICTS, DriftReport, Thresholds, compare
 
 SETTINGS = settings(max_examples=80, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -15,14 +15,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from edge_agent.messages import encode, topic
-from fleet_server.alerts import Alerts
+from edgefleet.contract.messages import encode, topic
 from fleet_server.config import DriftConfig, WebhookConfig
-from fleet_server.drift import Thresholds
-from fleet_server.drift_service import DriftService
-from fleet_server.evaluator import FLEET, Evaluator
-from fleet_server.mqtt import Incoming
-from fleet_server.webhook import Webhook
+from fleet_server.models import FLEET_SCOPE
+from fleet_server.monitoring.alerts import Alerts
+from fleet_server.monitoring.drift import DriftService
+from fleet_server.monitoring.evaluator import Evaluator
+from fleet_server.monitoring.webhook import Webhook
+from fleet_server.profiles.drift import Thresholds
+from fleet_server.telemetry.link import Incoming
 from tests.fleet_server.conftest import profile_of, summary_of
 
 W = 60
@@ -65,11 +66,11 @@ def test_persistent_drift_opens_one_alert_and_ok_resolves_it(fleet):
             feed(s, d, k, T0 + k * W, shift=shift)
         feed(s, "dev4", k, T0 + k * W)
     first = ev.evaluate(T0 + W)  # window 0 is complete
-    assert {(w.scope, w.window_start) for w in first} >= {(FLEET, T0), ("plant-a", T0)}
+    assert {(w.scope, w.window_start) for w in first} >= {(FLEET_SCOPE, T0), ("plant-a", T0)}
     assert s.store.list_alerts(kind="drift") == []  # one drifted window is not persistence
     ev.evaluate(T0 + 2 * W)  # two of the last three: persistent (3 of 4 devices drift)
     opened = s.store.list_alerts(kind="drift", state="open")
-    assert sorted(a.group for a in opened) == [FLEET, "plant-a"]
+    assert sorted(a.group for a in opened) == [FLEET_SCOPE, "plant-a"]
     ev.evaluate(T0 + 3 * W)  # still drifting: the same alerts, no new ones
     assert sorted(a.id for a in s.store.list_alerts(kind="drift")) == sorted(a.id for a in opened)
     assert opened[0].details["windows"] == ["drift", "drift"]
@@ -101,7 +102,7 @@ def test_a_device_that_drifts_alone_is_a_suspect_sensor(fleet):
         feed(s, d, 0, T0, shift={"vibration": 0.6} if d == "dev3" else None)
     ev.evaluate(T0 + W)
     suspects = s.store.list_alerts(kind="suspect_sensor", state="open")
-    assert {(a.device, a.group) for a in suspects} == {("dev3", "plant-a"), ("dev3", FLEET)}
+    assert {(a.device, a.group) for a in suspects} == {("dev3", "plant-a"), ("dev3", FLEET_SCOPE)}
     assert suspects[0].details["features"] == ["vibration"]
     # the on-demand device report says the same
     result = s.drift.report("sensor@1.0.0", device="dev3", group="plant-a", since=T0,

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from edge_agent.messages import encode
-from edge_agent.profile import Profile
-from fleet_server.drift_service import Scope
+from edgefleet.contract.messages import encode
+from edgefleet.contract.profile import Profile
+from fleet_server.monitoring.drift import Scope
 from fleet_server.services import build_services
 from fleet_server.store import Store
 from fleet_server.store.migrations import MIGRATIONS

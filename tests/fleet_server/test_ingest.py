@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.messages import BundleRef, Heartbeat, Status, encode, topic
-from fleet_server.mqtt import Incoming
+from edgefleet.contract.messages import BundleRef, Heartbeat, Status, encode, topic
 from fleet_server.store import FOLDED
+from fleet_server.telemetry.link import Incoming
 from tests.fleet_server.conftest import profile_of, summary_of, wait_until
 
 pytestmark = pytest.mark.slow
@@ -171,8 +171,8 @@ def test_fuzzed_payloads_never_stop_ingest(junk, seed, fuzz_rig):
 @pytest.fixture(scope="module")
 def fuzz_rig(tmp_path_factory, signing_keys, bundles):
     """One broker, server and device for all the fuzz examples (module-scoped: fast)."""
-    from edge_agent.bundle import read_unverified
-    from edge_agent.profile import parse_reference
+    from edgefleet.contract.bundle import read_unverified
+    from edgefleet.contract.profile import parse_reference
     from fleet_server.server import FleetServer
     from tests.broker import SERVER_USER, Mosquitto
     from tests.fleet_server.conftest import PASSWORDS, SERVER_PASSWORD, FakeDevice, make_config

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from edge_agent.messages import BundleRef, Status, encode, topic
+from edgefleet.contract.messages import BundleRef, Status, encode, topic
 from fleet_server.cli import main
-from fleet_server.registry import Registry
+from fleet_server.registry.devices import Registry
 from fleet_server.store import Store
 from tests.broker import SERVER_USER, Mosquitto
 from tests.fleet_server.conftest import (
@@ -151,7 +151,7 @@ def test_no_secret_in_logs_output_or_database(tmp_path, caplog, server_factory, 
         broker.cleanup()
 
     assert caplog.records, "nothing was logged: the check would be empty"
-    assert any(r.name.startswith("fleet_server.mqtt.paho") for r in caplog.records), \
+    assert any(r.name.startswith("fleet_server.telemetry.link.paho") for r in caplog.records), \
         "paho's DEBUG packet log was not captured"
     assert leaks(record_texts(caplog.records), secrets) == []
     assert leaks(caplog.text, secrets) == []

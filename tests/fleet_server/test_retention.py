@@ -13,11 +13,12 @@ import time
 
 import pytest
 
-from edge_agent.messages import encode, topic
+from edgefleet.contract.messages import encode, topic
 from fleet_server.config import DriftConfig, IngestConfig
-from fleet_server.evaluator import Evaluator
-from fleet_server.mqtt import Incoming
+from fleet_server.errors import ConfigError
+from fleet_server.monitoring.evaluator import Evaluator
 from fleet_server.services import build_services
+from fleet_server.telemetry.link import Incoming
 from tests.fleet_server.conftest import make_config, profile_of, summary_of
 
 DAY = 86400
@@ -92,5 +93,5 @@ def test_the_retention_boundary_is_kept(fleet):
 
 def test_retention_is_configured_with_positive_windows():
     for name in ("retention_s", "coarse_retention_s"):
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(ConfigError, match=name):
             IngestConfig(**{name: 0})

@@ -9,9 +9,10 @@ from itertools import pairwise
 
 import pytest
 
-from edge_agent.errors import EdgefleetError, SchemaError
-from edge_agent.messages import BundleRef
-from fleet_server.rollout import (
+from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.messages import BundleRef
+from edgefleet.errors import EdgefleetError
+from fleet_server.rollouts.machine import (
     ActorNotAllowedError,
     ApprovalRequiredError,
     DesiredAssignment,
@@ -693,7 +694,7 @@ def test_invalid_actions_raise_a_specific_error_naming_rollout_state_action(stat
         act(plan, state, action, obs(100.0, fleet()), actor="operator:bo",
             roles={"approver"}, bundle_approved=True)
     assert isinstance(info.value, RolloutError) and isinstance(info.value, EdgefleetError)
-    assert (info.value.rollout_id, info.value.status, info.value.action) == (
+    assert (info.value.rollout_id, info.value.rollout_status, info.value.action) == (
         "r1", status, action)
     assert "'r1'" in str(info.value) and status in str(info.value) and action in str(info.value)
 

@@ -21,7 +21,7 @@ import pytest
 
 from edge_agent.config import load_config
 from edge_agent.daemon import AgentDaemon
-from fleet_server.client import ClientError, FleetClient
+from fleet_server.cli.client import ClientError, FleetClient
 from fleet_server.server import FleetServer
 from fleet_server.services import build_services
 from tests.broker import SERVER_USER, Mosquitto

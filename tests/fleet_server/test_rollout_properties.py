@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from edge_agent.messages import BundleRef
-from fleet_server.rollout import (
+from edgefleet.contract.messages import BundleRef
+from fleet_server.rollouts.machine import (
     FINISHED,
     DesiredAssignment,
     DeviceObs,
@@ -131,7 +131,7 @@ class RolloutMachine(RuleBasedStateMachine):
                            roles={"approver"} if approver else {"operator"},
                            bundle_approved=signed)
         except RolloutError as exc:
-            assert exc.rollout_id == "prop" and exc.status == self.state.status
+            assert exc.rollout_id == "prop" and exc.rollout_status == self.state.status
             return
         assert decision.audit and decision.audit[-1].actor == who
         self.apply(decision, "install")

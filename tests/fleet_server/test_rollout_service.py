@@ -14,10 +14,11 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from edge_agent.errors import SchemaError
+from edgefleet.contract.errors import SchemaError
 from fleet_server.cli import main
 from fleet_server.errors import ConflictError, InvalidRequestError, NotFoundError
-from fleet_server.rollout import (
+from fleet_server.rollouts.engine import p95_ms
+from fleet_server.rollouts.machine import (
     ActorNotAllowedError,
     ApprovalRequiredError,
     PlanError,
@@ -27,7 +28,6 @@ from fleet_server.rollout import (
     gate_window,
     plan_order,
 )
-from fleet_server.rollout_service import p95_ms
 from fleet_server.services import build_services
 from tests.bundles import BundleFactory, sensor_data
 from tests.fleet_server.conftest import make_config

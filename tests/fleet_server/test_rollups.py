@@ -10,8 +10,8 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.errors import ReferenceMismatchError, SchemaError
-from edge_agent.profile import (
+from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
+from edgefleet.contract.profile import (
     CategoricalSpec,
     Profile,
     ProfileSpec,
@@ -19,8 +19,8 @@ from edge_agent.profile import (
     numeric_spec,
     to_wire,
 )
-from fleet_server.drift_service import tile
-from fleet_server.rollups import Layout, layout_for
+from fleet_server.monitoring.drift import tile
+from fleet_server.profiles.rollups import Layout, layout_for
 
 RNG = np.random.default_rng(7)
 SPEC = ProfileSpec(

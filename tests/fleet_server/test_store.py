@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.messages import BundleRef
+from edgefleet.contract.messages import BundleRef
 from fleet_server.errors import ConflictError, NotFoundError, SchemaVersionError, StoreError
 from fleet_server.models import DesiredRecord, Group, ReportRecord
 from fleet_server.store import LATEST, PENDING, Store, SummaryRow

@@ -16,9 +16,9 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
-    from edge_agent.bundle import Limits, verify_bundle
-    from edge_agent.errors import BundleError
-    from edge_agent.signing import generate_key, trust_from_mapping
+    from edgefleet.contract.bundle import Limits, verify_bundle
+    from edgefleet.contract.errors import BundleError
+    from edgefleet.contract.signing import generate_key, trust_from_mapping
 
 TRUST = trust_from_mapping({"fuzz": generate_key().public_key()})
 LIMITS = Limits(max_bundle_bytes=1 << 20, max_member_bytes=1 << 18, max_total_bytes=1 << 19)

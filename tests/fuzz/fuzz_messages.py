@@ -14,8 +14,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from edge_agent.errors import SchemaError
-    from edge_agent.messages import KINDS, decode
+    from edgefleet.contract.errors import SchemaError
+    from edgefleet.contract.messages import KINDS, decode
 
 
 def one(data: bytes) -> None:

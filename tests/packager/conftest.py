@@ -25,7 +25,7 @@ from sklearn import datasets
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
-from edge_agent.signing import TrustStore, generate_key, key_id, write_key_pair
+from edgefleet.contract.signing import TrustStore, generate_key, key_id, write_key_pair
 from packager.build import BuildOptions, BuildResult, build
 
 EPOCH = "1767225600"  # 2026-01-01T00:00:00Z

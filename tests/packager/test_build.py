@@ -22,9 +22,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.semi_supervised import LabelSpreading
 
-from edge_agent.bundle import read_unverified, verify_bundle
-from edge_agent.errors import KeyFileError
-from edge_agent.runtime import ModelRunner
+from edgefleet.contract.bundle import read_unverified, verify_bundle
+from edgefleet.contract.errors import KeyFileError
+from edgefleet.contract.runtime import ModelRunner
 from packager.build import BuildOptions, build
 from packager.errors import (
     BuildError,
@@ -365,8 +365,8 @@ def test_key_readable_by_others_is_refused(cancer, build_key, tmp_path):
 
 
 def test_importing_the_agent_does_not_import_the_build_stack():
-    code = ("import edge_agent, edge_agent.bundle, edge_agent.profile, edge_agent.runtime, "
-            "edge_agent.samples, sys; "
+    code = ("import edge_agent, edgefleet.contract.bundle, edgefleet.contract.profile, "
+            "edgefleet.contract.runtime, edgefleet.contract.samples, sys; "
             "bad=[m for m in ('sklearn','skl2onnx','fastapi') if m in sys.modules]; "
             "assert not bad, bad; print('clean')")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,

@@ -20,8 +20,8 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from edge_agent.bundle import pack_bundle, read_unverified
-from edge_agent.signing import key_id, load_public_key
+from edgefleet.contract.bundle import pack_bundle, read_unverified
+from edgefleet.contract.signing import key_id, load_public_key
 from packager.cli import cli, main
 from tests.packager.conftest import EPOCH, dataset, dump, fit, write_csv
 
@@ -366,7 +366,7 @@ def test_every_command_and_option_has_help_text(capsys):
 
 
 def test_version(capsys):
-    from edge_agent import __version__
+    from edgefleet import __version__
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"edgepack, version {__version__}"

@@ -2,7 +2,7 @@
 
 Each family is trained on a data set scikit-learn ships, written to CSV, built into a
 signed bundle by :func:`packager.build.build`, verified with the build key, loaded into
-the device's :class:`~edge_agent.runtime.ModelRunner` and run on held-out rows the build
+the device's :class:`~edgefleet.contract.runtime.ModelRunner` and run on held-out rows the build
 never saw. The answers are compared with the scikit-learn model's own ``predict`` /
 ``predict_proba``. Tolerances are per family, a little above what was measured (the
 float32 ONNX kernels against scikit-learn's float64), far below the default fidelity
@@ -43,11 +43,11 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.tree import DecisionTreeRegressor
 
-from edge_agent.bundle import verify_bundle
-from edge_agent.manifest import Manifest
-from edge_agent.profile import Profile, ProfileSpec
-from edge_agent.runtime import ModelRunner, Prediction
-from edge_agent.samples import Samples, smoke_test
+from edgefleet.contract.bundle import verify_bundle
+from edgefleet.contract.manifest import Manifest
+from edgefleet.contract.profile import Profile, ProfileSpec
+from edgefleet.contract.runtime import ModelRunner, Prediction
+from edgefleet.contract.samples import Samples, smoke_test
 from packager.build import BuildOptions, BuildResult, build
 from tests.packager.conftest import columns_of, dataset, dump, fit, split, write_csv
 

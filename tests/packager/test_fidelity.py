@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_agent.runtime import Prediction
+from edgefleet.contract.runtime import Prediction
 from packager.errors import BuildError
 from packager.fidelity import Bounds, judge, parse_bounds
 

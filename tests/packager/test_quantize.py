@@ -36,7 +36,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from edge_agent.manifest import Quantization
+from edgefleet.contract.manifest import Quantization
 from packager.errors import QuantizationError
 from packager.quantize import QUANTIZED_KERNELS, quantize, repair_opsets
 

@@ -14,7 +14,7 @@ from fleet_server.errors import PayloadTooLargeError, PermissionDeniedError
 
 router = APIRouter(prefix="/api/v1/bundles", tags=["bundles"])
 Name = Annotated[str, Path(max_length=64)]
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # edge_agent.manifest.NAME_RE
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # edgefleet.contract.manifest.NAME_RE
 Version = Annotated[str, Path(max_length=128)]
 
 _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {

@@ -6,6 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
+from edgefleet.contract.errors import SchemaError
+from edgefleet.parsing import parse_pairs
 from fleet_server.api.deps import AnyPrincipal, Operator, ServicesDep, Viewer
 from fleet_server.api.schemas import (
     DEVICE_PATTERN,
@@ -30,15 +32,12 @@ def parse_selector(items: list[str], field: str = "label") -> dict[str, str]:
     """``["site=a", "line=3"]`` → ``{"site": "a", "line": "3"}``.
 
     Raises:
-        InvalidRequestError: an item without ``=``.
+        InvalidRequestError: an item without ``=``, or a key given twice.
     """
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidRequestError(f"{field} {item!r}: expected key=value", field=field)
-        out[key] = value
-    return out
+    try:
+        return parse_pairs(items, field)
+    except SchemaError as exc:
+        raise InvalidRequestError(str(exc), field=field) from None
 
 
 @router.get("", response_model=list[DevicePublic])

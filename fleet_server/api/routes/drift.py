@@ -14,7 +14,7 @@ from fleet_server.api.schemas import (
     DriftWindowPublic,
     SeriesPublic,
 )
-from fleet_server.evaluator import FLEET
+from fleet_server.models import FLEET_SCOPE
 
 router = APIRouter(prefix="/api/v1/drift", tags=["drift"])
 
@@ -63,6 +63,6 @@ def drift_windows(services: ServicesDep, _: Viewer, bundle: Bundle, group: Group
     record = services.bundles.by_label(bundle)
     if group is not None:
         services.registry.group(group)
-    found = services.store.list_windows(record.id, group or FLEET, since=since, until=until,
+    found = services.store.list_windows(record.id, group or FLEET_SCOPE, since=since, until=until,
                                         limit=limit)
     return [DriftWindowPublic.model_validate(w.to_dict()) for w in found]

@@ -1,9 +1,9 @@
 """``/api/v1/rollouts``: create, list, inspect, preview, act (approve, start, pause,
-resume, promote, abort). The rules are :class:`~fleet_server.rollout_service.Rollouts`'."""
+resume, promote, abort). The rules are :class:`~fleet_server.rollouts.engine.Rollouts`'."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Path
 
@@ -16,14 +16,11 @@ from fleet_server.api.schemas import (
     RolloutPublic,
     RolloutSummary,
 )
-from fleet_server.auth import Principal
-from fleet_server.models import ROLES
+from fleet_server.models import ROLES, RolloutAction, RolloutStatus
+from fleet_server.registry.auth import Principal
 
 router = APIRouter(prefix="/api/v1/rollouts", tags=["rollouts"])
 RolloutIdPath = Annotated[str, Path(pattern=ROLLOUT_ID_PATTERN, description="The rollout id")]
-Status = Literal["pending_approval", "ready", "shadow", "running", "paused", "completed",
-                 "aborted"]
-Action = Literal["approve", "start", "pause", "resume", "promote", "abort"]
 
 
 def roles_of(who: Principal) -> set[str]:
@@ -33,9 +30,10 @@ def roles_of(who: Principal) -> set[str]:
 
 @router.get("", response_model=list[RolloutSummary])
 def list_rollouts(services: ServicesDep, _: Viewer,
-                  status: Status | None = None) -> list[RolloutSummary]:
+                  status: RolloutStatus | None = None) -> list[RolloutSummary]:
     """Rollouts, newest first; filter by status."""
-    return [RolloutSummary.model_validate(r) for r in services.rollouts.list(status=status)]
+    return [RolloutSummary.model_validate(r) for r in services.rollouts.list(
+        status=None if status is None else status.value)]
 
 
 @router.post("", response_model=RolloutPublic, status_code=201)
@@ -69,10 +67,10 @@ def get_rollout(rollout_id: RolloutIdPath, services: ServicesDep, _: Viewer) -> 
 
 
 @router.post("/{rollout_id}/{action}", response_model=RolloutPublic)
-def act_on_rollout(rollout_id: RolloutIdPath, action: Action, services: ServicesDep,
+def act_on_rollout(rollout_id: RolloutIdPath, action: RolloutAction, services: ServicesDep,
                    who: Operator, body: RolloutActionIn | None = None) -> RolloutPublic:
     """An operator action. ``approve`` needs the approver role and a bundle signed by an
     approver key; finished rollouts refuse every action (409)."""
     reason = body.reason if body is not None else ""
     return RolloutPublic.model_validate(services.rollouts.act(
-        rollout_id, action, actor=who.actor, roles=roles_of(who), reason=reason))
+        rollout_id, action.value, actor=who.actor, roles=roles_of(who), reason=reason))

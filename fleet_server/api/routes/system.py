@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from edge_agent import __version__
+from edgefleet import __version__
 from fleet_server.api.deps import ServicesDep
 from fleet_server.api.schemas import HealthPublic
 from fleet_server.metrics import CONTENT_TYPE

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from fleet_server.api.deps import ServicesDep, Viewer
 from fleet_server.api.schemas import BUNDLE_PATTERN, DeadLetterPublic, SummaryPublic
-from fleet_server.bundles import parse_label
+from fleet_server.registry.bundles import parse_label
 
 router = APIRouter(prefix="/api/v1", tags=["telemetry"])
 

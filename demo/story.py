@@ -1,0 +1,508 @@
+"""``make demo``: the whole story on one machine, in about three minutes.
+
+1. **Package.** Train a predictive-maintenance model on a synthetic sensor data set (no
+   downloads) in three versions and package each with ``edgepack``: v1 (logistic
+   regression), v2 (a small MLP), v3 (a faulty build trained on inverted labels: it passes
+   its own smoke test, but its answers disagree with the fleet's).
+2. **Start the fleet.** A Mosquitto broker configured by ``fleet broker-config`` (one
+   account per device, ACLs), the fleet server (REST API, ingest, drift evaluator, rollout
+   engine, dashboard), and 20 edge agents in two sites, each with its own outbox, slots and
+   local endpoint, streaming sensor rows through ``Agent.predict``.
+3. **Roll out v1** to every device in stages.
+4. **Drift.** Site B's humidity sensors start reading 25 points high; the server sees it
+   in the summaries, raises an alert and calls the retraining webhook.
+5. **Roll out v2** through canary stages to all: the gates pass.
+6. **Roll out v3**: the canaries disagree with the control devices, the prediction-drift
+   gate fails, the rollout aborts and every touched device goes back to v2.
+
+It prints each step and the dashboard URL, then keeps running for you to look around
+until Ctrl-C (``--exit`` stops at the end instead). Everything it writes goes to
+``demo-out/``. Timings are compressed (2-second windows, seconds-long soaks) so the story
+fits in minutes; the defaults of a real deployment are in ``deploy/`` and the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OUT = Path("demo-out")
+SITES = {"a": 10, "b": 10}
+WINDOW_S = 2.0
+ROWS_PER_S = 15  # per device
+log = logging.getLogger("edgefleet.demo")
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def banner(text: str) -> None:
+    say(f"\n=== {text} " + "=" * max(0, 74 - len(text)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+# --------------------------------------------------------------------------- 1. package
+
+
+def package(out: Path) -> dict[str, Path]:
+    """Train and package v1, v2 and the faulty v3; keys in ``out/keys``."""
+    import joblib
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from packager.cli import main as edgepack
+    from packager.sample_data import FEATURES, sensor_data
+
+    train = sensor_data(3000, seed=1)
+    train.to_csv(out / "train.csv", index=False)
+    held = sensor_data(600, seed=2)
+    held.to_csv(out / "eval.csv", index=False)
+    x, y = train[list(FEATURES)], train["fault"]
+    models = {
+        "1.0.0": Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression())]),
+        "2.0.0": Pipeline([("scale", StandardScaler()),
+                           ("mlp", MLPClassifier((16, 8), max_iter=800, random_state=0))]),
+        "3.0.0": Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression())]),
+    }
+    for args in (("keygen", "build", "--out", str(out / "keys")),
+                 ("keygen", "approver", "--out", str(out / "keys"))):
+        _edgepack(edgepack, args, quiet=True)
+    paths = {}
+    for version, model in models.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(x, 1 - y if version == "3.0.0" else y)  # v3: the faulty build
+        joblib.dump(model, out / f"model-{version}.joblib")
+        say(f"$ edgepack build model-{version}.joblib --name sensor --version {version} ...")
+        _edgepack(edgepack, (
+            "build", str(out / f"model-{version}.joblib"), "--train-data",
+            str(out / "train.csv"), "--target", "fault", "--eval-data", str(out / "eval.csv"),
+            "--name", "sensor", "--version", version, "--key", str(out / "keys/build.key"),
+            "--out", str(out / "bundles"), "--json"), quiet=True)
+        paths[version] = out / "bundles" / f"sensor-{version}.edgebundle"
+        manifest = _inspect(paths[version])
+        acc = manifest["metrics"].get("eval_accuracy", 0.0)
+        say(f"  sensor@{version}: {manifest['lineage']['estimator']}, eval accuracy "
+            f"{acc:.1%}, fidelity {manifest['fidelity']['label_agreement']:.1%} label "
+            f"agreement, {paths[version].stat().st_size:,} bytes")
+    return paths
+
+
+def _edgepack(edgepack: Callable[[list[str]], int], args: tuple[str, ...], *,
+              quiet: bool) -> None:
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer) if quiet else contextlib.nullcontext():
+        code = edgepack(list(args))
+    if code != 0:
+        say(buffer.getvalue())
+        raise SystemExit(f"demo: `edgepack {args[0]}` failed (exit {code})")
+
+
+def _inspect(path: Path) -> dict[str, Any]:
+    from edgefleet.contract.bundle import read_unverified
+
+    return read_unverified(path.read_bytes()).manifest.to_dict()
+
+
+# --------------------------------------------------------------------------- 2. the fleet
+
+
+class WebhookLog:
+    """The retraining trigger's other end: a local HTTP receiver that prints each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    outer.calls.append(json.loads(body))
+                except ValueError:
+                    outer.calls.append({"raw": body[:200].decode(errors="replace")})
+                self.send_response(204)
+                self.end_headers()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/retrain"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class SimDevice:
+    """One edge agent (the real daemon, in this process) and the machine it watches."""
+
+    def __init__(self, device: str, site: str, secret: str, workdir: Path, broker_port: int,
+                 server_url: str, trust: list[str], seed: int) -> None:
+        from edge_agent.config import parse_config
+        from edge_agent.daemon import AgentDaemon
+
+        self.device, self.site = device, site
+        workdir.mkdir(parents=True, exist_ok=True)
+        secret_file = workdir / "secret"
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+        config = parse_config({
+            "device": {"id": device, "labels": {"site": site, "fleet": "demo"}},
+            "broker": {"host": "127.0.0.1", "port": broker_port, "password_file": "secret",
+                       "reconnect_max_delay": 2.0},
+            "server": {"url": server_url},
+            "trust": {"keys": trust},
+            "window": {"seconds": WINDOW_S},
+            "agent": {"data_dir": "data", "http_port": 0, "heartbeat_seconds": 2.0},
+        }, base=workdir, source=str(workdir / "agent.toml"))
+        self.daemon = AgentDaemon(config)
+        self.rng = np.random.default_rng(seed)
+        self.shift: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._feed, name=f"feed-{device}", daemon=True)
+
+    def start(self) -> None:
+        self.daemon.start()
+        self._thread.start()
+
+    def _feed(self) -> None:
+        from edge_agent.agent import NoModelError
+        from packager.sample_data import FEATURES, sensor_matrix
+
+        period = 1.0 / ROWS_PER_S
+        while not self._stop.wait(period * (0.5 + self.rng.random())):
+            x, _ = sensor_matrix(1, self.rng, self.shift)
+            with contextlib.suppress(NoModelError):  # nothing installed yet: the app retries
+                self.daemon.agent.predict([dict(zip(FEATURES, x[0].tolist(), strict=True))])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.daemon.stop(flush_timeout=1.0)
+
+
+class Demo:
+    def __init__(self, out: Path, port: int) -> None:
+        self.out = out
+        self.port = port
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.devices: list[SimDevice] = []
+        self.server = None
+        self.webhook: WebhookLog | None = None
+        self.client = None
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start_fleet(self, bundles: dict[str, Path]) -> None:
+        from fleet_server.cli.client import FleetClient
+        from fleet_server.config import (
+            BrokerConfig,
+            DriftConfig,
+            IngestConfig,
+            ServerConfig,
+            WebhookConfig,
+        )
+        from fleet_server.server import FleetServer
+        from fleet_server.telemetry.broker import BrokerSetup, write_broker_config
+
+        keys = (self.out / "keys").resolve()  # agents resolve paths from their own dir
+        trust = [f"build={keys / 'build.pub'}", f"approver={keys / 'approver.pub'}"]
+        broker_port = free_port()
+        server_password = "demo-" + os.urandom(8).hex()
+        self.webhook = WebhookLog()
+        config = ServerConfig(
+            db=self.out / "fleet.db", trust=tuple(trust),
+            broker=BrokerConfig(host="127.0.0.1", port=broker_port, password=server_password),
+            ingest_config=IngestConfig(levels=(2, 60, 3600)),
+            drift=DriftConfig(window_s=6, lateness_s=1.0),
+            webhook=WebhookConfig(url=self.webhook.url, backoff_s=0.5),
+            port=self.port, rollout_tick_s=1.0)
+        self.server = server = FleetServer(config)
+        s = server.services
+        now = time.time()
+        operator = s.auth.create_token("demo-operator", "approver", "demo", now)
+        (self.out / "operator.token").write_text(operator.secret + "\n")
+        os.chmod(self.out / "operator.token", 0o600)
+        secrets = {}
+        for site, count in SITES.items():
+            for i in range(count):
+                device = f"press-{site}{i:02d}"
+                _, issued = s.registry.add_device(device, {"site": site, "fleet": "demo"},
+                                                  "demo", now)
+                secrets[device] = (site, issued.secret)
+        say(f"registered {len(secrets)} devices (one secret each: MQTT password and "
+            "download token)")
+
+        broker_dir = self.out / "broker"
+        write_broker_config(BrokerSetup(
+            out=broker_dir, port=broker_port, bind="127.0.0.1", server_user="server",
+            server_password=server_password, persistence=False), s.store)
+        say(f"$ fleet broker-config --out {broker_dir}   (per-device accounts, %u ACLs)")
+        self._start_mosquitto(broker_dir / "mosquitto.conf", broker_port)
+        say(f"mosquitto listening on 127.0.0.1:{broker_port}")
+
+        server.start()
+        url = server.start_http("127.0.0.1", self.port)
+        self.client = FleetClient(url, operator.secret)
+        say(f"fleet server on {url} (REST API, ingest, drift evaluator, rollout engine)")
+        say(f"dashboard: {url}/ (sign in with the token in {self.out / 'operator.token'})")
+        for group, selector in (("everyone", {"fleet": "demo"}), ("site-a", {"site": "a"}),
+                                ("site-b", {"site": "b"})):
+            self.client.post("/api/v1/groups", {"name": group, "selector": selector,
+                                                "important_features": ["humidity"]})
+        say("groups: everyone (fleet=demo), site-a, site-b")
+        for version, path in bundles.items():
+            status, _ = self.client.upload(path)
+            say(f"uploaded sensor@{version} (verified against the trust store: HTTP {status})")
+        for n, (device, (site, secret)) in enumerate(secrets.items()):
+            dev = SimDevice(device, site, secret, self.out / "devices" / device, broker_port,
+                            url, trust, seed=100 + n)
+            dev.start()
+            self.devices.append(dev)
+        wait_for("the agents to connect", lambda: all(
+            d.daemon.link.connected for d in self.devices), 30)
+        say(f"{len(self.devices)} agents connected and streaming ~{ROWS_PER_S} rows/s each "
+            "(nothing to serve yet: no model is installed)")
+        self.url = url
+
+    def _start_mosquitto(self, conf: Path, port: int) -> None:
+        from fleet_server.telemetry.broker import BrokerStartError, start_broker
+
+        try:  # its own session: Ctrl-C stops the agents first, then the broker
+            self.processes.append(start_broker(conf, port, conf.parent / "mosquitto.log",
+                                               new_session=True))
+        except BrokerStartError as exc:
+            raise SystemExit(f"demo: {exc} (`make demo` installs it as root)") from exc
+
+    # -- rollouts --------------------------------------------------------------------------
+
+    def rollout(self, version: str, stages: list[dict[str, Any]], expect: str) -> dict:
+        body = {"bundle": f"sensor@{version}", "group": "everyone", "stages": stages,
+                "install_timeout_s": 30, "start": True,
+                "gates": {"min_healthy_predictions": 10, "min_canary_predictions": 60,
+                          "min_control_predictions": 60, "max_wait_s": 60}}
+        say(f"$ fleet rollout create sensor@{version} --group everyone --stages "
+            + ",".join(f"{int(s['fraction'] * 100)}%" for s in stages) + " --start")
+        created = self.client.post("/api/v1/rollouts", body)
+        rid = created["id"]
+        seen = 0
+
+        def finished() -> dict | None:
+            nonlocal seen
+            detail = self.client.get(f"/api/v1/rollouts/{rid}")
+            for entry in detail["audit"][seen:]:
+                say("  " + _audit_line(entry))
+            seen = len(detail["audit"])
+            return detail if detail["status"] in ("completed", "aborted") else None
+
+        detail = wait_for(f"the rollout of {version} to finish", finished, 240, every=1.0)
+        if detail["status"] != expect:
+            raise SystemExit(f"demo: the rollout of {version} ended {detail['status']}, "
+                             f"expected {expect}")
+        return detail
+
+    def running(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for d in self.devices:
+            model = d.daemon.agent.model
+            label = model.label if model else "none"
+            counts[label] = counts.get(label, 0) + 1
+        return counts
+
+    # -- stop ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        for d in self.devices:
+            try:
+                d.stop()
+            except Exception:  # stop everything even if one part failed
+                log.exception("stopping %s", d.device)
+        if self.client is not None:
+            self.client.close()
+        if self.server is not None:
+            self.server.stop()
+        from fleet_server.telemetry.broker import stop_broker
+
+        for proc in self.processes:
+            stop_broker(proc)
+        if self.webhook is not None:
+            self.webhook.stop()
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _audit_line(entry: dict[str, Any]) -> str:
+    """One decision of the audit log: when, who, what, why, and the numbers behind it."""
+    when = time.strftime("%H:%M:%S", time.localtime(entry["time"]))
+    line = (f"[{when}] {entry['actor']}: {entry['action']} {entry['from_status'] or '—'} → "
+            f"{entry['to_status']} (stage {entry['stage']})")
+    if entry.get("reason"):
+        line += f": {entry['reason']}"
+    numbers = entry.get("numbers") or {}
+    counts = [f"{k} {_fmt(v)}" for k, v in numbers.items()
+              if isinstance(v, int | float) and not isinstance(v, bool)]
+    gates = [f"{g['name']} {_fmt(g['value'])} {g['outcome']}" for g in numbers.get("gates", ())
+             if isinstance(g, dict) and g.get("outcome") in ("pass", "fail")
+             and g.get("name") != "soak"]
+    if counts:
+        line += f"\n      {', '.join(counts)}"
+    if gates:
+        line += f"\n      gates: {', '.join(gates)}"
+    return line
+
+
+# --------------------------------------------------------------------------- the story
+
+
+def story(demo: Demo, bundles: dict[str, Path]) -> None:
+    stages = [{"fraction": 0.1, "min_devices": 2, "soak_s": 6},
+              {"fraction": 0.5, "min_devices": 2, "soak_s": 6},
+              {"fraction": 1.0, "min_devices": 1, "soak_s": 4}]
+
+    banner("3. roll out v1 to every device in stages (10 %, 50 %, 100 %)")
+    demo.rollout("1.0.0", stages, "completed")
+    wait_for("every agent to run v1", lambda: demo.running() == {"sensor@1.0.0": 20}, 60)
+    say(f"devices by bundle: {demo.running()}")
+
+    banner("4. site B's humidity sensors drift (+25 %RH); the server notices")
+    for d in demo.devices:
+        if d.site == "b":
+            d.shift = {"humidity": 25.0}
+    alert = wait_for("a drift alert", lambda: next(iter(demo.client.get(
+        "/api/v1/alerts", state="open")), None), 120, every=1.0)
+    say(f"alert #{alert['id']} ({alert['kind']}): {alert['message']}")
+    report = demo.client.get("/api/v1/drift", bundle="sensor@1.0.0", group="site-b",
+                             since=time.time() - 20)
+    for f in report["report"]["features"]:
+        if f["role"] == "input":
+            s = f["stats"]
+            say(f"  site-b {f['name']:<12} {f['verdict']:<6} PSI {_fmt(s.get('psi'))}  KS "
+                f"{_fmt(s.get('ks'))}  W/σ {_fmt(s.get('wasserstein'))}")
+    wait_for("the retraining webhook", lambda: demo.webhook.calls, 30)
+    say(f"webhook called (the retraining trigger): {demo.webhook.url} ← "
+        f"{json.dumps(demo.webhook.calls[0])[:160]}…")
+    for d in demo.devices:
+        d.shift = {}  # the field crew recalibrates site B
+    say("site B recalibrated")
+
+    banner("5. roll out v2 (the MLP) through canary stages to all")
+    demo.rollout("2.0.0", stages, "completed")
+    wait_for("every agent to run v2", lambda: demo.running() == {"sensor@2.0.0": 20}, 60)
+    say(f"devices by bundle: {demo.running()}")
+
+    banner("6. roll out the faulty v3: the gates catch it and roll back")
+    detail = demo.rollout("3.0.0", stages, "aborted")
+    wait_for("every agent back on v2", lambda: demo.running() == {"sensor@2.0.0": 20}, 90)
+    failed = [g for g in detail["gate_results"] if g["outcome"] == "fail"]
+    for g in failed:
+        say(f"  gate {g['name']}: {_fmt(g['value'])} against {g['op']} {_fmt(g['threshold'])}"
+            f" — {g['reason']}")
+    say(f"devices by bundle: {demo.running()} (every touched device rolled back, "
+        "from its local slot, no download)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--exit", action="store_true",
+                        help="stop when the story is told (default: keep serving until Ctrl-C)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="dashboard and API port (a free one if it is taken; 0: any)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # the story prints alerts itself
+    logging.getLogger("fleet_server.monitoring.alerts").setLevel(logging.ERROR)
+    os.environ.setdefault("SOURCE_DATE_EPOCH", "1767225600")  # reproducible bundles
+    np.seterr(all="ignore")
+    shutil.rmtree(OUT, ignore_errors=True)
+    (OUT / "bundles").mkdir(parents=True)
+
+    banner("1. package v1, v2 and a faulty v3 of a predictive-maintenance model")
+    bundles = package(OUT)
+    port = args.port
+    if port:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                say(f"port {port} is in use: the dashboard takes a free port instead")
+                port = 0
+    demo = Demo(OUT, port)
+
+    def interrupt(*_: object) -> None:
+        # Ctrl-C or SIGTERM: unwind to the cleanup below, once; a second signal during the
+        # cleanup is ignored so that every process still gets stopped
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        banner("2. start the fleet: Mosquitto, the fleet server, 20 agents")
+        demo.start_fleet(bundles)
+        story(demo, bundles)
+        banner("done")
+        say(f"dashboard: {demo.url}/  (sign in with the operator token in "
+            f"{OUT / 'operator.token'})")
+        say(f"CLI:       FLEET_SERVER={demo.url} FLEET_TOKEN=$(cat {OUT}/operator.token) "
+            ".venv/bin/fleet rollout status")
+        if not args.exit:
+            say("the fleet keeps running; Ctrl-C stops everything")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        say("\ninterrupted")
+    finally:
+        say("stopping: agents, fleet server, broker ...")
+        demo.stop()
+        say("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

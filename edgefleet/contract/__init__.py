@@ -1,0 +1,23 @@
+"""The formats that cross a boundary between edgepack, the agent and the fleet server.
+
+=============  ===============================================================
+``wire``       canonical JSON, digests, the strict field readers every format uses
+``manifest``   the bundle's signed manifest: input schema, outputs, files, lineage
+``signing``    Ed25519 keys, the trust store, the DSSE-style envelope and its policy
+``bundle``     reading, verifying and writing ``.edgebundle`` files
+``profile``    the feature profile: reference bins, accumulation, exact merge, wire form
+``messages``   the MQTT topics and every message schema (each with a ``schema`` version)
+``samples``    the bundle's sample rows, the smoke test's input
+``runtime``    the onnxruntime session and the binding of inputs to the graph
+``inputs``     validation of prediction rows against the manifest's input schema
+``errors``     the contracts' error tree (under :class:`edgefleet.errors.EdgefleetError`)
+=============  ===============================================================
+
+Each module is imported by name (``from edgefleet.contract.bundle import verify_bundle``);
+this package imports none of them, so importing one contract costs only that contract.
+Nothing here does I/O beyond reading a file it is handed; nothing here knows about a
+daemon, a server or a build.
+"""
+
+__all__ = ["bundle", "errors", "inputs", "manifest", "messages", "profile", "runtime",
+           "samples", "signing", "wire"]

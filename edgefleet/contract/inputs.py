@@ -1,0 +1,227 @@
+"""Check prediction input against a bundle's input schema, and shape it for the model.
+
+Rows arrive as mappings (feature name → value), as sequences in schema order, or as a
+2-D numeric array in schema order. Every cell is checked against its
+:class:`~edgefleet.contract.manifest.FeatureSpec`:
+
+- numeric: an ``int`` or ``float`` (not ``bool``, not a string), finite; ``None`` or NaN
+  only where the feature allows missing values; an ``int64`` feature needs a whole number.
+  Values outside the training range are served (the profile counts them).
+- categorical: a string; ``None`` where missing is allowed. A category training never saw
+  is served (the profile counts it as unseen).
+
+A refusal is an :class:`~edgefleet.contract.errors.InputError` naming the feature and the row.
+Keys a mapping has beyond the schema are ignored (apps send ids and timestamps along).
+
+The single-row path is plain Python on purpose: for one row, a numpy pass per check costs
+more than the check. Arrays are checked with one vectorised pass. This module does not run
+models and does not profile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgefleet.contract.errors import InputError
+from edgefleet.contract.manifest import Manifest
+
+__all__ = ["Batch", "InputValidator"]
+
+Cell = float | str | None
+_FLOAT = {float}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Checked rows: ``columns`` by feature (numeric float64 with NaN, categorical object
+    with None) and, for all-numeric schemas, the same data as one ``(n, F)`` matrix."""
+
+    rows: int
+    columns: dict[str, np.ndarray]
+    matrix: np.ndarray | None = None
+
+
+class InputValidator:
+    """Checks rows for one manifest. Thread-safe (holds no mutable state)."""
+
+    def __init__(self, manifest: Manifest, max_rows: int = 10_000) -> None:
+        self.manifest = manifest
+        self.max_rows = max_rows
+        self.names = tuple(s.name for s in manifest.inputs)
+        self.numeric_only = all(s.kind == "numeric" for s in manifest.inputs)
+        # per feature: (name, is_numeric, missing_allowed, whole_numbers)
+        self._checks = tuple((s.name, s.kind == "numeric", s.missing_allowed,
+                              s.dtype == "int64") for s in manifest.inputs)
+        self._need_finite = np.array([not s.missing_allowed for s in manifest.inputs])
+        self._whole = np.array([s.dtype == "int64" for s in manifest.inputs])
+        self._width = len(self.names)
+        self._simple = self.numeric_only and not any(
+            c[2] or c[3] for c in self._checks)  # every cell: a finite float, nothing else
+
+    # -- one row -----------------------------------------------------------------------
+
+    def row(self, values: Mapping[str, Any] | Sequence[Any], index: int = 0) -> list[Cell]:
+        """Check one row; return its cells in schema order (numeric as float, NaN missing).
+
+        Raises:
+            InputError: a missing feature, a wrong type, a non-finite or disallowed
+                missing value; ``feature`` and ``row`` say where.
+        """
+        kind = type(values)
+        if kind is dict or (kind is not list and isinstance(values, Mapping)):
+            # (exact type tests first: the Mapping ABC check costs a microsecond)
+            try:
+                cells = [values[n] for n in self.names]
+            except KeyError as exc:
+                name = exc.args[0]
+                raise InputError(f"row {index}: feature {name!r} is missing", feature=name,
+                                 row=index) from None
+        elif kind is list and len(values) == self._width:
+            cells = values.copy()  # a copy: the caller may reuse its list
+        elif isinstance(values, (list, tuple, np.ndarray)):
+            if isinstance(values, np.ndarray):
+                if values.ndim != 1:
+                    raise InputError(f"row {index}: an array row must be 1-D", row=index)
+                values = values.tolist()
+            if len(values) != len(self.names):
+                raise InputError(f"row {index}: {len(values)} values, the model takes "
+                                 f"{len(self.names)} ({', '.join(self.names[:6])}…)", row=index)
+            cells = list(values)
+        else:
+            raise InputError(f"row {index}: expected an object (feature → value) or a list "
+                             f"in schema order, got {type(values).__name__}", row=index)
+        # fast path: all floats and their sum finite means every cell is a finite float
+        # (NaN and inf propagate through a sum; an overflowing sum takes the slow path)
+        if self._simple and set(map(type, cells)) == _FLOAT:
+            total = sum(cells)
+            if total - total == 0.0:
+                return cells
+        return self._slow_row(cells, index)
+
+    def _slow_row(self, cells: list[Any], index: int) -> list[Cell]:
+        out: list[Cell] = []
+        for (name, numeric, missing_ok, whole), value in zip(self._checks, cells, strict=True):
+            if numeric:
+                out.append(_number(value, name, missing_ok, whole, index))
+            elif value is None:
+                if not missing_ok:
+                    raise InputError(f"row {index}: feature {name!r} is missing (null) and "
+                                     "the model does not allow missing values", feature=name,
+                                     row=index)
+                out.append(None)
+            elif isinstance(value, str):
+                out.append(value)
+            else:
+                raise InputError(f"row {index}: feature {name!r} is categorical and takes a "
+                                 f"string, got {_kind(value)}", feature=name, row=index)
+        return out
+
+    # -- many rows ---------------------------------------------------------------------
+
+    def batch(self, rows: Any) -> Batch:
+        """Check many rows: a sequence of rows (see :meth:`row`) or a 2-D array.
+
+        Raises:
+            InputError: as :meth:`row`, or no rows, or more than ``max_rows``.
+        """
+        if isinstance(rows, np.ndarray):
+            return self.array(rows)
+        if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
+            raise InputError(f"rows: expected a list of rows, got {type(rows).__name__}")
+        n = len(rows)
+        self._check_count(n)
+        cells = [self.row(r, i) for i, r in enumerate(rows)]
+        return self.from_cells(cells)
+
+    def from_cells(self, cells: list[list[Cell]]) -> Batch:
+        """A batch from rows that :meth:`row` already checked."""
+        if self.numeric_only:
+            matrix = np.array(cells, dtype=np.float64).reshape(len(cells), len(self.names))
+            return Batch(len(cells), {n: matrix[:, j] for j, n in enumerate(self.names)},
+                         matrix)
+        columns = {}
+        for j, (name, numeric, _, _) in enumerate(self._checks):
+            col = [r[j] for r in cells]
+            columns[name] = (np.array(col, dtype=np.float64) if numeric
+                             else np.array(col, dtype=object))
+        return Batch(len(cells), columns)
+
+    def array(self, matrix: np.ndarray) -> Batch:
+        """Check a 2-D numeric array in schema order (all-numeric schemas only).
+
+        Raises:
+            InputError: wrong shape or dtype, a disallowed non-finite value or a fraction
+                in a whole-number feature (named, with its first bad row).
+        """
+        if not self.numeric_only:
+            raise InputError("an array input needs an all-numeric model; this one has "
+                             "categorical features: send rows as objects")
+        if matrix.ndim != 2 or matrix.shape[1] != len(self.names):
+            raise InputError(f"array of shape {matrix.shape}: expected (rows, "
+                             f"{len(self.names)}) in schema order")
+        self._check_count(matrix.shape[0])
+        if matrix.dtype.kind not in "fiu":
+            raise InputError(f"array of dtype {matrix.dtype}: expected numbers")
+        x = np.asarray(matrix, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = float(np.add.reduce(x, axis=None))
+        # a finite sum means every value is finite (NaN and inf propagate); one pass, no
+        # mask. A sum that overflows or a NaN takes the exact check below.
+        bad = np.zeros(0, dtype=bool) if total - total == 0.0 else ~np.isfinite(x)
+        if bad.any():
+            inf = np.isinf(x)
+            hit = (bad & self._need_finite) | inf
+            if hit.any():
+                i, j = map(int, np.argwhere(hit)[0])
+                what = "not finite" if inf[i, j] else "missing (NaN)"
+                raise InputError(f"row {i}: feature {self.names[j]!r} is {what} and the "
+                                 "model does not allow it", feature=self.names[j], row=i)
+        if self._whole.any():
+            sub = x[:, self._whole]
+            frac = np.isfinite(sub) & (sub != np.round(sub))
+            if frac.any():
+                i, j = map(int, np.argwhere(frac)[0])
+                name = np.array(self.names)[self._whole][j]
+                raise InputError(f"row {i}: feature {name!r} takes whole numbers, got "
+                                 f"{sub[i, j]!r}", feature=str(name), row=i)
+        return Batch(x.shape[0], {n: x[:, j] for j, n in enumerate(self.names)}, x)
+
+    def _check_count(self, n: int) -> None:
+        if n == 0:
+            raise InputError("rows: no rows to predict")
+        if n > self.max_rows:
+            raise InputError(f"rows: {n} rows in one call; the limit is {self.max_rows}")
+
+
+def _number(value: Any, name: str, missing_ok: bool, whole: bool, index: int) -> float:
+    if value is None or (type(value) is float and value != value):
+        if not missing_ok:
+            raise InputError(f"row {index}: feature {name!r} is missing and the model does not "
+                             "allow missing values", feature=name, row=index)
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"row {index}: feature {name!r} is numeric, got {_kind(value)}",
+                         feature=name, row=index)
+    x = float(value) if not isinstance(value, int) or abs(value) < 2**63 else math.inf
+    if not math.isfinite(x):
+        raise InputError(f"row {index}: feature {name!r} is not finite ({value!r})",
+                         feature=name, row=index)
+    if whole and not x.is_integer():
+        raise InputError(f"row {index}: feature {name!r} takes whole numbers, got {value!r}",
+                         feature=name, row=index)
+    return x
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__}"
+    return type(value).__name__

@@ -1,0 +1,442 @@
+"""MQTT topics and message schemas: the one place both sides read them from.
+
+Topics (5 levels, within managed brokers' limit of 7), ``{device}`` being the device
+id, which is also its MQTT username (the broker's ACL ``pattern`` lines key on ``%u``):
+
+    edgefleet/v1/{device}/summary     device → server  QoS 1, through the durable outbox
+    edgefleet/v1/{device}/report      device → server  QoS 1, through the outbox (installs)
+    edgefleet/v1/{device}/heartbeat   device → server  QoS 0, health
+    edgefleet/v1/{device}/status      device → server  retained; last will "offline"
+    edgefleet/v1/{device}/desired     server → device  retained desired state
+
+Every payload is canonical JSON with ``schema`` and ``type`` fields; a summary is sent
+deflated (zlib), recognised by its first byte. :func:`decode` bounds both the payload
+and its inflated size, checks that the device in the topic is the device in the body,
+and raises :class:`~edgefleet.contract.errors.SchemaError` naming the field for anything else.
+
+This module does not talk to a broker (see :mod:`edge_agent.mqtt`) and does not
+interpret profiles beyond their framing (see :mod:`edgefleet.contract.profile`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.wire import FAST_CHECKS_FLOATS, Fields, canonical_json, parse_json
+
+__all__ = [
+    "MAX_PAYLOAD",
+    "TOPIC_PREFIX",
+    "BundleRef",
+    "DesiredState",
+    "Heartbeat",
+    "Message",
+    "Report",
+    "ShadowStats",
+    "Status",
+    "Summary",
+    "decode",
+    "encode",
+    "topic",
+    "valid_device_id",
+]
+
+TOPIC_PREFIX = "edgefleet/v1"
+MESSAGE_SCHEMA = 1
+MAX_PAYLOAD = 128 * 1024  # AWS IoT Core's limit; Mosquitto's is far larger
+MAX_INFLATED = 1024 * 1024
+DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" takes "x\n"
+LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
+# request latency histogram (milliseconds): [0,0.1) ... [500, inf)
+LATENCY_EDGES_MS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+KINDS = ("summary", "report", "heartbeat", "status", "desired")
+
+
+def valid_device_id(device: str) -> bool:
+    return bool(DEVICE_RE.match(device))
+
+
+def topic(device: str, kind: str) -> str:
+    """The topic of a message kind for a device.
+
+    Raises:
+        SchemaError: an invalid device id (no ``/``, ``+``, ``#``) or unknown kind.
+    """
+    if not valid_device_id(device):
+        raise SchemaError(f"device id {device!r}: letters, digits, '.', '_', '-' (max 64)",
+                          field="device")
+    if kind not in KINDS:
+        raise SchemaError(f"unknown message kind {kind!r}", field="type")
+    return f"{TOPIC_PREFIX}/{device}/{kind}"
+
+
+def parse_topic(name: str) -> tuple[str, str]:
+    """``(device, kind)`` of a topic.
+
+    Raises:
+        SchemaError: not an edgefleet topic.
+    """
+    parts = name.split("/")
+    if len(parts) != 4 or "/".join(parts[:2]) != TOPIC_PREFIX or parts[3] not in KINDS \
+            or not valid_device_id(parts[2]):
+        raise SchemaError(f"topic {name[:200]!r} is not an edgefleet topic", field="topic")
+    return parts[2], parts[3]
+
+
+def _labels(f: Fields, key: str) -> dict[str, str]:
+    labels = f.mapping(key)
+    if len(labels) > 32:
+        raise f.bad(key, "at most 32 labels")
+    for k, v in labels.items():
+        if not LABEL_RE.match(k) or not isinstance(v, str) or len(v) > 128:
+            raise f.bad(key, f"label {k!r}: lower-case key and a string value up to 128")
+    return labels
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """Which bundle: name and version, and where to get it (desired state only)."""
+
+    name: str
+    version: str
+    sha256: str = ""
+    url: str = ""
+    size: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256,
+                "url": self.url, "size": self.size}
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> BundleRef:
+        from edgefleet.contract.manifest import NAME_RE, SHA256_RE, parse_version
+
+        f = Fields(obj, where)
+        name, version = f.str("name", max_len=64), f.str("version", max_len=128)
+        if not NAME_RE.match(name):
+            raise f.bad("name", f"{name!r} is not a bundle name")
+        try:
+            parse_version(version)
+        except SchemaError as exc:
+            raise f.bad("version", str(exc)) from exc
+        sha = f.str("sha256", "", max_len=64)
+        if sha and not SHA256_RE.match(sha):
+            raise f.bad("sha256", "must be 64 lower-case hex digits")
+        out = cls(name, version, sha, f.str("url", "", max_len=2048), f.int("size", 0))
+        f.done()
+        return out
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def _opt_bundle(f: Fields, key: str) -> BundleRef | None:
+    raw = f.raw(key, None)
+    return None if raw is None else BundleRef.from_dict(raw, f"{f.where}.{key}")
+
+
+@dataclass(frozen=True)
+class ShadowStats:
+    """A candidate bundle run beside the live one in a window."""
+
+    bundle: BundleRef
+    rows: int
+    agreed: int  # rows where the candidate's label (or value, within tolerance) matched
+    latency_counts: tuple[int, ...] = ()
+    errors: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bundle": self.bundle.to_dict(), "rows": self.rows, "agreed": self.agreed,
+                "latency_counts": list(self.latency_counts), "errors": self.errors}
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> ShadowStats:
+        f = Fields(obj, where)
+        out = cls(BundleRef.from_dict(f.raw("bundle"), f"{where}.bundle"), f.int("rows"),
+                  f.int("agreed"), _counts(f, "latency_counts"), f.int("errors", 0))
+        f.done()
+        if out.agreed > out.rows:
+            raise f.bad("agreed", "more agreeing rows than rows")
+        return out
+
+
+def _counts(f: Fields, key: str) -> tuple[int, ...]:
+    items = f.list(key, [], max_len=len(LATENCY_EDGES_MS) + 1)
+    if items and len(items) != len(LATENCY_EDGES_MS) + 1:
+        raise f.bad(key, f"expected {len(LATENCY_EDGES_MS) + 1} counters")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in items):
+        raise f.bad(key, "must be non-negative integers")
+    return tuple(items)
+
+
+def _finite_profile(profile: dict[str, Any]) -> bool:
+    """Whether every float in a wire profile is finite (decode skips the per-float hook)."""
+    floats: list[Any] = []
+    for key in ("in", "out"):
+        for item in profile[key]:
+            if type(item) is not list:
+                continue  # malformed: from_wire names it
+            for part in item:
+                if type(part) is list:
+                    floats.extend(part)
+                elif type(part) is float:
+                    floats.append(part)
+    try:
+        return all(map(math.isfinite, floats))
+    except TypeError:  # a None min/max or a malformed cell: check the numbers only
+        return all(map(math.isfinite, (x for x in floats if type(x) in (int, float))))
+
+
+class Message:
+    """Base: every message has a device and knows its kind."""
+
+    kind: ClassVar[str]
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> Message:
+        raise NotImplementedError
+
+    @property
+    def topic(self) -> str:
+        return topic(self.device, self.kind)
+
+
+@dataclass(frozen=True)
+class Summary(Message):
+    """One closed window of a device: profile of inputs and outputs, latency, errors."""
+
+    kind: ClassVar[str] = "summary"
+    device: str
+    seq: int  # per device, increasing; (device, seq) is the de-duplication key
+    bundle: BundleRef
+    window_start: float  # epoch seconds
+    window_end: float
+    profile: dict[str, Any]  # profile.to_wire(); its reference_hash decides merges
+    latency_counts: tuple[int, ...] = ()  # over LATENCY_EDGES_MS
+    errors: dict[str, int] = field(default_factory=dict)  # refused inputs, runtime errors
+    shadow: ShadowStats | None = None
+    dropped: int = 0  # messages this device's outbox dropped so far (bound reached)
+
+    @property
+    def reference_hash(self) -> str:
+        return str(self.profile.get("reference_hash", ""))
+
+    @property
+    def rows(self) -> int:
+        return int(self.profile.get("rows", 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
+                "seq": self.seq, "bundle": self.bundle.to_dict(),
+                "window_start": self.window_start, "window_end": self.window_end,
+                "profile": self.profile, "latency_counts": list(self.latency_counts),
+                "errors": dict(sorted(self.errors.items())),
+                "shadow": None if self.shadow is None else self.shadow.to_dict(),
+                "dropped": self.dropped}
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> Summary:
+        profile = f.mapping("profile")
+        pf = Fields(profile, f"{f.where}.profile")
+        pf.str("reference_hash", max_len=64)
+        pf.int("rows")
+        pf.list("in", max_len=4096)
+        pf.list("out", max_len=16)
+        pf.done()  # the framing only: from_wire() checks the numbers against the reference
+        if not FAST_CHECKS_FLOATS and not _finite_profile(profile):
+            raise f.bad("profile", "holds a number that is not finite (an overflowing literal)")
+        errors = f.mapping("errors", {})
+        if len(errors) > 32 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                       and v >= 0 for v in errors.values()):
+            raise f.bad("errors", "at most 32 non-negative integer counters")
+        start, end = f.float("window_start"), f.float("window_end")
+        if end < start:
+            raise f.bad("window_end", "ends before it starts")
+        shadow = f.raw("shadow", None)
+        return cls(f.str("device", max_len=64), f.int("seq"),
+                   BundleRef.from_dict(f.raw("bundle"), f"{f.where}.bundle"), start, end,
+                   profile, _counts(f, "latency_counts"), errors,
+                   None if shadow is None else ShadowStats.from_dict(shadow, f"{f.where}.shadow"),
+                   f.int("dropped", 0))
+
+
+@dataclass(frozen=True)
+class Report(Message):
+    """The outcome of reconciling toward a desired state."""
+
+    kind: ClassVar[str] = "report"
+    OUTCOMES: ClassVar[tuple[str, ...]] = ("installed", "failed", "rolled_back",
+                                           "shadow_started", "shadow_failed")
+    device: str
+    seq: int
+    revision: int  # the desired-state revision this answers
+    outcome: str
+    bundle: BundleRef
+    reason: str = ""
+    time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
+                "seq": self.seq, "revision": self.revision, "outcome": self.outcome,
+                "bundle": self.bundle.to_dict(), "reason": self.reason, "time": self.time}
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> Report:
+        return cls(f.str("device", max_len=64), f.int("seq"), f.int("revision"),
+                   f.choice("outcome", cls.OUTCOMES),
+                   BundleRef.from_dict(f.raw("bundle"), f"{f.where}.bundle"),
+                   f.str("reason", "", max_len=2048), f.float("time", 0.0))
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    kind: ClassVar[str] = "heartbeat"
+    device: str
+    time: float
+    uptime_s: float
+    rss_bytes: int
+    predictions: int
+    errors: int
+    outbox_depth: int
+    dropped: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
+                "time": self.time, "uptime_s": self.uptime_s, "rss_bytes": self.rss_bytes,
+                "predictions": self.predictions, "errors": self.errors,
+                "outbox_depth": self.outbox_depth, "dropped": self.dropped,
+                "latency_p50_ms": self.latency_p50_ms, "latency_p95_ms": self.latency_p95_ms}
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> Heartbeat:
+        return cls(f.str("device", max_len=64), f.float("time"), f.float("uptime_s"),
+                   f.int("rss_bytes"), f.int("predictions"), f.int("errors"),
+                   f.int("outbox_depth"), f.int("dropped", 0), f.opt_float("latency_p50_ms"),
+                   f.opt_float("latency_p95_ms"))
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """Retained presence: ``online`` on connect, ``offline`` as the last will."""
+
+    kind: ClassVar[str] = "status"
+    device: str
+    state: str  # online | offline
+    agent_version: str = ""
+    bundle: BundleRef | None = None
+    shadow: BundleRef | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
+                "state": self.state, "agent_version": self.agent_version,
+                "bundle": None if self.bundle is None else self.bundle.to_dict(),
+                "shadow": None if self.shadow is None else self.shadow.to_dict(),
+                "labels": dict(sorted(self.labels.items())), "time": self.time}
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> Status:
+        return cls(f.str("device", max_len=64), f.choice("state", ("online", "offline")),
+                   f.str("agent_version", "", max_len=64), _opt_bundle(f, "bundle"),
+                   _opt_bundle(f, "shadow"), _labels(f, "labels") if f.has("labels") else {},
+                   f.float("time", 0.0))
+
+
+@dataclass(frozen=True)
+class DesiredState(Message):
+    """What a device should run; ``revision`` increases with every change."""
+
+    kind: ClassVar[str] = "desired"
+    device: str
+    revision: int
+    bundle: BundleRef | None  # None: no model assigned yet
+    shadow: BundleRef | None = None
+    allow_downgrade: bool = False
+    time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
+                "revision": self.revision,
+                "bundle": None if self.bundle is None else self.bundle.to_dict(),
+                "shadow": None if self.shadow is None else self.shadow.to_dict(),
+                "allow_downgrade": self.allow_downgrade, "time": self.time}
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> DesiredState:
+        return cls(f.str("device", max_len=64), f.int("revision"), _opt_bundle(f, "bundle"),
+                   _opt_bundle(f, "shadow"), f.bool("allow_downgrade", False),
+                   f.float("time", 0.0))
+
+
+_TYPES: dict[str, type[Message]] = {c.kind: c for c in
+                                    (Summary, Report, Heartbeat, Status, DesiredState)}
+
+
+def encode(message: Message) -> bytes:
+    """Payload bytes: canonical JSON, deflated for summaries.
+
+    Raises:
+        SchemaError: the encoded message exceeds :data:`MAX_PAYLOAD`.
+    """
+    data = canonical_json(message.to_dict())
+    if isinstance(message, Summary):
+        data = zlib.compress(data, 9)
+    if len(data) > MAX_PAYLOAD:
+        raise SchemaError(f"{message.kind} for {message.device}: {len(data)} bytes exceeds "
+                          f"{MAX_PAYLOAD}", field="payload")
+    return data
+
+
+def _inflate(payload: bytes) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(payload, MAX_INFLATED)
+    except zlib.error as exc:
+        raise SchemaError(f"payload: corrupt deflate stream ({exc})", field="payload") from exc
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise SchemaError(f"payload: inflates past {MAX_INFLATED} bytes or is truncated",
+                          field="payload")
+    return data
+
+
+def decode(topic_name: str, payload: bytes) -> Message:
+    """Parse and check one message received on ``topic_name``.
+
+    Raises:
+        SchemaError: bad topic, oversized, not JSON, wrong schema/type, a bad field
+            (named), or a body whose device differs from the topic's.
+    """
+    device, kind = parse_topic(topic_name)
+    if len(payload) > MAX_PAYLOAD:
+        raise SchemaError(f"payload: {len(payload)} bytes exceeds {MAX_PAYLOAD}",
+                          field="payload")
+    if payload[:1] == b"\x78":
+        payload = _inflate(payload)
+    # every field goes through a reader, and a summary checks its floats in one pass
+    # (Summary.from_fields): the fast parser is safe here
+    f = Fields(parse_json(payload, what=kind, max_bytes=MAX_INFLATED, fast=True), kind)
+    if f.int("schema") != MESSAGE_SCHEMA:
+        raise f.bad("schema", f"unsupported message schema (this edgefleet reads "
+                              f"{MESSAGE_SCHEMA})")
+    if f.str("type", max_len=16) != kind:
+        raise f.bad("type", f"a {kind} topic carries type {kind!r}")
+    message = _TYPES[kind].from_fields(f)
+    f.done()
+    if message.device != device:
+        raise f.bad("device", f"body names {message.device!r}, the topic {device!r}")
+    if not valid_device_id(message.device):
+        raise f.bad("device", "invalid device id")
+    return message

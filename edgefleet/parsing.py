@@ -1,0 +1,74 @@
+"""The small text forms every program reads from people: ``key=value`` and durations.
+
+One parser each, so ``fleet``, ``edgepack``, the agent's config, the REST API and the
+dashboard accept exactly the same spellings and refuse the same mistakes with the same
+words. A refusal is a :class:`~edgefleet.contract.errors.SchemaError` naming the option or
+field (``what``); each caller maps it to its own seam (a click usage error, a 422, a 400
+page) without re-parsing.
+
+This module deliberately knows no option names and no units beyond s, m, h and d.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from edgefleet.contract.errors import SchemaError
+
+__all__ = ["DURATION_UNITS", "parse_duration", "parse_pairs", "split_pair"]
+
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])\Z")
+
+
+def split_pair(item: str, what: str, *, default_key: str | None = None) -> tuple[str, str]:
+    """``"key=value"`` → ``("key", "value")`` (split at the first ``=``).
+
+    With ``default_key``, an item without ``=`` is ``(default_key, item)`` (``ROLE=PATH`` or
+    just ``PATH``); without it, such an item is refused.
+
+    Raises:
+        SchemaError: no ``=`` (and no default key), or an empty key.
+    """
+    key, sep, value = item.partition("=")
+    if not sep:
+        if default_key is None:
+            raise SchemaError(f"{what} {item!r}: expected key=value", field=what)
+        return default_key, item
+    if not key:
+        raise SchemaError(f"{what} {item!r}: the key before '=' is empty", field=what)
+    return key, value
+
+
+def parse_pairs(items: Iterable[str], what: str) -> dict[str, str]:
+    """``["site=a", "line=3"]`` → ``{"site": "a", "line": "3"}``.
+
+    A key given twice is refused rather than silently keeping the last value (``--selector
+    site=north --selector site=south`` cannot mean both).
+
+    Raises:
+        SchemaError: a malformed item, or a repeated key.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        key, value = split_pair(item, what)
+        if key in out and out[key] != value:
+            raise SchemaError(f"{what} {key!r} given twice ({out[key]!r} and {value!r}); "
+                              "a label has one value", field=what)
+        out[key] = value
+    return out
+
+
+def parse_duration(text: str, what: str) -> float:
+    """``90s``, ``30m``, ``1h``, ``2d`` → seconds. A bare number is refused: ``--soak 1``
+    must not silently mean one second.
+
+    Raises:
+        SchemaError: anything else.
+    """
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise SchemaError(f"{what} {text!r}: a duration with a unit (90s, 30m, 1h, 2d)",
+                          field=what)
+    return float(m.group(1)) * DURATION_UNITS[m.group(2)]

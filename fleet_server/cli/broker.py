@@ -1,0 +1,95 @@
+"""``fleet broker-config``: a Mosquitto configuration for the fleet, from the database.
+
+It reads the device accounts (their ``$7$`` hashes; the database holds no plaintext) and
+writes ``mosquitto.conf``, ``passwd`` (0600) and ``acl`` through
+:func:`fleet_server.telemetry.broker.write_broker_config`, then says how to start the broker and
+the server. It prints paths, never a password. Run it again after ``fleet device add``
+(and send Mosquitto SIGHUP to reload the password file).
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import click
+
+from fleet_server.cli.util import DB_OPTION, exits_on_error, print_json
+
+__all__ = ["broker_config"]
+
+_FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
+
+
+@click.command("broker-config", help="Write a Mosquitto configuration (mosquitto.conf, "
+                                     "passwd, acl) for every device in the database.")
+@DB_OPTION
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Directory to write the files to (created if missing).")
+@click.option("--port", type=int, default=1883, show_default=True,
+              help="Plain MQTT listener port.")
+@click.option("--bind", default="0.0.0.0", show_default=True,
+              help="Address the listeners bind to.")
+@click.option("--server-user", default="server", show_default=True,
+              help="The fleet server's MQTT account (fleet serve --broker-user).")
+@click.option("--server-password-file", type=_FILE, default=None,
+              help="File holding the server account's password; without it one is made "
+                   "and kept in OUT/server-password (0600).")
+@click.option("--tls-cert", type=_FILE, default=None, help="Server certificate (PEM): adds "
+              "a TLS listener.")
+@click.option("--tls-key", type=_FILE, default=None, help="Its private key (PEM).")
+@click.option("--tls-ca", type=_FILE, default=None,
+              help="CA certificate(s) to verify client certificates with.")
+@click.option("--tls-port", type=int, default=None, help="TLS listener port [default: 8883].")
+@click.option("--require-certificate", is_flag=True,
+              help="TLS clients must present a certificate signed by --tls-ca.")
+@click.option("--no-persistence", is_flag=True,
+              help="Keep sessions in memory only (a broker restart forgets them).")
+@click.option("--json", "as_json", is_flag=True, help="Print the paths written as JSON.")
+@exits_on_error
+def broker_config(db: Path, out: Path, port: int, bind: str, server_user: str,
+                  server_password_file: Path | None, tls_cert: Path | None,
+                  tls_key: Path | None, tls_ca: Path | None, tls_port: int | None,
+                  require_certificate: bool, no_persistence: bool, as_json: bool) -> None:
+    from fleet_server.store import Store
+    from fleet_server.telemetry.broker import (
+        CONF_NAME,
+        PASSWD_NAME,
+        SERVER_PASSWORD_NAME,
+        BrokerSetup,
+        write_broker_config,
+    )
+
+    if not db.exists():
+        raise click.UsageError(f"no database at {db}: run `fleet device add --db {db}` first")
+    password = None
+    if server_password_file is not None:
+        password = server_password_file.read_text(encoding="utf-8").strip()
+        if not password:
+            raise click.UsageError(f"{server_password_file} is empty")
+    setup = BrokerSetup(out=out, port=port, bind=bind, server_user=server_user,
+                        server_password=password, persistence=not no_persistence,
+                        cafile=tls_ca, certfile=tls_cert, keyfile=tls_key,
+                        require_certificate=require_certificate, tls_port=tls_port)
+    with Store(db) as store:
+        written = write_broker_config(setup, store)
+    accounts = written[PASSWD_NAME].read_text(encoding="utf-8").count("\n")
+    password_path = written.get(SERVER_PASSWORD_NAME, server_password_file)
+    host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
+    start = f"mosquitto -c {written[CONF_NAME].resolve()}"
+    serve = (f"fleet serve --db {db} --broker {host}:{port} --broker-user {server_user} "
+             f"--broker-password-file {password_path}")
+    if as_json:
+        print_json({"files": {k: str(v) for k, v in written.items()}, "accounts": accounts,
+                    "start": start, "serve": serve})
+        return
+    for path in written.values():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        click.echo(f"wrote {path} ({mode:04o})")
+    click.echo(f"{accounts - 1} device account(s) and the server account {server_user!r}")
+    if setup.tls and host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo(f"fleet: warning: the plain listener on {bind}:{port} carries passwords "
+                   "in the clear; bind it to 127.0.0.1 or firewall it", err=True)
+    click.echo(f"start the broker:  {start}")
+    click.echo(f"then the server:   {serve}")
+    click.echo("after adding devices: run this again and send mosquitto SIGHUP to reload")

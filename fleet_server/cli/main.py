@@ -1,0 +1,46 @@
+"""``fleet``: run the fleet server, and operate a fleet through its REST API.
+
+Server side, on the database directly: ``fleet serve``, ``fleet ingest``, ``fleet token
+create|list|revoke``, ``fleet device add --db`` (and ``device passwd-file``). Everything
+else talks HTTP to a running server: ``--server URL`` and ``--token`` (or the environment
+variables ``FLEET_SERVER`` and ``FLEET_TOKEN``).
+
+Commands only parse, call the library or the API, and print: readable tables for people,
+``--json`` for scripts. A refusal prints one line, ``fleet: error: <message>``, and exits 1
+(the server's message for HTTP errors).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from fleet_server.cli.admin import device, token
+from fleet_server.cli.broker import broker_config
+from fleet_server.cli.operate import alerts, bundle, desired, device_list, device_show, drift, group
+from fleet_server.cli.rollout import rollout
+from fleet_server.cli.serve import ingest, serve
+
+__all__ = ["main"]
+
+
+@click.group(help="The edgefleet fleet server and its operator CLI.")
+@click.option("--log-level", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+              help="Logging level for server commands.")
+def main(log_level: str) -> None:
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# Every command is registered here, one way, so this list is the whole CLI.
+for _command in (serve, ingest, token, device, group, bundle, desired, drift, alerts, rollout,
+                 broker_config):
+    main.add_command(_command)
+main.add_command(device_list, "devices")
+device.add_command(device_list, "list")
+device.add_command(device_show, "show")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""The ``fleet`` commands that operate a fleet through the REST API (``--server``,
+``--token``): devices, groups, bundles, desired state, drift reports, alerts.
+
+They parse, call the API and print; the server decides. :mod:`fleet_server.cli.main` adds them to
+the ``fleet`` group.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleet_server.cli.client import FleetClient
+from fleet_server.cli.util import api_command, num, pairs, parse_time, print_json, stamp, table
+
+__all__ = ["alerts", "bundle", "desired", "device_list", "device_show", "drift", "group"]
+
+
+def _device_rows(devices: list[dict[str, Any]]) -> str:
+    return table(["device", "online", "last seen", "bundle", "labels"],
+                 [[d["id"], "yes" if d["online"] else "no", stamp(d["last_seen"]),
+                   f"{d['bundle']['name']}@{d['bundle']['version']}" if d["bundle"] else "-",
+                   ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))]
+                  for d in devices])
+
+
+@click.command("list", help="List devices, filtered by labels and online state.")
+@click.option("--label", multiple=True, metavar="KEY=VALUE", help="Must match (repeat).")
+@click.option("--online/--offline", default=None, help="Only online or offline devices.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@api_command
+def device_list(api: FleetClient, label: tuple[str, ...], online: bool | None,
+                as_json: bool) -> None:
+    devices = api.get("/api/v1/devices", label=list(label) or None,
+                      online=None if online is None else str(online).lower())
+    if as_json:
+        print_json(devices)
+    else:
+        click.echo(_device_rows(devices))
+
+
+
+@click.command("show", help="One device: state, health, desired state, reports.")
+@click.argument("device_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@api_command
+def device_show(api: FleetClient, device_id: str, as_json: bool) -> None:
+    d = api.get(f"/api/v1/devices/{device_id}")
+    if as_json:
+        print_json(d)
+        return
+    click.echo(_device_rows([d]))
+    health = d.get("health") or {}
+    if health:
+        click.echo("health: " + ", ".join(f"{k}={v}" for k, v in sorted(health.items())))
+    desired = d.get("desired")
+    if desired:
+        b = desired["bundle"]
+        click.echo(f"desired: revision {desired['revision']}, "
+                   f"{b['name'] + '@' + b['version'] if b else 'no bundle'}")
+    for r in d.get("reports", [])[:5]:
+        click.echo(f"report: {stamp(r['received'])} rev {r['revision']} {r['outcome']} "
+                   f"{r['bundle']['name']}@{r['bundle']['version']} {r['reason']}".rstrip())
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@click.group(help="Device groups (named label selectors).")
+def group() -> None:
+    pass
+
+
+@group.command("create", help="Create a group of the devices matching every --selector.")
+@click.argument("name")
+@click.option("--selector", multiple=True, metavar="KEY=VALUE", help="Label to match (repeat).")
+@click.option("--requires-approval", is_flag=True, help="Rollouts to it need an approver.")
+@click.option("--important", multiple=True, help="A feature whose drift makes the group drift.")
+@api_command
+def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
+                 requires_approval: bool, important: tuple[str, ...]) -> None:
+    g = api.post("/api/v1/groups", {"name": name, "selector": pairs(selector, "selector"),
+                                    "requires_approval": requires_approval,
+                                    "important_features": list(important)})
+    click.echo(f"group {g['name']!r} created ({g['members']} member(s))")
+
+
+@group.command("list", help="List groups with their selectors and member counts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@api_command
+def group_list(api: FleetClient, as_json: bool) -> None:
+    groups = api.get("/api/v1/groups")
+    if as_json:
+        print_json(groups)
+        return
+    click.echo(table(["group", "members", "selector", "approval", "important"],
+                     [[g["name"], g["members"],
+                       ",".join(f"{k}={v}" for k, v in sorted(g["selector"].items())) or "*",
+                       "yes" if g["requires_approval"] else "no",
+                       ",".join(g["important_features"]) or "-"] for g in groups]))
+
+
+@group.command("delete", help="Delete a group (its devices are untouched).")
+@click.argument("name")
+@api_command
+def group_delete(api: FleetClient, name: str) -> None:
+    api.delete(f"/api/v1/groups/{name}")
+    click.echo(f"group {name!r} deleted")
+
+
+# --------------------------------------------------------------------------- bundles
+
+
+@click.group(help="Bundles on the server.")
+def bundle() -> None:
+    pass
+
+
+@bundle.command("upload", help="Upload a bundle; the server verifies it before storing.")
+@click.argument("path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@api_command
+def bundle_upload(api: FleetClient, path: Path) -> None:
+    status, b = api.upload(path)
+    what = "uploaded" if status == 201 else "already stored"
+    click.echo(f"{b['name']}@{b['version']} {what} (sha256 {b['sha256'][:16]}…)")
+
+
+@bundle.command("list", help="List stored bundles.")
+@click.option("--name", default=None, help="Only this bundle name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@api_command
+def bundle_list(api: FleetClient, name: str | None, as_json: bool) -> None:
+    bundles = api.get("/api/v1/bundles", name=name)
+    if as_json:
+        print_json(bundles)
+        return
+    click.echo(table(["bundle", "size", "uploaded", "by", "signers"],
+                     [[f"{b['name']}@{b['version']}", b["size"], stamp(b["uploaded"]),
+                       b["uploaded_by"], ",".join(s["role"] for s in b["signers"])]
+                      for b in bundles]))
+
+
+@bundle.command("show", help="One bundle and its manifest.")
+@click.argument("label", metavar="NAME@VERSION")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@api_command
+def bundle_show(api: FleetClient, label: str, as_json: bool) -> None:
+    name, _, version = label.partition("@")
+    b = api.get(f"/api/v1/bundles/{name}/{version}")
+    if as_json:
+        print_json(b)
+        return
+    m = b["manifest"]
+    click.echo(f"{b['name']}@{b['version']}  sha256 {b['sha256']}  {b['size']} bytes")
+    click.echo(f"task {m['task']}, {len(m['inputs'])} input(s): "
+               + ", ".join(f["name"] for f in m["inputs"]))
+    click.echo("signed by " + ", ".join(f"{s['role']} {s['keyid'][:16]}…" for s in b["signers"]))
+
+
+# --------------------------------------------------------------------------- desired
+
+
+@click.group(help="Desired state of devices.")
+def desired() -> None:
+    pass
+
+
+@desired.command("set", help="Set the bundle a device should run (NAME@VERSION, or 'none').")
+@click.argument("device_id")
+@click.argument("label", metavar="NAME@VERSION")
+@click.option("--shadow", default=None, metavar="NAME@VERSION", help="Run beside it, unserved.")
+@click.option("--allow-downgrade", is_flag=True, help="Allow a lower version than installed.")
+@api_command
+def desired_set(api: FleetClient, device_id: str, label: str, shadow: str | None,
+                allow_downgrade: bool) -> None:
+    d = api.put(f"/api/v1/devices/{device_id}/desired",
+                {"bundle": None if label == "none" else label, "shadow": shadow,
+                 "allow_downgrade": allow_downgrade})
+    b = d["bundle"]
+    click.echo(f"{device_id}: revision {d['revision']}, "
+               f"{b['name'] + '@' + b['version'] if b else 'no bundle'}")
+
+
+# --------------------------------------------------------------------------- drift
+
+
+@click.command(help="The drift report of a bundle (NAME@VERSION) over the fleet, a group or "
+                   "a device.")
+@click.argument("label", metavar="NAME@VERSION")
+@click.option("--group", default=None, help="Only this group's devices.")
+@click.option("--device", default=None, help="Only this device.")
+@click.option("--since", default=None, help="Start: 1h, 30m, 2d (ago), ISO 8601 or unix time.")
+@click.option("--until", default=None, help="End (default: now).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@api_command
+def drift(api: FleetClient, label: str, group: str | None, device: str | None,
+          since: str | None, until: str | None, as_json: bool) -> None:
+    now = time.time()
+    result = api.get("/api/v1/drift", bundle=label, group=group, device=device,
+                     since=parse_time(since, now), until=parse_time(until, now))
+    if as_json:
+        print_json(result)
+        return
+    rep = result["report"]
+    click.echo(f"{result['bundle']}  {result['scope']}  {stamp(result['since'])} .. "
+               f"{stamp(result['until'])}  {result['devices']} device(s), "
+               f"{result['summaries']} summaries, {rep['rows_live']} rows")
+    rows = []
+    for f in rep["features"]:
+        s = f["stats"]
+        rows.append([f["name"] if f["role"] == "input" else f"{f['name']} (output)",
+                     f["verdict"], num(s.get("psi")), num(s.get("ks")),
+                     num(s.get("wasserstein")), num(s.get("js")), f["n_live"]])
+    click.echo(table(["feature", "verdict", "PSI", "KS", "W", "JS", "n"], rows))
+    click.echo(f"verdict: {rep['verdict']}" + (f" ({'; '.join(rep['reasons'])})"
+                                               if rep["reasons"] else ""))
+    if result.get("suspect"):
+        click.echo(f"suspect sensor: drifts alone on {', '.join(result['suspect'])} "
+                   f"(against {result['compared_with']})")
+
+
+@click.command(help="List alerts (drift, suspect sensors).")
+@click.option("--state", type=click.Choice(["open", "resolved"]), default=None,
+              help="Only open or resolved alerts.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@api_command
+def alerts(api: FleetClient, state: str | None, as_json: bool) -> None:
+    found = api.get("/api/v1/alerts", state=state)
+    if as_json:
+        print_json(found)
+        return
+    click.echo(table(["id", "kind", "state", "opened", "bundle", "group", "device", "message"],
+                     [[a["id"], a["kind"], a["state"], stamp(a["opened"]), a["bundle"],
+                       a["group"], a["device"] or "-", a["message"][:80]] for a in found]))

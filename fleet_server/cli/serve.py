@@ -1,0 +1,160 @@
+"""``fleet serve`` and ``fleet ingest``: run the server, or an ingest worker alone."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleet_server.cli.util import DB_OPTION, exits_on_error
+
+__all__ = ["ingest", "serve", "tune_gc"]
+
+
+def _broker(value: str | None, user: str, password_file: Path | None, tls_ca: Path | None,
+            share: str | None, receive_maximum: int):
+    from fleet_server.config import BrokerConfig
+
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":") if ":" in value else (value, "", "1883")
+    password = os.environ.get("FLEET_BROKER_PASSWORD", "")
+    if password_file is not None:
+        password = password_file.read_text().strip()
+    return BrokerConfig(host=host or "127.0.0.1", port=int(port), username=user,
+                        password=password, tls_ca=tls_ca, share=share,
+                        receive_maximum=receive_maximum)
+
+
+def _server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        DB_OPTION,
+        click.option("--broker", default=None, metavar="HOST[:PORT]",
+                     help="The MQTT broker; without it, no ingest and no desired-state "
+                          "publishing."),
+        click.option("--broker-user", default="server", show_default=True,
+                     help="The server's MQTT account."),
+        click.option("--broker-password-file", type=click.Path(path_type=Path,
+                     exists=True, dir_okay=False), default=None,
+                     help="File holding the MQTT password (else env FLEET_BROKER_PASSWORD)."),
+        click.option("--tls-ca", type=click.Path(path_type=Path, exists=True), default=None,
+                     help="CA certificate: connect to the broker with TLS."),
+        click.option("--receive-maximum", type=int, default=2000, show_default=True,
+                     help="Most unacknowledged messages the broker may send at once."),
+        click.option("--batch-max", type=int, default=500, show_default=True,
+                     help="Most messages per ingest transaction."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _ingest_config(batch_max: int):
+    from fleet_server.config import IngestConfig
+
+    return IngestConfig(batch_max=batch_max)
+
+
+def tune_gc() -> None:
+    """Collect less often: ingest makes thousands of short-lived objects per message (JSON
+    parsing), and at CPython's default gen-0 threshold of 700 the collector ran every
+    message or so, a fifth of ingest's CPU (measured, benchmarks/server.py). Objects alive
+    after start-up are frozen out of collections altogether."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+
+
+def _run_until_signal(server: Any, http: bool) -> None:
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    server.start()
+    tune_gc()
+    try:
+        if http:
+            server.serve_http()
+        else:
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@click.command(help="Run the fleet server: REST API, ingest worker, drift evaluator.")
+@_server_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="HTTP address.")
+@click.option("--port", type=int, default=8000, show_default=True, help="HTTP port.")
+@click.option("--trust", multiple=True, metavar="ROLE=PATH",
+              help="A public key whose bundle signatures count (repeat).")
+@click.option("--threshold", type=int, default=1, show_default=True,
+              help="Trusted signatures an upload needs.")
+@click.option("--require-role", multiple=True, help="A signer role uploads need (repeat).")
+@click.option("--webhook", default=None, help="URL to POST alerts to (the retraining trigger).")
+@click.option("--webhook-secret-file", type=click.Path(path_type=Path, exists=True),
+              default=None, help="File with a secret: webhook bodies get an HMAC signature.")
+@click.option("--window", type=int, default=300, show_default=True,
+              help="Drift evaluation window, seconds (a multiple of 60).")
+@click.option("--ingest/--no-ingest", default=True, show_default=True,
+              help="Run an ingest worker in this process.")
+@click.option("--share", default=None, help="Join this shared-subscription group for ingest.")
+@click.option("--bundle-dir", type=click.Path(path_type=Path), default=None,
+              help="Where bundle files go (default: <db>.bundles).")
+@click.option("--max-upload-mb", type=int, default=256, show_default=True,
+              help="Largest bundle upload, MiB.")
+@exits_on_error
+def serve(db: Path, broker: str | None, broker_user: str, broker_password_file: Path | None,
+          tls_ca: Path | None, receive_maximum: int, batch_max: int, host: str, port: int,
+          trust: tuple[str, ...], threshold: int, require_role: tuple[str, ...],
+          webhook: str | None, webhook_secret_file: Path | None, window: int, ingest: bool,
+          share: str | None, bundle_dir: Path | None, max_upload_mb: int) -> None:
+    from fleet_server.config import DriftConfig, ServerConfig, WebhookConfig
+    from fleet_server.server import FleetServer
+
+    if not trust:
+        click.echo("fleet: warning: no --trust key: every bundle upload will be refused",
+                   err=True)
+    secret = webhook_secret_file.read_text().strip() if webhook_secret_file else ""
+    config = ServerConfig(
+        db=db, bundle_dir=bundle_dir,
+        broker=_broker(broker, broker_user, broker_password_file, tls_ca, share,
+                       receive_maximum),
+        ingest=ingest, ingest_config=_ingest_config(batch_max), drift=DriftConfig(window_s=window),
+        webhook=WebhookConfig(url=webhook, secret=secret), trust=trust, threshold=threshold,
+        required_roles=frozenset(require_role), max_upload_bytes=max_upload_mb * 1024 * 1024,
+        host=host, port=port)
+    click.echo(f"fleet: serving http://{host}:{port} (database {db})", err=True)
+    _run_until_signal(FleetServer(config), http=True)
+
+
+@click.command(help="Run an ingest worker alone, joining a shared subscription (scale-out).")
+@_server_options
+@click.option("--share", default="ingest", show_default=True,
+              help="The shared-subscription group the workers split.")
+@exits_on_error
+def ingest(db: Path, broker: str | None, broker_user: str, broker_password_file: Path | None,
+           tls_ca: Path | None, receive_maximum: int, batch_max: int, share: str) -> None:
+    from fleet_server.config import ServerConfig
+    from fleet_server.server import FleetServer
+
+    if broker is None:
+        raise click.UsageError("fleet ingest needs --broker")
+    config = ServerConfig(db=db, broker=_broker(broker, broker_user, broker_password_file,
+                                                tls_ca, share, receive_maximum),
+                          ingest_config=_ingest_config(batch_max), evaluate=False)
+    click.echo(f"fleet: ingest worker on {broker} (group {share}, database {db})", err=True)
+    _run_until_signal(FleetServer(config, publish_desired=False), http=False)
+
+
+# --------------------------------------------------------------------------- tokens
+
+

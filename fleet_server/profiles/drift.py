@@ -1,0 +1,648 @@
+"""Drift statistics and verdicts: one profile (the base) against another (the live one).
+
+The base is the bundle's reference profile (the training data) or, for a rollout gate, a
+live profile of the control devices; the live side is a device's or a group's merged
+window summaries. Both are :class:`~edgefleet.contract.profile.Profile` objects over the same
+spec, and everything here is computed from their summaries (per-slot counts and sums,
+missing, min, max, M2), never from raw rows, vectorised over the slots.
+
+Per feature (inputs and outputs alike), with ``p`` live and ``q`` base proportions:
+
+- PSI ``Σ (p−q)·ln(p/q)`` over the slots either side occupies (numeric: the ``B + 2``
+  slots, below-range and above-range included; categorical: vocabulary, other, unseen;
+  missing is a rate of its own). Empty slots are smoothed additively with the Jeffreys
+  pseudo-count ½ (the Krichevsky–Trofimov estimate ``(c + ½) / (n + ½k)`` over those ``k``
+  slots). Under no drift ``E[PSI] ≈ (k−1)(1/n_live + 1/n_base)``; ``psi_raw`` is the
+  statistic, ``psi`` is ``max(0, psi_raw − psi_bias)`` and is the one judged.
+- KS ``D`` from the binned CDFs at the reference edges: ``ks`` is the exact maximum on
+  that grid, a lower bound of the raw-data ``D``; ``ks_upper`` adds the largest slot
+  mass both sides share, an upper bound (``ks_upper − ks ≤ 1/B`` for equal-mass bins).
+- Wasserstein-1 ``∫|F_live − F_base|``, divided by the base std ``sqrt(M2/n)``. The
+  integral of a CDF over a slot is exact from its count and sum
+  (``∫_a^b F = F(a)(b−a) + (c·b − s)/n``), so ``Σ_slots |∫(F_live − F_base)|`` is an
+  exact lower bound (``wasserstein_lower``), equal to the distance wherever the CDFs do
+  not cross inside a slot (a shift never makes them cross). Where they may, each side's
+  within-slot CDF is modelled by the power law with the slot's mean on the side's own
+  support in the slot (``[max(a, min), min(b, max)]``) and the model's ``∫|d| − |∫d|`` is
+  added. The outer slots run from the smaller min to ``e0`` and from ``eB`` to the
+  larger max. Two samples of one distribution are ``wasserstein_bias`` apart on average
+  (``sqrt(2/π)·sqrt(1/n_live + 1/n_base)·∫sqrt(F(1−F))``, a Brownian bridge); the rule
+  judges ``wasserstein_excess``, the distance beyond that, so small windows do not
+  drift on noise (at the cost of needing ``threshold + bias`` for a borderline effect).
+- Categorical: the Jensen–Shannon distance, base 2, in [0, 1].
+- Rates, live against base: missing (of all rows), out-of-range (numeric: below and
+  above, of the present values), unseen (categorical, of the present values).
+
+A feature is ``insufficient`` below ``min_rows`` (default ``40·max(B−1, 1)`` with ``B``
+the reference bins; a categorical feature's bins are its vocabulary, other and unseen)
+on either side; rates are judged on rows, distributions on present values. Any drift
+rule gives ``drift`` with the reason; PSI alone also has a ``warn`` level.
+
+This module deliberately does not read or write anything (store, MQTT, reference.json),
+look at clocks, merge summaries (:meth:`Profile.merge` does) or send alerts; it does not
+compute p-values either: with 10⁵ rows every shift is "significant", so it judges effect
+sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from itertools import pairwise
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
+from edgefleet.contract.profile import CategoricalSpec, NumericSpec, Profile
+from edgefleet.contract.wire import Fields
+
+__all__ = [
+    "DRIFT_SCHEMA",
+    "STAT_KEYS",
+    "VERDICTS",
+    "DriftReport",
+    "FeatureDrift",
+    "Thresholds",
+    "compare",
+    "persistent_verdict",
+    "suspect_sensors",
+]
+
+DRIFT_SCHEMA = 1
+VERDICTS = ("ok", "warn", "drift", "insufficient")
+ROLES = ("input", "output")
+KINDS = ("numeric", "categorical")
+SMOOTHING = 0.5  # Jeffreys / Krichevsky–Trofimov pseudo-count per occupied slot
+GRID = 17  # points per slot for the crossing term of the Wasserstein distance
+STAT_KEYS = (
+    "psi", "psi_raw", "psi_bias", "ks", "ks_upper", "wasserstein", "wasserstein_lower",
+    "wasserstein_bias", "wasserstein_excess", "js",
+    "missing_rate", "missing_rate_base", "out_of_range_rate", "out_of_range_rate_base",
+    "unseen_rate", "unseen_rate_base", "mean", "mean_base", "std", "std_base",
+)
+MAX_FEATURES = 4096 + 16
+# Chebyshev–Lobatto points: dense at the slot ends, where a skewed slot's CDF is steep
+_T = (1 - np.cos(np.linspace(0.0, math.pi, GRID))) / 2
+_DT = np.diff(_T) / 2  # trapezoid weights per segment
+_SQRT_2_PI = math.sqrt(2 / math.pi)
+
+
+# --------------------------------------------------------------------------- thresholds
+
+
+_UNIT = ("ks_drift", "js_drift", "unseen_drift", "rate_drift", "group_share")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every rule's threshold; the defaults are the practitioners' conventions."""
+
+    psi_warn: float = 0.1
+    psi_drift: float = 0.25
+    ks_drift: float = 0.1
+    wasserstein_drift: float = 0.1  # in base standard deviations
+    js_drift: float = 0.1
+    unseen_drift: float = 0.01  # increase of the unseen-category share
+    rate_drift: float = 0.05  # absolute increase in missing / out-of-range rate
+    min_rows: int | None = None  # None: 40 * max(bins - 1, 1) for each feature
+    group_share: float = 0.5  # of the input features with enough data
+    persistence: int = 2  # drifted windows ...
+    persistence_of: int = 3  # ... out of the last this many
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            where = f"thresholds.{f.name}"
+            if f.name in ("min_rows", "persistence", "persistence_of"):
+                if value is None and f.name == "min_rows":
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or not (
+                        1 <= value <= 1_000_000_000):
+                    raise SchemaError(f"{where}: must be an integer >= 1, got {value!r}",
+                                      field=where)
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise SchemaError(f"{where}: must be a finite number > 0, got {value!r}",
+                                  field=where)
+            if f.name in _UNIT and value > 1:
+                raise SchemaError(f"{where}: must be at most 1, got {value!r}", field=where)
+        if self.psi_warn > self.psi_drift:
+            raise SchemaError("thresholds.psi_warn: must not exceed psi_drift",
+                              field="thresholds.psi_warn")
+        if self.persistence_of < self.persistence:
+            raise SchemaError("thresholds.persistence_of: must be >= persistence",
+                              field="thresholds.persistence_of")
+
+    def rows_needed(self, bins: int) -> int:
+        """The minimum rows (and present values) a feature with ``bins`` bins needs."""
+        return self.min_rows if self.min_rows is not None else 40 * max(bins - 1, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str = "thresholds") -> Thresholds:
+        """Read thresholds; absent fields keep their defaults.
+
+        Raises:
+            SchemaError: an unknown field, or a value of the wrong type or range (named).
+        """
+        f = Fields(obj, where)
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            if not f.has(spec.name):
+                continue
+            if spec.name == "min_rows" and f.raw("min_rows") is None:
+                values["min_rows"] = None
+            elif spec.name in ("min_rows", "persistence", "persistence_of"):
+                values[spec.name] = f.int(spec.name, minimum=1)
+            else:
+                values[spec.name] = f.float(spec.name)
+        f.done()
+        try:
+            return cls(**values)
+        except SchemaError as exc:
+            name = (exc.field or "").rpartition(".")[2]
+            raise SchemaError(f"{where}.{name}: {str(exc).partition(': ')[2]}",
+                              field=f"{where}.{name}") from exc
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    """One feature's statistics, verdict and the histograms the dashboard plots."""
+
+    name: str
+    role: str  # "input" | "output"
+    kind: str  # "numeric" | "categorical"
+    n_base: int  # present (non-missing) values the distributions are over
+    n_live: int
+    verdict: str  # "ok" | "warn" | "drift" | "insufficient"
+    stats: dict[str, float | None]  # every key of STAT_KEYS; None when not applicable
+    reasons: tuple[str, ...]
+    labels: tuple[str, ...]  # one per slot
+    base_hist: tuple[float, ...]  # proportions per slot (of present values)
+    live_hist: tuple[float, ...]
+    min_rows: int = 0  # the rows (and values) this feature needed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "kind": self.kind,
+                "n_base": self.n_base, "n_live": self.n_live, "verdict": self.verdict,
+                "stats": {k: _finite(self.stats.get(k)) for k in STAT_KEYS},
+                "reasons": list(self.reasons), "labels": list(self.labels),
+                "base_hist": [_finite(x) or 0.0 for x in self.base_hist],
+                "live_hist": [_finite(x) or 0.0 for x in self.live_hist],
+                "min_rows": self.min_rows}
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str = "feature") -> FeatureDrift:
+        """Raises: SchemaError naming the field at fault."""
+        f = Fields(obj, where)
+        name, role = f.str("name", max_len=128), f.choice("role", ROLES)
+        kind = f.choice("kind", KINDS)
+        n_base, n_live = f.int("n_base"), f.int("n_live")
+        verdict = f.choice("verdict", VERDICTS)
+        sf = f.obj("stats")
+        stats = {k: sf.opt_float(k) for k in STAT_KEYS}
+        sf.done()
+        texts = {k: f.list(k, max_len=256) for k in ("reasons", "labels")}
+        for k, items in texts.items():
+            if not all(isinstance(s, str) and len(s) <= 512 for s in items):
+                raise f.bad(k, "must be strings")
+        hists = {}
+        for k in ("base_hist", "live_hist"):
+            items = f.list(k, max_len=256)
+            if len(items) != len(texts["labels"]) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool)
+                    and math.isfinite(x) and 0 <= x <= 1 for x in items):
+                raise f.bad(k, "must be one proportion in [0, 1] per label")
+            hists[k] = tuple(float(x) for x in items)
+        out = cls(name, role, kind, n_base, n_live, verdict, stats, tuple(texts["reasons"]),
+                  tuple(texts["labels"]), hists["base_hist"], hists["live_hist"],
+                  f.int("min_rows", 0))
+        f.done()
+        return out
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """The features of one comparison (inputs in spec order, then outputs) and a verdict."""
+
+    features: tuple[FeatureDrift, ...]
+    rows_base: int
+    rows_live: int
+    share_drifted: float  # of the input features with enough data
+    verdict: str
+    important: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    reference_hash: str = ""
+
+    def feature(self, name: str, role: str = "input") -> FeatureDrift:
+        """Raises: KeyError when the report has no such feature."""
+        for f in self.features:
+            if f.name == name and f.role == role:
+                return f
+        raise KeyError(f"no {role} feature {name!r} in the drift report")
+
+    @property
+    def drifted(self) -> tuple[str, ...]:
+        """The input features whose verdict is drift."""
+        return tuple(f.name for f in self.features if f.role == "input" and f.verdict == "drift")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": DRIFT_SCHEMA, "reference_hash": self.reference_hash,
+                "rows_base": self.rows_base, "rows_live": self.rows_live,
+                "share_drifted": _finite(self.share_drifted) or 0.0, "verdict": self.verdict,
+                "important": list(self.important), "reasons": list(self.reasons),
+                "features": [f.to_dict() for f in self.features]}
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str = "drift") -> DriftReport:
+        """Raises: SchemaError naming the field at fault."""
+        f = Fields(obj, where)
+        if f.int("schema") != DRIFT_SCHEMA:
+            raise f.bad("schema", f"unsupported drift report schema (expected {DRIFT_SCHEMA})")
+        ref = f.str("reference_hash", max_len=64)
+        rows_base, rows_live = f.int("rows_base"), f.int("rows_live")
+        share = f.float("share_drifted")
+        if not 0 <= share <= 1:
+            raise f.bad("share_drifted", "must be in [0, 1]")
+        verdict = f.choice("verdict", VERDICTS)
+        texts = {k: f.list(k, max_len=MAX_FEATURES) for k in ("important", "reasons")}
+        for k, items in texts.items():
+            if not all(isinstance(s, str) and len(s) <= 512 for s in items):
+                raise f.bad(k, "must be strings")
+        feats = tuple(FeatureDrift.from_dict(o, f"{where}.features[{i}]")
+                      for i, o in enumerate(f.list("features", max_len=MAX_FEATURES)))
+        f.done()
+        return cls(feats, rows_base, rows_live, share, verdict, tuple(texts["important"]),
+                   tuple(texts["reasons"]), ref)
+
+
+# --------------------------------------------------------------------------- statistics
+# Features are stacked into (features × slots) arrays, padded at the end with empty
+# zero-width slots (which add nothing to any statistic), so a comparison costs a fixed
+# number of numpy calls however many features it has.
+
+
+class _Side(NamedTuple):
+    """One side's summary of one feature, read once from the profile's state."""
+
+    counts: np.ndarray  # float64 over the compared slots (categorical: without missing)
+    sums: np.ndarray  # numeric only (categorical: the counts again, unused)
+    n: int  # present values
+    missing: int
+    low: float
+    high: float
+    m2: float
+
+
+def _side(state: Any) -> _Side:
+    # reads the state objects' fields (see the report: a public accessor would be better)
+    if isinstance(state.spec, NumericSpec):
+        counts = state.counts.astype(np.float64)
+        return _Side(counts, state.sums, int(state.counts.sum()), int(state.missing),
+                     float(state.min), float(state.max), float(state.m2))
+    counts = state.counts[:-1].astype(np.float64)
+    return _Side(counts, counts, int(state.counts[:-1].sum()), int(state.counts[-1]),
+                 0.0, 0.0, 0.0)
+
+
+def _stack(rows: list[np.ndarray], width: int) -> np.ndarray:
+    out = np.zeros((len(rows), width))
+    for i, r in enumerate(rows):
+        out[i, :r.size] = r
+    return out
+
+
+def _psi(cb: np.ndarray, cl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw PSI over the occupied slots (smoothed) and its expected value under no drift."""
+    occupied = (cb + cl) > 0
+    q = np.where(occupied, cb + SMOOTHING, 0.0)
+    p = np.where(occupied, cl + SMOOTHING, 0.0)
+    q /= q.sum(axis=1, keepdims=True)
+    p /= p.sum(axis=1, keepdims=True)
+    terms = np.where(occupied, (p - q) * np.log(np.where(occupied, p / q, 1.0)), 0.0)
+    bias = (occupied.sum(axis=1) - 1) * (1 / cl.sum(axis=1) + 1 / cb.sum(axis=1))
+    return np.maximum(terms.sum(axis=1), 0.0), bias
+
+
+def _js(cb: np.ndarray, cl: np.ndarray) -> np.ndarray:
+    q = cb / cb.sum(axis=1, keepdims=True)
+    p = cl / cl.sum(axis=1, keepdims=True)
+    m = (p + q) / 2
+    terms = (np.where(p > 0, p * np.log2(np.where(p > 0, p / m, 1.0)), 0.0)
+             + np.where(q > 0, q * np.log2(np.where(q > 0, q / m, 1.0)), 0.0))
+    return np.sqrt(np.clip(terms.sum(axis=1) / 2, 0.0, 1.0))
+
+
+def _ks(cb: np.ndarray, cl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    nb, nl = cb.sum(axis=1, keepdims=True), cl.sum(axis=1, keepdims=True)
+    d = np.abs(np.cumsum(cl, axis=1) / nl - np.cumsum(cb, axis=1) / nb).max(axis=1)
+    # inside a slot neither CDF leaves its range, so the gap grows by at most the mass
+    # both sides put in that slot
+    shared = np.minimum(cb / nb, cl / nl).max(axis=1)
+    return d, np.minimum(d + shared, 1.0)
+
+
+def _side_cdf(x: np.ndarray, starts: np.ndarray, ends: np.ndarray, counts: np.ndarray,
+              sums: np.ndarray, low: np.ndarray, high: np.ndarray,
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """One side's modelled CDF at the grid ``x`` and its exact integral over each slot.
+
+    In a slot a side's values lie in ``[max(start, min), min(end, max)]``; on that
+    support the model is the power-law CDF with the slot's mean: ``u^k`` (density
+    ``k·u^(k-1)``, mean ``k/(k+1)``) for a mean right of centre, mirrored left of it.
+    """
+    p = counts / counts.sum(axis=1, keepdims=True)
+    mean = np.clip(np.where(counts > 0, sums / counts, (starts + ends) / 2), starts, ends)
+    before = np.cumsum(p, axis=1) - p
+    area = before * (ends - starts) + p * (ends - mean)  # ∫F = F(a)(b−a) + E[(b−X); slot]
+    lo = np.clip(low[:, None], starts, ends)
+    span = np.clip(high[:, None], starts, ends) - lo
+    wide = span > 0
+    u = np.clip(np.where(wide[..., None], (x - lo[..., None]) / span[..., None],
+                         x >= lo[..., None]), 0.0, 1.0)
+    mu = np.clip(np.where(wide, (mean - lo) / span, 0.5), 1e-9, 1 - 1e-9)[..., None]
+    right = mu >= 0.5
+    g = np.where(right, u, 1 - u) ** np.where(right, mu / (1 - mu), (1 - mu) / mu)
+    return before[..., None] + p[..., None] * np.where(right, g, 1 - g), area
+
+
+def _wasserstein(starts: np.ndarray, ends: np.ndarray, base: tuple, live: tuple,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W1 (estimate, exact lower bound) in the features' units, and ``∫ sqrt(F(1−F))``
+    of the base, which the no-drift expectation needs: the two-sample CDF difference is
+    ``sqrt(1/n_live + 1/n_base)`` times a Brownian bridge ``B(F)``, and
+    ``E|B(u)| = sqrt(2/π)·sqrt(u(1−u))``."""
+    x = starts[..., None] + (ends - starts)[..., None] * _T
+    fb, ab = _side_cdf(x, starts, ends, *base)
+    fl, al = _side_cdf(x, starts, ends, *live)
+    lower = np.abs(al - ab).sum(axis=1)
+    d = fl - fb
+    # trapezoid sums of |d| and of d: by the triangle inequality each slot adds >= 0, and
+    # exactly 0 where the modelled difference keeps its sign
+    excess = ((np.abs(d[..., 1:]) + np.abs(d[..., :-1])) @ _DT
+              - np.abs((d[..., 1:] + d[..., :-1]) @ _DT))
+    width = ends - starts
+    root = np.sqrt(np.clip(fb * (1 - fb), 0.0, None))
+    spread = (((root[..., 1:] + root[..., :-1]) @ _DT) * width).sum(axis=1)
+    return lower + (excess * width).sum(axis=1), lower, spread
+
+
+def _rate(part: float, whole: float) -> float | None:
+    return float(part) / whole if whole > 0 else None
+
+
+Item = tuple[Any, _Side, _Side]  # (spec, base, live)
+
+
+def _rates(spec: Any, b: _Side, lv: _Side) -> dict[str, float | None]:
+    stats: dict[str, float | None] = dict.fromkeys(STAT_KEYS)
+    stats["missing_rate_base"] = _rate(b.missing, b.n + b.missing)
+    stats["missing_rate"] = _rate(lv.missing, lv.n + lv.missing)
+    if isinstance(spec, NumericSpec):
+        stats["out_of_range_rate_base"] = _rate(b.counts[0] + b.counts[-1], b.n)
+        stats["out_of_range_rate"] = _rate(lv.counts[0] + lv.counts[-1], lv.n)
+        if b.n:
+            stats.update(mean_base=float(b.sums.sum()) / b.n, std_base=math.sqrt(b.m2 / b.n))
+        if lv.n:
+            stats.update(mean=float(lv.sums.sum()) / lv.n, std=math.sqrt(lv.m2 / lv.n))
+    else:
+        stats["unseen_rate_base"] = _rate(b.counts[-1], b.n)
+        stats["unseen_rate"] = _rate(lv.counts[-1], lv.n)
+    return stats
+
+
+def _numeric_stats(items: list[Item], out: list[dict[str, float | None]]) -> None:
+    width = max(spec.slots for spec, _, _ in items)
+    cb, cl, sb, sl = (_stack([getattr(item[j], key) for item in items], width)
+                      for j, key in ((1, "counts"), (2, "counts"), (1, "sums"), (2, "sums")))
+    starts, ends = np.empty((len(items), width)), np.empty((len(items), width))
+    for i, (spec, b, lv) in enumerate(items):
+        k = spec.slots
+        lo, hi = min(spec.edges[0], b.low, lv.low), max(spec.edges[-1], b.high, lv.high)
+        starts[i, 0], starts[i, 1:k], starts[i, k:] = lo, spec.edges, hi
+        ends[i, :k - 1], ends[i, k - 1:] = spec.edges, hi
+    lows = [np.array([item[j].low for item in items]) for j in (1, 2)]
+    highs = [np.array([item[j].high for item in items]) for j in (1, 2)]
+    with np.errstate(all="ignore"):
+        raw, bias = _psi(cb, cl)
+        ks, ks_upper = _ks(cb, cl)
+        w, lower, spread = _wasserstein(starts, ends, (cb, sb, lows[0], highs[0]),
+                                        (cl, sl, lows[1], highs[1]))
+    columns = zip(items, out, raw.tolist(), bias.tolist(), ks.tolist(), ks_upper.tolist(),
+                  w.tolist(), lower.tolist(), spread.tolist(), strict=True)
+    for (_, b, lv), stats, psi_raw, psi_bias, d, d_up, w_i, low_i, spread_i in columns:
+        stats.update(psi_raw=psi_raw, psi_bias=psi_bias, psi=max(psi_raw - psi_bias, 0.0),
+                     ks=d, ks_upper=d_up)
+        std = stats["std_base"]
+        if std and all(map(math.isfinite, (std, w_i, low_i, spread_i))):
+            null = _SQRT_2_PI * math.sqrt(1 / lv.n + 1 / b.n) * spread_i / std
+            stats.update(wasserstein=w_i / std, wasserstein_lower=min(low_i, w_i) / std,
+                         wasserstein_bias=null, wasserstein_excess=max(w_i / std - null, 0.0))
+
+
+def _categorical_stats(items: list[Item], out: list[dict[str, float | None]]) -> None:
+    width = max(b.counts.size for _, b, _ in items)
+    cb = _stack([b.counts for _, b, _ in items], width)
+    cl = _stack([lv.counts for _, _, lv in items], width)
+    with np.errstate(all="ignore"):
+        raw, bias = _psi(cb, cl)
+        js = _js(cb, cl)
+    for stats, psi_raw, psi_bias, d in zip(out, raw.tolist(), bias.tolist(), js.tolist(),
+                                           strict=True):
+        stats.update(psi_raw=psi_raw, psi_bias=psi_bias, psi=max(psi_raw - psi_bias, 0.0),
+                     js=d)
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def _g(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _judge(stats: dict[str, float | None], rows: tuple[int, int], values: tuple[int, int],
+           needed: int, t: Thresholds) -> tuple[str, tuple[str, ...]]:
+    if min(rows) < needed:
+        side = "live" if rows[1] < needed else "base"
+        return "insufficient", (f"{side} has {min(rows)} rows, {needed} needed",)
+    drift: list[str] = []
+    warn: list[str] = []
+    enough = min(values) >= needed
+    rates = [("missing rate", "missing_rate", t.rate_drift)]
+    if enough:
+        rates += [("out-of-range rate", "out_of_range_rate", t.rate_drift),
+                  ("unseen rate", "unseen_rate", t.unseen_drift)]
+        psi = stats["psi"]
+        if psi is not None and psi >= t.psi_drift:
+            drift.append(f"psi {_g(psi)} ≥ {_g(t.psi_drift)}")
+        elif psi is not None and psi >= t.psi_warn:
+            warn.append(f"psi {_g(psi)} ≥ {_g(t.psi_warn)} (warn)")
+        for key, limit in (("ks", t.ks_drift), ("js", t.js_drift)):
+            value = stats[key]
+            if value is not None and value >= limit:
+                drift.append(f"{key} {_g(value)} ≥ {_g(limit)}")
+        excess = stats["wasserstein_excess"]
+        if excess is not None and excess >= t.wasserstein_drift:
+            drift.append(f"wasserstein {_g(stats['wasserstein'] or 0.0)} − no-drift "
+                         f"{_g(stats['wasserstein_bias'] or 0.0)} = {_g(excess)} "
+                         f"≥ {_g(t.wasserstein_drift)}")
+    for label, key, limit in rates:
+        live, base = stats[key], stats[f"{key}_base"]
+        if live is not None and base is not None and live - base >= limit:
+            drift.append(f"{label} {_g(live)} vs {_g(base)} (+{_g(live - base)} ≥ {_g(limit)})")
+    if drift:
+        return "drift", tuple(drift)
+    if not enough:
+        side = "live" if values[1] < needed else "base"
+        return "insufficient", (f"{side} has {min(values)} present values, {needed} needed",)
+    return ("warn", tuple(warn)) if warn else ("ok", ())
+
+
+@lru_cache(maxsize=4096)
+def _labels(spec: NumericSpec | CategoricalSpec) -> tuple[str, ...]:
+    if isinstance(spec, CategoricalSpec):
+        return (*spec.vocabulary, "(other)", "(unseen)")
+    e = [f"{x:.6g}" for x in spec.edges]
+    inner = tuple(f"[{a}, {b})" for a, b in pairwise(e[:-1]))
+    return (f"< {e[0]}", *inner, f"[{e[-2]}, {e[-1]}]", f"> {e[-1]}")
+
+
+def _hist(counts: np.ndarray, n: int) -> tuple[float, ...]:
+    return tuple((counts / n).tolist()) if n else (0.0,) * counts.size
+
+
+def _features(items: list[tuple[Any, str, Any, Any]], t: Thresholds,
+              ) -> tuple[FeatureDrift, ...]:
+    sides = [(spec, _side(b), _side(lv)) for spec, _, b, lv in items]
+    stats = [_rates(*item) for item in sides]
+    for kind, compute in ((NumericSpec, _numeric_stats), (CategoricalSpec, _categorical_stats)):
+        both = [i for i, (spec, b, lv) in enumerate(sides)
+                if isinstance(spec, kind) and b.n and lv.n]
+        if both:
+            compute([sides[i] for i in both], [stats[i] for i in both])
+    out = []
+    for (spec, b, lv), (_, role, _, _), st in zip(sides, items, stats, strict=True):
+        numeric = isinstance(spec, NumericSpec)
+        needed = t.rows_needed(spec.bins if numeric else len(spec.vocabulary) + 2)
+        verdict, reasons = _judge(st, (b.n + b.missing, lv.n + lv.missing), (b.n, lv.n),
+                                  needed, t)
+        out.append(FeatureDrift(spec.name, role, "numeric" if numeric else "categorical",
+                                b.n, lv.n, verdict, st, reasons, _labels(spec),
+                                _hist(b.counts, b.n), _hist(lv.counts, lv.n), needed))
+    return tuple(out)
+
+
+def compare(base: Profile, live: Profile, thresholds: Thresholds = Thresholds(),
+            important: Collection[str] = ()) -> DriftReport:
+    """Compare ``live`` with ``base`` feature by feature and judge the whole.
+
+    The report drifts when at least ``group_share`` of the input features with enough
+    data drift, or any ``important`` feature (input or output) drifts; it warns when any
+    feature warns or drifts; it is insufficient when no input feature has enough data.
+
+    Raises:
+        ReferenceMismatchError: the two profiles are over different references.
+        SchemaError: an ``important`` name is not a feature of the reference.
+    """
+    if base.reference_hash != live.reference_hash:
+        raise ReferenceMismatchError(
+            f"cannot compare profiles over different references "
+            f"({base.reference_hash[:12]}… vs {live.reference_hash[:12]}…)")
+    spec = base.spec
+    names = {s.name for s in (*spec.inputs, *spec.outputs)}
+    wanted = tuple(sorted(set(important)))
+    for name in wanted:
+        if name not in names:
+            raise SchemaError(f"important feature {name!r} is not in the reference",
+                              field="important")
+    t = thresholds
+    feats = _features(
+        [(s, "input", base.inputs[s.name], live.inputs[s.name]) for s in spec.inputs]
+        + [(s, "output", base.outputs[s.name], live.outputs[s.name]) for s in spec.outputs], t)
+    inputs = [f for f in feats if f.role == "input"]
+    judged = [f for f in inputs if f.verdict != "insufficient"]
+    drifted = [f for f in judged if f.verdict == "drift"]
+    share = len(drifted) / len(judged) if judged else 0.0
+    key_drift = [f for f in feats if f.name in wanted and f.verdict == "drift"]
+    reasons: list[str] = []
+    if judged and share >= t.group_share:
+        reasons.append(f"{len(drifted)} of {len(judged)} input features drift "
+                       f"({share:.0%} ≥ {t.group_share:.0%})")
+    reasons += [f"important {f.role} {f.name!r} drifts" for f in key_drift]
+    if reasons:
+        verdict = "drift"
+    elif any(f.verdict in ("warn", "drift") for f in feats):
+        verdict = "warn"
+        reasons = [f"{f.role} {f.name!r}: {f.verdict}" for f in feats
+                   if f.verdict in ("warn", "drift")]
+    elif not judged:
+        verdict, reasons = "insufficient", ["no input feature has enough data"]
+    else:
+        verdict = "ok"
+    return DriftReport(feats, base.rows, live.rows, share, verdict, wanted, tuple(reasons),
+                       base.reference_hash)
+
+
+def persistent_verdict(window_verdicts: Sequence[str | DriftReport],
+                       thresholds: Thresholds = Thresholds()) -> str:
+    """The group's verdict over its windows (oldest first).
+
+    ``drift`` when at least ``persistence`` of the last ``persistence_of`` windows drift;
+    otherwise the latest window's verdict, a lone unconfirmed drift counting as ``warn``;
+    ``insufficient`` when there is no window.
+
+    Raises:
+        SchemaError: an item is not a verdict (named by its index).
+    """
+    verdicts = [v.verdict if isinstance(v, DriftReport) else v for v in window_verdicts]
+    for i, v in enumerate(verdicts):
+        if v not in VERDICTS:
+            raise SchemaError(f"window_verdicts[{i}]: {v!r} is not one of {', '.join(VERDICTS)}",
+                              field=f"window_verdicts[{i}]")
+    if not verdicts:
+        return "insufficient"
+    if verdicts[-thresholds.persistence_of:].count("drift") >= thresholds.persistence:
+        return "drift"
+    return "warn" if verdicts[-1] == "drift" else verdicts[-1]
+
+
+def suspect_sensors(group: DriftReport, devices: Mapping[str, DriftReport],
+                    ) -> dict[str, tuple[str, ...]]:
+    """Devices whose input features drift while the group's same features do not.
+
+    Only features a device had enough data to judge can drift, so a device with too
+    few rows is never a suspect. Devices are listed in id order, features in spec order.
+
+    Raises:
+        ReferenceMismatchError: a device report is over another reference than the group's.
+    """
+    group_drift = {f.name: f.verdict == "drift" for f in group.features if f.role == "input"}
+    out: dict[str, tuple[str, ...]] = {}
+    for device in sorted(devices):
+        report = devices[device]
+        if report.reference_hash != group.reference_hash or any(
+                f.role == "input" and f.name not in group_drift for f in report.features):
+            raise ReferenceMismatchError(
+                f"device {device!r}: its drift report is over another reference than the "
+                "group's")
+        alone = tuple(f.name for f in report.features if f.role == "input"
+                      and f.verdict == "drift" and not group_drift[f.name])
+        if alone:
+            out[device] = alone
+    return out

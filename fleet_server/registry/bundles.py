@@ -1,0 +1,187 @@
+"""Bundles on the server: verify an upload, keep it, describe it, hand out its reference.
+
+An upload is verified with :func:`edgefleet.contract.bundle.verify_bundle` against the server's
+trust store and policy, exactly as a device will verify it; a refusal propagates as the
+contract's own :class:`~edgefleet.contract.errors.BundleError` subclass, naming the member. On
+top of that the server needs the bundle's ``reference.json`` (the bins every summary of
+this bundle is packed into and the training profile drift is judged against): it must
+parse and its hash must be the manifest's ``reference_hash``, or the upload is refused
+with :class:`~fleet_server.errors.BundleReferenceError`.
+
+``name@version`` is immutable once stored: the same bytes again are accepted (nothing
+changes), other bytes under the same name and version are a conflict.
+
+This module does not speak HTTP (the upload size bound is applied while the route reads
+the body), does not fold summaries (the callback given does) and never loads the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgefleet.contract.bundle import Limits, verify_bundle
+from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
+from edgefleet.contract.manifest import NAME_RE, parse_version
+from edgefleet.contract.profile import Profile, ProfileSpec, parse_reference
+from edgefleet.contract.signing import Policy, TrustStore
+from fleet_server.errors import (
+    BundleReferenceError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from fleet_server.models import BundleRecord
+from fleet_server.profiles.rollups import Layout, layout_for
+from fleet_server.registry.blobs import BlobStore
+from fleet_server.store import Store
+
+__all__ = ["Bundles", "Reference", "parse_label"]
+
+log = logging.getLogger(__name__)
+_CACHE_SIZE = 256
+
+
+def parse_label(label: str, field: str = "bundle") -> tuple[str, str]:
+    """``name@version`` → ``(name, version)``.
+
+    Raises:
+        InvalidRequestError: not ``name@version`` with a valid name and semantic version.
+    """
+    name, sep, version = label.partition("@")
+    if not sep or not NAME_RE.match(name):
+        raise InvalidRequestError(f"{field} {label!r}: expected name@version, e.g. "
+                                  "sensor@1.2.0", field=field)
+    try:
+        parse_version(version)
+    except SchemaError as exc:
+        raise InvalidRequestError(f"{field} {label!r}: {exc}", field=field) from exc
+    return name, version
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What drift needs of a bundle: its bins (spec), rollup layout and training profile."""
+
+    bundle: BundleRecord
+    spec: ProfileSpec
+    base: Profile
+    layout: Layout
+
+
+class Bundles:
+    """The bundle service.
+
+    Args:
+        store: the database.
+        blobs: where bundle files go.
+        trust: the keys whose signatures count.
+        policy: how many (and which roles of) signatures an upload needs.
+        limits: size bounds applied while reading a bundle.
+        on_uploaded: called with each newly stored bundle (the ingest service folds the
+            summaries that were waiting for it); its errors are logged, not raised.
+    """
+
+    def __init__(self, store: Store, blobs: BlobStore, trust: TrustStore,
+                 policy: Policy = Policy(), limits: Limits = Limits(),
+                 on_uploaded: Callable[[BundleRecord], None] | None = None) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.trust = trust
+        self.policy = policy
+        self.limits = limits
+        self.on_uploaded = on_uploaded
+        self._refs: OrderedDict[int, Reference] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def upload(self, data: bytes, actor: str, now: float) -> tuple[BundleRecord, bool]:
+        """Verify and store a bundle; return it and whether it is new.
+
+        Raises:
+            BundleError: the contract's refusal (signature, digest, member, size, ...).
+            BundleReferenceError: ``reference.json`` is unusable or not the manifest's.
+            ConflictError: ``name@version`` is stored with other bytes.
+        """
+        verified = verify_bundle(data, self.trust, self.policy, limits=self.limits)
+        manifest = verified.manifest
+        label = f"{manifest.name}@{manifest.version}"
+        if "reference.json" not in verified.members:
+            raise BundleReferenceError(f"{label}: reference.json is missing; the server needs "
+                                       "it to judge drift", field="reference.json")
+        raw_ref = verified.member("reference.json")
+        try:
+            spec, _base = parse_reference(raw_ref)
+        except (SchemaError, ReferenceMismatchError) as exc:
+            raise BundleReferenceError(f"{label}: {exc}", field="reference.json") from exc
+        if spec.reference_hash != manifest.reference_hash:
+            raise BundleReferenceError(
+                f"{label}: reference.json has reference_hash {spec.reference_hash[:12]}…, "
+                f"the manifest says {manifest.reference_hash[:12]}…", field="reference.json")
+        existing = self.store.get_bundle(manifest.name, manifest.version)
+        if existing is not None:
+            if existing.sha256 == verified.sha256:
+                return existing, False
+            raise ConflictError(f"bundle {label} exists with other bytes (sha256 "
+                                f"{existing.sha256[:12]}…); publish a new version instead")
+        self.blobs.put(data)
+        signers = [{"keyid": k.keyid, "role": k.role, "name": k.name} for k in verified.signers]
+        with self.store.transaction():
+            record = self.store.add_bundle(
+                name=manifest.name, version=manifest.version, sha256=verified.sha256,
+                size=len(data), reference_hash=spec.reference_hash,
+                manifest=manifest.to_dict(), reference=raw_ref, signers=signers,
+                uploaded=now, uploaded_by=actor)
+            self.store.audit(actor, "bundle.upload", f"bundle:{label}",
+                             {"sha256": verified.sha256, "size": len(data),
+                              "signers": [s["keyid"][:16] for s in signers]}, now)
+        log.info("stored bundle %s (%d bytes) from %s", label, len(data), actor)
+        if self.on_uploaded is not None:
+            try:
+                self.on_uploaded(record)
+            except Exception:
+                log.exception("after uploading %s: folding pending summaries failed", label)
+        return record, True
+
+    def get(self, name: str, version: str) -> BundleRecord:
+        """Raises: NotFoundError: no such bundle."""
+        found = self.store.get_bundle(name, version)
+        if found is None:
+            raise NotFoundError("bundle", f"{name}@{version}")
+        return found
+
+    def by_label(self, label: str) -> BundleRecord:
+        """Raises: InvalidRequestError (not name@version), NotFoundError."""
+        return self.get(*parse_label(label))
+
+    def list(self, name: str | None = None) -> list[BundleRecord]:
+        return self.store.list_bundles(name)
+
+    def file(self, record: BundleRecord) -> Path:
+        """Raises: NotFoundError: the file is gone from the bundle directory."""
+        return self.blobs.path(record.sha256)
+
+    def reference(self, bundle_id: int) -> Reference:
+        """The parsed reference of a stored bundle (cached; bundles are immutable).
+
+        Raises:
+            NotFoundError: no such bundle.
+        """
+        with self._lock:
+            found = self._refs.get(bundle_id)
+            if found is not None:
+                self._refs.move_to_end(bundle_id)
+                return found
+        record = self.store.get_bundle_by_id(bundle_id)
+        if record is None:
+            raise NotFoundError("bundle", str(bundle_id))
+        spec, base = parse_reference(self.store.bundle_reference(bundle_id))
+        ref = Reference(record, spec, base, layout_for(spec))
+        with self._lock:
+            self._refs[bundle_id] = ref
+            while len(self._refs) > _CACHE_SIZE:
+                self._refs.popitem(last=False)
+        return ref

@@ -1,0 +1,163 @@
+"""Desired state: what each device should run, kept in the store and retained on the broker.
+
+The server never commands a device; it keeps per device a :class:`DesiredState` (bundle,
+optional shadow, ``allow_downgrade``, a ``revision`` that increases with every change)
+and publishes it *retained* (QoS 1) on ``edgefleet/v1/<device>/desired``, which only that
+device may read. A device that was offline for a week gets it on connect from the broker;
+and when the server's own connection (re)connects it republishes every device's state
+(:meth:`DesiredStates.republish_all`), so a broker that lost its retained store (a restart
+without persistence) is repaired. The agent reconciles toward it and answers with
+:class:`~edgefleet.contract.messages.Report` messages carrying the revision (stored by ingest).
+
+:meth:`DesiredStates.assign` is the one way to change it: the API's ``PUT
+/api/v1/devices/{device}/desired`` and (later) the rollout engine call it;
+:meth:`assign_many` changes many devices in one transaction (a rollout stage). Bundle
+references are completed from the stored bundle (sha256, size, download URL), so a
+device can only be pointed at a bundle the server has verified.
+
+Publishing reads the state back from the store under a lock, so with two assignments
+racing the broker ends with the newer revision. This module does not know rollouts or
+talk HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from edgefleet.contract.messages import BundleRef, DesiredState, encode, topic
+from fleet_server.errors import NotFoundError
+from fleet_server.models import DesiredRecord
+from fleet_server.registry.bundles import Bundles, parse_label
+from fleet_server.store import Store
+
+__all__ = ["Assignment", "DesiredStates", "Publisher"]
+
+log = logging.getLogger(__name__)
+BundleSpec = BundleRef | str | None  # a ref (name and version count) or "name@version"
+
+
+class Publisher(Protocol):
+    def publish_retained(self, topic: str, payload: bytes, qos: int = 1) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Assignment:
+    device: str
+    bundle: BundleSpec
+    shadow: BundleSpec = None
+    allow_downgrade: bool = False
+
+
+def message(record: DesiredRecord) -> DesiredState:
+    return DesiredState(record.device, record.revision, record.bundle, record.shadow,
+                        record.allow_downgrade, record.updated)
+
+
+class DesiredStates:
+    """The desired-state service.
+
+    Args:
+        store: the database.
+        bundles: resolves bundle references to stored, verified bundles.
+        publisher: the MQTT link (None: store only; republished when one connects).
+        clock: the time source for ``updated``.
+    """
+
+    def __init__(self, store: Store, bundles: Bundles, publisher: Publisher | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.bundles = bundles
+        self.publisher = publisher
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    def _resolve(self, spec: BundleSpec, field: str) -> BundleRef | None:
+        if spec is None:
+            return None
+        name, version = parse_label(spec, field) if isinstance(spec, str) else \
+            (spec.name, spec.version)
+        return self.bundles.get(name, version).ref
+
+    def assign(self, device: str, bundle: BundleSpec, shadow: BundleSpec = None,
+               allow_downgrade: bool = False, *, actor: str, now: float | None = None
+               ) -> DesiredState:
+        """Set what ``device`` should run; a no-op (same revision) if nothing changes.
+
+        Raises:
+            NotFoundError: no such device, or a bundle that is not uploaded.
+            InvalidRequestError: a bundle label that is not ``name@version``.
+        """
+        return self.assign_many([Assignment(device, bundle, shadow, allow_downgrade)],
+                                actor=actor, now=now)[0]
+
+    def assign_many(self, assignments: Sequence[Assignment], *, actor: str,
+                    now: float | None = None) -> list[DesiredState]:
+        """Set several devices' desired states in one transaction, then publish them.
+
+        Raises:
+            NotFoundError, InvalidRequestError: as :meth:`assign`; nothing is changed.
+        """
+        now = self.clock() if now is None else now
+        resolved = [(a.device, self._resolve(a.bundle, "bundle"),
+                     self._resolve(a.shadow, "shadow"), a.allow_downgrade) for a in assignments]
+        out: list[DesiredRecord] = []
+        with self.store.transaction():
+            current = {r.device: r for r in self.store.list_desired([d for d, *_ in resolved])}
+            changed: list[DesiredRecord] = []
+            for device, bundle, shadow, downgrade in resolved:
+                if self.store.get_device(device) is None:
+                    raise NotFoundError("device", device)
+                old = current.get(device)
+                if old is not None and (old.bundle, old.shadow, old.allow_downgrade) == \
+                        (bundle, shadow, downgrade):
+                    out.append(old)
+                    continue
+                record = DesiredRecord(device, (old.revision if old else 0) + 1, bundle, shadow,
+                                       downgrade, now, actor)
+                current[device] = record
+                changed.append(record)
+                out.append(record)
+            self.store.put_desired(changed)
+            for r in changed:
+                self.store.audit(actor, "desired.set", f"device:{r.device}",
+                                 {"revision": r.revision,
+                                  "bundle": r.bundle.label if r.bundle else None,
+                                  "shadow": r.shadow.label if r.shadow else None,
+                                  "allow_downgrade": r.allow_downgrade}, now)
+        self.publish([r.device for r in out])
+        return [message(r) for r in out]
+
+    def get(self, device: str) -> DesiredState | None:
+        record = self.store.get_desired(device)
+        return None if record is None else message(record)
+
+    def record(self, device: str) -> DesiredRecord | None:
+        return self.store.get_desired(device)
+
+    def publish(self, devices: Sequence[str]) -> int:
+        """Publish the stored state of ``devices`` (retained); returns how many went out."""
+        if self.publisher is None:
+            return 0
+        sent = 0
+        with self._lock:
+            for record in self.store.list_desired(devices):
+                payload = encode(message(record))
+                if self.publisher.publish_retained(topic(record.device, "desired"), payload):
+                    sent += 1
+        return sent
+
+    def republish_all(self) -> int:
+        """Publish every device's desired state (on each MQTT (re)connect)."""
+        if self.publisher is None:
+            return 0
+        with self._lock:
+            records = self.store.list_desired()
+            sent = sum(1 for r in records if self.publisher.publish_retained(
+                topic(r.device, "desired"), encode(message(r))))
+        log.info("republished %d of %d desired states", sent, len(records))
+        return sent

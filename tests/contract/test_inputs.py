@@ -1,0 +1,133 @@
+"""Input checks against a bundle's schema: every refusal names the feature and the row."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgefleet.contract.errors import InputError
+from edgefleet.contract.inputs import InputValidator
+from edgefleet.contract.manifest import Binding, FeatureSpec, Lineage, Manifest, OutputSpec
+
+
+def manifest(*inputs: FeatureSpec) -> Manifest:
+    return Manifest(
+        name="m", version="1.0.0", created_at="2026-01-01T00:00:00Z", task="classification",
+        inputs=inputs, outputs=(OutputSpec("label", "label", "int64"),),
+        binding=Binding("columns" if any(i.kind == "categorical" for i in inputs) else "tensor"),
+        files=(), reference_hash="0" * 64, lineage=Lineage("0" * 64, "sklearn", "x", "0" * 64, 1))
+
+
+NUMERIC = manifest(FeatureSpec("temp", "numeric", "float32", 0.0, 100.0),
+                   FeatureSpec("rpm", "numeric", "float32", 0.0, 9000.0))
+MIXED = manifest(FeatureSpec("temp", "numeric", "float32", missing_allowed=True),
+                 FeatureSpec("count", "numeric", "int64"),
+                 FeatureSpec("site", "categorical", "string", categories=("a", "b")),
+                 FeatureSpec("mode", "categorical", "string", categories=("x",),
+                             missing_allowed=True))
+
+
+@pytest.mark.parametrize(("schema", "row", "feature", "text"), [
+    pytest.param(NUMERIC, {"temp": 1.0}, "rpm", "missing", id="missing-feature"),
+    pytest.param(NUMERIC, {"temp": "hot", "rpm": 1.0}, "temp", "numeric, got a string",
+                 id="string-for-number"),
+    pytest.param(NUMERIC, {"temp": True, "rpm": 1.0}, "temp", "boolean", id="bool-for-number"),
+    pytest.param(NUMERIC, {"temp": None, "rpm": 1.0}, "temp", "does not allow missing",
+                 id="null-not-allowed"),
+    pytest.param(NUMERIC, {"temp": math.nan, "rpm": 1.0}, "temp", "does not allow missing",
+                 id="nan-not-allowed"),
+    pytest.param(NUMERIC, {"temp": math.inf, "rpm": 1.0}, "temp", "not finite", id="inf"),
+    pytest.param(NUMERIC, {"temp": [1.0], "rpm": 1.0}, "temp", "a list", id="list-for-number"),
+    pytest.param(NUMERIC, {"temp": 10**400, "rpm": 1.0}, "temp", "not finite", id="huge-int"),
+    pytest.param(MIXED, {"temp": 1.0, "count": 2.5, "site": "a", "mode": "x"}, "count",
+                 "whole numbers", id="fraction-for-int"),
+    pytest.param(MIXED, {"temp": 1.0, "count": 2, "site": 3, "mode": "x"}, "site",
+                 "takes a string", id="number-for-category"),
+    pytest.param(MIXED, {"temp": 1.0, "count": 2, "site": None, "mode": "x"}, "site",
+                 "does not allow missing", id="null-category-not-allowed"),
+])
+def test_bad_rows_are_refused_naming_the_feature(schema, row, feature, text):
+    with pytest.raises(InputError, match=text) as info:
+        InputValidator(schema).row(row, index=3)
+    assert info.value.feature == feature
+    assert info.value.row == 3
+    assert feature in str(info.value) and "row 3" in str(info.value)
+
+
+@pytest.mark.parametrize(("rows", "text"), [
+    pytest.param([], "no rows", id="empty"),
+    pytest.param("temp=1", "expected a list", id="a-string"),
+    pytest.param([[1.0]], "1 values, the model takes 2", id="short-list"),
+    pytest.param([[1.0, 2.0, 3.0]], "3 values", id="long-list"),
+    pytest.param([42], "expected an object", id="a-number-row"),
+    pytest.param([{"temp": 1.0, "rpm": 2.0}] * 11, "limit is 10", id="too-many"),
+])
+def test_bad_batches(rows, text):
+    with pytest.raises(InputError, match=text):
+        InputValidator(NUMERIC, max_rows=10).batch(rows)
+
+
+def test_good_rows_in_every_form_give_the_same_cells():
+    v = InputValidator(NUMERIC)
+    want = [12.5, 3000.0]
+    assert v.row({"temp": 12.5, "rpm": 3000.0, "extra": "ignored"}) == want
+    assert v.row({"temp": 12.5, "rpm": 3000}) == want  # ints are numbers
+    assert v.row([12.5, 3000.0]) == want
+    assert v.row(np.array([12.5, 3000.0])) == want
+    batch = v.array(np.array([want, want]))
+    assert batch.rows == 2 and batch.matrix.tolist() == [want, want]
+    assert batch.columns["rpm"].tolist() == [3000.0, 3000.0]
+
+
+def test_out_of_range_and_unseen_are_served():
+    assert InputValidator(NUMERIC).row({"temp": -50.0, "rpm": 1e9}) == [-50.0, 1e9]
+    cells = InputValidator(MIXED).row({"temp": None, "count": 3, "site": "zz", "mode": None})
+    assert math.isnan(cells[0]) and cells[1:] == [3.0, "zz", None]
+
+
+@pytest.mark.parametrize(("matrix", "feature", "row"), [
+    pytest.param([[1.0, 2.0], [np.nan, 1.0]], "temp", 1, id="nan"),
+    pytest.param([[1.0, 2.0], [1.0, np.inf]], "rpm", 1, id="inf"),
+    pytest.param([[1e308, 1e308], [1e308, np.nan]], "rpm", 1, id="overflowing-sum-then-nan"),
+])
+def test_bad_arrays_name_feature_and_row(matrix, feature, row):
+    with pytest.raises(InputError) as info:
+        InputValidator(NUMERIC).array(np.array(matrix))
+    assert (info.value.feature, info.value.row) == (feature, row)
+
+
+def test_an_overflowing_sum_of_finite_values_is_not_refused():
+    assert InputValidator(NUMERIC).array(np.array([[1e308, 1e308]] * 3)).rows == 3
+
+
+@pytest.mark.parametrize("matrix", [np.zeros((2, 3)), np.zeros(2), np.array([["a", "b"]])],
+                         ids=["wrong-width", "1-d", "strings"])
+def test_badly_shaped_arrays(matrix):
+    with pytest.raises(InputError):
+        InputValidator(NUMERIC).array(matrix)
+
+
+def test_arrays_need_an_all_numeric_model():
+    with pytest.raises(InputError, match="categorical"):
+        InputValidator(MIXED).array(np.zeros((1, 4)))
+
+
+values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5),
+                   st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2),
+                                                                        st.integers(), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.dictionaries(st.sampled_from(["temp", "count", "site", "mode", "x"]), values),
+                 st.lists(values, max_size=5), values))
+def test_anything_a_caller_sends_is_accepted_or_an_input_error(row):
+    for schema in (NUMERIC, MIXED):
+        try:
+            cells = InputValidator(schema).row(row)
+        except InputError:
+            continue
+        assert len(cells) == len(schema.inputs)

@@ -1,0 +1,243 @@
+"""The MQTT message contract: round trips, compactness, and refusals that name the field."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
+from edgefleet.contract.messages import (
+    LATENCY_EDGES_MS,
+    MAX_INFLATED,
+    BundleRef,
+    DesiredState,
+    Heartbeat,
+    Report,
+    ShadowStats,
+    Status,
+    Summary,
+    decode,
+    encode,
+    parse_topic,
+    topic,
+)
+from edgefleet.contract.profile import (
+    CONFIDENCE_EDGES,
+    NumericSpec,
+    Profile,
+    ProfileSpec,
+    categorical_spec,
+    from_wire,
+    numeric_spec,
+    to_wire,
+)
+from edgefleet.contract.wire import canonical_json
+
+devices = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+versions = st.builds(lambda a, b, c: f"{a}.{b}.{c}", *(st.integers(0, 99),) * 3)
+names = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True)
+hexes = st.text("0123456789abcdef", min_size=64, max_size=64)
+finite = st.floats(-1e12, 1e12, allow_nan=False)
+bundles = st.builds(BundleRef, names, versions, st.one_of(st.just(""), hexes),
+                    st.text(max_size=40), st.integers(0, 2**40))
+counts = st.lists(st.integers(0, 10**6), min_size=len(LATENCY_EDGES_MS) + 1,
+                  max_size=len(LATENCY_EDGES_MS) + 1).map(tuple)
+
+
+def _spec(n_features: int = 20) -> ProfileSpec:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(2000, n_features))
+    return ProfileSpec(
+        tuple(numeric_spec(f"feature_{i:02d}", ref[:, i]) for i in range(n_features)),
+        (categorical_spec("class", ["0", "1"]), NumericSpec("confidence", CONFIDENCE_EDGES)))
+
+
+def _profile(spec: ProfileSpec, rows: int, seed: int = 1) -> Profile:
+    rng = np.random.default_rng(seed)
+    p = Profile(spec)
+    p.update({s.name: rng.normal(0.2, 1.1, rows) for s in spec.inputs},
+             {"class": rng.choice(["0", "1"], rows), "confidence": rng.uniform(0.5, 1, rows)})
+    return p
+
+
+@st.composite
+def summaries(draw):
+    spec = _spec(3)
+    start = draw(st.floats(0, 2e9))
+    shadow = draw(st.one_of(st.none(), st.builds(
+        lambda b, r, a, c, e: ShadowStats(b, r, min(a, r), c, e),
+        bundles, st.integers(0, 10**6), st.integers(0, 10**6), counts, st.integers(0, 99))))
+    return Summary(draw(devices), draw(st.integers(0, 2**53)), draw(bundles), start,
+                   start + draw(st.floats(0, 1e6)), to_wire(_profile(spec, 50)),
+                   draw(st.one_of(st.just(()), counts)),
+                   draw(st.dictionaries(st.sampled_from(["input", "runtime", "shadow"]),
+                                        st.integers(0, 10**6))),
+                   shadow, draw(st.integers(0, 10**9)))
+
+
+messages = st.one_of(
+    summaries(),
+    st.builds(Report, devices, st.integers(0, 2**53), st.integers(0, 2**53),
+              st.sampled_from(Report.OUTCOMES), bundles, st.text(max_size=100), finite),
+    st.builds(Heartbeat, devices, finite, st.floats(0, 1e9), st.integers(0, 2**40),
+              st.integers(0, 2**40), st.integers(0, 2**40), st.integers(0, 2**40),
+              st.integers(0, 2**40), st.one_of(st.none(), st.floats(0, 1e4)),
+              st.one_of(st.none(), st.floats(0, 1e4))),
+    st.builds(Status, devices, st.sampled_from(["online", "offline"]), st.text(max_size=20),
+              st.one_of(st.none(), bundles), st.one_of(st.none(), bundles),
+              st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True),
+                              st.text(max_size=20), max_size=5), finite),
+    st.builds(DesiredState, devices, st.integers(0, 2**53), st.one_of(st.none(), bundles),
+              st.one_of(st.none(), bundles), st.booleans(), finite),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages)
+def test_every_message_round_trips(message):
+    assert decode(message.topic, encode(message)) == message
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.sampled_from(["summary", "report", "heartbeat", "status",
+                                                 "desired"]))
+def test_random_payloads_raise_only_schema_errors(payload, kind):
+    with contextlib.suppress(SchemaError):
+        decode(topic("dev-1", kind), payload)
+
+
+def test_summary_of_20_numeric_features_fits_in_2_kib():
+    spec = _spec(20)
+    s = Summary("device-0001", 7, BundleRef("cancer-mlp", "1.0.0"), 1.7e9, 1.7e9 + 60,
+                to_wire(_profile(spec, 600)), (5,) * 13, {"input": 1})
+    assert len(encode(s)) <= 2048
+
+
+def test_wire_profile_keeps_counts_exact_and_sums_to_6_digits():
+    spec = _spec(5)
+    p = _profile(spec, 1000)
+    q = from_wire(decode(topic("d", "summary"), encode(Summary(
+        "d", 1, BundleRef("m", "1.0.0"), 0.0, 1.0, to_wire(p)))).profile, spec)
+    for name in p.inputs:
+        a, b = p.inputs[name], q.inputs[name]
+        assert a.counts.tolist() == b.counts.tolist()
+        np.testing.assert_allclose(b.sums, a.sums, rtol=5e-5, atol=1e-5)
+        assert b.min == pytest.approx(a.min, rel=1e-5) and b.max == pytest.approx(a.max, rel=1e-5)
+    assert q.outputs["class"].counts.tolist() == p.outputs["class"].counts.tolist()
+    assert q.rows == p.rows == 1000
+
+
+def test_wire_profile_for_another_reference_is_refused():
+    wire = to_wire(_profile(_spec(3), 10))
+    with pytest.raises(ReferenceMismatchError):
+        from_wire(wire, _spec(4))
+
+
+def _desired(**over) -> dict:
+    doc = DesiredState("dev-1", 3, BundleRef("m", "1.0.0", "a" * 64, "http://h/b", 10)).to_dict()
+    doc.update(over)
+    return doc
+
+
+BAD = [
+    ("edgefleet/v1/dev-1/desired", json.dumps(_desired(schema=2)).encode(), "desired.schema"),
+    ("edgefleet/v1/dev-1/desired", json.dumps(_desired(type="status")).encode(), "desired.type"),
+    ("edgefleet/v1/dev-1/desired", json.dumps(_desired(device="dev-2")).encode(),
+     "desired.device"),
+    ("edgefleet/v1/dev-1/desired", json.dumps(_desired(revision=-1)).encode(),
+     "desired.revision"),
+    ("edgefleet/v1/dev-1/desired", json.dumps(_desired(revision=True)).encode(),
+     "desired.revision"),
+    ("edgefleet/v1/dev-1/desired", json.dumps(_desired(extra=1)).encode(), "desired.extra"),
+    ("edgefleet/v1/dev-1/desired",
+     json.dumps(_desired(bundle={"name": "m", "version": "1.0"})).encode(),
+     "desired.bundle.version"),
+    ("edgefleet/v1/dev-1/desired",
+     json.dumps(_desired(bundle={"name": "m", "version": "1.0.0", "sha256": "xyz"})).encode(),
+     "desired.bundle.sha256"),
+    ("edgefleet/v1/dev-1/desired", b"not json", None),
+    ("edgefleet/v1/dev-1/desired", b"\x78\x9c garbage", "payload"),
+    ("edgefleet/v1/dev-1/desired", zlib.compress(b" " * (MAX_INFLATED + 10)), "payload"),
+    ("edgefleet/v1/dev-1/desired", b"{" * 200_000, "payload"),
+    ("edgefleet/v2/dev-1/desired", json.dumps(_desired()).encode(), "topic"),
+    ("edgefleet/v1/dev+1/desired", json.dumps(_desired()).encode(), "topic"),
+    ("edgefleet/v1/dev-1/other", json.dumps(_desired()).encode(), "topic"),
+]
+
+
+@pytest.mark.parametrize(("topic_name", "payload", "field"), BAD, ids=[
+    "schema", "type", "device-mismatch", "negative-revision", "bool-revision", "unknown-field",
+    "bad-version", "bad-sha", "not-json", "corrupt-deflate", "deflate-bomb", "oversized",
+    "foreign-prefix", "wildcard-device", "unknown-kind"])
+def test_bad_payloads_name_the_field(topic_name, payload, field):
+    with pytest.raises(SchemaError) as info:
+        decode(topic_name, payload)
+    if field is not None:
+        assert info.value.field == field, str(info.value)
+
+
+def test_summary_window_must_not_end_before_it_starts():
+    s = Summary("d", 1, BundleRef("m", "1.0.0"), 10.0, 5.0, to_wire(_profile(_spec(2), 5)))
+    with pytest.raises(SchemaError) as info:
+        decode(s.topic, encode(s))
+    assert info.value.field == "summary.window_end"
+
+
+def test_topics_are_at_most_seven_levels_and_parse_back():
+    t = topic("pi-kitchen.01", "summary")
+    assert t == "edgefleet/v1/pi-kitchen.01/summary" and len(t.split("/")) <= 7
+    assert parse_topic(t) == ("pi-kitchen.01", "summary")
+    with pytest.raises(SchemaError):
+        topic("a/b", "summary")
+
+
+def test_an_overflowing_float_in_a_summary_profile_is_refused():
+    spec = _spec(3)
+    s = Summary("d", 1, BundleRef("m", "1.0.0"), 0.0, 1.0, to_wire(_profile(spec, 100)))
+    text = canonical_json(s.to_dict()).decode()
+    first_sum = json.dumps(s.profile["in"][0][1][1])
+    bad = text.replace(first_sum, "1e400", 1).encode()
+    assert bad != text.encode()
+    with pytest.raises(SchemaError, match=r"profile|infinity"):
+        decode(topic("d", "summary"), bad)
+    with pytest.raises(SchemaError):  # the other kinds keep the parser's own check
+        decode(topic("d", "heartbeat"), b'{"schema":1,"type":"heartbeat","device":"d",'
+               b'"time":1e400}')
+
+
+def test_without_orjson_the_summary_checks_its_own_floats(monkeypatch):
+    import edgefleet.contract.messages as messages
+    import edgefleet.contract.wire as wire
+
+    monkeypatch.setattr(wire, "orjson", None)
+    monkeypatch.setattr(messages, "FAST_CHECKS_FLOATS", False)
+    spec = _spec(3)
+    s = Summary("d", 1, BundleRef("m", "1.0.0"), 0.0, 1.0, to_wire(_profile(spec, 100)))
+    good = encode(s)
+    assert decode(topic("d", "summary"), good) == s
+    text = canonical_json(s.to_dict()).decode()
+    bad = text.replace(json.dumps(s.profile["in"][0][1][1]), "1e400", 1).encode()
+    with pytest.raises(SchemaError, match="not finite"):
+        decode(topic("d", "summary"), bad)
+
+
+@pytest.mark.parametrize("device", ["dev1\n", "dev 1", "", "a/b", "x" * 65])
+def test_bad_device_ids(device):
+    from edgefleet.contract.messages import valid_device_id
+
+    assert not valid_device_id(device)
+
+
+def test_sequence_numbers_beyond_64_bits_are_refused():
+    payload = canonical_json({"schema": 1, "type": "report", "device": "d", "seq": 2**64,
+                              "revision": 1, "outcome": "installed",
+                              "bundle": {"name": "m", "version": "1.0.0", "sha256": "",
+                                         "url": "", "size": 0}, "reason": "", "time": 0.0})
+    with pytest.raises(SchemaError, match="seq"):
+        decode(topic("d", "report"), payload)

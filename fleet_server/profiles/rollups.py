@@ -161,6 +161,13 @@ class Layout:
             ReferenceMismatchError: the wire form names another reference.
             SchemaError: a malformed or mis-sized field, named.
         """
+        rows, items = self._check_envelope(wire, where)
+        self._check_shapes(items, where)
+        self._check_values(items, where)
+        return self._pack_items(rows, items, where)
+
+    def _check_envelope(self, wire: Any, where: str) -> tuple[int, list[Any]]:
+        """The wire object's own fields: reference, rows, the feature lists' lengths."""
         if type(wire) is not dict:
             raise SchemaError(f"{where}: expected an object", field=where)
         for key in ("reference_hash", "rows", "in", "out"):
@@ -188,7 +195,10 @@ class Layout:
             if len(items) != n:
                 raise SchemaError(f"{where}.{key}: {len(items)} features, the reference has "
                                   f"{n}", field=f"{where}.{key}")
-        items = [*ins, *outs]
+        return rows, [*ins, *outs]
+
+    def _check_shapes(self, items: list[Any], where: str) -> None:
+        """Each feature's item: its length, and the length of its counts and sums."""
         for f, item in zip(self.features, items, strict=True):
             want = 6 if f.numeric else 1
             if type(item) is not list or len(item) != want:
@@ -201,6 +211,9 @@ class Layout:
             if f.numeric and (type(item[1]) is not list or len(item[1]) != f.slots):
                 path = f"{where}.{f.role}.{f.name}.sums"
                 raise SchemaError(f"{path}: expected {f.slots} finite numbers", field=path)
+
+    def _check_values(self, items: list[Any], where: str) -> None:
+        """Every scalar, count and sum, in bulk; only a refusal goes feature by feature."""
         # missing, min, max and M2 of every numeric feature, checked in bulk; only a
         # refusal goes feature by feature (_check_scalars) to name the culprit
         num_items = [item for f, item in zip(self.features, items, strict=True) if f.numeric]
@@ -214,10 +227,12 @@ class Layout:
         counts = list(chain.from_iterable(item[0] for item in items))
         if not set(map(type, counts)) <= _INT or min(counts) < 0 or max(counts) > _MAX_COUNT:
             self._name_culprit(where, items, "counts")
-        numeric = [item for f, item in zip(self.features, items, strict=True) if f.numeric]
-        sums = list(chain.from_iterable(item[1] for item in numeric))
+        sums = list(chain.from_iterable(item[1] for item in num_items))
         if not set(map(type, sums)) <= _NUMBERS or not all(map(math.isfinite, sums)):
             self._name_culprit(where, items, "sums")
+
+    def _pack_items(self, rows: int, items: list[Any], where: str) -> Packed:
+        """Checked items into the flat arrays, the wire's offsets turned back into values."""
         int_parts: list[int] = [rows, 1]
         float_parts: list[float] = []
         for f, item in zip(self.features, items, strict=True):

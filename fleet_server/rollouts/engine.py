@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from edgefleet.contract.messages import LATENCY_EDGES_MS, BundleRef, Summary, decode
+from edgefleet.contract.messages import LATENCY_EDGES_MS, BundleRef
 from edgefleet.contract.profile import Profile, ProfileSpec
 from edgefleet.errors import EdgefleetError
 from fleet_server.config import ServerConfig
@@ -627,7 +627,7 @@ class Rollouts:
 
     def _merged(self, plan: RolloutPlan, since: float, side: str, ref: Reference,
                 items: Sequence[WindowSummary]) -> Packed | None:
-        """The merge of ``items``' profiles, decoding only the summaries not merged at an
+        """The merge of ``items``' profiles, reading only the summaries not merged at an
         earlier tick of the same window (from scratch when a device left the side)."""
         if not items:
             return None
@@ -642,30 +642,19 @@ class Rollouts:
         if not new and old is not None:
             self._packed[key] = (devices, old[1], base)
             return base
-        payloads = self.store.summary_payloads([i.id for i in new])
-        parts = [p for p in (_pack(ref, i, payloads.get(i.id)) for i in new) if p is not None]
-        if base is not None:
-            parts.insert(0, base)
-        merged = ref.layout.merge(parts) if parts else None
+        # a summary's profile was checked against its reference and packed once, at ingest
+        mine = [i.id for i in new if i.reference_hash == ref.layout.reference_hash]
+        blobs = list(self.store.summary_profiles(mine).values())
+        merged = base
+        if blobs:
+            fresh = ref.layout.merge_bytes(blobs)
+            merged = fresh if base is None else base.merge(fresh)
         last = max([i.id for i in new] + ([old[1]] if old is not None else []))
         # one window per rollout is live: forget the others
         for k in [k for k in self._packed if k[0] == plan.id and k[1] != since]:
             del self._packed[k]
         self._packed[key] = (devices, last, merged)
         return merged
-
-
-def _pack(ref: Reference, item: WindowSummary, payload: bytes | None) -> Packed | None:
-    if payload is None or item.reference_hash != ref.layout.reference_hash:
-        return None
-    try:
-        msg = decode(f"edgefleet/v1/{item.device}/summary", payload)
-        if not isinstance(msg, Summary) or msg.reference_hash != ref.layout.reference_hash:
-            return None
-        return ref.layout.pack_wire(msg.profile, "summary.profile")
-    except EdgefleetError as exc:
-        log.debug("summary %d of %s skipped for the gates: %s", item.id, item.device, exc)
-        return None
 
 
 def _outputs_only(profile: Profile, spec: ProfileSpec) -> Profile:

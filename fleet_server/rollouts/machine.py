@@ -80,7 +80,7 @@ Rules this core decides (and the tests hold it to):
 
 Error tree (all raised before any state is produced)::
 
-    RolloutError(EdgefleetError)      names the rollout, the status and the action
+    RolloutError(FleetError)          names the rollout, its status and the action
     ├── PlanError                     a plan, stage or threshold is invalid (``field``)
     ├── ObservationError              the shell passed an impossible number
     ├── StateMismatchError            the state belongs to another rollout
@@ -103,8 +103,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Collection, Iterable, Mapping
-from dataclasses import replace
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
@@ -622,66 +622,105 @@ def act(plan: RolloutPlan, state: RolloutState, action: str, obs: Observation, *
         InvalidTransitionError: the action does not apply in the current status.
     """
     _check(plan, state, obs)
-    now, s = obs.now, state.status
     if action not in ACTIONS:
         raise _refuse(UnknownActionError, plan, state, str(action)[:64],
                       f"not one of {', '.join(ACTIONS)}")
     if not isinstance(actor, str) or not ACTOR_RE.match(actor):
         raise _refuse(ActorNotAllowedError, plan, state, action,
                       f"actor {str(actor)[:64]!r} is not 'system' or 'operator:<name>'")
-    if s in FINISHED:
-        raise _refuse(RolloutFinishedError, plan, state, action, f"the rollout is {s}")
+    if state.status in FINISHED:
+        raise _refuse(RolloutFinishedError, plan, state, action,
+                      f"the rollout is {state.status}")
     results: list[GateResult] = []
     counts: dict[str, Any] = {}
     if _phase_status(state) in ACTIVE:
         results, counts, _ = _judge(plan, state, obs)
-    numbers = _numbers(results, counts, devices=len(obs.devices))
-
-    if action == "approve":
-        if s != "pending_approval":
-            raise _refuse(InvalidTransitionError, plan, state, action,
-                          "only a rollout pending approval can be approved")
-        if not actor.startswith("operator:") or "approver" not in roles:
-            raise _refuse(ActorNotAllowedError, plan, state, action,
-                          f"{actor} lacks the approver role")
-        if not bundle_approved:
-            raise _refuse(ApprovalRequiredError, plan, state, action,
-                          f"bundle {plan.bundle.label} carries no approver's signature")
-        new = _transition(state, now, actor, action, "ready", numbers, reason,
-                          approved_by=actor, approved_at=now)
-    elif action == "start":
-        if s == "pending_approval":
-            raise _refuse(ApprovalRequiredError, plan, state, action,
-                          "the rollout is not approved yet")
-        if s != "ready":
-            raise _refuse(InvalidTransitionError, plan, state, action, "it has started")
-        if plan.requires_approval and not bundle_approved:
-            raise _refuse(ApprovalRequiredError, plan, state, action,
-                          f"bundle {plan.bundle.label} carries no approver's signature")
-        new = _transition(state, now, actor, action,
-                          "shadow" if plan.shadow_first else "running", numbers, reason,
-                          stage=0, stage_started_at=now, soak_started_at=now)
-    elif action == "pause":
-        if s not in ACTIVE:
-            raise _refuse(InvalidTransitionError, plan, state, action,
-                          "only a rollout in its shadow phase or running can be paused")
-        new = _transition(state, now, actor, action, "paused", numbers, reason,
-                          paused_from=s)
-    elif action == "resume":
-        if s != "paused" or state.paused_from not in ACTIVE:
-            raise _refuse(InvalidTransitionError, plan, state, action, "it is not paused")
-        new = _transition(state, now, actor, action, state.paused_from, numbers, reason,
-                          paused_from=None, soak_started_at=now)
-    elif action == "promote":
-        if s not in ACTIVE:
-            raise _refuse(InvalidTransitionError, plan, state, action,
-                          "only a rollout in its shadow phase or running can be promoted")
-        new = _promote(plan, state, now, actor, numbers, reason or "promoted by operator")
-    else:
-        new = _abort(plan, state, now, actor, numbers, reason or "aborted by operator")
-    new = _touch(plan, new, obs.devices, now)
+    step = _Act(plan, state, obs.now, actor, frozenset(roles), bundle_approved, reason,
+                _numbers(results, counts, devices=len(obs.devices)))
+    new = _ACTIONS[action](step)
+    new = _touch(plan, new, obs.devices, obs.now)
     return Decision(new, _desired(plan, new, obs.devices), new.history[len(state.history):],
                     tuple(results))
+
+
+@dataclass(frozen=True)
+class _Act:
+    """One operator action being applied: what each ``_do_*`` step reads."""
+
+    plan: RolloutPlan
+    state: RolloutState
+    now: float
+    actor: str
+    roles: frozenset[str]
+    bundle_approved: bool
+    reason: str
+    numbers: Mapping[str, Any]
+
+    def refuse(self, kind: type[RolloutError], why: str, action: str) -> RolloutError:
+        return _refuse(kind, self.plan, self.state, action, why)
+
+    def to(self, action: str, status: str, reason: str | None = None,
+           **changes: Any) -> RolloutState:
+        return _transition(self.state, self.now, self.actor, action, status, self.numbers,
+                           self.reason if reason is None else reason, **changes)
+
+
+def _do_approve(a: _Act) -> RolloutState:
+    if a.state.status != "pending_approval":
+        raise a.refuse(InvalidTransitionError,
+                       "only a rollout pending approval can be approved", "approve")
+    if not a.actor.startswith("operator:") or "approver" not in a.roles:
+        raise a.refuse(ActorNotAllowedError, f"{a.actor} lacks the approver role", "approve")
+    if not a.bundle_approved:
+        raise a.refuse(ApprovalRequiredError,
+                       f"bundle {a.plan.bundle.label} carries no approver's signature",
+                       "approve")
+    return a.to("approve", "ready", approved_by=a.actor, approved_at=a.now)
+
+
+def _do_start(a: _Act) -> RolloutState:
+    if a.state.status == "pending_approval":
+        raise a.refuse(ApprovalRequiredError, "the rollout is not approved yet", "start")
+    if a.state.status != "ready":
+        raise a.refuse(InvalidTransitionError, "it has started", "start")
+    if a.plan.requires_approval and not a.bundle_approved:
+        raise a.refuse(ApprovalRequiredError,
+                       f"bundle {a.plan.bundle.label} carries no approver's signature", "start")
+    return a.to("start", "shadow" if a.plan.shadow_first else "running",
+                stage=0, stage_started_at=a.now, soak_started_at=a.now)
+
+
+def _do_pause(a: _Act) -> RolloutState:
+    if a.state.status not in ACTIVE:
+        raise a.refuse(InvalidTransitionError,
+                       "only a rollout in its shadow phase or running can be paused", "pause")
+    return a.to("pause", "paused", paused_from=a.state.status)
+
+
+def _do_resume(a: _Act) -> RolloutState:
+    if a.state.status != "paused" or a.state.paused_from not in ACTIVE:
+        raise a.refuse(InvalidTransitionError, "it is not paused", "resume")
+    return a.to("resume", a.state.paused_from, paused_from=None, soak_started_at=a.now)
+
+
+def _do_promote(a: _Act) -> RolloutState:
+    if a.state.status not in ACTIVE:
+        raise a.refuse(InvalidTransitionError,
+                       "only a rollout in its shadow phase or running can be promoted",
+                       "promote")
+    return _promote(a.plan, a.state, a.now, a.actor, a.numbers,
+                    a.reason or "promoted by operator")
+
+
+def _do_abort(a: _Act) -> RolloutState:
+    return _abort(a.plan, a.state, a.now, a.actor, a.numbers, a.reason or "aborted by operator")
+
+
+# one step per action, as python-tuf's Updater has one method per trust step
+_ACTIONS: dict[str, Callable[[_Act], RolloutState]] = {
+    "approve": _do_approve, "start": _do_start, "pause": _do_pause, "resume": _do_resume,
+    "promote": _do_promote, "abort": _do_abort,
+}
 
 
 # --------------------------------------------------------------------------- views

@@ -129,13 +129,15 @@ class RolloutTables(StoreBase):
                 break
         return out
 
-    def summary_payloads(self, ids: Sequence[int]) -> dict[int, bytes]:
-        """The stored messages (as received) of these summary ids."""
+    def summary_profiles(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """The packed profiles (checked and packed at ingest) of these summary ids; a
+        summary still waiting for its bundle has none and is left out."""
         out: dict[int, bytes] = {}
         for part in chunks(sorted(set(ids)), 500):
             marks = ",".join("?" * len(part))
-            out.update((r["id"], r["profile"]) for r in self._rows(
-                f"SELECT id, profile FROM summaries WHERE id IN ({marks})", list(part)))
+            out.update((r["id"], r["packed"]) for r in self._rows(
+                f"SELECT id, packed FROM summaries WHERE id IN ({marks}) "
+                "AND packed IS NOT NULL", list(part)))
         return out
 
     def rows_served(self, devices: Sequence[str], name: str, version: str, since: float

@@ -18,7 +18,9 @@ RollupKey = tuple[int, int, int, str]  # bundle id, width, bucket, scope
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """One summary as the ingest worker stores it (the profile deflated, as received)."""
+    """One summary as the ingest worker stores it: the message as received (``profile``,
+    kept for a bundle that is not known yet and for export) and, once checked against its
+    bundle's reference, the packed profile (``packed``) everything downstream reads."""
 
     device: str
     seq: int
@@ -35,6 +37,7 @@ class SummaryRow:
     dropped: int
     profile: bytes
     folded: int
+    packed: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,12 @@ class TelemetryTables(StoreBase):
         cur = self._exec(
             "INSERT OR IGNORE INTO summaries (device, seq, bundle_name, bundle_version, "
             "reference_hash, window_start, window_end, rows, received, latency, errors, "
-            "shadow, dropped, profile, folded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?)",
+            "shadow, dropped, profile, folded, packed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, ?, ?)",
             [s.device, s.seq, s.bundle_name, s.bundle_version, s.reference_hash,
              s.window_start, s.window_end, s.rows, s.received, dumps(list(s.latency)),
              dumps(s.errors), None if s.shadow is None else dumps(s.shadow), s.dropped,
-             s.profile, s.folded])
+             s.profile, s.folded, s.packed])
         return cur.rowcount == 1
 
     def insert_summaries(self, rows: Sequence[SummaryRow]) -> list[bool]:
@@ -89,12 +92,12 @@ class TelemetryTables(StoreBase):
                           s.window_start, s.window_end, s.rows, s.received,
                           dumps(list(s.latency)), dumps(s.errors),
                           None if s.shadow is None else dumps(s.shadow), s.dropped,
-                          s.profile, s.folded])
+                          s.profile, s.folded, s.packed])
         self._many(
             "INSERT INTO summaries (device, seq, bundle_name, bundle_version, "
             "reference_hash, window_start, window_end, rows, received, latency, errors, "
-            "shadow, dropped, profile, folded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?)", fresh)
+            "shadow, dropped, profile, folded, packed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, ?, ?)", fresh)
         return out
 
     def pending_summaries(self, name: str, version: str, limit: int = 1000,
@@ -113,6 +116,11 @@ class TelemetryTables(StoreBase):
 
     def mark_summaries(self, ids: Sequence[int], state: int) -> None:
         self._many("UPDATE summaries SET folded = ? WHERE id = ?", [(state, i) for i in ids])
+
+    def fold_summaries(self, packed: Mapping[int, bytes]) -> None:
+        """Mark these pending summaries folded, keeping each one's packed profile."""
+        self._many("UPDATE summaries SET folded = ?, packed = ? WHERE id = ?",
+                   [(FOLDED, blob, i) for i, blob in packed.items()])
 
     def count_summaries(self, *, folded: int | None = None) -> int:
         if folded is None:

@@ -220,10 +220,18 @@ CREATE INDEX reports_device ON reports (device, received);
 CREATE INDEX summaries_device ON summaries (device, window_end);
 """
 
+# A summary is decoded once, at ingest: its profile, checked against the bundle's reference
+# and packed into the rollup layout, is kept beside the message, so the rollout gates merge
+# bytes instead of parsing JSON again. NULL while the summary waits for its bundle.
+_V4 = """
+ALTER TABLE summaries ADD COLUMN packed BLOB;
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
     (2, "rollups, desired state, drift windows, alerts, webhook attempts", _V2),
     (3, "rollouts", _V3),
+    (4, "summaries keep their packed profile", _V4),
 )
 LATEST = MIGRATIONS[-1][0]

@@ -262,7 +262,8 @@ class Ingestor:
                          msg.reference_hash, msg.window_start, msg.window_end, msg.rows,
                          item.received, msg.latency_counts, dict(msg.errors),
                          None if msg.shadow is None else msg.shadow.to_dict(), msg.dropped,
-                         item.payload, FOLDED if packed is not None else PENDING)
+                         item.payload, FOLDED if packed is not None else PENDING,
+                         None if packed is None else packed.to_bytes())
         return msg, row, packed, ref
 
     def _reference(self, key: tuple[str, str]) -> Reference | None:
@@ -380,7 +381,7 @@ class Ingestor:
                     for k in keys:
                         deltas[k].append(p)
                 self._merge(deltas)
-                self.store.mark_summaries(ids, FOLDED)
+                self.store.fold_summaries({i: packed[i][1].to_bytes() for i in ids})
                 gone = [r for r in refused if r[0] in still]
                 self.store.mark_summaries([i for i, _ in gone], REFUSED)
                 if gone:

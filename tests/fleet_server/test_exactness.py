@@ -101,8 +101,16 @@ def test_summaries_wait_for_their_bundle_and_then_count(broker, devices, server_
     wait_until(lambda: s.store.count_summaries() == 4, 10, "4 pending summaries")
     assert not any(x.folded for x in s.store.list_summaries())
     assert s.metrics.value("edgefleet_summaries_pending") == 4
+    ids = [x.id for x in sorted(s.store.window_summaries(["dev1"], now - 3600),
+                                key=lambda x: x.window_end)]
+    assert s.store.summary_profiles(ids) == {}  # nothing packed before its reference is known
     s.bundles.upload(sensor_bundle.read_bytes(), "test", time.time())
     assert all(x.folded for x in s.store.list_summaries())
+    # folding decoded each summary once and kept its packed profile: what the gates read
+    layout = s.bundles.reference(1).layout
+    packed = s.store.summary_profiles(ids)
+    assert [counts(layout.from_bytes(packed[i]).to_profile()) for i in ids] == \
+        [counts(p) for p in profs]
     merged, _, _ = s.drift.merged(s.bundles.reference(1), Scope("fleet"), int(now) - 3600,
                                   int(now) + 60)
     assert counts(merged.to_profile()) == counts(Profile.merged(spec, profs))

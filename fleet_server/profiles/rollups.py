@@ -170,9 +170,10 @@ class Layout:
         """The wire object's own fields: reference, rows, the feature lists' lengths."""
         if type(wire) is not dict:
             raise SchemaError(f"{where}: expected an object", field=where)
-        for key in ("reference_hash", "rows", "in", "out"):
-            if key not in wire:
-                raise SchemaError(f"{where}.{key}: missing", field=f"{where}.{key}")
+        # the reference first, as from_wire does: a summary of another reference is a
+        # mismatch whatever else is wrong with it
+        if "reference_hash" not in wire:
+            raise SchemaError(f"{where}.reference_hash: missing", field=f"{where}.reference_hash")
         ref = wire["reference_hash"]
         if type(ref) is not str or len(ref) > 64:
             raise SchemaError(f"{where}.reference_hash: expected a string of at most 64",
@@ -180,6 +181,9 @@ class Layout:
         if ref != self.reference_hash:
             raise ReferenceMismatchError(f"{where}.reference_hash {ref[:12]}… is not this "
                                          f"reference's {self.reference_hash[:12]}…")
+        for key in ("rows", "in", "out"):
+            if key not in wire:
+                raise SchemaError(f"{where}.{key}: missing", field=f"{where}.{key}")
         rows = wire["rows"]
         if type(rows) is not int or not 0 <= rows <= _MAX_COUNT:
             raise SchemaError(f"{where}.rows: expected an integer in 0..2**53",

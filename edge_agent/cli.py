@@ -110,7 +110,7 @@ def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
     """Verify a bundle and predict the rows of a file with it (one-off use)."""
     from edge_agent.agent import Agent
     from edge_agent.model import LoadedModel
-    from edgefleet.contract.bundle import read_bundle_file, verify_bundle
+    from edgefleet.contract.bundle import unpack_verified
     from edgefleet.contract.signing import Policy, TrustStore
 
     specs, roles = list(trust), ()
@@ -125,10 +125,9 @@ def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
         raise click.ClickException("give --trust PUBKEY (or --config): bundles are "
                                    "verified before they run")
     store = TrustStore.from_files(specs)
-    bundle = verify_bundle(read_bundle_file(bundle_path), store,
-                           Policy(threshold or 1, frozenset(roles)))
-    model = LoadedModel(bundle)
-    rows = _read_rows(input_path, bundle.manifest)
+    with unpack_verified(bundle_path, store, Policy(threshold or 1, frozenset(roles))) as bundle:
+        model = LoadedModel(bundle)  # streamed and verified into a temporary directory
+    rows = _read_rows(input_path, model.manifest)
     if not rows:
         raise click.ClickException(f"{input_path}: no rows")
     agent = Agent("local")

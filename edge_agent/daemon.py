@@ -43,7 +43,7 @@ from edge_agent.outbox import Outbox, OutboxError
 from edge_agent.reconcile import LiveStep, Plan, ShadowStep, plan
 from edge_agent.slots import SlotError, Slots, State
 from edgefleet import __version__
-from edgefleet.contract.bundle import Limits, VerifiedBundle, verify_bundle
+from edgefleet.contract.bundle import Limits, unpack_verified
 from edgefleet.contract.errors import BundleError, KeyFileError, SchemaError
 from edgefleet.contract.messages import (
     BundleRef,
@@ -179,16 +179,19 @@ class AgentDaemon:
 
     # -- loading ---------------------------------------------------------------------------
 
-    def _verify(self, data: bytes, *, installed: BundleRef | None = None,
-                allow_downgrade: bool = True) -> VerifiedBundle:
-        return verify_bundle(data, self.trust, self.policy, limits=self.limits,
-                             installed_version=None if installed is None else installed.version,
-                             allow_downgrade=allow_downgrade)
+    def _load(self, path: Path, *, installed: BundleRef | None = None,
+              allow_downgrade: bool = True) -> LoadedModel:
+        """Verify the bundle file into a directory beside the slots, load it from there.
 
-    def _load(self, data: bytes, **kwargs: Any) -> LoadedModel:
-        return LoadedModel(self._verify(data, **kwargs),
-                           intra_op_threads=self.config.intra_op_threads,
-                           max_rows=self.config.max_rows_per_call)
+        Verification streams (memory stays flat whatever the file holds); onnxruntime then
+        reads model.onnx from its verified file, and the directory goes once it has.
+        """
+        with unpack_verified(path, self.trust, self.policy, work_dir=self.slots.work_dir,
+                             limits=self.limits, allow_downgrade=allow_downgrade,
+                             installed_version=None if installed is None
+                             else installed.version) as bundle:
+            return LoadedModel(bundle, intra_op_threads=self.config.intra_op_threads,
+                               max_rows=self.config.max_rows_per_call)
 
     def _load_installed(self) -> None:
         state = self.slots.state
@@ -197,7 +200,7 @@ class AgentDaemon:
                          self.slots.recovered)
         if state.active is not None:
             try:
-                self.agent.activate(self._load(self.slots.read(state.active.sha256)))
+                self.agent.activate(self._load(self.slots.file(state.active.sha256)))
             except (BundleError, LoadError, SlotError) as exc:
                 reason = f"installed bundle {state.active.label} failed to load: {exc}"
                 log.error("%s", reason)
@@ -205,7 +208,7 @@ class AgentDaemon:
         if self.slots.state.shadow is not None:
             shadow = self.slots.state.shadow
             try:
-                self.agent.set_shadow(self._load(self.slots.read(shadow.sha256)))
+                self.agent.set_shadow(self._load(self.slots.file(shadow.sha256)))
             except (BundleError, LoadError, SlotError) as exc:
                 log.error("shadow %s failed to load: %s", shadow.label, exc)
                 self._commit(replace(self.slots.state, shadow=None))
@@ -215,7 +218,7 @@ class AgentDaemon:
         previous = state.previous
         if previous is not None:
             try:
-                self.agent.activate(self._load(self.slots.read(previous.sha256)))
+                self.agent.activate(self._load(self.slots.file(previous.sha256)))
                 self._commit(replace(state, active=previous, previous=None)
                              .with_failure(state.active.sha256, reason))
                 self._report("rolled_back", state.revision, previous,
@@ -390,7 +393,7 @@ class AgentDaemon:
     def _prepare(self, target: BundleRef, revision: int, *, download: bool,
                  installed: BundleRef | None = None,
                  allow_downgrade: bool = True) -> LoadedModel | None:
-        """Get the bundle's bytes (download or local file), verify, load, smoke-test, keep.
+        """Get the bundle's file (download or slot), verify, load, smoke-test, keep.
 
         The downloaded file becomes the slot file by a rename, only after it verified and
         passed its smoke test; a failure removes it. None if superseded during download.
@@ -404,10 +407,10 @@ class AgentDaemon:
                 fetched = self._fetch(target, revision)
                 if fetched is None:
                     return None
-                temp, data = fetched
+                temp = path = fetched
             else:
-                data = self.slots.read(target.sha256)
-            model = self._load(data, installed=installed, allow_downgrade=allow_downgrade)
+                path = self.slots.file(target.sha256)
+            model = self._load(path, installed=installed, allow_downgrade=allow_downgrade)
             problems = model.smoke_test()
             if problems:
                 raise InstallError(f"smoke test failed: {'; '.join(problems)}")
@@ -419,7 +422,7 @@ class AgentDaemon:
             if temp is not None:
                 temp.unlink(missing_ok=True)
 
-    def _fetch(self, target: BundleRef, revision: int) -> tuple[Path, bytes] | None:
+    def _fetch(self, target: BundleRef, revision: int) -> Path | None:
         """Download with retries for transient failures; None if superseded meanwhile.
 
         Raises:
@@ -432,7 +435,7 @@ class AgentDaemon:
             try:
                 self.downloader.fetch(target.url or _default_url(target), fd,
                                       sha256=target.sha256, size=target.size)
-                return temp, temp.read_bytes()
+                return temp
             except DownloadError as exc:
                 temp.unlink(missing_ok=True)
                 if not exc.retryable or self._stop.is_set():

@@ -67,9 +67,12 @@ class LoadedModel:
         if self.spec.reference_hash != manifest.reference_hash:
             raise LoadError(f"{self.label}: reference.json is not the reference the manifest "
                             "names (reference_hash differs)")
+        # from its file when the bundle was verified into a directory: the model is read
+        # once, by onnxruntime, never held as a second copy in Python
+        source = (bundle.member("model.onnx") if bundle.directory is None
+                  else str(bundle.path("model.onnx")))
         try:
-            self.runner = ModelRunner(manifest, bundle.member("model.onnx"),
-                                      intra_op_threads=intra_op_threads)
+            self.runner = ModelRunner(manifest, source, intra_op_threads=intra_op_threads)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise LoadError(f"{self.label}: model.onnx does not load in onnxruntime: "
                             f"{type(exc).__name__}: {str(exc)[:300]}") from exc

@@ -4,6 +4,8 @@ Layout under the data directory::
 
     bundles/<sha256>.edgebundle   verified bundle files, named by their content
     state.json                    {"active", "previous", "shadow", "revision", "failed"}
+    .verify-*/members/            a bundle's members while it is verified and loaded
+                                  (see :attr:`Slots.work_dir`; removed after, and at start)
 
 A bundle file is written to a temporary name, fsynced, then renamed; ``state.json`` is
 replaced the same way (write, fsync, rename, fsync the directory). Switching models is
@@ -25,6 +27,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -117,6 +120,8 @@ class Slots:
         self.recovered: str | None = None  # why a corrupt state was set aside, if it was
         for stale in self.bundles.glob(".tmp-*"):  # a download cut short by a crash
             stale.unlink(missing_ok=True)
+        for stale in self.root.glob(".verify-*"):  # members of a load cut short by a crash
+            shutil.rmtree(stale, ignore_errors=True)
         self.state = self._read_state()
 
     def _read_state(self) -> State:
@@ -145,6 +150,23 @@ class Slots:
 
     def has(self, sha256: str) -> bool:
         return bool(sha256) and _SHA_RE.match(sha256) is not None and self.path(sha256).is_file()
+
+    @property
+    def work_dir(self) -> Path:
+        """Where bundles are verified into (a directory per load): the device's own disk,
+        not a tmpfs that would hold a large model in memory."""
+        return self.root
+
+    def file(self, sha256: str) -> Path:
+        """The file of a kept bundle.
+
+        Raises:
+            SlotError: not a sha256, or no such file.
+        """
+        path = self.path(sha256)
+        if not path.is_file():
+            raise SlotError(f"{path}: no such bundle file")
+        return path
 
     def read(self, sha256: str) -> bytes:
         try:

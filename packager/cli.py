@@ -19,7 +19,12 @@ from typing import Any
 import click
 
 from edgefleet import __version__
-from edgefleet.contract.bundle import read_bundle_file, read_unverified, sign_bundle, verify_bundle
+from edgefleet.contract.bundle import (
+    read_bundle_file,
+    sign_bundle,
+    unpack_unverified,
+    unpack_verified,
+)
 from edgefleet.contract.errors import BundleError
 from edgefleet.contract.signing import (
     Policy,
@@ -198,10 +203,10 @@ def verify(bundle: Path, trust: tuple[str, ...], threshold: int, require_role: t
            installed_version: str | None, as_json: bool) -> None:
     """Verify BUNDLE against trusted keys: exit 0 if valid, 1 with the reason if not."""
     store = TrustStore.from_files(trust)
-    with _naming(bundle):
-        result = verify_bundle(read_bundle_file(bundle), store,
-                               Policy(threshold, frozenset(require_role)),
-                               installed_version=installed_version)
+    # streamed into a temporary directory: memory stays flat however large the bundle
+    with _naming(bundle), unpack_verified(bundle, store, Policy(threshold, frozenset(require_role)),
+                                          installed_version=installed_version) as result:
+        pass
     m = result.manifest
     signers = [{"keyid": k.keyid, "role": k.role, "name": k.name} for k in result.signers]
     _emit(as_json, {"valid": True, "name": m.name, "version": m.version, "sha256": result.sha256,
@@ -222,9 +227,8 @@ def _fmt_range(lo: float | None, hi: float | None) -> str:
 def inspect(bundle: Path, trust: tuple[str, ...], as_json: bool) -> None:
     """Show what BUNDLE holds. Checks structure and digests; signatures are listed, not judged
     (use `edgepack verify` for that)."""
-    with _naming(bundle):
-        data = read_bundle_file(bundle)
-        b = read_unverified(data)
+    with _naming(bundle), unpack_unverified(bundle) as b:
+        pass
     store = TrustStore.from_files(trust) if trust else TrustStore()
     sigs = []
     for s in b.envelope.signatures:
@@ -232,12 +236,12 @@ def inspect(bundle: Path, trust: tuple[str, ...], as_json: bool) -> None:
         sigs.append({"keyid": s.keyid, "trusted": known is not None,
                      "role": known.role if known else None})
     if as_json:
-        _emit(True, {"sha256": b.sha256, "size": len(data), "manifest": b.manifest.to_dict(),
+        _emit(True, {"sha256": b.sha256, "size": b.size, "manifest": b.manifest.to_dict(),
                      "signatures": sigs}, "")
         return
     m = b.manifest
     out = [f"{m.name} {m.version}  ({m.task}, created {m.created_at})",
-           f"bundle sha256 {b.sha256}  {len(data):,} bytes",
+           f"bundle sha256 {b.sha256}  {b.size:,} bytes",
            f"reference_hash {m.reference_hash}"]
     if m.description:
         out.append(m.description)

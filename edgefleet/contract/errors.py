@@ -9,9 +9,15 @@ Security failures are never reported as bare ``ValueError``.
     ├── KeyFileError                a key file is unreadable, wrongly typed or too open
     ├── BundleError                 a bundle is refused
     │   ├── BundleFormatError       not a (gzip) tar, truncated, unreadable envelope
+    │   │   ├── GzipHeaderError         optional gzip header fields (name, comment, extra)
+    │   │   ├── MultipleStreamError     a second gzip stream after the bundle's one
+    │   │   ├── TrailingDataError       bytes where only zero padding or nothing may be
+    │   │   ├── MemberAfterEndError     a tar member after the end-of-archive marker
+    │   │   └── ExtendedHeaderError     pax or GNU long-name headers
     │   ├── UnsafeMemberError       absolute path, ``..``, nested path
     │   ├── LinkMemberError         symlink or hardlink
     │   ├── SpecialMemberError      device, fifo, directory
+    │   │   └── SparseMemberError       a GNU sparse member
     │   ├── SizeLimitError          a member, the total or the member count over a limit
     │   ├── DuplicateMemberError    the same name twice
     │   ├── MissingMemberError      a file the manifest lists is absent
@@ -42,19 +48,25 @@ __all__ = [
     "DigestMismatchError",
     "DowngradeError",
     "DuplicateMemberError",
+    "ExtendedHeaderError",
     "ExtraMemberError",
+    "GzipHeaderError",
     "InputError",
     "KeyFileError",
     "LinkMemberError",
     "ManifestError",
+    "MemberAfterEndError",
     "MissingMemberError",
+    "MultipleStreamError",
     "ReferenceMismatchError",
     "SchemaError",
     "SignatureError",
     "SizeLimitError",
     "SizeMismatchError",
+    "SparseMemberError",
     "SpecialMemberError",
     "ThresholdError",
+    "TrailingDataError",
     "UnsafeMemberError",
     "UntrustedSignerError",
 ]
@@ -84,6 +96,30 @@ class BundleFormatError(BundleError):
     """Not a gzip-compressed tar, truncated, or an unreadable signature envelope."""
 
 
+class GzipHeaderError(BundleFormatError):
+    """The gzip header carries optional fields (a name, a comment, extra data, a header
+    CRC): a bundle's header has none, so nothing can ride along unread."""
+
+
+class MultipleStreamError(BundleFormatError):
+    """A second gzip stream follows the first. Python's gzip reader joins them silently;
+    the verifier sees exactly one, so a second one would be bytes nobody verified."""
+
+
+class TrailingDataError(BundleFormatError):
+    """Bytes where the format allows only zero padding or nothing: after the gzip stream,
+    after the tar end-of-archive marker, or in the padding after a member's body."""
+
+
+class MemberAfterEndError(BundleFormatError):
+    """A tar member after the end-of-archive marker, hidden from readers that stop there."""
+
+
+class ExtendedHeaderError(BundleFormatError):
+    """A pax extended or global header, or a GNU long-name header: they rewrite the next
+    member's name or size, so a bundle uses plain USTAR headers only."""
+
+
 class UnsafeMemberError(BundleError):
     """A member name that could escape the bundle directory."""
 
@@ -94,6 +130,10 @@ class LinkMemberError(BundleError):
 
 class SpecialMemberError(BundleError):
     """A device, fifo, directory or any other non-regular member."""
+
+
+class SparseMemberError(SpecialMemberError):
+    """A GNU sparse member (its holes are described by a map, not stored as bytes)."""
 
 
 class SizeLimitError(BundleError):

@@ -65,7 +65,9 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
 class ModelRunner:
     """An onnxruntime session bound to a manifest."""
 
-    def __init__(self, manifest: Manifest, model: bytes, *, intra_op_threads: int = 1) -> None:
+    def __init__(self, manifest: Manifest, model: bytes | str, *,
+                 intra_op_threads: int = 1) -> None:
+        """``model``: the ONNX bytes, or the path of a verified ``model.onnx`` file."""
         self.manifest = manifest
         self.session = ort.InferenceSession(
             model, sess_options=session_options(intra_op_threads),

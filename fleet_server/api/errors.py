@@ -2,9 +2,11 @@
 
 - :class:`~fleet_server.errors.FleetError` subclasses carry their status (rollout refusals
   included: an action the status does not allow 409, a missing approval 403, a bad plan 422);
-- bundle refusals (:class:`~edgefleet.contract.errors.BundleError`): 400 when the upload is not a
-  bundle at all, 413 for a size limit, 422 for everything else (bad signature, digest,
-  members, ...), the type being the contract's class name (``UntrustedSignerError``);
+- bundle refusals (:class:`~edgefleet.contract.errors.BundleError`): 400 when the upload is
+  not a well-formed bundle (not one at all, or hiding bytes: ``MultipleStreamError``,
+  ``TrailingDataError``, ...), 413 for a size limit, 422 for everything else (bad
+  signature, digest, members, ...), the type being the contract's class name
+  (``UntrustedSignerError``);
 - other contract errors (``SchemaError``, ``ReferenceMismatchError``): 422;
 - request validation (FastAPI/pydantic): 422 with the fields at fault;
 - Starlette's own (unknown path 404, wrong method 405): their status;

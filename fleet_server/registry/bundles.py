@@ -1,30 +1,35 @@
 """Bundles on the server: verify an upload, keep it, describe it, hand out its reference.
 
-An upload is verified with :func:`edgefleet.contract.bundle.verify_bundle` against the server's
-trust store and policy, exactly as a device will verify it; a refusal propagates as the
-contract's own :class:`~edgefleet.contract.errors.BundleError` subclass, naming the member. On
-top of that the server needs the bundle's ``reference.json`` (the bins every summary of
-this bundle is packed into and the training profile drift is judged against): it must
-parse and its hash must be the manifest's ``reference_hash``, or the upload is refused
-with :class:`~fleet_server.errors.BundleReferenceError`.
+An upload is a file (the route streams the body into one): it is verified with
+:func:`edgefleet.contract.bundle.unpack_verified` against the server's trust store and policy,
+exactly as a device will verify it, streaming (memory stays flat), and the file is moved
+into the blob store only after it passed, so only verified bytes are ever stored. A
+refusal propagates as the contract's own :class:`~edgefleet.contract.errors.BundleError`
+subclass, naming the member. On top of that the server needs the bundle's
+``reference.json`` (the bins every summary of this bundle is packed into and the training
+profile drift is judged against): it must parse and its hash must be the manifest's
+``reference_hash``, or the upload is refused with
+:class:`~fleet_server.errors.BundleReferenceError`.
 
 ``name@version`` is immutable once stored: the same bytes again are accepted (nothing
 changes), other bytes under the same name and version are a conflict.
 
-This module does not speak HTTP (the upload size bound is applied while the route reads
-the body), does not fold summaries (the callback given does) and never loads the model.
+This module does not speak HTTP (the upload size bound is applied while the route
+streams the body to its file), does not fold summaries (the callback given does) and
+never loads the model.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgefleet.contract.bundle import Limits, verify_bundle
+from edgefleet.contract.bundle import Limits, VerifiedBundle, unpack_verified
 from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
 from edgefleet.contract.manifest import NAME_RE, parse_version
 from edgefleet.contract.profile import Profile, ProfileSpec, parse_reference
@@ -99,14 +104,36 @@ class Bundles:
         self._lock = threading.Lock()
 
     def upload(self, data: bytes, actor: str, now: float) -> tuple[BundleRecord, bool]:
-        """Verify and store a bundle; return it and whether it is new.
+        """:meth:`upload_file` for bytes already in memory (tools, tests).
+
+        Raises:
+            the errors of :meth:`upload_file`; StoreError: the temporary file failed.
+        """
+        fd, temp = self.blobs.temp_file()
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return self.upload_file(temp, actor, now)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def upload_file(self, path: Path, actor: str, now: float) -> tuple[BundleRecord, bool]:
+        """Verify the bundle file at ``path`` and store it; return it and whether it is new.
+
+        ``path`` should be a :meth:`BlobStore.temp_file`: it is moved into the blob store
+        if it passes (the caller removes what is left otherwise).
 
         Raises:
             BundleError: the contract's refusal (signature, digest, member, size, ...).
             BundleReferenceError: ``reference.json`` is unusable or not the manifest's.
             ConflictError: ``name@version`` is stored with other bytes.
         """
-        verified = verify_bundle(data, self.trust, self.policy, limits=self.limits)
+        with unpack_verified(path, self.trust, self.policy, work_dir=self.blobs.work_dir,
+                             limits=self.limits) as verified:
+            return self._store(path, verified, actor, now)
+
+    def _store(self, path: Path, verified: VerifiedBundle, actor: str,
+               now: float) -> tuple[BundleRecord, bool]:
         manifest = verified.manifest
         label = f"{manifest.name}@{manifest.version}"
         if "reference.json" not in verified.members:
@@ -127,18 +154,18 @@ class Bundles:
                 return existing, False
             raise ConflictError(f"bundle {label} exists with other bytes (sha256 "
                                 f"{existing.sha256[:12]}…); publish a new version instead")
-        self.blobs.put(data)
+        self.blobs.put_file(path, verified.sha256)
         signers = [{"keyid": k.keyid, "role": k.role, "name": k.name} for k in verified.signers]
         with self.store.transaction():
             record = self.store.add_bundle(
                 name=manifest.name, version=manifest.version, sha256=verified.sha256,
-                size=len(data), reference_hash=spec.reference_hash,
+                size=verified.size, reference_hash=spec.reference_hash,
                 manifest=manifest.to_dict(), reference=raw_ref, signers=signers,
                 uploaded=now, uploaded_by=actor)
             self.store.audit(actor, "bundle.upload", f"bundle:{label}",
-                             {"sha256": verified.sha256, "size": len(data),
+                             {"sha256": verified.sha256, "size": verified.size,
                               "signers": [s["keyid"][:16] for s in signers]}, now)
-        log.info("stored bundle %s (%d bytes) from %s", label, len(data), actor)
+        log.info("stored bundle %s (%d bytes) from %s", label, verified.size, actor)
         if self.on_uploaded is not None:
             try:
                 self.on_uploaded(record)

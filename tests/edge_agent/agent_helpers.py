@@ -88,6 +88,13 @@ class BundleServer:
                          f"/api/v1/bundles/{manifest.name}/{manifest.version}/download",
                          len(data))
 
+    def add_bytes(self, name: str, version: str, data: bytes) -> BundleRef:
+        """Serve ``data`` as ``name@version`` as it is (a hostile bundle no reader parses
+        here); the ref carries its true sha256 and size, so the download itself passes."""
+        self.files[(name, version)] = data
+        return BundleRef(name, version, sha256_hex(data),
+                         f"/api/v1/bundles/{name}/{version}/download", len(data))
+
     def downloads(self) -> int:
         return sum(1 for r in self.requests if r.endswith("/download"))
 

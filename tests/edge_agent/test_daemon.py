@@ -23,6 +23,7 @@ from edgefleet.contract.signing import Envelope, generate_key
 from tests.broker import SERVER_USER, Mosquitto
 from tests.bundles import FEATURES, sensor_data
 from tests.edge_agent.agent_helpers import BundleServer, Recorder, wait_until, write_config
+from tests.hostile import HOSTILE
 
 pytestmark = pytest.mark.slow
 
@@ -171,6 +172,26 @@ def test_a_bundle_from_an_untrusted_signer_is_refused(fleet, downloads, make_dae
     path.write_bytes(forged)
     report = install(fleet, daemon, downloads.add(path), 1, outcome="failed")
     assert "UntrustedSignerError" in report.reason
+
+
+def test_a_signed_bundle_with_something_hidden_is_refused(fleet, downloads, make_daemon,
+                                                          bundles):
+    """The table of hostile bundles (tests/hostile.py), each downloaded intact (its digest
+    is the desired state's) and refused at install with its own error type; nothing is
+    kept, no verification directory is left, and the running model keeps serving."""
+    daemon = make_daemon()
+    install(fleet, daemon, downloads.add(bundles.build("1.0.0")), 1)
+    valid = bundles.build("1.0.0").read_bytes()
+    for i, case in enumerate(HOSTILE):
+        ref = downloads.add_bytes("sensor", f"2.0.{i}", case.build(valid))
+        report = install(fleet, daemon, ref, 2 + i, outcome="failed")
+        assert report.reason.startswith(f"{case.error.__name__}: "), (case.id, report.reason)
+        assert case.names in report.reason, (case.id, report.reason)
+        assert not daemon.slots.has(ref.sha256), case.id
+    assert daemon.agent.model.ref.version == "1.0.0"
+    assert daemon.agent.predict(rows(2)).bundle == "sensor@1.0.0"
+    assert not list(daemon.slots.root.glob(".verify-*"))
+    assert not list(daemon.slots.bundles.glob(".tmp-*"))
 
 
 def test_downgrade_refused_rollback_served_locally(fleet, downloads, make_daemon, bundles):

@@ -13,8 +13,10 @@ import httpx
 import pytest
 
 from edgefleet.contract.bundle import file_entry, pack_bundle, read_unverified, sign_bundle
+from edgefleet.contract.errors import BundleFormatError
 from edgefleet.contract.signing import Envelope, generate_key, load_private_key
 from fleet_server.models import download_url
+from tests.hostile import HOSTILE
 
 pytestmark = pytest.mark.slow
 
@@ -194,3 +196,23 @@ def test_health_and_metrics_need_no_token(api):
     for name in ("edgefleet_devices_online", "edgefleet_ingest_lag_seconds_bucket",
                  "edgefleet_alerts_open", "edgefleet_ingest_queue_depth"):
         assert name in text
+
+
+def test_a_signed_bundle_with_something_hidden_is_refused_and_not_stored(api, sensor_bundle):
+    """The table of hostile bundles (tests/hostile.py): each answered 4xx with its own
+    error type (400 for what is not a well-formed bundle, 422 for a member a bundle may
+    not hold), and not one byte of it stored: no blob, no temporary file left behind."""
+    call, server = api
+    valid = sensor_bundle.read_bytes()
+    blobs = server.services.bundles.blobs.root
+    for case in HOSTILE:
+        got = error(call("POST", "/api/v1/bundles", content=case.build(valid)))
+        status = 400 if issubclass(case.error, BundleFormatError) else 422
+        assert got[:2] == (status, case.error.__name__), (case.id, got)
+        assert case.names in got[2], (case.id, got)
+    assert call("GET", "/api/v1/bundles", who="viewer").json() == []
+    assert sorted(p.name for p in blobs.iterdir()) == []
+    r = call("POST", "/api/v1/bundles", content=valid)
+    assert r.status_code == 201, r.text
+    assert [p.name for p in blobs.iterdir()] == [f"{r.json()['sha256']}.edgebundle"]
+    assert call("GET", download_url("sensor", "1.0.0"), who="device").content == valid

@@ -4,7 +4,9 @@
     .venv/bin/python tests/fuzz/fuzz_bundle.py -atheris_runs=200000 [corpus_dir]
 
 Seeds: a real bundle is built once into ``tests/fuzz/corpus-bundle`` if the directory is
-empty. A crash is any exception outside ``BundleError`` (edgefleet's refusals).
+empty, with the hostile variants of ``tests/hostile.py`` beside it (so the walk after the
+tar end-of-archive and after the gzip trailer is explored from the start). A crash is any
+exception outside ``BundleError`` (edgefleet's refusals).
 """
 
 from __future__ import annotations
@@ -37,10 +39,14 @@ def _seed(corpus: Path) -> None:
     import tempfile
 
     from tests.bundles import BundleFactory, make_keys
+    from tests.hostile import HOSTILE
 
     with tempfile.TemporaryDirectory() as tmp:
         factory = BundleFactory(Path(tmp) / "b", make_keys(Path(tmp) / "k"))
-        (corpus / "sensor.edgebundle").write_bytes(factory.build("1.0.0").read_bytes())
+        valid = factory.build("1.0.0").read_bytes()
+        (corpus / "sensor.edgebundle").write_bytes(valid)
+        for case in HOSTILE:
+            (corpus / f"hostile-{case.id}.edgebundle").write_bytes(case.build(valid))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from edgefleet.contract.bundle import pack_bundle, read_unverified
 from edgefleet.contract.signing import key_id, load_public_key
 from packager.cli import cli, main
+from tests.hostile import HOSTILE, Hostile
 from tests.packager.conftest import EPOCH, dataset, dump, fit, write_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -370,3 +371,23 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"edgepack, version {__version__}"
+
+
+# --------------------------------------------------------------------------- hidden data
+
+
+@pytest.mark.parametrize("case", [pytest.param(h, id=h.id) for h in HOSTILE])
+def test_verify_refuses_a_signed_bundle_with_something_hidden(case: Hostile, work, tmp_path,
+                                                              capsys):
+    """``edgepack verify`` over a file streamed from disk: the refusal keeps its own type
+    and one line names the file and what was found."""
+    path = tmp_path / "hostile.edgebundle"
+    path.write_bytes(case.build(work["bundle"].read_bytes()))
+    argv = ["verify", str(path), *_trust(work, "build")]
+    with pytest.raises(case.error) as excinfo:
+        cli.main(args=argv, prog_name="edgepack", standalone_mode=False)
+    assert type(excinfo.value) is case.error
+    assert main(argv) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert str(path) in line and case.names in line
+    assert main(["inspect", str(path)]) == 1  # not even shown as if it were a bundle

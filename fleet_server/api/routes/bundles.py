@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import os
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -21,22 +22,23 @@ _UPLOAD_BODY = {"requestBody": {"required": True, "content": {"application/octet
     "schema": {"type": "string", "format": "binary"}}}}}
 
 
-async def read_bounded(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes.
+async def receive_bounded(request: Request, limit: int, out: BinaryIO) -> int:
+    """Stream the request body into ``out``, refused with 413 as soon as it passes ``limit``
+    bytes; return its length. The body is never held in memory whole.
 
     Raises:
-        PayloadTooLargeError: declared or streamed past the limit (nothing is kept).
+        PayloadTooLargeError: declared or streamed past the limit.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"upload of {declared} bytes exceeds the limit of {limit}")
-    parts, size = [], 0
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise PayloadTooLargeError(f"upload exceeds the limit of {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
+        out.write(chunk)
+    return size
 
 
 @router.post("", response_model=BundlePublic, status_code=201, openapi_extra=_UPLOAD_BODY)
@@ -51,9 +53,15 @@ async def upload_bundle(request: Request, response: Response, services: Services
     message names the member. The same bytes again answer 200; other bytes under an
     existing name@version answer 409.
     """
-    data = await read_bounded(request, services.config.max_upload_bytes)
-    record, created = await run_in_threadpool(services.bundles.upload, data, who.actor,
-                                              services.clock())
+    # to a file first, verified from there, moved into the blob store only if it passed
+    fd, temp = services.bundles.blobs.temp_file()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            await receive_bounded(request, services.config.max_upload_bytes, out)
+        record, created = await run_in_threadpool(services.bundles.upload_file, temp,
+                                                  who.actor, services.clock())
+    finally:
+        temp.unlink(missing_ok=True)
     response.status_code = 201 if created else 200
     return BundlePublic.model_validate(record.to_dict())
 

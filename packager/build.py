@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -29,11 +31,12 @@ from typing import Any
 import numpy as np
 
 from edgefleet.contract.bundle import BUNDLE_SUFFIX, file_entry, pack_bundle
-from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.errors import KeyFileError, SchemaError
 from edgefleet.contract.manifest import NAME_RE, FeatureSpec, Lineage, Manifest, parse_version
 from edgefleet.contract.runtime import ModelRunner, Prediction
 from edgefleet.contract.signing import Envelope, load_private_key
 from edgefleet.contract.wire import sha256_hex
+from packager.boosters import missing_library_hint
 from packager.convert import Converted, adopt_onnx, convert_sklearn, sklearn_outputs
 from packager.data import Table, load_table
 from packager.errors import BuildError, FidelityError, ModelLoadError
@@ -41,11 +44,11 @@ from packager.fidelity import Bounds, judge, table
 from packager.quantize import quantize
 from packager.reference import build_reference, pick_samples
 
-__all__ = ["BuildOptions", "BuildResult", "build", "library_versions"]
+__all__ = ["BuildOptions", "BuildResult", "build", "library_versions", "load_signing_key"]
 
 FIDELITY_ROWS = 2000
 LIBRARIES = ("edgefleet", "numpy", "onnx", "onnxruntime", "skl2onnx", "scikit-learn",
-             "protobuf", "pandas")
+             "protobuf", "pandas", "onnxmltools", "xgboost", "lightgbm")
 Progress = Callable[[str, str], None]
 
 
@@ -79,6 +82,7 @@ class BuildResult:
     fidelity_rows: list[tuple[str, float, float, bool]]
     timings: dict[str, float]
     notes: list[str]
+    warnings: list[str] = field(default_factory=list)  # things the user should fix
 
 
 def _now(epoch: str | None) -> tuple[int, str]:
@@ -127,9 +131,47 @@ def _load_model(path: Path) -> tuple[Any, bytes]:
 
     try:
         return joblib.load(path), raw
+    except ModuleNotFoundError as exc:
+        hint = missing_library_hint(exc.name or "")
+        if hint is not None:
+            raise ModelLoadError(f"{path}: {hint}") from exc
+        raise ModelLoadError(f"{path}: the model needs the module {exc.name!r}, which is not "
+                             "installed here") from exc
     except Exception as exc:  # unpickling raises anything at all
+        text = str(exc)
+        found = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", text)
+        main = sys.modules.get("__main__")
+        # run as `python -m x`, __main__ shows under its module name
+        names = {"__main__", getattr(getattr(main, "__spec__", None), "name", "__main__")}
+        found = found if found and found.group(2) in names else None
+        if isinstance(exc, AttributeError) and found:
+            # pickle stores a class by module and name; one defined in the training
+            # script is stored as __main__.<name>, and __main__ is edgepack here
+            raise ModelLoadError(
+                f"{path}: the model refers to class {found.group(1)!r} defined in the script "
+                "that trained it (__main__); define it in an importable module, import it "
+                "from there in the training script, and save the model again") from exc
         raise ModelLoadError(f"{path}: not a pickled or joblib model "
                              f"({type(exc).__name__}: {exc})") from exc
+
+
+def load_signing_key(path: Path, passphrase: bytes | None = None):
+    """The private key to sign with; a public key given by mistake is named as such.
+
+    Raises:
+        KeyFileError: not a usable private key (see :func:`load_private_key`).
+    """
+    try:
+        head = path.read_bytes()[:4096]
+    except OSError:
+        head = b""
+    if b"PUBLIC KEY-----" in head:
+        sibling = path.with_suffix(".key")
+        raise KeyFileError(
+            f"{path}: this is a public key; --key takes the private key"
+            + (f" ({sibling})" if sibling.is_file() and sibling != path else
+               " (NAME.key from `edgepack keygen`)"))
+    return load_private_key(path, passphrase)
 
 
 def _features(est: Any, data: Table) -> Table:
@@ -214,7 +256,7 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
         parse_version(opts.version)
     except SchemaError as exc:
         raise BuildError(f"--version: {exc}") from exc
-    key = load_private_key(opts.key, opts.passphrase)  # fail before the slow steps
+    key = load_signing_key(opts.key, opts.passphrase)  # fail before the slow steps
     epoch, created_at = _now(os.environ.get("SOURCE_DATE_EPOCH"))
 
     est, model_bytes = _load_model(opts.model)
@@ -279,6 +321,7 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
 
     metrics = _metrics(converted.task, shipped, check.target,
                        "eval_" if evaluation is not None else "train_")
+    warned = _warnings(opts, evaluation is not None)
     files = {"model.onnx": model, "reference.json": reference,
              "samples.json": samples.to_bytes()}
     manifest = replace(
@@ -293,7 +336,17 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
     out = _write(opts.out_dir, f"{opts.name}-{opts.version}{BUNDLE_SUFFIX}", bundle)
     step("sign", f"{out} ({len(bundle):,} bytes)")
     return BuildResult(out, manifest, sha256_hex(bundle), len(bundle), rows, timings,
-                       converted.notes)
+                       converted.notes, warned)
+
+
+def _warnings(opts: BuildOptions, held_out: bool) -> list[str]:
+    if opts.target is None:
+        return ["no --target: no metrics are recorded (accuracy, F1, error need the label "
+                "column: pass --target NAME)"]
+    if not held_out:
+        return ["metrics computed on the training rows (optimistic: the model has seen them);"
+                " pass --eval-data with held-out rows"]
+    return []
 
 
 def _calibration_feeds(converted: Converted, cal: Table) -> list[dict[str, np.ndarray]]:

@@ -31,7 +31,6 @@ from edgefleet.contract.signing import (
     TrustStore,
     generate_key,
     key_id,
-    load_private_key,
     write_key_pair,
 )
 from edgefleet.errors import EdgefleetError
@@ -161,8 +160,11 @@ def build(model: Path, train_data: Path, target: str | None, name: str, version:
             click.echo(f"[{n}/{len(steps)}] {step:<9} {detail}", err=True)
 
     result = run_build(opts, progress)
+    for warning in [] if as_json else result.warnings:  # --json: in the document
+        click.echo(f"edgepack: warning: {warning}", err=True)
     m = result.manifest
     doc = {"path": str(result.path), "sha256": result.sha256, "size": result.size,
+           "warnings": result.warnings,
            "name": m.name, "version": m.version, "reference_hash": m.reference_hash,
            "quantization": m.quantization.to_dict(), "fidelity": m.fidelity.to_dict(),
            "metrics": m.metrics, "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}
@@ -180,7 +182,9 @@ def build(model: Path, train_data: Path, target: str | None, name: str, version:
 def sign(bundle: Path, key: Path, passphrase_env: str | None, ask_passphrase: bool,
          out: Path | None) -> None:
     """Add a signature (an approver's, say) to BUNDLE; nothing else changes."""
-    private = load_private_key(key, _passphrase(passphrase_env, ask_passphrase))
+    from packager.build import load_signing_key
+
+    private = load_signing_key(key, _passphrase(passphrase_env, ask_passphrase))
     with _naming(bundle):
         data = sign_bundle(read_bundle_file(bundle), private)
     target = out or bundle
@@ -279,6 +283,11 @@ def inspect(bundle: Path, trust: tuple[str, ...], as_json: bool) -> None:
     out.append("fidelity      " + ", ".join(parts))
     if m.metrics:
         out.append("metrics       " + ", ".join(f"{k} {v:.4g}" for k, v in m.metrics.items()))
+        if any(k.startswith("train_") for k in m.metrics):
+            out.append("  computed on the training rows (optimistic: the model has seen them;"
+                       " build with --eval-data for held-out metrics)")
+    else:
+        out.append("metrics       none (built without --target)")
     ln = m.lineage
     out.append(f"\nlineage\n  source   {ln.source_kind} {ln.estimator}\n"
                f"  model    sha256 {ln.source_sha256}\n"

@@ -13,9 +13,14 @@ scikit-learn computed it in float64. The biggest source is preprocessing before 
 trees (a StandardScaler in float32): on load_diabetes a scaler + HistGradientBoosting
 regressor was off by up to 13.4 on 4 % of rows. So when a pipeline ends in a tree
 ensemble, its preprocessing is converted in float64 and cast to float32 just before
-the trees ("cast late"), which took that error to 9e-5. If onnxruntime has no float64
-kernel for a preprocessing step (its Imputer, say), the float32 graph is kept and the
-fidelity gate judges it. The rest is float32 split thresholds:
+the trees ("cast late"), which took that error to 9e-5. skl2onnx's imputer and
+encoders have no float64 form that onnxruntime runs; :mod:`packager.wide` supplies
+exact ones for this conversion (a mixed imputer + scaler + one-hot pipeline before a
+HistGradientBoosting model went from max |Δp| 0.25 to 1e-7). A step that still cannot
+run in float64 keeps the float32 graph, and the note names it with its cost (how far
+the trees' input moved, how many training rows crossed a threshold); the fidelity gate
+judges it. XGBoost and LightGBM come through onnxmltools (:mod:`packager.boosters`).
+The rest is float32 split thresholds:
 skl2onnx rounds each float64 threshold to float32, and a value between the two goes
 the other way in every tree at once (a held-out diabetes row was off by 2.2 % of the
 spread). ``packager.precision`` rewrites the trees to compare against the exact
@@ -35,9 +40,11 @@ import onnx
 import onnxruntime as ort
 
 from edgefleet.contract.manifest import Binding, OutputSpec
+from packager.boosters import library_of, register
 from packager.data import Table
 from packager.errors import ConversionError, UnsupportedModelError
 from packager.precision import exact_tree_thresholds
+from packager.wide import float32_cost, float64_converters, string_converters
 
 __all__ = ["Converted", "adopt_onnx", "convert_sklearn", "describe", "sklearn_outputs"]
 
@@ -50,6 +57,8 @@ TREE_ENSEMBLES = (
     "ExtraTreesClassifier", "ExtraTreesRegressor", "GradientBoostingClassifier",
     "GradientBoostingRegressor", "HistGradientBoostingClassifier",
     "HistGradientBoostingRegressor",
+    # onnxmltools' converters, registered by packager.boosters
+    "XGBClassifier", "XGBRegressor", "LGBMClassifier", "LGBMRegressor",
 )
 
 
@@ -149,17 +158,19 @@ def _initial_types(table: Table, layout: str, double: bool) -> list[tuple[str, A
 
 
 def _to_onnx(est: Any, table: Table, layout: str, double: bool, classifier: bool) -> bytes:
-    from skl2onnx import to_onnx
-
     from packager.quantize import repair_opsets
 
     options = {id(_final(est)): {"zipmap": False}} if classifier else None
+    # float64: the preprocessing converters that skl2onnx writes in float32 (or with
+    # no float64 kernel in onnxruntime) are replaced for this conversion only
+    converters, shapes = float64_converters() if double else string_converters()
+    custom = {"custom_conversion_functions": converters, "custom_shape_calculators": shapes}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             model = to_onnx(est, initial_types=_initial_types(table, layout, double),
                             options=options,
-                            target_opset={"": ONNX_OPSET, "ai.onnx.ml": ML_OPSET})
+                            target_opset={"": ONNX_OPSET, "ai.onnx.ml": ML_OPSET}, **custom)
         except Exception as exc:  # skl2onnx raises NameError for an unknown option
             # A classifier without probabilities (LinearSVC) has no ZipMap and its
             # converter refuses the option: "Option 'zipmap' not in [...]". Give it an
@@ -168,8 +179,24 @@ def _to_onnx(est: Any, table: Table, layout: str, double: bool, classifier: bool
                 raise
             model = to_onnx(est, initial_types=_initial_types(table, layout, double),
                             options={id(_final(est)): {"nocl": False}},
-                            target_opset={"": ONNX_OPSET, "ai.onnx.ml": ML_OPSET})
+                            target_opset={"": ONNX_OPSET, "ai.onnx.ml": ML_OPSET}, **custom)
     return repair_opsets(model).SerializeToString()
+
+
+def to_onnx(est: Any, **kwargs: Any) -> Any:
+    """skl2onnx's ``to_onnx``, with its ``custom_*`` arguments passed through.
+
+    As ``to_onnx`` does: a fixed graph name (``convert_sklearn`` draws a random one,
+    which would make two builds of the same model differ) and the main opset pinned to
+    the target.
+    """
+    from skl2onnx import convert_sklearn
+
+    model = convert_sklearn(est, name=f"ONNX({type(est).__name__})", **kwargs)
+    for op in model.opset_import:
+        if op.domain == "":
+            op.version = ONNX_OPSET
+    return model
 
 
 def _loads(model: bytes) -> str | None:
@@ -195,6 +222,10 @@ def convert_sklearn(est: Any, table: Table) -> Converted:
     classifier = is_classifier(est)
     if not classifier and not is_regressor(est):
         raise UnsupportedModelError(f"{name}: only classifiers and regressors can be packaged")
+    library = library_of(_final(est))
+    if library is not None and not register(library):
+        raise UnsupportedModelError(f"{name}: converting it needs onnxmltools: "
+                                    f"pip install 'edgefleet[{library}]'")
     categorical = any(table.kinds[n] == "categorical" for n in table.names)
     layout = "columns" if categorical or _contains(est, "ColumnTransformer") else "tensor"
 
@@ -205,7 +236,10 @@ def convert_sklearn(est: Any, table: Table) -> Converted:
         attempts.append((late, True))
     attempts.append((est, False))
     model, double, failure, unsupported = b"", False, "", False
+    why_float32 = ""
     for candidate, double in attempts:
+        if failure and not why_float32:
+            why_float32 = failure  # the float64 attempt's reason, for the note
         try:
             model = _to_onnx(candidate, table, layout, double, classifier)
         except Exception as exc:  # skl2onnx raises RuntimeError / its own types
@@ -228,17 +262,20 @@ def convert_sklearn(est: Any, table: Table) -> Converted:
                                     f"estimator as configured ({failure})")
     if failure:
         raise ConversionError(f"{name}: converted graph does not run in onnxruntime: {failure}")
-    if late is not None:
-        notes.append("preprocessing in float64, cast to float32 before the trees"
-                     if double else "preprocessing kept in float32 (no float64 kernel for a "
-                     "step); judged by the fidelity gate")
+    if late is not None and double:
+        notes.append("preprocessing in float64" + (
+            ", cast to float32 before the trees as XGBoost does" if library == "xgboost"
+            else ""))
+    elif late is not None:
+        notes.append(_float32_note(model, est, table, layout, why_float32))
     exact = exact_tree_thresholds(onnx.load_from_string(model), est)
     if exact is not None:
         # the original estimator, not the cast-late copy: the rewrite then compares
         # exactly as scikit-learn does (float64 for HGB, float32(x) vs float64 t for
         # the others), so no row near a split goes the other way
         model = exact.SerializeToString()
-        notes.append("split thresholds in float64, compared exactly as scikit-learn does")
+        notes.append("split thresholds in float64, compared exactly as "
+                     f"{'LightGBM' if library == 'lightgbm' else 'scikit-learn'} does")
 
     if classifier:
         classes, label_dtype = _classes(est)
@@ -254,6 +291,33 @@ def convert_sklearn(est: Any, table: Table) -> Converted:
     wide = first == onnx.TensorProto.DOUBLE
     binding = Binding(layout, "input", "float64" if wide else "float32")
     return Converted(model, binding, tuple(outputs), task, classes, name, notes)
+
+
+def _float32_note(model: bytes, est: Any, table: Table, layout: str, why: str) -> str:
+    """Which step kept the preprocessing in float32, and what it costs the trees."""
+    step = why
+    if "Could not find an implementation for " in why:  # onnxruntime: no double kernel
+        op = why.split("Could not find an implementation for ", 1)[1].split("(", 1)[0]
+        step = f"onnxruntime has no float64 {op} kernel"
+    note = f"preprocessing kept in float32 ({step or 'no float64 conversion'})"
+    sample = table.take(np.arange(min(table.rows, 2000)))
+    if layout == "tensor":
+        feeds = {"input": sample.matrix().astype(np.float32)}
+    else:
+        feeds = {n: (np.array(["" if v is None else str(v) for v in sample.columns[n].tolist()],
+                              dtype=object) if sample.kinds[n] == "categorical"
+                     else sample.columns[n].astype(np.float32)).reshape(-1, 1)
+                 for n in sample.names}
+    X = sample.frame() if layout == "columns" or hasattr(est, "feature_names_in_") \
+        else sample.matrix()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cost = float32_cost(model, est, feeds, X)
+    if cost is not None:
+        delta, crossed, rows = cost
+        note += (f": the trees' input differs from scikit-learn's by up to {delta:.3g}, "
+                 f"{crossed} of {rows} training rows on the other side of a split threshold")
+    return note + "; judged by the fidelity gate"
 
 
 def _unsupported_part(text: str) -> str:

@@ -63,10 +63,17 @@ class Table:
                      self.names)
 
     def frame(self):
-        """A pandas DataFrame of the features (what sklearn models trained on frames need)."""
+        """A pandas DataFrame of the features (what sklearn models trained on frames need).
+
+        A missing categorical cell is NaN, as ``pandas.read_csv`` gives it to the model
+        at training time: scikit-learn's imputers take NaN for missing but not None.
+        """
         import pandas as pd
 
-        return pd.DataFrame({n: self.columns[n] for n in self.names}, columns=self.names)
+        cols = {n: np.array([np.nan if v is None else v for v in c.tolist()], dtype=object)
+                if self.kinds[n] == "categorical" else c for n, c in self.columns.items()
+                if n in self.names}
+        return pd.DataFrame({n: cols[n] for n in self.names}, columns=self.names)
 
     def matrix(self) -> np.ndarray:
         """The numeric features as a float64 2-D array (all features must be numeric)."""

@@ -18,7 +18,8 @@ as scikit-learn does:
   score accumulation in double, output float);
 * the node's input is made double, with the comparison each family needs:
 
-  - HistGradientBoosting* compares float64 ``x <= t`` (``X_DTYPE`` is float64).
+  - HistGradientBoosting* compares float64 ``x <= t`` (``X_DTYPE`` is float64),
+    and so does LightGBM on float64 input (its thresholds are doubles).
     The tree is fed the double tensor itself (a float32 ``Cast`` just before the
     tree is bypassed; a float graph input consumed only by trees is widened to
     double);
@@ -71,6 +72,10 @@ _SINGLE_TREES = {
     "ExtraTreeRegressor",
 }
 _HGB = {"HistGradientBoostingClassifier", "HistGradientBoostingRegressor"}
+# LightGBM predicts float64 input in float64 (``fval <= threshold``, both double);
+# onnxmltools writes its thresholds as float32. XGBoost is not here: it compares
+# float32 inputs with float32 thresholds, which its ONNX graph already does exactly.
+_LGBM = {"LGBMClassifier", "LGBMRegressor"}
 
 
 # --------------------------------------------------------------------------- views
@@ -143,10 +148,66 @@ def _hgb_tree(predictor, bias) -> _Tree | None:
     )
 
 
+def _lgbm_trees(est) -> dict | None:
+    """LightGBM's trees as onnxmltools numbers them, with the booster's float64 values.
+
+    onnxmltools' own parser is run on the booster's dump (the very code that wrote the
+    ONNX node), so node and tree ids are its ids; its thresholds are Python floats
+    (the dump's 17 significant digits, so the booster's doubles) before they are
+    written as float32. The proof in :func:`_prove` then checks them against the node.
+    """
+    try:
+        from onnxmltools.convert.common.tree_ensemble import (
+            get_default_tree_classifier_attribute_pairs,
+        )
+        from onnxmltools.convert.lightgbm.operator_converters.LightGbm import (
+            _parse_tree_structure,
+            dump_booster_model,
+            modify_tree_for_rule_in_set,
+        )
+    except ImportError:
+        return None
+    try:
+        dump, info = dump_booster_model(est.booster_)
+        modify_tree_for_rule_in_set(dump, use_float=True, info=info)
+    except Exception:  # a booster onnxmltools cannot read: leave the graph alone
+        return None
+    n_classes = int(dump.get("num_class", 1) or 1)
+    trees = {}
+    for i, tree in enumerate(dump["tree_info"]):
+        attrs = get_default_tree_classifier_attribute_pairs()
+        _parse_tree_structure(i, i % n_classes, 1.0, tree["tree_structure"], attrs)
+        nid = np.asarray(attrs["nodes_nodeids"], dtype=np.int64)
+        n = len(nid)
+        if sorted(nid.tolist()) != list(range(n)):
+            return None
+        order = np.argsort(nid)
+        modes = np.asarray(attrs["nodes_modes"], dtype=object)[order]
+        if any(m not in ("BRANCH_LEQ", "LEAF") for m in modes):
+            return None  # categorical (==) splits: not a threshold
+        leaf_w = dict(zip(attrs["class_nodeids"], attrs["class_weights"], strict=True))
+        trees[i] = _Tree(
+            feature=np.asarray(attrs["nodes_featureids"], dtype=np.int64)[order],
+            threshold=np.asarray([float(v) for v in attrs["nodes_values"]],
+                                 dtype=np.float64)[order],
+            left=np.asarray(attrs["nodes_truenodeids"], dtype=np.int64)[order],
+            right=np.asarray(attrs["nodes_falsenodeids"], dtype=np.int64)[order],
+            is_branch=modes == "BRANCH_LEQ",
+            leaf_weights=[np.array([float(leaf_w.get(k, 0.0))]) for k in range(n)],
+            bias=i % n_classes,
+        )
+    return trees
+
+
 def _ensemble(est) -> _Ensemble | None:
     """Trees of a supported fitted estimator, keyed by the tree id skl2onnx gives them."""
     name = type(est).__name__
     is_clf = hasattr(est, "classes_")
+    if name in _LGBM:
+        trees = _lgbm_trees(est)
+        if not trees:
+            return None
+        return _Ensemble(est, FLOAT64, trees)
     if name in _HGB:
         preds = getattr(est, "_predictors", None)
         if not preds:
@@ -225,7 +286,7 @@ def _find(estimator) -> list:
             for _, s, _ in tr:
                 walk(s)
             return
-        if type(o).__name__ in _HGB | _DT_ENSEMBLES | _SINGLE_TREES:
+        if type(o).__name__ in _HGB | _LGBM | _DT_ENSEMBLES | _SINGLE_TREES:
             found.append((o, cast32))
 
     walk(estimator)

@@ -246,6 +246,7 @@ def test_adopted_file_that_is_not_onnx_is_refused(make_bundle, tmp_path, cancer)
 
 def test_eval_data_gives_eval_metrics_on_the_held_out_rows(cancer, make_bundle):
     result = make_bundle(cancer["forest_path"], cancer["train"], eval_data=cancer["eval"])
+    assert result.warnings == []
     m = result.manifest
     want = cancer["forest"].predict(cancer["X_eval"])
     assert set(m.metrics) == {"eval_accuracy", "eval_f1_macro"}
@@ -256,7 +257,11 @@ def test_eval_data_gives_eval_metrics_on_the_held_out_rows(cancer, make_bundle):
 
 
 def test_without_eval_data_metrics_are_on_the_training_rows(cancer, diabetes, make_bundle):
-    clf = make_bundle(cancer["forest_path"], cancer["train"]).manifest
+    built = make_bundle(cancer["forest_path"], cancer["train"])
+    assert len(built.warnings) == 1
+    assert "metrics computed on the training rows" in built.warnings[0]
+    assert "--eval-data" in built.warnings[0]
+    clf = built.manifest
     want = cancer["forest"].predict(cancer["X_train"])
     assert set(clf.metrics) == {"train_accuracy", "train_f1_macro"}
     assert clf.metrics["train_accuracy"] == pytest.approx(
@@ -265,6 +270,16 @@ def test_without_eval_data_metrics_are_on_the_training_rows(cancer, diabetes, ma
     assert set(reg.metrics) == {"train_mae", "train_rmse", "train_r2"}
     assert reg.metrics["train_r2"] == pytest.approx(
         r2_score(diabetes["y"], diabetes["ridge"].predict(diabetes["X"])), abs=1e-6)
+
+
+def test_without_target_the_build_warns_that_metrics_need_it(make_bundle, tmp_path):
+    X, y = dataset("iris")
+    model = fit(LogisticRegression(max_iter=300), X, y)
+    built = make_bundle(dump(model, tmp_path / "m.joblib"), write_csv(tmp_path / "t.csv", X),
+                        target=None)
+    assert built.manifest.metrics == {}
+    assert len(built.warnings) == 1 and "--target" in built.warnings[0]
+    assert "no metrics" in built.warnings[0]
 
 
 # --------------------------------------------------------------------------- refusals
@@ -373,3 +388,44 @@ def test_importing_the_agent_does_not_import_the_build_stack():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "clean"
+
+
+def test_public_key_given_as_the_signing_key_is_named_as_such(cancer, build_key, tmp_path):
+    with pytest.raises(KeyFileError) as info:
+        build(BuildOptions(model=cancer["forest_path"], train_data=cancer["train"],
+                           name="m", version="1.0.0", key=build_key.public, target="target",
+                           out_dir=tmp_path))
+    text = str(info.value)
+    assert "this is a public key" in text and str(build_key.private) in text
+    assert "chmod" not in text
+
+
+class TrainedInAScript(LogisticRegression):
+    """Stands for a class defined in the training script: pickled as __main__.<name>."""
+
+
+def test_class_from_the_training_script_gets_a_hint(cancer, make_bundle, tmp_path,
+                                                    monkeypatch):
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(TrainedInAScript, "__module__", "__main__")
+    monkeypatch.setattr(main, "TrainedInAScript", TrainedInAScript, raising=False)
+    model = fit(TrainedInAScript(max_iter=300), cancer["X_train"], cancer["y_train"])
+    path = dump(model, tmp_path / "script.joblib")
+    monkeypatch.delattr(main, "TrainedInAScript")  # edgepack's __main__ is not the script
+    with pytest.raises(ModelLoadError) as info:
+        make_bundle(path, cancer["train"])
+    assert "TrainedInAScript" in str(info.value)
+    assert "define it in an importable module" in str(info.value)
+
+
+def test_model_whose_library_is_missing_names_the_extra(cancer, make_bundle, tmp_path,
+                                                        monkeypatch):
+    xgboost = pytest.importorskip("xgboost")
+    model = fit(xgboost.XGBClassifier(n_estimators=3, max_depth=2), cancer["X_train"],
+                cancer["y_train"])
+    path = dump(model, tmp_path / "xgb.joblib")
+    for name in [m for m in sys.modules if m == "xgboost" or m.startswith("xgboost.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    with pytest.raises(ModelLoadError) as info:
+        make_bundle(path, cancer["train"])
+    assert str(info.value) == f"{path}: the model needs xgboost: pip install 'edgefleet[xgboost]'"

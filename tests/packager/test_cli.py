@@ -131,6 +131,8 @@ def test_build_verify_inspect(work, tmp_path, capsys, monkeypatch):
         assert f"\n  {feature} " in text
     assert "classes: setosa, versicolor, virginica" in text
     assert re.search(r"fidelity +rows 150, passed true, label agreement 1,", text)
+    assert "computed on the training rows" in text  # no --eval-data: labelled optimistic
+    assert "edgepack: warning: metrics computed on the training rows" in captured.err
     assert "trusted, build" in text
 
     assert main(["inspect", str(bundle), "--json"]) == 0
@@ -152,6 +154,7 @@ def test_build_json_summary(work, tmp_path, capsys):
     assert doc["fidelity"]["passed"] is True and doc["fidelity"]["label_agreement"] == 1.0
     assert doc["quantization"]["mode"] == "none"
     assert set(doc["metrics"]) == {"train_accuracy", "train_f1_macro"}
+    assert len(doc["warnings"]) == 1 and "--eval-data" in doc["warnings"][0]
     assert set(doc["timings_s"]) == {"load", "convert", "quantize", "fidelity", "profile",
                                      "sign"}
 
@@ -293,6 +296,13 @@ BAD = [
      1, ["--name 'Bad Name'"]),
     ("key-mode-0644", lambda c, w: _build_args(c, **{"--key": str(_loose_key(c, w))}),
      1, ["loose.key", "mode 0644", "chmod 600"]),
+    ("key-is-the-public-key",
+     lambda c, w: _build_args(c, **{"--key": str(c["keys"] / "build.pub")}),
+     1, ["build.pub: this is a public key", "build.key"]),
+    ("sign-with-the-public-key",
+     lambda c, w: ["sign", str(c["bundle"]), "--key", str(c["keys"] / "approver.pub"),
+                   "--out", str(w / "never.edgebundle")],
+     1, ["approver.pub: this is a public key"]),
     ("unknown-fidelity-bound",
      lambda c, w: [*_build_args(c), "--max-fidelity-loss", "accuracy=0.1"],
      1, ["--max-fidelity-loss: unknown bound 'accuracy'"]),

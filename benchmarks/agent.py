@@ -56,7 +56,7 @@ from benchmarks.packager import BATCH, _data, _families, _write_csv  # noqa: E40
 from edge_agent.agent import Agent  # noqa: E402
 from edge_agent.model import LoadedModel  # noqa: E402
 from edgefleet.contract.bundle import verify_bundle  # noqa: E402
-from edgefleet.contract.messages import Summary, encode  # noqa: E402
+from edgefleet.contract.messages import LATENCY_EDGES_MS, Summary, encode  # noqa: E402
 from edgefleet.contract.profile import Profile, ProfileSpec, numeric_spec, to_wire  # noqa: E402
 from edgefleet.contract.signing import TrustStore, generate_key, write_key_pair  # noqa: E402
 from edgefleet.contract.wire import canonical_json  # noqa: E402
@@ -186,25 +186,26 @@ def _summary_size() -> dict[str, Any]:
     from edgefleet.contract.messages import BundleRef
 
     summary = Summary("press-017", 12345, BundleRef("churn", "1.4.2", "ab" * 32), 1.7e9,
-                      1.7e9 + 60, to_wire(profile), tuple(rng.integers(0, 500, 13).tolist()),
+                      1.7e9 + 60, to_wire(profile),
+                      tuple(rng.integers(0, 500, len(LATENCY_EDGES_MS) + 1).tolist()),
                       {"input": 3})
     return {"wire_bytes": len(encode(summary)), "json_bytes": len(canonical_json(
         summary.to_dict())), "rows": 3_000, "features": 20}
 
 
+# imports only onnxruntime and numpy (importing edge_agent here hid 13 MiB, issue 13)
 _BARE = """
 import sys, json, numpy as np, onnxruntime as ort
-sys.path.insert(0, {root!r})
-from benchmarks.common import rss_kib
-from edgefleet.contract.bundle import read_unverified
-model = read_unverified(open({path!r}, "rb").read()).member("model.onnx")
 o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.inter_op_num_threads = 1
-s = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
+s = ort.InferenceSession({onnx!r}, o, providers=["CPUExecutionProvider"])
 x = np.random.default_rng(0).normal(size=(2000, 20)).astype(np.float32)
 outs = [v.name for v in s.get_outputs()]; name = s.get_inputs()[0].name
 for i in range(2000):
     s.run(outs, {{name: x[i:i + 1]}})
-print(json.dumps(rss_kib()))
+rss = dict((line.split(":")[0], int(line.split()[1])) for line in open("/proc/self/status")
+           if line.startswith(("VmRSS:", "VmHWM:")))
+assert not any(m.split(".")[0] in ("edge_agent", "edgefleet", "benchmarks") for m in sys.modules)
+print(json.dumps({{"rss_kib": rss["VmRSS"], "peak_kib": rss["VmHWM"]}}))
 """
 
 _AGENT = """
@@ -264,7 +265,11 @@ def _memory(path: Path, keys: Path, work: Path) -> dict[str, Any]:
             raise RuntimeError(done.stderr[-2000:])
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    bare = [run(_BARE.format(root=str(_ROOT), path=str(path))) for _ in range(3)]
+    from edgefleet.contract.bundle import read_unverified
+
+    onnx = work / "bare-model.onnx"
+    onnx.write_bytes(read_unverified(data).member("model.onnx"))
+    bare = [run(_BARE.format(onnx=str(onnx))) for _ in range(3)]
     agent = [run(_AGENT.format(root=str(_ROOT), config=str(config))) for _ in range(3)]
 
     def median(samples: list[dict[str, int]], key: str) -> int:

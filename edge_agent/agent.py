@@ -9,11 +9,14 @@ daemon wraps in a :class:`~edgefleet.contract.messages.Summary` with a sequence 
 
 Profiling is always on and kept off the request path. A call checks its rows, runs the
 model, and appends the checked rows and the raw outputs to the window's buffer (a list
-append under a short lock); a worker thread turns full buffers (and whole batches) into
-numpy columns and profiles them, vectorised. A single-row call therefore pays no numpy
-pass of its own beyond building the model's input tensor. A shadow candidate runs on its
-own worker thread on the same checked inputs; its answers are compared with the live
-ones and never returned.
+append under a short lock); a full buffer is handed to the worker as it is (the lists, not
+concatenated), and the worker thread concatenates the outputs, turns the rows into numpy
+columns and profiles them, vectorised. A batch is checked into columns on the request
+path (it has to be, to run the model) and handed over as those columns. A single-row call
+therefore pays no numpy pass of its own beyond building the model's input tensor.
+:meth:`Agent.wait_idle` waits for the profiling worker and the shadow worker. A shadow
+candidate runs on its own worker thread on the same checked inputs; its answers are
+compared with the live ones and never returned.
 
 Windows close by time or by rows: :attr:`Agent.window_due` is set when the row bound is
 reached, and the owner (the daemon, or a library user) calls :meth:`close_window`.
@@ -40,6 +43,7 @@ import numpy as np
 from edge_agent.errors import NoModelError
 from edge_agent.model import LoadedModel, Outputs, PredictError, concat_outputs
 from edgefleet.contract.errors import InputError
+from edgefleet.contract.inputs import Batch
 from edgefleet.contract.messages import LATENCY_EDGES_MS, BundleRef, ShadowStats, Summary
 from edgefleet.contract.profile import Profile, to_wire
 
@@ -107,7 +111,8 @@ class _Open:
         self.lock = threading.Lock()
         self.cells: list[list[Any]] = []  # single rows not yet handed to the worker
         self.cell_outputs: list[Outputs] = []
-        self.pending: deque[tuple[Any, Outputs]] = deque()  # chunks for the worker
+        # chunks for the worker: (cells, a Batch or an array; the outputs of its calls)
+        self.pending: deque[tuple[Any, list[Outputs]]] = deque()
         self.latency = [0] * LATENCY_SLOTS
         self.errors: dict[str, int] = {}
         self.shadow_ref: BundleRef | None = None
@@ -125,27 +130,38 @@ class _Open:
                 inputs, outputs = self.pending.popleft()
                 self._profile(inputs, outputs)
 
+    def hand_over(self) -> bool:
+        """Queue the buffered single rows for the worker (the caller holds the agent's
+        lock, which guards ``cells``); whether there were any."""
+        if not self.cells:
+            return False
+        self.pending.append((self.cells, self.cell_outputs))
+        self.cells, self.cell_outputs = [], []
+        return True
+
     def finish(self) -> None:
         with self.lock:
-            if self.cells:
-                self.pending.append((self.cells, concat_outputs(self.cell_outputs)))
-                self.cells, self.cell_outputs = [], []
+            self.hand_over()
             while self.pending:
                 inputs, outputs = self.pending.popleft()
                 self._profile(inputs, outputs)
             self.finished = True
 
-    def _profile(self, inputs: Any, outputs: Outputs) -> None:
+    def _profile(self, inputs: Any, parts: list[Outputs]) -> None:
         model = self.model
         try:
-            if isinstance(inputs, np.ndarray):
+            outputs = concat_outputs(parts)
+            if isinstance(inputs, Batch):
+                columns, n = inputs.columns, inputs.rows
+            elif isinstance(inputs, np.ndarray):
                 columns = {n: inputs[:, j] for j, n in enumerate(model.validator.names)}
                 n = inputs.shape[0]
             else:
                 batch = model.validator.from_cells(inputs)
                 columns, n = batch.columns, batch.rows
-            self.profile.update(columns, model.profile_outputs(outputs), rows=n,
-                                matrix=inputs if isinstance(inputs, np.ndarray) else None)
+            matrix = inputs.matrix if isinstance(inputs, Batch) else \
+                inputs if isinstance(inputs, np.ndarray) else None
+            self.profile.update(columns, model.profile_outputs(outputs), rows=n, matrix=matrix)
         except Exception:  # a profiling bug must never take serving down
             log.exception("profiling a chunk of %s failed; its rows are not profiled",
                           model.label)
@@ -183,6 +199,7 @@ class Agent:
         self._shadow_tolerance = shadow_tolerance
         self._shadow_limit = shadow_queue_rows
         self._shadow_waiting = 0
+        self._profile_waiting = 0  # wake-ups queued for the profiling worker
         self._profile_q: queue.SimpleQueue[_Open | None] = queue.SimpleQueue()
         self._shadow_q: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._closed = False
@@ -246,11 +263,9 @@ class Agent:
                 if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
                     raise InputError("rows: expected a list of rows (objects or lists in "
                                      f"schema order), got {type(rows).__name__}")
-                n = len(rows)
-                if n == 0 or n > validator.max_rows:
-                    validator.batch(rows)  # raises the right InputError
-                inputs = [validator.row(r, i) for i, r in enumerate(rows)]
-                outputs = model.run_cells(inputs)
+                inputs = validator.batch(rows)  # by column (see edgefleet.contract.inputs)
+                outputs = model.run_batch(inputs)
+                n = inputs.rows
         except InputError:
             self._count_error(model, "input")
             raise
@@ -280,16 +295,16 @@ class Agent:
                 return  # the model was switched while this call ran: served, not profiled
             window.rows += n
             window.latency[slot] += 1
-            if isinstance(inputs, np.ndarray):
-                window.pending.append((inputs, outputs))
-                wake = window
-            else:
+            if type(inputs) is list:
                 window.cells.extend(inputs)
                 window.cell_outputs.append(outputs)
-                if len(window.cells) >= CHUNK_ROWS:
-                    window.pending.append((window.cells, concat_outputs(window.cell_outputs)))
-                    window.cells, window.cell_outputs = [], []
-                    wake = window
+                if len(window.cells) >= CHUNK_ROWS and window.hand_over():
+                    wake = window  # (the worker concatenates: nothing more here)
+            else:
+                window.pending.append((inputs, [outputs]))
+                wake = window
+            if wake is not None:
+                self._profile_waiting += 1
             if self.window_rows and window.rows >= self.window_rows:
                 self.window_due.set()
             if self._shadow is not None:
@@ -374,7 +389,11 @@ class Agent:
             window = self._profile_q.get()
             if window is None:
                 return
-            window.drain()
+            try:
+                window.drain()
+            finally:
+                with self._lock:
+                    self._profile_waiting -= 1
 
     def _shadow_main(self) -> None:
         while True:
@@ -397,10 +416,14 @@ class Agent:
             if shadow.validator.names != model.validator.names:
                 # another schema: re-check the rows by feature name against the candidate's
                 names = model.validator.names
-                rows = inputs.tolist() if isinstance(inputs, np.ndarray) else inputs
+                rows = (inputs.tolist() if isinstance(inputs, np.ndarray)
+                        else [list(r) for r in zip(*(inputs.columns[n].tolist()
+                                                     for n in names), strict=True)]
+                        if isinstance(inputs, Batch) else inputs)
                 inputs = [shadow.validator.row(dict(zip(names, r, strict=True)), i)
                           for i, r in enumerate(rows)]
             got = (shadow.run_matrix(inputs) if isinstance(inputs, np.ndarray)
+                   else shadow.run_batch(inputs) if isinstance(inputs, Batch)
                    else shadow.run_cells(inputs))
             error = False
         except (PredictError, InputError):
@@ -436,14 +459,25 @@ class Agent:
         return 0
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
-        """Wait until the shadow worker has caught up (tests, clean shutdown)."""
+        """Wait until the profiling and shadow workers have caught up with every chunk
+        handed to them (tests, benchmarks, clean shutdown); False on timeout. Single rows
+        still buffered (fewer than a chunk) stay buffered: :meth:`flush` hands them over."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                if self._shadow_waiting == 0:
+                if self._shadow_waiting == 0 and self._profile_waiting == 0:
                     return True
-            time.sleep(0.005)
+            time.sleep(0.002)
         return False
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Hand the buffered single rows to the profiling worker, then :meth:`wait_idle`."""
+        with self._lock:
+            window = self._window
+            if window is not None and window.hand_over():
+                self._profile_waiting += 1
+                self._profile_q.put(window)
+        return self.wait_idle(timeout)
 
     def close(self) -> None:
         """Stop the worker threads. Idempotent; the open window is left as it is."""

@@ -90,6 +90,7 @@ class LoadedModel:
         self._names = [name for _, name in roles]
         where = {role: i for i, (role, _) in enumerate(roles)}
         self._at = tuple(where.get(r) for r in ("label", "probabilities", "value"))
+        self._row_feeds = self.runner.row_feeds
 
     # -- running ---------------------------------------------------------------------
 
@@ -101,6 +102,13 @@ class LoadedModel:
         """
         if self._tensor:
             return self._run({self._input_name: np.array(cells, dtype=self._dtype)})
+        if len(cells) == 1:  # the lean single-row path: a cell written per feature
+            try:
+                feeds = self._row_feeds(cells[0])
+            except (ValueError, TypeError, OverflowError) as exc:  # e.g. NaN into int64
+                raise PredictError(f"{self.label}: the row does not fit the model's inputs: "
+                                   f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+            return self._run(feeds)
         return self.run_batch(self.validator.from_cells(cells))
 
     def run_matrix(self, matrix: np.ndarray) -> Outputs:
@@ -112,12 +120,9 @@ class LoadedModel:
 
     def run_batch(self, batch: Batch) -> Outputs:
         """Run a checked :class:`~edgefleet.contract.inputs.Batch` (any layout)."""
-        try:
-            pred = self.runner.run_columns(batch.columns)
-        except Exception as exc:
-            raise PredictError(f"{self.label}: the model failed: {type(exc).__name__}: "
-                               f"{str(exc)[:300]}") from exc
-        return Outputs(pred.labels, pred.probabilities, pred.values)
+        if self._tensor and batch.matrix is not None:
+            return self.run_matrix(batch.matrix)
+        return self._run(self.runner.checked_feeds(batch.columns))
 
     def _run(self, feeds: dict[str, np.ndarray]) -> Outputs:
         try:

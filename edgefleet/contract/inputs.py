@@ -14,8 +14,15 @@ A refusal is an :class:`~edgefleet.contract.errors.InputError` naming the featur
 Keys a mapping has beyond the schema are ignored (apps send ids and timestamps along).
 
 The single-row path is plain Python on purpose: for one row, a numpy pass per check costs
-more than the check. Arrays are checked with one vectorised pass. This module does not run
-models and does not profile.
+more than the check. Arrays are checked with one vectorised pass. A batch of mappings (or of
+schema-ordered lists) is checked by column (:meth:`InputValidator.batch`): each feature's
+values are read out of the rows once, their types collected in one ``set(map(type, ...))``,
+and converted and checked with one numpy pass. Only a column that fails the fast checks is
+walked cell by cell to find its first bad row, and the first bad row overall is then
+re-checked by the single-row path, so both paths raise the same error (type, feature, row,
+message) and return the same values for the same rows.
+
+This module does not run models and does not profile.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -34,6 +43,16 @@ __all__ = ["Batch", "InputValidator"]
 
 Cell = float | str | None
 _FLOAT = {float}
+_NONE = type(None)
+_NUMBERS = frozenset({float, int})
+_NUMBERS_MISSING = frozenset({float, int, _NONE})
+_STR = frozenset({str})
+_STR_MISSING = frozenset({str, _NONE})
+_INT_LIMIT = 2.0**63  # the single-row path reads an int this large as not finite
+# from this many numeric features on, a batch's numeric cells are read a row at a time
+# (one tuple per row) rather than a column at a time (measured: 3 features, columns are
+# 30 % faster; 30 features, rows are 15 % faster)
+_BLOCK = 8
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,18 @@ class InputValidator:
         self._width = len(self.names)
         self._simple = self.numeric_only and not any(
             c[2] or c[3] for c in self._checks)  # every cell: a finite float, nothing else
+        # a row of the common kind: a float for every numeric feature, a str for every
+        # categorical one (any schema); checked with one tuple compare, then a sum
+        self._expect = tuple(float if c[1] else str for c in self._checks)
+        numeric_at = [j for j, c in enumerate(self._checks) if c[1]]
+        self._numeric_cells = _getter(numeric_at)
+        self._whole_at = tuple(j for j, c in enumerate(self._checks) if c[3])
+        # a batch: every numeric feature read out of the rows in one pass
+        self._numeric_names = tuple(self.names[j] for j in numeric_at)
+        self._numeric_of = _getter(self._numeric_names)
+        self._numeric_whole = np.array([self._checks[j][3] for j in numeric_at], dtype=bool)
+        self._numeric_need_finite = np.array([not self._checks[j][2] for j in numeric_at],
+                                             dtype=bool)
 
     # -- one row -----------------------------------------------------------------------
 
@@ -101,6 +132,10 @@ class InputValidator:
             total = sum(cells)
             if total - total == 0.0:
                 return cells
+        elif tuple(map(type, cells)) == self._expect:
+            total = sum(self._numeric_cells(cells))
+            if total - total == 0.0 and all(cells[j].is_integer() for j in self._whole_at):
+                return cells
         return self._slow_row(cells, index)
 
     def _slow_row(self, cells: list[Any], index: int) -> list[Cell]:
@@ -135,6 +170,14 @@ class InputValidator:
             raise InputError(f"rows: expected a list of rows, got {type(rows).__name__}")
         n = len(rows)
         self._check_count(n)
+        kinds = set(map(type, rows))
+        if kinds == {dict}:
+            fast = self._numeric_block(rows) if len(self._numeric_names) >= _BLOCK else None
+            if fast is not None:
+                return fast
+            return self._columns(rows, [self._column_of(rows, name) for name in self.names])
+        if kinds == {list} and all(len(r) == self._width for r in rows):
+            return self._columns(rows, list(zip(*rows, strict=True)))
         cells = [self.row(r, i) for i, r in enumerate(rows)]
         return self.from_cells(cells)
 
@@ -145,11 +188,111 @@ class InputValidator:
             return Batch(len(cells), {n: matrix[:, j] for j, n in enumerate(self.names)},
                          matrix)
         columns = {}
-        for j, (name, numeric, _, _) in enumerate(self._checks):
-            col = [r[j] for r in cells]
+        for (name, numeric, _, _), col in zip(self._checks, zip(*cells, strict=True),
+                                              strict=True):
             columns[name] = (np.array(col, dtype=np.float64) if numeric
-                             else np.array(col, dtype=object))
+                             else _objects(col))
         return Batch(len(cells), columns)
+
+    # -- many rows, by column ---------------------------------------------------------
+
+    def _numeric_block(self, rows: Sequence[dict[str, Any]]) -> Batch | None:
+        """Every numeric feature of a batch of dicts in one pass over the rows (a tuple
+        per row, then one ``(n, k)`` array), the categorical ones a column each; None when
+        anything may be wrong, and the column-by-column check decides."""
+        n = len(rows)
+        columns: dict[str, np.ndarray] = {}
+        k = len(self._numeric_names)
+        if k:
+            try:
+                tuples = list(map(self._numeric_of, rows))
+            except KeyError:
+                return None
+            kinds = set(map(type, chain.from_iterable(tuples)))
+            if not kinds <= _NUMBERS:  # (a None: the column path reads it as missing)
+                return None
+            try:  # (fromiter: a third faster than np.array on a list of tuples)
+                x = np.fromiter(chain.from_iterable(tuples), dtype=np.float64,
+                                count=n * k).reshape(n, k)
+            except (OverflowError, ValueError, TypeError):
+                return None
+            finite = np.isfinite(x)
+            if not finite.all() and ((~finite & self._numeric_need_finite).any()
+                                     or np.isinf(x).any()):
+                return None
+            if int in kinds and (np.abs(x) >= _INT_LIMIT).any():
+                return None
+            if self._numeric_whole.any():
+                sub = x[:, self._numeric_whole]
+                if (np.isfinite(sub) & (sub != np.round(sub))).any():
+                    return None
+            if self.numeric_only:
+                return Batch(n, {name: x[:, j] for j, name in enumerate(self.names)}, x)
+            columns = {name: x[:, j] for j, name in enumerate(self._numeric_names)}
+        for name, numeric, missing_ok, _ in self._checks:
+            if numeric:
+                continue
+            try:
+                col = list(map(itemgetter(name), rows))
+            except KeyError:
+                return None
+            arr = _categories(col, missing_ok)
+            if arr is None:
+                return None
+            columns[name] = arr
+        return Batch(n, {name: columns[name] for name in self.names})
+
+    @staticmethod
+    def _column_of(rows: Sequence[dict[str, Any]], name: str) -> list[Any] | int:
+        """One feature's values, or the index of the first row that lacks it."""
+        try:
+            return list(map(itemgetter(name), rows))
+        except KeyError:
+            return next(i for i, r in enumerate(rows) if name not in r)
+
+    def _columns(self, rows: Sequence[Any], values: list[Any]) -> Batch:
+        n = len(rows)
+        columns: dict[str, np.ndarray] = {}
+        first_bad = n
+        for (name, numeric, missing_ok, whole), col in zip(self._checks, values, strict=True):
+            if isinstance(col, int):  # row `col` lacks this feature: a bad value before?
+                bad, _ = self._slow_column([r[name] for r in rows[:col]], name, numeric,
+                                           missing_ok, whole)
+                first_bad = min(first_bad, col if bad is None else bad)
+                continue
+            arr = (_numbers(col, missing_ok, whole) if numeric
+                   else _categories(col, missing_ok))
+            if arr is None:  # the fast checks failed: find the first bad cell
+                bad, arr = self._slow_column(col, name, numeric, missing_ok, whole)
+                if bad is not None:
+                    first_bad = min(first_bad, bad)
+                    continue
+            columns[name] = arr
+        if first_bad < n:
+            self.row(rows[first_bad], first_bad)  # raises the single-row path's error
+            raise AssertionError(f"row {first_bad} passed the row check but not the column "
+                                 "check")  # pragma: no cover (a bug, not an input)
+        if self.numeric_only:
+            matrix = np.column_stack([columns[name] for name in self.names])
+            return Batch(n, {name: matrix[:, j] for j, name in enumerate(self.names)}, matrix)
+        return Batch(n, columns)
+
+    @staticmethod
+    def _slow_column(col: Sequence[Any], name: str, numeric: bool, missing_ok: bool,
+                     whole: bool) -> tuple[int | None, np.ndarray | None]:
+        """Cell by cell: ``(first bad row, None)`` or ``(None, the converted column)``."""
+        out: list[Cell] = []
+        for i, value in enumerate(col):
+            if numeric:
+                try:
+                    out.append(_number(value, name, missing_ok, whole, i))
+                except InputError:
+                    return i, None
+            elif (value is None and missing_ok) or isinstance(value, str):
+                out.append(value)
+            else:
+                return i, None
+        return None, (np.array(out, dtype=np.float64) if numeric else _objects(out))
 
     def array(self, matrix: np.ndarray) -> Batch:
         """Check a 2-D numeric array in schema order (all-numeric schemas only).
@@ -196,6 +339,57 @@ class InputValidator:
             raise InputError("rows: no rows to predict")
         if n > self.max_rows:
             raise InputError(f"rows: {n} rows in one call; the limit is {self.max_rows}")
+
+
+def _getter(keys: Sequence[Any]) -> Any:
+    """``itemgetter`` that always returns a tuple (also for one key or none)."""
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda obj: (obj[key],)
+    if not keys:
+        return lambda obj: ()
+    return itemgetter(*keys)
+
+
+def _numbers(col: Sequence[Any], missing_ok: bool, whole: bool) -> np.ndarray | None:
+    """A numeric column as float64 (None as NaN) in one pass; None when a cell may be bad.
+
+    ``None`` never means "fine": the caller then checks cell by cell, which decides.
+    """
+    kinds = set(map(type, col))
+    if not kinds <= (_NUMBERS_MISSING if missing_ok else _NUMBERS):
+        return None
+    try:
+        arr = np.array(col, dtype=np.float64)  # None → NaN
+    except OverflowError:  # an int past the float range
+        return None
+    finite = np.isfinite(arr)
+    if not finite.all():
+        if not missing_ok or np.isinf(arr).any():
+            return None
+    else:
+        finite = None
+    if int in kinds and (np.abs(arr) >= _INT_LIMIT).any():
+        return None  # maybe an int past 64 bits, which the row path reads as not finite
+    if whole:
+        sub = arr if finite is None else arr[finite]
+        if (sub != np.round(sub)).any():
+            return None
+    return arr
+
+
+def _categories(col: Sequence[Any], missing_ok: bool) -> np.ndarray | None:
+    """A categorical column as an object array of str (and None); None when a cell may be
+    bad (or is a str subclass: the cell-by-cell check decides)."""
+    if not set(map(type, col)) <= (_STR_MISSING if missing_ok else _STR):
+        return None
+    return _objects(col)
+
+
+def _objects(col: Sequence[Any]) -> np.ndarray:
+    out = np.empty(len(col), dtype=object)
+    out[:] = col  # (np.array(col, dtype=object) would split a str subclass or a list)
+    return out
 
 
 def _number(value: Any, name: str, missing_ok: bool, whole: bool, index: int) -> float:

@@ -14,15 +14,24 @@ deflated (zlib), recognised by its first byte. :func:`decode` bounds both the pa
 and its inflated size, checks that the device in the topic is the device in the body,
 and raises :class:`~edgefleet.contract.errors.SchemaError` naming the field for anything else.
 
+A summary's latency histograms are versioned by ``latency_format``: 2 (``LATENCY_EDGES_MS``,
+1.25x apart from 50 µs to 10 s) is what agents send; a summary without the field is format 1
+(agents before it, 2-2.5x apart) and still decodes, since its edges are a subset of format 2's
+(:func:`merge_latency` sums the two exactly at format-1 resolution). A server older than
+format 2 refuses the new field by name: upgrade the server before the agents.
+:func:`latency_p95` is the one reading of a p95 from a histogram.
+
 This module does not talk to a broker (see :mod:`edge_agent.mqtt`) and does not
 interpret profiles beyond their framing (see :mod:`edgefleet.contract.profile`).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,6 +39,8 @@ from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.wire import FAST_CHECKS_FLOATS, Fields, canonical_json, parse_json
 
 __all__ = [
+    "LATENCY_EDGES_MS",
+    "LATENCY_FORMAT",
     "MAX_PAYLOAD",
     "TOPIC_PREFIX",
     "BundleRef",
@@ -42,6 +53,8 @@ __all__ = [
     "Summary",
     "decode",
     "encode",
+    "latency_p95",
+    "merge_latency",
     "topic",
     "valid_device_id",
 ]
@@ -52,8 +65,20 @@ MAX_PAYLOAD = 128 * 1024  # AWS IoT Core's limit; Mosquitto's is far larger
 MAX_INFLATED = 1024 * 1024
 DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" takes "x\n"
 LABEL_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
-# request latency histogram (milliseconds): [0,0.1) ... [500, inf)
-LATENCY_EDGES_MS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+# Request latency histogram (milliseconds), format 2: [0, 0.05), [0.05, 0.063), ...,
+# [8000, 10000), [10000, inf). The edges are the Renard R10 preferred numbers (1, 1.25, 1.6,
+# 2, 2.5, 3.15, 4, 5, 6.3, 8 per decade): log-spaced 1.25-1.28x apart, so a p95 is known to
+# within about 25 %, and the 1-2-5 edges of format 1 are among them, so a format-2 histogram
+# coarsens exactly onto format 1 (see merge_latency).
+_R10 = (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
+LATENCY_EDGES_MS = (0.05, 0.063, 0.08,
+                    *(round(m * 10.0 ** e, 6) for e in range(-1, 4) for m in _R10), 10_000.0)
+LATENCY_FORMAT = 2
+# Format 1 (agents before format 2; a summary without ``latency_format``): 2-2.5x apart,
+# too coarse for a 1.5 gate. Still decoded, so an agent upgraded late loses nothing.
+LATENCY_EDGES_V1_MS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+_EDGES_BY_FORMAT = {1: LATENCY_EDGES_V1_MS, 2: LATENCY_EDGES_MS}
+_FORMAT_BY_SLOTS = {len(e) + 1: v for v, e in _EDGES_BY_FORMAT.items()}
 KINDS = ("summary", "report", "heartbeat", "status", "desired")
 
 
@@ -156,23 +181,98 @@ class ShadowStats:
                 "latency_counts": list(self.latency_counts), "errors": self.errors}
 
     @classmethod
-    def from_dict(cls, obj: Any, where: str) -> ShadowStats:
+    def from_dict(cls, obj: Any, where: str, fmt: int = LATENCY_FORMAT) -> ShadowStats:
         f = Fields(obj, where)
         out = cls(BundleRef.from_dict(f.raw("bundle"), f"{where}.bundle"), f.int("rows"),
-                  f.int("agreed"), _counts(f, "latency_counts"), f.int("errors", 0))
+                  f.int("agreed"), _counts(f, "latency_counts", fmt), f.int("errors", 0))
         f.done()
         if out.agreed > out.rows:
             raise f.bad("agreed", "more agreeing rows than rows")
         return out
 
 
-def _counts(f: Fields, key: str) -> tuple[int, ...]:
-    items = f.list(key, [], max_len=len(LATENCY_EDGES_MS) + 1)
-    if items and len(items) != len(LATENCY_EDGES_MS) + 1:
-        raise f.bad(key, f"expected {len(LATENCY_EDGES_MS) + 1} counters")
+def _counts(f: Fields, key: str, fmt: int) -> tuple[int, ...]:
+    slots = len(_EDGES_BY_FORMAT[fmt]) + 1
+    items = f.list(key, [], max_len=slots)
+    if items and len(items) != slots:
+        raise f.bad(key, f"expected {slots} counters (latency format {fmt})")
     if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in items):
         raise f.bad(key, "must be non-negative integers")
     return tuple(items)
+
+
+def latency_format(counts: Sequence[int]) -> int:
+    """The latency format a histogram is in, by its number of counters (empty: current).
+
+    Raises:
+        SchemaError: a length no format has.
+    """
+    if not counts:
+        return LATENCY_FORMAT
+    try:
+        return _FORMAT_BY_SLOTS[len(counts)]
+    except KeyError:
+        raise SchemaError(f"latency_counts: {len(counts)} counters match no latency format",
+                          field="latency_counts") from None
+
+
+def merge_latency(histograms: Iterable[Sequence[int]]) -> tuple[int, ...]:
+    """Sum latency histograms; empty ones are skipped.
+
+    Histograms of one format add bucket by bucket. When format-1 histograms (old agents)
+    are among them, every format-2 one is first coarsened onto the format-1 edges, which
+    is exact (each format-1 edge is a format-2 edge): the sum then has format-1 resolution.
+
+    Raises:
+        SchemaError: a histogram whose length matches no format.
+    """
+    hists = [tuple(int(c) for c in h) for h in histograms if len(h)]
+    if not hists:
+        return ()
+    formats = {latency_format(h) for h in hists}
+    fmt = min(formats)
+    if len(formats) > 1:
+        hists = [h if latency_format(h) == fmt else _coarsen(h, fmt) for h in hists]
+    out = [0] * len(hists[0])
+    for h in hists:
+        for i, c in enumerate(h):
+            out[i] += c
+    return tuple(out)
+
+
+def _coarsen(counts: Sequence[int], fmt: int) -> tuple[int, ...]:
+    src = _EDGES_BY_FORMAT[latency_format(counts)]
+    dst = _EDGES_BY_FORMAT[fmt]
+    out = [0] * (len(dst) + 1)
+    for i, c in enumerate(counts):
+        # bucket i of src is [src[i-1], src[i]); it lies inside the dst bucket of its low edge
+        low = src[i - 1] if i else 0.0
+        out[bisect.bisect_right(dst, low)] += c
+    return tuple(out)
+
+
+def latency_p95(counts: Sequence[int]) -> tuple[float, float] | None:
+    """The bounds ``(low, high)`` in ms of the 95th-percentile latency of a histogram.
+
+    The one reading of a p95 from a histogram (rollout gates, dashboard). A histogram
+    only knows which bucket holds the p95, so both edges of that bucket are returned:
+    ``low`` is 0 for the first bucket, ``high`` is ``inf`` for the overflow bucket. None
+    for an empty histogram.
+
+    Raises:
+        SchemaError: a histogram whose length matches no format.
+    """
+    total = sum(counts)
+    if total <= 0:
+        return None
+    edges = _EDGES_BY_FORMAT[latency_format(counts)]
+    rank = math.ceil(0.95 * total)
+    seen = i = 0
+    for i, c in enumerate(counts):  # noqa: B007 (i is the bucket after the loop)
+        seen += c
+        if seen >= rank:
+            break
+    return (edges[i - 1] if i else 0.0, edges[i] if i < len(edges) else math.inf)
 
 
 def _finite_profile(profile: dict[str, Any]) -> bool:
@@ -222,7 +322,7 @@ class Summary(Message):
     window_start: float  # epoch seconds
     window_end: float
     profile: dict[str, Any]  # profile.to_wire(); its reference_hash decides merges
-    latency_counts: tuple[int, ...] = ()  # over LATENCY_EDGES_MS
+    latency_counts: tuple[int, ...] = ()  # over LATENCY_EDGES_MS (or format 1's, see below)
     errors: dict[str, int] = field(default_factory=dict)  # refused inputs, runtime errors
     shadow: ShadowStats | None = None
     dropped: int = 0  # messages this device's outbox dropped so far (bound reached)
@@ -236,13 +336,23 @@ class Summary(Message):
         return int(self.profile.get("rows", 0))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
-                "seq": self.seq, "bundle": self.bundle.to_dict(),
-                "window_start": self.window_start, "window_end": self.window_end,
-                "profile": self.profile, "latency_counts": list(self.latency_counts),
-                "errors": dict(sorted(self.errors.items())),
-                "shadow": None if self.shadow is None else self.shadow.to_dict(),
-                "dropped": self.dropped}
+        out = {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
+               "seq": self.seq, "bundle": self.bundle.to_dict(),
+               "window_start": self.window_start, "window_end": self.window_end,
+               "profile": self.profile, "latency_counts": list(self.latency_counts),
+               "errors": dict(sorted(self.errors.items())),
+               "shadow": None if self.shadow is None else self.shadow.to_dict(),
+               "dropped": self.dropped}
+        fmt = self.latency_format
+        if fmt != 1:  # format 1 is what a summary without the field means
+            out["latency_format"] = fmt
+        return out
+
+    @property
+    def latency_format(self) -> int:
+        """The latency format of ``latency_counts`` (and the shadow's): 1 or 2."""
+        counts = self.latency_counts or (self.shadow.latency_counts if self.shadow else ())
+        return latency_format(counts)
 
     @classmethod
     def from_fields(cls, f: Fields) -> Summary:
@@ -263,10 +373,17 @@ class Summary(Message):
         if end < start:
             raise f.bad("window_end", "ends before it starts")
         shadow = f.raw("shadow", None)
+        # latency_format versions the histograms' edges; absent means format 1 (agents
+        # before format 2), which is still read (merge_latency combines the two)
+        fmt = f.int("latency_format", 1)
+        if fmt not in _EDGES_BY_FORMAT:
+            raise f.bad("latency_format", f"unknown latency format (this edgefleet reads "
+                                          f"{', '.join(map(str, _EDGES_BY_FORMAT))})")
         return cls(f.str("device", max_len=64), f.int("seq"),
                    BundleRef.from_dict(f.raw("bundle"), f"{f.where}.bundle"), start, end,
-                   profile, _counts(f, "latency_counts"), errors,
-                   None if shadow is None else ShadowStats.from_dict(shadow, f"{f.where}.shadow"),
+                   profile, _counts(f, "latency_counts", fmt), errors,
+                   None if shadow is None else
+                   ShadowStats.from_dict(shadow, f"{f.where}.shadow", fmt),
                    f.int("dropped", 0))
 
 

@@ -10,6 +10,7 @@ in the agent) and does not profile; it only converts columns to tensors and runs
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgefleet.contract.errors import InputError
+from edgefleet.contract.inputs import Cell
 from edgefleet.contract.manifest import Manifest
 
 __all__ = ["ModelRunner", "Prediction"]
@@ -84,6 +86,13 @@ class ModelRunner:
         self._feed_dtypes = {i.name: _ORT_NP.get(i.type, np.float32)
                              for i in self.session.get_inputs()}
         self._columns_layout = binding.layout == "columns"
+        self._local = threading.local()  # per-thread single-row feed buffers
+        # per feature, in schema order: (name, feed dtype, categorical, missing allowed)
+        self.feed_plan = tuple(
+            (spec.name, self._feed_dtypes.get(spec.name, np.float32)
+             if self._columns_layout else self._tensor_dtype,
+             spec.kind == "categorical", spec.missing_allowed)
+            for spec in manifest.inputs)
 
     def run_matrix(self, matrix: np.ndarray) -> Prediction:
         """Run a 2-D numeric array in schema order (tensor layout only)."""
@@ -118,6 +127,49 @@ class ModelRunner:
                 col = col.astype(dtype, copy=False)
             feeds[spec.name] = col.reshape(-1, 1)
         return self._run(feeds)
+
+    def checked_feeds(self, columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The session's feeds from columns that the agent's schema check produced
+        (numeric float64 with NaN, categorical object arrays of str with None): one numpy
+        call per feature, no per-cell Python beyond replacing a missing category by ``""``.
+        """
+        if not self._columns_layout:
+            x = np.column_stack([columns[name] for name, *_ in self.feed_plan])
+            return {self.manifest.binding.input_name: x.astype(self._tensor_dtype, copy=False)}
+        feeds = {}
+        for name, dtype, categorical, missing_ok in self.feed_plan:
+            col = columns[name]
+            if categorical:
+                if missing_ok:
+                    missing = np.equal(col, None)
+                    if missing.any():
+                        col = col.copy()
+                        col[missing] = ""
+            else:
+                col = col.astype(dtype, copy=False)
+            feeds[name] = col.reshape(-1, 1)
+        return feeds
+
+    def row_feeds(self, cells: list[Cell]) -> dict[str, np.ndarray]:
+        """The session's feeds for one checked row (columns layout).
+
+        The ``(1, 1)`` arrays are this thread's own, allocated once and overwritten on
+        every call: onnxruntime copies its inputs before ``run`` returns, and a thread
+        runs one call at a time, so a cell assignment replaces an array per feature.
+        The returned dict is valid until this thread's next call.
+        """
+        local = self._local
+        try:
+            feeds, buffers = local.feeds, local.buffers
+        except AttributeError:
+            buffers = [(np.empty((1, 1), dtype=dtype), categorical)
+                       for _, dtype, categorical, _ in self.feed_plan]
+            feeds = {name: buf for (name, *_), (buf, _) in zip(self.feed_plan, buffers,
+                                                                strict=True)}
+            local.feeds, local.buffers = feeds, buffers
+        for (buf, categorical), v in zip(buffers, cells, strict=True):
+            buf[0, 0] = ("" if v is None else v) if categorical else v
+        return feeds
 
     def _run(self, feeds: dict[str, np.ndarray]) -> Prediction:
         results = dict(zip(self._output_names, self.session.run(self._output_names, feeds),

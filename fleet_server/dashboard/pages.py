@@ -16,12 +16,13 @@ This module does not speak HTTP, authenticate, or write anything.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from edgefleet.contract.errors import SchemaError
-from edgefleet.contract.messages import LATENCY_EDGES_MS
+from edgefleet.contract.messages import latency_p95 as edge_latency_p95
 from edgefleet.parsing import split_pair
 from fleet_server.dashboard.charts import bars, series
 from fleet_server.dashboard.html import Raw, badge, card, esc, link, pairs, table, when
@@ -121,17 +122,12 @@ def _labels(labels: Mapping[str, str]) -> str:
 
 
 def latency_p95(counts: Sequence[int]) -> str:
-    """The p95 of a latency histogram over ``LATENCY_EDGES_MS``, as the bucket's bound."""
-    total = sum(counts)
-    if not counts or total == 0:
+    """The p95 of a latency histogram, as the upper edge of the bucket that holds it."""
+    bounds = edge_latency_p95(counts) if counts else None
+    if bounds is None:
         return "—"
-    run = 0
-    for i, c in enumerate(counts):
-        run += c
-        if run >= 0.95 * total:
-            return f"≤ {LATENCY_EDGES_MS[i]:g} ms" if i < len(LATENCY_EDGES_MS) else \
-                f"> {LATENCY_EDGES_MS[-1]:g} ms"
-    return "—"
+    low, high = bounds
+    return f"≤ {high:g} ms" if math.isfinite(high) else f"> {low:g} ms"
 
 
 def _devices(services: Services, selector: Mapping[str, str] | None = None) -> list[Device]:

@@ -9,7 +9,8 @@ keeps plans and states in the store, and on every tick (:meth:`Rollouts.tick`, c
    bundle (with the *server's* receive time), the rows it served on that bundle, online;
 2. computes the :class:`~fleet_server.rollouts.machine.GateMetrics` of the core's gate window from
    the stored summaries whose window ends after the window's start: counts and error
-   counters summed, p95 from the summed latency histograms, the canaries' merged profile
+   counters summed, p95 bounds from the summed latency histograms (the canaries' lower
+   bound against the controls' upper bound, :func:`p95_gate_inputs`), the canaries' merged profile
    against the controls' (prediction PSI and JS of the outputs, :func:`drift.compare`)
    and against the bundle's reference (input drift share and verdict);
 3. calls :func:`~fleet_server.rollouts.machine.decide`, stores the new state, and publishes the
@@ -39,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from edgefleet.contract.messages import LATENCY_EDGES_MS, BundleRef
+from edgefleet.contract.messages import BundleRef, latency_p95, merge_latency
 from edgefleet.contract.profile import Profile, ProfileSpec
 from edgefleet.errors import EdgefleetError
 from fleet_server.config import ServerConfig
@@ -98,26 +99,26 @@ def _key(a: DesiredAssignment) -> dict[str, Any]:
             "allow_downgrade": a.allow_downgrade}
 
 
-def p95_ms(counts: Sequence[int]) -> float | None:
-    """The 95th percentile of a latency histogram over ``LATENCY_EDGES_MS``, read as the
-    upper edge of the bucket that holds it (the last edge for the overflow bucket)."""
-    total = sum(counts)
-    if total <= 0:
-        return None
-    rank = math.ceil(0.95 * total)
-    seen = 0
-    for i, c in enumerate(counts):
-        seen += c
-        if seen >= rank:
-            return float(LATENCY_EDGES_MS[min(i, len(LATENCY_EDGES_MS) - 1)])
-    return float(LATENCY_EDGES_MS[-1])
+def p95_bounds_ms(histograms: Sequence[Sequence[int]]) -> tuple[float, float] | None:
+    """The merged p95 bounds ``(low, high)`` of some summaries' latency histograms."""
+    return latency_p95(merge_latency(histograms))
 
 
-def _add(into: list[int], counts: Sequence[int]) -> None:
-    if len(into) < len(counts):
-        into.extend([0] * (len(counts) - len(into)))
-    for i, c in enumerate(counts):
-        into[i] += int(c)
+def p95_gate_inputs(canary: tuple[float, float] | None, control: tuple[float, float] | None,
+                    ) -> tuple[float | None, float | None]:
+    """The canary and control p95 the ``latency_p95_ratio`` gate compares.
+
+    A histogram knows only the bucket that holds a p95, so the gate takes the canary's
+    lower bound and the control's upper bound: their ratio is the least the true ratio can
+    be, and a canary whose p95 lands one or two buckets (1.25-1.28x each) above the
+    control's reads as a ratio of at most 1.28, so bucket wobble cannot fail a 1.5 gate
+    while a real 2x slowdown still does. A control in the overflow bucket (over 10 s, no
+    upper bound) reads as its lower bound.
+    """
+    low = None if canary is None else canary[0]
+    high = None if control is None else (control[1] if math.isfinite(control[1])
+                                         else control[0])
+    return low, high
 
 
 class Rollouts:
@@ -551,13 +552,14 @@ class Rollouts:
         theirs = [s for s in rows if s.device in controls and not (
             s.bundle_name == name and s.bundle_version == version)][:self.max_summaries]
         counts: dict[str, Any] = {}
+        bounds = {}
         for side, items in (("canary", mine), ("control", theirs)):
-            hist: list[int] = []
-            for s in items:
-                _add(hist, s.latency)
             counts[f"{side}_predictions"] = sum(s.rows for s in items)
             counts[f"{side}_errors"] = sum(int(v) for s in items for v in s.errors.values())
-            counts[f"{side}_p95_ms"] = p95_ms(hist)
+            bounds[side] = p95_bounds_ms([s.latency for s in items])
+        # canary_p95_ms / control_p95_ms are the bounds the ratio gate compares (see there)
+        counts["canary_p95_ms"], counts["control_p95_ms"] = p95_gate_inputs(
+            bounds["canary"], bounds["control"])
         extra = self._profiles(plan, window.since, mine, theirs)
         return GateMetrics(window_start=window.since, **counts, **extra)
 

@@ -37,7 +37,7 @@ MAX_DEVICES = 1_000_000
 MAX_HISTORY = 100_000
 MAX_LISTED = 100  # device ids named in one audit entry
 MAX_REASON = 4096
-LATENCY_FLOOR_MS = 0.1  # the first latency histogram edge: a p95 below it reads as this
+LATENCY_FLOOR_MS = 0.1  # a p95 below it reads as this (ratios of tens of µs are noise)
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 ACTOR_RE = re.compile(r"^(system|operator:[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127})\Z")
 

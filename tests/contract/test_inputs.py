@@ -6,9 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from edgefleet.contract import inputs as schema_module
 from edgefleet.contract.errors import InputError
 from edgefleet.contract.inputs import InputValidator
 from edgefleet.contract.manifest import Binding, FeatureSpec, Lineage, Manifest, OutputSpec
@@ -131,3 +132,143 @@ def test_anything_a_caller_sends_is_accepted_or_an_input_error(row):
         except InputError:
             continue
         assert len(cells) == len(schema.inputs)
+
+
+# -- the columnar batch path against the single-row path ---------------------------------
+
+_FEATURE_NAMES = ("a", "b", "c", "d", "e")
+
+
+@st.composite
+def mixed_schemas(draw):
+    n = draw(st.integers(1, 5))
+    specs = []
+    for name in _FEATURE_NAMES[:n]:
+        missing = draw(st.booleans())
+        if draw(st.booleans()):
+            specs.append(FeatureSpec(name, "numeric", draw(st.sampled_from(["float32", "int64"])),
+                                     missing_allowed=missing))
+        else:
+            specs.append(FeatureSpec(name, "categorical", "string", categories=("x", "y"),
+                                     missing_allowed=missing))
+    return manifest(*specs)
+
+
+class _Str(str):
+    """A str subclass: accepted as a category by both paths."""
+
+
+# mostly good cells (so that whole batches pass often), and every kind of bad one
+good_number = st.one_of(st.floats(-1e6, 1e6, allow_nan=False), st.integers(-10**6, 10**6))
+good_whole = st.one_of(st.integers(-10**6, 10**6).map(float), st.integers(-10**6, 10**6))
+good_category = st.sampled_from(["x", "y", "zz", ""])
+odd = st.one_of(st.none(), st.just(math.nan), st.just(math.inf), st.just(-math.inf),
+                st.booleans(), st.integers(), st.floats(), st.text(max_size=3),
+                st.just(2**63), st.just(-(2**63)), st.just(2**63 - 1), st.just(10**400),
+                st.just(np.float64(1.5)), st.just(np.int64(3)), st.just(_Str("x")),
+                st.just([1.0]), st.just({"x": 1}))
+
+
+def _cell(spec, clean):
+    good = (good_category if spec.kind == "categorical"
+            else good_whole if spec.dtype == "int64" else good_number)
+    if spec.missing_allowed:
+        good = st.one_of(good, st.none(), st.just(math.nan)) if spec.kind == "numeric" \
+            else st.one_of(good, st.none())
+    return good if clean else st.one_of(*[good] * 6, odd)
+
+
+@st.composite
+def schema_and_rows(draw):
+    schema = draw(mixed_schemas())
+    n = draw(st.integers(1, 12))
+    as_lists = draw(st.integers(0, 4)) == 0
+    clean = draw(st.integers(0, 2)) == 0  # a third of the batches: only good cells
+    rows = []
+    for _ in range(n):
+        cells = {s.name: draw(_cell(s, clean)) for s in schema.inputs}
+        if as_lists:
+            rows.append([cells[s.name] for s in schema.inputs])
+            continue
+        if not clean and draw(st.integers(0, 30)) == 0:  # now and then a row lacks one
+            cells.pop(draw(st.sampled_from([s.name for s in schema.inputs])))
+        if draw(st.integers(0, 10)) == 0:
+            cells["extra"] = "ignored"
+        rows.append(cells)
+    return schema, rows
+
+
+def _by_rows(v, rows):
+    return v.from_cells([v.row(r, i) for i, r in enumerate(rows)])
+
+
+def _outcome(fn):
+    try:
+        return "ok", fn()
+    except InputError as exc:
+        return "error", (type(exc), exc.feature, exc.row, str(exc))
+
+
+def _same_batch(a, b) -> None:
+    assert a.rows == b.rows and list(a.columns) == list(b.columns)
+    for name in a.columns:
+        x, y = a.columns[name], b.columns[name]
+        assert x.dtype == y.dtype, name
+        if x.dtype == object:
+            assert x.tolist() == y.tolist() and [type(c) for c in x] == [type(c) for c in y]
+        else:
+            assert np.array_equal(x, y, equal_nan=True), name
+    assert (a.matrix is None) == (b.matrix is None)
+    if a.matrix is not None:
+        assert np.array_equal(a.matrix, b.matrix, equal_nan=True)
+
+
+def _profile(schema, batch):
+    from edgefleet.contract.profile import (
+        Profile,
+        ProfileSpec,
+        categorical_spec,
+        numeric_spec,
+        to_wire,
+    )
+    spec = ProfileSpec(tuple(
+        numeric_spec(s.name, np.linspace(-10, 10, 50)) if s.kind == "numeric"
+        else categorical_spec(s.name, ["x", "y", "x"]) for s in schema.inputs))
+    p = Profile(spec)
+    p.update(batch.columns, rows=batch.rows, matrix=batch.matrix)
+    return to_wire(p)
+
+
+@settings(max_examples=600, deadline=None)
+@given(schema_and_rows())
+def test_the_column_path_and_the_row_path_agree(case):
+    schema, rows = case
+    v = InputValidator(schema)
+    want = _outcome(lambda: _by_rows(v, rows))
+    event(f"{want[0]}, {len(rows)} rows" if len(rows) == 1 else want[0])
+    for block in (1, 10**6):  # numeric cells read row by row (as for wide schemas), by column
+        saved, schema_module._BLOCK = schema_module._BLOCK, block
+        try:
+            got = _outcome(lambda: v.batch(rows))
+        finally:
+            schema_module._BLOCK = saved
+        assert got[0] == want[0], (got, want)
+        if want[0] == "error":
+            assert got[1] == want[1]
+            continue
+        _same_batch(got[1], want[1])
+        assert _profile(schema, got[1]) == _profile(schema, want[1])
+
+
+def test_the_column_path_names_the_first_bad_row_across_features():
+    v = InputValidator(MIXED)
+    good = {"temp": 1.0, "count": 2, "site": "a", "mode": "x"}
+    rows = [good] * 5 + [{**good, "site": 7}] + [{**good, "count": 1.5}] * 2
+    rows[3] = {**good, "mode": 9}
+    with pytest.raises(InputError) as info:
+        v.batch(rows)
+    assert (info.value.feature, info.value.row) == ("mode", 3)
+    rows[2] = {k: val for k, val in good.items() if k != "temp"}
+    with pytest.raises(InputError, match="missing") as info:
+        v.batch(rows)
+    assert (info.value.feature, info.value.row) == ("temp", 2)

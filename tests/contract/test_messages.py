@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
 from edgefleet.contract.messages import (
     LATENCY_EDGES_MS,
+    LATENCY_EDGES_V1_MS,
     MAX_INFLATED,
     BundleRef,
     DesiredState,
@@ -46,8 +47,14 @@ hexes = st.text("0123456789abcdef", min_size=64, max_size=64)
 finite = st.floats(-1e12, 1e12, allow_nan=False)
 bundles = st.builds(BundleRef, names, versions, st.one_of(st.just(""), hexes),
                     st.text(max_size=40), st.integers(0, 2**40))
-counts = st.lists(st.integers(0, 10**6), min_size=len(LATENCY_EDGES_MS) + 1,
-                  max_size=len(LATENCY_EDGES_MS) + 1).map(tuple)
+
+
+def counts_over(edges):
+    return st.lists(st.integers(0, 10**6), min_size=len(edges) + 1,
+                    max_size=len(edges) + 1).map(tuple)
+
+
+counts = counts_over(LATENCY_EDGES_MS)
 
 
 def _spec(n_features: int = 20) -> ProfileSpec:
@@ -70,12 +77,14 @@ def _profile(spec: ProfileSpec, rows: int, seed: int = 1) -> Profile:
 def summaries(draw):
     spec = _spec(3)
     start = draw(st.floats(0, 2e9))
+    # latency format 2, or format 1 as agents before it sent (still decoded)
+    hist = counts_over(draw(st.sampled_from([LATENCY_EDGES_MS, LATENCY_EDGES_V1_MS])))
     shadow = draw(st.one_of(st.none(), st.builds(
         lambda b, r, a, c, e: ShadowStats(b, r, min(a, r), c, e),
-        bundles, st.integers(0, 10**6), st.integers(0, 10**6), counts, st.integers(0, 99))))
+        bundles, st.integers(0, 10**6), st.integers(0, 10**6), hist, st.integers(0, 99))))
     return Summary(draw(devices), draw(st.integers(0, 2**53)), draw(bundles), start,
                    start + draw(st.floats(0, 1e6)), to_wire(_profile(spec, 50)),
-                   draw(st.one_of(st.just(()), counts)),
+                   draw(st.one_of(st.just(()), hist)),
                    draw(st.dictionaries(st.sampled_from(["input", "runtime", "shadow"]),
                                         st.integers(0, 10**6))),
                    shadow, draw(st.integers(0, 10**9)))
@@ -115,8 +124,39 @@ def test_random_payloads_raise_only_schema_errors(payload, kind):
 def test_summary_of_20_numeric_features_fits_in_2_kib():
     spec = _spec(20)
     s = Summary("device-0001", 7, BundleRef("cancer-mlp", "1.0.0"), 1.7e9, 1.7e9 + 60,
-                to_wire(_profile(spec, 600)), (5,) * 13, {"input": 1})
+                to_wire(_profile(spec, 600)), (5,) * (len(LATENCY_EDGES_MS) + 1), {"input": 1})
     assert len(encode(s)) <= 2048
+
+
+def _summary_body(**changes):
+    s = Summary("dev-1", 1, BundleRef("m", "1.0.0"), 1.7e9, 1.7e9 + 60,
+                to_wire(_profile(_spec(2), 10)))
+    body = s.to_dict()
+    body.pop("latency_format", None)
+    body.update(changes)
+    return body
+
+
+def test_an_old_agents_summary_with_format_1_latency_still_decodes():
+    old = [0] * (len(LATENCY_EDGES_V1_MS) + 1)
+    old[3] = 7
+    body = _summary_body(latency_counts=old)  # no latency_format field: format 1
+    got = decode(topic("dev-1", "summary"), canonical_json(body))
+    assert got.latency_counts == tuple(old) and got.latency_format == 1
+    assert "latency_format" not in got.to_dict()  # re-encoded as it came
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    pytest.param({"latency_format": 3}, "latency_format", id="unknown-format"),
+    pytest.param({"latency_format": 2, "latency_counts": [1] * (len(LATENCY_EDGES_V1_MS) + 1)},
+                 "latency_counts", id="format-2-with-format-1-counters"),
+    pytest.param({"latency_counts": [1] * (len(LATENCY_EDGES_MS) + 1)}, "latency_counts",
+                 id="format-2-counters-without-the-field"),
+])
+def test_latency_histograms_that_do_not_match_their_format_are_refused(changes, field):
+    with pytest.raises(SchemaError, match=field) as err:
+        decode(topic("dev-1", "summary"), canonical_json(_summary_body(**changes)))
+    assert err.value.field.endswith(field)
 
 
 def test_wire_profile_keeps_counts_exact_and_sums_to_6_digits():

@@ -204,3 +204,112 @@ def test_latency_percentiles(agent, load):
         agent.predict([row])
     p50, p95 = agent.latency_percentiles()
     assert 0 < p50 <= p95 < 1000
+
+
+# -- mixed numeric + categorical models: the column path, the row path, the profile ------
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, signing_keys):
+    """A real mixed pipeline (imputer + scaler on 3 numeric columns, one of which may be
+    missing, one-hot on 2 string columns) + LogisticRegression, built and verified."""
+    import warnings
+
+    import joblib
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    from packager.build import BuildOptions, build
+
+    work = tmp_path_factory.mktemp("mixed")
+    frame = _mixed_frame(1500, seed=1)
+    frame.to_csv(work / "train.csv", index=False)
+    pre = ColumnTransformer([
+        ("num", Pipeline([("impute", SimpleImputer()), ("scale", StandardScaler())]),
+         ["temp", "pressure", "rpm"]),
+        ("cat", OneHotEncoder(handle_unknown="ignore"), ["site", "mode"])])
+    pipe = Pipeline([("pre", pre), ("model", LogisticRegression(max_iter=500))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.fit(frame.drop(columns="target"), frame["target"])
+    joblib.dump(pipe, work / "model.joblib")
+    result = build(BuildOptions(model=work / "model.joblib", train_data=work / "train.csv",
+                                target="target", name="mixed", version="1.0.0",
+                                key=signing_keys.build.private, out_dir=work, force=True))
+    trust = TrustStore.from_files(signing_keys.trust_specs())
+    return LoadedModel(verify_bundle(result.path.read_bytes(), trust))
+
+
+def _mixed_frame(n: int, seed: int):
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "temp": rng.normal(60, 12, n), "pressure": rng.gamma(4, 2.5, n),
+        "rpm": rng.normal(3000, 600, n).round(),
+        "site": rng.choice(["north", "south", "lab"], n),
+        "mode": rng.choice(["idle", "run", "boost"], n)})
+    frame.loc[rng.random(n) < 0.1, "temp"] = np.nan
+    frame["target"] = ((frame["temp"].fillna(60) - 60) / 12 + (frame["mode"] == "boost")
+                       + rng.normal(0, 1, n) > 0).astype(int)
+    return frame
+
+
+def _mixed_rows(n: int, seed: int) -> list[dict]:
+    frame = _mixed_frame(n, seed).drop(columns="target")
+    rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    for i, r in enumerate(rows):
+        if i % 7 == 3:
+            r["site"] = "unseen-site"  # served, and counted as unseen
+        r["rpm"] = int(r["rpm"]) if i % 2 else float(r["rpm"])  # JSON ints and floats
+    return rows
+
+
+def test_a_mixed_batch_answers_as_its_rows_one_by_one_and_as_the_runner(agent, mixed):
+    specs = {s.name: s for s in mixed.manifest.inputs}
+    assert specs["site"].kind == "categorical" and specs["temp"].missing_allowed
+    agent.activate(mixed)
+    data = _mixed_rows(300, seed=5)
+    batch = agent.predict(data)
+    ones = [agent.predict([r]) for r in data]
+    np.testing.assert_array_equal(batch.labels, np.concatenate([o.labels for o in ones]))
+    # (onnxruntime's kernels for 1 row and for 300 may round the last float32 bit apart)
+    np.testing.assert_allclose(batch.probabilities,
+                               np.concatenate([o.probabilities for o in ones]), rtol=0, atol=1e-6)
+    # the packager's fidelity gate runs models through runner.run_columns: same answers
+    ref = mixed.runner.run_columns(mixed.validator.from_cells(
+        [mixed.validator.row(r, i) for i, r in enumerate(data)]).columns)
+    np.testing.assert_array_equal(batch.labels, ref.labels)
+    np.testing.assert_array_equal(batch.probabilities, ref.probabilities)
+
+
+def test_a_mixed_window_profiles_the_same_whether_rows_came_alone_or_in_a_batch(agent, mixed):
+    data = _mixed_rows(CHUNK_ROWS + 40, seed=9)
+    agent.activate(mixed)
+    agent.predict(data)
+    by_batch = agent.close_window()
+    for r in data:
+        agent.predict([r])
+    by_rows = agent.close_window()
+    assert by_batch.profile == by_rows.profile
+    assert by_batch.rows == by_rows.rows == len(data)
+    site = from_wire(by_rows.profile, mixed.spec).inputs["site"]
+    assert site.counts[len(site.spec.vocabulary) + 1] == sum(
+        r["site"] == "unseen-site" for r in data)  # unseen categories are counted
+
+
+def test_wait_idle_and_flush_wait_for_profiling(agent, load):
+    model = load()
+    agent.activate(model)
+    data = rows(CHUNK_ROWS + 10)
+    for r in data:
+        agent.predict([r])
+    assert agent.wait_idle(30)  # the full chunk is profiled, the 10-row tail still buffered
+    assert agent._window.profile.rows == CHUNK_ROWS
+    agent.predict(data[:50])  # a batch goes to the worker at once
+    assert agent.wait_idle(30) and agent._window.profile.rows == CHUNK_ROWS + 50
+    assert agent.flush(30) and agent._window.profile.rows == len(data) + 50
+    assert agent.close_window().rows == len(data) + 50

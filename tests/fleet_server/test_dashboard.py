@@ -84,7 +84,10 @@ def fleet(tmp_path_factory, signing_keys, sensor_bundle):
         s.desired.assign("dev1", "sensor@1.0.0", actor="operator:ana")
         ref = s.bundles.reference(s.bundles.by_label("sensor@1.0.0").id)
         end = int(now // 60) * 60
-        latency = tuple([0, 0, 5, 40, 300, 50, 5] + [0] * (len(LATENCY_EDGES_MS) - 6))
+        latency = [0] * (len(LATENCY_EDGES_MS) + 1)
+        at = LATENCY_EDGES_MS.index(5.0)  # the p95 lands in [4, 5): "≤ 5 ms"
+        latency[at - 5:at + 2] = [0, 0, 5, 40, 300, 50, 5]
+        latency = tuple(latency)
         running = BundleRef("sensor", "1.0.0")
         for i, d in enumerate(("dev1", "dev2")):
             dev = FakeDevice(broker, tmp, d)

@@ -15,9 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.messages import LATENCY_EDGES_MS, LATENCY_EDGES_V1_MS
 from fleet_server.cli import main
 from fleet_server.errors import ConflictError, InvalidRequestError, NotFoundError
-from fleet_server.rollouts.engine import p95_ms
+from fleet_server.rollouts.engine import p95_bounds_ms, p95_gate_inputs
 from fleet_server.rollouts.machine import (
     ActorNotAllowedError,
     ApprovalRequiredError,
@@ -28,6 +29,7 @@ from fleet_server.rollouts.machine import (
     gate_window,
     plan_order,
 )
+from fleet_server.rollouts.values import LATENCY_FLOOR_MS
 from fleet_server.services import build_services
 from tests.bundles import BundleFactory, sensor_data
 from tests.fleet_server.conftest import make_config
@@ -384,11 +386,40 @@ def test_a_group_that_requires_approval_needs_an_approver_and_a_signed_bundle(
     assert detail["audit"][1]["actor"] == "operator:bo"
 
 
-def test_p95_of_a_latency_histogram():
-    assert p95_ms([]) is None
-    assert p95_ms([0, 0, 0, 10]) == 1.0  # the bucket's upper edge
-    assert p95_ms([94, 0, 0, 0, 6]) == 2.0
-    assert p95_ms([0] * 12 + [5]) == 500.0  # the overflow bucket reads as the last edge
+def _hist(bucket: int, n: int = 100, edges=LATENCY_EDGES_MS) -> list[int]:
+    out = [0] * (len(edges) + 1)
+    out[bucket] = n
+    return out
+
+
+def _ratio(canary: int, control: int) -> float:
+    low, high = p95_gate_inputs(p95_bounds_ms([_hist(canary)]), p95_bounds_ms([_hist(control)]))
+    return max(low, LATENCY_FLOOR_MS) / max(high, LATENCY_FLOOR_MS)
+
+
+def test_p95_bounds_of_merged_latency_histograms():
+    assert p95_bounds_ms([]) is None and p95_bounds_ms([[0] * 55]) is None
+    k = LATENCY_EDGES_MS.index(1.0)
+    assert p95_bounds_ms([_hist(k + 1)]) == (1.0, 1.25)  # bucket k+1 is [1, 1.25)
+    assert p95_bounds_ms([_hist(0, 94), _hist(k + 1, 6)]) == (1.0, 1.25)
+    assert p95_bounds_ms([_hist(len(LATENCY_EDGES_MS))]) == (10_000.0, float("inf"))
+    # an old agent's format-1 histogram merges with format 2 at format-1 resolution
+    old = _hist(LATENCY_EDGES_V1_MS.index(1.0) + 1, edges=LATENCY_EDGES_V1_MS)  # [1, 2)
+    assert p95_bounds_ms([old, _hist(k + 2)]) == (1.0, 2.0)  # [1.25, 1.6) lies in [1, 2)
+
+
+@pytest.mark.parametrize("control", range(LATENCY_EDGES_MS.index(0.1), len(LATENCY_EDGES_MS)))
+def test_a_one_or_two_bucket_wobble_cannot_fail_a_1_5_latency_gate(control):
+    for wobble in (-2, -1, 0, 1, 2):
+        if 0 <= control + wobble <= len(LATENCY_EDGES_MS):
+            assert _ratio(control + wobble, control) <= 1.28, wobble
+
+
+def test_a_real_latency_regression_fails_the_gate():
+    k = LATENCY_EDGES_MS.index(1.0)
+    assert _ratio(LATENCY_EDGES_MS.index(4.0) + 1, k + 1) == pytest.approx(3.2)  # ~4x
+    assert _ratio(LATENCY_EDGES_MS.index(2.5) + 1, k + 1) == 2.0  # ~2.5x
+    # the gate fails only on evidence: the canary's least p95 over the control's most
 
 
 # --------------------------------------------------------------------------- REST + CLI

@@ -248,7 +248,8 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-def _worker(conn, db: str, pub: str, host: str, port: int, password: str, name: str) -> None:
+def _worker(conn, db: str, pub: str, host: str, port: int, username: str, password: str,
+            name: str) -> None:
     """Child process: what ``fleet ingest`` runs, plus a hook recording each batch's
     commit time, summaries stored and lags."""
     from fleet_server.cli.serve import tune_gc
@@ -256,7 +257,7 @@ def _worker(conn, db: str, pub: str, host: str, port: int, password: str, name: 
     from fleet_server.server import FleetServer
 
     config = ServerConfig(db=Path(db), trust=(f"build={pub}",), evaluate=False,
-                          broker=BrokerConfig(host=host, port=port, username=SERVER_USER,
+                          broker=BrokerConfig(host=host, port=port, username=username,
                                               password=password, share="ingest",
                                               client_id=name))
     server = FleetServer(config, publish_desired=False)
@@ -364,7 +365,8 @@ def _integrity(db: Path) -> dict[str, int]:
             "duplicates_counted": dups}
 
 
-def one_run(work: Path, template: Path, broker_dir: Path, port: int, password: str,
+def one_run(work: Path, template: Path, broker_dir: Path, port: int,
+            ingest: list[tuple[str, str]],
             pub: Path, accounts: list[tuple[str, str]], profiles: list[dict], args,
             workers: int, repeat: int) -> dict[str, Any]:
     from fleet_server.telemetry.broker import start_broker, stop_broker
@@ -380,8 +382,10 @@ def one_run(work: Path, template: Path, broker_dir: Path, port: int, password: s
         pipes = []
         for i in range(workers):
             parent, child = ctx.Pipe()
+            # one broker account per worker: the broker binds client ids to accounts
+            user, password = ingest[i]
             proc = ctx.Process(target=_worker, args=(child, str(db), str(pub), "127.0.0.1",
-                                                     port, password, f"sim-ingest-{i}"))
+                                                     port, user, password, f"sim-ingest-{i}"))
             proc.start()
             procs.append(proc)
             pipes.append(parent)
@@ -486,7 +490,7 @@ def main() -> None:
     if soft < need:  # the publisher and the broker hold one socket per device
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(need, soft), hard), hard))
     from fleet_server.store import Store
-    from fleet_server.telemetry.broker import BrokerSetup, write_broker_config
+    from fleet_server.telemetry.broker import BrokerSetup, password_file_name, write_broker_config
 
     began = time.time()
     work = Path(tempfile.mkdtemp(prefix="fleet-sim-"))
@@ -497,17 +501,20 @@ def main() -> None:
         template, secrets = _template(work, bundle, pub, args.devices)
         port = _free_port()
         password = os.urandom(16).hex()
+        setup = BrokerSetup(out=work / "broker", port=port, bind="127.0.0.1",
+                            server_user=SERVER_USER, server_password=password,
+                            persistence=False, ingest_workers=max(worker_counts))
         with Store(template) as store:
-            files = write_broker_config(BrokerSetup(
-                out=work / "broker", port=port, bind="127.0.0.1", server_user=SERVER_USER,
-                server_password=password, persistence=False), store)
+            files = write_broker_config(setup, store)
+        ingest = [(u, files[password_file_name(u, SERVER_USER)].read_text().strip())
+                  for u in setup.ingest_users]
         accounts = sorted(secrets.items())
         runs = []
         for repeat in range(args.repeats):
             for workers in worker_counts:
                 log(f"run: {workers} worker(s), repeat {repeat + 1}/{args.repeats}")
                 runs.append(one_run(work, template, files["mosquitto.conf"].parent, port,
-                                    password, pub, accounts, profiles, args, workers, repeat))
+                                    ingest, pub, accounts, profiles, args, workers, repeat))
         report(runs, args, worker_counts, time.time() - began)
     finally:
         shutil.rmtree(work, ignore_errors=True)

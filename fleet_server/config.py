@@ -173,6 +173,9 @@ class ServerConfig:
     required_roles: frozenset[str] = frozenset()
     limits: Limits = Limits()
     max_upload_bytes: int = 256 * 1024 * 1024
+    # any other API request body (JSON): refused past this while streaming, and before
+    # reading when Content-Length says so (fleet_server.api.guard)
+    max_request_bytes: int = 1024 * 1024
     host: str = "127.0.0.1"
     port: int = 8000
     rollout_tick_s: float = 5.0  # how often the rollout engine judges every rollout
@@ -188,6 +191,8 @@ class ServerConfig:
             raise ConfigError("threshold must be >= 1")
         if self.max_upload_bytes < 1:
             raise ConfigError("max_upload_bytes must be >= 1")
+        if self.max_request_bytes < 1:
+            raise ConfigError("max_request_bytes must be >= 1")
         if self.drift.window_s % self.ingest_config.levels[0]:
             raise ConfigError(f"the drift window ({self.drift.window_s} s) must be a multiple "
                              f"of the finest rollup level ({self.ingest_config.levels[0]} s)")

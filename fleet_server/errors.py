@@ -12,7 +12,8 @@ bundle, group, token or field at fault.
         ├── AuthenticationError        401 no token, an unknown or a revoked one
         ├── PermissionDeniedError      403 a valid token whose role does not allow this
         ├── InvalidRequestError        422 a request value refused (names the field)
-        │   └── BundleReferenceError   422 a verified bundle whose reference.json is unusable
+        │   ├── BundleReferenceError   422 a verified bundle whose reference.json is unusable
+        │   └── ReservedNameError      422 a device id in the service accounts' namespace
         ├── PayloadTooLargeError       413 an upload past the configured limit
         ├── UnavailableError           503 a dependency (the broker) is not reachable now
         │   └── BrokerStartError       503 Mosquitto missing, exited at start, or not listening
@@ -48,6 +49,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "ReservedNameError",
     "SchemaVersionError",
     "StoreError",
     "UnavailableError",
@@ -101,6 +103,12 @@ class InvalidRequestError(FleetError):
 
 class BundleReferenceError(InvalidRequestError):
     """A correctly signed bundle whose ``reference.json`` cannot be used for drift."""
+
+
+class ReservedNameError(InvalidRequestError):
+    """A device id (or service account) on the wrong side of the service accounts'
+    namespace (:mod:`fleet_server.registry.accounts`): a device named like the server's account
+    would get its broker rights, or lock ``fleet broker-config`` out."""
 
 
 class PayloadTooLargeError(FleetError):

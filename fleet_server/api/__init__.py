@@ -1,7 +1,9 @@
 """The REST API: :func:`create_app` builds the FastAPI application over a set of services.
 
 Routes do HTTP only (parse, authorise, call a service, shape the answer); the rules are in
-the services; every domain error becomes JSON in one handler (:mod:`.errors`). Each
+the services; every domain error becomes JSON in one handler (:mod:`.errors`). Every
+request body is bounded per route, and an API body's credential checked, before the
+application reads it (:mod:`.guard`, the outermost middleware). Each
 resource has its own small router module under :mod:`.routes`; the dashboard (served under
 ``/`` by the same app) adds its router through ``extra_routers``.
 """
@@ -15,6 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from edgefleet import __version__
 from fleet_server.api.deps import strict_query
 from fleet_server.api.errors import install_handlers
+from fleet_server.api.guard import BodyGuard, BodyLimit
 from fleet_server.api.routes import (
     alerts,
     bundles,
@@ -28,7 +31,7 @@ from fleet_server.api.routes import (
 from fleet_server.api.schemas import ErrorBody
 from fleet_server.services import Services
 
-__all__ = ["ROUTERS", "create_app"]
+__all__ = ["ROUTERS", "body_limits", "create_app"]
 
 ROUTERS = (system.router, devices.router, groups.router, bundles.router, telemetry.router,
            drift.router, alerts.router, rollouts.router)
@@ -37,6 +40,17 @@ _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in
     (403, "The credentials' role does not allow this"), (404, "Not found"),
     (409, "Conflicts with what is stored"), (413, "Upload too large"),
     (422, "A request value was refused"))}
+
+
+def body_limits(services: Services) -> tuple[BodyLimit, ...]:
+    """The per-route body limits, exact paths first: a bundle upload its configured
+    maximum, every other API call ``max_request_bytes``, the sign-in form its own."""
+    from fleet_server.dashboard import MAX_FORM_BYTES
+
+    config = services.config
+    return (BodyLimit("/api/v1/bundles", config.max_upload_bytes, frozenset({"POST"})),
+            BodyLimit("/api/", config.max_request_bytes),
+            BodyLimit("/login", MAX_FORM_BYTES))
 
 
 def create_app(services: Services, *, extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
@@ -57,4 +71,7 @@ def create_app(services: Services, *, extra_routers: Sequence[APIRouter] = ()) -
     from fleet_server.dashboard import router as dashboard  # HTML pages under /
 
     app.include_router(dashboard)
+    app.add_middleware(BodyGuard, limits=lambda: body_limits(services),  # type: ignore[arg-type]
+                       authenticate=lambda header: services.auth.authenticate(
+                           header, services.clock()))
     return app

@@ -92,7 +92,8 @@ def allowed_methods(request: Request) -> list[str]:
 
 
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+    kind = getattr(exc, "kind", None) or {404: "NotFound", 405: "MethodNotAllowed"}.get(
+        exc.status_code, "HTTPError")
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         headers["Allow"] = ", ".join(allowed_methods(request)) or headers.get("Allow", "")

@@ -121,6 +121,14 @@ class DeviceCreated(BaseModel):
                                     "shown only in this response")
 
 
+class DeviceRemoved(BaseModel):
+    id: str
+    retained_cleared: bool = Field(description="Whether its retained desired state was "
+                                   "cleared on the broker now (else on the server's next "
+                                   "connection)")
+    broker_account: str = Field(description="What to do for its broker account to go")
+
+
 class LabelsUpdate(_In):
     labels: Labels
 

@@ -43,6 +43,10 @@ _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
 @click.option("--tls-port", type=int, default=None, help="TLS listener port [default: 8883].")
 @click.option("--require-certificate", is_flag=True,
               help="TLS clients must present a certificate signed by --tls-ca.")
+@click.option("--ingest-workers", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Accounts for that many `fleet ingest` workers (SERVER_USER-ingest-N), "
+                   "each with a password kept in OUT/<account>-password: the broker binds "
+                   "client ids to accounts, so each process needs its own.")
 @click.option("--no-persistence", is_flag=True,
               help="Keep sessions in memory only (a broker restart forgets them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the paths written as JSON.")
@@ -50,13 +54,15 @@ _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
 def broker_config(db: Path, out: Path, port: int, bind: str, server_user: str,
                   server_password_file: Path | None, tls_cert: Path | None,
                   tls_key: Path | None, tls_ca: Path | None, tls_port: int | None,
-                  require_certificate: bool, no_persistence: bool, as_json: bool) -> None:
+                  require_certificate: bool, ingest_workers: int, no_persistence: bool,
+                  as_json: bool) -> None:
     from fleet_server.store import Store
     from fleet_server.telemetry.broker import (
         CONF_NAME,
         PASSWD_NAME,
         SERVER_PASSWORD_NAME,
         BrokerSetup,
+        password_file_name,
         write_broker_config,
     )
 
@@ -70,7 +76,8 @@ def broker_config(db: Path, out: Path, port: int, bind: str, server_user: str,
     setup = BrokerSetup(out=out, port=port, bind=bind, server_user=server_user,
                         server_password=password, persistence=not no_persistence,
                         cafile=tls_ca, certfile=tls_cert, keyfile=tls_key,
-                        require_certificate=require_certificate, tls_port=tls_port)
+                        require_certificate=require_certificate, tls_port=tls_port,
+                        ingest_workers=ingest_workers)
     with Store(db) as store:
         written = write_broker_config(setup, store)
     accounts = written[PASSWD_NAME].read_text(encoding="utf-8").count("\n")
@@ -79,17 +86,25 @@ def broker_config(db: Path, out: Path, port: int, bind: str, server_user: str,
     start = f"mosquitto -c {written[CONF_NAME].resolve()}"
     serve = (f"fleet serve --db {db} --broker {host}:{port} --broker-user {server_user} "
              f"--broker-password-file {password_path}")
+    ingest = [f"fleet ingest --db {db} --broker {host}:{port} --broker-user {user} "
+              f"--broker-password-file {written[password_file_name(user, server_user)]}"
+              for user in setup.ingest_users]
     if as_json:
         print_json({"files": {k: str(v) for k, v in written.items()}, "accounts": accounts,
-                    "start": start, "serve": serve})
+                    "start": start, "serve": serve, "ingest": ingest})
         return
     for path in written.values():
         mode = stat.S_IMODE(path.stat().st_mode)
         click.echo(f"wrote {path} ({mode:04o})")
-    click.echo(f"{accounts - 1} device account(s) and the server account {server_user!r}")
+    devices = accounts - 1 - len(setup.ingest_users)
+    click.echo(f"{devices} device account(s) and the server account {server_user!r}"
+               + (f", {len(ingest)} ingest worker account(s)" if ingest else ""))
     if setup.tls and host not in ("127.0.0.1", "::1", "localhost"):
         click.echo(f"fleet: warning: the plain listener on {bind}:{port} carries passwords "
                    "in the clear; bind it to 127.0.0.1 or firewall it", err=True)
     click.echo(f"start the broker:  {start}")
     click.echo(f"then the server:   {serve}")
-    click.echo("after adding devices: run this again and send mosquitto SIGHUP to reload")
+    for command in ingest:
+        click.echo(f"an ingest worker:  {command}")
+    click.echo("after adding or removing devices: run this again and send mosquitto "
+               "SIGHUP to reload")

@@ -18,7 +18,16 @@ import click
 
 from fleet_server.cli.admin import device, token
 from fleet_server.cli.broker import broker_config
-from fleet_server.cli.operate import alerts, bundle, desired, device_list, device_show, drift, group
+from fleet_server.cli.operate import (
+    alerts,
+    bundle,
+    desired,
+    device_list,
+    device_remove,
+    device_show,
+    drift,
+    group,
+)
 from fleet_server.cli.rollout import rollout
 from fleet_server.cli.serve import ingest, serve
 
@@ -41,6 +50,7 @@ for _command in (serve, ingest, token, device, group, bundle, desired, drift, al
 main.add_command(device_list, "devices")
 device.add_command(device_list, "list")
 device.add_command(device_show, "show")
+device.add_command(device_remove, "remove")
 
 if __name__ == "__main__":
     main()

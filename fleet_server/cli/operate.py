@@ -16,7 +16,8 @@ import click
 from fleet_server.cli.client import FleetClient
 from fleet_server.cli.util import api_command, num, pairs, parse_time, print_json, stamp, table
 
-__all__ = ["alerts", "bundle", "desired", "device_list", "device_show", "drift", "group"]
+__all__ = ["alerts", "bundle", "desired", "device_list", "device_remove", "device_show", "drift",
+           "group"]
 
 
 def _device_rows(devices: list[dict[str, Any]]) -> str:
@@ -64,6 +65,23 @@ def device_show(api: FleetClient, device_id: str, as_json: bool) -> None:
     for r in d.get("reports", [])[:5]:
         click.echo(f"report: {stamp(r['received'])} rev {r['revision']} {r['outcome']} "
                    f"{r['bundle']['name']}@{r['bundle']['version']} {r['reason']}".rstrip())
+
+
+@click.command("remove", help="Decommission a device: its secret stops working, its "
+                              "desired state goes (cleared on the broker too); then run "
+                              "`fleet broker-config` again for its broker account.")
+@click.argument("device_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@api_command
+def device_remove(api: FleetClient, device_id: str, as_json: bool) -> None:
+    done = api.request("DELETE", f"/api/v1/devices/{device_id}").json()
+    if as_json:
+        print_json(done)
+        return
+    click.echo(f"device {device_id!r} removed; its retained desired state "
+               + ("is cleared" if done["retained_cleared"] else
+                  "is cleared when the server next connects to the broker"))
+    click.echo(f"its broker account: {done['broker_account']}")
 
 
 # --------------------------------------------------------------------------- groups

@@ -1,9 +1,10 @@
 """What the fleet is made of: devices and groups, credentials, bundles, blobs, desired state.
 
-``devices`` (registry and groups), ``auth`` (operator tokens, device secrets),
-``bundles`` (verified uploads and their references), ``blobs`` (bundle files on disk),
-``desired`` (what each device should run, retained on the broker). Each is a service over
+``devices`` (registry and groups), ``accounts`` (the service accounts' namespace),
+``auth`` (operator tokens, device secrets), ``bundles`` (verified uploads and their
+references), ``blobs`` (bundle files on disk), ``desired`` (what each device should run,
+retained on the broker). Each is a service over
 the store; none of them judges drift or runs a rollout.
 """
 
-__all__ = ["auth", "blobs", "bundles", "desired", "devices"]
+__all__ = ["accounts", "auth", "blobs", "bundles", "desired", "devices"]

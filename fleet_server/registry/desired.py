@@ -132,6 +132,13 @@ class DesiredStates:
         self.publish([r.device for r in out])
         return [message(r) for r in out]
 
+    def may_download(self, device: str, name: str, version: str) -> bool:
+        """Whether ``device`` is assigned bundle ``name@version``: its desired bundle, its
+        shadow, or its rollback slot (the desired bundle before the current one, which
+        a rollback returns it to). What a device *reports* running does not count: a
+        device could claim anything."""
+        return (name, version) in self.store.assigned_bundles(device)
+
     def get(self, device: str) -> DesiredState | None:
         record = self.store.get_desired(device)
         return None if record is None else message(record)
@@ -151,8 +158,23 @@ class DesiredStates:
                     sent += 1
         return sent
 
+    def clear_removed(self) -> int:
+        """Clear the retained desired state of removed devices (an empty retained message
+        deletes it on the broker), so a device registered later under the same id is not
+        handed the old one; each is marked done once the MQTT link took it. Returns how many
+        were cleared now; the rest are tried again on the next (re)connect.
+        """
+        if self.publisher is None:
+            return 0
+        with self._lock:
+            done = [d for d in self.store.retained_to_clear()
+                    if self.publisher.publish_retained(topic(d, "desired"), b"")]
+            self.store.mark_retained_cleared(done)
+        return len(done)
+
     def republish_all(self) -> int:
-        """Publish every device's desired state (on each MQTT (re)connect)."""
+        """Publish every device's desired state (on each MQTT (re)connect), and clear
+        those of removed devices."""
         if self.publisher is None:
             return 0
         with self._lock:
@@ -160,4 +182,7 @@ class DesiredStates:
             sent = sum(1 for r in records if self.publisher.publish_retained(
                 topic(r.device, "desired"), encode(message(r))))
         log.info("republished %d of %d desired states", sent, len(records))
+        cleared = self.clear_removed()
+        if cleared:
+            log.info("cleared the retained desired state of %d removed device(s)", cleared)
         return sent

@@ -8,7 +8,11 @@ Rollups are per device, so a group's drift report always follows current members
 
 A device's credential (:meth:`Registry.add_device`) is one secret used twice: as its MQTT
 password (the broker checks the stored ``$7$`` hash) and as its HTTP bearer token (the
-server checks the stored sha256).
+server checks the stored sha256). Device ids in the service accounts' namespace
+(``server``, ``server-…``; :mod:`fleet_server.registry.accounts`) are refused, so no device gets
+the server's broker rights. :meth:`Registry.remove_device` decommissions a device: its
+credential (HTTP at once, the broker's account when ``fleet broker-config`` is run again)
+and its desired state go; its history stays.
 
 This module does not talk to the broker; :meth:`Registry.mosquitto_password_file` renders
 the lines a broker's ``password_file`` needs, for whoever installs it.
@@ -22,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from edgefleet.contract.messages import LABEL_RE, valid_device_id
 from fleet_server.errors import InvalidRequestError, NotFoundError
 from fleet_server.models import Device, Group, Issued
+from fleet_server.registry.accounts import check_device_name
 from fleet_server.registry.auth import DEVICE_PREFIX, mosquitto_hash, new_secret, secret_hash
 from fleet_server.store import Store
 
@@ -58,12 +63,14 @@ class Registry:
 
         Raises:
             InvalidRequestError: a bad device id or label.
+            ReservedNameError: a device id in the service accounts' namespace.
             ConflictError: the device has a credential and ``rotate`` is false.
         """
         if not valid_device_id(device):
             raise InvalidRequestError(f"device id {device!r}: letters, digits, '.', '_', '-',"
                                       " at most 64, starting with a letter or digit",
                                       field="device")
+        check_device_name(device)
         labels = check_labels(labels)
         secret = new_secret(DEVICE_PREFIX)
         with self.store.transaction():
@@ -72,6 +79,19 @@ class Registry:
             self.store.audit(actor, "device.rotate" if rotate else "device.add",
                              f"device:{device}", {"labels": labels}, now)
         return found, Issued(device, secret, "device")
+
+    def remove_device(self, device: str, actor: str, now: float) -> None:
+        """Decommission ``device``: its credential, labels and desired state go at once
+        (its secret downloads nothing more); the retained desired state on the broker is
+        cleared by :meth:`fleet_server.registry.desired.DesiredStates.clear_removed`, and the broker
+        account goes when ``fleet broker-config`` writes the password file again.
+
+        Raises:
+            NotFoundError: no such device.
+        """
+        with self.store.transaction():
+            self.store.remove_device(device, actor, now)
+            self.store.audit(actor, "device.remove", f"device:{device}", {}, now)
 
     def get(self, device: str) -> Device:
         """Raises: NotFoundError: no such device."""

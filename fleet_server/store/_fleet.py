@@ -135,6 +135,7 @@ class FleetTables(StoreBase):
             if row is None:
                 self._exec("INSERT INTO devices (id, created, created_by) VALUES (?, ?, ?)",
                            [device, now, actor])
+                self._exec("DELETE FROM removed_devices WHERE device = ?", [device])
             self._exec("UPDATE devices SET secret_hash = ?, mqtt_hash = ? WHERE id = ?",
                        [secret_hash, mqtt_hash, device])
             if labels or row is None:
@@ -182,6 +183,33 @@ class FleetTables(StoreBase):
     def device_by_secret(self, secret_hash: str) -> str | None:
         row = self._one("SELECT id FROM devices WHERE secret_hash = ?", [secret_hash])
         return None if row is None else row["id"]
+
+    def remove_device(self, device: str, actor: str, now: float) -> None:
+        """Decommission a device: its row (credential, labels, state) and its desired state
+        go, and a removal record waits for its retained desired state to be cleared.
+        Its summaries, reports and rollups stay: they are the fleet's history.
+
+        Raises:
+            NotFoundError: no such device.
+        """
+        with self.transaction():
+            if self._exec("DELETE FROM devices WHERE id = ?", [device]).rowcount == 0:
+                raise NotFoundError("device", device)
+            self._exec("DELETE FROM desired WHERE device = ?", [device])
+            self._exec("INSERT INTO removed_devices (device, removed, removed_by) "
+                       "VALUES (?, ?, ?) ON CONFLICT (device) DO UPDATE SET removed = "
+                       "excluded.removed, removed_by = excluded.removed_by, "
+                       "retained_cleared = 0", [device, now, actor])
+
+    def retained_to_clear(self) -> list[str]:
+        """Removed devices whose retained desired state may still be on the broker."""
+        return [r["device"] for r in self._rows(
+            "SELECT device FROM removed_devices WHERE retained_cleared = 0 ORDER BY device")]
+
+    def mark_retained_cleared(self, devices: Sequence[str]) -> None:
+        with self.transaction():
+            self._many("UPDATE removed_devices SET retained_cleared = 1 WHERE device = ?",
+                       [(d,) for d in devices])
 
     def mosquitto_users(self) -> list[tuple[str, str]]:
         """``(device, $7$ hash)`` of every device with a credential, by id."""
@@ -279,10 +307,23 @@ class FleetTables(StoreBase):
                 "INSERT INTO desired (device, revision, bundle, shadow, allow_downgrade, "
                 "updated, updated_by) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device) DO "
                 "UPDATE SET revision = excluded.revision, bundle = excluded.bundle, "
+                # the rollback slot: the bundle this one replaces (kept while it stays)
+                "previous = CASE WHEN desired.bundle IS excluded.bundle THEN desired.previous "
+                "ELSE desired.bundle END, "
                 "shadow = excluded.shadow, allow_downgrade = excluded.allow_downgrade, "
                 "updated = excluded.updated, updated_by = excluded.updated_by",
                 [(r.device, r.revision, _ref_json(r.bundle), _ref_json(r.shadow),
                   int(r.allow_downgrade), r.updated, r.updated_by) for r in records])
+
+    def assigned_bundles(self, device: str) -> set[tuple[str, str]]:
+        """``(name, version)`` of the desired bundle, shadow and rollback slot of a device
+        (empty: no such device, or nothing assigned)."""
+        row = self._one("SELECT d.bundle, d.shadow, d.previous FROM desired d "
+                        "JOIN devices ON devices.id = d.device WHERE d.device = ?", [device])
+        if row is None:
+            return set()
+        refs = (_ref(row[k]) for k in ("bundle", "shadow", "previous"))
+        return {(r.name, r.version) for r in refs if r is not None}
 
     # -- audit ---------------------------------------------------------------------------
 

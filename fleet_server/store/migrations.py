@@ -13,7 +13,12 @@ History:
    server folds them into the new rollups when it starts), rollups, desired state, drift
    windows, alerts and webhook attempts;
 3. rollouts: one row per rollout (its plan, its state with the audit history, the last
-   gate results, what was last sent to each device).
+   gate results, what was last sent to each device);
+4. ``summaries.packed``: a summary's profile, packed into the rollup layout at ingest;
+5. removed devices: who removed which device when, and whether its retained desired state
+   is cleared on the broker yet (the server clears it on its next connection if not);
+   ``desired.previous``, the desired bundle before the current one (the rollback slot a
+   device may still download).
 
 Migrations are append-only: a released one is never edited, a change is a new one. This
 module holds SQL text only; :mod:`fleet_server.store` runs it.
@@ -227,11 +232,22 @@ _V4 = """
 ALTER TABLE summaries ADD COLUMN packed BLOB;
 """
 
+_V5 = """
+CREATE TABLE removed_devices (
+    device          TEXT    PRIMARY KEY,
+    removed         REAL    NOT NULL,
+    removed_by      TEXT    NOT NULL,
+    retained_cleared INTEGER NOT NULL DEFAULT 0
+);
+ALTER TABLE desired ADD COLUMN previous TEXT;
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
     (2, "rollups, desired state, drift windows, alerts, webhook attempts", _V2),
     (3, "rollouts", _V3),
     (4, "summaries keep their packed profile", _V4),
+    (5, "removed devices, the desired state's rollback slot", _V5),
 )
 LATEST = MIGRATIONS[-1][0]

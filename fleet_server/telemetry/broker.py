@@ -12,7 +12,21 @@ authenticated username; ``%c``, the client id, is the client's to choose):
 
 - a device may write ``summary``, ``report``, ``heartbeat`` and ``status`` under
   ``edgefleet/v1/<its username>/`` and read only ``edgefleet/v1/<its username>/desired``;
-- the server account may read ``edgefleet/v1/+/#`` and write ``edgefleet/v1/+/desired``.
+- the server account may read ``edgefleet/v1/+/#`` and write ``edgefleet/v1/+/desired``;
+- each ingest worker (``fleet ingest``) has an account of its own
+  (:func:`fleet_server.registry.accounts.ingest_account`) that may read the four device kinds and
+  write nothing.
+
+Identity is bound to the account: ``use_username_as_clientid`` makes the broker replace
+whatever client id a client sends with its username, so a device that connects as
+``dev-b-agent`` or ``fleet-serve`` is still only ``dev-a`` to the broker and cannot
+take over (and so disconnect, or drain the kept session of) anyone else's connection.
+The price: one connection per account. Hence one account per process of the server.
+Service account names are a namespace of their own (:mod:`fleet_server.registry.accounts`).
+
+The message size limit is the server's payload limit,
+:data:`edgefleet.contract.messages.MAX_PAYLOAD`, imported, not repeated: anything larger would
+be refused by ingest anyway, so the broker never holds, queues or forwards it.
 
 :data:`ACL_TEMPLATE` is the single source of that text: the test broker
 (``tests/broker.py``) uses it too, so the tests exercise what production runs. That is
@@ -39,7 +53,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleet_server.errors import BrokerStartError, InvalidRequestError
+from edgefleet.contract.messages import MAX_PAYLOAD
+from fleet_server.errors import BrokerStartError, InvalidRequestError, ReservedNameError
+from fleet_server.registry.accounts import (
+    check_service_name,
+    ingest_account,
+    is_service_name,
+)
 
 if TYPE_CHECKING:
     from fleet_server.store import Store
@@ -48,10 +68,12 @@ __all__ = [
     "ACL_NAME",
     "ACL_TEMPLATE",
     "CONF_NAME",
+    "MAX_PACKET_BYTES",
     "PASSWD_NAME",
     "SERVER_PASSWORD_NAME",
     "BrokerSetup",
     "acl_text",
+    "password_file_name",
     "render",
     "write_broker_config",
 ]
@@ -64,6 +86,11 @@ ACL_NAME = "acl"
 SERVER_PASSWORD_NAME = "server-password"
 PERSISTENCE_DIR = "data"
 DEFAULT_TLS_PORT = 8883
+# a whole MQTT packet: the largest payload plus the longest topic MQTT allows (65535
+# bytes) and room for the fixed header, packet id and properties
+MAX_PACKET_BYTES = MAX_PAYLOAD + 64 * 1024 + 4096
+# the read rights of an ingest worker: the kinds the server ingests (fleet_server.telemetry.link)
+_INGEST_KINDS = ("summary", "report", "heartbeat", "status")
 
 # Mosquitto 2.0.11 facts this text relies on (checked against a real broker in
 # tests/fleet_server/test_brokerconf.py): `pattern` lines apply to every user and anything
@@ -93,14 +120,28 @@ _HASH_RE = re.compile(r"^\$7\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+\Z")
 _BIND_RE = re.compile(r"^[A-Za-z0-9.:_-]{1,253}\Z")
 
 
-def acl_text(server_user: str) -> str:
-    """The fleet ACL with ``server_user`` as the server account.
+def acl_text(server_user: str, ingest_users: Iterable[str] = ()) -> str:
+    """The fleet ACL with ``server_user`` as the server account, and a read-only block for
+    each ingest worker's account.
 
     Raises:
-        InvalidRequestError: ``server_user`` is not a valid account name.
+        InvalidRequestError: ``server_user`` or an ingest account is not a valid
+            account name.
     """
     _check_user(server_user, "server_user")
-    return ACL_TEMPLATE.format(server=server_user)
+    text = ACL_TEMPLATE.format(server=server_user)
+    for user in ingest_users:
+        _check_user(user, "ingest user")
+        text += (f"\n# an ingest worker (fleet ingest --broker-user {user}): reads, never "
+                 "writes\n" f"user {user}\n"
+                 + "".join(f"topic read edgefleet/v1/+/{kind}\n" for kind in _INGEST_KINDS))
+    return text
+
+
+def password_file_name(account: str, server_user: str) -> str:
+    """The file a service account's made password is kept in: ``server-password`` for
+    the server account (whatever its name), ``<account>-password`` for the others."""
+    return SERVER_PASSWORD_NAME if account == server_user else f"{account}-password"
 
 
 def _check_user(name: str, what: str) -> None:
@@ -131,6 +172,9 @@ class BrokerSetup:
             ``tls_port`` (8883 if not given) besides the plain one; ``cafile`` verifies
             client certificates, required with ``require_certificate``.
         max_inflight_messages: Mosquitto's default, said out loud (see :func:`render`).
+        ingest_workers: how many ``fleet ingest`` workers get an account of their own
+            (``<server_user>-ingest-1`` ...); their passwords are made and kept beside the
+            server's (``<account>-password``, 0600).
         run_as_root: whether the broker will be started as root (adds ``user root``);
             None: as this process runs.
     """
@@ -148,10 +192,18 @@ class BrokerSetup:
     tls_port: int | None = None
     max_inflight_messages: int = 20
     run_as_root: bool | None = None
+    ingest_workers: int = 0
+    ingest_passwords: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         _check_port(self.port, "port")
         _check_user(self.server_user, "server_user")
+        check_service_name(self.server_user)
+        if not isinstance(self.ingest_workers, int) or not 0 <= self.ingest_workers <= 64:
+            raise InvalidRequestError("ingest_workers must be 0..64", field="ingest_workers")
+        if any(not p or any(c in p for c in "\r\n") for p in self.ingest_passwords):
+            raise InvalidRequestError("ingest_passwords: empty, or a line break in one",
+                                      field="ingest_passwords")
         if not _BIND_RE.match(self.bind):
             raise InvalidRequestError(f"bind {self.bind!r}: an address or host name",
                                       field="bind")
@@ -190,6 +242,11 @@ class BrokerSetup:
         return DEFAULT_TLS_PORT if self.tls_port is None else self.tls_port
 
     @property
+    def ingest_users(self) -> tuple[str, ...]:
+        return tuple(ingest_account(self.server_user, n)
+                     for n in range(1, self.ingest_workers + 1))
+
+    @property
     def as_root(self) -> bool:
         if self.run_as_root is not None:
             return self.run_as_root
@@ -201,35 +258,84 @@ def _conf(setup: BrokerSetup) -> str:
     lines = [
         "# Written by `fleet broker-config`; regenerate it rather than editing it.",
         "# Start: mosquitto -c " + str(out / CONF_NAME),
+        "# Every setting is checked against Mosquitto 2.0.11 (mosquitto.conf(5)).",
         "",
-        "# authentication and ACL are broker-wide, the same on every listener",
+        "# authentication and ACL are broker-wide, the same on every listener (the TLS one",
+        "# too): a listener without them would be a way around them",
         "per_listener_settings false",
+        "# every client logs in with its own account: a device with its secret, the",
+        "# server and each ingest worker with theirs",
         "allow_anonymous false",
         f"password_file {out / PASSWD_NAME}",
         f"acl_file {out / ACL_NAME}",
+        "# (use_username_as_clientid is a listener option: it follows each listener",
+        "# line below; before the first one it would open a default listener on 1883)",
+        "",
+        "# the largest publish payload accepted: the server's own limit",
+        "# (edgefleet.contract.messages.MAX_PAYLOAD). A larger one is refused (PUBACK with an",
+        "# error reason for MQTT 5 QoS 1), never stored, queued or forwarded. (2.0 logs",
+        "# a note recommending max_packet_size instead; that one disconnects, this one",
+        "# refuses a single message, so both are set.)",
+        f"message_size_limit {MAX_PAYLOAD}",
+        "# and a whole packet past that payload plus the longest topic: the client is",
+        "# disconnected before the broker buffers it (MQTT 5 clients are told the limit",
+        "# in CONNACK), so nobody can make the broker hold megabytes to refuse them",
+        f"max_packet_size {MAX_PACKET_BYTES}",
         "",
         "# Ingest must never lose a message: the server's kept session (MQTT 5 session",
         "# expiry) is queued for while the server restarts or falls behind, and Mosquitto",
         "# drops a client's messages past max_queued_messages (1000 by default). 0 is no",
-        "# limit (mosquitto.conf(5) of 2.0: \"Set to 0 for no maximum\"); memory is bounded",
-        "# instead by the server's Receive Maximum in flight and by the devices' own",
-        "# outboxes. Checked on Mosquitto 2.0.11; 2.0.21 is reported to mishandle 0 (clients",
-        "# disconnected with \"Quota exceeded\": eclipse-mosquitto/mosquitto#3244).",
+        "# limit (mosquitto.conf(5) of 2.0: \"Set to 0 for no maximum\"). Mosquitto has no",
+        "# per-account form of this option, so it holds for every client; devices use",
+        "# clean sessions and read only their retained desired state, so nothing queues",
+        "# for them. Memory is bounded by the server's Receive Maximum in flight, by",
+        "# message_size_limit and by the devices' own bounded outboxes. Checked on",
+        "# Mosquitto 2.0.11; 2.0.21 is reported to mishandle 0 (clients disconnected with",
+        "# \"Quota exceeded\": eclipse-mosquitto/mosquitto#3244).",
         "max_queued_messages 0",
+        "# heartbeats (QoS 0) are not queued for an absent server: they are a live view",
+        "queue_qos0_messages false",
         "# QoS 1 messages in flight per client: for MQTT 5 clients the Receive Maximum",
         "# Mosquitto announces (how many unacknowledged publishes a device may send); what",
         "# it sends to an MQTT 5 client is bounded by that client's own Receive Maximum",
         "# (the fleet server asks for 2000). Mosquitto's default, written out.",
         f"max_inflight_messages {setup.max_inflight_messages}",
         "",
+        "# desired state is a retained message per device (a device offline for a week",
+        "# gets it on connect): retained messages must stay on",
+        "retain_available true",
+        "# a retained message is delivered only while its publisher still has the right",
+        "# to publish it: a decommissioned device's retained status goes with its account",
+        "check_retain_source true",
+        "# MQTT 5 clients asking for a longer (or no) keepalive are told 120 s, so a dead",
+        "# connection is noticed (and a device's last will `offline` published) in minutes",
+        "max_keepalive 120",
+        "# sessions that ask never to expire (MQTT 3.1.1 clean session false) are dropped",
+        "# after two weeks away; the server's own session expiry (a day) is shorter",
+        "persistent_client_expiration 14d",
+        "",
+        "# connections, refusals and disconnections in the log, with times; no debug",
+        "# (it would log every publish)",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        "log_timestamp true",
+        "",
     ]
     if setup.persistence:
         lines += [
-            "# sessions, subscriptions and queued messages survive a broker restart;",
-            "# saved every minute (default 30) and on a clean exit",
+            "# sessions, subscriptions, retained and queued messages survive a broker",
+            "# restart; saved every minute (default 30) and on a clean exit. A PUBACK still",
+            "# means \"in memory\": what arrived since the last save is lost if the broker",
+            "# is killed, so delivery is confirmed end to end, not by the broker's PUBACK.",
             "persistence true",
             f"persistence_location {out / PERSISTENCE_DIR}/",
             "autosave_interval 60",
+            "# every autosave_interval seconds, not after that many changes",
+            "autosave_on_changes false",
         ]
     else:
         lines.append("persistence false")
@@ -242,9 +348,17 @@ def _conf(setup: BrokerSetup) -> str:
             "# production: chown these files to `mosquitto` and drop this line.",
             "user root",
         ]
-    lines += ["", f"listener {setup.port} {setup.bind}"]
+    bind_identity = [
+        "# the client id a client sends is replaced by its username: identity is the",
+        "# account, so no device can take over (kick off, or drain the kept session of)",
+        "# another device's or the server's connection by sending its client id. One",
+        "# connection per account: each server process has an account of its own.",
+        "# (Not reloaded on SIGHUP: restart the broker after changing it.)",
+        "use_username_as_clientid true",
+    ]
+    lines += ["", f"listener {setup.port} {setup.bind}", *bind_identity]
     if setup.tls:
-        lines += ["", f"listener {setup.listener_tls_port} {setup.bind}"]
+        lines += ["", f"listener {setup.listener_tls_port} {setup.bind}", *bind_identity]
         if setup.cafile is not None:
             lines.append(f"cafile {Path(setup.cafile).resolve()}")
         lines += [f"certfile {Path(setup.certfile).resolve()}",  # type: ignore[arg-type]
@@ -262,22 +376,29 @@ def render(setup: BrokerSetup, users: Iterable[tuple[str, str]]) -> dict[str, st
             ``Store.mosquitto_users()`` returns them.
 
     Raises:
-        InvalidRequestError: no server password, a device id that is not a valid
-            account name or is the server account's name (it would get the server's
-            rights), a device listed twice, or a hash not in Mosquitto's ``$7$`` form.
+        InvalidRequestError: no server password (or not one per ingest worker), a device
+            id that is not a valid account name, a device listed twice, or a hash not in
+            Mosquitto's ``$7$`` form.
+        ReservedNameError: a device id in the service accounts' namespace (registered
+            before the registry refused those): it would get service rights.
     """
     from fleet_server.registry.auth import mosquitto_hash  # lazily: see the module docstring
 
     if setup.server_password is None:
         raise InvalidRequestError("the server account needs a password",
                                   field="server_password")
+    if len(setup.ingest_passwords) != setup.ingest_workers:
+        raise InvalidRequestError(f"{setup.ingest_workers} ingest worker account(s) need as "
+                                  "many passwords", field="ingest_passwords")
     seen: set[str] = set()
     lines = []
     for device, hashed in users:
         _check_user(device, "device id")
-        if device == setup.server_user:
-            raise InvalidRequestError(f"device {device!r} has the server account's name; "
-                                      "it would get the server's rights", field="server_user")
+        if is_service_name(device):
+            raise ReservedNameError(f"device {device!r} has a service account's name; it "
+                                    f"would get service rights: `fleet device remove "
+                                    f"{device}` and register it under another id",
+                                    field="device")
         if device in seen:
             raise InvalidRequestError(f"device {device!r} listed twice", field="users")
         if not isinstance(hashed, str) or not _HASH_RE.match(hashed):
@@ -286,8 +407,10 @@ def render(setup: BrokerSetup, users: Iterable[tuple[str, str]]) -> dict[str, st
         seen.add(device)
         lines.append(f"{device}:{hashed}\n")
     lines.append(f"{setup.server_user}:{mosquitto_hash(setup.server_password)}\n")
+    for user, password in zip(setup.ingest_users, setup.ingest_passwords, strict=True):
+        lines.append(f"{user}:{mosquitto_hash(password)}\n")
     return {CONF_NAME: _conf(setup), PASSWD_NAME: "".join(lines),
-            ACL_NAME: acl_text(setup.server_user)}
+            ACL_NAME: acl_text(setup.server_user, setup.ingest_users)}
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
@@ -306,10 +429,12 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
         raise
 
 
-def _server_password(setup: BrokerSetup) -> tuple[str, Path | None]:
-    if setup.server_password is not None:
-        return setup.server_password, None
-    path = setup.out / SERVER_PASSWORD_NAME
+def _kept_password(setup: BrokerSetup, account: str, given: str | None
+                   ) -> tuple[str, Path | None]:
+    """``given``, or the password kept for ``account`` in ``out``, or a new one kept there."""
+    if given is not None:
+        return given, None
+    path = setup.out / password_file_name(account, setup.server_user)
     try:
         kept = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
@@ -325,16 +450,20 @@ def write_broker_config(setup: BrokerSetup, store: Store) -> dict[str, Path]:
     """Render the configuration for every device account in ``store`` and write it.
 
     Returns:
-        file name → path written: ``mosquitto.conf``, ``passwd``, ``acl``, and
-        ``server-password`` when the password was made here (or reused from there).
+        file name → path written: ``mosquitto.conf``, ``passwd``, ``acl``,
+        ``server-password`` when the password was made here (or reused from there), and
+        ``<account>-password`` of each ingest worker.
 
     Raises:
         InvalidRequestError: as :func:`render`.
         OSError: ``out`` cannot be created or written.
     """
     setup.out.mkdir(parents=True, exist_ok=True)
-    password, password_path = _server_password(setup)
-    texts = render(replace(setup, server_password=password), store.mosquitto_users())
+    password, password_path = _kept_password(setup, setup.server_user, setup.server_password)
+    ingest = [_kept_password(setup, user, None) for user in setup.ingest_users]
+    texts = render(replace(setup, server_password=password,
+                           ingest_passwords=tuple(p for p, _ in ingest)),
+                   store.mosquitto_users())
     modes = {PASSWD_NAME: 0o600}
     written: dict[str, Path] = {}
     if setup.persistence:
@@ -345,6 +474,9 @@ def write_broker_config(setup: BrokerSetup, store: Store) -> dict[str, Path]:
         written[name] = path
     if password_path is not None:
         written[SERVER_PASSWORD_NAME] = password_path
+    for user, (_, path) in zip(setup.ingest_users, ingest, strict=True):
+        assert path is not None
+        written[password_file_name(user, setup.server_user)] = path
     log.info("broker config in %s: %d account(s), listener %s:%d%s", setup.out,
              texts[PASSWD_NAME].count("\n"), setup.bind, setup.port,
              f", TLS on {setup.listener_tls_port}" if setup.tls else "")

@@ -82,11 +82,18 @@ def test_an_upload_is_verified_stored_and_downloadable_by_a_device(api, sensor_b
     assert [(b["name"], b["version"]) for b in listed] == [("sensor", "1.0.0")]
     detail = call("GET", "/api/v1/bundles/sensor/1.0.0", who="viewer").json()
     assert detail["manifest"]["reference_hash"] == detail["reference_hash"]
-    got = call("GET", download_url("sensor", "1.0.0"), who="device")
+    url = download_url("sensor", "1.0.0")
+    # a device downloads only what is assigned to it
+    assert error(call("GET", url, who="device"))[:2] == (403, "PermissionDeniedError")
+    assert call("PUT", "/api/v1/devices/dev1/desired",
+                json={"bundle": "sensor@1.0.0"}).status_code == 200
+    got = call("GET", url, who="device")
     assert got.status_code == 200 and got.content == data
     assert got.headers["x-edgefleet-sha256"] == detail["sha256"]
     assert call("GET", download_url("sensor", "1.0.0"), who=None).status_code == 401
-    assert call("GET", download_url("sensor", "9.0.0"), who="device").status_code == 404
+    # an unassigned name@version is 403 to a device whether stored or not (no probing)
+    assert call("GET", download_url("sensor", "9.0.0"), who="device").status_code == 403
+    assert call("GET", download_url("sensor", "9.0.0"), who="viewer").status_code == 404
 
 
 def test_refused_uploads_name_their_reason(api, sensor_bundle, signing_keys):
@@ -215,4 +222,4 @@ def test_a_signed_bundle_with_something_hidden_is_refused_and_not_stored(api, se
     r = call("POST", "/api/v1/bundles", content=valid)
     assert r.status_code == 201, r.text
     assert [p.name for p in blobs.iterdir()] == [f"{r.json()['sha256']}.edgebundle"]
-    assert call("GET", download_url("sensor", "1.0.0"), who="device").content == valid
+    assert call("GET", download_url("sensor", "1.0.0"), who="viewer").content == valid

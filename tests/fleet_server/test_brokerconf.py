@@ -31,8 +31,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from edgefleet.contract.messages import MAX_PAYLOAD
 from fleet_server.cli import main
 from fleet_server.errors import InvalidRequestError
+from fleet_server.registry.accounts import is_service_name
 from fleet_server.registry.auth import mosquitto_hash, verify_mosquitto_hash
 from fleet_server.registry.devices import Registry
 from fleet_server.store import Store
@@ -40,6 +42,7 @@ from fleet_server.telemetry.broker import (
     ACL_NAME,
     ACL_TEMPLATE,
     CONF_NAME,
+    MAX_PACKET_BYTES,
     PASSWD_NAME,
     SERVER_PASSWORD_NAME,
     BrokerSetup,
@@ -53,7 +56,7 @@ from tests.broker import INSTALL_HINT, find_mosquitto, free_port
 NOT_AUTHORIZED = 0x87
 ACCEPTED = (0x00, 0x10)  # success, or success with no matching subscribers
 HASH = mosquitto_hash("pw", salt=b"\0" * 12)
-KEY_VALUE = re.compile(r"^[a-z_]+ \S.*\Z")
+KEY_VALUE = re.compile(r"^[a-z0-9_]+ \S.*\Z")
 
 
 def conf_pairs(text: str) -> list[tuple[str, str]]:
@@ -71,7 +74,7 @@ def conf_pairs(text: str) -> list[tuple[str, str]]:
 
 def conf_dict(text: str) -> dict[str, str]:
     pairs = conf_pairs(text)
-    keys = [k for k, _ in pairs if k not in ("listener",)]
+    keys = [k for k, _ in pairs if k not in ("listener", "log_type")]
     assert len(keys) == len(set(keys)), f"a setting given twice: {keys}"
     return dict(pairs)
 
@@ -89,13 +92,36 @@ def test_render_defaults(tmp_path):
         "allow_anonymous": "false",
         "password_file": str(tmp_path.resolve() / "passwd"),
         "acl_file": str(tmp_path.resolve() / "acl"),
+        "use_username_as_clientid": "true",
+        "message_size_limit": str(MAX_PAYLOAD),
+        "max_packet_size": str(MAX_PACKET_BYTES),
         "max_queued_messages": "0",
+        "queue_qos0_messages": "false",
         "max_inflight_messages": "20",
+        "retain_available": "true",
+        "check_retain_source": "true",
+        "max_keepalive": "120",
+        "persistent_client_expiration": "14d",
+        "log_dest": "stderr",
+        "log_type": "information",
+        "connection_messages": "true",
+        "log_timestamp": "true",
         "persistence": "true",
         "persistence_location": f"{tmp_path.resolve() / 'data'}/",
         "autosave_interval": "60",
+        "autosave_on_changes": "false",
         "listener": "1883 0.0.0.0",
     }
+    assert [v for k, v in conf_pairs(files[CONF_NAME]) if k == "log_type"] == [
+        "error", "warning", "notice", "information"]  # never debug: a line per publish
+    # every setting has a comment saying why, right above it (or above its block)
+    lines = files[CONF_NAME].splitlines()
+    for i, line in enumerate(lines):
+        if line and not line.startswith("#") and not line.startswith("listener"):
+            block = lines[:i]
+            while block and block[-1] and not block[-1].startswith("#"):
+                block.pop()
+            assert block and block[-1].startswith("#"), f"no comment above {line!r}"
     lines = files[PASSWD_NAME].splitlines()
     assert lines[:2] == [f"dev-a:{HASH}", f"dev-b:{HASH}"]
     user, hashed = lines[2].split(":", 1)
@@ -106,7 +132,7 @@ def test_render_defaults(tmp_path):
 
 
 def test_render_acl_is_the_design_acl(tmp_path):
-    acl = render(BrokerSetup(out=tmp_path, server_user="srv", server_password="p"),
+    acl = render(BrokerSetup(out=tmp_path, server_user="server-eu", server_password="p"),
                  [])[ACL_NAME]
     rules = [line for line in acl.splitlines() if line and not line.startswith("#")]
     assert rules == [
@@ -115,7 +141,7 @@ def test_render_acl_is_the_design_acl(tmp_path):
         "pattern write edgefleet/v1/%u/heartbeat",
         "pattern write edgefleet/v1/%u/status",
         "pattern read edgefleet/v1/%u/desired",
-        "user srv",
+        "user server-eu",
         "topic read edgefleet/v1/+/#",
         "topic write edgefleet/v1/+/desired",
     ]
@@ -152,7 +178,10 @@ def test_render_tls_listener(tmp_path):
     listeners = [i for i, (k, _) in enumerate(pairs) if k == "listener"]
     assert [pairs[i][1] for i in listeners] == ["1883 10.0.0.1", "9883 10.0.0.1"]
     # listener options bind to the listener before them: the TLS lines come after it
+    # identity binding is a listener option: on both listeners
+    assert pairs[listeners[0] + 1] == ("use_username_as_clientid", "true")
     assert pairs[listeners[1] + 1:] == [
+        ("use_username_as_clientid", "true"),
         ("cafile", str(tmp_path.resolve() / "ca.pem")),
         ("certfile", str(tmp_path.resolve() / "cert.pem")),
         ("keyfile", str(tmp_path.resolve() / "key.pem")),
@@ -189,6 +218,9 @@ BAD_SETUPS = [
     ("password-empty", {"server_password": ""}),
     ("path-newline", {"certfile": Path("c\nlistener 1"), "keyfile": Path("k")}),
     ("inflight-negative", {"max_inflight_messages": -1}),
+    ("server-user-outside-service-names", {"server_user": "srv"}),
+    ("ingest-workers-negative", {"ingest_workers": -1}),
+    ("ingest-workers-too-many", {"ingest_workers": 65}),
 ]
 
 
@@ -200,6 +232,8 @@ def test_bad_setups_are_refused(tmp_path, case, kwargs):
 
 BAD_USERS = [
     ("device-named-as-server", [("server", HASH)]),
+    ("device-named-as-ingest-worker", [("server-ingest-1", HASH)]),
+    ("device-named-as-server-other-case", [("Server", HASH)]),
     ("device-twice", [("dev-a", HASH), ("dev-a", HASH)]),
     ("device-id-with-colon", [("dev:a", HASH)]),
     ("device-id-with-newline", [("dev-a\nserver", HASH)]),
@@ -213,6 +247,21 @@ BAD_USERS = [
 def test_bad_users_are_refused(tmp_path, case, users):
     with pytest.raises(InvalidRequestError):
         render(BrokerSetup(out=tmp_path, server_password="x"), users)
+
+
+def test_render_ingest_worker_accounts(tmp_path):
+    files = render(BrokerSetup(out=tmp_path, server_password="x", ingest_workers=2,
+                               ingest_passwords=("p1", "p2")), [("dev-a", HASH)])
+    users = dict(line.split(":", 1) for line in files[PASSWD_NAME].splitlines())
+    assert sorted(users) == ["dev-a", "server", "server-ingest-1", "server-ingest-2"]
+    assert verify_mosquitto_hash("p2", users["server-ingest-2"])
+    acl = files[ACL_NAME]
+    assert acl.startswith(ACL_TEMPLATE.format(server="server"))
+    block = acl.split("user server-ingest-1\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert block == [f"topic read edgefleet/v1/+/{k}"
+                     for k in ("summary", "report", "heartbeat", "status")]
+    with pytest.raises(InvalidRequestError, match="passwords"):
+        render(BrokerSetup(out=tmp_path, server_password="x", ingest_workers=2), [])
 
 
 def test_render_needs_a_server_password(tmp_path):
@@ -232,7 +281,7 @@ DEVICE_IDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", fullmatch=True)
 @given(ids=st.sets(DEVICE_IDS, max_size=30), port=st.integers(1, 65535),
        persistence=st.booleans(), as_root=st.booleans())
 def test_render_property(tmp_path, ids, port, persistence, as_root):
-    ids = sorted(i for i in ids if i != "server")
+    ids = sorted(i for i in ids if not is_service_name(i))
     files = render(BrokerSetup(out=tmp_path, port=port, server_password="pw",
                                persistence=persistence, run_as_root=as_root),
                    [(i, HASH) for i in ids])
@@ -295,13 +344,16 @@ class Client:
     connack: object = None
     pubacks: dict[int, int] = field(default_factory=dict)
     subacks: dict[int, list[int]] = field(default_factory=dict)
+    client_id: str = ""
+    disconnects: int = 0
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
         c = self.c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                 client_id=f"t-{self.user}-{time.monotonic_ns()}",
+                                 client_id=self.client_id or f"t-{self.user}-{time.monotonic_ns()}",
                                  protocol=MQTTProtocolVersion.MQTTv5)
         c.username_pw_set(self.user, self.password)
+        c.on_disconnect = self._on_disconnect
         c.on_connect = self._on_connect
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
@@ -311,6 +363,9 @@ class Client:
         with self._cond:
             fn()
             self._cond.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason, props) -> None:
+        self._notify(lambda: setattr(self, "disconnects", self.disconnects + 1))
 
     def _on_connect(self, client, userdata, flags, reason, props) -> None:
         self._notify(lambda: setattr(self, "connack", reason))
@@ -328,8 +383,8 @@ class Client:
         with self._cond:
             return self._cond.wait_for(predicate, timeout)
 
-    def connect(self) -> int:
-        self.c.connect(self.host, self.port, keepalive=30)
+    def connect(self, **kwargs) -> int:
+        self.c.connect(self.host, self.port, keepalive=30, **kwargs)
         self.c.loop_start()
         assert self.wait(lambda: self.connack is not None), f"{self.user}: no CONNACK"
         return self.connack.value  # type: ignore[attr-defined]
@@ -365,16 +420,22 @@ class RealBroker:
     proc: subprocess.Popen[bytes]
     clients: list[Client] = field(default_factory=list)
 
-    def client(self, user: str, password: str | None = None) -> Client:
+    def client(self, user: str, password: str | None = None, client_id: str = "") -> Client:
         if password is None:
             password = self.server_password if user == self.server_user else self.secrets[user]
-        c = Client(self.host, self.port, user, password)
+        # one connection per account (use_username_as_clientid): an earlier client of
+        # this account would reconnect on its own and take the connection back, forever
+        for old in self.clients:
+            if old.user == user:
+                old.close()
+        self.clients = [old for old in self.clients if old.user != user]
+        c = Client(self.host, self.port, user, password, client_id=client_id)
         self.clients.append(c)
         return c
 
-    def connected(self, user: str) -> Client:
-        c = self.client(user)
-        assert c.connect() == 0, f"{user} refused"
+    def connected(self, user: str, client_id: str = "", **kwargs) -> Client:
+        c = self.client(user, client_id=client_id)
+        assert c.connect(**kwargs) == 0, f"{user} refused"
         return c
 
 
@@ -455,15 +516,18 @@ def test_device_cannot_read_another_devices_desired_state(real_broker):
 @pytest.mark.parametrize("target", ["dev-a", "dev-b"], ids=["own", "other"])
 def test_device_cannot_publish_desired_state(real_broker, target):
     desired = f"edgefleet/v1/{target}/desired"
-    reader = real_broker.connected(target)
-    reader.subscribe(desired)
+    # one connection per account (use_username_as_clientid): the forger goes first, and
+    # its refused publish closes its connection before the reader of dev-a connects
     forger = real_broker.connected("dev-a")
     assert forger.publish(desired, b"forged", retain=True) == NOT_AUTHORIZED
+    reader = real_broker.connected(target)
+    reader.subscribe(desired)
     server = real_broker.connected("server")
     assert server.publish(desired, b"real", retain=True) in ACCEPTED  # the control
     assert reader.wait(lambda: b"real" in reader.got(desired))
     assert b"forged" not in reader.got(desired)  # (an earlier test's retained one may lead)
     # and the retained message a device gets on connect is the server's, not the forgery
+    reader.close()
     late = real_broker.connected(target)
     late.subscribe(desired)
     assert late.wait(lambda: late.got(desired) == [b"real"])
@@ -512,6 +576,159 @@ def test_server_publishes_desired_and_reads_every_kind(real_broker):
     assert server.publish("edgefleet/v1/dev-b/summary", b"x") == NOT_AUTHORIZED
 
 
+# --------------------------------------------------------------------------- identity and size
+
+
+def _session_props(expiry: int):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = expiry
+    return props
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("taken", ["dev-b-agent", "dev-b", "fleet-serve", "server"],
+                         ids=["device-agent-id", "device-username", "server-id",
+                              "server-username"])
+def test_a_client_id_takeover_kicks_nobody_off(real_broker, taken):
+    """Device A connecting with B's or the server's client id (with its own, valid
+    credentials) leaves B and the server connected: the broker renames A to `dev-a`."""
+    server = real_broker.connected("server", client_id="fleet-serve")
+    server.subscribe("edgefleet/v1/+/status")
+    server.subscribe("edgefleet/v1/+/summary")
+    victim = real_broker.client("dev-b", client_id="dev-b-agent")
+    victim.c.will_set("edgefleet/v1/dev-b/status", b"offline", qos=1, retain=True)
+    assert victim.connect() == 0
+    assert victim.publish("edgefleet/v1/dev-b/status", b"online", retain=True) in ACCEPTED
+    assert server.wait(lambda: server.got("edgefleet/v1/dev-b/status")[-1:] == [b"online"])
+    for _ in range(3):  # looping used to keep B flapping
+        attacker = real_broker.connected("dev-a", client_id=taken)
+        attacker.close()
+    # still connected, both: each publishes, and the other end receives it
+    assert victim.publish("edgefleet/v1/dev-b/summary", b"after") in ACCEPTED
+    assert server.wait(lambda: server.got("edgefleet/v1/dev-b/summary")[-1:] == [b"after"])
+    assert victim.disconnects == 0 and server.disconnects == 0
+    assert b"offline" not in server.got("edgefleet/v1/dev-b/status")  # no last will
+    victim.close()  # a clean disconnect: no will, and the next case's B starts afresh
+    late = real_broker.connected("server", client_id="t-late-reader")  # kicks `server`:
+    late.subscribe("edgefleet/v1/dev-b/status")  # one connection per account, its own
+    assert late.wait(lambda: late.got("edgefleet/v1/dev-b/status") == [b"online"])
+
+
+@pytest.mark.slow
+def test_a_device_cannot_drain_the_servers_kept_session(real_broker):
+    """The server's kept session queues while it is away; a device connecting under the
+    server's client id (no clean start) gets none of it, and the server gets it all."""
+    server = real_broker.connected("server", client_id="fleet-serve", clean_start=False,
+                                   properties=_session_props(600))
+    assert server.subscribe("edgefleet/v1/+/report") == [1]
+    server.close()
+    dev = real_broker.connected("dev-b")
+    for i in range(3):
+        assert dev.publish("edgefleet/v1/dev-b/report", b"q%d" % i) in ACCEPTED
+    for taken in ("fleet-serve", "server"):
+        thief = real_broker.connected("dev-a", client_id=taken, clean_start=False,
+                                      properties=_session_props(600))
+        thief.subscribe("edgefleet/v1/dev-a/desired")  # a round trip: queued ones came first
+        assert thief.got("edgefleet/v1/dev-b/report") == []
+        thief.close()
+    back = real_broker.connected("server", client_id="fleet-serve", clean_start=False,
+                                 properties=_session_props(600))
+    assert back.wait(lambda: back.got("edgefleet/v1/dev-b/report") == [b"q0", b"q1", b"q2"])
+
+
+@pytest.mark.slow
+def test_an_oversized_publish_is_refused_and_not_forwarded(real_broker):
+    server = real_broker.connected("server")
+    server.subscribe("edgefleet/v1/+/summary")
+    dev = real_broker.connected("dev-a")
+    # Mosquitto 2.0.11 refuses it (PUBACK with an error reason under MQTT 5) and closes
+    # the connection, as after any refused publish; either way it is not forwarded
+    mid = dev.c.publish("edgefleet/v1/dev-a/summary", b"x" * (MAX_PAYLOAD + 1), qos=1).mid
+    assert dev.wait(lambda: dev.pubacks.get(mid, 0) >= 0x80 or dev.disconnects > 0)
+    assert dev.pubacks.get(mid, 0x80) >= 0x80  # never accepted
+    control = real_broker.connected("dev-a")  # the limit itself passes: the control
+    assert control.publish("edgefleet/v1/dev-a/summary", b"y" * MAX_PAYLOAD) in ACCEPTED
+    assert server.wait(lambda: len(server.got("edgefleet/v1/dev-a/summary")) == 1)
+    assert server.got("edgefleet/v1/dev-a/summary") == [b"y" * MAX_PAYLOAD]
+
+
+def _raw_mqtt_string(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _raw_packet(first: int, body: bytes) -> bytes:
+    n, length = len(body), bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        length.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes([first]) + bytes(length) + body
+
+
+@pytest.mark.slow
+def test_an_8_mib_packet_disconnects_its_sender_unread(real_broker):
+    """A client that ignores the announced maximum packet size (a raw MQTT 3.1.1 client:
+    paho would refuse to send it) is cut off; nothing reaches the server."""
+    import socket
+
+    server = real_broker.connected("server")
+    server.subscribe("edgefleet/v1/+/summary")
+    with socket.create_connection((real_broker.host, real_broker.port), timeout=10) as sock:
+        body = (_raw_mqtt_string("MQTT") + bytes([4, 0xC2, 0, 60]) + _raw_mqtt_string("raw-a")
+                + _raw_mqtt_string("dev-a") + _raw_mqtt_string(real_broker.secrets["dev-a"]))
+        sock.sendall(_raw_packet(0x10, body))
+        assert sock.recv(4) == bytes([0x20, 2, 0, 0])  # CONNACK, accepted
+        publish = _raw_packet(0x32, _raw_mqtt_string("edgefleet/v1/dev-a/summary") + b"\0\1"
+                              + b"z" * (8 * 1024 * 1024))
+        try:
+            sock.sendall(publish)
+            answer = sock.recv(16)
+        except (ConnectionResetError, BrokenPipeError):
+            answer = b""
+        assert answer == b""  # closed: no PUBACK
+    control = real_broker.connected("dev-a")
+    assert control.publish("edgefleet/v1/dev-a/summary", b"small") in ACCEPTED
+    assert server.wait(lambda: server.got("edgefleet/v1/dev-a/summary") == [b"small"])
+
+
+@pytest.mark.slow
+def test_ingest_worker_accounts_read_and_never_write(tmp_path):
+    port = free_port()
+    with Store(tmp_path / "fleet.db") as store:
+        secret = Registry(store).add_device("dev-a", {}, "t", time.time())[1].secret
+        files = write_broker_config(BrokerSetup(out=tmp_path / "broker", port=port,
+                                                bind="127.0.0.1", persistence=False,
+                                                ingest_workers=2), store)
+    passwords = {u: files[f"{u}-password"].read_text().strip()
+                 for u in ("server-ingest-1", "server-ingest-2")}
+    assert len(set(passwords.values())) == 2
+    proc = start_mosquitto(files[CONF_NAME], port, tmp_path / "mosquitto.log")
+    clients = []
+    try:
+        workers = [Client("127.0.0.1", port, u, p) for u, p in passwords.items()]
+        clients += workers
+        for w in workers:
+            assert w.connect() == 0
+            w.subscribe("$share/ingest/edgefleet/v1/+/summary")
+        dev = Client("127.0.0.1", port, "dev-a", secret)
+        clients.append(dev)
+        assert dev.connect() == 0
+        for i in range(6):
+            assert dev.publish("edgefleet/v1/dev-a/summary", b"s%d" % i) in ACCEPTED
+        assert workers[0].wait(lambda: sum(len(w.got("edgefleet/v1/dev-a/summary"))
+                                           for w in workers) == 6)
+        assert all(w.disconnects == 0 for w in workers)  # both connected side by side
+        assert workers[0].publish("edgefleet/v1/dev-a/desired", b"x") == NOT_AUTHORIZED
+    finally:
+        for c in clients:
+            c.close()
+        stop_broker(proc)
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
@@ -556,11 +773,32 @@ def test_cli_made_password_is_not_printed(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_ingest_worker_accounts(tmp_path):
+    db = tmp_path / "fleet.db"
+    Store(db).close()
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["broker-config", "--db", str(db), "--out", str(out),
+                                       "--ingest-workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "0 device account(s) and the server account 'server', 2 ingest worker" \
+        in result.output
+    for n in (1, 2):
+        path = out / f"server-ingest-{n}-password"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert path.read_text().strip() not in result.output
+        assert (f"fleet ingest --db {db} --broker 127.0.0.1:1883 --broker-user "
+                f"server-ingest-{n} --broker-password-file {path}") in result.output
+    users = [line.split(":", 1)[0] for line in (out / "passwd").read_text().splitlines()]
+    assert users == ["server", "server-ingest-1", "server-ingest-2"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), [
     (["--tls-port", "8883"], "need certfile"),
     (["--port", "0"], "port must be"),
     (["--server-user", "a:b"], "server_user"),
-], ids=["tls-port-alone", "bad-port", "bad-user"])
+    (["--server-user", "srv"], "must be 'server' or start with 'server-'"),
+], ids=["tls-port-alone", "bad-port", "bad-user", "user-outside-service-names"])
 def test_cli_refusals_are_one_line(tmp_path, args, message):
     db = tmp_path / "fleet.db"
     Store(db).close()

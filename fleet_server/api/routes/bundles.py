@@ -87,13 +87,18 @@ def get_bundle(name: Name, version: Version, services: ServicesDep, _: Viewer) -
                 "description": "The bundle file"}})
 def download_bundle(name: Name, version: Version, services: ServicesDep,
                     who: AnyPrincipal) -> FileResponse:
-    """The bundle file, for devices (with their secret) and operators (viewer or more).
+    """The bundle file, for operators (viewer or more) and for a device (with its secret)
+    only when the bundle is assigned to it: its desired bundle, its shadow, or its
+    rollback slot (the desired bundle before the current one); any other is 403.
 
     ``X-Edgefleet-Sha256`` carries the file's sha256; the device verifies the bundle
     itself before installing it anyway.
     """
     if who.kind == "operator" and not who.has_role("viewer"):
         raise PermissionDeniedError("needs role 'viewer'")
+    if who.kind == "device" and not services.desired.may_download(who.name, name, version):
+        raise PermissionDeniedError(f"bundle {name}@{version} is not assigned to device "
+                                    f"{who.name!r} (desired, shadow or rollback)")
     record = services.bundles.get(name, version)
     path = services.bundles.file(record)
     return FileResponse(path, media_type="application/octet-stream",

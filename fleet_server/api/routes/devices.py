@@ -18,6 +18,7 @@ from fleet_server.api.schemas import (
     DeviceCreated,
     DeviceDetail,
     DevicePublic,
+    DeviceRemoved,
     LabelsUpdate,
     ReportPublic,
 )
@@ -79,6 +80,21 @@ def get_device(device: DeviceId, services: ServicesDep, _: Viewer) -> DeviceDeta
     return DeviceDetail.model_validate({
         **found.to_dict(), "desired": None if desired is None else desired.to_dict(),
         "reports": [r.to_dict() for r in reports]})
+
+
+@router.delete("/{device}", response_model=DeviceRemoved)
+def remove_device(device: DeviceId, services: ServicesDep, who: Operator) -> DeviceRemoved:
+    """Decommission a device: its secret stops working at once (no more downloads, no
+    API), its labels and desired state go, and its retained desired state is cleared on
+    the broker. Its summaries and reports stay. Its broker account goes when the broker
+    configuration is written again (``fleet broker-config``, then SIGHUP to Mosquitto).
+    """
+    services.registry.remove_device(device, who.actor, services.clock())
+    services.desired.clear_removed()
+    cleared = device not in services.store.retained_to_clear()
+    return DeviceRemoved(id=device, retained_cleared=cleared,
+                         broker_account="run `fleet broker-config` again and send "
+                                        "mosquitto SIGHUP")
 
 
 @router.put("/{device}/labels", response_model=DevicePublic)

@@ -346,10 +346,33 @@ class Agent:
             self._window = _Open(old.model, now)
         return self._close(old, now)
 
+    def snapshot(self, now: float | None = None) -> Window | None:
+        """The open window so far, left open (the daemon checkpoints it); None if empty.
+
+        Profiles what is buffered first, holding the serving lock meanwhile (a few
+        milliseconds every checkpoint interval), so the snapshot's row count, latency and
+        profile describe the same rows.
+        """
+        now = self._clock() if now is None else now
+        with self._lock:
+            window = self._window
+            if window is None or window.empty():
+                return None
+            with window.lock:
+                window.hand_over()  # the single rows not yet handed to the worker
+                while window.pending:
+                    inputs, outputs = window.pending.popleft()
+                    window._profile(inputs, outputs)
+                return self._value(window, now)
+
     def _close(self, old: _Open | None, now: float) -> Window | None:
         if old is None or old.empty():
             return None
         old.finish()
+        return self._value(old, now)
+
+    @staticmethod
+    def _value(old: _Open, now: float) -> Window:
         shadow = None
         if old.shadow_ref is not None:
             shadow = ShadowStats(old.shadow_ref, old.shadow_rows, old.shadow_agreed,

@@ -22,6 +22,7 @@ Example (every key but ``device.id``, ``broker.host`` and a trust key has a defa
     [window]
     seconds = 60                          # a window closes after this long ...
     rows = 0                              # ... or after this many rows (0: no row bound)
+    checkpoint_seconds = 5                # the open window is saved this often
 
     [agent]
     data_dir = "/var/lib/edge-agent"
@@ -80,6 +81,9 @@ class AgentConfig:
     required_roles: tuple[str, ...] = ()
     window_s: float = 60.0
     window_rows: int = 0
+    # the open window is saved this often, so a SIGKILL or power cut loses at most this
+    # many seconds of rows (counted and reported after restart)
+    checkpoint_s: float = 5.0
     data_dir: Path = Path("/var/lib/edge-agent")
     http_host: str = "127.0.0.1"
     http_port: int = 8750
@@ -93,6 +97,9 @@ class AgentConfig:
     max_rows_per_call: int = 10_000
     shadow_queue_rows: int = 10_000
     reconnect_max_delay_s: float = 60.0
+    # a summary or report the broker took but the server has not confirmed is sent again
+    # after this long (backing off while the server stays silent): see edge_agent.mqtt
+    confirm_timeout_s: float = 60.0
 
     @property
     def username(self) -> str:
@@ -122,6 +129,7 @@ _KEYS: dict[tuple[str, str], tuple[str, str]] = {
     ("trust", "required_roles"): ("required_roles", "str_list"),
     ("window", "seconds"): ("window_s", "pos_float"),
     ("window", "rows"): ("window_rows", "nonneg_int"),
+    ("window", "checkpoint_seconds"): ("checkpoint_s", "pos_float"),
     ("agent", "data_dir"): ("data_dir", "path"),
     ("agent", "http_host"): ("http_host", "str"),
     ("agent", "http_port"): ("http_port", "port0"),
@@ -134,6 +142,7 @@ _KEYS: dict[tuple[str, str], tuple[str, str]] = {
     ("agent", "intra_op_threads"): ("intra_op_threads", "pos_int"),
     ("agent", "max_rows_per_call"): ("max_rows_per_call", "pos_int"),
     ("agent", "shadow_queue_rows"): ("shadow_queue_rows", "pos_int"),
+    ("agent", "confirm_timeout"): ("confirm_timeout_s", "pos_float"),
 }
 _REQUIRED = (("device", "id"), ("broker", "host"), ("trust", "keys"))
 

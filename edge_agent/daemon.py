@@ -5,7 +5,7 @@ Threads, each with one job, none of them blocking another:
 - the MQTT link (:mod:`edge_agent.mqtt`): drains the durable outbox, receives the retained
   desired state; its callbacks only hand the message on;
 - the ticker: closes windows (by time, or by rows when the agent says so) into summaries
-  in the outbox, and sends heartbeats;
+  in the outbox, checkpoints the open window, and sends heartbeats;
 - the reconciler: acts on the newest desired state (:func:`edge_agent.reconcile.plan`):
   download, verify, install beside the current model, smoke-test, switch, report;
 - the local HTTP endpoint (:mod:`edge_agent.httpapi`), and the agent's own profiling and
@@ -16,6 +16,17 @@ digest) each time it is loaded, also from the device's own disk at start. A bund
 fails to download, verify, load or smoke-test is reported as ``failed`` with the reason and
 the old model keeps serving. A crash at any point leaves the last committed state, so the
 old model is active after restart (see :mod:`edge_agent.slots`).
+
+Delivery is end to end: summaries and reports leave the outbox when the server's retained
+acknowledgement (:class:`~edgefleet.contract.messages.Ack`, on the device's own ``ack`` topic)
+covers their sequence numbers, not on the broker's PUBACK (see :mod:`edge_agent.mqtt`).
+
+A crash loses seconds, not windows: every ``window.checkpoint_seconds`` the open window is
+saved into the outbox file (state ``window``), and every second the rows served in it so
+far (state ``served``); the commit that stores a window's summary clears both. After a
+SIGKILL or a power cut the checkpointed window is sent as a summary ending at the
+checkpoint, and the rows served after it (known to within a second) are reported as
+``errors.lost_rows`` in that summary (or, without a checkpoint, in the next one).
 
 This module does not define formats or rules; it carries them out.
 """
@@ -46,22 +57,26 @@ from edgefleet import __version__
 from edgefleet.contract.bundle import Limits, unpack_verified
 from edgefleet.contract.errors import BundleError, KeyFileError, SchemaError
 from edgefleet.contract.messages import (
+    Ack,
     BundleRef,
     DesiredState,
     Heartbeat,
     Report,
     Status,
+    Summary,
     decode,
     encode,
     topic,
 )
 from edgefleet.contract.signing import Policy, TrustStore
+from edgefleet.contract.wire import canonical_json, parse_json
 
 __all__ = ["AgentDaemon", "InstallError"]
 
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.25
+_SERVED_S = 1.0  # the rows-served counter of the open window is saved this often
 _RETRY_MIN_S, _RETRY_MAX_S = 1.0, 60.0
 
 
@@ -102,8 +117,9 @@ class AgentDaemon:
             username=config.username, password=config.broker_password, tls_ca=config.tls_ca,
             keepalive=config.keepalive_s, will_topic=topic(self.device, "status"),
             will_payload=encode(self._status("offline")),
-            subscriptions=(topic(self.device, "desired"),),
-            reconnect_max_delay=config.reconnect_max_delay_s),
+            subscriptions=(topic(self.device, "desired"), topic(self.device, "ack")),
+            reconnect_max_delay=config.reconnect_max_delay_s,
+            confirm_timeout=config.confirm_timeout_s),
             self.outbox, self._on_message, on_connect=self._on_connect)
         self.http = None
         if config.http_port:
@@ -119,6 +135,13 @@ class AgentDaemon:
         self.last_outcome: Report | None = None
         self.desired_errors = 0
         self.lost_windows = 0  # windows a full disk kept out of the outbox, not yet reported
+        self.lost_rows = 0  # rows a crash took from the open window, not yet reported
+        self.restored: Window | None = None  # the checkpointed window sent after a crash
+        # closing (and putting) a window and checkpointing it never interleave: a stale
+        # checkpoint of a window already stored would be sent twice after a crash
+        self._windows = threading.Lock()
+        self._last_checkpoint = self._last_served = 0.0
+        self._served_saved: tuple[float, int] | None = None
         self._started = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -129,6 +152,7 @@ class AgentDaemon:
             return
         self._started = True
         self._load_installed()
+        self._restore_window()
         self.link.start()
         if self.http is not None:
             self.http.start()
@@ -239,7 +263,13 @@ class AgentDaemon:
             self.desired_errors += 1
             log.warning("ignored a malformed message on %s: %s", topic_name[:120], exc)
             return
-        if not isinstance(message, DesiredState) or message.device != self.device:
+        if message.device != self.device:
+            return
+        if isinstance(message, Ack):
+            for stream, upto in message.acked.items():
+                self.link.confirm(stream, upto)
+            return
+        if not isinstance(message, DesiredState):
             return
         with self._desired_lock:
             self._desired = message
@@ -264,6 +294,13 @@ class AgentDaemon:
                 start = self.agent.window_start
                 if due or (start is not None and now - start >= self.config.window_s):
                     self._close_window(now)
+                else:
+                    if now - self._last_checkpoint >= self.config.checkpoint_s:
+                        self._last_checkpoint = now
+                        self._checkpoint(now)
+                    if now - self._last_served >= _SERVED_S:
+                        self._last_served = now
+                        self._save_served()  # nothing written if the checkpoint just did
                 if now - self._last_heartbeat >= self.config.heartbeat_s:
                     self._last_heartbeat = now
                     self._heartbeat(now)
@@ -272,19 +309,96 @@ class AgentDaemon:
                 time.sleep(_TICK_S)
 
     def _close_window(self, now: float | None = None) -> None:
-        self._put_window(self.agent.close_window(now))
+        with self._windows:
+            self._put_window(self.agent.close_window(now))
+
+    def _checkpoint(self, now: float) -> None:
+        """Save the open window so far (and its row count), so a crash loses seconds."""
+        with self._windows:
+            window = self.agent.snapshot(now)
+            if window is None:
+                return
+            try:
+                self.outbox.set_state(_CHECKPOINT, encode(window.summary(self.device, 0)))
+                self._write_served(window.start, window.rows)
+            except (OutboxError, SchemaError) as exc:
+                log.warning("could not checkpoint the open window: %s", exc)
+
+    def _save_served(self) -> None:
+        with self._windows:
+            start, rows = self.agent.window_start, self.agent.window_rows_so_far
+            if start is None or rows == 0 or self._served_saved == (start, rows):
+                return
+            try:
+                self._write_served(start, rows)
+            except OutboxError as exc:
+                log.warning("could not save the served-rows counter: %s", exc)
+
+    def _write_served(self, start: float, rows: int) -> None:
+        self.outbox.set_state(_SERVED, canonical_json({"start": start, "rows": rows}))
+        self._served_saved = (start, rows)
+
+    def _restore_window(self) -> None:
+        """After a crash: send the checkpointed window, count the rows served after it."""
+        try:
+            blob, served = self.outbox.get_state(_CHECKPOINT), self.outbox.get_state(_SERVED)
+        except OutboxError as exc:
+            log.error("could not read the window checkpoint: %s", exc)
+            return
+        if blob is None and served is None:
+            return
+        served_start, served_rows = None, 0
+        if served is not None:
+            try:
+                obj = parse_json(served, what="served counter", max_bytes=4096)
+                served_start, served_rows = float(obj["start"]), int(obj["rows"])
+            except (SchemaError, KeyError, TypeError, ValueError) as exc:
+                log.error("ignored a corrupt served-rows counter: %s", exc)
+        checkpoint = None
+        if blob is not None:
+            try:
+                checkpoint = decode(topic(self.device, "summary"), blob)
+            except SchemaError as exc:
+                log.error("ignored a corrupt window checkpoint: %s", exc)
+        if isinstance(checkpoint, Summary):
+            lost = max(0, served_rows - checkpoint.rows) \
+                if served_start == checkpoint.window_start else 0
+            window = Window(checkpoint.bundle, checkpoint.window_start, checkpoint.window_end,
+                            checkpoint.rows, checkpoint.profile, checkpoint.latency_counts,
+                            dict(checkpoint.errors), checkpoint.shadow)
+            self.lost_rows += lost
+            self.restored = window
+            log.warning("restored the window checkpointed at %.0f (%d rows); %d row(s) served "
+                        "after it were lost", window.end, window.rows, lost)
+            self._put_window(window)
+            return
+        self.lost_rows += served_rows  # a window that crashed before its first checkpoint
+        log.warning("the last window was lost before its first checkpoint: %d row(s)",
+                    served_rows)
+        try:
+            self.outbox.set_state(_CHECKPOINT, None)
+            self.outbox.set_state(_SERVED, None)
+        except OutboxError as exc:
+            log.error("could not clear the window checkpoint: %s", exc)
 
     def _put_window(self, window: Window | None) -> None:
         if window is None:
             return
+        extra = {}
         if self.lost_windows:  # said in the next summary that could be stored
-            window = replace(window, errors={**window.errors,
-                                             "lost_windows": self.lost_windows})
+            extra["lost_windows"] = self.lost_windows
+        if self.lost_rows:
+            extra["lost_rows"] = window.errors.get("lost_rows", 0) + self.lost_rows
+        if extra:
+            window = replace(window, errors={**window.errors, **extra})
+
+        def build(seq: int, floor: int) -> bytes:
+            return encode(replace(window.summary(self.device, seq, self.outbox.dropped),
+                                  floor=floor))
+
         try:
-            self.outbox.put_numbered(
-                topic(self.device, "summary"),
-                lambda seq: encode(window.summary(self.device, seq, self.outbox.dropped)),
-                "summary")
+            self.outbox.put_sequenced(topic(self.device, "summary"), build, "summary",
+                                      clear_state=(_CHECKPOINT, _SERVED))
         except (OutboxError, SchemaError) as exc:
             # a full disk: the window is lost and takes no sequence number (so the server's
             # ledger has no gap for it); the loss is counted and reported once it can be
@@ -292,7 +406,8 @@ class AgentDaemon:
             log.error("could not store the window summary (%d lost so far): %s",
                       self.lost_windows, exc)
         else:
-            self.lost_windows = 0
+            self.lost_windows = self.lost_rows = 0
+            self._served_saved = None
 
     def _heartbeat(self, now: float) -> None:
         p50, p95 = self.agent.latency_percentiles()
@@ -357,7 +472,8 @@ class AgentDaemon:
         promoted = state.shadow is not None and state.shadow.sha256 == model.ref.sha256
         if self.agent.shadow is not None and self.agent.shadow.ref.sha256 == model.ref.sha256:
             self.agent.set_shadow(None)  # the candidate never shadows itself, not even briefly
-        self._put_window(self.agent.activate(model))
+        with self._windows:
+            self._put_window(self.agent.activate(model))
         previous = None if old is None else old.ref
         self._commit(State(model.ref, previous, None if promoted else state.shadow, revision,
                            state.failed))
@@ -463,14 +579,14 @@ class AgentDaemon:
             log.error("could not record the install state: %s", exc)
 
     def _report(self, outcome: str, revision: int, bundle: BundleRef, reason: str) -> None:
-        def build(seq: int) -> bytes:
+        def build(seq: int, floor: int) -> bytes:
             self.last_outcome = Report(self.device, seq, revision, outcome,
                                        BundleRef(bundle.name, bundle.version, bundle.sha256),
-                                       reason[:2000], self._clock())
+                                       reason[:2000], self._clock(), floor)
             return encode(self.last_outcome)
 
         try:
-            self.outbox.put_numbered(topic(self.device, "report"), build, "report")
+            self.outbox.put_sequenced(topic(self.device, "report"), build, "report")
         except OutboxError as exc:
             log.error("could not store the %s report: %s", outcome, exc)
 
@@ -488,6 +604,7 @@ class AgentDaemon:
             "uptime_s": round(self.agent.uptime_s, 3), "predictions": self.agent.predictions,
             "errors": self.agent.errors, "latency_p50_ms": p50, "latency_p95_ms": p95,
             "window_rows": self.agent.window_rows_so_far, "outbox_depth": self.outbox.depth,
+            "outbox_unconfirmed": self.link.unconfirmed, "lost_rows": self.lost_rows,
             "outbox_dropped": self.outbox.dropped, "connected": self.link.connected,
             "revision": self.slots.state.revision, "rss_bytes": _rss_bytes(),
             "last_report": None if self.last_outcome is None else {
@@ -495,6 +612,9 @@ class AgentDaemon:
                 "bundle": self.last_outcome.bundle.label,
                 "reason": self.last_outcome.reason},
         }
+
+
+_CHECKPOINT, _SERVED = "window", "served"  # outbox state names
 
 
 def _default_url(ref: BundleRef) -> str:

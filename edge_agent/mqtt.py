@@ -1,30 +1,41 @@
 """The agent's one MQTT connection: drains the durable outbox, receives desired state.
 
 :class:`MqttLink` wraps paho-mqtt 2.x so that its threads, callbacks and return codes stay
-inside this module. The rest of the agent sees four things: messages it put in the
-:class:`~edge_agent.outbox.Outbox` leave it once the broker has acknowledged them;
-``on_message(topic, payload)`` for what arrives on the subscriptions; ``on_connect()``
-after each (re)connection; and :attr:`MqttLink.connected`.
+inside this module. The rest of the agent sees five things: messages it put in the
+:class:`~edge_agent.outbox.Outbox` leave it once they are delivered; :meth:`MqttLink.confirm`
+to say what the server has committed; ``on_message(topic, payload)`` for what arrives on
+the subscriptions; ``on_connect()`` after each (re)connection; and
+:attr:`MqttLink.connected`.
 
 Delivery is at least once, end to end, with the outbox as the only durable state:
 
 - a pump thread publishes the oldest pending outbox items while connected, at most
-  ``max_inflight`` of them un-acknowledged at a time;
-- paho's ``on_publish`` (PUBACK) maps the packet id back to the outbox row; the pump, not
-  paho's thread, then acks the row (an fsync must not stall the network loop);
+  ``max_inflight`` of them un-acknowledged by the broker at a time;
+- paho's ``on_publish`` (PUBACK) maps the packet id back to the outbox row. For a
+  *numbered* row (a summary or report, see :meth:`~edge_agent.outbox.Outbox.put_sequenced`)
+  the PUBACK is flow control only: the broker holds the message in memory, and a broker
+  killed before its autosave loses it. The row waits, unconfirmed, until
+  :meth:`MqttLink.confirm` (the server's retained acknowledgement, read by the daemon)
+  covers its number; at most ``max_unconfirmed`` rows wait at a time, and a row still
+  unconfirmed ``confirm_timeout`` seconds after its PUBACK is published again (the
+  timeout doubles, up to 8 times, while no confirmation arrives, so a server that is away
+  for hours does not fill the broker's queue for it with copies). An unnumbered row
+  leaves on its PUBACK. The pump, not paho's thread, writes to the outbox (an fsync must
+  not stall the network loop);
 - on a disconnect every in-flight item is forgotten: it is still in the outbox and is
   published again after the reconnect. paho re-sends its own copy too, under the old
   packet id, so the map from packet id to row is kept (bounded) and a PUBACK for either
   copy acks the row. Duplicates are possible; the server removes them on (device,
-  sequence). Loss is not: a row leaves the outbox only after a PUBACK for a packet
-  carrying it.
+  sequence). Loss is not: an unnumbered row leaves the outbox only after a PUBACK for a
+  packet carrying it, a numbered one only after the server confirmed its number.
 - a PUBACK with a permanent refusal (not authorized, bad topic, too large) acks the row
   and counts it in :attr:`MqttLink.rejected`: retrying would never succeed and would block
   every message behind it. (Mosquitto 2.0 also closes the connection after a refused
   QoS 1 publish; the link reconnects.) Transient refusals (quota) are retried later.
 
 Sessions are clean (MQTT 5 ``clean_start``), so the subscriptions are made again in every
-``on_connect``; desired state is retained and arrives on each subscription.
+``on_connect``; desired state and the server's acknowledgement are retained and arrive on
+each subscription.
 
 Nothing here blocks inside a paho callback: callbacks only update state under a short
 lock and wake the pump. paho calls ``on_publish`` while holding its own message lock,
@@ -41,7 +52,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +101,11 @@ class LinkConfig:
     subscriptions: tuple[str, ...] = ()
     reconnect_min_delay: float = 1
     reconnect_max_delay: float = 60
+    # seconds a numbered row may wait for the server's confirmation after its PUBACK
+    # before it is published again (the server may be down for longer: the timeout backs
+    # off, see the module docstring); long enough that a live server confirms first
+    confirm_timeout: float = 60.0
+    max_unconfirmed: int = 200  # numbered rows PUBACKed and awaiting confirmation
 
 
 class MqttLink:
@@ -125,14 +141,20 @@ class MqttLink:
         # all of the below are guarded by _cond
         self._connected = False
         self._generation = 0  # bumped on every connect and disconnect
-        # paho mid -> outbox id; kept across reconnects (paho re-sends under the old mid),
-        # the oldest entries pruned past _max_sent
-        self._sent: dict[int, int] = {}
+        # paho mid -> (outbox id, numbered); kept across reconnects (paho re-sends under
+        # the old mid), the oldest entries pruned past _max_sent
+        self._sent: dict[int, tuple[int, bool]] = {}
         self._max_sent = 4 * max_inflight
         self._busy: set[int] = set()  # outbox ids published or awaiting their outbox ack
         # (outbox id, refused for good) answered by the broker, to be acked in the outbox
         self._acked: list[tuple[int, bool]] = []
         self._early: dict[int, ReasonCode] = {}  # PUBACKs that beat publish() returning
+        # numbered rows the broker acknowledged, waiting for the server: id -> when (monotonic)
+        self._awaiting: dict[int, float] = {}
+        self._confirms: list[tuple[str, int]] = []  # (stream, upto) for the pump to apply
+        self._backoff = 1  # multiplies confirm_timeout; doubles per re-send without progress
+        self._confirmed = 0
+        self._resent = 0
         self._publishing = False
         self._connect_pending = False
         self._retry_at = 0.0
@@ -233,6 +255,7 @@ class MqttLink:
             self._sent.clear()
             self._busy.clear()
             self._early.clear()
+            self._awaiting.clear()
         self._pump = None
 
     def publish_retained(self, topic: str, payload: bytes, qos: int = 1) -> bool:
@@ -287,11 +310,36 @@ class MqttLink:
         with self._cond:
             return len(self._busy)
 
+    @property
+    def unconfirmed(self) -> int:
+        """Numbered rows the broker acknowledged and the server has not confirmed yet."""
+        with self._cond:
+            return len(self._awaiting)
+
+    @property
+    def confirmed(self) -> int:
+        """Numbered rows removed because the server confirmed them, since start."""
+        return self._confirmed
+
+    @property
+    def resent(self) -> int:
+        """Numbered rows published again after ``confirm_timeout``, since start."""
+        return self._resent
+
+    def confirm(self, stream: str, upto: int) -> None:
+        """The server has committed ``stream`` up to sequence ``upto``: its rows may leave
+        the outbox. Any thread (paho's too): the pump does the writing."""
+        with self._cond:
+            self._confirms.append((stream, int(upto)))
+            self._dirty = True
+            self._cond.notify_all()
+
     def flush(self, timeout: float) -> bool:
-        """Wait until the outbox is empty; True if it emptied within ``timeout`` seconds."""
+        """Wait until every outbox row has left or, if numbered, been acknowledged by the
+        broker (it then waits for the server); True if so within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self.outbox.depth > 0:
+            while self.outbox.depth > len(self._awaiting):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -353,19 +401,24 @@ class MqttLink:
         self, client: Any, userdata: Any, mid: int, reason: ReasonCode, properties: Any
     ) -> None:
         with self._cond:
-            item_id = self._sent.pop(mid, None)
-            if item_id is None:
+            sent = self._sent.pop(mid, None)
+            if sent is None:
                 if self._publishing:
                     # the PUBACK arrived before publish() returned the mid to the pump
                     self._early[mid] = reason
                 # else: a PUBACK for a retained status message, or for a row whose mid
                 # was pruned: not ours to track
                 return
-            self._settle(item_id, reason)
+            self._settle(*sent, reason)
 
-    def _settle(self, item_id: int, reason: ReasonCode) -> None:
+    def _settle(self, item_id: int, numbered: bool, reason: ReasonCode) -> None:
         """Record the broker's answer for one row (caller holds ``_cond``)."""
-        if not reason.is_failure:
+        if not reason.is_failure and numbered:
+            # flow control only: the row stays until the server confirms it
+            self._busy.discard(item_id)
+            self._awaiting[item_id] = time.monotonic()
+            self._published += 1
+        elif not reason.is_failure:
             self._acked.append((item_id, False))
         elif reason.value in _PERMANENT_REFUSALS:
             self._acked.append((item_id, True))
@@ -405,9 +458,10 @@ class MqttLink:
                     return
                 self._dirty = False
                 acked, self._acked = self._acked, []
+                confirms, self._confirms = self._confirms, []
                 call_connect, self._connect_pending = self._connect_pending, False
             try:
-                did = self._pump_once(acked, call_connect)
+                did = self._pump_once(acked, call_connect, confirms)
             except Exception:  # the pump must outlive any single failure
                 log.exception("mqtt pump step failed")
                 did = False
@@ -416,8 +470,49 @@ class MqttLink:
                 with self._cond:
                     self._dirty = True
 
-    def _pump_once(self, acked: list[tuple[int, bool]], call_connect: bool) -> bool:
-        """Ack what the broker acknowledged, then fill the in-flight window. True if busy."""
+    def _apply_confirms(self, confirms: list[tuple[str, int]]) -> bool:
+        """Remove what the server confirmed; re-send what waited too long. True if any."""
+        latest: dict[str, int] = {}
+        for stream, upto in confirms:
+            latest[stream] = max(upto, latest.get(stream, upto))
+        removed: list[int] = []
+        for stream, upto in latest.items():
+            try:
+                removed += self.outbox.confirm(stream, upto)
+            except OutboxError:
+                # the rows stay; the next confirmation (or re-send) covers them again
+                log.exception("could not remove the rows of %s confirmed up to %d",
+                              stream, upto)
+        now = time.monotonic()
+        with self._cond:
+            for item_id in removed:
+                self._awaiting.pop(item_id, None)
+                self._busy.discard(item_id)
+            if removed:  # a PUBACK still to come for a removed row must not make it wait
+                gone = set(removed)
+                self._sent = {mid: sent for mid, sent in self._sent.items()
+                              if sent[0] not in gone}
+            if removed:
+                self._confirmed += len(removed)
+                self._backoff = 1
+                self._cond.notify_all()  # flush() waiters
+            limit = self.config.confirm_timeout * self._backoff
+            expired = [i for i, t in self._awaiting.items() if now - t >= limit]
+            for item_id in expired:
+                del self._awaiting[item_id]  # pending again: published again, oldest first
+            if expired:
+                self._resent += len(expired)
+                self._backoff = min(self._backoff * 2, 8)
+        if expired:
+            log.info("%d message(s) unconfirmed by the server after %.0f s; sending again",
+                     len(expired), limit)
+        return bool(removed or expired)
+
+    def _pump_once(self, acked: list[tuple[int, bool]], call_connect: bool,
+                   confirms: Sequence[tuple[str, int]] = ()) -> bool:
+        """Ack what the broker acknowledged, apply what the server confirmed, re-send what
+        waited too long, then fill the in-flight window. True if busy."""
+        progressed = self._apply_confirms(list(confirms))
         for item_id, refused in acked:
             try:
                 removed = self.outbox.ack(item_id)
@@ -441,17 +536,19 @@ class MqttLink:
         with self._cond:
             if not self._connected or self._stopping or time.monotonic() < self._retry_at:
                 # after a refusal the idle poll (every _IDLE_POLL s) resumes the pump
-                return bool(acked)
+                return bool(acked) or progressed
             generation = self._generation
-            room = self.max_inflight - len(self._busy)
-            busy = set(self._busy)
+            # what is in flight now waits for the server after its PUBACK: count it too
+            room = min(self.max_inflight,
+                       self.config.max_unconfirmed - len(self._awaiting)) - len(self._busy)
+            busy = self._busy | self._awaiting.keys()
         if room <= 0:
-            return bool(acked)
+            return bool(acked) or progressed
         try:
             items = self.outbox.pending(limit=room, exclude=busy)
         except OutboxError:
             log.exception("could not read the outbox")
-            return bool(acked)
+            return bool(acked) or progressed
         sent = 0
         for item in items:
             with self._cond:
@@ -475,13 +572,14 @@ class MqttLink:
                     # not on the wire on this connection: try again after reconnecting
                     self._busy.discard(item.id)
                     break
+                numbered = item.stream is not None
                 if info.mid in early:
-                    self._settle(item.id, early[info.mid])
+                    self._settle(item.id, numbered, early[info.mid])
                 else:
                     # QoS 0 too: paho calls on_publish for it once written to the socket
                     self._sent.pop(info.mid, None)  # a wrapped mid goes to the end
-                    self._sent[info.mid] = item.id
+                    self._sent[info.mid] = (item.id, numbered)
                     while len(self._sent) > self._max_sent:
                         del self._sent[next(iter(self._sent))]
             sent += 1
-        return bool(acked) or sent > 0
+        return bool(acked) or progressed or sent > 0

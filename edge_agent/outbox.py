@@ -1,9 +1,18 @@
-"""A durable, bounded outbox: messages wait here, in one SQLite file, until the broker acks them.
+"""A durable, bounded outbox: messages wait here, in one SQLite file, until they are delivered.
 
-The agent puts every summary, report and heartbeat here first and the MQTT link
-(:mod:`edge_agent.mqtt`) drains it; a message leaves only when :meth:`Outbox.ack` is called
-for it, that is after the broker's PUBACK. paho keeps QoS 1 messages only in memory, so this
-file is what makes delivery survive a crash, a reboot or hours offline.
+The agent puts every summary and report here first and the MQTT link
+(:mod:`edge_agent.mqtt`) drains it. A *numbered* message (:meth:`Outbox.put_numbered`: a
+stream name and a sequence number in it) leaves only when :meth:`Outbox.confirm` says the
+server has committed its stream up to its number; a broker's PUBACK is not enough (the
+broker holds it in memory, and loses it when it is killed before its next autosave). An
+unnumbered message (:meth:`Outbox.put`) leaves on :meth:`Outbox.ack`, after the broker's
+PUBACK. paho keeps QoS 1 messages only in memory, so this file is what makes delivery
+survive a crash, a reboot or hours offline.
+
+The same file keeps small named state blobs (:meth:`Outbox.set_state`) that must change in
+the same transaction as a put: the agent's open-window checkpoint is cleared by the very
+commit that stores the window's summary, so a crash can neither lose the window nor
+report it twice.
 
 Durability: WAL with ``synchronous=FULL``. The promise is "an acknowledged message may
 leave; nothing else may be lost on power cut". In WAL mode ``synchronous=NORMAL`` fsyncs
@@ -68,7 +77,13 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0);
+CREATE TABLE IF NOT EXISTS state (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 """
+# numbered rows (stream, seq); added to files written before end-to-end delivery
+_NUMBERED_COLUMNS = (("stream", "TEXT"), ("seq", "INTEGER"))
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,8 @@ class OutboxItem:
     payload: bytes
     qos: int
     created: float
+    stream: str | None = None  # set for numbered rows: they leave on confirm(), not ack()
+    seq: int = 0
 
 
 class Outbox:
@@ -131,6 +148,11 @@ class Outbox:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+            for name, kind in _NUMBERED_COLUMNS:
+                if name not in have:
+                    conn.execute(f"ALTER TABLE outbox ADD COLUMN {name} {kind}")
+            conn.execute("CREATE INDEX IF NOT EXISTS outbox_stream ON outbox (stream, seq)")
             depth, size = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
             ).fetchone()
@@ -158,21 +180,37 @@ class Outbox:
         return self._put(topic, bytes(payload), qos)[0]
 
     def put_numbered(self, topic: str, build: Callable[[int], bytes], sequence: str,
-                     qos: int = 1) -> tuple[int, int]:
+                     qos: int = 1, *, clear_state: Collection[str] = ()) -> tuple[int, int]:
         """Number a message with the next value of counter ``sequence`` and store it, in
         one transaction: a message that could not be stored (a full disk) uses no number,
         so the numbers the server sees have no gap that is not a real loss.
 
         ``build(seq)`` makes the payload; it runs under the outbox's lock, so keep it short
-        (encoding a message). Returns ``(row id, seq)``.
+        (encoding a message). The row belongs to stream ``sequence`` and leaves on
+        :meth:`confirm`. ``clear_state`` names state blobs deleted in the same commit.
+        Returns ``(row id, seq)``.
 
         Raises:
             OutboxError, OutboxFullError: as :meth:`put`; the counter did not move.
         """
-        return self._put(topic, build, qos, sequence)
+        return self._put(topic, lambda seq, floor: build(seq), qos, sequence, clear_state)
 
-    def _put(self, topic: str, payload: bytes | Callable[[int], bytes], qos: int,
-             sequence: str | None = None) -> tuple[int, int]:
+    def put_sequenced(self, topic: str, build: Callable[[int, int], bytes], stream: str,
+                      qos: int = 1, *, clear_state: Collection[str] = ()) -> tuple[int, int]:
+        """:meth:`put_numbered`, with ``build(seq, floor)``: ``floor`` is the lowest
+        sequence of ``stream`` still in the outbox once this row is in (its own ``seq`` if
+        none older is), so every number of the stream below it has been confirmed or
+        dropped, and the server may acknowledge past the gaps drops leave. If making room
+        drops rows of the same stream, the payload is built again with the new floor.
+
+        Raises:
+            OutboxError, OutboxFullError: as :meth:`put`; the counter did not move.
+        """
+        return self._put(topic, build, qos, stream, clear_state)
+
+    def _put(self, topic: str, payload: bytes | Callable[[int, int], bytes], qos: int,
+             sequence: str | None = None, clear_state: Collection[str] = ()
+             ) -> tuple[int, int]:
         if isinstance(payload, bytes):
             self._check_size(topic, payload)
         topic_bytes = topic.encode("utf-8", errors="replace")
@@ -188,18 +226,33 @@ class Outbox:
                 conn.execute("BEGIN IMMEDIATE")
                 if sequence is not None:
                     seq = self._bump(conn, sequence)
-                if not isinstance(payload, bytes):
-                    payload = bytes(payload(seq))
+                build = None if isinstance(payload, bytes) else payload
+                floor = 0
+                if build is not None:
+                    floor = self._floor(conn, sequence, seq)
+                    payload = bytes(build(seq, floor))
                     self._check_size(topic, payload)
-                over_count = max(0, self._depth + 1 - self.max_messages)
-                over_bytes = max(0, self._bytes + len(payload) - self.max_bytes)
+                assert isinstance(payload, bytes)
                 n_drop, freed = 0, 0
-                if over_count or over_bytes:
-                    n_drop, freed = self._drop_oldest(conn, over_count, over_bytes)
+                for _ in range(4):  # a payload rebuilt with a new floor may grow a little
+                    over_count = max(0, self._depth - n_drop + 1 - self.max_messages)
+                    over_bytes = max(0, self._bytes - freed + len(payload) - self.max_bytes)
+                    if not (over_count or over_bytes):
+                        break
+                    more, more_freed = self._drop_oldest(conn, over_count, over_bytes)
+                    n_drop, freed = n_drop + more, freed + more_freed
+                    if build is not None and self._floor(conn, sequence, seq) != floor:
+                        floor = self._floor(conn, sequence, seq)
+                        payload = bytes(build(seq, floor))
+                        self._check_size(topic, payload)
                 row_id = conn.execute(
-                    "INSERT INTO outbox (topic, payload, qos, created) VALUES (?, ?, ?, ?)",
-                    (topic, payload, qos, float(self._clock())),
+                    "INSERT INTO outbox (topic, payload, qos, created, stream, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (topic, payload, qos, float(self._clock()), sequence,
+                     seq if sequence is not None else None),
                 ).lastrowid
+                for name in clear_state:
+                    conn.execute("DELETE FROM state WHERE name = ?", (name,))
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(conn)
@@ -229,6 +282,14 @@ class Outbox:
                 f"of {self.max_payload} bytes",
                 path=self.path,
             )
+
+    @staticmethod
+    def _floor(conn: sqlite3.Connection, stream: str | None, seq: int) -> int:
+        if stream is None:
+            return 0
+        (low,) = conn.execute("SELECT MIN(seq) FROM outbox WHERE stream = ?",
+                              (stream,)).fetchone()
+        return seq if low is None else min(int(low), seq)
 
     @staticmethod
     def _bump(conn: sqlite3.Connection, name: str) -> int:
@@ -289,6 +350,84 @@ class Outbox:
             self._bytes -= row[0]
             return True
 
+    def confirm(self, stream: str, upto: int) -> list[int]:
+        """Remove the rows of ``stream`` numbered ``upto`` or lower: the server has
+        committed (or settled) them. Returns the row ids removed.
+
+        If ``upto`` is above the stream's counter, the counter moves up to it: the server
+        holds numbers this file never gave out (the device's data directory was replaced),
+        and a number the server already has would be taken for a duplicate and lost. The
+        rows that had reused such numbers are counted in :attr:`dropped`.
+
+        Raises:
+            OutboxError: the file failed (the rows stay and will be sent again).
+        """
+        with self._lock:
+            conn = self._open_conn()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                rows = conn.execute(
+                    "SELECT id, LENGTH(payload) FROM outbox WHERE stream = ? AND seq <= ?",
+                    (stream, upto)).fetchall()
+                if rows:
+                    conn.execute("DELETE FROM outbox WHERE stream = ? AND seq <= ?",
+                                 (stream, upto))
+                key = f"seq:{stream}"
+                conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)",
+                             (key,))
+                moved = conn.execute("UPDATE counters SET value = ? WHERE name = ? AND value < ?",
+                                     (upto, key, upto)).rowcount
+                lost = len(rows) if moved else 0
+                if lost:
+                    # numbers the server had from an earlier file: it took these rows for
+                    # duplicates, so they are lost, and counted as drops are
+                    conn.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'",
+                                 (lost,))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise self._mapped(exc, f"confirm of {stream} up to {upto}") from exc
+            self._depth -= len(rows)
+            self._bytes -= sum(size for _, size in rows)
+            self._dropped += lost
+        if moved:
+            log.warning("the server acknowledges %s up to %d, past this outbox's counter: "
+                        "numbering continues after it (%d message(s) reused old numbers and "
+                        "are counted as dropped)", stream, upto, lost)
+        return [row_id for row_id, _ in rows]
+
+    def set_state(self, name: str, value: bytes | None) -> None:
+        """Keep (or with None, delete) a small named blob in the file, durably.
+
+        Raises:
+            OutboxError, OutboxFullError: the file failed; the old value stays.
+        """
+        with self._lock:
+            conn = self._open_conn()
+            try:
+                if value is None:
+                    conn.execute("DELETE FROM state WHERE name = ?", (name,))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)",
+                                 (name, bytes(value)))
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise self._mapped(exc, f"state {name!r}") from exc
+
+    def get_state(self, name: str) -> bytes | None:
+        """The blob kept under ``name``, or None.
+
+        Raises:
+            OutboxError: the file failed.
+        """
+        with self._lock:
+            try:
+                row = self._open_conn().execute(
+                    "SELECT value FROM state WHERE name = ?", (name,)).fetchone()
+            except sqlite3.Error as exc:
+                raise self._mapped(exc, f"state {name!r}") from exc
+        return None if row is None else bytes(row[0])
+
     def next_sequence(self, name: str) -> int:
         """The next value (1, 2, ...) of a named counter kept in the same file, durably.
 
@@ -327,12 +466,14 @@ class Outbox:
                 # excluded ids are the link's few in-flight messages: over-fetch and filter,
                 # rather than build an IN (...) list of unbounded length
                 rows = conn.execute(
-                    "SELECT id, topic, payload, qos, created FROM outbox ORDER BY id LIMIT ?",
+                    "SELECT id, topic, payload, qos, created, stream, seq FROM outbox "
+                    "ORDER BY id LIMIT ?",
                     (limit + len(skip),),
                 ).fetchall()
             except sqlite3.Error as exc:
                 raise self._mapped(exc, "read") from exc
-        items = [OutboxItem(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows if r[0] not in skip]
+        items = [OutboxItem(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6] or 0)
+                 for r in rows if r[0] not in skip]
         return items[:limit]
 
     @property

@@ -170,7 +170,10 @@ class Mosquitto:
             f"password_file {passwd}",
             f"acl_file {acl}",
             *(
-                ["persistence true", f"persistence_location {self.dir}/"]
+                # the autosave interval `fleet broker-config` writes: a broker killed between
+                # two saves loses what it held in memory only
+                ["persistence true", f"persistence_location {self.dir}/",
+                 "autosave_interval 60"]
                 if self.persistence
                 else ["persistence false"]
             ),
@@ -241,6 +244,14 @@ class Mosquitto:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=timeout)
+
+    def kill(self, timeout: float = 5.0) -> None:
+        """SIGKILL the broker (a crash: nothing saved since the last autosave) and wait."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.kill()
+        proc.wait(timeout=timeout)
 
     def restart(self) -> None:
         """Stop, then start again on the same port with the same config."""

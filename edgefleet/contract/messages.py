@@ -8,6 +8,18 @@ id, which is also its MQTT username (the broker's ACL ``pattern`` lines key on `
     edgefleet/v1/{device}/heartbeat   device → server  QoS 0, health
     edgefleet/v1/{device}/status      device → server  retained; last will "offline"
     edgefleet/v1/{device}/desired     server → device  retained desired state
+    edgefleet/v1/{device}/ack         server → device  retained, QoS 1: what the server stored
+
+Delivery is end to end: a summary or report leaves the agent's outbox only when an
+:class:`Ack` says the server has *committed* it (a broker's PUBACK only means the broker
+holds it in memory). Summaries and reports are numbered per device in two streams
+(:data:`ACK_STREAMS`), and the ack carries, per stream, the highest sequence ``n`` such that
+every sequence ``1..n`` is stored or settled. "Settled" is what makes gaps from the outbox's
+counted drops harmless: every numbered message carries ``floor``, the lowest sequence of
+its stream still in the device's outbox when it was stored, so every sequence below a
+``floor`` the server has seen is either stored already or gone for good (dropped when the
+outbox was full, or refused by the broker; both counted on the device), and the ack may
+pass it.
 
 Every payload is canonical JSON with ``schema`` and ``type`` fields; a summary is sent
 deflated (zlib), recognised by its first byte. :func:`decode` bounds both the payload
@@ -39,10 +51,12 @@ from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.wire import FAST_CHECKS_FLOATS, Fields, canonical_json, parse_json
 
 __all__ = [
+    "ACK_STREAMS",
     "LATENCY_EDGES_MS",
     "LATENCY_FORMAT",
     "MAX_PAYLOAD",
     "TOPIC_PREFIX",
+    "Ack",
     "BundleRef",
     "DesiredState",
     "Heartbeat",
@@ -79,7 +93,9 @@ LATENCY_FORMAT = 2
 LATENCY_EDGES_V1_MS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
 _EDGES_BY_FORMAT = {1: LATENCY_EDGES_V1_MS, 2: LATENCY_EDGES_MS}
 _FORMAT_BY_SLOTS = {len(e) + 1: v for v, e in _EDGES_BY_FORMAT.items()}
-KINDS = ("summary", "report", "heartbeat", "status", "desired")
+KINDS = ("summary", "report", "heartbeat", "status", "desired", "ack")
+# the numbered streams an Ack acknowledges; each is also the name of the device's counter
+ACK_STREAMS = ("summary", "report")
 
 
 def valid_device_id(device: str) -> bool:
@@ -326,6 +342,7 @@ class Summary(Message):
     errors: dict[str, int] = field(default_factory=dict)  # refused inputs, runtime errors
     shadow: ShadowStats | None = None
     dropped: int = 0  # messages this device's outbox dropped so far (bound reached)
+    floor: int = 0  # every summary seq below it is stored or gone for good (see the top)
 
     @property
     def reference_hash(self) -> str:
@@ -342,7 +359,7 @@ class Summary(Message):
                "profile": self.profile, "latency_counts": list(self.latency_counts),
                "errors": dict(sorted(self.errors.items())),
                "shadow": None if self.shadow is None else self.shadow.to_dict(),
-               "dropped": self.dropped}
+               "dropped": self.dropped, "floor": self.floor}
         fmt = self.latency_format
         if fmt != 1:  # format 1 is what a summary without the field means
             out["latency_format"] = fmt
@@ -384,7 +401,7 @@ class Summary(Message):
                    profile, _counts(f, "latency_counts", fmt), errors,
                    None if shadow is None else
                    ShadowStats.from_dict(shadow, f"{f.where}.shadow", fmt),
-                   f.int("dropped", 0))
+                   f.int("dropped", 0), _floor(f))
 
 
 @dataclass(frozen=True)
@@ -401,18 +418,20 @@ class Report(Message):
     bundle: BundleRef
     reason: str = ""
     time: float = 0.0
+    floor: int = 0  # every report seq below it is stored or gone for good (see the top)
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
                 "seq": self.seq, "revision": self.revision, "outcome": self.outcome,
-                "bundle": self.bundle.to_dict(), "reason": self.reason, "time": self.time}
+                "bundle": self.bundle.to_dict(), "reason": self.reason, "time": self.time,
+                "floor": self.floor}
 
     @classmethod
     def from_fields(cls, f: Fields) -> Report:
         return cls(f.str("device", max_len=64), f.int("seq"), f.int("revision"),
                    f.choice("outcome", cls.OUTCOMES),
                    BundleRef.from_dict(f.raw("bundle"), f"{f.where}.bundle"),
-                   f.str("reason", "", max_len=2048), f.float("time", 0.0))
+                   f.str("reason", "", max_len=2048), f.float("time", 0.0), _floor(f))
 
 
 @dataclass(frozen=True)
@@ -498,8 +517,46 @@ class DesiredState(Message):
                    f.float("time", 0.0))
 
 
+@dataclass(frozen=True)
+class Ack(Message):
+    """What the server has committed for a device: per stream of :data:`ACK_STREAMS`, the
+    highest sequence up to which everything is stored or settled (0: nothing yet).
+
+    Published retained (QoS 1) after every ingest commit that held a message of the
+    device, and again on every server (re)connect, so an agent that restarts reads it at
+    subscribe time.
+    """
+
+    kind: ClassVar[str] = "ack"
+    device: str
+    acked: dict[str, int] = field(default_factory=dict)  # stream -> highest settled seq
+    time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
+                "acked": dict(sorted(self.acked.items())), "time": self.time}
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> Ack:
+        acked = f.mapping("acked")
+        for stream, upto in acked.items():
+            if stream not in ACK_STREAMS:
+                raise f.bad("acked", f"unknown stream {stream!r}")
+            if not isinstance(upto, int) or isinstance(upto, bool) or not 0 <= upto < 2**63:
+                raise f.bad("acked", f"{stream}: a non-negative 64-bit integer")
+        return cls(f.str("device", max_len=64), dict(acked), f.float("time", 0.0))
+
+
+def _floor(f: Fields) -> int:
+    floor = f.int("floor", 0)
+    seq = f.int("seq")
+    if floor > seq:
+        raise f.bad("floor", f"{floor} is above the message's own seq {seq}")
+    return floor
+
+
 _TYPES: dict[str, type[Message]] = {c.kind: c for c in
-                                    (Summary, Report, Heartbeat, Status, DesiredState)}
+                                    (Summary, Report, Heartbeat, Status, DesiredState, Ack)}
 
 
 def encode(message: Message) -> bytes:

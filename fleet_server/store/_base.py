@@ -39,6 +39,18 @@ def loads(text: str | None, default: Any = None) -> Any:
     return default if text is None else json.loads(text)
 
 
+def _statements(script: str) -> Iterator[str]:
+    """The complete SQL statements of ``script``, in order."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        yield pending.strip()
+
+
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -193,7 +205,10 @@ class StoreBase:
                     raise SchemaVersionError(f"{self.path}: at version {current}, cannot "
                                              f"apply migration {version}")
                 log.info("migrating %s to version %d: %s", self.path, version, what)
-                db.executescript(sql)
+                # statement by statement: executescript() would COMMIT first, and a second
+                # process would then apply the same migration before the version moves
+                for statement in _statements(sql):
+                    db.conn.execute(statement)
                 db.conn.execute(f"PRAGMA user_version = {version}")
         return self.version
 

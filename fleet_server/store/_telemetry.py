@@ -263,6 +263,74 @@ class TelemetryTables(StoreBase):
                              BundleRef(**loads(r["bundle"])), r["reason"], r["time"],
                              r["received"]) for r in rows]
 
+    # -- delivery acknowledgements ---------------------------------------------------------
+
+    def advance_acks(self, seen: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+        """Move the acknowledgement of each ``(device, stream)`` in ``seen`` (mapped to the
+        highest ``floor`` its messages carried) as far as the stored (or settled) rows
+        allow, and return
+        every stream's acknowledgement of those devices. Call inside :meth:`transaction`,
+        after the batch's rows are inserted.
+
+        The acknowledgement is the highest ``n`` such that each sequence ``1..n`` is stored
+        or below a floor the device declared (gone for good on the device): it never
+        passes a sequence that may still arrive.
+        """
+        tables = {"summary": "summaries", "report": "reports"}
+        devices = sorted({d for d, _ in seen})
+        state: dict[tuple[str, str], tuple[int, int]] = {}
+        for part in chunks(devices, 500):
+            marks = ", ".join("?" * len(part))
+            for r in self._rows(f"SELECT device, stream, acked, floor FROM acks "
+                                f"WHERE device IN ({marks})", part):
+                state[(r["device"], r["stream"])] = (r["acked"], r["floor"])
+        changed = []
+        for (device, stream), floor in sorted(seen.items()):
+            table = tables[stream]  # the caller passes messages.ACK_STREAMS only
+            acked, old_floor = state.get((device, stream), (0, 0))
+            floor = max(floor, old_floor)
+            acked = max(acked, floor - 1)
+            while True:
+                seqs = [r["seq"] for r in self._rows(
+                    f"SELECT seq FROM {table} WHERE device = ? AND seq > ? UNION "
+                    "SELECT seq FROM settled WHERE device = ? AND stream = ? AND seq > ? "
+                    "ORDER BY seq LIMIT 500", [device, acked, device, stream, acked])]
+                for seq in seqs:
+                    if seq != acked + 1:
+                        break
+                    acked = seq
+                else:
+                    if len(seqs) == 500:
+                        continue
+                break
+            if state.get((device, stream)) != (acked, floor):
+                state[(device, stream)] = (acked, floor)
+                changed.append((device, stream, acked, floor))
+        self._many("INSERT OR REPLACE INTO acks (device, stream, acked, floor) "
+                   "VALUES (?, ?, ?, ?)", changed)
+        self._many("DELETE FROM settled WHERE device = ? AND stream = ? AND seq <= ?",
+                   [(d, st, a) for d, st, a, _ in changed])
+        out: dict[str, dict[str, int]] = {d: {} for d in devices}
+        for (device, stream), (acked, _) in state.items():
+            out[device][stream] = acked
+        return out
+
+    def add_settled(self, rows: Sequence[tuple[str, str, int]]) -> None:
+        """Record ``(device, stream, seq)`` refused for good: the acknowledgement may pass
+        them (a device would otherwise send them again forever)."""
+        self._many("INSERT OR IGNORE INTO settled (device, stream, seq) VALUES (?, ?, ?)",
+                   rows)
+
+    def acks(self, device: str | None = None) -> dict[str, dict[str, int]]:
+        """``{device: {stream: acknowledged sequence}}``, of one device or of all."""
+        sql, params = "SELECT device, stream, acked FROM acks", []
+        if device is not None:
+            sql, params = sql + " WHERE device = ?", [device]
+        out: dict[str, dict[str, int]] = {} if device is None else {device: {}}
+        for r in self._rows(sql, params):
+            out.setdefault(r["device"], {})[r["stream"]] = r["acked"]
+        return out
+
     # -- dead letters and counters -------------------------------------------------------
 
     def add_dead_letters(self, rows: Sequence[tuple[float, str, str, str, str, int, bytes]]

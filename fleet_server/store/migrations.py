@@ -19,6 +19,11 @@ History:
    is cleared on the broker yet (the server clears it on its next connection if not);
    ``desired.previous``, the desired bundle before the current one (the rollback slot a
    device may still download).
+6. delivery acknowledgements: per device and numbered stream (summary, report), the
+   highest sequence up to which everything is stored or settled, and the highest
+   ``floor`` the device has declared (see :mod:`edgefleet.contract.messages`); and the
+   sequences refused for good (dead-lettered after decoding: a clock skew, a reference mismatch),
+   which the acknowledgement may pass too.
 
 Migrations are append-only: a released one is never edited, a change is a new one. This
 module holds SQL text only; :mod:`fleet_server.store` runs it.
@@ -242,6 +247,22 @@ CREATE TABLE removed_devices (
 ALTER TABLE desired ADD COLUMN previous TEXT;
 """
 
+_V6 = """
+CREATE TABLE acks (
+    device  TEXT    NOT NULL,
+    stream  TEXT    NOT NULL,
+    acked   INTEGER NOT NULL,
+    floor   INTEGER NOT NULL,
+    PRIMARY KEY (device, stream)
+);
+CREATE TABLE settled (
+    device  TEXT    NOT NULL,
+    stream  TEXT    NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (device, stream, seq)
+);
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -249,5 +270,6 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (3, "rollouts", _V3),
     (4, "summaries keep their packed profile", _V4),
     (5, "removed devices, the desired state's rollback slot", _V5),
+    (6, "delivery acknowledgements", _V6),
 )
 LATEST = MIGRATIONS[-1][0]

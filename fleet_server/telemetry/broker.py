@@ -11,11 +11,13 @@ The ACL is the one the design asks for, ``pattern`` lines keyed on ``%u`` (the
 authenticated username; ``%c``, the client id, is the client's to choose):
 
 - a device may write ``summary``, ``report``, ``heartbeat`` and ``status`` under
-  ``edgefleet/v1/<its username>/`` and read only ``edgefleet/v1/<its username>/desired``;
-- the server account may read ``edgefleet/v1/+/#`` and write ``edgefleet/v1/+/desired``;
+  ``edgefleet/v1/<its username>/`` and read only ``edgefleet/v1/<its username>/desired``
+  and ``.../ack`` (what the server has stored);
+- the server account may read ``edgefleet/v1/+/#`` and write ``edgefleet/v1/+/desired``
+  and ``edgefleet/v1/+/ack``;
 - each ingest worker (``fleet ingest``) has an account of its own
-  (:func:`fleet_server.registry.accounts.ingest_account`) that may read the four device kinds and
-  write nothing.
+  (:func:`fleet_server.registry.accounts.ingest_account`) that may read the four device
+  kinds and write only acknowledgements (never desired state).
 
 Identity is bound to the account: ``use_username_as_clientid`` makes the broker replace
 whatever client id a client sends with its username, so a device that connects as
@@ -105,11 +107,13 @@ pattern write edgefleet/v1/%u/report
 pattern write edgefleet/v1/%u/heartbeat
 pattern write edgefleet/v1/%u/status
 pattern read edgefleet/v1/%u/desired
+pattern read edgefleet/v1/%u/ack
 
 # the fleet server's ingest account
 user {server}
 topic read edgefleet/v1/+/#
 topic write edgefleet/v1/+/desired
+topic write edgefleet/v1/+/ack
 """
 
 # a Mosquitto username that is also safe in a passwd line (no ':'), an ACL line (no
@@ -132,9 +136,11 @@ def acl_text(server_user: str, ingest_users: Iterable[str] = ()) -> str:
     text = ACL_TEMPLATE.format(server=server_user)
     for user in ingest_users:
         _check_user(user, "ingest user")
-        text += (f"\n# an ingest worker (fleet ingest --broker-user {user}): reads, never "
-                 "writes\n" f"user {user}\n"
-                 + "".join(f"topic read edgefleet/v1/+/{kind}\n" for kind in _INGEST_KINDS))
+        text += (f"\n# an ingest worker (fleet ingest --broker-user {user}): reads what devices "
+                 "send, writes only\n# the acknowledgement of what it stored (never desired "
+                 f"state)\nuser {user}\n"
+                 + "".join(f"topic read edgefleet/v1/+/{kind}\n" for kind in _INGEST_KINDS)
+                 + "topic write edgefleet/v1/+/ack\n")
     return text
 
 

@@ -24,8 +24,20 @@ transaction:
 A summary ending more than ``max_clock_skew_s`` in the future is refused: its device's
 clock is wrong, and its window would land in buckets no report asks for.
 
+End-to-end acknowledgement: in the same transaction, for every device with a summary or
+report in the batch (stored, duplicate or refused for good), the highest sequence up to
+which its stream is stored or settled advances (:meth:`Store.advance_acks`; a device's
+``floor`` lets it pass the gaps its outbox's counted drops leave, and a message refused
+after decoding, e.g. for clock skew, is settled so that the device stops sending it). A
+message that cannot even be decoded names no sequence: it holds its device's
+acknowledgement until the device's outbox drops it (its bound; counted there).
+
 :class:`IngestWorker` is the thread around it: drain the link, process, ack after the
-commit. If the store fails (disk full, locked past the timeout) the batch is retried
+commit, then publish each such device's :class:`~edgefleet.contract.messages.Ack` (retained, QoS
+1, on the device's own ``ack`` topic): only then may the device forget the messages. On
+every (re)connection it publishes every device's acknowledgement again from the store,
+so a restarted server (or a broker that lost its retained messages) tells devices what
+it holds. If the store fails (disk full, locked past the timeout) the batch is retried
 with back-off and not acknowledged, so the broker holds further messages.
 
 This module does not connect to the broker (:mod:`fleet_server.telemetry.link`) or judge drift.
@@ -43,7 +55,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
-from edgefleet.contract.messages import Heartbeat, Message, Report, Status, Summary, decode
+from edgefleet.contract.messages import (
+    ACK_STREAMS,
+    Ack,
+    Heartbeat,
+    Message,
+    Report,
+    Status,
+    Summary,
+    decode,
+    encode,
+    topic,
+)
 from edgefleet.errors import EdgefleetError
 from fleet_server.config import DEFAULT_INGEST, IngestConfig
 from fleet_server.errors import StoreError
@@ -75,6 +98,8 @@ class BatchResult:
     dead: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     pending: int = 0
     lags: list[float] = field(default_factory=list)
+    # device -> {stream: acknowledged seq}, for every device with a numbered message here
+    acks: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def dead_total(self) -> int:
@@ -88,6 +113,7 @@ class _Dead:
     error: str
     reason: str
     payload: bytes
+    settles: tuple[str, int] | None = None  # (stream, seq) this refusal settles for good
 
     @property
     def device(self) -> str:
@@ -117,6 +143,14 @@ def _check_integers(msg: Message) -> None:
                               field=f"{msg.kind}.{name}")
 
 
+def _settles(msg: Message | None) -> tuple[str, int] | None:
+    """The (stream, seq) a refusal of a decoded message settles, if it is numbered and its
+    number fits the store."""
+    if isinstance(msg, (Summary, Report)) and msg.kind in ACK_STREAMS and msg.seq <= _INT64:
+        return msg.kind, msg.seq
+    return None
+
+
 class Ingestor:
     """The ingest rules over batches; thread-safe (each call is its own transaction)."""
 
@@ -143,6 +177,7 @@ class Ingestor:
         dead: list[_Dead] = []
         decoded: list[tuple[Incoming, Message]] = []
         for item in batch:
+            msg = None
             try:
                 msg = decode(item.topic, item.payload)
                 if isinstance(msg, Summary) and \
@@ -155,7 +190,7 @@ class Ingestor:
                 _check_integers(msg)
             except EdgefleetError as exc:
                 dead.append(_Dead(item.received, item.topic, type(exc).__name__, str(exc),
-                                  item.payload))
+                                  item.payload, _settles(msg)))
                 continue
             except Exception as exc:  # a contract bug must not stop ingest
                 log.exception("decoding a message on %r failed unexpectedly", item.topic[:200])
@@ -244,6 +279,20 @@ class Ingestor:
         self._merge(deltas)
         if dead:
             self._dead_letters(dead, result)
+        self._advance_acks(decoded, dead, result)
+
+    def _advance_acks(self, decoded: list[tuple[Incoming, Message]], dead: list[_Dead],
+                      result: BatchResult) -> None:
+        seen: dict[tuple[str, str], int] = {}
+        for _, msg in decoded:
+            if isinstance(msg, (Summary, Report)):
+                key = (msg.device, msg.kind)
+                seen[key] = max(seen.get(key, 0), msg.floor)
+        settled = [(d.device, *d.settles) for d in dead if d.settles is not None]
+        for device, stream, _ in settled:
+            seen.setdefault((device, stream), 0)
+        self.store.add_settled(settled)
+        result.acks = self.store.advance_acks(seen)
 
     def _summary(self, item: Incoming, msg: Summary, dead: list[_Dead]
                  ) -> tuple[Summary, SummaryRow, Packed | None, Reference | None] | None:
@@ -256,7 +305,7 @@ class Ingestor:
                 packed = self._pack(ref, msg)
             except (SchemaError, ReferenceMismatchError) as exc:
                 dead.append(_Dead(item.received, item.topic, type(exc).__name__, str(exc),
-                                  item.payload))
+                                  item.payload, _settles(msg)))
                 return None
         row = SummaryRow(msg.device, msg.seq, msg.bundle.name, msg.bundle.version,
                          msg.reference_hash, msg.window_start, msg.window_end, msg.rows,
@@ -410,6 +459,8 @@ class IngestWorker:
         self._thread: threading.Thread | None = None
         self.batches = 0
         self.failures = 0
+        self.acks_published = 0
+        self._acks_connection = 0  # the link's connection count all acks were published on
 
     def start(self) -> None:
         if self._thread is None:
@@ -434,6 +485,8 @@ class IngestWorker:
     def _main(self) -> None:
         while True:
             stopping = self._stop.is_set()
+            if self.link.connects != self._acks_connection and self.link.connected:
+                self._republish_acks()
             batch = self.link.drain(self.config.batch_max, 0.0 if stopping else 0.2,
                                     self.config.batch_wait_s)
             if not batch:
@@ -442,12 +495,30 @@ class IngestWorker:
                 continue
             self._commit(batch)
 
+    def _republish_acks(self) -> None:
+        """Every device's acknowledgement again, from the store (after each connect)."""
+        connects = self.link.connects
+        try:
+            acks = self.ingestor.store.acks()
+        except StoreError:
+            log.exception("cannot read the acknowledgements to publish them again")
+            return
+        if all(self._publish_acks(device, acked) for device, acked in acks.items()):
+            self._acks_connection = connects
+
+    def _publish_acks(self, device: str, acked: dict[str, int]) -> bool:
+        ok = self.link.publish_retained(topic(device, "ack"),
+                                        encode(Ack(device, acked, time.time())))
+        self.acks_published += ok
+        return ok
+
     def _commit(self, batch: list[Incoming]) -> None:
         attempt = 0
+        acks: dict[str, dict[str, int]] = {}
         while True:
             started = time.monotonic()
             try:
-                self.ingestor.process(batch)
+                acks = self.ingestor.process(batch).acks
             except StoreError:
                 # not acked: the broker keeps the rest of its window for us
                 self.failures += 1
@@ -464,7 +535,7 @@ class IngestWorker:
                 log.exception("ingest batch failed unexpectedly; retrying one by one")
                 for item in batch:
                     try:
-                        self.ingestor.process([item])
+                        acks.update(self.ingestor.process([item]).acks)
                     except Exception as exc:
                         log.exception("refusing one message on %r", item.topic[:200])
                         self.ingestor.refuse(item, exc)
@@ -472,4 +543,8 @@ class IngestWorker:
                 self.ingestor.metrics.batch.observe(time.monotonic() - started)
             self.link.ack(batch)
             self.batches += 1
+            # after the commit, never before: the device forgets what these cover. One not
+            # published (no connection) goes out with all of them on the next connect.
+            for device, acked in acks.items():
+                self._publish_acks(device, acked)
             return

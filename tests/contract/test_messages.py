@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 
 from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
 from edgefleet.contract.messages import (
+    ACK_STREAMS,
     LATENCY_EDGES_MS,
     LATENCY_EDGES_V1_MS,
     MAX_INFLATED,
+    Ack,
     BundleRef,
     DesiredState,
     Heartbeat,
@@ -104,6 +106,11 @@ messages = st.one_of(
                               st.text(max_size=20), max_size=5), finite),
     st.builds(DesiredState, devices, st.integers(0, 2**53), st.one_of(st.none(), bundles),
               st.one_of(st.none(), bundles), st.booleans(), finite),
+    st.builds(Ack, devices, st.dictionaries(st.sampled_from(ACK_STREAMS),
+                                            st.integers(0, 2**63 - 1)), finite),
+    st.integers(0, 2**53).flatmap(lambda seq: st.builds(
+        Report, devices, st.just(seq), st.integers(0, 2**53), st.sampled_from(Report.OUTCOMES),
+        bundles, st.text(max_size=100), finite, st.integers(0, seq))),
 )
 
 
@@ -115,7 +122,7 @@ def test_every_message_round_trips(message):
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=400), st.sampled_from(["summary", "report", "heartbeat", "status",
-                                                 "desired"]))
+                                                 "desired", "ack"]))
 def test_random_payloads_raise_only_schema_errors(payload, kind):
     with contextlib.suppress(SchemaError):
         decode(topic("dev-1", kind), payload)
@@ -281,3 +288,26 @@ def test_sequence_numbers_beyond_64_bits_are_refused():
                                          "url": "", "size": 0}, "reason": "", "time": 0.0})
     with pytest.raises(SchemaError, match="seq"):
         decode(topic("d", "report"), payload)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"acked": {"heartbeat": 3}}, "acked"),
+    ({"acked": {"summary": -1}}, "acked"),
+    ({"acked": {"summary": True}}, "acked"),
+    ({"acked": {"summary": 2**63}}, "acked"),
+    ({"acked": []}, "acked"),
+    ({"acked": {}, "extra": 1}, "extra"),
+], ids=["unknown-stream", "negative", "bool", "past-64-bits", "not-a-mapping", "unknown-field"])
+def test_bad_acks_name_the_field(body, field):
+    payload = json.dumps({"schema": 1, "type": "ack", "device": "dev1", **body}).encode()
+    with pytest.raises(SchemaError) as info:
+        decode(topic("dev1", "ack"), payload)
+    assert field in str(info.value)
+
+
+def test_a_floor_above_the_messages_own_sequence_is_refused():
+    report = Report("dev1", 4, 1, "installed", BundleRef("sensor", "1.0.0"), floor=4)
+    assert decode(report.topic, encode(report)) == report
+    body = {**report.to_dict(), "floor": 5}
+    with pytest.raises(SchemaError, match="floor"):
+        decode(report.topic, json.dumps(body).encode())

@@ -112,7 +112,7 @@ def write_config(directory: Path, *, device: str, broker, password: str, trust: 
     secret = directory / "secret"
     secret.write_text(password + "\n")
     secret.chmod(0o600)
-    window = {k: agent.pop(k) for k in ("seconds", "rows") if k in agent}
+    window = {k: agent.pop(k) for k in ("seconds", "rows", "checkpoint_seconds") if k in agent}
     lines = [
         "[device]", f'id = "{device}"', 'labels = { site = "test", line = "1" }', "",
         "[broker]", f'host = "{broker.host}"', f"port = {broker.port}",
@@ -132,12 +132,17 @@ def write_config(directory: Path, *, device: str, broker, password: str, trust: 
 
 class Recorder:
     """The fleet side of the broker in agent tests: a paho client as the ``server`` account
-    that records every decoded device message and publishes retained desired states."""
+    that records every decoded device message and publishes retained desired states, and
+    (``acks=True``) acknowledges summaries and reports as the fleet server's ingest does:
+    the highest sequence up to which every one was received or lies below a floor."""
 
-    def __init__(self, broker, password: str, user: str = "server") -> None:
+    def __init__(self, broker, password: str, user: str = "server", acks: bool = True) -> None:
         import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+        self.acks = acks
+        self._seqs: dict[tuple[str, str], set[int]] = {}
+        self._acked: dict[str, dict[str, int]] = {}
         self.messages: list = []
         self.raw: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
@@ -162,7 +167,26 @@ class Recorder:
         with self._lock:
             self.raw.append((message.topic, bytes(message.payload)))
             with contextlib.suppress(SchemaError):
-                self.messages.append(decode(message.topic, bytes(message.payload)))
+                decoded = decode(message.topic, bytes(message.payload))
+                self.messages.append(decoded)
+                if self.acks:
+                    self._ack(decoded)
+
+    def _ack(self, msg) -> None:
+        from edgefleet.contract.messages import Ack, Report, Summary, encode, topic
+
+        if not isinstance(msg, (Summary, Report)):
+            return
+        seqs = self._seqs.setdefault((msg.device, msg.kind), set())
+        seqs.add(msg.seq)
+        acked = self._acked.setdefault(msg.device, {})
+        upto = max(acked.get(msg.kind, 0), msg.floor - 1)
+        while upto + 1 in seqs:
+            upto += 1
+        acked[msg.kind] = upto
+        # from paho's own thread: publish() only queues the packet
+        self.client.publish(topic(msg.device, "ack"), encode(Ack(msg.device, dict(acked))),
+                            qos=1, retain=True)
 
     def of(self, kind: type) -> list:
         with self._lock:

@@ -17,7 +17,7 @@ from edge_agent.config import load_config
 from edge_agent.daemon import AgentDaemon
 from edge_agent.model import Outputs
 from edgefleet.contract.bundle import pack_bundle, read_unverified
-from edgefleet.contract.messages import Heartbeat, Report, Status, Summary
+from edgefleet.contract.messages import Heartbeat, Report, Status, Summary, decode
 from edgefleet.contract.profile import Profile, from_wire
 from edgefleet.contract.signing import Envelope, generate_key
 from tests.broker import SERVER_USER, Mosquitto
@@ -327,3 +327,32 @@ def test_local_endpoint_serves_through_the_daemon(fleet, downloads, make_daemon,
     assert health["bundle"] == "sensor@1.0.0" and health["predictions"] == 3
     assert health["connected"] is True and health["revision"] == 1
     np.testing.assert_equal(health["errors"], 0)
+
+
+def test_a_crashed_window_comes_back_from_its_checkpoint_and_the_rest_is_counted(
+        fleet, downloads, make_daemon, bundles):
+    import json
+
+    daemon = make_daemon(seconds=3600, checkpoint_seconds=0.2)
+    install(fleet, daemon, downloads.add(bundles.build("1.0.0")), 1)
+    daemon.agent.predict(rows(30))
+
+    def saved_rows() -> int:
+        blob = daemon.outbox.get_state("window")
+        return 0 if blob is None else decode("edgefleet/v1/dev1/summary", blob).rows
+
+    wait_until(lambda: saved_rows() == 30, 10, "a checkpoint of 30 rows")
+    daemon._checkpoint = lambda now: None  # no checkpoint after this ...
+    daemon.agent.predict(rows(10, seed=4))
+    wait_until(lambda: json.loads(daemon.outbox.get_state("served") or b"{}").get("rows") == 40,
+               10, "the served counter")
+    daemon._close_window = lambda now=None: None  # ... and a crash: the window never closes
+    daemon.stop()
+    assert not any(s.rows for s in fleet.of(Summary)), "the window closed after all"
+    again = make_daemon(seconds=3600, checkpoint_seconds=0.2)  # same data directory
+    assert again.restored is not None and again.restored.rows == 30
+    wait_until(lambda: fleet.of(Summary), 10, "the restored window")
+    (summary,) = fleet.of(Summary)
+    assert summary.rows == 30 and summary.errors.get("lost_rows") == 10
+    wait_until(lambda: again.outbox.depth == 0, 10, "the server to confirm it")
+    assert again.outbox.get_state("window") is None  # cleared by the put that stored it

@@ -154,6 +154,7 @@ def make_link(request) -> Callable[..., MqttLink]:
         password: str | None = None,
         on_message=None,
         subscriptions=(),
+        link: dict | None = None,
         **kwargs,
     ) -> MqttLink:
         config = LinkConfig(
@@ -165,7 +166,7 @@ def make_link(request) -> Callable[..., MqttLink]:
             subscriptions=tuple(subscriptions),
             will_topic=topic(device, "status"),
             will_payload=b"offline",
-            **FAST,
+            **{**FAST, **(link or {})},
         )
         link = MqttLink(config, outbox, on_message or (lambda t, p: None), **kwargs)
         request.addfinalizer(link.stop)
@@ -305,11 +306,14 @@ def test_a_device_cannot_publish_as_another(broker, make_subscriber, make_outbox
     wait_until(lambda: link.connected, 5, "the link to reconnect")
 
 
-def test_a_device_reads_only_its_own_desired_state(broker, make_subscriber, make_outbox, make_link):
+@pytest.mark.parametrize("kind", ["desired", "ack"])
+def test_a_device_reads_only_its_own_desired_state(broker, make_subscriber, make_outbox, make_link,
+                                                   kind):
     server = make_subscriber(broker, pattern="edgefleet/v1/+/status")
-    # desired state is retained: published before the devices connect, read on subscribe
-    server.client.publish(topic("dev1", "desired"), b"bundle-for-dev1", qos=1, retain=True)
-    server.client.publish(topic("dev2", "desired"), b"bundle-for-dev2", qos=1, retain=True)
+    # desired state (and the server's acknowledgement) is retained: published before the
+    # devices connect, read on subscribe
+    server.client.publish(topic("dev1", kind), b"bundle-for-dev1", qos=1, retain=True)
+    server.client.publish(topic("dev2", kind), b"bundle-for-dev2", qos=1, retain=True)
     got: dict[str, list[tuple[str, bytes]]] = {"dev1": [], "dev2": []}
     links = {}
     for device in ("dev1", "dev2"):
@@ -317,14 +321,14 @@ def test_a_device_reads_only_its_own_desired_state(broker, make_subscriber, make
             broker,
             make_outbox(f"{device}.db"),
             device,
-            subscriptions=(topic("dev1", "desired"), topic("dev2", "desired")),
+            subscriptions=(topic("dev1", kind), topic("dev2", kind)),
             on_message=lambda t, p, device=device: got[device].append((t, p)),
         )
         links[device].start()
     wait_until(lambda: got["dev1"] and got["dev2"], 10, "each device's desired state")
     time.sleep(0.3)  # time for a wrongly delivered message to show up
-    assert got["dev1"] == [(topic("dev1", "desired"), b"bundle-for-dev1")]
-    assert got["dev2"] == [(topic("dev2", "desired"), b"bundle-for-dev2")]
+    assert got["dev1"] == [(topic("dev1", kind), b"bundle-for-dev1")]
+    assert got["dev2"] == [(topic("dev2", kind), b"bundle-for-dev2")]
 
 
 def test_on_message_errors_do_not_stop_the_link(
@@ -389,3 +393,73 @@ def test_wrong_password_is_not_connected_and_not_logged(broker, make_outbox, mak
     assert "refused" in caplog.text
     assert secret not in caplog.text
     assert outbox.depth == 1  # kept for a link with the right password
+
+
+# -- end-to-end delivery: a PUBACK is flow control, the server's confirmation is delivery ----
+
+
+def put_numbered(outbox: Outbox, device: str, count: int) -> None:
+    for _ in range(count):
+        outbox.put_numbered(topic(device, "summary"), lambda seq: f"{device}:{seq}".encode(),
+                            "summary")
+
+
+def test_numbered_rows_stay_until_the_server_confirms_them(
+    broker, make_subscriber, make_outbox, make_link
+):
+    sub = make_subscriber(broker)
+    outbox = make_outbox()
+    link = make_link(broker, outbox, link={"confirm_timeout": 3600})
+    link.start()
+    put_numbered(outbox, "dev1", 10)
+    wait_until(lambda: sub.payloads() == expected("dev1", 1, 10), 10, "all 10 at the broker")
+    wait_until(lambda: link.unconfirmed == 10, 10, "10 PUBACKs")
+    assert outbox.depth == 10, "a PUBACK removed a numbered row"
+    assert link.flush(1)  # everything is with the broker, waiting for the server
+    link.confirm("summary", 6)
+    wait_until(lambda: outbox.depth == 4, 10, "rows 1-6 to leave")
+    assert [i.seq for i in outbox.pending()] == [7, 8, 9, 10]
+    link.confirm("summary", 10)
+    wait_until(lambda: outbox.depth == 0, 10, "the rest to leave")
+    assert link.confirmed == 10 and link.unconfirmed == 0 and link.resent == 0
+
+
+def test_unconfirmed_rows_are_sent_again_after_the_timeout(
+    broker, make_subscriber, make_outbox, make_link
+):
+    sub = make_subscriber(broker)
+    outbox = make_outbox()
+    link = make_link(broker, outbox, link={"confirm_timeout": 0.3})
+    link.start()
+    put_numbered(outbox, "dev1", 3)
+
+    def copies() -> int:
+        with sub._lock:
+            return sum(t == topic("dev1", "summary") for t, _, _ in sub.messages)
+
+    wait_until(lambda: copies() >= 6, 20, "each row sent a second time")
+    assert link.resent >= 3 and outbox.depth == 3
+    assert sub.payloads() == expected("dev1", 1, 3)  # copies, nothing new
+    link.confirm("summary", 3)
+    wait_until(lambda: outbox.depth == 0, 10, "the confirmed rows to leave")
+
+
+def test_at_most_max_unconfirmed_rows_wait_for_the_server(
+    broker, make_subscriber, make_outbox, make_link
+):
+    """A server away for hours must not make the agent pour its whole outbox into the
+    broker's queue for it."""
+    sub = make_subscriber(broker)
+    outbox = make_outbox()
+    link = make_link(broker, outbox, link={"confirm_timeout": 3600, "max_unconfirmed": 5})
+    link.start()
+    put_numbered(outbox, "dev1", 12)
+    wait_until(lambda: link.unconfirmed == 5, 10, "5 rows with the broker")
+    time.sleep(0.5)  # time for a sixth to go out wrongly
+    assert sub.payloads() == expected("dev1", 1, 5)
+    link.confirm("summary", 5)
+    wait_until(lambda: sub.payloads() == expected("dev1", 1, 10), 10, "the next 5")
+    link.confirm("summary", 10)
+    wait_until(lambda: sub.payloads() == expected("dev1", 1, 12), 10, "the last 2")
+    link.confirm("summary", 12)
+    wait_until(lambda: outbox.depth == 0, 10, "everything confirmed")

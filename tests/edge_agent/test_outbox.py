@@ -316,3 +316,98 @@ def test_a_numbered_payload_over_the_limit_uses_no_number(tmp_path):
         with pytest.raises(OutboxError, match="exceeds"):
             box.put_numbered("t", lambda seq: bytes(11), "s")
         assert box.last_sequence("s") == 0 and box.depth == 0
+
+
+# -- end-to-end delivery: numbered rows leave on the server's confirmation -----------------
+
+
+def _numbered(box: Outbox, stream: str = "summary") -> tuple[int, int, int]:
+    """Put one numbered row whose payload records (seq, floor); returns (id, seq, floor)."""
+    got: dict[str, int] = {}
+
+    def build(seq: int, floor: int) -> bytes:
+        got.update(seq=seq, floor=floor)
+        return f"{seq}:{floor}".encode()
+
+    row_id, seq = box.put_sequenced(f"t/{stream}", build, stream)
+    assert seq == got["seq"]
+    return row_id, seq, got["floor"]
+
+
+def test_confirm_removes_a_streams_rows_up_to_a_number_and_nothing_else(tmp_path):
+    with Outbox(tmp_path / "o.db") as box:
+        plain = box.put("t/plain", b"p")
+        for _ in range(5):
+            _numbered(box, "summary")
+        _numbered(box, "report")
+        assert box.confirm("summary", 3) != [] and box.depth == 4
+        assert box.confirm("summary", 3) == []  # idempotent
+        items = box.pending()
+        assert [(i.stream, i.seq) for i in items] == [
+            (None, 0), ("summary", 4), ("summary", 5), ("report", 1)]
+        assert items[0].id == plain
+        assert box.ack(plain)  # unnumbered rows still leave on ack
+        assert len(box.confirm("summary", 10)) == 2 and box.depth == 1
+        assert box.size == len(box.pending()[0].payload)
+    with Outbox(tmp_path / "o.db") as again:  # the counters agree with the file
+        assert again.depth == 1 and [i.seq for i in again.pending()] == [1]
+
+
+def test_the_floor_is_the_oldest_waiting_number_and_passes_drops(tmp_path):
+    with Outbox(tmp_path / "o.db", max_messages=3) as box:
+        assert _numbered(box)[1:] == (1, 1)
+        assert _numbered(box)[1:] == (2, 1)
+        assert _numbered(box)[1:] == (3, 1)
+        # full: 1 is dropped to make room, and the payload says the server may pass it
+        assert _numbered(box)[1:] == (4, 2)
+        assert box.dropped == 1
+        assert [p.payload for p in box.pending()] == [b"2:1", b"3:1", b"4:2"]
+        box.confirm("summary", 3)
+        assert _numbered(box)[1:] == (5, 4)
+        _numbered(box, "report")  # another stream has its own floor
+        assert box.pending()[-1].payload == b"1:1"
+
+
+def test_a_server_ahead_of_the_counter_moves_it_on(tmp_path):
+    """A replaced data directory starts numbering at 1 again; the server already holds
+    those numbers and would take new windows for duplicates."""
+    with Outbox(tmp_path / "o.db") as box:
+        _numbered(box)
+        box.confirm("summary", 40)
+        assert box.last_sequence("summary") == 40 and box.depth == 0
+        assert box.dropped == 1  # its number 1 was the server's already: said, not hidden
+        assert _numbered(box)[1] == 41
+        box.confirm("summary", 7)  # a stale acknowledgement never moves it back
+        assert box.last_sequence("summary") == 41
+
+
+def test_state_is_cleared_by_the_put_that_stores_it(tmp_path):
+    with Outbox(tmp_path / "o.db") as box:
+        assert box.get_state("window") is None
+        box.set_state("window", b"checkpoint")
+        box.set_state("served", b"17")
+        box.put_numbered("t", lambda seq: b"x", "summary")
+        assert box.get_state("window") == b"checkpoint"  # not named: kept
+        box.put_numbered("t", lambda seq: b"x", "summary", clear_state=("window", "served"))
+        assert box.get_state("window") is None and box.get_state("served") is None
+        box.set_state("window", b"again")
+    with Outbox(tmp_path / "o.db") as again:
+        assert again.get_state("window") == b"again"
+        again.set_state("window", None)
+        assert again.get_state("window") is None
+
+
+def test_a_file_from_before_numbered_rows_opens_and_keeps_its_messages(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+            "payload BLOB NOT NULL, qos INTEGER NOT NULL, created REAL NOT NULL);"
+            "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+            "INSERT INTO counters VALUES ('dropped', 2), ('seq:summary', 9);"
+            "INSERT INTO outbox (topic, payload, qos, created) VALUES ('t', x'01', 1, 0);")
+    with Outbox(path) as box:
+        assert box.depth == 1 and box.dropped == 2
+        old = box.pending()[0]
+        assert old.stream is None  # an old row leaves on its PUBACK, as it would have
+        assert _numbered(box)[1:] == (10, 10)

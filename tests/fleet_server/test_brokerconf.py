@@ -141,9 +141,11 @@ def test_render_acl_is_the_design_acl(tmp_path):
         "pattern write edgefleet/v1/%u/heartbeat",
         "pattern write edgefleet/v1/%u/status",
         "pattern read edgefleet/v1/%u/desired",
+        "pattern read edgefleet/v1/%u/ack",
         "user server-eu",
         "topic read edgefleet/v1/+/#",
         "topic write edgefleet/v1/+/desired",
+        "topic write edgefleet/v1/+/ack",
     ]
     assert "%c" not in acl.replace("`%c`", "")  # keyed on the username only
 
@@ -259,7 +261,8 @@ def test_render_ingest_worker_accounts(tmp_path):
     assert acl.startswith(ACL_TEMPLATE.format(server="server"))
     block = acl.split("user server-ingest-1\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert block == [f"topic read edgefleet/v1/+/{k}"
-                     for k in ("summary", "report", "heartbeat", "status")]
+                     for k in ("summary", "report", "heartbeat", "status")] + [
+        "topic write edgefleet/v1/+/ack"]  # it acknowledges what it stored, nothing else
     with pytest.raises(InvalidRequestError, match="passwords"):
         render(BrokerSetup(out=tmp_path, server_password="x", ingest_workers=2), [])
 

@@ -280,3 +280,95 @@ def test_two_workers_on_a_shared_subscription_store_everything_once(
     finally:
         for w in workers:
             w.stop()
+
+
+# -- end-to-end acknowledgement ---------------------------------------------------------------
+
+
+def _report(device: str, seq: int, floor: int = 0) -> Incoming:
+    from edgefleet.contract.messages import Report
+
+    msg = Report(device, seq, 1, "installed", BundleRef("sensor", "1.0.0"), floor=floor)
+    return Incoming(msg.topic, encode(msg), 1, seq, 1, 5.0)
+
+
+def test_the_ack_is_the_highest_contiguous_stored_sequence(services):
+    ingest = services.ingestor
+    assert ingest.process([_report("dev1", 1), _report("dev1", 2), _report("dev1", 4)],
+                          now=10.0).acks == {"dev1": {"report": 2}}
+    # a re-send of what is stored changes nothing but is acknowledged again
+    again = ingest.process([_report("dev1", 2)], now=10.0)
+    assert again.duplicates["report"] == 1 and again.acks == {"dev1": {"report": 2}}
+    assert ingest.process([_report("dev1", 3)], now=10.0).acks == {"dev1": {"report": 4}}
+    assert len(services.store.list_reports("dev1")) == 4  # each stored once
+    # another device is acknowledged on its own; every batch names only its devices
+    assert ingest.process([_report("dev2", 1)], now=10.0).acks == {"dev2": {"report": 1}}
+    assert services.store.acks() == {"dev1": {"report": 4}, "dev2": {"report": 1}}
+
+
+def test_the_ack_passes_what_the_device_dropped_never_what_may_still_come(services):
+    """Rows 1-2 were stored, 3-5 dropped from a full outbox (counted there): the next
+    message's floor 6 says no number below it will ever come."""
+    ingest = services.ingestor
+    ingest.process([_report("dev1", 1), _report("dev1", 2)], now=10.0)
+    assert ingest.process([_report("dev1", 7, floor=6)], now=10.0).acks["dev1"] == \
+        {"report": 5}  # passes 3-5, waits for 6
+    assert ingest.process([_report("dev1", 6, floor=6)], now=10.0).acks["dev1"] == \
+        {"report": 7}
+    # an older floor arriving late (a re-send) never moves the ack back
+    assert ingest.process([_report("dev1", 2, floor=1)], now=10.0).acks["dev1"] == \
+        {"report": 7}
+
+
+def test_a_summary_refused_for_good_is_settled_so_the_device_stops_sending_it(
+        services, sensor_ref):
+    spec, _ = sensor_ref
+    now = time.time()
+    ingest = services.ingestor
+    ok = summary_of("dev1", 1, profile_of(spec, 10, 1), now - 60, now)
+    future = summary_of("dev1", 2, profile_of(spec, 10, 2), now + 5 * 86400, now + 5 * 86400 + 1)
+    later = summary_of("dev1", 3, profile_of(spec, 10, 3), now - 30, now)
+    batch = [Incoming(m.topic, encode(m), 1, m.seq, 1, now) for m in (ok, later, future)]
+    result = ingest.process(batch, now=now)
+    assert result.dead == {"SchemaError": 1}
+    assert result.acks == {"dev1": {"summary": 3}}
+
+
+def test_the_worker_publishes_acks_after_the_commit_and_again_after_a_restart(
+        broker, server_factory, tmp_path):
+    """Through the real broker and server: numbered rows leave the device's outbox only
+    on the server's acknowledgement, which a restarted server publishes again."""
+    from edge_agent.mqtt import LinkConfig, MqttLink
+    from edge_agent.outbox import Outbox
+    from edgefleet.contract.messages import Ack, Report, decode
+    from tests.fleet_server.conftest import PASSWORDS
+
+    server = server_factory(broker)
+    got: list[Ack] = []
+    outbox = Outbox(tmp_path / "dev1-outbox.db")
+
+    def on_message(t: str, p: bytes) -> None:
+        ack = decode(t, p)
+        got.append(ack)
+        for stream, upto in ack.acked.items():
+            link.confirm(stream, upto)
+
+    link = MqttLink(LinkConfig(broker.host, broker.port, "dev1", "dev1", PASSWORDS["dev1"],
+                               subscriptions=(topic("dev1", "ack"),), reconnect_min_delay=0.05,
+                               reconnect_max_delay=0.3), outbox, on_message)
+    link.start()
+    try:
+        for _ in range(3):
+            outbox.put_sequenced(topic("dev1", "report"), lambda seq, floor: encode(Report(
+                "dev1", seq, 1, "installed", BundleRef("sensor", "1.0.0"), floor=floor)),
+                "report")
+        wait_until(lambda: outbox.depth == 0, 15, "the server to acknowledge 1-3")
+        assert got[-1] == Ack("dev1", {"report": 3}, got[-1].time)
+        assert link.confirmed == 3
+        server.stop()
+        got.clear()
+        server_factory(broker)  # a restarted server publishes what its store holds
+        wait_until(lambda: any(a.acked == {"report": 3} for a in got), 15, "the ack again")
+    finally:
+        link.stop()
+        outbox.close()

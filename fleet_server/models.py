@@ -15,8 +15,10 @@ from enum import Enum
 from typing import Any
 
 from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.wire import canonical_json, sha256_hex
 
 __all__ = [
+    "AUDIT_GENESIS",
     "FLEET_SCOPE",
     "ROLES",
     "ROLLOUT_ACTIONS",
@@ -25,6 +27,7 @@ __all__ = [
     "ROLLOUT_STATUSES",
     "Alert",
     "AuditEntry",
+    "AuditLink",
     "BundleRecord",
     "DeadLetter",
     "DesiredRecord",
@@ -37,6 +40,7 @@ __all__ = [
     "RolloutStatus",
     "SummaryRecord",
     "Token",
+    "audit_digest",
     "download_url",
 ]
 
@@ -331,7 +335,41 @@ class AuditEntry:
     action: str
     target: str
     details: dict[str, Any]
+    prev: str | None = None  # the hash of the entry before (None: written before the chain)
+    hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "time": self.time, "actor": self.actor, "action": self.action,
-                "target": self.target, "details": self.details}
+                "target": self.target, "details": self.details, "prev": self.prev,
+                "hash": self.hash}
+
+
+# The hash-chained audit log: each entry stores the sha256 of the one before it (the first
+# the genesis value) and its own, over the exact text stored. One owner for the digest: the
+# store computes it on insert, :mod:`fleet_server.registry.audit` on verification.
+AUDIT_GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class AuditLink:
+    """An audit entry as stored, details as the exact stored text: what its hash covers."""
+
+    id: int
+    time: float
+    actor: str
+    action: str
+    target: str
+    details: str
+    prev: str | None
+    hash: str | None
+
+    def digest(self) -> str:
+        """The sha256 this entry must carry, from its content and its ``prev``."""
+        return audit_digest(self.prev or "", self.time, self.actor, self.action, self.target,
+                            self.details)
+
+
+def audit_digest(prev: str, time: float, actor: str, action: str, target: str,
+                 details: str) -> str:
+    # a JSON list: unambiguous field boundaries; repr-exact floats (canonical JSON)
+    return sha256_hex(canonical_json([prev, time, actor, action, target, details]))

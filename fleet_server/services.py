@@ -18,6 +18,8 @@ Public service APIs (for the rollout shell and the dashboard):
   ``merged`` (a scope's merged rollup, for rollout gates);
 - ``rollouts`` (:class:`~fleet_server.rollouts.engine.Rollouts`): ``create``, ``get``,
   ``list``, ``act``, ``preview``, ``tick`` (the engine thread is the server's);
+- ``audit`` (:class:`~fleet_server.registry.audit.AuditLog`): ``verify`` the hash chain,
+  ``export``;
 - ``alerts`` (:class:`~fleet_server.monitoring.alerts.Alerts`), ``auth``
   (:class:`~fleet_server.registry.auth.Auth`), ``ingestor``, ``metrics``, ``store``.
 """
@@ -33,6 +35,7 @@ from fleet_server.config import ServerConfig
 from fleet_server.metrics import Metrics
 from fleet_server.monitoring.alerts import Alerts
 from fleet_server.monitoring.drift import DriftService
+from fleet_server.registry.audit import AuditLog
 from fleet_server.registry.auth import Auth
 from fleet_server.registry.blobs import BlobStore
 from fleet_server.registry.bundles import Bundles
@@ -58,6 +61,7 @@ class Services:
     ingestor: Ingestor
     metrics: Metrics
     rollouts: Rollouts
+    audit: AuditLog
     clock: Callable[[], float] = time.time
     mqtt_state: Callable[[], str] = field(default=lambda: "disabled")
 
@@ -90,7 +94,7 @@ def build_services(config: ServerConfig, *, publisher: Publisher | None = None,
             desired=desired, drift=drift, alerts=Alerts(store, metrics), ingestor=ingestor,
             metrics=metrics,
             rollouts=Rollouts(store, registry, bundles, desired, drift, config, clock),
-            clock=clock)
+            audit=AuditLog(store), clock=clock)
     except BaseException:
         store.close()
         raise

@@ -9,6 +9,8 @@ The steps, in the order a build runs them:
 ``quantize``     dynamic, static or fp16 quantisation of the graphs that have MatMul/Conv
 ``fidelity``     the gate: the converted model must answer as the original did
 ``reference``    the training profile (the same code the device profiles with)
+``evaluate``     the card's numbers: metrics with intervals, slices, fairness, importances
+``card``         ``card.toml`` in, the card rendered out (Markdown, HTML, JSON)
 ``build``        the whole build, the manifest with lineage, and signing
 ``sample_data``  small synthetic data sets the tests and the demo train on
 ``cli``          the ``edgepack`` command
@@ -20,5 +22,5 @@ and the agent never imports it. What it shares with the agent and the fleet (the
 manifest, profile and signing formats) is in :mod:`edgefleet.contract`.
 """
 
-__all__ = ["build", "cli", "convert", "data", "errors", "fidelity", "precision", "quantize",
-           "reference", "sample_data"]
+__all__ = ["build", "card", "cli", "convert", "data", "errors", "evaluate", "fidelity",
+           "precision", "quantize", "reference", "sample_data"]

@@ -2,8 +2,9 @@
 
 Steps, each reported to a progress callback: load the model and the data, convert to
 ONNX, quantise, judge fidelity against the original, profile the training data and the
-packaged model's predictions on it, pick smoke-test samples, write the manifest with
-lineage, sign, pack.
+packaged model's predictions on it, pick smoke-test samples, measure the model card
+(metrics with intervals, slices, fairness, importances: :mod:`packager.evaluate`) and hold
+its fairness gaps to their bounds, write the manifest with lineage and the card, sign, pack.
 
 Reproducible: with ``SOURCE_DATE_EPOCH`` set, the same inputs give byte-identical
 bundles (created_at and the tar mtimes come from it; every other byte is a function
@@ -30,16 +31,33 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.contract.bundle import BUNDLE_SUFFIX, file_entry, pack_bundle
+from edgefleet.contract.bundle import (
+    BUNDLE_SUFFIX,
+    file_entry,
+    pack_bundle,
+    read_bundle_file,
+    read_unverified,
+)
+from edgefleet.contract.card import Champion, ModelCard, Statement, TimeRange
 from edgefleet.contract.errors import KeyFileError, SchemaError
-from edgefleet.contract.manifest import NAME_RE, FeatureSpec, Lineage, Manifest, parse_version
+from edgefleet.contract.manifest import (
+    NAME_RE,
+    FeatureSpec,
+    Fidelity,
+    Lineage,
+    Manifest,
+    Quantization,
+    parse_version,
+)
 from edgefleet.contract.runtime import ModelRunner, Prediction
 from edgefleet.contract.signing import Envelope, load_private_key
 from edgefleet.contract.wire import sha256_hex
+from packager import evaluate
 from packager.boosters import missing_library_hint
+from packager.card import load_card
 from packager.convert import Converted, adopt_onnx, convert_sklearn, sklearn_outputs
 from packager.data import Table, load_table
-from packager.errors import BuildError, FidelityError, ModelLoadError
+from packager.errors import BuildError, FairnessError, FidelityError, ModelLoadError
 from packager.fidelity import Bounds, judge, table
 from packager.quantize import quantize
 from packager.reference import build_reference, pick_samples
@@ -48,7 +66,8 @@ __all__ = ["BuildOptions", "BuildResult", "build", "library_versions", "load_sig
 
 FIDELITY_ROWS = 2000
 LIBRARIES = ("edgefleet", "numpy", "onnx", "onnxruntime", "skl2onnx", "scikit-learn",
-             "protobuf", "pandas", "onnxmltools", "xgboost", "lightgbm")
+             "protobuf", "pandas", "onnxmltools", "xgboost", "lightgbm",
+             "fairlearn")  # fairlearn: the card's fairness numbers
 Progress = Callable[[str, str], None]
 
 
@@ -71,6 +90,14 @@ class BuildOptions:
     eval_data: Path | None = None
     description: str = ""
     code_revision: str | None = None
+    card: Path | None = None  # card.toml: what the engineer states
+    slice_by: tuple[str, ...] = ()
+    sensitive: tuple[str, ...] = ()  # need not be model inputs
+    fairness_bounds: dict[str, float] = field(default_factory=dict)
+    positive_label: str | None = None
+    time_column: str | None = None
+    importances: bool = True
+    champion: Path | None = None  # a bundle to compare with on the same evaluation rows
 
 
 @dataclass
@@ -257,6 +284,7 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
     except SchemaError as exc:
         raise BuildError(f"--version: {exc}") from exc
     key = load_signing_key(opts.key, opts.passphrase)  # fail before the slow steps
+    statement = load_card(opts.card) if opts.card else None
     epoch, created_at = _now(os.environ.get("SOURCE_DATE_EPOCH"))
 
     est, model_bytes = _load_model(opts.model)
@@ -272,14 +300,7 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
     step("convert", f"{converted.estimator} → ONNX, {converted.binding.layout} layout"
          + (f" ({'; '.join(converted.notes)})" if converted.notes else ""))
 
-    calibration = None
-    if opts.quantize == "static":
-        cal = load_table(opts.calibration_data, opts.target) if opts.calibration_data \
-            else features
-        cal = _sample(cal.select(features.names), 512)
-        calibration = _calibration_feeds(converted, cal)
-    model, quant = quantize(converted.model, opts.quantize, calibration=calibration,
-                            keep_first_float=opts.keep_first_float)
+    model, quant = _quantize(opts, converted, features)
     step("quantize", quant.note or (f"{opts.quantize}: {quant.quantized_ops} ops quantised"
                                     if quant.applied else "none"))
 
@@ -292,23 +313,13 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
         classes=converted.classes)
     runner = ModelRunner(provisional, model)
 
-    evaluation = load_table(opts.eval_data, opts.target).select(features.names) \
-        if opts.eval_data else None
-    check = evaluation if evaluation is not None else _sample(features, FIDELITY_ROWS)
+    # all the evaluation file's columns: a sensitive or slice column need not be an input
+    source = load_table(opts.eval_data, opts.target) if opts.eval_data \
+        else _sample(data, FIDELITY_ROWS)
+    check = source.select(features.names)
+    evaluation = check if opts.eval_data else None
     shipped = runner.run_columns(_columns(check))
-    if est is not None:
-        original = sklearn_outputs(est, check, converted.binding.layout)
-        fidelity, rows = judge(original, shipped, converted.task, opts.bounds,
-                               converted.classes)
-    else:
-        fidelity, rows = replace(provisional.fidelity, rows=0), []
-    if not fidelity.passed:
-        if not opts.force:
-            raise FidelityError(
-                f"{opts.model.name}: the packaged model disagrees with the original "
-                f"beyond the bounds on {fidelity.rows} rows (use --force to build anyway)",
-                table(rows))
-        fidelity = replace(fidelity, forced=True)
+    fidelity, rows = _fidelity(opts, est, converted, check, shipped)
     step("fidelity", f"{'passed' if fidelity.passed else 'FAILED (forced)'} on "
          f"{fidelity.rows} rows")
 
@@ -319,6 +330,10 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
     step("profile", f"reference over {features.rows} rows, {len(spec.inputs)} features, "
          f"reference_hash {spec.reference_hash[:12]}")
 
+    card = _card(opts, statement, converted, features.names, data, source, shipped,
+                 runner.run_columns)
+    step("card", _card_detail(card))
+
     metrics = _metrics(converted.task, shipped, check.target,
                        "eval_" if evaluation is not None else "train_")
     warned = _warnings(opts, evaluation is not None)
@@ -328,7 +343,7 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
         provisional, description=opts.description,
         files=tuple(sorted(file_entry(k, v) for k, v in files.items())),
         reference_hash=spec.reference_hash, quantization=quant, fidelity=fidelity,
-        metrics=metrics,
+        metrics=metrics, card=card,
         lineage=replace(provisional.lineage, code_revision=opts.code_revision
                         or _git_revision(Path.cwd()), libraries=library_versions()))
     payload = manifest.to_bytes()
@@ -347,6 +362,153 @@ def _warnings(opts: BuildOptions, held_out: bool) -> list[str]:
         return ["metrics computed on the training rows (optimistic: the model has seen them);"
                 " pass --eval-data with held-out rows"]
     return []
+
+
+def _quantize(opts: BuildOptions, converted: Converted, features: Table
+              ) -> tuple[bytes, Quantization]:
+    """The quantize step: static quantisation calibrates on (a sample of) real rows."""
+    calibration = None
+    if opts.quantize == "static":
+        cal = load_table(opts.calibration_data, opts.target) if opts.calibration_data \
+            else features
+        cal = _sample(cal.select(features.names), 512)
+        calibration = _calibration_feeds(converted, cal)
+    return quantize(converted.model, opts.quantize, calibration=calibration,
+                    keep_first_float=opts.keep_first_float)
+
+
+def _fidelity(opts: BuildOptions, est: Any, converted: Converted, check: Table,
+              shipped: Prediction) -> tuple[Fidelity, list[tuple[str, float, float, bool]]]:
+    """The fidelity gate: the shipped model against the original on the check rows.
+
+    Raises:
+        FidelityError: past the bounds, without ``force``.
+    """
+    if est is None:  # an adopted ONNX model has no original to compare with
+        return Fidelity(rows=0), []
+    original = sklearn_outputs(est, check, converted.binding.layout)
+    fidelity, rows = judge(original, shipped, converted.task, opts.bounds, converted.classes)
+    if not fidelity.passed:
+        if not opts.force:
+            raise FidelityError(
+                f"{opts.model.name}: the packaged model disagrees with the original "
+                f"beyond the bounds on {fidelity.rows} rows (use --force to build anyway)",
+                table(rows))
+        fidelity = replace(fidelity, forced=True)
+    return fidelity, rows
+
+
+def _card(opts: BuildOptions, statement: Statement | None, converted: Converted,
+          inputs: list[str], data: Table, source: Table, shipped: Prediction,
+          run: evaluate.Run) -> ModelCard:
+    """The measured part of the card on the evaluation rows (``source``); a fairness gap
+    past its bound stops the build unless forced (then the card records it).
+
+    Raises:
+        BuildError: a slice, sensitive or time column that is not in the data, or asked for
+            without a target.
+        FairnessError: a gap past its bound, without ``force``.
+    """
+    if opts.fairness_bounds and not opts.sensitive:
+        raise BuildError("--max-fairness-gap bounds the gaps of --sensitive columns; name one")
+    asked = [*opts.slice_by, *opts.sensitive]
+    missing = [c for c in asked if c not in source.columns]
+    if missing:
+        raise BuildError(f"{source.path}: column {missing[0]!r} (--slice-by / --sensitive) is "
+                         f"not in the evaluation data")
+    task, classes = converted.task, converted.classes
+    card = ModelCard(statement=statement, data_columns=tuple(data.names) + ((data.target_name,) if
+                                                        data.target_name else ()),
+                     time_range=_time_range(data, opts.time_column))
+    if source.target is None:
+        if asked or opts.fairness_bounds or opts.champion:
+            raise BuildError("--slice-by, --sensitive and --champion need the labels: "
+                             "pass --target")
+        return card
+    held_out = opts.eval_data is not None
+    reports = evaluate.fairness(task, source.columns, source.kinds, opts.sensitive, inputs,
+                                source.target, shipped, classes, opts.positive_label)
+    checks = evaluate.check_gaps(reports, opts.fairness_bounds, task)
+    forced = not all(c.passed for c in checks)
+    if forced and not opts.force:
+        failed = next(c for c in checks if not c.passed)
+        raise FairnessError(f"{source.path}: the {failed.gap} of {failed.column!r} is past its "
+                            f"bound (use --force to build anyway)", evaluate.gap_table(checks))
+    return replace(
+        card,
+        evaluation=evaluate.evaluation(task, source.target, shipped, held_out=held_out,
+                                       data_sha256=source.sha256),
+        slices=evaluate.slices(task, source.columns, source.kinds, opts.slice_by,
+                               source.target, shipped),
+        fairness=reports, checks=checks, forced=forced,
+        importances=evaluate.importances(task, source.select(inputs).frame(), source.target,
+                                         run) if opts.importances else None,
+        champion=_champion(opts.champion, task, source, shipped) if opts.champion else None)
+
+
+def _champion(path: Path, task: str, source: Table, shipped: Prediction) -> Champion:
+    """Run the champion bundle's model on the same evaluation rows and compare.
+
+    The champion is read with its structure and digests checked; its signatures are not
+    judged here (the card records its sha256, which the fleet knows or does not).
+
+    Raises:
+        BuildError: the champion is of another task or takes a column the data lacks.
+        BundleError: the champion file is not a sound bundle.
+    """
+    champ = read_unverified(read_bundle_file(path))
+    m = champ.manifest
+    if m.task != task:
+        raise BuildError(f"--champion {path}: a {m.task} model cannot be compared with this "
+                         f"{task} model")
+    missing = [s.name for s in m.inputs if s.name not in source.columns]
+    if missing:
+        raise BuildError(f"--champion {path}: it takes column {missing[0]!r}, which the "
+                         "evaluation data lacks")
+    theirs = ModelRunner(m, champ.member("model.onnx")).run_columns(
+        {s.name: source.columns[s.name] for s in m.inputs})
+    return evaluate.champion(task, source.target, shipped, theirs, name=m.name,
+                             version=m.version, bundle_sha256=champ.sha256)
+
+
+def _time_range(data: Table, column: str | None) -> TimeRange | None:
+    """The first and last value of the training data's time column (ISO text sorts as
+    time; numbers as numbers).
+
+    Raises:
+        BuildError: the column is not in the training data, or has no values.
+    """
+    if column is None:
+        return None
+    if column not in data.columns:
+        raise BuildError(f"{data.path}: --time-column {column!r} is not in the training data")
+    col = data.columns[column]
+    if data.kinds[column] == "numeric":
+        finite = col[np.isfinite(col)]
+        values = [repr(float(finite.min())), repr(float(finite.max()))] if finite.size else []
+    else:
+        present = sorted(str(v) for v in col.tolist() if v is not None)
+        values = [present[0], present[-1]] if present else []
+    if not values:
+        raise BuildError(f"{data.path}: --time-column {column!r} has no values")
+    return TimeRange(column, values[0], values[1])
+
+
+def _card_detail(card: ModelCard) -> str:
+    parts = [f"{card.evaluation.rows} {card.evaluation.data.replace('_', '-')} rows"
+             if card.evaluation else "no labels: metrics left out"]
+    parts += [f"worst {s.column}={s.worst}" for s in card.slices]
+    parts += [f"{len(card.checks)} fairness checks"
+              + (" FAILED (forced)" if card.forced else " passed")] if card.checks else []
+    if card.champion:
+        c = card.champion
+        parts.append(f"{'beats' if c.won else 'does NOT beat'} {c.name} {c.version} "
+                     f"({c.metric} {c.delta:+.4g})" if c.delta is not None else
+                     f"champion {c.name} {c.version}: no {c.metric}")
+    if card.importances:
+        parts.append(f"top feature {card.importances.features[0].feature}"
+                     if card.importances.features else "no features")
+    return ", ".join(parts)
 
 
 def _calibration_feeds(converted: Converted, cal: Table) -> list[dict[str, np.ndarray]]:

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from edgefleet import __version__
+from edgefleet.contract.approval import check_approvals
 from edgefleet.contract.bundle import (
     read_bundle_file,
     sign_bundle,
@@ -132,15 +133,44 @@ def keygen(name: str, out_dir: Path, passphrase_env: str | None, ask_passphrase:
 @click.option("--code-revision", help="Override the git revision recorded in the lineage.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("."), show_default=True, help="Directory for the bundle.")
+@click.option("--card", "card", type=click.Path(dir_okay=False, path_type=Path),
+              help="card.toml: owner, contact, intended_use, out_of_scope, limitations, "
+                   "ethical_considerations, review_by (signed into the manifest).")
+@click.option("--slice-by", multiple=True, metavar="COLUMN",
+              help="Report every metric per value (or quartile) of COLUMN. Repeatable.")
+@click.option("--sensitive", multiple=True, metavar="COLUMN",
+              help="Report fairness rates and gaps between the groups of COLUMN (need not be "
+                   "a model input). Repeatable.")
+@click.option("--max-fairness-gap", multiple=True, metavar="GAP=VALUE",
+              help="Fail the build when a gap is past VALUE: demographic_parity_difference, "
+                   "equalized_odds_difference, mean_absolute_error_difference (at most), "
+                   "demographic_parity_ratio (at least). Repeatable.")
+@click.option("--positive-label", help="The class whose rates fairness compares "
+                                       "(default: the second of two classes).")
+@click.option("--time-column", help="A column of the training data whose first and last "
+                                    "values are the card's time range.")
+@click.option("--importances/--no-importances", default=True, show_default=True,
+              help="Permutation importance of each input on the evaluation rows.")
+@click.option("--champion", type=click.Path(dir_okay=False, path_type=Path),
+              help="A bundle to compare with on the same evaluation rows (recorded in the "
+                   "card: the metric's difference, its interval, and whether this one wins).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary, no progress.")
 def build(model: Path, train_data: Path, target: str | None, name: str, version: str, key: Path,
           passphrase_env: str | None, ask_passphrase: bool, quantize: str,
           calibration_data: Path | None, keep_first_float: bool,
           max_fidelity_loss: tuple[str, ...], force: bool, eval_data: Path | None, bins: int,
-          description: str, code_revision: str | None, out_dir: Path, as_json: bool) -> None:
-    """Convert MODEL (pickle/joblib scikit-learn estimator or .onnx) into a signed bundle."""
+          description: str, code_revision: str | None, out_dir: Path, card: Path | None,
+          slice_by: tuple[str, ...], sensitive: tuple[str, ...],
+          max_fairness_gap: tuple[str, ...], positive_label: str | None,
+          time_column: str | None, importances: bool, champion: Path | None,
+          as_json: bool) -> None:
+    """Convert MODEL (pickle/joblib scikit-learn estimator or .onnx) into a signed bundle.
+
+    \b
+    --force builds past a failed fidelity or fairness gate; the manifest records it."""
     from packager.build import BuildOptions
     from packager.build import build as run_build
+    from packager.evaluate import parse_gaps
     from packager.fidelity import parse_bounds
     from packager.fidelity import table as fidelity_table
 
@@ -151,8 +181,11 @@ def build(model: Path, train_data: Path, target: str | None, name: str, version:
         passphrase=_passphrase(passphrase_env, ask_passphrase), quantize=quantize,
         calibration_data=calibration_data, keep_first_float=keep_first_float,
         bounds=parse_bounds(max_fidelity_loss), force=force, out_dir=out_dir, bins=bins,
-        eval_data=eval_data, description=description, code_revision=code_revision)
-    steps = ["load", "convert", "quantize", "fidelity", "profile", "sign"]
+        eval_data=eval_data, description=description, code_revision=code_revision,
+        card=card, slice_by=slice_by, sensitive=sensitive,
+        fairness_bounds=parse_gaps(max_fairness_gap), positive_label=positive_label,
+        time_column=time_column, importances=importances, champion=champion)
+    steps = ["load", "convert", "quantize", "fidelity", "profile", "card", "sign"]
 
     def progress(step: str, detail: str) -> None:
         if not as_json:
@@ -167,7 +200,8 @@ def build(model: Path, train_data: Path, target: str | None, name: str, version:
            "warnings": result.warnings,
            "name": m.name, "version": m.version, "reference_hash": m.reference_hash,
            "quantization": m.quantization.to_dict(), "fidelity": m.fidelity.to_dict(),
-           "metrics": m.metrics, "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}
+           "metrics": m.metrics, "card": m.card.to_dict() if m.card else None,
+           "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}
     text = f"{fidelity_table(result.fidelity_rows)}\n" if result.fidelity_rows else ""
     text += f"built {result.path} ({result.size:,} bytes, sha256 {result.sha256[:16]}…)"
     _emit(as_json, doc, text)
@@ -179,19 +213,39 @@ def build(model: Path, train_data: Path, target: str | None, name: str, version:
 @_with(passphrase_options)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the signed bundle here (default: replace BUNDLE).")
+@click.option("--role", help="Also sign an approval statement in this role (e.g. approver).")
+@click.option("--comment", default="", help="Why it is approved (with --role).")
+@click.option("--review-by", metavar="YYYY-MM-DD",
+              help="The next review date, renewing the card's (with --role).")
 def sign(bundle: Path, key: Path, passphrase_env: str | None, ask_passphrase: bool,
-         out: Path | None) -> None:
-    """Add a signature (an approver's, say) to BUNDLE; nothing else changes."""
+         out: Path | None, role: str | None, comment: str, review_by: str | None) -> None:
+    """Add a signature (an approver's, say) to BUNDLE; nothing else changes.
+
+    With --role, also add a signed statement of who approved it, when, in what role and
+    why; `edgepack inspect --trust` lists them with the names of the keys."""
+    if role is None and (comment or review_by):
+        raise click.UsageError("--comment and --review-by go with --role")
     from packager.build import load_signing_key
 
     private = load_signing_key(key, _passphrase(passphrase_env, ask_passphrase))
+    approve = None
+    if role is not None:
+        from edgefleet.contract.approval import sign_approval
+
+        _, signed_at = _utc_now()
+
+        def approve(manifest: bytes):
+            return sign_approval(private, manifest, role=role, comment=comment,
+                                 signed_at=signed_at, review_by=review_by)
+
     with _naming(bundle):
-        data = sign_bundle(read_bundle_file(bundle), private)
+        data = sign_bundle(read_bundle_file(bundle), private, approve=approve)
     target = out or bundle
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, target)
-    click.echo(f"signed {target} with key {key_id(private.public_key())}")
+    click.echo(f"signed {target} with key {key_id(private.public_key())}"
+               + (f" (approval as {role})" if role else ""))
 
 
 @cli.command()
@@ -213,10 +267,26 @@ def verify(bundle: Path, trust: tuple[str, ...], threshold: int, require_role: t
         pass
     m = result.manifest
     signers = [{"keyid": k.keyid, "role": k.role, "name": k.name} for k in result.signers]
+    # verified with the signatures; those by keys outside the trust store are left out
+    approvals = [a.to_dict() for a in check_approvals(
+        result.envelope.approvals, result.member("manifest.json"), store) if a.trusted]
     _emit(as_json, {"valid": True, "name": m.name, "version": m.version, "sha256": result.sha256,
-                    "signers": signers},
+                    "signers": signers, "approvals": approvals},
           f"valid: {m.name} {m.version}, signed by "
-          + ", ".join(f"{s['name'] or s['keyid'][:16]} ({s['role']})" for s in signers))
+          + ", ".join(f"{s['name'] or s['keyid'][:16]} ({s['role']})" for s in signers)
+          + "".join(f"\napproved by {a['name'] or a['keyid'][:16]} as {a['role']}"
+                    + ("" if a["role_confirmed"] else " (role NOT confirmed)")
+                    + f" at {a['signed_at']}"
+                    + (f", review by {a['review_by']}" if a["review_by"] else "")
+                    + (f": {a['comment']}" if a["comment"] else "") for a in approvals))
+
+
+def _utc_now() -> tuple[float, str]:
+    import time
+    from datetime import datetime, timezone
+
+    now = time.time()
+    return now, datetime.fromtimestamp(now, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _fmt_range(lo: float | None, hi: float | None) -> str:
@@ -238,10 +308,13 @@ def inspect(bundle: Path, trust: tuple[str, ...], as_json: bool) -> None:
     for s in b.envelope.signatures:
         known = store.get(s.keyid)
         sigs.append({"keyid": s.keyid, "trusted": known is not None,
-                     "role": known.role if known else None})
+                     "role": known.role if known else None, "name": known.name if known else ""})
+    with _naming(bundle):
+        approvals = [a.to_dict() for a in check_approvals(
+            b.envelope.approvals, b.member("manifest.json"), store)]
     if as_json:
         _emit(True, {"sha256": b.sha256, "size": b.size, "manifest": b.manifest.to_dict(),
-                     "signatures": sigs}, "")
+                     "signatures": sigs, "approvals": approvals}, "")
         return
     m = b.manifest
     out = [f"{m.name} {m.version}  ({m.task}, created {m.created_at})",
@@ -294,13 +367,83 @@ def inspect(bundle: Path, trust: tuple[str, ...], as_json: bool) -> None:
                f"  data     sha256 {ln.data_sha256} ({ln.data_rows} rows)\n"
                f"  code     {ln.code_revision or '(not in a git repository)'}\n"
                f"  versions " + ", ".join(f"{k} {v}" for k, v in ln.libraries.items()))
+    out += _card_lines(m)
     out.append("\nsignatures (not judged here: use `edgepack verify`)")
     for s in sigs:
-        mark = f"trusted, {s['role']}" if s["trusted"] else "unknown key"
+        mark = f"trusted, {s['name']} ({s['role']})" if s["trusted"] else "unknown key"
         out.append(f"  {s['keyid']}  {mark}")
     if not sigs:
         out.append("  none")
+    out.append("\napprovals" + ("" if trust else " (names need --trust)"))
+    for a in approvals:
+        who = f"{a['name']} ({a['trusted_role']})" if a["trusted"] else "unknown key"
+        out.append(f"  {a['signed_at']}  {who}, key {a['keyid'][:16]}…, as {a['role']}"
+                   + ("" if a["role_confirmed"] or not a["trusted"] else " (role NOT confirmed)")
+                   + (f", review by {a['review_by']}" if a["review_by"] else "")
+                   + (f": {a['comment']}" if a["comment"] else ""))
+    if not approvals:
+        out.append("  none")
     click.echo("\n".join(out))
+
+
+def _card_lines(m) -> list[str]:
+    """The card in a few lines (``edgepack card`` renders it in full)."""
+    card = m.card
+    if card is None:
+        return ["\ncard          none (built before model cards)"]
+    st = card.statement
+    out = ["\ncard          " + (f"owner {st.owner or '?'}, review by {st.review_by or 'none'}"
+                                if st else "NO CARD FILE: owner, intended use and limitations "
+                                           "not stated (build with --card)")]
+    if card.evaluation:
+        ev = card.evaluation
+        out.append(f"  evaluated on {ev.rows} {ev.data.replace('_', '-')} rows: " + ", ".join(
+            f"{e.name} {e.value:.4g} [{e.low:.4g}, {e.high:.4g}]"
+            if e.value is not None and e.low is not None else f"{e.name} {e.value}"
+            for e in ev.metrics))
+    for sl in card.slices:
+        out.append(f"  slice {sl.column}: {len(sl.groups)} groups, worst by {sl.metric}: "
+                   f"{sl.worst}")
+    for r in card.fairness:
+        out.append(f"  fairness {r.column}: " + ", ".join(
+            f"{k} {'n/a' if v is None else f'{v:.4g}'}" for k, v in sorted(r.gaps.items())))
+    for c in card.checks:
+        out.append(f"  check {c.column} {c.gap} {'ok' if c.passed else 'FAILED'}")
+    if card.forced:
+        out.append("  FORCED past a failed fairness check")
+    if card.champion:
+        c = card.champion
+        out.append(f"  champion {c.name} {c.version}: {c.metric} difference "
+                   + ("n/a" if c.delta is None else f"{c.delta:+.4g}")
+                   + ("" if c.low is None else f" [{c.low:+.4g}, {c.high:+.4g}]")
+                   + (", won" if c.won else ", NOT won"))
+    if card.importances and card.importances.features:
+        out.append("  top features " + ", ".join(
+            f"{i.feature} {i.mean:.3g}" for i in card.importances.features[:5]))
+    return out
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "json"]), default="md",
+              show_default=True, help="Markdown, HTML or JSON.")
+@click.option("--trust", "trust", multiple=True, metavar="[ROLE=]PUBKEY",
+              help="Check approvals against these keys and name the approvers. Repeatable.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the card here (default: standard output).")
+def card(bundle: Path, fmt: str, trust: tuple[str, ...], out: Path | None) -> None:
+    """Render BUNDLE's model card: who approved it, what data trained it, how it was
+    evaluated, what biases were tested, when it is reviewed next, how it can be explained.
+    Checks structure and digests; use `edgepack verify` to judge the signatures."""
+    from packager.card import card_document, render
+
+    store = TrustStore.from_files(trust) if trust else None
+    with _naming(bundle), unpack_unverified(bundle) as b:
+        text = render(card_document(b, store), fmt)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@
     ├── ConversionError        the converter or onnxruntime failed on the converted graph
     ├── QuantizationError      the asked quantisation could not be done
     ├── FidelityError          the converted model disagrees with the original past a bound
+    ├── FairnessError          a fairness gap is past its bound (``--max-fairness-gap``)
+    ├── CardError              the model card file is unreadable or has an unknown key
     └── BuildError             anything else the build refuses (bad name, version, output)
 
 Contract errors (:mod:`edgefleet.contract.errors`) pass through unchanged: a bad key is a
@@ -19,8 +21,10 @@ from edgefleet.errors import EdgefleetError
 
 __all__ = [
     "BuildError",
+    "CardError",
     "ConversionError",
     "DataError",
+    "FairnessError",
     "FidelityError",
     "ModelLoadError",
     "PackagerError",
@@ -59,6 +63,18 @@ class FidelityError(PackagerError):
     def __init__(self, message: str, table: str = "") -> None:
         super().__init__(message)
         self.table = table
+
+
+class FairnessError(PackagerError):
+    """A fairness gap of a sensitive column is past its bound; ``table`` shows every check."""
+
+    def __init__(self, message: str, table: str = "") -> None:
+        super().__init__(message)
+        self.table = table
+
+
+class CardError(PackagerError):
+    """The model card file (``--card``) cannot be used; the message names the key at fault."""
 
 
 class BuildError(PackagerError):

@@ -3,6 +3,8 @@
 =============  ===============================================================
 ``wire``       canonical JSON, digests, the strict field readers every format uses
 ``manifest``   the bundle's signed manifest: input schema, outputs, files, lineage
+``card``       the manifest's model card: statement, evaluation, slices, fairness, importances
+``approval``   signed approval statements (who, when, in what role, why) beside the signatures
 ``signing``    Ed25519 keys, the trust store, the DSSE-style envelope and its policy
 ``bundle``     reading, verifying and writing ``.edgebundle`` files
 ``profile``    the feature profile: reference bins, accumulation, exact merge, wire form
@@ -19,5 +21,5 @@ Nothing here does I/O beyond reading a file it is handed; nothing here knows abo
 daemon, a server or a build.
 """
 
-__all__ = ["bundle", "errors", "inputs", "manifest", "messages", "profile", "runtime",
-           "samples", "signing", "wire"]
+__all__ = ["approval", "bundle", "card", "errors", "inputs", "manifest", "messages", "profile",
+           "runtime", "samples", "signing", "wire"]

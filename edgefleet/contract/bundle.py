@@ -42,7 +42,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,7 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgefleet.contract.approval import SignedApproval
 from edgefleet.contract.errors import (
     BundleFormatError,
     DigestMismatchError,
@@ -841,8 +842,12 @@ def pack_bundle(manifest: Manifest, envelope: Envelope, files: dict[str, bytes],
     return out.getvalue()
 
 
-def sign_bundle(data: bytes, private_key: Ed25519PrivateKey, limits: Limits = Limits()) -> bytes:
+def sign_bundle(data: bytes, private_key: Ed25519PrivateKey, limits: Limits = Limits(), *,
+                approve: Callable[[bytes], SignedApproval] | None = None) -> bytes:
     """Add (or renew) one signature; every other byte of meaning stays the same.
+
+    ``approve``, given the manifest bytes, returns a signed approval statement to add
+    beside the signature (:func:`edgefleet.contract.approval.sign_approval`).
 
     The bundle's structure and digests are checked first: a key never signs a bundle
     whose files no longer match its manifest.
@@ -853,5 +858,7 @@ def sign_bundle(data: bytes, private_key: Ed25519PrivateKey, limits: Limits = Li
     bundle = read_unverified(data, limits)
     raw_manifest = bundle.members[MANIFEST]
     envelope = bundle.envelope.signed(private_key, raw_manifest)
+    if approve is not None:
+        envelope = envelope.approved(approve(raw_manifest))
     files = {k: v for k, v in bundle.members.items() if k not in (MANIFEST, SIGNATURES)}
     return pack_bundle(bundle.manifest, envelope, files, bundle.mtime)

@@ -10,6 +10,10 @@ in schema order (``tensor`` layout, numeric models), or one ``[N, 1]`` input per
 feature (``columns`` layout, mixed numeric and categorical models). The device's
 runtime (:mod:`edgefleet.contract.runtime`) reads only this, never the graph's own metadata.
 
+The optional ``card`` section (:mod:`edgefleet.contract.card`) is the model card, so its
+numbers are signed with everything else; a manifest without one is written without the
+field, byte for byte as before cards existed.
+
 This module does not read files or check signatures.
 """
 
@@ -19,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.contract.card import ModelCard
 from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.wire import Fields, canonical_json, parse_json
 
@@ -292,6 +297,7 @@ class Manifest:
     fidelity: Fidelity = Fidelity()
     metrics: dict[str, float] = field(default_factory=dict)
     description: str = ""
+    card: ModelCard | None = None  # None: built before cards (such manifests still verify)
     schema: int = MANIFEST_SCHEMA
 
     def file(self, path: str) -> FileEntry | None:
@@ -308,7 +314,7 @@ class Manifest:
         return parse_version(self.version)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "schema": self.schema,
             "name": self.name,
             "version": self.version,
@@ -326,6 +332,10 @@ class Manifest:
             "metrics": dict(sorted(self.metrics.items())),
             "lineage": self.lineage.to_dict(),
         }
+        # only when present: a manifest from before cards keeps its exact signed bytes
+        if self.card is not None:
+            doc["card"] = self.card.to_dict()
+        return doc
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -376,6 +386,9 @@ class Manifest:
         ref = f.str("reference_hash", max_len=64)
         if not SHA256_RE.match(ref):
             raise f.bad("reference_hash", "must be 64 lower-case hex digits")
+        card = f.raw("card", None)
+        if card is None and f.has("card"):
+            raise f.bad("card", "leave the field out rather than null")
         m = cls(
             name=name,
             version=version,
@@ -392,6 +405,7 @@ class Manifest:
             fidelity=Fidelity.from_dict(f.raw("fidelity"), "manifest.fidelity"),
             metrics={k: float(v) for k, v in metrics.items()},
             lineage=Lineage.from_dict(f.raw("lineage"), "manifest.lineage"),
+            card=ModelCard.from_dict(card, "manifest.card") if card is not None else None,
             schema=schema,
         )
         f.done()

@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgefleet.contract.approval import MAX_APPROVALS, SignedApproval, check_approvals
 from edgefleet.contract.errors import (
     BadSignatureError,
     BundleFormatError,
@@ -238,9 +239,11 @@ class Envelope:
 
     payload_type: str = PAYLOAD_TYPE
     signatures: tuple[Signature, ...] = ()
+    # signed approval statements (edgefleet.contract.approval), beside the signatures
+    approvals: tuple[SignedApproval, ...] = ()
 
     def to_dict(self) -> dict:
-        return {
+        doc = {
             "schema": ENVELOPE_SCHEMA,
             "payloadType": self.payload_type,
             "signatures": [
@@ -248,6 +251,9 @@ class Envelope:
                 for s in self.signatures
             ],
         }
+        if self.approvals:  # only when present: unapproved envelopes keep their bytes
+            doc["approvals"] = [a.to_dict() for a in self.approvals]
+        return doc
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_dict())
@@ -268,8 +274,11 @@ class Envelope:
                 raise s.bad("sig", "not base64") from exc
             s.done()
             sigs.append(Signature(keyid, raw))
+        approvals = tuple(
+            SignedApproval.from_dict(a, f"signatures.json.approvals[{i}]")
+            for i, a in enumerate(f.list("approvals", [], max_len=MAX_APPROVALS)))
         f.done()
-        return cls(payload_type, tuple(sigs))
+        return cls(payload_type, tuple(sigs), approvals)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
@@ -292,7 +301,20 @@ class Envelope:
         kid = key_id(private_key.public_key())
         sig = Signature(kid, private_key.sign(pae(self.payload_type, payload)))
         others = [s for s in self.signatures if s.keyid != kid]
-        return Envelope(self.payload_type, tuple(sorted([*others, sig], key=lambda s: s.keyid)))
+        return Envelope(self.payload_type, tuple(sorted([*others, sig], key=lambda s: s.keyid)),
+                        self.approvals)
+
+    def approved(self, approval: SignedApproval) -> Envelope:
+        """Return a copy with ``approval`` added after the earlier ones (a key may approve
+        again, say with a new review date: the history is kept).
+
+        Raises:
+            SchemaError: the envelope holds the maximum number of approvals already.
+        """
+        if len(self.approvals) >= MAX_APPROVALS:
+            raise SchemaError(f"signatures.json: already {MAX_APPROVALS} approvals",
+                              field="approvals")
+        return Envelope(self.payload_type, self.signatures, (*self.approvals, approval))
 
 
 def verify_envelope(
@@ -309,7 +331,7 @@ def verify_envelope(
 
     Raises:
         BundleFormatError: unexpected payload type.
-        BadSignatureError: a trusted key's signature does not verify.
+        BadSignatureError: a trusted key's signature or approval does not verify.
         UntrustedSignerError: no signature by a trusted key.
         ThresholdError: fewer valid trusted signatures or roles than the policy asks.
     """
@@ -349,6 +371,8 @@ def verify_envelope(
             f"{policy.threshold}",
             member="signatures.json",
         )
+    # an altered approval by a trusted key is as bad as an altered signature
+    check_approvals(envelope.approvals, payload, trust)
     roles = {k.role for k in valid.values()}
     missing = sorted(policy.required_roles - roles)
     if missing:

@@ -380,6 +380,35 @@ class AuditEntryPublic(BaseModel):
     reason: str
 
 
+class AuditLinkPublic(BaseModel):
+    """One audit log entry as stored, with its place in the hash chain."""
+
+    id: int
+    time: float
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]
+    details_text: str
+    prev: str | None
+    hash: str | None
+
+
+class AuditFindingPublic(BaseModel):
+    kind: Literal["edited", "inserted", "deleted", "unchained"]
+    entry: int
+    message: str
+
+
+class AuditChainPublic(BaseModel):
+    intact: bool
+    entries: int
+    legacy: int
+    head: str | None
+    head_id: int | None
+    findings: list[AuditFindingPublic]
+
+
 class GateResultPublic(BaseModel):
     name: str
     outcome: str = Field(description="pass, fail, wait or skip")

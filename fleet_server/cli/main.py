@@ -17,6 +17,7 @@ import logging
 import click
 
 from fleet_server.cli.admin import device, token
+from fleet_server.cli.audit import audit
 from fleet_server.cli.broker import broker_config
 from fleet_server.cli.operate import (
     alerts,
@@ -45,7 +46,7 @@ def main(log_level: str) -> None:
 
 # Every command is registered here, one way, so this list is the whole CLI.
 for _command in (serve, ingest, token, device, group, bundle, desired, drift, alerts, rollout,
-                 broker_config):
+                 broker_config, audit):
     main.add_command(_command)
 main.add_command(device_list, "devices")
 device.add_command(device_list, "list")

@@ -9,7 +9,16 @@ from typing import Any
 
 from edgefleet.contract.messages import BundleRef
 from fleet_server.errors import ConflictError, NotFoundError, StoreError
-from fleet_server.models import AuditEntry, DesiredRecord, Device, Group, Token
+from fleet_server.models import (
+    AUDIT_GENESIS,
+    AuditEntry,
+    AuditLink,
+    DesiredRecord,
+    Device,
+    Group,
+    Token,
+    audit_digest,
+)
 from fleet_server.store._base import StoreBase, chunks, dumps, loads
 
 
@@ -329,18 +338,38 @@ class FleetTables(StoreBase):
 
     def audit(self, actor: str, action: str, target: str, details: Mapping[str, Any],
               now: float) -> None:
+        """Append an entry chained to the last one (under the write lock, so two writers
+        never chain to the same predecessor)."""
+        text = dumps(details)
         with self.transaction():
-            self._exec("INSERT INTO audit (time, actor, action, target, details) "
-                       "VALUES (?, ?, ?, ?, ?)", [now, actor, action, target, dumps(details)])
+            last = self._one("SELECT hash FROM audit ORDER BY id DESC LIMIT 1")
+            prev = (last or {}).get("hash") or AUDIT_GENESIS
+            self._exec("INSERT INTO audit (time, actor, action, target, details, prev, hash) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       [now, actor, action, target, text, prev,
+                        audit_digest(prev, now, actor, action, target, text)])
 
-    def list_audit(self, *, target: str | None = None, limit: int = 100) -> list[AuditEntry]:
-        sql, params = "SELECT * FROM audit", []
+    def list_audit(self, *, target: str | None = None, since: float | None = None,
+                   limit: int = 100) -> list[AuditEntry]:
+        """Entries, newest first; with ``since``, only those at or after it."""
+        where, params = [], []
         if target is not None:
-            sql += " WHERE target = ?"
+            where.append("target = ?")
             params.append(target)
+        if since is not None:
+            where.append("time >= ?")
+            params.append(since)
+        sql = "SELECT * FROM audit" + (f" WHERE {' AND '.join(where)}" if where else "")
         rows = self._rows(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
         return [AuditEntry(r["id"], r["time"], r["actor"], r["action"], r["target"],
-                           loads(r["details"], {})) for r in rows]
+                           loads(r["details"], {}), r["prev"], r["hash"]) for r in rows]
+
+    def audit_links(self, *, after_id: int = 0, limit: int = 10_000) -> list[AuditLink]:
+        """Entries as stored (details as text), oldest first, from after ``after_id``."""
+        rows = self._rows("SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?",
+                          [after_id, limit])
+        return [AuditLink(r["id"], r["time"], r["actor"], r["action"], r["target"],
+                          r["details"], r["prev"], r["hash"]) for r in rows]
 
 
 def _desired(row: dict[str, Any]) -> DesiredRecord:

@@ -18,12 +18,15 @@ History:
 5. removed devices: who removed which device when, and whether its retained desired state
    is cleared on the broker yet (the server clears it on its next connection if not);
    ``desired.previous``, the desired bundle before the current one (the rollback slot a
-   device may still download).
+   device may still download);
 6. delivery acknowledgements: per device and numbered stream (summary, report), the
    highest sequence up to which everything is stored or settled, and the highest
    ``floor`` the device has declared (see :mod:`edgefleet.contract.messages`); and the
-   sequences refused for good (dead-lettered after decoding: a clock skew, a reference mismatch),
-   which the acknowledgement may pass too.
+   sequences refused for good (dead-lettered after decoding: a clock skew, a reference
+   mismatch), which the acknowledgement may pass too;
+7. the audit log hash-chained: ``audit.prev`` and ``audit.hash`` (entries written before
+   stay NULL: SQL has no sha256, and sealing them later, outside this transaction, would
+   also seal whatever had been edited by then; the chain starts at the first new entry).
 
 Migrations are append-only: a released one is never edited, a change is a new one. This
 module holds SQL text only; :mod:`fleet_server.store` runs it.
@@ -31,7 +34,7 @@ module holds SQL text only; :mod:`fleet_server.store` runs it.
 
 from __future__ import annotations
 
-__all__ = ["LATEST", "MIGRATIONS"]
+__all__ = ["AUDIT_CHAIN", "LATEST", "MIGRATIONS"]
 
 _V1 = """
 CREATE TABLE tokens (
@@ -263,6 +266,11 @@ CREATE TABLE settled (
 );
 """
 
+_V7 = """
+ALTER TABLE audit ADD COLUMN prev TEXT;
+ALTER TABLE audit ADD COLUMN hash TEXT;
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -271,5 +279,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (4, "summaries keep their packed profile", _V4),
     (5, "removed devices, the desired state's rollback slot", _V5),
     (6, "delivery acknowledgements", _V6),
+    (7, "audit hash chain", _V7),
 )
 LATEST = MIGRATIONS[-1][0]
+AUDIT_CHAIN = 7  # the version from which audit entries carry prev and hash

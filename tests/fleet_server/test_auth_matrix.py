@@ -59,6 +59,8 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/alerts"): VIEWER,
     ("GET", "/api/v1/alerts/{alert_id}"): VIEWER,
     ("POST", "/api/v1/alerts/{alert_id}/resolve"): OPERATOR,
+    ("GET", "/api/v1/audit"): VIEWER,
+    ("GET", "/api/v1/audit/verify"): VIEWER,
     ("GET", "/api/v1/rollouts"): VIEWER,
     ("POST", "/api/v1/rollouts"): OPERATOR,
     ("POST", "/api/v1/rollouts/preview"): VIEWER,

@@ -28,7 +28,7 @@ from tests.packager.conftest import EPOCH, dataset, dump, fit, write_csv
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
-PROGRESS = re.compile(r"^\[\d/6\] ")
+PROGRESS = re.compile(r"^\[\d/7\] ")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,8 @@ def test_build_verify_inspect(work, tmp_path, capsys, monkeypatch):
     assert code == 0
     captured = capsys.readouterr()
     steps = [line.split()[1] for line in captured.err.splitlines() if PROGRESS.match(line)]
-    assert steps == ["load", "convert", "quantize", "fidelity", "profile", "sign"]
+    assert steps == ["load", "convert", "quantize", "fidelity", "profile", "card",
+                     "sign"]
     bundle = tmp_path / "iris-1.2.0.edgebundle"
     assert f"built {bundle}" in captured.out
     assert "label_disagreement" in captured.out  # the fidelity table
@@ -156,7 +157,8 @@ def test_build_json_summary(work, tmp_path, capsys):
     assert set(doc["metrics"]) == {"train_accuracy", "train_f1_macro"}
     assert len(doc["warnings"]) == 1 and "--eval-data" in doc["warnings"][0]
     assert set(doc["timings_s"]) == {"load", "convert", "quantize", "fidelity", "profile",
-                                     "sign"}
+                                     "card", "sign"}
+    assert doc["card"]["evaluation"]["data"] == "training"  # no --eval-data
 
 
 def test_approver_signature_satisfies_a_two_key_policy(work, tmp_path, capsys):
@@ -364,7 +366,7 @@ def test_bad_input_gives_one_clear_line(argv, code, names, work, tmp_path, capsy
 
 def test_every_command_and_option_has_help_text(capsys):
     assert cli.help
-    assert set(cli.commands) == {"keygen", "build", "sign", "verify", "inspect"}
+    assert set(cli.commands) == {"keygen", "build", "sign", "verify", "inspect", "card"}
     for name, command in cli.commands.items():
         assert command.help and len(command.help.strip()) > 20, name
         for param in command.params:

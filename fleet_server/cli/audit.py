@@ -1,0 +1,96 @@
+"""``fleet audit verify|export``: the hash-chained audit log.
+
+With ``--db`` a command reads the database file directly (an auditor with a copy of the
+file needs no running server); without it, it asks the REST API (``--server``, ``--token``).
+``verify`` exits 1 when the chain is broken, naming each edited, inserted or deleted entry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleet_server.cli.client import FleetClient
+from fleet_server.cli.util import API_OPTIONS, exits_on_error, fail, parse_time, print_json, table
+
+__all__ = ["audit"]
+
+DB = click.option("--db", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                  help="Read this database file directly instead of asking the server.")
+
+
+def _with_api(fn):
+    for option in reversed(API_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _call(db: Path | None, server: str, token: str | None, local, remote) -> Any:
+    if db is not None:
+        from fleet_server.registry.audit import AuditLog
+        from fleet_server.store import Store
+        from fleet_server.store.migrations import AUDIT_CHAIN
+
+        with Store(db, migrate=False) as store:
+            if store.version < AUDIT_CHAIN:
+                fail(f"{db}: schema version {store.version} has no audit chain (the server "
+                     "migrates it on its next start)")
+            return local(AuditLog(store))
+    with FleetClient(server, token) as api:
+        return remote(api)
+
+
+@click.group(help="The tamper-evident audit log: verify its hash chain, export it.")
+def audit() -> None:
+    pass
+
+
+@audit.command("verify", help="Check the hash chain; name every edited, inserted or deleted "
+                              "entry. Exit 1 if the chain is broken.")
+@DB
+@_with_api
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@exits_on_error
+def audit_verify(db: Path | None, server: str, token: str | None, as_json: bool) -> None:
+    report = _call(db, server, token, lambda log: log.verify().to_dict(),
+                   lambda api: api.get("/api/v1/audit/verify"))
+    if as_json:
+        print_json(report)
+    else:
+        if report["findings"]:
+            click.echo(table(["entry", "kind", "what"],
+                             [[f["entry"], f["kind"], f["message"]]
+                              for f in report["findings"]]))
+        click.echo(f"{report['entries']} entries ({report['legacy']} from before the chain), "
+                   f"head {report['head'] or '-'} at entry {report['head_id'] or '-'}: "
+                   + ("intact" if report["intact"] else
+                      f"BROKEN ({len(report['findings'])} findings)"))
+    if not report["intact"]:
+        raise SystemExit(1)
+
+
+@audit.command("export", help="Print entries since a time, oldest first, with their hashes.")
+@click.option("--since", default=None, metavar="WHEN",
+              help="30d, 12h, ISO 8601 or unix seconds (default: everything).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "json"]), default="jsonl",
+              show_default=True, help="One JSON object a line, or one JSON list.")
+@DB
+@_with_api
+@exits_on_error
+def audit_export(since: str | None, fmt: str, db: Path | None, server: str,
+                 token: str | None) -> None:
+    from fleet_server.registry.audit import MAX_EXPORT, link_dict
+
+    start = parse_time(since, time.time())
+    entries = _call(db, server, token,
+                    lambda log: [link_dict(x) for x in log.export(start)],
+                    lambda api: api.get("/api/v1/audit", since=start, limit=MAX_EXPORT))
+    if fmt == "json":
+        print_json(entries)
+        return
+    for entry in entries:
+        click.echo(json.dumps(entry, sort_keys=True, separators=(",", ":")))

@@ -6,4 +6,4 @@ bytes-packed layout of a bundle's profile that the store keeps per device and ti
 Nothing here touches the store, a clock or a socket: values in, values out.
 """
 
-__all__ = ["drift", "rollups"]
+__all__ = ["drift", "rollups", "statistics"]

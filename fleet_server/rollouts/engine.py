@@ -7,10 +7,11 @@ keeps plans and states in the store, and on every tick (:meth:`Rollouts.tick`, c
 1. observes the group's members (:class:`~fleet_server.rollouts.machine.DeviceObs`): the bundle
    and shadow each last reported running, its last install report for the rollout's
    bundle (with the *server's* receive time), the rows it served on that bundle, online;
-2. computes the :class:`~fleet_server.rollouts.machine.GateMetrics` of the core's gate window from
+2. reads the :class:`~fleet_server.rollouts.machine.GateMetrics` of the core's gate window
+   (:class:`~fleet_server.rollouts.metrics.GateMetricsReader`) from
    the stored summaries whose window ends after the window's start: counts and error
    counters summed, p95 bounds from the summed latency histograms (the canaries' lower
-   bound against the controls' upper bound, :func:`p95_gate_inputs`), the canaries' merged profile
+   bound against the controls' upper bound), the canaries' merged profile
    against the controls' (prediction PSI and JS of the outputs, :func:`drift.compare`)
    and against the bundle's reference (input drift share and verdict);
 3. calls :func:`~fleet_server.rollouts.machine.decide`, stores the new state, and publishes the
@@ -37,19 +38,16 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from edgefleet.contract.messages import BundleRef, latency_p95, merge_latency
-from edgefleet.contract.profile import Profile, ProfileSpec
+from edgefleet.contract.messages import BundleRef
 from edgefleet.errors import EdgefleetError
 from fleet_server.config import ServerConfig
 from fleet_server.errors import ConflictError, InvalidRequestError, NotFoundError
 from fleet_server.models import BundleRecord, Device, Group
 from fleet_server.monitoring.drift import DriftService
-from fleet_server.profiles.drift import compare
-from fleet_server.profiles.rollups import Packed
-from fleet_server.registry.bundles import Bundles, Reference
+from fleet_server.registry.bundles import Bundles
 from fleet_server.registry.desired import Assignment, DesiredStates
 from fleet_server.registry.devices import Registry
 from fleet_server.rollouts.machine import (
@@ -59,9 +57,7 @@ from fleet_server.rollouts.machine import (
     STATUSES,
     DesiredAssignment,
     DeviceObs,
-    GateMetrics,
     GateThresholds,
-    GateWindow,
     InstallObs,
     Observation,
     RolloutPlan,
@@ -76,7 +72,8 @@ from fleet_server.rollouts.machine import (
     plan_preview,
     stage_size,
 )
-from fleet_server.store import RolloutRow, Store, WindowSummary
+from fleet_server.rollouts.metrics import GateMetricsReader
+from fleet_server.store import RolloutRow, Store
 
 __all__ = ["SPEC_FIELDS", "RolloutEngine", "Rollouts"]
 
@@ -99,28 +96,6 @@ def _key(a: DesiredAssignment) -> dict[str, Any]:
             "allow_downgrade": a.allow_downgrade}
 
 
-def p95_bounds_ms(histograms: Sequence[Sequence[int]]) -> tuple[float, float] | None:
-    """The merged p95 bounds ``(low, high)`` of some summaries' latency histograms."""
-    return latency_p95(merge_latency(histograms))
-
-
-def p95_gate_inputs(canary: tuple[float, float] | None, control: tuple[float, float] | None,
-                    ) -> tuple[float | None, float | None]:
-    """The canary and control p95 the ``latency_p95_ratio`` gate compares.
-
-    A histogram knows only the bucket that holds a p95, so the gate takes the canary's
-    lower bound and the control's upper bound: their ratio is the least the true ratio can
-    be, and a canary whose p95 lands one or two buckets (1.25-1.28x each) above the
-    control's reads as a ratio of at most 1.28, so bucket wobble cannot fail a 1.5 gate
-    while a real 2x slowdown still does. A control in the overflow bucket (over 10 s, no
-    upper bound) reads as its lower bound.
-    """
-    low = None if canary is None else canary[0]
-    high = None if control is None else (control[1] if math.isfinite(control[1])
-                                         else control[0])
-    return low, high
-
-
 class Rollouts:
     """The rollout service (see the module docstring).
 
@@ -138,14 +113,11 @@ class Rollouts:
         self.bundles = bundles
         self.desired = desired
         self.drift = drift
-        self.max_summaries = config.max_gate_summaries
         self.clock = clock
         self.wake: Callable[[], None] = lambda: None  # the engine ticks soon after an action
         self._lock = threading.RLock()
-        # merged profiles of the current gate windows, grown by the summaries each tick
-        # adds: (rollout, window start, side, bundle) -> (devices, last summary id, packed)
-        self._packed: dict[tuple[str, float, str, str],
-                           tuple[frozenset[str], int, Packed | None]] = {}
+        self.gates = GateMetricsReader(store, registry, bundles, drift,
+                                       config.max_gate_summaries)
 
     # -- specs ---------------------------------------------------------------------------
 
@@ -378,7 +350,7 @@ class Rollouts:
             members = self._members(plan)
             devices = self._observe(plan, state, members)
             window = gate_window(plan, state, devices)
-            metrics = self._metrics(plan, window) if window is not None else None
+            metrics = self.gates.read(plan, window) if window is not None else None
             record = self.bundles.get(plan.bundle.name, plan.bundle.version)
             approved = any(s.get("role") == "approver" for s in record.signers)
             d = act(plan, state, action, Observation(now, devices, metrics), actor=actor,
@@ -427,10 +399,8 @@ class Rollouts:
                         self._follow(row.id, now)
                 except Exception:
                     log.exception("rollout %s: assigning new members failed", row.id)
-        live = {r.id for r in rows if r.status not in FINISHED}
         with self._lock:
-            for key in [k for k in self._packed if k[0] not in live]:
-                del self._packed[key]
+            self.gates.forget_all_but({r.id for r in rows if r.status not in FINISHED})
 
     def _step(self, rollout_id: str, now: float) -> None:
         row = self._row(rollout_id)  # re-read under the lock: an action may have run
@@ -438,7 +408,7 @@ class Rollouts:
         members = self._members(plan)
         devices = self._observe(plan, state, members)
         window = gate_window(plan, state, devices)
-        metrics = self._metrics(plan, window) if window is not None else None
+        metrics = self.gates.read(plan, window) if window is not None else None
         d = decide(plan, state, Observation(now, devices, metrics))
         sent = self._publish(plan, d.desired, row.sent, d.state.status, now)
         results = [g.to_dict() for g in d.gate_results] or list(row.gate_results)
@@ -529,144 +499,6 @@ class Rollouts:
         return {d: DeviceObs(running=dev.bundle, shadow=dev.shadow, install=installs.get(d),
                              healthy_predictions=served.get(d, 0), online=dev.online)
                 for d, dev in sorted(members.items())}
-
-    def _metrics(self, plan: RolloutPlan, window: GateWindow) -> GateMetrics:
-        name, version = plan.bundle.name, plan.bundle.version
-        canaries, controls = set(window.canaries), set(window.controls)
-        rows = self.store.window_summaries(sorted(canaries | controls), window.since,
-                                           limit=2 * self.max_summaries)
-        if window.phase == "shadow":
-            srows = sagreed = serrors = 0
-            for s in rows:
-                sh = s.shadow or {}
-                b = sh.get("bundle") or {}
-                if s.device in canaries and b.get("name") == name and \
-                        b.get("version") == version:
-                    srows += int(sh.get("rows", 0))
-                    sagreed += int(sh.get("agreed", 0))
-                    serrors += int(sh.get("errors", 0))
-            return GateMetrics(window_start=window.since, shadow_rows=srows,
-                               shadow_agreed=min(sagreed, srows), shadow_errors=serrors)
-        mine = [s for s in rows if s.device in canaries and s.bundle_name == name
-                and s.bundle_version == version][:self.max_summaries]
-        theirs = [s for s in rows if s.device in controls and not (
-            s.bundle_name == name and s.bundle_version == version)][:self.max_summaries]
-        counts: dict[str, Any] = {}
-        bounds = {}
-        for side, items in (("canary", mine), ("control", theirs)):
-            counts[f"{side}_predictions"] = sum(s.rows for s in items)
-            counts[f"{side}_errors"] = sum(int(v) for s in items for v in s.errors.values())
-            bounds[side] = p95_bounds_ms([s.latency for s in items])
-        # canary_p95_ms / control_p95_ms are the bounds the ratio gate compares (see there)
-        counts["canary_p95_ms"], counts["control_p95_ms"] = p95_gate_inputs(
-            bounds["canary"], bounds["control"])
-        extra = self._profiles(plan, window.since, mine, theirs)
-        return GateMetrics(window_start=window.since, **counts, **extra)
-
-    def _profiles(self, plan: RolloutPlan, since: float, mine: Sequence[WindowSummary],
-                  theirs: Sequence[WindowSummary]) -> dict[str, Any]:
-        """Prediction PSI/JS (canaries vs controls) and input drift (canaries vs the
-        bundle's reference); keys left out are not computed (their gates wait)."""
-        if not mine:
-            return {}
-        record = self.bundles.get(plan.bundle.name, plan.bundle.version)
-        ref = self.bundles.reference(record.id)
-        canary = self._merged(plan, since, "canary", ref, mine)
-        if canary is None:
-            return {}
-        out: dict[str, Any] = {}
-        profile = canary.to_profile()
-        try:
-            group = self.registry.group(plan.group)
-        except NotFoundError:
-            group = None
-        report = compare(ref.base, profile, self.drift.thresholds,
-                         self.drift.important(ref, group))
-        if any(f.role == "input" and f.verdict != "insufficient" for f in report.features):
-            out["input_drift_share"] = float(report.share_drifted)
-            out["input_drift"] = report.verdict == "drift"
-        control = self._control_outputs(plan, since, ref, theirs)
-        if control is not None:
-            vs = compare(control, _outputs_only(profile, control.spec), self.drift.thresholds)
-            psi = [f.stats.get("psi") for f in vs.features if f.role == "output"]
-            js = [f.stats.get("js") for f in vs.features if f.role == "output"]
-            psi = [float(x) for x in psi if x is not None and math.isfinite(x)]
-            js = [float(x) for x in js if x is not None and math.isfinite(x)]
-            if psi:
-                out["prediction_psi"] = max(psi)
-            if js:
-                out["prediction_js"] = max(js)
-        return out
-
-    def _control_outputs(self, plan: RolloutPlan, since: float, ref: Reference,
-                         theirs: Sequence[WindowSummary]) -> Profile | None:
-        """The controls' merged predictions, over the outputs-only spec of the rollout's
-        bundle. A control bundle trained on other data has other input bins but, as a
-        rule, the same output bins (class vocabulary, fixed confidence edges): its
-        summaries count. One whose output bins differ cannot be compared and is left out."""
-        by_bundle: dict[tuple[str, str], list[WindowSummary]] = {}
-        for item in theirs:
-            by_bundle.setdefault((item.bundle_name, item.bundle_version), []).append(item)
-        spec = ProfileSpec((), ref.spec.outputs)
-        total: Profile | None = None
-        for (name, version), items in sorted(by_bundle.items()):
-            try:
-                theirs_ref = self.bundles.reference(self.bundles.get(name, version).id)
-            except NotFoundError:
-                continue  # summaries of a bundle this server never stored
-            if theirs_ref.spec.outputs != ref.spec.outputs:
-                log.info("rollout %s: the controls on %s@%s profile other output bins; "
-                         "their predictions are not compared", plan.id, name, version)
-                continue
-            packed = self._merged(plan, since, f"control:{name}@{version}", theirs_ref,
-                                  items)
-            if packed is None or packed.rows == 0:
-                continue
-            part = _outputs_only(packed.to_profile(), spec)
-            total = part if total is None else total.merge(part)
-        return total
-
-
-    def _merged(self, plan: RolloutPlan, since: float, side: str, ref: Reference,
-                items: Sequence[WindowSummary]) -> Packed | None:
-        """The merge of ``items``' profiles, reading only the summaries not merged at an
-        earlier tick of the same window (from scratch when a device left the side)."""
-        if not items:
-            return None
-        key = (plan.id, since, side, ref.layout.reference_hash)
-        devices = frozenset(i.device for i in items)
-        old = self._packed.get(key)
-        if old is not None and old[0] <= devices:
-            new = [i for i in items if i.id > old[1]]
-            base = old[2]
-        else:
-            new, base = list(items), None
-        if not new and old is not None:
-            self._packed[key] = (devices, old[1], base)
-            return base
-        # a summary's profile was checked against its reference and packed once, at ingest
-        mine = [i.id for i in new if i.reference_hash == ref.layout.reference_hash]
-        blobs = list(self.store.summary_profiles(mine).values())
-        merged = base
-        if blobs:
-            fresh = ref.layout.merge_bytes(blobs)
-            merged = fresh if base is None else base.merge(fresh)
-        last = max([i.id for i in new] + ([old[1]] if old is not None else []))
-        # one window per rollout is live: forget the others
-        for k in [k for k in self._packed if k[0] == plan.id and k[1] != since]:
-            del self._packed[k]
-        self._packed[key] = (devices, last, merged)
-        return merged
-
-
-def _outputs_only(profile: Profile, spec: ProfileSpec) -> Profile:
-    """``profile``'s predictions alone, over ``spec`` (no inputs, the same outputs)."""
-    out = Profile(spec)
-    for name in out.outputs:
-        out.outputs[name] = profile.outputs[name]
-    out.rows = profile.rows
-    return out
-
 
 class RolloutEngine:
     """The thread that ticks :class:`Rollouts` every ``interval_s`` (and soon after

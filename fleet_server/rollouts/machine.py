@@ -105,12 +105,30 @@ import hashlib
 import math
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
-from fractions import Fraction
 from typing import Any
 
 from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.manifest import parse_version
 from edgefleet.contract.messages import BundleRef
+from fleet_server.rollouts.errors import (
+    ActorNotAllowedError,
+    ApprovalRequiredError,
+    InvalidTransitionError,
+    ObservationError,
+    PlanError,
+    RolloutError,
+    RolloutFinishedError,
+    StateMismatchError,
+    UnknownActionError,
+)
+from fleet_server.rollouts.gates import (
+    classify,
+    gate_window,
+    judge,
+    phase_status,
+    share_of,
+    window_verdict,
+)
 from fleet_server.rollouts.values import (
     ACTIONS,
     ACTIVE,
@@ -118,13 +136,10 @@ from fleet_server.rollouts.values import (
     CONTROL,
     DEFAULT_STAGES,
     FINISHED,
-    LATENCY_FLOOR_MS,
     MAX_LISTED,
     MAX_REASON,
     ROLES,
     STATUSES,
-    ActorNotAllowedError,
-    ApprovalRequiredError,
     AuditEntry,
     Decision,
     DesiredAssignment,
@@ -134,18 +149,11 @@ from fleet_server.rollouts.values import (
     GateThresholds,
     GateWindow,
     InstallObs,
-    InvalidTransitionError,
     Observation,
-    ObservationError,
-    PlanError,
-    RolloutError,
-    RolloutFinishedError,
     RolloutPlan,
     RolloutState,
     Stage,
-    StateMismatchError,
     TouchedDevice,
-    UnknownActionError,
     _finite,
     _refuse,
 )
@@ -183,11 +191,6 @@ def plan_order(rollout_id: str, device_ids: Iterable[str]) -> list[str]:
     return sorted(set(device_ids), key=key)
 
 
-def _share(fraction: float, n: int) -> Fraction:
-    # Fraction of the decimal text: ceil(0.1 * 100) must be 10, not 11 (float 10.000…02)
-    return Fraction(repr(fraction)) * n
-
-
 def stage_size(plan: RolloutPlan, stage: int, n: int) -> int:
     """How many of ``n`` devices the first ``stage + 1`` stages cover.
 
@@ -202,7 +205,7 @@ def stage_size(plan: RolloutPlan, stage: int, n: int) -> int:
                         f"{len(plan.stages)})", field="stage")
     size = 0
     for s in plan.stages[: stage + 1]:
-        size = max(size, min(n, max(math.ceil(_share(s.fraction, n)), s.min_devices)))
+        size = max(size, min(n, max(math.ceil(share_of(s.fraction, n)), s.min_devices)))
     return size
 
 
@@ -235,12 +238,6 @@ def plan_preview(plan: RolloutPlan,
 # --------------------------------------------------------------------------- helpers
 
 
-def _same(a: BundleRef | None, b: BundleRef) -> bool:
-    # devices report name and version; the digest decides only when both sides carry it
-    return a is not None and a.name == b.name and a.version == b.version and (
-        not a.sha256 or not b.sha256 or a.sha256 == b.sha256)
-
-
 def _lower(a: BundleRef, b: BundleRef) -> bool:
     try:
         return parse_version(a.version) < parse_version(b.version)
@@ -255,10 +252,6 @@ def _check(plan: RolloutPlan, state: RolloutState, obs: Observation) -> None:
     if not _finite(obs.now):
         raise ObservationError(f"rollout {plan.id!r}: now {obs.now!r} is not a time",
                                rollout_id=plan.id, rollout_status=state.status)
-
-
-def _phase_status(state: RolloutState) -> str:
-    return (state.paused_from or "") if state.status == "paused" else state.status
 
 
 def initial_state(plan: RolloutPlan, *, actor: str) -> RolloutState:
@@ -277,194 +270,6 @@ def initial_state(plan: RolloutPlan, *, actor: str) -> RolloutState:
                        {"bundle": plan.bundle.label, "group": plan.group,
                         "stages": [s.to_dict() for s in plan.stages]})
     return RolloutState(rollout_id=plan.id, status=status, history=(entry,))
-
-
-def gate_window(plan: RolloutPlan, state: RolloutState,
-                devices: Mapping[str, DeviceObs]) -> GateWindow | None:
-    """Which devices the shell computes :class:`GateMetrics` over, and since when.
-
-    ``None`` unless the rollout is in its shadow phase, running, or paused in one of
-    them. Canaries: touched members in the phase's mode; controls: untouched members
-    that run a bundle other than the rollout's.
-    """
-    phase = _phase_status(state)
-    if phase not in ACTIVE:
-        return None
-    mode = "shadow" if phase == "shadow" else "canary"
-    ids = sorted(devices)
-    canaries = tuple(d for d in ids if d in state.touched and state.touched[d].mode == mode)
-    controls = tuple(d for d in ids if d not in state.touched
-                     and devices[d].running is not None
-                     and not _same(devices[d].running, plan.bundle))
-    since = state.stage_started_at if state.stage_started_at is not None else plan.created_at
-    return GateWindow(mode, state.stage, since, plan.bundle, canaries, controls)
-
-
-# --------------------------------------------------------------------------- gates
-
-_OK = {"shadow": ("shadow_started",), "canary": ("installed",)}
-_BAD = {"shadow": ("shadow_failed",), "canary": ("failed", "rolled_back")}
-
-
-def _classify(plan: RolloutPlan, t: TouchedDevice, o: DeviceObs, now: float) -> str:
-    """pending | installed | healthy | failed | timeout, for one canary."""
-    report = o.install if o.install is not None and o.install.time >= t.assigned_at else None
-    runs = o.shadow if t.mode == "shadow" else o.running
-    if _same(runs, plan.bundle) or (report is not None and report.outcome in _OK[t.mode]):
-        if t.mode == "canary" and o.healthy_predictions >= plan.gates.min_healthy_predictions:
-            return "healthy"
-        return "installed"
-    if report is not None and report.outcome in _BAD[t.mode]:
-        return "failed"
-    return "timeout" if now >= t.assigned_at + plan.install_timeout_s else "pending"
-
-
-def _gate(name: str, value: float | None, threshold: float | None, op: str, *,
-          ready: bool = True, waiting: str = "waiting for the sample",
-          missing: str = "not computed yet") -> GateResult:
-    if threshold is None:
-        return GateResult(name, "skip", value, None, op, "disabled")
-    if value is None:
-        return GateResult(name, "wait", None, threshold, op, missing)
-    if not ready:
-        return GateResult(name, "wait", value, threshold, op, waiting)
-    ok = value <= threshold if op == "<=" else value >= threshold
-    word = ("at most" if op == "<=" else "at least") if ok else \
-        ("above" if op == "<=" else "below")
-    return GateResult(name, "pass" if ok else "fail", value, threshold, op,
-                      f"{name} {value:.6g} {word} {threshold:.6g}")
-
-
-def _wait_or_pass(name: str, value: float, threshold: float, why: str) -> GateResult:
-    ok = value >= threshold
-    return GateResult(name, "pass" if ok else "wait", value, threshold, ">=",
-                      "" if ok else why)
-
-
-def _skip(name: str, op: str, why: str) -> GateResult:
-    return GateResult(name, "skip", None, None, op, why)
-
-
-def _rate(errors: int, served: int) -> float | None:
-    return errors / (served + errors) if served + errors else None
-
-
-def _judge(plan: RolloutPlan, state: RolloutState,
-           obs: Observation) -> tuple[list[GateResult], dict[str, Any], float]:
-    """The gate results of the current window, counts for the audit, and the deadline."""
-    g, now = plan.gates, obs.now
-    window = gate_window(plan, state, obs.devices)
-    assert window is not None  # callers judge only shadow, running and paused rollouts
-    soak = plan.shadow_soak_s if window.phase == "shadow" else plan.stages[state.stage].soak_s
-    soak_start = state.soak_started_at if state.soak_started_at is not None else now
-    elapsed = max(0.0, now - soak_start)
-    results = [_wait_or_pass("soak", elapsed, soak, f"soaking ({elapsed:.0f} of {soak:.0f} s)")]
-
-    classes = {d: _classify(plan, state.touched[d], obs.devices[d], now)
-               for d in window.canaries}
-    tally = {k: sum(1 for c in classes.values() if c == k)
-             for k in ("pending", "installed", "healthy", "failed", "timeout")}
-    n = len(window.canaries)
-    failures = tally["failed"] + tally["timeout"]
-    allowed = max(g.max_install_failures, math.floor(_share(g.max_install_failure_rate, n)))
-    results.append(GateResult(
-        "install_failures", "pass" if failures <= allowed else "fail", failures, allowed, "<=",
-        f"{failures} of {n} canaries failed to install ({tally['timeout']} timed out after "
-        f"{plan.install_timeout_s:.0f} s); allowed {allowed}"))
-    if n == 0:
-        results.append(GateResult("canaries", "wait", 0, 1, ">=", "no canary in the group"))
-
-    m = obs.gates if obs.gates is not None and obs.gates.window_start == window.since else None
-    missing = ("gate metrics are for another window" if obs.gates is not None and m is None
-               else "no gate metrics for this window yet")
-    if window.phase == "shadow":
-        results.extend(_shadow_gates(g, m, missing))
-    else:
-        healthy_of = n - failures
-        share = tally["healthy"] / healthy_of if healthy_of else None
-        results.append(_gate("healthy_devices", share, g.min_healthy_share, ">=",
-                             missing="no canary installed yet") if share is None else
-                       _wait_or_pass("healthy_devices", share, g.min_healthy_share,
-                                     f"{tally['healthy']} of {healthy_of} canaries have "
-                                     f"{g.min_healthy_predictions} healthy predictions"))
-        results.extend(_metric_gates(g, m, missing, bool(window.controls)))
-    numbers = {"canaries": n, "controls": len(window.controls),
-               "offline": sum(1 for d in window.canaries if not obs.devices[d].online),
-               **tally}
-    return results, numbers, soak_start + soak + g.max_wait_s
-
-
-def _metric_gates(g: GateThresholds, m: GateMetrics | None, missing: str,
-                  controls: bool) -> list[GateResult]:
-    if m is None:
-        return [GateResult("sample", "wait", None, g.min_canary_predictions, ">=", missing)]
-    out = [_wait_or_pass("sample", m.canary_predictions, g.min_canary_predictions,
-                         "too few canary predictions")]
-    out.append(_wait_or_pass("control_sample", m.control_predictions,
-                             g.min_control_predictions, "too few control predictions")
-               if controls else _skip("control_sample", ">=", "no control devices"))
-    canary_ok = out[0].outcome == "pass"
-    both_ok = canary_ok and out[1].outcome in ("pass", "skip")
-    canary_rate = _rate(m.canary_errors, m.canary_predictions)
-    out.append(_gate("error_rate", canary_rate, g.max_error_rate, "<=", ready=canary_ok))
-    out.extend(_input_gates(g, m, canary_ok))
-    if not controls:
-        why = "no control devices (the stage covers the group)"
-        out.extend(_skip(name, "<=", why) for name in (
-            "error_rate_delta", "latency_p95_ratio", "prediction_psi", "prediction_js"))
-        return out
-    control_rate = _rate(m.control_errors, m.control_predictions)
-    delta = None if canary_rate is None or control_rate is None else canary_rate - control_rate
-    ratio = None if m.canary_p95_ms is None or m.control_p95_ms is None else \
-        max(m.canary_p95_ms, LATENCY_FLOOR_MS) / max(m.control_p95_ms, LATENCY_FLOOR_MS)
-    out.append(_gate("error_rate_delta", delta, g.max_error_rate_delta, "<=", ready=both_ok))
-    out.append(_gate("latency_p95_ratio", ratio, g.max_latency_p95_ratio, "<=",
-                     ready=both_ok))
-    out.append(_gate("prediction_psi", m.prediction_psi, g.max_prediction_psi, "<=",
-                     ready=both_ok))
-    out.append(_gate("prediction_js", m.prediction_js, g.max_prediction_js, "<=",
-                     ready=both_ok))
-    return out
-
-
-def _input_gates(g: GateThresholds, m: GateMetrics, ready: bool) -> list[GateResult]:
-    share = _gate("input_drift_share", m.input_drift_share, g.max_input_drift_share, "<=",
-                  ready=ready)
-    if not g.block_on_input_drift:
-        return [share, _skip("input_drift", "<=", "disabled")]
-    verdict = _gate("input_drift", None if m.input_drift is None else float(m.input_drift),
-                    0.0, "<=", ready=ready)
-    if verdict.outcome == "fail":
-        verdict = replace(verdict, reason="the drift monitor finds the canaries' inputs "
-                                          "drifting from the bundle's reference")
-    return [share, verdict]
-
-
-def _shadow_gates(g: GateThresholds, m: GateMetrics | None, missing: str) -> list[GateResult]:
-    if m is None:
-        return [GateResult("shadow_sample", "wait", None, g.min_shadow_rows, ">=", missing)]
-    sample = _wait_or_pass("shadow_sample", m.shadow_rows, g.min_shadow_rows,
-                           "too few shadow rows")
-    ok = sample.outcome == "pass"
-    agreement = m.shadow_agreed / m.shadow_rows if m.shadow_rows else None
-    return [sample,
-            _gate("shadow_agreement", agreement, g.min_shadow_agreement, ">=", ready=ok),
-            _gate("shadow_error_rate", _rate(m.shadow_errors, m.shadow_rows),
-                  g.max_error_rate, "<=", ready=ok)]
-
-
-def _verdict(results: list[GateResult], now: float, deadline: float) -> str:
-    """abort | promote | wait | insufficient."""
-    by = {r.name: r for r in results}
-    if by["install_failures"].outcome == "fail":
-        return "abort"  # counted, not sampled: no need to sit out the soak
-    if by["soak"].outcome == "wait":
-        return "wait"
-    if any(r.outcome == "fail" for r in results):
-        return "abort"
-    if any(r.outcome == "wait" for r in results):
-        return "insufficient" if now >= deadline else "wait"
-    return "promote"
 
 
 # --------------------------------------------------------------------------- transitions
@@ -577,8 +382,8 @@ def decide(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision
     results: list[GateResult] = []
     if state.status in ACTIVE:
         state = _touch(plan, state, obs.devices, now)
-        results, counts, deadline = _judge(plan, state, obs)
-        verdict = _verdict(results, now, deadline)
+        results, counts, deadline = judge(plan, state, obs)
+        verdict = window_verdict(results, now, deadline)
         if verdict == "abort":
             state = _abort(plan, state, now, "system", _numbers(results, counts),
                            "gate failed: " + _reasons(results, "fail"))
@@ -595,7 +400,7 @@ def decide(plan: RolloutPlan, state: RolloutState, obs: Observation) -> Decision
             else:
                 state = _abort(plan, state, now, "system", _numbers(results, counts), why)
     elif state.status == "paused" and state.paused_from in ACTIVE:
-        results, _, _ = _judge(plan, state, obs)
+        results, _, _ = judge(plan, state, obs)
     return Decision(state, _desired(plan, state, obs.devices),
                     state.history[len(before.history):], tuple(results))
 
@@ -633,8 +438,8 @@ def act(plan: RolloutPlan, state: RolloutState, action: str, obs: Observation, *
                       f"the rollout is {state.status}")
     results: list[GateResult] = []
     counts: dict[str, Any] = {}
-    if _phase_status(state) in ACTIVE:
-        results, counts, _ = _judge(plan, state, obs)
+    if phase_status(state) in ACTIVE:
+        results, counts, _ = judge(plan, state, obs)
     step = _Act(plan, state, obs.now, actor, frozenset(roles), bundle_approved, reason,
                 _numbers(results, counts, devices=len(obs.devices)))
     new = _ACTIONS[action](step)
@@ -737,4 +542,4 @@ def canary_phase(plan: RolloutPlan, touched: TouchedDevice, obs: DeviceObs,
                  now: float) -> str:
     """pending | installed | healthy | failed | timeout: how the gates see one touched
     device, for display."""
-    return _classify(plan, touched, obs, now)
+    return classify(plan, touched, obs, now)

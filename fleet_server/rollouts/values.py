@@ -1,4 +1,4 @@
-"""The rollout core's values: plans, state, observations, decisions, and their errors.
+"""The rollout core's values: plans, state, observations and decisions.
 
 Frozen dataclasses with strict ``to_dict``/``from_dict`` (schema-versioned), so a plan
 and its state persist in the store and cross the REST API unchanged. The rules that turn
@@ -21,8 +21,12 @@ from typing import Any
 from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.messages import BundleRef, Report
 from edgefleet.contract.wire import Fields
-from fleet_server.errors import FleetError
 from fleet_server.models import ROLLOUT_ACTIONS, ROLLOUT_ACTIVE, ROLLOUT_FINISHED, ROLLOUT_STATUSES
+from fleet_server.rollouts.errors import (
+    ObservationError,
+    PlanError,
+    RolloutError,
+)
 
 ROLLOUT_SCHEMA = 1
 STATUSES = ROLLOUT_STATUSES
@@ -40,70 +44,6 @@ MAX_REASON = 4096
 LATENCY_FLOOR_MS = 0.1  # a p95 below it reads as this (ratios of tens of µs are noise)
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 ACTOR_RE = re.compile(r"^(system|operator:[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127})\Z")
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class RolloutError(FleetError):
-    """Base of the rollout errors; ``rollout_id``, ``rollout_status`` and ``action`` say where.
-
-    Each subclass carries its HTTP status (``status``) like every other fleet error, so the
-    API's one handler needs no rollout case.
-    """
-
-    status = 422
-
-    def __init__(self, message: str, *, rollout_id: str | None = None,
-                 rollout_status: str | None = None, action: str | None = None) -> None:
-        super().__init__(message)
-        self.rollout_id, self.rollout_status, self.action = rollout_id, rollout_status, action
-
-
-class PlanError(RolloutError):
-    """A plan, stage or threshold value is invalid; ``field`` names it."""
-
-    def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class ObservationError(RolloutError):
-    """An observation the shell built holds an impossible value (negative, NaN)."""
-
-    status = 500
-
-
-class StateMismatchError(RolloutError):
-    """The state passed with a plan belongs to another rollout."""
-
-    status = 500
-
-
-class InvalidTransitionError(RolloutError):
-    """The action is not allowed in the rollout's current status."""
-
-    status = 409
-
-
-class UnknownActionError(InvalidTransitionError):
-    """The action is none of :data:`ACTIONS`."""
-
-
-class RolloutFinishedError(InvalidTransitionError):
-    """The rollout is completed or aborted: no action applies any more."""
-
-
-class ApprovalRequiredError(RolloutError):
-    """Start before approval, or a bundle without an approver's signature."""
-
-    status = 403
-
-
-class ActorNotAllowedError(RolloutError):
-    """The actor may not do this (approve needs an operator with the approver role)."""
-
-    status = 403
 
 
 def _refuse(kind: type[RolloutError], plan: RolloutPlan, state: RolloutState, action: str,

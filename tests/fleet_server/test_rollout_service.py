@@ -18,7 +18,6 @@ from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.messages import LATENCY_EDGES_MS, LATENCY_EDGES_V1_MS
 from fleet_server.cli import main
 from fleet_server.errors import ConflictError, InvalidRequestError, NotFoundError
-from fleet_server.rollouts.engine import p95_bounds_ms, p95_gate_inputs
 from fleet_server.rollouts.machine import (
     ActorNotAllowedError,
     ApprovalRequiredError,
@@ -29,6 +28,7 @@ from fleet_server.rollouts.machine import (
     gate_window,
     plan_order,
 )
+from fleet_server.rollouts.metrics import p95_bounds_ms, p95_gate_inputs
 from fleet_server.rollouts.values import LATENCY_FLOOR_MS
 from fleet_server.services import build_services
 from tests.bundles import BundleFactory, sensor_data
@@ -75,7 +75,7 @@ def _metrics(s, close=False):
         plan, state = RolloutPlan.from_dict(row.plan), RolloutState.from_dict(row.state)
         r = s.rollouts
         window = gate_window(plan, state, r._observe(plan, state, r._members(plan)))
-        return r._metrics(plan, window)
+        return r.gates.read(plan, window)
     finally:
         if close:
             s.close()

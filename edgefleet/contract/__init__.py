@@ -6,7 +6,8 @@
 ``card``       the manifest's model card: statement, evaluation, slices, fairness, importances
 ``approval``   signed approval statements (who, when, in what role, why) beside the signatures
 ``signing``    Ed25519 keys, the trust store, the DSSE-style envelope and its policy
-``bundle``     reading, verifying and writing ``.edgebundle`` files
+``bundle``     verifying, reading and writing ``.edgebundle`` files
+``container``  the bundle's gzip+tar walk: one stream, nothing hidden, bounded memory
 ``profile``    the feature profile: reference bins, accumulation, exact merge, wire form
 ``messages``   the MQTT topics and every message schema (each with a ``schema`` version)
 ``samples``    the bundle's sample rows, the smoke test's input
@@ -21,5 +22,5 @@ Nothing here does I/O beyond reading a file it is handed; nothing here knows abo
 daemon, a server or a build.
 """
 
-__all__ = ["approval", "bundle", "card", "errors", "inputs", "manifest", "messages", "profile",
-           "runtime", "samples", "signing", "wire"]
+__all__ = ["approval", "bundle", "card", "container", "errors", "inputs", "manifest", "messages",
+           "profile", "runtime", "samples", "signing", "wire"]

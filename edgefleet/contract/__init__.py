@@ -8,7 +8,9 @@
 ``signing``    Ed25519 keys, the trust store, the DSSE-style envelope and its policy
 ``bundle``     verifying, reading and writing ``.edgebundle`` files
 ``container``  the bundle's gzip+tar walk: one stream, nothing hidden, bounded memory
-``profile``    the feature profile: reference bins, accumulation, exact merge, wire form
+``bins``       a profile's reference bins: edges, vocabularies, the reference hash
+``accumulate`` a profile's per-feature accumulators (counts, sums, min, max, M2)
+``profile``    the feature profile: exact merge, wire form, ``reference.json``
 ``messages``   the MQTT topics and every message schema (each with a ``schema`` version)
 ``samples``    the bundle's sample rows, the smoke test's input
 ``runtime``    the onnxruntime session and the binding of inputs to the graph
@@ -22,5 +24,5 @@ Nothing here does I/O beyond reading a file it is handed; nothing here knows abo
 daemon, a server or a build.
 """
 
-__all__ = ["approval", "bundle", "card", "container", "errors", "inputs", "manifest", "messages",
-           "profile", "runtime", "samples", "signing", "wire"]
+__all__ = ["accumulate", "approval", "bins", "bundle", "card", "container", "errors", "inputs",
+           "manifest", "messages", "profile", "runtime", "samples", "signing", "wire"]

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.contract.accumulate import WIRE_ORDER_TOLERANCE
 from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
 from edgefleet.contract.profile import (
-    WIRE_ORDER_TOLERANCE,
     CategoricalSpec,
     NumericSpec,
     Profile,
@@ -538,7 +538,7 @@ _CACHE: dict[str, Layout] = {}
 
 
 def _inverted(lo: float, hi: float, e0: float, eb: float) -> bool:
-    """min above max by more than the wire form's rounding (profile.WIRE_ORDER_TOLERANCE)."""
+    """min above max by more than the wire form's rounding (accumulate.WIRE_ORDER_TOLERANCE)."""
     return lo > hi and lo - hi > WIRE_ORDER_TOLERANCE * (abs(lo) + abs(hi) + abs(e0) + abs(eb))
 
 

@@ -5,8 +5,11 @@ The steps, in the order a build runs them:
 ===============  ==============================================================
 ``data``         read the training and held-out data (CSV, Parquet, arrays), bounded
 ``convert``      scikit-learn (pipelines, trees, linear models, MLPs) to ONNX
+``wide``         float64 converters for the preprocessing skl2onnx runs in float32
+``boosters``     XGBoost and LightGBM through onnxmltools' converters
 ``precision``    keep tree thresholds exact: float64 where float32 would move a split
 ``quantize``     dynamic, static or fp16 quantisation of the graphs that have MatMul/Conv
+``graph``        the ONNX graph helpers and checks quantisation relies on
 ``fidelity``     the gate: the converted model must answer as the original did
 ``reference``    the training profile (the same code the device profiles with)
 ``evaluate``     the card's numbers: metrics with intervals, slices, fairness, importances
@@ -22,5 +25,5 @@ and the agent never imports it. What it shares with the agent and the fleet (the
 manifest, profile and signing formats) is in :mod:`edgefleet.contract`.
 """
 
-__all__ = ["build", "card", "cli", "convert", "data", "errors", "evaluate", "fidelity",
-           "precision", "quantize", "reference", "sample_data"]
+__all__ = ["boosters", "build", "card", "cli", "convert", "data", "errors", "evaluate",
+           "fidelity", "graph", "precision", "quantize", "reference", "sample_data", "wide"]

@@ -54,9 +54,7 @@ directory.
 from __future__ import annotations
 
 import heapq
-import logging
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -66,42 +64,29 @@ import onnx
 
 from edgefleet.contract.manifest import QUANT_MODES, Quantization
 from packager.errors import QuantizationError
+from packager.graph import (
+    DEFAULT_DOMAINS,
+    QUANTIZED_KERNELS,
+    WEIGHT_OPS,
+    check_feeds,
+    check_kept,
+    count_quantized,
+    first_layer,
+    first_line,
+    is_weight_op,
+    listing,
+    load_session,
+    name_nodes,
+    reduced_nodes,
+    root_logger_untouched,
+)
 
 __all__ = ["QUANTIZED_KERNELS", "WEIGHT_OPS", "quantize", "repair_opsets"]
 
-WEIGHT_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 """The operators quantisation is asked to touch."""
 
-QUANTIZED_KERNELS = frozenset(
-    {
-        "ConvInteger",
-        "DynamicQuantizeMatMul",
-        "MatMulInteger",
-        "MatMulIntegerToFloat",
-        "QGemm",
-        "QLinearConv",
-        "QLinearMatMul",
-    }
-)
 """onnxruntime's integer kernels that replace a weight-bearing operator (QOperator form)."""
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
-# Ops between a graph input and the first layer that do not mix features across rows or
-# columns: the first layer behind them still sees the raw (or only linearly scaled) values.
-_PASS_THROUGH = frozenset(
-    {
-        "Cast",
-        "Flatten",
-        "Identity",
-        "Normalizer",
-        "Reshape",
-        "Scaler",
-        "Squeeze",
-        "Transpose",
-        "Unsqueeze",
-    }
-)
-_CONST_ELEMENTWISE = frozenset({"Add", "Div", "Mul", "Sub"})
 _MAX_CHECK_FEEDS = 8
 
 
@@ -114,7 +99,7 @@ def repair_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     versions: dict[str, int] = {}
     for entry in model.opset_import:
-        domain = "" if entry.domain in _DEFAULT_DOMAINS else entry.domain
+        domain = "" if entry.domain in DEFAULT_DOMAINS else entry.domain
         versions[domain] = max(versions.get(domain, 0), entry.version)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -168,48 +153,48 @@ def quantize(
         raise QuantizationError(
             f"unknown quantisation mode {mode!r}; use one of {', '.join(QUANT_MODES)}"
         )
-    feeds = _feeds(calibration, required=mode == "static")
+    feeds = check_feeds(calibration, required=mode == "static")
     try:
         proto = onnx.load_from_string(model)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise QuantizationError(
-            f"the model is not a readable ONNX file: {_first_line(exc)}"
+            f"the model is not a readable ONNX file: {first_line(exc)}"
         ) from exc
     if mode == "none":
         # nothing to do: the caller already holds a graph that loads (convert checked it)
         return model, Quantization(mode="none", note="not quantised (mode none)")
     # protobuf parses many a byte string as some model: only onnxruntime's word counts, and
     # every path below that ships these bytes unchanged relies on this check
-    _session(model, "the model to quantise")
+    load_session(model, "the model to quantise")
 
     proto = repair_opsets(proto)
-    _name_nodes(proto)
-    candidates = [n.name for n in proto.graph.node if _is_weight_op(n)]
+    name_nodes(proto)
+    candidates = [n.name for n in proto.graph.node if is_weight_op(n)]
     if not candidates:
-        ops = _listing(sorted({n.op_type for n in proto.graph.node})) or "no operators"
+        ops = listing(sorted({n.op_type for n in proto.graph.node})) or "no operators"
         return model, Quantization(
             mode=mode,
             note=f"nothing quantisable in this graph ({ops}; only MatMul, "
             "Gemm and Conv are); shipped in float",
         )
-    kept, path = _first_layer(proto) if keep_first_float else ((), ())
+    kept, path = first_layer(proto) if keep_first_float else ((), ())
     if set(candidates) <= set(kept):
         return model, Quantization(
             mode=mode,
             float_ops_kept=kept,
-            note=f"the only weight-bearing layer ({_listing(kept)}) is kept in float by "
+            note=f"the only weight-bearing layer ({listing(kept)}) is kept in float by "
             "keep_first_float; shipped in float",
         )
 
     if mode == "fp16":
-        with _root_logger_untouched():
+        with root_logger_untouched():
             # the ops on the way to the kept layer stay float32 too: in float16 they would
             # round the raw features the kept layer is there to see exactly
             out, note = _fp16(proto, kept + path, feeds)
         if out is None:
             return model, Quantization(mode=mode, note=note)
     else:
-        with TemporaryDirectory(prefix="edgepack-quant-") as tmp, _root_logger_untouched():
+        with TemporaryDirectory(prefix="edgepack-quant-") as tmp, root_logger_untouched():
             src = _pre_process(proto, Path(tmp))
             out = _quantize_int8(src, mode, kept, feeds, Path(tmp))
         note = (
@@ -218,21 +203,21 @@ def quantize(
             else f"int8 QDQ, activation ranges calibrated on {len(feeds)} batch(es)"
         )
 
-    count = _count_quantized(out, mode)
-    _check_kept(out, kept, mode)
+    count = count_quantized(out, mode)
+    check_kept(out, kept, mode)
     if count == 0:
         return model, Quantization(
             mode=mode,
             note=f"onnxruntime left every weight-bearing operator in float "
-            f"({_listing(sorted({n.op_type for n in proto.graph.node if _is_weight_op(n)}))}); "
+            f"({listing(sorted({n.op_type for n in proto.graph.node if is_weight_op(n)}))}); "
             "shipped in float",
         )
     # Inferred shapes are a cache onnxruntime rebuilds at load; they only cost bytes.
     del out.graph.value_info[:]
     data = out.SerializeToString()
-    _session(data, f"the {mode} model")
+    load_session(data, f"the {mode} model")
     if kept:
-        note += f"; kept in float: {_listing(kept)}"
+        note += f"; kept in float: {listing(kept)}"
     return data, Quantization(
         mode=mode, applied=True, quantized_ops=count, float_ops_kept=kept, note=note
     )
@@ -250,7 +235,7 @@ def _pre_process(proto: onnx.ModelProto, tmp: Path) -> Path:
         quant_pre_process(str(src), str(pre), skip_optimization=True, skip_symbolic_shape=True)
     except Exception as exc:
         raise QuantizationError(
-            f"shape inference before quantisation failed: {_first_line(exc)}"
+            f"shape inference before quantisation failed: {first_line(exc)}"
         ) from exc
     return pre
 
@@ -281,7 +266,7 @@ def _quantize_int8(
         raise
     except Exception as exc:
         raise QuantizationError(
-            f"onnxruntime {mode} quantisation failed: {_first_line(exc)}"
+            f"onnxruntime {mode} quantisation failed: {first_line(exc)}"
         ) from exc
 
 
@@ -289,20 +274,20 @@ class _Reader:
     """A CalibrationDataReader over feed dicts (onnxruntime checks for ``get_next`` only)."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self._feeds = feeds
+        self.feeds = feeds
         self._i = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._i >= len(self._feeds):
+        if self._i >= len(self.feeds):
             return None
         self._i += 1
-        return self._feeds[self._i - 1]
+        return self.feeds[self._i - 1]
 
     def rewind(self) -> None:
         self._i = 0
 
     def __len__(self) -> int:
-        return len(self._feeds)
+        return len(self.feeds)
 
 
 # ---------------------------------------------------------------------------- fp16
@@ -316,24 +301,24 @@ def _fp16(
 
     # ai.onnx.ml operators (and the converter's own list) have no float16 kernels at all
     blocked = set(DEFAULT_OP_BLOCK_LIST) | {
-        n.op_type for n in proto.graph.node if n.domain not in _DEFAULT_DOMAINS
+        n.op_type for n in proto.graph.node if n.domain not in DEFAULT_DOMAINS
     }
     try:
         out = convert_float_to_float16(
             proto, keep_io_types=True, op_block_list=sorted(blocked), node_block_list=list(keep)
         )
     except Exception as exc:
-        raise QuantizationError(f"float16 conversion failed: {_first_line(exc)}") from exc
+        raise QuantizationError(f"float16 conversion failed: {first_line(exc)}") from exc
     _drop_cast_round_trips(out)
     _sort_topologically(out)
-    count = _count_quantized(out, "fp16")
+    count = count_quantized(out, "fp16")
     if count == 0:
         return None, "no weight-bearing operator converts to float16; shipped in float"
     data = out.SerializeToString()
     try:
-        session = _session(data, "the fp16 model", wrap=False)
+        session = load_session(data, "the fp16 model", wrap=False)
     except Exception as exc:
-        why = _first_line(exc)
+        why = first_line(exc)
         return None, f"the float16 model does not load in onnxruntime CPU ({why}); shipped in float"
     bad = _fp16_nonfinite(proto, session, feeds) or _fp16_out_of_range(proto, out, feeds)
     if bad:
@@ -365,7 +350,7 @@ def _fp16_kernels_here(data: bytes) -> int:
             placed = onnx.load_model(options.optimized_model_filepath)
         except Exception:  # only a note depends on it; the model loaded above
             return 0
-    return len(_reduced_nodes(placed, "fp16"))
+    return len(reduced_nodes(placed, "fp16"))
 
 
 def _drop_cast_round_trips(proto: onnx.ModelProto) -> None:
@@ -384,7 +369,7 @@ def _drop_cast_round_trips(proto: onnx.ModelProto) -> None:
     for node in graph.node:
         for out in node.output:
             producer[out] = node
-        if node.op_type == "Cast" and node.domain in _DEFAULT_DOMAINS:
+        if node.op_type == "Cast" and node.domain in DEFAULT_DOMAINS:
             types[node.output[0]] = _cast_to(node)
     outputs = {o.name for o in graph.output}
     replace: dict[str, str] = {}
@@ -455,7 +440,7 @@ def _fp16_nonfinite(
     proto: onnx.ModelProto, session: Any, feeds: list[dict[str, np.ndarray]]
 ) -> str:
     """Why the fp16 model is unusable on these feeds (non-finite where float is not), or ''."""
-    reference = _session(proto.SerializeToString(), "the model")
+    reference = load_session(proto.SerializeToString(), "the model")
     checks = [(f"calibration batch {i}", f) for i, f in enumerate(feeds[:_MAX_CHECK_FEEDS])]
     for what, feed in checks or [("", _dummy_feed(session))]:
         try:
@@ -464,12 +449,12 @@ def _fp16_nonfinite(
             if not what:  # zeros need not be a valid input (categories): nothing to judge
                 return ""
             raise QuantizationError(
-                f"{what} does not run on the model: {_first_line(exc)}"
+                f"{what} does not run on the model: {first_line(exc)}"
             ) from exc
         try:
             got = session.run(None, feed)
         except Exception as exc:
-            return f"model fails to run: {_first_line(exc)}"
+            return f"model fails to run: {first_line(exc)}"
         for g, w in zip(got, want, strict=True):
             g, w = np.asarray(g), np.asarray(w)
             if g.dtype.kind == "f" and np.any(~np.isfinite(g) & np.isfinite(w)):
@@ -515,7 +500,7 @@ def _fp16_out_of_range(
         for name in watch
         if name not in outputs
     )
-    session = _session(probe.SerializeToString(), "the model with its float16 tensors exposed")
+    session = load_session(probe.SerializeToString(), "the model with its float16 tensors exposed")
     limit = float(np.finfo(np.float16).max)
     for i, feed in enumerate(feeds[:_MAX_CHECK_FEEDS]):
         for name, value in zip(watch, session.run(watch, feed), strict=True):
@@ -545,178 +530,3 @@ def _dummy_feed(session: Any) -> dict[str, np.ndarray]:
         if arg.type == "tensor(string)":
             feed[arg.name] = feed[arg.name].astype(object)
     return feed
-
-
-# ---------------------------------------------------------------------------- graph
-
-
-def _is_weight_op(node: onnx.NodeProto) -> bool:
-    return node.domain in _DEFAULT_DOMAINS and node.op_type in WEIGHT_OPS
-
-
-def _name_nodes(proto: onnx.ModelProto) -> None:
-    """Give unnamed nodes a stable name; nodes_to_exclude matches by name."""
-    taken = {n.name for n in proto.graph.node}
-    for i, node in enumerate(proto.graph.node):
-        if not node.name:
-            name = f"{node.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            node.name = name
-            taken.add(name)
-
-
-def _first_layer(proto: onnx.ModelProto) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The weight-bearing nodes fed by a graph input, directly or through ops that only
-    cast, reshape or scale it by constants; and those ops. Names, in graph order."""
-    graph = proto.graph
-    constants = {t.name for t in graph.initializer}
-    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    reached = {i.name for i in graph.input} - constants
-    frontier = list(reached)
-    first: set[str] = set()
-    path: set[str] = set()
-    while frontier:
-        tensor = frontier.pop()
-        for node in consumers.get(tensor, ()):
-            if _is_weight_op(node):
-                first.add(node.name)
-                continue
-            through = node.op_type in _PASS_THROUGH or (
-                node.op_type in _CONST_ELEMENTWISE
-                and all(i in constants or i == tensor for i in node.input)
-            )
-            if through:
-                path.add(node.name)
-                for out in node.output:
-                    if out not in reached:
-                        reached.add(out)
-                        frontier.append(out)
-    return (
-        tuple(n.name for n in graph.node if n.name in first),
-        tuple(n.name for n in graph.node if n.name in path),
-    )
-
-
-def _check_kept(proto: onnx.ModelProto, kept: tuple[str, ...], mode: str) -> None:
-    """The report must not say float for a layer that was quantised: each kept node is
-    still a float weight op (under its name, or as the MatMul a Gemm became)."""
-    nodes = {n.name: n for n in proto.graph.node}
-    reduced = _reduced_nodes(proto, mode)
-    for name in kept:
-        node = nodes.get(name) or nodes.get(f"{name}_MatMul")
-        if node is None or not _is_weight_op(node) or node.name in reduced:
-            raise QuantizationError(
-                f"onnxruntime {mode} quantisation did not keep node {name!r} in "
-                "float as asked (keep_first_float)"
-            )
-
-
-def _count_quantized(proto: onnx.ModelProto, mode: str) -> int:
-    """The weight-bearing operators computing in reduced precision (see :func:`quantize`)."""
-    graph = proto.graph
-    return sum(1 for n in graph.node if n.op_type in QUANTIZED_KERNELS) + len(
-        _reduced_nodes(proto, mode)
-    )
-
-
-def _reduced_nodes(proto: onnx.ModelProto, mode: str) -> set[str]:
-    """Names of the MatMul/Gemm/Conv nodes that compute on int8 weights (through a
-    DequantizeLinear) or, for fp16, on float16 inputs."""
-    graph = proto.graph
-    if mode == "fp16":
-        try:
-            inferred = onnx.shape_inference.infer_shapes(proto)
-        except Exception:  # no types, nothing provable: count nothing
-            return set()
-        types = {
-            v.name: v.type.tensor_type.elem_type
-            for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-        }
-        types.update({t.name: t.data_type for t in graph.initializer})
-        fp16 = onnx.TensorProto.FLOAT16
-        return {
-            n.name
-            for n in graph.node
-            if _is_weight_op(n) and n.input and all(types.get(i) == fp16 for i in n.input[:2])
-        }
-    dequantised = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return {
-        n.name
-        for n in graph.node
-        if _is_weight_op(n) and len(n.input) > 1 and n.input[1] in dequantised
-    }
-
-
-# ---------------------------------------------------------------------------- checks
-
-
-def _feeds(
-    calibration: Iterable[Mapping[str, np.ndarray]] | None, *, required: bool
-) -> list[dict[str, np.ndarray]]:
-    if calibration is None:
-        if required:
-            raise QuantizationError(
-                "static quantisation needs calibration rows "
-                "(feed dicts: input name -> array); none were given"
-            )
-        return []
-    feeds = []
-    for i, feed in enumerate(calibration):
-        if not isinstance(feed, Mapping) or not feed:
-            raise QuantizationError(
-                f"calibration batch {i} is not a non-empty dict of input name -> array"
-            )
-        feeds.append({str(k): np.asarray(v) for k, v in feed.items()})
-    if required and not feeds:
-        raise QuantizationError(
-            "static quantisation needs calibration rows; the calibration data is empty"
-        )
-    return feeds
-
-
-def _session(data: bytes, what: str, *, wrap: bool = True) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only; the exception carries the reason
-    try:
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        if not wrap:
-            raise
-        raise QuantizationError(f"{what} does not load in onnxruntime: {_first_line(exc)}") from exc
-
-
-@contextmanager
-def _root_logger_untouched() -> Iterator[None]:
-    """onnxruntime's quantiser logs through the ``logging`` module functions, which
-    install a stderr handler on an unconfigured root logger for good. Lend it a
-    NullHandler for the call so the host application's logging stays as it was."""
-    root = logging.getLogger()
-    if root.handlers:
-        yield
-        return
-    guard = logging.NullHandler()
-    root.addHandler(guard)
-    try:
-        yield
-    finally:
-        root.removeHandler(guard)
-
-
-def _listing(names: Iterable[str], most: int = 12) -> str:
-    """Names for a note; the manifest bounds a note to 2048 characters."""
-    names = list(names)
-    shown = ", ".join(n[:64] for n in names[:most])
-    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."

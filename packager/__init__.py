@@ -7,6 +7,7 @@ The steps, in the order a build runs them:
 ``convert``      scikit-learn (pipelines, trees, linear models, MLPs) to ONNX
 ``wide``         float64 converters for the preprocessing skl2onnx runs in float32
 ``boosters``     XGBoost and LightGBM through onnxmltools' converters
+``trees``        views of fitted tree ensembles: each split as its library compares it
 ``precision``    keep tree thresholds exact: float64 where float32 would move a split
 ``quantize``     dynamic, static or fp16 quantisation of the graphs that have MatMul/Conv
 ``graph``        the ONNX graph helpers and checks quantisation relies on
@@ -26,4 +27,5 @@ manifest, profile and signing formats) is in :mod:`edgefleet.contract`.
 """
 
 __all__ = ["boosters", "build", "card", "cli", "convert", "data", "errors", "evaluate",
-           "fidelity", "graph", "precision", "quantize", "reference", "sample_data", "wide"]
+           "fidelity", "graph", "precision", "quantize", "reference", "sample_data", "trees",
+           "wide"]

@@ -379,14 +379,15 @@ def float32_cost(model: bytes, est: Any, feeds: dict[str, np.ndarray], X: Any
     import onnx
     import onnxruntime as ort
 
-    from packager.precision import _elem_types, _ensemble
+    from packager.precision import elem_types
+    from packager.trees import ensemble_of
 
     try:
         proto = onnx.load_from_string(model)
         node = next(n for n in proto.graph.node
                     if n.op_type in ("TreeEnsembleClassifier", "TreeEnsembleRegressor"))
         name = node.input[0]
-        kind = _elem_types(proto).get(name, onnx.TensorProto.FLOAT)
+        kind = elem_types(proto).get(name, onnx.TensorProto.FLOAT)
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, kind, None))
         session = ort.InferenceSession(proto.SerializeToString(),
                                        providers=["CPUExecutionProvider"])
@@ -400,7 +401,7 @@ def float32_cost(model: bytes, est: Any, feeds: dict[str, np.ndarray], X: Any
     both = np.isfinite(got) & np.isfinite(want)
     delta = float(np.max(np.abs(got - want)[both], initial=0.0))
     crossed = np.zeros(len(got), dtype=bool)
-    ens = _ensemble(est[-1])
+    ens = ensemble_of(est[-1])
     if ens is not None:
         for j in range(got.shape[1]):
             ts = np.unique(np.concatenate([t.threshold[t.is_branch & (t.feature == j)]

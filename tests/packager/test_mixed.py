@@ -46,7 +46,7 @@ from edgefleet.contract.runtime import ModelRunner
 from packager.build import BuildOptions, build
 from packager.convert import convert_sklearn
 from packager.data import load_table
-from packager.precision import _ensemble
+from packager.trees import ensemble_of
 from tests.packager.conftest import columns_of, dump, fit, write_csv
 
 xgboost = pytest.importorskip("xgboost")
@@ -165,7 +165,7 @@ def _split_points(model: Any) -> list[tuple[int, float]]:
         names = list(final.get_booster().feature_names or [])
         index = [names.index(f) if f in names else int(f[1:]) for f in frame["Feature"]]
         return list(zip(index, frame["Split"].astype(np.float64), strict=True))
-    ens = _ensemble(final)
+    ens = ensemble_of(final)
     return [(int(f), float(t)) for tree in ens.trees.values()
             for f, t in zip(tree.feature[tree.is_branch], tree.threshold[tree.is_branch],
                             strict=True)]

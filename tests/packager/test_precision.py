@@ -36,7 +36,8 @@ from sklearn.linear_model import LinearRegression  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from packager.precision import _ensemble, exact_tree_thresholds, tree_ensembles  # noqa: E402
+from packager.precision import exact_tree_thresholds  # noqa: E402
+from packager.trees import ensemble_of, tree_ensembles  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning)
 OPSET = {"": 17, "ai.onnx.ml": 3}
@@ -87,7 +88,7 @@ def _data(name):
 def _adversarial(est, X, n=300, seed=0):
     """Rows moved onto the trees' thresholds (in raw-feature space)."""
     rng = np.random.default_rng(seed)
-    ens = _ensemble(tree_ensembles(est)[0])
+    ens = ensemble_of(tree_ensembles(est)[0])
     feats = np.concatenate([t.feature[t.is_branch] for t in ens.trees.values()])
     thr = np.concatenate([t.threshold[t.is_branch] for t in ens.trees.values()])
     rows = X[rng.integers(0, len(X), n)].copy()

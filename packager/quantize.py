@@ -169,39 +169,12 @@ def quantize(
 
     proto = repair_opsets(proto)
     name_nodes(proto)
-    candidates = [n.name for n in proto.graph.node if is_weight_op(n)]
-    if not candidates:
-        ops = listing(sorted({n.op_type for n in proto.graph.node})) or "no operators"
-        return model, Quantization(
-            mode=mode,
-            note=f"nothing quantisable in this graph ({ops}; only MatMul, "
-            "Gemm and Conv are); shipped in float",
-        )
-    kept, path = first_layer(proto) if keep_first_float else ((), ())
-    if set(candidates) <= set(kept):
-        return model, Quantization(
-            mode=mode,
-            float_ops_kept=kept,
-            note=f"the only weight-bearing layer ({listing(kept)}) is kept in float by "
-            "keep_first_float; shipped in float",
-        )
-
-    if mode == "fp16":
-        with root_logger_untouched():
-            # the ops on the way to the kept layer stay float32 too: in float16 they would
-            # round the raw features the kept layer is there to see exactly
-            out, note = _fp16(proto, kept + path, feeds)
-        if out is None:
-            return model, Quantization(mode=mode, note=note)
-    else:
-        with TemporaryDirectory(prefix="edgepack-quant-") as tmp, root_logger_untouched():
-            src = _pre_process(proto, Path(tmp))
-            out = _quantize_int8(src, mode, kept, feeds, Path(tmp))
-        note = (
-            "int8 weights, activations quantised at run time"
-            if mode == "dynamic"
-            else f"int8 QDQ, activation ranges calibrated on {len(feeds)} batch(es)"
-        )
+    kept, path, why_not = _layers(proto, keep_first_float)
+    if why_not:
+        return model, Quantization(mode=mode, float_ops_kept=kept, note=why_not)
+    out, note = _reduce(proto, mode, kept, path, feeds)
+    if out is None:
+        return model, Quantization(mode=mode, note=note)
 
     count = count_quantized(out, mode)
     check_kept(out, kept, mode)
@@ -221,6 +194,37 @@ def quantize(
     return data, Quantization(
         mode=mode, applied=True, quantized_ops=count, float_ops_kept=kept, note=note
     )
+
+
+def _layers(proto: onnx.ModelProto, keep_first_float: bool
+            ) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """The weight-bearing nodes kept in float (and the path to them), or why nothing is
+    left to quantise (then the caller ships the float graph)."""
+    candidates = [n.name for n in proto.graph.node if is_weight_op(n)]
+    if not candidates:
+        ops = listing(sorted({n.op_type for n in proto.graph.node})) or "no operators"
+        return (), (), (f"nothing quantisable in this graph ({ops}; only MatMul, Gemm and "
+                        "Conv are); shipped in float")
+    kept, path = first_layer(proto) if keep_first_float else ((), ())
+    if set(candidates) <= set(kept):
+        return kept, path, (f"the only weight-bearing layer ({listing(kept)}) is kept in "
+                            "float by keep_first_float; shipped in float")
+    return kept, path, ""
+
+
+def _reduce(proto: onnx.ModelProto, mode: str, kept: tuple[str, ...], path: tuple[str, ...],
+            feeds: list) -> tuple[onnx.ModelProto | None, str]:
+    """The reduced-precision graph of ``mode`` and its note (None and why: shipped float)."""
+    if mode == "fp16":
+        with root_logger_untouched():
+            # the ops on the way to the kept layer stay float32 too: in float16 they would
+            # round the raw features the kept layer is there to see exactly
+            return _fp16(proto, kept + path, feeds)
+    with TemporaryDirectory(prefix="edgepack-quant-") as tmp, root_logger_untouched():
+        src = _pre_process(proto, Path(tmp))
+        out = _quantize_int8(src, mode, kept, feeds, Path(tmp))
+    return out, ("int8 weights, activations quantised at run time" if mode == "dynamic"
+                 else f"int8 QDQ, activation ranges calibrated on {len(feeds)} batch(es)")
 
 
 # ---------------------------------------------------------------------------- int8

@@ -266,23 +266,8 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
         PackagerError: a refused input or step (see :mod:`packager.errors`).
         KeyFileError: the signing key cannot be used.
     """
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def step(name: str, detail: str = "") -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
-        progress(name, detail)
-
-    if not NAME_RE.match(opts.name):
-        raise BuildError(f"--name {opts.name!r}: use lower-case letters, digits, '.', '_', '-' "
-                         "(at most 64)")
-    try:
-        parse_version(opts.version)
-    except SchemaError as exc:
-        raise BuildError(f"--version: {exc}") from exc
+    step = _Steps(progress)
+    _check_identity(opts)
     key = load_signing_key(opts.key, opts.passphrase)  # fail before the slow steps
     statement = load_card(opts.card) if opts.card else None
     epoch, created_at = _now(os.environ.get("SOURCE_DATE_EPOCH"))
@@ -291,12 +276,7 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
     data = load_table(opts.train_data, opts.target)
     step("load", f"{data.rows} rows × {len(data.names)} columns from {opts.train_data.name}")
 
-    if est is None:
-        converted: Converted = adopt_onnx(model_bytes, data, str(opts.model))
-        features = data.select(list(data.names))
-    else:
-        features = _features(est, data)
-        converted = convert_sklearn(est, features)
+    converted, features = _convert(opts, est, model_bytes, data)
     step("convert", f"{converted.estimator} → ONNX, {converted.binding.layout} layout"
          + (f" ({'; '.join(converted.notes)})" if converted.notes else ""))
 
@@ -304,13 +284,7 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
     step("quantize", quant.note or (f"{opts.quantize}: {quant.quantized_ops} ops quantised"
                                     if quant.applied else "none"))
 
-    provisional = Manifest(
-        name=opts.name, version=opts.version, created_at=created_at, task=converted.task,
-        inputs=_feature_specs(features, converted.binding.dtype), outputs=converted.outputs,
-        binding=converted.binding, files=(), reference_hash="0" * 64,
-        lineage=Lineage(sha256_hex(model_bytes), "onnx" if est is None else "sklearn",
-                        converted.estimator, data.sha256, data.rows),
-        classes=converted.classes)
+    provisional = _provisional(opts, created_at, converted, features, est, model_bytes, data)
     runner = ModelRunner(provisional, model)
 
     # all the evaluation file's columns: a sensitive or slice column need not be an input
@@ -346,12 +320,58 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
         metrics=metrics, card=card,
         lineage=replace(provisional.lineage, code_revision=opts.code_revision
                         or _git_revision(Path.cwd()), libraries=library_versions()))
-    payload = manifest.to_bytes()
-    bundle = pack_bundle(manifest, Envelope().signed(key, payload), files, epoch)
+    bundle = pack_bundle(manifest, Envelope().signed(key, manifest.to_bytes()), files, epoch)
     out = _write(opts.out_dir, f"{opts.name}-{opts.version}{BUNDLE_SUFFIX}", bundle)
     step("sign", f"{out} ({len(bundle):,} bytes)")
-    return BuildResult(out, manifest, sha256_hex(bundle), len(bundle), rows, timings,
+    return BuildResult(out, manifest, sha256_hex(bundle), len(bundle), rows, step.timings,
                        converted.notes, warned)
+
+
+class _Steps:
+    """Times each build step and reports it to ``progress`` as it ends."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, name: str, detail: str = "") -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self._clock
+        self._clock = now
+        self.progress(name, detail)
+
+
+def _check_identity(opts: BuildOptions) -> None:
+    """The bundle's name and version, checked before anything slow runs."""
+    if not NAME_RE.match(opts.name):
+        raise BuildError(f"--name {opts.name!r}: use lower-case letters, digits, '.', '_', '-' "
+                         "(at most 64)")
+    try:
+        parse_version(opts.version)
+    except SchemaError as exc:
+        raise BuildError(f"--version: {exc}") from exc
+
+
+def _convert(opts: BuildOptions, est: Any, model_bytes: bytes, data: Table
+             ) -> tuple[Converted, Table]:
+    """The ONNX model (converted from scikit-learn, or adopted as given) and its inputs."""
+    if est is None:
+        return adopt_onnx(model_bytes, data, str(opts.model)), data.select(list(data.names))
+    features = _features(est, data)
+    return convert_sklearn(est, features), features
+
+
+def _provisional(opts: BuildOptions, created_at: str, converted: Converted, features: Table,
+                 est: Any, model_bytes: bytes, data: Table) -> Manifest:
+    """The manifest as far as the model runs on it: files and reference come at the end."""
+    return Manifest(
+        name=opts.name, version=opts.version, created_at=created_at, task=converted.task,
+        inputs=_feature_specs(features, converted.binding.dtype), outputs=converted.outputs,
+        binding=converted.binding, files=(), reference_hash="0" * 64,
+        lineage=Lineage(sha256_hex(model_bytes), "onnx" if est is None else "sklearn",
+                        converted.estimator, data.sha256, data.rows),
+        classes=converted.classes)
 
 
 def _warnings(opts: BuildOptions, held_out: bool) -> list[str]:

@@ -322,8 +322,15 @@ def inspect(bundle: Path, trust: tuple[str, ...], as_json: bool) -> None:
            f"reference_hash {m.reference_hash}"]
     if m.description:
         out.append(m.description)
-    out.append("\ninputs")
-    out.append(f"  {'name':<24} {'kind':<12} {'dtype':<8} {'range / categories':<34} missing")
+    out += _schema_lines(m) + _build_lines(m) + _card_lines(m)
+    out += _signature_lines(sigs, approvals, bool(trust))
+    click.echo("\n".join(out))
+
+
+def _schema_lines(m) -> list[str]:
+    """``inspect``: the inputs, outputs and files."""
+    out = ["\ninputs",
+           f"  {'name':<24} {'kind':<12} {'dtype':<8} {'range / categories':<34} missing"]
     for s in m.inputs:
         detail = _fmt_range(s.min, s.max) if s.kind == "numeric" else \
             ", ".join(s.categories[:5]) + (f" …(+{len(s.categories) - 5})"
@@ -338,10 +345,15 @@ def inspect(bundle: Path, trust: tuple[str, ...], as_json: bool) -> None:
     out.append("\nfiles")
     for e in m.files:
         out.append(f"  {e.path:<16} {e.size:>12,} bytes  sha256 {e.sha256[:16]}…")
+    return out
+
+
+def _build_lines(m) -> list[str]:
+    """``inspect``: quantisation, fidelity, metrics and lineage."""
     q = m.quantization
-    out.append(f"\nquantization  mode {q.mode}, applied {str(q.applied).lower()}, "
-               f"{q.quantized_ops} ops quantised"
-               + (f", kept in float: {', '.join(q.float_ops_kept)}" if q.float_ops_kept else ""))
+    out = [f"\nquantization  mode {q.mode}, applied {str(q.applied).lower()}, "
+           f"{q.quantized_ops} ops quantised"
+           + (f", kept in float: {', '.join(q.float_ops_kept)}" if q.float_ops_kept else "")]
     if q.note:
         out.append(f"  {q.note}")
     f = m.fidelity
@@ -367,14 +379,18 @@ def inspect(bundle: Path, trust: tuple[str, ...], as_json: bool) -> None:
                f"  data     sha256 {ln.data_sha256} ({ln.data_rows} rows)\n"
                f"  code     {ln.code_revision or '(not in a git repository)'}\n"
                f"  versions " + ", ".join(f"{k} {v}" for k, v in ln.libraries.items()))
-    out += _card_lines(m)
-    out.append("\nsignatures (not judged here: use `edgepack verify`)")
+    return out
+
+
+def _signature_lines(sigs: list[dict], approvals: list[dict], named: bool) -> list[str]:
+    """``inspect``: the signatures and approval statements (listed, not judged)."""
+    out = ["\nsignatures (not judged here: use `edgepack verify`)"]
     for s in sigs:
         mark = f"trusted, {s['name']} ({s['role']})" if s["trusted"] else "unknown key"
         out.append(f"  {s['keyid']}  {mark}")
     if not sigs:
         out.append("  none")
-    out.append("\napprovals" + ("" if trust else " (names need --trust)"))
+    out.append("\napprovals" + ("" if named else " (names need --trust)"))
     for a in approvals:
         who = f"{a['name']} ({a['trusted_role']})" if a["trusted"] else "unknown key"
         out.append(f"  {a['signed_at']}  {who}, key {a['keyid'][:16]}…, as {a['role']}"
@@ -383,7 +399,7 @@ def inspect(bundle: Path, trust: tuple[str, ...], as_json: bool) -> None:
                    + (f": {a['comment']}" if a["comment"] else ""))
     if not approvals:
         out.append("  none")
-    click.echo("\n".join(out))
+    return out
 
 
 def _card_lines(m) -> list[str]:

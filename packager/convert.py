@@ -214,6 +214,43 @@ def convert_sklearn(est: Any, table: Table) -> Converted:
         UnsupportedModelError: not a classifier or regressor, or no converter for it.
         ConversionError: the converted graph does not run in onnxruntime.
     """
+    name, classifier, library = _check_estimator(est)
+    categorical = any(table.kinds[n] == "categorical" for n in table.names)
+    layout = "columns" if categorical or _contains(est, "ColumnTransformer") else "tensor"
+    late = _cast_late(est)
+    attempts = ([(late, True)] if late is not None else []) + [(est, False)]
+    model, double, why_float32 = _first_that_runs(name, attempts, table, layout, classifier)
+    notes: list[str] = []
+    if late is not None and double:
+        notes.append("preprocessing in float64" + (
+            ", cast to float32 before the trees as XGBoost does" if library == "xgboost"
+            else ""))
+    elif late is not None:
+        notes.append(_float32_note(model, est, table, layout, why_float32))
+    exact = exact_tree_thresholds(onnx.load_from_string(model), est)
+    if exact is not None:
+        # the original estimator, not the cast-late copy: the rewrite then compares
+        # exactly as scikit-learn does (float64 for HGB, float32(x) vs float64 t for
+        # the others), so no row near a split goes the other way
+        model = exact.SerializeToString()
+        notes.append("split thresholds in float64, compared exactly as "
+                     f"{'LightGBM' if library == 'lightgbm' else 'scikit-learn'} does")
+    task, classes, outputs = _task_outputs(est, classifier)
+    # the graph decides the tensor's type: cast late and the threshold rewrite both
+    # make it double
+    first = onnx.load_from_string(model).graph.input[0].type.tensor_type.elem_type
+    wide = first == onnx.TensorProto.DOUBLE
+    binding = Binding(layout, "input", "float64" if wide else "float32")
+    return Converted(model, binding, outputs, task, classes, name, notes)
+
+
+def _check_estimator(est: Any) -> tuple[str, bool, str | None]:
+    """The estimator's name, whether it classifies, and the booster library it needs.
+
+    Raises:
+        UnsupportedModelError: not a scikit-learn classifier or regressor, or a booster
+            whose converters are not installed.
+    """
     from sklearn.base import BaseEstimator, is_classifier, is_regressor
 
     name = describe(est) if isinstance(est, BaseEstimator) else type(est).__name__
@@ -226,15 +263,18 @@ def convert_sklearn(est: Any, table: Table) -> Converted:
     if library is not None and not register(library):
         raise UnsupportedModelError(f"{name}: converting it needs onnxmltools: "
                                     f"pip install 'edgefleet[{library}]'")
-    categorical = any(table.kinds[n] == "categorical" for n in table.names)
-    layout = "columns" if categorical or _contains(est, "ColumnTransformer") else "tensor"
+    return name, classifier, library
 
-    notes: list[str] = []
-    attempts: list[tuple[Any, bool]] = []
-    late = _cast_late(est)
-    if late is not None:
-        attempts.append((late, True))
-    attempts.append((est, False))
+
+def _first_that_runs(name: str, attempts: list[tuple[Any, bool]], table: Table, layout: str,
+                     classifier: bool) -> tuple[bytes, bool, str]:
+    """The first attempt (float64 first, when there is one) that converts and loads: its
+    bytes, whether it is the float64 one, and why the float64 one failed (for the note).
+
+    Raises:
+        UnsupportedModelError: no converter, or none for this configuration.
+        ConversionError: no attempt's graph runs in onnxruntime.
+    """
     model, double, failure, unsupported = b"", False, "", False
     why_float32 = ""
     for candidate, double in attempts:
@@ -262,35 +302,18 @@ def convert_sklearn(est: Any, table: Table) -> Converted:
                                     f"estimator as configured ({failure})")
     if failure:
         raise ConversionError(f"{name}: converted graph does not run in onnxruntime: {failure}")
-    if late is not None and double:
-        notes.append("preprocessing in float64" + (
-            ", cast to float32 before the trees as XGBoost does" if library == "xgboost"
-            else ""))
-    elif late is not None:
-        notes.append(_float32_note(model, est, table, layout, why_float32))
-    exact = exact_tree_thresholds(onnx.load_from_string(model), est)
-    if exact is not None:
-        # the original estimator, not the cast-late copy: the rewrite then compares
-        # exactly as scikit-learn does (float64 for HGB, float32(x) vs float64 t for
-        # the others), so no row near a split goes the other way
-        model = exact.SerializeToString()
-        notes.append("split thresholds in float64, compared exactly as "
-                     f"{'LightGBM' if library == 'lightgbm' else 'scikit-learn'} does")
+    return model, double, why_float32
 
-    if classifier:
-        classes, label_dtype = _classes(est)
-        outputs = [OutputSpec("label", "label", label_dtype)]
-        if hasattr(est, "predict_proba"):
-            outputs.append(OutputSpec("probabilities", "probabilities", "float32"))
-        task = "classification"
-    else:
-        classes, outputs, task = (), [OutputSpec("variable", "value", "float32")], "regression"
-    # the graph decides the tensor's type: cast late and the threshold rewrite both
-    # make it double
-    first = onnx.load_from_string(model).graph.input[0].type.tensor_type.elem_type
-    wide = first == onnx.TensorProto.DOUBLE
-    binding = Binding(layout, "input", "float64" if wide else "float32")
-    return Converted(model, binding, tuple(outputs), task, classes, name, notes)
+
+def _task_outputs(est: Any, classifier: bool) -> tuple[str, tuple, tuple[OutputSpec, ...]]:
+    """The task, the classes and the output specs the bundle declares."""
+    if not classifier:
+        return "regression", (), (OutputSpec("variable", "value", "float32"),)
+    classes, label_dtype = _classes(est)
+    outputs = [OutputSpec("label", "label", label_dtype)]
+    if hasattr(est, "predict_proba"):
+        outputs.append(OutputSpec("probabilities", "probabilities", "float32"))
+    return "classification", classes, tuple(outputs)
 
 
 def _float32_note(model: bytes, est: Any, table: Table, layout: str, why: str) -> str:

@@ -236,6 +236,7 @@ class Demo:
 
     # -- start ---------------------------------------------------------------------------
 
+    # One function on purpose: a scene of the demo story, read top to bottom like a script.
     def start_fleet(self, bundles: dict[str, Path]) -> None:
         from fleet_server.cli.client import FleetClient
         from fleet_server.config import (

@@ -508,6 +508,8 @@ class MqttLink:
                      len(expired), limit)
         return bool(removed or expired)
 
+    # One function on purpose: one pass of the link's pump (acks, confirmations, re-sends,
+    # refill) under one state; split, the order that keeps in-flight bounded would hide.
     def _pump_once(self, acked: list[tuple[int, bool]], call_connect: bool,
                    confirms: Sequence[tuple[str, int]] = ()) -> bool:
         """Ack what the broker acknowledged, apply what the server confirmed, re-send what

@@ -208,6 +208,8 @@ class Outbox:
         """
         return self._put(topic, build, qos, stream, clear_state)
 
+    # One function on purpose: one SQLite transaction (bound check, sequence, insert, state
+    # clearing, counted drops) whose steps must see the same rows.
     def _put(self, topic: str, payload: bytes | Callable[[int, int], bytes], qos: int,
              sequence: str | None = None, clear_state: Collection[str] = ()
              ) -> tuple[int, int]:

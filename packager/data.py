@@ -115,6 +115,8 @@ def _typed(name: str, values: np.ndarray) -> tuple[np.ndarray, str, str]:
     return _typed(name, parsed)
 
 
+# One function on purpose: the reader's checks in the order a file fails them (exists,
+# size, format, rows, target), each with its own message.
 def load_table(path: Path, target: str | None = None) -> Table:
     """Read a data file; ``target`` (a column name) is split off as the label.
 

@@ -77,6 +77,8 @@ def _sklearn_threshold_f32(t: float) -> np.float32:
     return np.float32(sklearn_threshold(np.float64(t), np.float64, "BRANCH_LEQ"))
 
 
+# One function on purpose: the proof that a tree node is this ensemble, check by check in
+# order; a failed check ends it, and the checks share the arrays they build.
 def _prove(node, ens: Ensemble):
     """Return (thresholds64, weights64 or None, base64 or None) when node is ens, else None."""
     a = _attrs(node)

@@ -340,6 +340,8 @@ class Manifest:
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_dict())
 
+    # One function on purpose: a field-by-field reader of the manifest schema, in the order
+    # of the document; split, the schema would be scattered over helpers.
     @classmethod
     def from_dict(cls, obj: Any) -> Manifest:
         """Parse and check a manifest document.

@@ -317,6 +317,8 @@ class Envelope:
         return Envelope(self.payload_type, self.signatures, (*self.approvals, approval))
 
 
+# One function on purpose: its order is the security argument (parse, match keys, verify,
+# count roles, then approvals), and it reads best as one sequence.
 def verify_envelope(
     envelope: Envelope, payload: bytes, trust: TrustStore, policy: Policy
 ) -> tuple[TrustedKey, ...]:

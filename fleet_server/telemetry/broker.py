@@ -259,6 +259,8 @@ class BrokerSetup:
         return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+# One function on purpose: it is the mosquitto.conf text, each line with its reason, read
+# top to bottom as the file will be; split, the order of the lines would hide.
 def _conf(setup: BrokerSetup) -> str:
     out = setup.out.resolve()
     lines = [

@@ -216,6 +216,8 @@ class Ingestor:
         result.lags = [max(0.0, done - end) for end in result.lags]
         return result
 
+    # One function on purpose: one write transaction over a batch, accumulating per-device
+    # deltas in one pass; its steps share the accumulators.
     def _write(self, decoded: list[tuple[Incoming, Message]], dead: list[_Dead],
                result: BatchResult, now: float) -> None:
         store = self.store

@@ -122,6 +122,16 @@ def _imputer_shape(operator: Any) -> None:
     operator.outputs[0].type = double([_n_rows(operator), width])
 
 
+
+def _join(scope: Any, container: Any, operator: Any, parts: list[str]) -> None:
+    """The operator's output: its one column as it is, or its columns side by side."""
+    out = operator.outputs[0].full_name
+    if len(parts) == 1:
+        container.add_node("Identity", parts, out, name=scope.get_unique_operator_name("Id"))
+    else:
+        container.add_node("Concat", parts, out, axis=1,
+                           name=scope.get_unique_operator_name("Concat"))
+
 def _string_imputer(scope: Any, operator: Any, container: Any) -> None:
     """Strings: a missing cell reaches the graph as "" (the device's runtime feeds a
     missing categorical value so), and scikit-learn's missing value is NaN or None."""
@@ -153,12 +163,7 @@ def _string_imputer(scope: Any, operator: Any, container: Any) -> None:
         container.add_node("Where", [mask, value, col], filled,
                            name=scope.get_unique_operator_name("Where"))
         parts.append(filled)
-    out = operator.outputs[0].full_name
-    if len(parts) == 1:
-        container.add_node("Identity", parts, out, name=scope.get_unique_operator_name("Id"))
-    else:
-        container.add_node("Concat", parts, out, axis=1,
-                           name=scope.get_unique_operator_name("Concat"))
+    _join(scope, container, operator, parts)
 
 
 def _imputer(scope: Any, operator: Any, container: Any) -> None:
@@ -202,12 +207,7 @@ def _imputer(scope: Any, operator: Any, container: Any) -> None:
         container.add_node("Cast", [sub], ind, to=TensorProto.DOUBLE,
                            name=scope.get_unique_operator_name("Cast"))
         parts.append(ind)
-    out = operator.outputs[0].full_name
-    if len(parts) == 1:
-        container.add_node("Identity", parts, out, name=scope.get_unique_operator_name("Id"))
-    else:
-        container.add_node("Concat", parts, out, axis=1,
-                           name=scope.get_unique_operator_name("Concat"))
+    _join(scope, container, operator, parts)
 
 
 # --------------------------------------------------------------------------- encoders
@@ -323,12 +323,7 @@ def _ordinal(scope: Any, operator: Any, container: Any) -> None:
                                                          np.array([float(unknown)]))],
                            coded, name=scope.get_unique_operator_name("Where"))
         parts.append(coded)
-    out = operator.outputs[0].full_name
-    if len(parts) == 1:
-        container.add_node("Identity", parts, out, name=scope.get_unique_operator_name("Id"))
-    else:
-        container.add_node("Concat", parts, out, axis=1,
-                           name=scope.get_unique_operator_name("Concat"))
+    _join(scope, container, operator, parts)
 
 
 def _imputer_float32(scope: Any, operator: Any, container: Any) -> None:

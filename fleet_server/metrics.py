@@ -11,8 +11,11 @@ Names (all prefixed ``edgefleet_``): ``messages_ingested_total{type}``,
 ``dead_letters_total{error}``, ``duplicates_total{type}``, ``ingest_lag_seconds``
 (histogram: window end to commit), ``ingest_batch_seconds``, ``ingest_queue_depth``,
 ``ingest_qos0_dropped``, ``devices{state}``, ``devices_online``,
-``summaries_pending``, ``alerts_raised_total{kind}``, ``alerts_open{kind}``,
-``webhook_deliveries_total``, ``webhook_failures_total``.
+``summaries_pending``, ``alerts_raised_total{kind}``, ``alerts_open{kind}`` (every kind,
+0 included), ``rollouts{status}`` (every status, 0 included), ``drift_windows{verdict}``
+(evaluated windows stored), ``drift_scopes{verdict}`` (each bundle and scope by the verdict
+of its newest window: what drifts now), ``webhook_deliveries_total``,
+``webhook_failures_total``.
 
 This module does not serve HTTP (the API route does) and decides nothing.
 """
@@ -28,6 +31,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fleet_server.errors import StoreError
+from fleet_server.models import ROLLOUT_STATUSES
+from fleet_server.profiles.drift import VERDICTS
 from fleet_server.store import PENDING, Store
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -50,6 +55,9 @@ class _StoreCollector(Collector):
             total = self.store.count_devices()
             pending = self.store.count_summaries(folded=PENDING)
             alerts = self.store.count_alerts()
+            rollouts = self.store.count_rollouts()
+            windows = self.store.count_drift_windows()
+            scopes = self.store.count_drift_windows(latest=True)
         except StoreError:
             log.exception("metrics: cannot read the store")
             return
@@ -63,12 +71,26 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily("edgefleet_summaries_pending",
                                 "Stored summaries waiting for their bundle's upload",
                                 value=pending)
-        open_alerts = GaugeMetricFamily("edgefleet_alerts_open", "Open alerts",
+        open_alerts = GaugeMetricFamily("edgefleet_alerts_open", "Open alerts, by kind",
                                         labels=["kind"])
-        for (kind, state), n in sorted(alerts.items()):
-            if state == "open":
-                open_alerts.add_metric([kind], n)
+        kinds = sorted({"drift", "suspect_sensor", *(k for k, _ in alerts)})
+        for kind in kinds:
+            open_alerts.add_metric([kind], alerts.get((kind, "open"), 0))
         yield open_alerts
+        by_status = GaugeMetricFamily("edgefleet_rollouts", "Rollouts, by status",
+                                      labels=["status"])
+        for status in ROLLOUT_STATUSES:
+            by_status.add_metric([status], rollouts.get(status, 0))
+        yield by_status
+        for name, text, counts in (
+                ("edgefleet_drift_windows", "Evaluated drift windows stored, by verdict",
+                 windows),
+                ("edgefleet_drift_scopes", "Bundles and scopes (fleet, groups) by the verdict "
+                 "of their newest evaluated window", scopes)):
+            family = GaugeMetricFamily(name, text, labels=["verdict"])
+            for verdict in VERDICTS:
+                family.add_metric([verdict], counts.get(verdict, 0))
+            yield family
 
 
 class Metrics:

@@ -5,7 +5,8 @@ the services; every domain error becomes JSON in one handler (:mod:`.errors`). E
 request body is bounded per route, and an API body's credential checked, before the
 application reads it (:mod:`.guard`, the outermost middleware). Each
 resource has its own small router module under :mod:`.routes`; the dashboard (served under
-``/`` by the same app) adds its router through ``extra_routers``.
+``/`` by the same app) adds its router through ``extra_routers``. ``/docs`` and ``/redoc``
+are served with their JavaScript from this server (:mod:`.docs`), never from a CDN.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from fastapi import APIRouter, Depends, FastAPI
 
 from edgefleet import __version__
+from fleet_server.api import docs
 from fleet_server.api.deps import strict_query
 from fleet_server.api.errors import install_handlers
 from fleet_server.api.guard import BodyGuard, BodyLimit
@@ -62,9 +64,11 @@ def create_app(services: Services, *, extra_routers: Sequence[APIRouter] = ()) -
                     "Authenticate with `Authorization: Bearer <token>`: operator tokens "
                     "(efo_…, roles viewer < operator < approver) or, for bundle downloads "
                     "and a device's own desired state, the device secret (efd_…).",
-        responses=_ERRORS)  # type: ignore[arg-type]
+        responses=_ERRORS,  # type: ignore[arg-type]
+        docs_url=None, redoc_url=None)  # served by .docs, without a CDN
     app.state.services = services
     install_handlers(app)
+    app.include_router(docs.router)
     for router in ROUTERS:
         app.include_router(router, dependencies=[Depends(strict_query)])
     for router in extra_routers:

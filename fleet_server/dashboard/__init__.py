@@ -1,13 +1,15 @@
-"""The operator dashboard: server-rendered HTML pages with inline SVG charts, no CDN.
+"""The operator dashboard: server-rendered HTML pages (Jinja2 templates, autoescaped) with
+inline SVG charts, no script and no CDN.
 
 Routes (all ``GET`` unless said, HTML, working without JavaScript):
 
 - ``/login`` (form; ``POST`` checks the token and sets the session cookie), ``/logout``
   (``POST`` or ``GET``);
-- ``/`` fleet overview; ``/devices`` (``status``, ``group``, ``label=key=value``) and
-  ``/devices/{id}``; ``/drift`` (``bundle=name@version``, ``group``, ``device``,
-  ``hours``); ``/alerts`` (``state``, ``kind``, ``bundle``); ``/rollouts`` (``status``) and
-  ``/rollouts/{id}``.
+- ``/`` fleet overview (what needs attention first); ``/devices`` (``q`` search, ``status``,
+  ``group``, ``label=key=value``, ``bundle``, ``sort``, ``order``, ``page``: all applied in
+  SQL) and ``/devices/{id}``; ``/drift`` (the index heatmap; ``bundle=name@version``,
+  ``group``, ``device``, ``hours``); ``/alerts`` (``state``, ``kind``, ``bundle``);
+  ``/rollouts`` (``status``) and ``/rollouts/{id}``.
 
 Routes do HTTP only: read the session cookie (:mod:`.session`), check the query string,
 call a page function (:mod:`.pages`, :mod:`.drift_page`, :mod:`.rollout_pages`) and
@@ -85,7 +87,7 @@ def _safe_next(path: str | None) -> str:
 
 def _render(request: Request, allowed: tuple[str, ...],
             build: Page, *,
-            refresh: int | None = REFRESH_S) -> Response:
+            refresh: int | None = REFRESH_S, active: str = "") -> Response:
     services: Services = request.app.state.services
     now = services.clock()
     who = _sessions(request).principal(services.auth, request.cookies.get(COOKIE), now)
@@ -104,7 +106,7 @@ def _render(request: Request, allowed: tuple[str, ...],
         return _html(error_page(400, f"{named}{exc}", user=user), 400)
     except NotFoundError as exc:
         return _html(error_page(404, str(exc), user=user), 404)
-    return _html(page(title, body, refresh=refresh, user=user))
+    return _html(page(title, body, refresh=refresh, user=user, active=active))
 
 
 def _who(principal: Principal) -> str:
@@ -154,35 +156,38 @@ def logout(request: Request) -> Response:
 
 @router.get("/")
 def fleet(request: Request) -> Response:
-    return _render(request, (), pages.overview)
+    return _render(request, (), pages.overview, active="/")
 
 
 @router.get("/devices")
 def devices(request: Request) -> Response:
-    return _render(request, ("status", "group", "label"), pages.device_list)
+    return _render(request, ("q", "status", "group", "label", "bundle", "sort", "order", "page"),
+                   pages.device_list, active="/devices")
 
 
 @router.get("/devices/{device_id}")
 def device(request: Request, device_id: str) -> Response:
-    return _render(request, (), lambda s, q, now: pages.device(s, device_id, q, now))
+    return _render(request, (), lambda s, q, now: pages.device(s, device_id, q, now),
+                   active="/devices")
 
 
 @router.get("/drift")
 def drift(request: Request) -> Response:
     return _render(request, ("bundle", "group", "device", "hours"), drift_page.drift,
-                   refresh=60)
+                   refresh=60, active="/drift")
 
 
 @router.get("/alerts")
 def alerts(request: Request) -> Response:
-    return _render(request, ("state", "kind", "bundle"), pages.alerts)
+    return _render(request, ("state", "kind", "bundle"), pages.alerts, active="/alerts")
 
 
 @router.get("/rollouts")
 def rollouts(request: Request) -> Response:
-    return _render(request, ("status",), rollout_pages.rollout_list)
+    return _render(request, ("status",), rollout_pages.rollout_list, active="/rollouts")
 
 
 @router.get("/rollouts/{rollout_id}")
 def rollout(request: Request, rollout_id: str) -> Response:
-    return _render(request, (), lambda s, q, now: rollout_pages.rollout(s, rollout_id, q, now))
+    return _render(request, (), lambda s, q, now: rollout_pages.rollout(s, rollout_id, q, now),
+                   active="/rollouts")

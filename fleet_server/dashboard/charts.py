@@ -1,15 +1,20 @@
 """Charts as inline SVG, drawn on the server: the dashboard needs no JavaScript and no CDN.
 
-Three kinds, each a pure function from numbers to an SVG string:
+Each chart is a pure function from numbers to SVG markup (:class:`markupsafe.Markup`, so
+the templates embed it as it is):
 
-- :func:`histogram`: reference vs live proportions per bin, side by side (the drift page);
-- :func:`series`: a score over time with its threshold line (drift per feature, rollouts);
-- :func:`bars`: counts by category (the fleet overview: devices by status, bundle, group);
+- :func:`series`: lines over time on real axes (time ticks at round minutes, hours or
+  days; value ticks at 1-2-5 steps), with dashed threshold lines named in the legend;
+- :func:`histogram`: reference vs live proportions per bin, with readable bin labels
+  (numbers shortened to three significant digits, the exact bin in each bar's tooltip);
+- :func:`heatmap`: a verdict per row and time step (the drift index: features × windows);
+- :func:`bars`: counts by category, optionally coloured per category;
 - :func:`gauge`: one value against its threshold (a rollout gate).
 
 Every text that reaches the SVG is escaped; numbers are formatted, never interpolated raw,
-so a hostile device label or feature name cannot inject markup. The charts carry
-``role="img"`` and a ``<title>`` for screen readers.
+so a hostile device label or feature name cannot inject markup. Each chart carries
+``role="img"`` and a ``<title>`` for screen readers. Ticks are computed by
+:func:`nice_ticks` and :func:`time_ticks`, pure and tested on their own.
 
 This module does not fetch data or know the API.
 """
@@ -17,42 +22,224 @@ This module does not fetch data or know the API.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from html import escape
 
-__all__ = ["bars", "gauge", "histogram", "series"]
+from markupsafe import Markup
 
-BASE, LIVE, WARN, BAD, GRID, INK = "#8da9c4", "#e07a5f", "#f2cc8f", "#c1121f", "#e5e5e5", "#333"
+__all__ = ["VERDICT_COLOURS", "Line", "bars", "cut", "gauge", "heatmap", "histogram", "nice_ticks",
+           "series", "short_label", "time_ticks"]
+
+BASE, LIVE, WARN, BAD, OK, GRID, INK, MUTED = ("#8da9c4", "#e07a5f", "#e9a23b", "#c1121f",
+                                                "#2a9d8f", "#e5e5e5", "#333", "#777")
+VERDICT_COLOURS = {"ok": OK, "warn": WARN, "drift": BAD, "insufficient": "#cfcfcf",
+                   None: "#f3f3f3"}
+FONT = 11
+_TIME_STEPS = (60, 120, 300, 600, 900, 1800, 3600, 2 * 3600, 3 * 3600, 6 * 3600, 12 * 3600,
+               86400, 2 * 86400, 7 * 86400, 14 * 86400, 30 * 86400)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One named line of a :func:`series` chart: ``(epoch seconds, value or None)``."""
+
+    name: str
+    points: Sequence[tuple[float, float | None]]
+    colour: str = LIVE
 
 
 def _num(x: float) -> str:
     return f"{x:.1f}"
 
 
-def _fmt(value: float) -> str:
+def fmt(value: float) -> str:
+    """A tick or value label: short, and exact enough to tell ticks apart."""
     if value == 0:
         return "0"
-    if abs(value) >= 100 or abs(value) < 0.01:
+    a = abs(value)
+    if a >= 10_000:
+        return f"{value / 1000:.0f}k"
+    if a >= 100:
+        return f"{value:.0f}"
+    if a >= 1:
         return f"{value:.3g}"
-    return f"{value:.2f}"
+    if a >= 0.001:
+        return f"{value:.3f}".rstrip("0").rstrip(".")
+    return f"{value:.1e}"
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2, 2.5 or 5 × 10ⁿ steps) covering ``[lo, hi]``, at least two."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return [0.0, 1.0]
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0)
+    # a span too small for floats to step through is widened (a flat series, a denormal)
+    hi = max(hi, lo + 1e-6 * max(abs(lo), abs(hi)), lo + 1e-12)
+    raw = (hi - lo) / max(1, count - 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * 0.999)
+    first = math.floor(lo / step + 1e-9) * step
+    first = min(first, lo)  # never above lo by a float's last bit
+    ticks = []
+    k = 0
+    while True:
+        t = first + k * step
+        ticks.append(t if k else first)
+        if t >= hi - 1e-9 * step:
+            break
+        k += 1
+    return ticks
+
+
+def time_ticks(t0: float, t1: float, count: int = 6) -> list[tuple[float, str]]:
+    """Ticks at round times between ``t0`` and ``t1`` (UTC), labelled to the step."""
+    span = max(t1 - t0, 1.0)
+    step = next((s for s in _TIME_STEPS if span / s <= count), _TIME_STEPS[-1])
+    first = math.ceil(t0 / step) * step
+    days = span >= 2 * 86400 or step >= 86400
+    out = []
+    t = first
+    while t <= t1 + 1e-6:
+        d = datetime.fromtimestamp(t, tz=timezone.utc)
+        out.append((float(t), d.strftime("%b %d") if step >= 86400 else
+                    d.strftime("%d %H:%M") if days else d.strftime("%H:%M")))
+        t += step
+    return out
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def short_label(text: str, n: int = 18) -> str:
+    """A bin label for an axis: every number to three significant digits, then cut."""
+    return cut(_NUMBER.sub(lambda m: f"{float(m.group()):.3g}", text), n)
+
+
+def cut(text: str, n: int) -> str:
+    """``text`` in at most ``n`` characters (an ellipsis marks the cut)."""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _open(width: int, height: int, title: str, css: str = "") -> str:
+    cls = f' class="{escape(css, quote=True)}"' if css else ""
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" role="img"{cls} width="{width}" '
+            f'height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" '
+            f'font-size="{FONT}" fill="{INK}"><title>{escape(title)}</title>')
+
+
+def _legend(x: float, y: float, items: Sequence[tuple[str, str, bool]]) -> tuple[str, float]:
+    """Legend entries from ``x`` (name, colour, dashed line?); returns markup and end x."""
+    out = []
+    for name, colour, dashed in items:
+        if dashed:
+            out.append(f'<line x1="{_num(x)}" x2="{_num(x + 16)}" y1="{_num(y - 4)}" '
+                       f'y2="{_num(y - 4)}" stroke="{colour}" stroke-width="2" '
+                       'stroke-dasharray="4 3"/>')
+        else:
+            out.append(f'<rect x="{_num(x + 3)}" y="{_num(y - 9)}" width="10" height="10" '
+                       f'fill="{colour}"/>')
+        out.append(f'<text x="{_num(x + 20)}" y="{_num(y)}">{escape(name)}</text>')
+        x += 28 + 6.2 * len(name)
+    return "".join(out), x
+
+
+def series(lines: Sequence[Line], *, title: str,
+           thresholds: Sequence[tuple[str, float, str]] = (), y_label: str = "",
+           since: float | None = None, until: float | None = None,
+           width: int = 440, height: int = 190) -> Markup:
+    """Lines over time on labelled axes; ``thresholds``: (name, value, colour), dashed."""
+    pad_l, pad_r, pad_t, pad_b = 46, 22, 26, 30
+    inner_w, inner_h = width - pad_l - pad_r, height - pad_t - pad_b
+    known = [(t, v) for ln in lines for t, v in ln.points if v is not None and math.isfinite(v)]
+    out = [_open(width, height, title, "chart series")]
+    legend_items = [(ln.name, ln.colour, False) for ln in lines]
+    legend_items += [(f"{name} {fmt(v)}", colour, True) for name, v, colour in thresholds]
+    legend, _ = _legend(pad_l, 14, legend_items)
+    out.append(legend)
+    times = [t for ln in lines for t, _ in ln.points]
+    t0 = since if since is not None else min(times, default=0.0)
+    t1 = until if until is not None else max(times, default=1.0)
+    t1 = max(t1, t0 + 60)
+    if not known:
+        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" '
+                   f'fill="{MUTED}">no data in this range</text></svg>')
+        return Markup("".join(out))
+    top = max([v for _, v in known] + [v for _, v, _ in thresholds])
+    bottom = min(0.0, *(v for _, v in known))
+    yt = nice_ticks(bottom, top * 1.05 if top > 0 else 1.0, 5)
+    y0, y1 = yt[0], yt[-1]
+
+    def x_of(t: float) -> float:
+        return pad_l + inner_w * (t - t0) / (t1 - t0)
+
+    def y_of(v: float) -> float:
+        return pad_t + inner_h * (1 - (v - y0) / (y1 - y0))
+
+    for v in yt:
+        y = y_of(v)
+        out.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{_num(y)}" y2="{_num(y)}" '
+                   f'stroke="{GRID}"/><text x="{pad_l - 5}" y="{_num(y + 4)}" '
+                   f'text-anchor="end">{fmt(v)}</text>')
+    for t, label in time_ticks(t0, t1, max(2, inner_w // 70)):
+        x = x_of(t)
+        out.append(f'<line x1="{_num(x)}" x2="{_num(x)}" y1="{pad_t + inner_h}" '
+                   f'y2="{pad_t + inner_h + 4}" stroke="{INK}"/><text x="{_num(x)}" '
+                   f'y="{pad_t + inner_h + 16}" text-anchor="middle">{escape(label)}</text>')
+    out.append(f'<line x1="{pad_l}" x2="{pad_l}" y1="{pad_t}" y2="{pad_t + inner_h}" '
+               f'stroke="{INK}"/><line x1="{pad_l}" x2="{width - pad_r}" '
+               f'y1="{pad_t + inner_h}" y2="{pad_t + inner_h}" stroke="{INK}"/>')
+    if y_label:
+        out.append(f'<text x="12" y="{_num(pad_t + inner_h / 2)}" text-anchor="middle" '
+                   f'transform="rotate(-90 12 {_num(pad_t + inner_h / 2)})" fill="{MUTED}">'
+                   f'{escape(y_label)}</text>')
+    for name, v, colour in thresholds:
+        y = y_of(v)
+        out.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{_num(y)}" y2="{_num(y)}" '
+                   f'stroke="{colour}" stroke-width="1.5" stroke-dasharray="4 3">'
+                   f'<title>{escape(name)} at {fmt(v)}</title></line>')
+    for ln in lines:
+        segments: list[list[tuple[float, float, float, float]]] = [[]]
+        for t, v in ln.points:
+            if v is None or not math.isfinite(v):
+                if segments[-1]:
+                    segments.append([])
+                continue
+            segments[-1].append((x_of(t), y_of(v), t, v))
+        for seg in segments:
+            if len(seg) > 1:
+                path = " ".join(f"{_num(x)},{_num(y)}" for x, y, _, _ in seg)
+                out.append(f'<polyline points="{path}" fill="none" stroke="{ln.colour}" '
+                           'stroke-width="1.8"/>')
+            for x, y, t, v in seg:
+                out.append(f'<circle cx="{_num(x)}" cy="{_num(y)}" r="2.5" fill="{ln.colour}">'
+                           f'<title>{escape(ln.name)} {fmt(v)} at {_clock(t)}</title>'
+                           '</circle>')
+    out.append("</svg>")
+    return Markup("".join(out))
 
 
 def histogram(labels: Sequence[str], base: Sequence[float], live: Sequence[float], *,
-              title: str, width: int = 420, height: int = 180) -> str:
-    """Reference (``base``) against ``live`` proportions, one pair of bars per slot."""
+              title: str, width: int = 440, height: int = 230) -> Markup:
+    """Reference (``base``) against ``live`` proportions, one pair of bars per bin."""
     n = max(1, len(labels))
-    pad_l, pad_b, pad_t = 36, 46, 18
-    inner_w, inner_h = width - pad_l - 8, height - pad_b - pad_t
-    top = max([*base, *live, 0.01])
+    pad_l, pad_r, pad_t, pad_b = 46, 12, 26, 74
+    inner_w, inner_h = width - pad_l - pad_r, height - pad_t - pad_b
+    yt = nice_ticks(0.0, max([*base, *live, 0.01]), 4)
+    top = yt[-1]
     slot = inner_w / n
     bar = max(1.0, slot * 0.4)
-    out = [_open(width, height, title)]
-    for frac in (0.5, 1.0):
-        y = pad_t + inner_h * (1 - frac)
-        out.append(f'<line x1="{pad_l}" x2="{width - 8}" y1="{_num(y)}" y2="{_num(y)}" '
-                   f'stroke="{GRID}"/><text x="{pad_l - 4}" y="{_num(y + 4)}" '
-                   f'text-anchor="end" font-size="9">{_fmt(top * frac)}</text>')
+    out = [_open(width, height, title, "chart histogram")]
+    out.append(_legend(pad_l, 14, [("reference", BASE, False), ("live", LIVE, False)])[0])
+    for v in yt:
+        y = pad_t + inner_h * (1 - v / top)
+        out.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{_num(y)}" y2="{_num(y)}" '
+                   f'stroke="{GRID}"/><text x="{pad_l - 5}" y="{_num(y + 4)}" '
+                   f'text-anchor="end">{v:.0%}</text>')
+    every = max(1, math.ceil(n / max(1, inner_w // 16)))
     for i, label in enumerate(labels):
         x0 = pad_l + i * slot + slot * 0.1
         for j, (values, colour) in enumerate(((base, BASE), (live, LIVE))):
@@ -61,93 +248,101 @@ def histogram(labels: Sequence[str], base: Sequence[float], live: Sequence[float
             out.append(f'<rect x="{_num(x0 + j * bar)}" y="{_num(pad_t + inner_h - h)}" '
                        f'width="{_num(bar)}" height="{_num(h)}" fill="{colour}">'
                        f'<title>{escape(label)}: {"reference" if j == 0 else "live"} '
-                       f'{v:.3f}</title></rect>')
-        if n <= 16 or i % math.ceil(n / 16) == 0:
+                       f'{v:.1%}</title></rect>')
+        if i % every == 0:
             cx = pad_l + (i + 0.5) * slot
-            out.append(f'<text x="{_num(cx)}" y="{height - pad_b + 12}" font-size="8" '
-                       f'text-anchor="end" transform="rotate(-40 {_num(cx)} '
-                       f'{height - pad_b + 12})">{escape(_short(label))}</text>')
-    out.append(_legend(width, [("reference", BASE), ("live", LIVE)]))
+            cy = pad_t + inner_h + 10
+            out.append(f'<text x="{_num(cx)}" y="{_num(cy)}" font-size="10" '
+                       f'text-anchor="end" transform="rotate(-45 {_num(cx)} {_num(cy)})">'
+                       f'<title>{escape(label)}</title><tspan>{escape(short_label(label))}</tspan></text>')
+    out.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{pad_t + inner_h}" '
+               f'y2="{pad_t + inner_h}" stroke="{INK}"/>')
     out.append("</svg>")
-    return "".join(out)
+    return Markup("".join(out))
 
 
-def series(points: Sequence[tuple[float, float | None]], *, title: str,
-           threshold: float | None = None, warn: float | None = None, width: int = 420,
-           height: int = 140, unit: str = "") -> str:
-    """A line over time (``(epoch seconds, value)``; None values leave a gap)."""
-    pad_l, pad_b, pad_t = 40, 22, 14
-    inner_w, inner_h = width - pad_l - 10, height - pad_b - pad_t
-    known = [(t, v) for t, v in points if v is not None and math.isfinite(v)]
-    out = [_open(width, height, title)]
-    if not known:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" '
-                   f'font-size="11" fill="#777">no data yet</text></svg>')
-        return "".join(out)
-    t0 = min(t for t, _ in known)
-    t1 = max(max(t for t, _ in known), t0 + 1)
-    top = max([v for _, v in known] + [threshold or 0.0, warn or 0.0]) * 1.1 or 1.0
-
-    def xy(t: float, v: float) -> tuple[float, float]:
-        return (pad_l + inner_w * (t - t0) / (t1 - t0), pad_t + inner_h * (1 - v / top))
-
-    for level, colour, name in ((warn, WARN, "warn"), (threshold, BAD, "drift")):
-        if level is not None:
-            _, y = xy(t0, level)
-            out.append(f'<line x1="{pad_l}" x2="{width - 10}" y1="{_num(y)}" y2="{_num(y)}" '
-                       f'stroke="{colour}" stroke-dasharray="4 3"><title>{name} at '
-                       f'{_fmt(level)}</title></line>')
-    segments: list[list[tuple[float, float]]] = [[]]
-    for t, v in points:
-        if v is None or not math.isfinite(v):
-            if segments[-1]:
-                segments.append([])
-            continue
-        segments[-1].append(xy(t, v))
-    for seg in segments:
-        if len(seg) > 1:
-            path = " ".join(f"{_num(x)},{_num(y)}" for x, y in seg)
-            out.append(f'<polyline points="{path}" fill="none" stroke="{LIVE}" '
-                       'stroke-width="1.6"/>')
-        for x, y in seg:
-            out.append(f'<circle cx="{_num(x)}" cy="{_num(y)}" r="2" fill="{LIVE}"/>')
-    out.append(f'<text x="{pad_l - 4}" y="{pad_t + 4}" text-anchor="end" font-size="9">'
-               f'{_fmt(top)}{escape(unit)}</text><text x="{pad_l - 4}" '
-               f'y="{pad_t + inner_h}" text-anchor="end" font-size="9">0</text>')
-    for t in (t0, t1):
-        x, _ = xy(t, 0)
-        anchor = "start" if t == t0 else "end"
-        out.append(f'<text x="{_num(x)}" y="{height - 6}" text-anchor="{anchor}" '
-                   f'font-size="9">{_clock(t)}</text>')
+def heatmap(rows: Sequence[tuple[str, Sequence[str | None]]], starts: Sequence[float],
+            step: float, *, title: str, links: Mapping[str, str] | None = None,
+            width: int = 1200) -> Markup:
+    """One row per name, one cell per time step, coloured by verdict (None: no data)."""
+    label_w, pad_r, pad_t, pad_b, row_h = 190, 24, 26, 24, 20
+    n = max(1, len(starts))
+    inner_w = width - label_w - pad_r
+    cell = inner_w / n
+    height = pad_t + row_h * max(1, len(rows)) + pad_b
+    out = [_open(width, height, title, "chart heatmap")]
+    out.append(_legend(label_w, 14, [(v, VERDICT_COLOURS[v], False) for v in
+                                     ("ok", "warn", "drift", "insufficient")]
+                       + [("no data", VERDICT_COLOURS[None], False)])[0])
+    for r, (name, verdicts) in enumerate(rows):
+        y = pad_t + r * row_h
+        text = escape(cut(name, 30))
+        href = (links or {}).get(name)
+        label = (f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{text}</text>')
+        if href:
+            label = f'<a href="{escape(href, quote=True)}">{label}</a>'
+        out.append(label)
+        out.append(f'<rect x="{label_w}" y="{y + 2}" width="{_num(inner_w)}" '
+                   f'height="{row_h - 4}" fill="{VERDICT_COLOURS[None]}"/>')  # no data
+        cells = list(verdicts[:n])
+        i = 0
+        while i < len(cells):  # one rectangle per run of equal verdicts
+            v = cells[i]
+            j = i + 1
+            while j < len(cells) and cells[j] == v:
+                j += 1
+            if v is not None:
+                colour = VERDICT_COLOURS.get(v, VERDICT_COLOURS[None])
+                t0 = starts[i] if i < len(starts) else 0.0
+                t1 = (starts[j - 1] if j - 1 < len(starts) else t0) + step
+                out.append(f'<rect x="{_num(label_w + i * cell)}" y="{y + 2}" '
+                           f'width="{_num(max((j - i) * cell - 1, 0.5))}" '
+                           f'height="{row_h - 4}" fill="{colour}"><title>{escape(name)} · '
+                           f'{_clock(t0)} – {_clock(t1)}: {escape(v)}</title></rect>')
+            i = j
+    if starts:
+        t0, t1 = starts[0], starts[-1] + step
+        base_y = pad_t + row_h * max(1, len(rows))
+        for t, tick in time_ticks(t0, t1, max(2, inner_w // 80)):
+            x = label_w + inner_w * (t - t0) / (t1 - t0)
+            out.append(f'<line x1="{_num(x)}" x2="{_num(x)}" y1="{base_y}" y2="{base_y + 4}" '
+                       f'stroke="{INK}"/><text x="{_num(x)}" y="{base_y + 16}" '
+                       f'text-anchor="middle">{escape(tick)}</text>')
     out.append("</svg>")
-    return "".join(out)
+    return Markup("".join(out))
 
 
-def bars(counts: Sequence[tuple[str, int]], *, title: str, width: int = 300) -> str:
-    """Horizontal bars, one per ``(label, count)``."""
-    row = 18
-    height = 16 + row * max(1, len(counts))
+def bars(counts: Sequence[tuple[str, int]], *, title: str, width: int = 320,
+         colours: Mapping[str, str] | None = None) -> Markup:
+    """Horizontal bars, one per ``(label, count)``, the count written after each."""
+    row = 20
+    height = 10 + row * max(1, len(counts))
     top = max([c for _, c in counts] + [1])
-    label_w = 110
-    out = [_open(width, height, title)]
+    label_w = 130
+    out = [_open(width, height, title, "chart bars")]
+    if not counts:
+        out.append(f'<text x="{width / 2}" y="20" text-anchor="middle" fill="{MUTED}">'
+                   'nothing yet</text>')
     for i, (label, count) in enumerate(counts):
-        y = 8 + i * row
-        w = (width - label_w - 40) * count / top
-        out.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end" font-size="11">'
-                   f'{escape(_short(label, 18))}</text><rect x="{label_w}" y="{y + 2}" '
-                   f'width="{_num(w)}" height="{row - 6}" fill="{BASE}"/><text '
-                   f'x="{_num(label_w + w + 4)}" y="{y + 12}" font-size="11">{count}</text>')
+        y = 5 + i * row
+        w = (width - label_w - 50) * count / top
+        colour = (colours or {}).get(label, BASE)
+        out.append(f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end">'
+                   f'<title>{escape(label)}</title>{escape(cut(label, 20))}</text>'
+                   f'<rect x="{label_w}" y="{y + 3}" width="{_num(w)}" height="{row - 6}" '
+                   f'fill="{colour}"/><text x="{_num(label_w + w + 4)}" y="{y + 13}">'
+                   f'{count}</text>')
     out.append("</svg>")
-    return "".join(out)
+    return Markup("".join(out))
 
 
 def gauge(value: float | None, threshold: float | None, *, op: str = "<=", outcome: str = "",
-          title: str, width: int = 180, height: int = 18) -> str:
+          title: str, width: int = 180, height: int = 18) -> Markup:
     """A bar for ``value`` with a tick at ``threshold``; coloured by ``outcome``."""
-    colour = {"pass": "#2a9d8f", "fail": BAD, "wait": WARN}.get(outcome, "#999")
+    colour = {"pass": OK, "fail": BAD, "wait": WARN}.get(outcome, "#999")
     known = [abs(v) for v in (value, threshold) if v is not None and math.isfinite(v)]
     top = max([*known, 1e-9]) * 1.25
-    out = [_open(width, height, title)]
+    out = [_open(width, height, title, "chart gauge")]
     out.append(f'<rect x="0" y="3" width="{width}" height="{height - 6}" fill="{GRID}"/>')
     if value is not None and math.isfinite(value):
         w = width * min(abs(value), top) / top
@@ -156,31 +351,11 @@ def gauge(value: float | None, threshold: float | None, *, op: str = "<=", outco
     if threshold is not None and math.isfinite(threshold):
         x = width * min(abs(threshold), top) / top
         out.append(f'<line x1="{_num(x)}" x2="{_num(x)}" y1="0" y2="{height}" stroke="{INK}" '
-                   f'stroke-width="2"><title>threshold {escape(op)} {_fmt(threshold)}'
+                   f'stroke-width="2"><title>threshold {escape(op)} {fmt(threshold)}'
                    '</title></line>')
     out.append("</svg>")
-    return "".join(out)
-
-
-def _open(width: int, height: int, title: str) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width}" '
-            f'height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" '
-            f'fill="{INK}"><title>{escape(title)}</title>')
-
-
-def _legend(width: int, items: Sequence[tuple[str, str]]) -> str:
-    out = []
-    x = width - 8 - 80 * len(items)
-    for name, colour in items:
-        out.append(f'<rect x="{x}" y="2" width="9" height="9" fill="{colour}"/>'
-                   f'<text x="{x + 12}" y="10" font-size="9">{escape(name)}</text>')
-        x += 80
-    return "".join(out)
-
-
-def _short(text: str, n: int = 14) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
+    return Markup("".join(out))
 
 
 def _clock(t: float) -> str:
-    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%H:%M:%S")
+    return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,15 +1,20 @@
 """The fleet pages: overview, device list, one device, alerts; and the query-string rules.
 
 Each page is a function ``(services, query, now) -> (title, body)`` over the services'
-public methods, returning markup built only with :mod:`.html` and :mod:`.charts` helpers
-(so every value is escaped). A bad query value raises :class:`BadParam` naming the
-parameter; a missing device raises the services' ``NotFoundError``; the router turns both
-into HTML error pages.
+public methods and the store's reads, returning markup rendered from a template of
+``templates/`` (autoescaped, see :mod:`.html`). A bad query value raises :class:`BadParam`
+naming the parameter; a missing device raises the services' ``NotFoundError``; the router
+turns both into HTML error pages.
 
-A device's status is derived here, for display only: ``offline`` when its last status
-message said so (or its will did), ``stale`` when it is online by its last status but the
-server has heard nothing from it for :data:`STALE_AFTER_S` (a lost link the broker has not
-noticed yet), else ``online``.
+A device's status is derived for display only: ``offline`` when its last status message
+said so (or its will did), ``stale`` when it is online by its last status but the server has
+heard nothing from it for :data:`STALE_AFTER_S` (a lost link the broker has not noticed
+yet), else ``online``. :func:`device_status` states the rule for one device; the store
+applies the same rule in SQL to page and count thousands
+(:class:`~fleet_server.store.DeviceQuery`'s ``stale_before``).
+
+Nothing here loads a whole table: counts, filters, sorting and paging are store queries,
+so every page stays fast at 10,000 devices.
 
 This module does not speak HTTP, authenticate, or write anything.
 """
@@ -17,24 +22,29 @@ This module does not speak HTTP, authenticate, or write anything.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.messages import latency_p95 as edge_latency_p95
 from edgefleet.parsing import split_pair
-from fleet_server.dashboard.charts import bars, series
-from fleet_server.dashboard.html import Raw, badge, card, esc, link, pairs, table, when
+from fleet_server.dashboard import humane
+from fleet_server.dashboard.charts import BAD, OK, WARN, Line, bars, series
+from fleet_server.dashboard.html import render, url
+from fleet_server.dashboard.views import events, rollout_view
 from fleet_server.models import FLEET_SCOPE, ROLLOUT_FINISHED, Device, SummaryRecord
 from fleet_server.services import Services
+from fleet_server.store import DEVICE_SORTS, DeviceQuery
 
-__all__ = ["STALE_AFTER_S", "STATUSES", "BadParam", "Query", "alerts", "device", "device_list",
-           "device_status", "latency_p95", "overview", "rollouts_service"]
+__all__ = ["PAGE_SIZE", "STALE_AFTER_S", "STATUSES", "BadParam", "Query", "alerts", "device",
+           "device_list", "device_status", "heard", "latency_p95", "overview", "rollouts_service"]
 
 STALE_AFTER_S = 180.0  # six missed heartbeats at the agent's default 30 s
 STATUSES = ("online", "stale", "offline")
-MAX_LIST = 10_000  # devices read for one page; more are counted as "not shown"
+STATUS_COLOURS = {"online": OK, "stale": WARN, "offline": BAD}
+PAGE_SIZE = 50
+MAX_PAGE = 10_000
+DAY_S = 86400.0
 
 
 class BadParam(Exception):
@@ -94,27 +104,18 @@ def rollouts_service(services: Services) -> Any | None:
     return getattr(services, "rollouts", None)
 
 
+def heard(d: Device) -> float | None:
+    """When the server last heard of a device, by any message."""
+    return max((t for t in (d.last_seen, d.heartbeat_time, d.status_time) if t), default=None)
+
+
 def device_status(d: Device, now: float) -> str:
     if not d.online:
         return "offline"
-    heard = max((t for t in (d.last_seen, d.heartbeat_time, d.status_time) if t), default=None)
-    if heard is None or now - heard > STALE_AFTER_S:
+    last = heard(d)
+    if last is None or now - last > STALE_AFTER_S:
         return "stale"
     return "online"
-
-
-def _ago(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "never"
-    s = max(0.0, now - ts)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if s >= size:
-            return f"{s / size:.0f} {unit} ago"
-    return f"{s:.0f} s ago"
-
-
-def _label(ref: Any) -> str:
-    return "none" if ref is None else ref.label
 
 
 def _labels(labels: Mapping[str, str]) -> str:
@@ -130,112 +131,106 @@ def latency_p95(counts: Sequence[int]) -> str:
     return f"≤ {high:g} ms" if math.isfinite(high) else f"> {low:g} ms"
 
 
-def _devices(services: Services, selector: Mapping[str, str] | None = None) -> list[Device]:
-    return services.registry.list(selector or {}, limit=MAX_LIST)
-
-
-def _active_rollouts(services: Services) -> list[dict[str, Any]] | None:
-    svc = rollouts_service(services)
-    if svc is None:
+def latency_p95_ms(counts: Sequence[int]) -> float | None:
+    """The p95 for a chart: the upper edge of its bucket (the lower one for the overflow)."""
+    bounds = edge_latency_p95(counts) if counts else None
+    if bounds is None:
         return None
-    return [r for r in svc.list() if r.get("status") not in ROLLOUT_FINISHED]
+    low, high = bounds
+    return high if math.isfinite(high) else low
 
 
 # --------------------------------------------------------------------------- overview
 
 
 def overview(services: Services, query: Query, now: float) -> tuple[str, str]:
-    devices = _devices(services)
-    status = Counter(device_status(d, now) for d in devices)
-    running = Counter(_label(d.bundle) for d in devices)
+    store = services.store
+    status = store.count_device_statuses(now - STALE_AFTER_S)
+    total = sum(status.values())
+    running = store.count_devices_by_bundle()
     groups = services.registry.groups()
-    members = [(g, len(services.registry.members(g))) for g in groups]
+    members = [(g, store.count_selected(g.selector)) for g in groups]
     open_alerts = services.alerts.list(state="open", limit=1000)
-    active = _active_rollouts(services)
+    has_rollouts = rollouts_service(services) is not None
+    rows = store.rollouts_touched_since(now - DAY_S) if has_rollouts else []
+    views = [rollout_view(r) for r in rows]
+    active = [v for v in views if v.status not in ROLLOUT_FINISHED]
+    recent = [v for v in views if v.status in ROLLOUT_FINISHED and v.finished_at is not None
+              and now - v.finished_at <= DAY_S]
+    aborted = [v for v in recent if v.status == "aborted"]
     bundles = services.bundles.list()
-    cards = [card("devices", len(devices), href="/devices",
-                  sub=f"{services.store.count_devices()} registered"
-                  if len(devices) >= MAX_LIST else None)]
-    cards += [card(s, status.get(s, 0), href=f"/devices?status={s}") for s in STATUSES]
-    cards.append(card("open alerts", len(open_alerts), href="/alerts"))
-    cards.append(card("active rollouts", "—" if active is None else len(active),
-                      href="/rollouts", sub="no rollout service" if active is None else None))
-    cards.append(card("bundles", len(bundles), href="/drift"))
-    charts = (
-        _panel("Devices by status", bars([(s, status.get(s, 0)) for s in STATUSES],
-                                         title="devices by status")),
-        _panel("Devices by running bundle", bars(running.most_common(12),
-                                                 title="devices by running bundle")),
-        _panel("Devices by group", bars([(g.name, n) for g, n in members][:12],
-                                        title="devices by group")
-               if members else '<p class="muted">no groups</p>'))
-    group_rows = [(link("/devices", g.name, group=g.name), _labels(g.selector), n,
-                   "yes" if g.requires_approval else "no",
-                   ", ".join(g.important_features) or "—") for g, n in members]
-    bundle_rows = [(link("/drift", b.label, bundle=b.label), when(b.uploaded), b.uploaded_by,
-                    ", ".join(s.get("name") or s.get("keyid", "")[:8] for s in b.signers),
-                    running.get(b.label, 0)) for b in bundles]
-    body = [f'<div class="cards">{"".join(cards)}</div>',
-            f'<h2>Devices</h2><div class="grid">{"".join(charts)}</div>',
-            "<h2>Active rollouts</h2>",
-            _rollout_table(active) if active is not None else
-            '<p class="muted">no rollouts (this server has no rollout service)</p>',
-            "<h2>Open alerts</h2>", _alert_table(open_alerts[:10]),
-            "<h2>Groups</h2>",
-            table(("group", "selector", "devices", "needs approval", "important features"),
-                  group_rows, numeric=(2,), empty="no groups"),
-            "<h2>Bundles</h2>",
-            table(("bundle", "uploaded", "by", "signers", "devices running"), bundle_rows,
-                  numeric=(4,), empty="no bundles uploaded")]
-    return "Fleet", "".join(body)
+    troubled = store.device_page(DeviceQuery(now - STALE_AFTER_S, status="offline",
+                                             sort="heard", descending=True, limit=10))
+    stale = store.device_page(DeviceQuery(now - STALE_AFTER_S, status="stale",
+                                          sort="heard", descending=True, limit=10))
+    resolved = services.alerts.list(state="resolved", limit=20)
+    recent_rows = [r for r in rows if r.updated_at >= now - DAY_S]
+    feed = events(store.list_audit(limit=20), [*open_alerts[:20], *resolved], recent_rows,
+                  limit=25)
+    charts = {
+        "status": bars([(s, status.get(s, 0)) for s in STATUSES], title="devices by status",
+                       colours=STATUS_COLOURS),
+        "bundle": bars(sorted(((b or "none", n) for b, n in running.items()),
+                              key=lambda x: -x[1])[:12], title="devices by running bundle"),
+        "group": bars([(g.name, n) for g, n in members][:12], title="devices by group")
+        if members else None,
+    }
+    body = render("overview.html", now=now, total=total, status=status, statuses=STATUSES,
+                  open_alerts=open_alerts, has_rollouts=has_rollouts, active=active,
+                  recent=recent, aborted=aborted, bundles=bundles, running=running,
+                  members=members, offline=troubled, stale=stale, events=feed, charts=charts,
+                  labels=_labels, alert_href=alert_href, fleet_scope=FLEET_SCOPE)
+    return "Fleet", body
 
 
-def _panel(title: str, content: str) -> str:
-    return f'<div class="panel"><h3 class="small">{esc(title)}</h3>{content}</div>'
-
-
-def _rollout_table(rows: Sequence[Mapping[str, Any]]) -> Raw:
-    return table(("rollout", "bundle", "group", "status", "stage", "created", "finished"),
-                 [(link(f"/rollouts/{r.get('id')}", r.get("id")), r.get("bundle"),
-                   r.get("group"), badge(r.get("status")), r.get("stage"),
-                   when(r.get("created_at")), when(r.get("finished_at"))) for r in rows],
-                 empty="no rollouts")
-
-
-def _alert_table(rows: Sequence[Any]) -> Raw:
-    return table(("id", "kind", "state", "opened", "resolved", "bundle", "group", "device",
-                  "message", "webhook"),
-                 [(a.id, badge(a.kind), badge(a.state), when(a.opened), when(a.resolved),
-                   link("/drift", a.bundle, bundle=a.bundle,
-                        group=a.group if a.group and a.group != FLEET_SCOPE else None),
-                   a.group, link(f"/devices/{a.device}", a.device) if a.device else "—",
-                   a.message, a.webhook) for a in rows], numeric=(0,), empty="no alerts")
+def alert_href(a: Any) -> str:
+    """The drift page an alert is about: its bundle, over its group or device."""
+    return url("/drift", bundle=a.bundle,
+               group=a.group if a.group and a.group != FLEET_SCOPE else None,
+               device=a.device or None, hours=24)
 
 
 # --------------------------------------------------------------------------- devices
+
+SORT_NAMES = tuple(DEVICE_SORTS)
 
 
 def device_list(services: Services, query: Query, now: float) -> tuple[str, str]:
     status = query.choice("status", STATUSES)
     selector = query.selector("label")
     group_name = query.get("group")
+    search = (query.get("q") or "").strip()
+    bundle = query.get("bundle")
+    sort = query.choice("sort", SORT_NAMES) or "id"
+    order = query.choice("order", ("asc", "desc")) or "asc"
+    page_no = query.integer("page", 1, 1, MAX_PAGE)
+    if bundle is not None and bundle != "none" and "@" not in bundle:
+        raise BadParam("bundle", f"{bundle!r} is not name@version (or none)")
     if group_name is not None:
         group = services.registry.group(group_name)
         selector = {**group.selector, **selector}
-    found = _devices(services, selector)  # a bad label key: InvalidRequestError("label")
-    rows = [d for d in found if status is None or device_status(d, now) == status]
+    services.registry.list(selector, limit=0)  # a bad label key: InvalidRequestError("label")
+    found = services.store.device_page(DeviceQuery(
+        now - STALE_AFTER_S, search=search, status=status, selector=selector, bundle=bundle,
+        sort=sort, descending=order == "desc", limit=PAGE_SIZE,
+        offset=(page_no - 1) * PAGE_SIZE))
+    pages = max(1, -(-found.total // PAGE_SIZE))
+    state = {"q": search or None, "status": status, "group": group_name,
+             "label": query.get("label"), "bundle": bundle, "sort": sort, "order": order}
+
+    def link(**change: Any) -> str:
+        merged = {**state, **change}
+        if merged.get("sort") == "id" and merged.get("order") == "asc":
+            merged["sort"] = merged["order"] = None
+        return url("/devices", **merged)
+
     title = "Devices" + "".join(f" · {k} {v}" for k, v in (
-        ("group", group_name), ("status", status), ("label", query.get("label"))) if v)
-    filters = " ".join(link("/devices", s, status=s, group=group_name) for s in STATUSES)
-    body = (f'<p class="muted">{len(rows)} shown. Filter: {filters} · '
-            f'{link("/devices", "all")}</p>' +
-            table(("device", "status", "running", "shadow", "agent", "last seen",
-                   "last heartbeat", "summaries", "labels"),
-                  [(link(f"/devices/{d.id}", d.id), badge(device_status(d, now)),
-                    _label(d.bundle), "—" if d.shadow is None else d.shadow.label,
-                    d.agent_version or "—", _ago(d.last_seen, now),
-                    _ago(d.heartbeat_time, now), d.summaries, _labels(d.labels))
-                   for d in rows], numeric=(7,), empty="no devices match"))
+        ("group", group_name), ("status", status), ("label", query.get("label")),
+        ("bundle", bundle), ("matching", search or None)) if v)
+    body = render("devices.html", page=found, statuses=STATUSES, state=state, now=now,
+                  page_no=page_no, pages=pages, link=link, labels=_labels, heard=heard,
+                  groups=services.registry.groups(),
+                  bundles=[b.label for b in services.bundles.list()], size=PAGE_SIZE)
     return title, body
 
 
@@ -246,64 +241,47 @@ def device(services: Services, device_id: str, query: Query, now: float
     reports = services.store.list_reports(device_id, limit=20)
     summaries = services.store.list_summaries(device=device_id, limit=30)
     groups = [g for g in services.registry.groups() if g.matches(d.labels)]
-    status = device_status(d, now)
     health = d.health or {}
-    body = [
-        '<div class="grid"><div>', "<h2>Health</h2>", pairs([
-            ("status", badge(status)), ("last seen", f"{when(d.last_seen)} "
-                                                     f"({_ago(d.last_seen, now)})"),
-            ("last heartbeat", f"{when(d.heartbeat_time)} ({_ago(d.heartbeat_time, now)})"),
-            ("last status message", when(d.status_time)),
-            ("agent version", d.agent_version or "—"),
-            ("running bundle", link("/drift", d.bundle.label, bundle=d.bundle.label,
-                                    device=d.id) if d.bundle else "none"),
-            ("shadow bundle", d.shadow.label if d.shadow else "none"),
-            ("summaries received", d.summaries), ("last summary window", when(d.last_summary)),
-            ("outbox drops", d.dropped), ("registered", when(d.created)),
-            ("has credential", "yes" if d.has_secret else "no")]),
-        "<h2>Last heartbeat</h2>",
-        pairs([(k, _health(k, health[k])) for k in sorted(health)]) if health else
-        Raw('<p class="muted">no heartbeat yet</p>'),
-        '</div><div>', "<h2>Desired state</h2>",
-        pairs([("revision", desired.revision),
-               ("bundle", _label(desired.bundle)),
-               ("shadow", "none" if desired.shadow is None else desired.shadow.label),
-               ("allow downgrade", "yes" if desired.allow_downgrade else "no"),
-               ("updated", when(desired.updated)), ("by", desired.updated_by)])
-        if desired else Raw('<p class="muted">no desired state set</p>'),
-        "<h2>Labels</h2>",
-        table(("label", "effective", "reported by the device", "set by an operator"),
-              [(k, v, d.reported_labels.get(k), d.set_labels.get(k))
-               for k, v in sorted(d.labels.items())], empty="no labels"),
-        "<h2>Groups</h2>",
-        table(("group", "selector"), [(link("/devices", g.name, group=g.name),
-                                       _labels(g.selector)) for g in groups],
-              empty="in no group"),
-        "</div></div>",
-        "<h2>Install reports</h2>",
-        table(("received", "revision", "outcome", "bundle", "reason"),
-              [(when(r.received), r.revision, badge(r.outcome), r.bundle.label, r.reason or "—")
-               for r in reports], numeric=(1,), empty="no reports yet"),
-        "<h2>Recent windows</h2>", _summary_chart(summaries),
-        table(("window end", "bundle", "rows", "errors", "latency p95", "shadow agreement",
-               "folded"),
-              [(when(s.window_end), s.bundle, s.rows, sum(s.errors.values()),
-                latency_p95(s.latency_counts), _agreement(s), "yes" if s.folded else "pending")
-               for s in summaries], numeric=(2, 3), empty="no summaries yet"),
-    ]
-    return f"Device {d.id}", "".join(body)
+    body = render("device.html", d=d, now=now, status=device_status(d, now),
+                  desired=desired, reports=reports, summaries=summaries, groups=groups,
+                  health=_health(health, now), labels=_labels,
+                  charts=_summary_charts(summaries), p95=latency_p95, agreement=_agreement,
+                  errors=lambda s: sum(s.errors.values()))
+    return f"Device {d.id}", body
 
 
-def _health(key: str, value: Any) -> object:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return value
-    if key == "time":
-        return when(value)
-    if key == "rss_bytes":
-        return f"{value / 2**20:.1f} MiB"
-    if key == "uptime_s":
-        return f"{value:.0f} s"
-    return value
+_HEALTH = {  # heartbeat key -> (shown as, how)
+    "time": ("sent", "time"), "uptime_s": ("uptime", "duration"),
+    "rss_bytes": ("memory (RSS)", "size"), "predictions": ("predictions", "count"),
+    "errors": ("requests refused", "count"), "outbox_depth": ("outbox depth", "count"),
+    "dropped": ("outbox drops", "count"), "latency_p50_ms": ("latency p50", "ms"),
+    "latency_p95_ms": ("latency p95", "ms"),
+}
+
+
+def _health(health: Mapping[str, Any], now: float) -> list[tuple[str, str, str]]:
+    """(name, humane value, exact value) per heartbeat field, known ones first."""
+    out = []
+    for key in [*(k for k in _HEALTH if k in health), *sorted(set(health) - set(_HEALTH))]:
+        value = health[key]
+        name, how = _HEALTH.get(key, (key, "raw"))
+        exact = str(value)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            shown = "—" if value is None else str(value)
+        elif how == "time":
+            shown, exact = humane.ago(value, now), humane.when(value)
+        elif how == "duration":
+            shown, exact = humane.duration(value), f"{value:.0f} s"
+        elif how == "size":
+            shown, exact = humane.size(value), f"{value} bytes"
+        elif how == "ms":
+            shown = f"{value:.3g} ms"
+        elif how == "count":
+            shown = f"{value:,}".replace(",", " ")
+        else:
+            shown = str(value)
+        out.append((name, shown, exact))
+    return out
 
 
 def _agreement(s: SummaryRecord) -> str:
@@ -314,15 +292,18 @@ def _agreement(s: SummaryRecord) -> str:
     return f"{agreed / rows:.1%}"
 
 
-def _summary_chart(summaries: Sequence[SummaryRecord]) -> str:
+def _summary_charts(summaries: Sequence[SummaryRecord]) -> list[Any]:
     if not summaries:
-        return ""
-    points = sorted((s.window_end, float(s.rows)) for s in summaries)
-    errors = sorted((s.window_end, float(sum(s.errors.values()))) for s in summaries)
-    return ('<div class="grid">' + _panel("Rows per window", series(points, title="rows per "
-                                                                    "window"))
-            + _panel("Errors per window", series(errors, title="errors per window"))
-            + "</div>")
+        return []
+    ordered = sorted(summaries, key=lambda s: s.window_end)
+    rows = Line("rows", [(s.window_end, float(s.rows)) for s in ordered])
+    errors = Line("errors", [(s.window_end, float(sum(s.errors.values()))) for s in ordered],
+                  colour=BAD)
+    latency = Line("p95 latency", [(s.window_end, latency_p95_ms(s.latency_counts))
+                                    for s in ordered])
+    return [series([rows], title="rows per window", y_label="rows"),
+            series([errors], title="errors per window", y_label="errors"),
+            series([latency], title="latency p95 per window", y_label="ms")]
 
 
 # --------------------------------------------------------------------------- alerts
@@ -333,13 +314,12 @@ def alerts(services: Services, query: Query, now: float) -> tuple[str, str]:
     kind = query.choice("kind", ("drift", "suspect_sensor"))
     bundle = query.get("bundle")
     record = services.bundles.by_label(bundle) if bundle else None
-    body = []
+    sections = []
     for name in ("open", "resolved"):
         if state is not None and state != name:
             continue
         found = services.alerts.list(state=name, kind=kind, bundle=record, limit=100)
-        body.append(f"<h2>{'Open' if name == 'open' else 'Recently resolved'} "
-                    f"({len(found)})</h2>")
-        body.append(_alert_table(found))
-    return "Alerts", "".join(body)
-
+        sections.append(("Open" if name == "open" else "Recently resolved", found))
+    body = render("alerts.html", sections=sections, now=now, alert_href=alert_href,
+                  kind=kind, state=state, bundle=bundle)
+    return "Alerts", body

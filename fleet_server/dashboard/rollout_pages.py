@@ -1,9 +1,11 @@
 """The rollout pages: the list, and one rollout's stages, gates, devices and decisions.
 
-They read ``services.rollouts`` when the server has one, through two calls only:
-``list(status=None) -> list[dict]`` and ``get(id) -> dict`` (stages, gate results, devices,
-audit, plan). Without the service both pages say there are no rollouts. A rollout the
-service does not know is a ``NotFoundError`` (or a ``KeyError``), shown as a 404 page.
+The list reads the stored rollouts once (:func:`.views.rollout_view`: progress as
+``3/3 · 100 %`` and the abort reason), so it stays one query at hundreds of rollouts. One
+rollout's page asks the rollout service's ``get(id) -> dict`` (stages, gate results,
+devices, audit, plan). Without a rollout service both pages say there are no rollouts. A
+rollout the service does not know is a ``NotFoundError`` (or a ``KeyError``), shown as a
+404 page.
 
 This module does not act on rollouts: approving, pausing or aborting is the REST API's
 and the CLI's (``fleet rollout …``), which need an operator's or approver's token.
@@ -13,34 +15,36 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+from markupsafe import Markup
+
 from fleet_server.dashboard.charts import gauge
-from fleet_server.dashboard.html import Raw, badge, esc, link, pairs, table, when
+from fleet_server.dashboard.html import render
+from fleet_server.dashboard.humane import duration, percent
 from fleet_server.dashboard.pages import Query, rollouts_service
+from fleet_server.dashboard.views import progress, rollout_view
 from fleet_server.errors import NotFoundError
 from fleet_server.rollouts.values import STATUSES
 from fleet_server.services import Services
 
 __all__ = ["rollout", "rollout_list"]
 
-_NONE = Raw('<p class="muted">no rollouts (this server has no rollout service)</p>')
+MAX_LISTED = 1000
+MAX_DEVICE_ROWS = 200  # of one rollout: the counts cover the rest
+_ROLES = {"canary": 0, "shadow": 1, "rollback": 2, "control": 3}
 
 
 def rollout_list(services: Services, query: Query, now: float) -> tuple[str, str]:
     status = query.choice("status", STATUSES)
-    svc = rollouts_service(services)
-    if svc is None:
-        return "Rollouts", _NONE
-    rows = svc.list(status=status)
-    filters = " ".join(link("/rollouts", s, status=s) for s in STATUSES)
-    body = (f'<p class="muted">Filter: {filters} · {link("/rollouts", "all")}</p>'
-            + table(("rollout", "bundle", "group", "status", "stage", "created", "finished"),
-                    [(link(f"/rollouts/{r.get('id')}", r.get("id")), r.get("bundle"),
-                      r.get("group"), badge(r.get("status")), r.get("stage"),
-                      when(r.get("created_at")), when(r.get("finished_at"))) for r in rows],
-                    empty="no rollouts" + (f" with status {status}" if status else "")))
+    has = rollouts_service(services) is not None
+    rows = [rollout_view(r) for r in services.store.list_rollouts(status=status,
+                                                                  limit=MAX_LISTED)] \
+        if has else []
+    counts = services.store.count_rollouts() if has else {}
+    body = render("rollouts.html", rows=rows, has=has, statuses=STATUSES, status=status,
+                  counts=counts, now=now)
     return "Rollouts" + (f" · {status}" if status else ""), body
 
 
@@ -56,53 +60,39 @@ def rollout(services: Services, rollout_id: str, query: Query, now: float
         raise NotFoundError("rollout", rollout_id) from exc
     if r is None:
         raise NotFoundError("rollout", rollout_id)
-    bundle, group = r.get("bundle"), r.get("group")
-    head = pairs([
-        ("status", badge(r.get("status"))), ("stage", r.get("stage")),
-        ("bundle", link("/drift", bundle, bundle=str(bundle), group=str(group))
-         if bundle else "—"),
-        ("group", link("/devices", group, group=str(group)) if group else "—"),
-        ("created", when(r.get("created_at"))), ("finished", when(r.get("finished_at")))])
-    body = [head,
-            "<h2>Stages</h2>", _stages(r.get("stages") or []),
-            "<h2>Gates</h2>", _gates(r.get("gate_results") or []),
-            "<h2>Decisions</h2>", _audit(r.get("audit") or []),
-            "<h2>Devices</h2>", _devices(r.get("devices") or []),
-            "<h2>Plan</h2>", _plan(r.get("plan") or {})]
-    return f"Rollout {r.get('id', rollout_id)}", "".join(body)
+    audit = sorted(r.get("audit") or [], key=lambda e: e.get("time") or 0)  # oldest first
+    status = str(r.get("status"))
+    reason = next((str(e.get("reason")) for e in reversed(audit)
+                   if e.get("to_status") == status and e.get("reason")), "") \
+        if status in ("aborted", "paused") else ""
+    stages = r.get("stages") or []
+    devices = sorted(r.get("devices") or [], key=lambda d: (
+        _ROLES.get(str(d.get("role")), 9), str(d.get("device"))))
+    tally = Counter((str(d.get("role")), str(d.get("phase") or "—")) for d in devices)
+    body = render(
+        "rollout.html", r=r, now=now, reason=reason, audit=audit,
+        progress=progress(int(r.get("stage") or 0), stages, status),
+        stages=stages, gates=[_gate(g) for g in r.get("gate_results") or []],
+        devices=devices[:MAX_DEVICE_ROWS], device_count=len(devices),
+        tally=sorted(tally.items(), key=lambda x: (_ROLES.get(x[0][0], 9), x[0])),
+        numbers=_numbers, percent=_percent,
+        soak=lambda s: duration(s) if isinstance(s, (int, float)) else "—",
+        plan=json.dumps(r.get("plan") or {}, indent=2, sort_keys=True, default=str))
+    return f"Rollout {r.get('id', rollout_id)}", body
 
 
 def _percent(x: Any) -> str:
-    return f"{float(x):.0%}" if isinstance(x, (int, float)) else esc(x)
+    return percent(float(x)) if isinstance(x, (int, float)) else str(x)
 
 
-def _stages(stages: Sequence[Mapping[str, Any]]) -> str:
-    cells = []
-    for s in stages:
-        cells.append(f'<div class="card stage-{esc(s.get("state"))}"><div class="muted small">'
-                     f'stage {esc(s.get("index"))}</div><div class="big">'
-                     f'{_percent(s.get("fraction"))}</div><div>{badge(s.get("state"))} '
-                     f'<span class="small">{esc(s.get("size"))} '
-                     f'device{"" if s.get("size") == 1 else "s"}</span></div></div>')
-    return (f'<div class="cards">{"".join(cells)}</div>' +
-            table(("stage", "fraction", "min devices", "soak (s)", "devices", "state"),
-                  [(s.get("index"), _percent(s.get("fraction")), s.get("min_devices"),
-                    s.get("soak_s"), s.get("size"), badge(s.get("state"))) for s in stages],
-                  numeric=(0, 2, 3, 4), empty="no stages"))
-
-
-def _gates(gates: Sequence[Mapping[str, Any]]) -> Raw:
-    rows = []
-    for g in gates:
-        value, threshold, op = g.get("value"), g.get("threshold"), g.get("op") or ""
-        name = str(g.get("name"))
-        chart = Raw(gauge(_float(value), _float(threshold), op=op,
+def _gate(g: Mapping[str, Any]) -> dict[str, Any]:
+    value, threshold, op = g.get("value"), g.get("threshold"), g.get("op") or ""
+    name = str(g.get("name"))
+    chart: Markup = gauge(_float(value), _float(threshold), op=op,
                           outcome=str(g.get("outcome")),
-                          title=f"{name}: {_show(value)} {op} {_show(threshold)}"))
-        rows.append((name, badge(g.get("outcome")), _show(value), op, _show(threshold), chart,
-                     g.get("reason") or "—"))
-    return table(("gate", "outcome", "value", "passes if", "threshold", "value against threshold",
-                  "reason"), rows, numeric=(2, 4), empty="no gate judged yet")
+                          title=f"{name}: {_show(value)} {op} {_show(threshold)}")
+    return {"name": name, "outcome": g.get("outcome"), "value": _show(value), "op": op,
+            "threshold": _show(threshold), "chart": chart, "reason": g.get("reason") or "—"}
 
 
 def _float(x: Any) -> float | None:
@@ -113,17 +103,6 @@ def _show(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
     return "—" if x is None else str(x)
-
-
-def _audit(entries: Sequence[Mapping[str, Any]]) -> Raw:
-    rows = []
-    for e in sorted(entries, key=lambda e: e.get("time") or 0):  # oldest first
-        numbers = e.get("numbers") or {}
-        move = f"{e.get('from_status') or '—'} → {e.get('to_status') or '—'}"
-        rows.append((when(e.get("time")), e.get("actor"), badge(e.get("action")), move,
-                     e.get("stage"), e.get("reason") or "—", _numbers(numbers)))
-    return table(("time", "actor", "action", "status", "stage", "reason", "numbers"), rows,
-                 numeric=(4,), empty="no decisions yet")
 
 
 def _numbers(numbers: Mapping[str, Any]) -> str:
@@ -141,16 +120,3 @@ def _numbers(numbers: Mapping[str, Any]) -> str:
     return "; ".join(parts) or "—"
 
 
-def _devices(devices: Sequence[Mapping[str, Any]]) -> Raw:
-    return table(("device", "role", "stage", "phase", "running", "online"),
-                 [(link(f"/devices/{d.get('device')}", d.get("device")), badge(d.get("role")),
-                   d.get("stage"), badge(d.get("phase")) if d.get("phase") else "—",
-                   d.get("running") or "—",
-                   "yes" if d.get("online") else "no") for d in devices],
-                 numeric=(2,), empty="no devices in this rollout")
-
-
-def _plan(plan: Mapping[str, Any]) -> str:
-    text = json.dumps(plan, indent=2, sort_keys=True, default=str)
-    return (f'<details><summary>the plan as stored</summary><pre class="panel small">'
-            f'{esc(text)}</pre></details>')

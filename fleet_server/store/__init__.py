@@ -12,7 +12,8 @@ The parts, by table:
 - ``_fleet``: tokens, devices and their labels, groups, desired state, audit;
 - ``_telemetry``: summaries, rollups, reports, dead letters, counters;
 - ``_drift``: bundles, evaluated drift windows, alerts, webhook attempts;
-- ``_rollouts``: rollouts, and the telemetry reads their gates make.
+- ``_rollouts``: rollouts, and the telemetry reads their gates make;
+- ``_dashboard``: the dashboard's paged device list and its counts (reads only).
 
 The store decides nothing: it does not judge, validate messages, hash secrets or read the
 clock (every time is a parameter). Bundle files live outside it
@@ -22,6 +23,7 @@ clock (every time is a parameter). Bundle files live outside it
 from __future__ import annotations
 
 from fleet_server.store._base import StoreBase
+from fleet_server.store._dashboard import DEVICE_SORTS, DashboardReads, DeviceQuery, DevicesPage
 from fleet_server.store._drift import DriftTables
 from fleet_server.store._fleet import FleetTables, selector_sql
 from fleet_server.store._rollouts import RolloutRow, RolloutTables, WindowSummary
@@ -38,11 +40,14 @@ from fleet_server.store._telemetry import (
 from fleet_server.store.migrations import LATEST
 
 __all__ = [
+    "DEVICE_SORTS",
     "FLEET_SCOPE",
     "FOLDED",
     "LATEST",
     "PENDING",
     "REFUSED",
+    "DeviceQuery",
+    "DevicesPage",
     "PendingSummary",
     "RolloutRow",
     "RollupKey",
@@ -53,5 +58,6 @@ __all__ = [
 ]
 
 
-class Store(FleetTables, TelemetryTables, DriftTables, RolloutTables, StoreBase):
+class Store(FleetTables, TelemetryTables, DriftTables, RolloutTables, DashboardReads,
+            StoreBase):
     """The fleet database. ``Store(path)`` opens (creating and migrating) the file."""

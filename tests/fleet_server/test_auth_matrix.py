@@ -33,7 +33,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/metrics"): PUBLIC,
     ("GET", "/openapi.json"): PUBLIC,
     ("GET", "/docs"): PUBLIC,
-    ("GET", "/docs/oauth2-redirect"): PUBLIC,
+    ("GET", "/docs/static/{asset}"): PUBLIC,  # Swagger UI and ReDoc, served locally
     ("GET", "/redoc"): PUBLIC,
     ("GET", "/api/v1/devices"): VIEWER,
     ("POST", "/api/v1/devices"): OPERATOR,
@@ -70,7 +70,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
 }
 PRINCIPALS = ("anonymous", "revoked", "device", "other-device", "viewer", "operator", "approver")
 PATH_VALUES = {"device": "dev1", "name": "sensor", "version": "1.0.0", "alert_id": "1",
-               "rollout_id": "r1", "action": "abort"}
+               "rollout_id": "r1", "action": "abort", "asset": "swagger-init.js"}
 QUERY = {"/api/v1/drift": {"bundle": "sensor@1.0.0"},
          "/api/v1/drift/series": {"bundle": "sensor@1.0.0"},
          "/api/v1/drift/windows": {"bundle": "sensor@1.0.0"}}

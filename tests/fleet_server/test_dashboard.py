@@ -15,6 +15,7 @@ ticked once (its gates judged), one on ``plant-b`` aborted by an operator.
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import time
@@ -60,7 +61,9 @@ def fleet(tmp_path_factory, signing_keys, sensor_bundle):
     for device, password in PASSWORDS.items():
         broker.add_user(device, password)
     broker.start()
-    server = FleetServer(make_config(tmp, signing_keys, broker=broker))
+    # the rollout engine judges only when woken (the fixture ticks by hand), so the pages
+    # and the assertions read the same gate results
+    server = FleetServer(make_config(tmp, signing_keys, broker=broker, rollout_tick_s=3600.0))
     fakes: list[FakeDevice] = []
     try:
         server.start()
@@ -163,9 +166,9 @@ def signed_in(browser, fleet):
     context.close()
 
 
-def shot(page, name: str) -> None:
+def shot(page, name: str, *, full_page: bool = True) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
 def text_of(page, selector: str = "main") -> str:
@@ -225,14 +228,20 @@ def test_device_page_shows_health_history_and_desired_state(signed_in):
     page.goto("/devices/dev1")
     text = text_of(page)
     assert page.title().startswith("Device dev1")
-    assert "predictions\t1600" in text  # the last heartbeat's body
+    assert "predictions\t1 600" in text  # the last heartbeat's body, humanised
+    assert re.search(r"uptime\t\d+ (s|min)", text)
+    assert re.search(r"memory \(RSS\)\t[\d.]+ MiB", text)
+    uptime = page.query_selector("table.heartbeat td[title$=' s']")
+    assert uptime is not None  # the exact value stays in the title
     assert "installed" in text and "revision\t1" in text
     assert "plant-a" in text and "line\t1\t1" in text  # reported label, effective too
     windows = page.query_selector_all("h2:text('Recent windows') ~ table tbody tr")
     assert len(windows) == 4
     first = [td.inner_text() for td in windows[0].query_selector_all("td")]
     assert first[1:5] == ["sensor@1.0.0", "400", "3", "≤ 5 ms"]  # rows, errors, p95
-    assert len(page.query_selector_all("main svg")) == 2
+    assert len(page.query_selector_all("main svg")) == 3  # rows, errors, latency
+    assert re.search(r"last seen\t\d+ s ago", text)
+    assert page.query_selector("td time[title$='UTC']") is not None
     shot(page, "device-dev1")
     page.goto("/devices/dev2")
     assert "failed" in text_of(page)
@@ -240,27 +249,61 @@ def test_device_page_shows_health_history_and_desired_state(signed_in):
     assert page.query_selector("main script") is None
 
 
+def test_drift_index_is_a_heatmap_of_verdicts_drifting_first(signed_in):
+    page, _ = signed_in
+    page.goto("/drift")
+    rows = [[td.inner_text() for td in r.query_selector_all("td")]
+            for r in page.query_selector_all("table.drift-index tbody tr")]
+    scopes = [(r[0], r[1]) for r in rows]
+    assert ("sensor@1.0.0", "plant-a") in scopes and ("sensor@1.0.0", "fleet") in scopes
+    nows = [r[2] for r in rows]
+    assert nows[0] == "drift" and nows == sorted(nows, key=["drift", "warn", "ok",
+                                                            "insufficient"].index)
+    heat = page.query_selector("svg.heatmap")
+    assert heat is not None
+    cells = heat.query_selector_all("rect > title")
+    assert any(": drift" in c.text_content() for c in cells)
+    legend = [t.text_content() for t in heat.query_selector_all(":scope > text")]
+    assert {"ok", "warn", "drift", "no data"} <= set(legend)
+    shot(page, "drift-index")
+
+
 def test_drift_page_per_feature_verdicts_series_and_histograms(signed_in):
     page, _ = signed_in
     page.goto("/drift")
-    assert "plant-a" in text_of(page)
-    page.click("text=plant-a")
+    page.click("table.picker a:text-is('plant-a')")
     assert "group=plant-a" in page.url and "bundle=sensor%401.0.0" in page.url
     assert "Drift · sensor@1.0.0 · group:plant-a" in page.title()
-    features = {r.query_selector_all("td")[0].inner_text(): r.query_selector_all("td")[2]
-                .inner_text() for r in page.query_selector_all("h2:text('Features') + table "
-                                                               "tbody tr")}
+    rows = page.query_selector_all("table.features tbody tr")
+    features = {r.query_selector_all("td")[0].inner_text(): (
+        r.query_selector_all("td")[2].inner_text(), r.query_selector_all("td")[3].inner_text())
+        for r in rows}
     assert {"temperature", "humidity", "vibration", "current", "class", "confidence"} <= \
         set(features)
-    assert features["temperature"] == "drift" and features["humidity"] == "drift"
+    assert features["temperature"] == ("drift", "drift")  # now, and over the range
+    assert features["humidity"][1] == "drift"
+    order = [r.query_selector("td").inner_text() for r in rows]
+    severity = ["drift", "warn", "ok", "insufficient", "unknown"]
+    ranks = [severity.index(features[f][0]) for f in order]
+    assert ranks == sorted(ranks)  # drifting features first
+    heat = page.query_selector("svg.heatmap")
+    assert heat is not None and "temperature (input)" in heat.inner_html()
     panel = page.query_selector("#feature-temperature")
     assert panel is not None
     titles = [t.text_content() for t in panel.query_selector_all("svg > title")]
     assert titles == ["temperature (input): psi over time", "temperature (input): reference vs "
                                                               "live"]
     assert len(panel.query_selector_all("svg polyline")) == 1  # four windows, one line
-    assert len(page.query_selector_all("main svg")) == 2 * len(features)
-    assert "devices\t2" in text_of(page)
+    legend = panel.query_selector("svg.series").inner_html()
+    assert "drift at 0.25" in legend and "warn at 0.1" in legend  # the dashed lines, named
+    ticks = [t.text_content() for t in panel.query_selector_all("svg.series > text")]
+    assert sum(bool(re.fullmatch(r"\d\d:\d\d", t)) for t in ticks) >= 3  # time ticks
+    assert sum(bool(re.fullmatch(r"[\d.]+", t)) for t in ticks) >= 3  # value ticks
+    bins = [t.text_content() for t in panel.query_selector_all("svg.histogram > text tspan")]
+    assert len(bins) >= 5 and all(len(b) <= 18 and "…" not in b for b in bins), bins
+    assert len(page.query_selector_all("main svg")) == 2 * len(features) + 1
+    text = text_of(page)
+    assert "devices\t2" in text and "one step is 1 min" in text
     shot(page, "drift-plant-a")
 
 
@@ -277,13 +320,27 @@ def test_rollout_pages_show_stages_gates_and_decisions(signed_in, fleet):
     page, _ = signed_in
     _, server, _ = fleet
     page.goto("/rollouts")
-    listed = {r.query_selector("td").inner_text(): r.query_selector_all("td")[3].inner_text()
+    listed = {r.query_selector("td").inner_text(): [td.inner_text() for td in
+                                                    r.query_selector_all("td")[3:]]
               for r in page.query_selector_all("main table tbody tr")}
-    assert listed == {"r-sensor-2": "running", "r-old": "aborted"}
+    assert {k: v[0] for k, v in listed.items()} == {"r-sensor-2": "running", "r-old": "aborted"}
+    assert listed["r-sensor-2"][1] == "1/2 · 50 %"
+    assert listed["r-old"][1].startswith("1/") and listed["r-old"][-1] == "wrong group"
     shot(page, "rollouts")
     page.click("text=r-sensor-2")
     assert page.title().startswith("Rollout r-sensor-2")
-    judged = server.services.rollouts.get("r-sensor-2")["gate_results"]
+
+    def shown() -> dict[str, str]:
+        return {r.query_selector("td").inner_text(): r.query_selector_all("td")[1].inner_text()
+                for r in page.query_selector_all("h2:text('Gates') + table tbody tr")}
+
+    # an engine tick woken by the abort may land between the page and this read: reload
+    deadline = time.monotonic() + 10
+    while True:
+        judged = server.services.rollouts.get("r-sensor-2")["gate_results"]
+        if shown() == {g["name"]: g["outcome"] for g in judged} or time.monotonic() > deadline:
+            break
+        page.reload()
     gates = {r.query_selector("td").inner_text(): r for r in
              page.query_selector_all("h2:text('Gates') + table tbody tr")}
     assert list(gates) == [g["name"] for g in judged]
@@ -296,16 +353,20 @@ def test_rollout_pages_show_stages_gates_and_decisions(signed_in, fleet):
     assert gates["install_failures"].query_selector_all("td")[1].inner_text() == "pass"
     stages = page.query_selector_all("h2:text('Stages') + .cards .card")
     assert [s.inner_text().split("\n")[1:3] for s in stages] == [
-        ["50%", "current 1 device"], ["100%", "pending 2 devices"]]
-    decisions = text_of(page, "h2:text('Decisions') + table")
+        ["50 %", "current 1 device"], ["100 %", "pending 2 devices"]]
+    assert "progress\t1/2 · 50 %" in text_of(page, "table.rollout-head")
+    decisions = text_of(page, "table.decisions")
     assert "operator:ana-operator" in decisions and "ready → running" in decisions
-    devices = text_of(page, "h2:text('Devices') + table")
-    assert re.search(r"dev1\tcanary\t0", devices) and re.search(r"dev2\tcontrol", devices)
+    assert "2 devices: 1 canary" in text_of(page, "h2:text('Devices') + p")
+    devices = text_of(page, "table.rollout-devices")
+    assert re.search(r"dev1\tcanary\t1\t", devices)  # stage 1 of 2, as on the cards
+    assert re.search(r"dev2\tcontrol", devices)
     shot(page, "rollout-r-sensor-2")
     page.goto("/rollouts/r-old")
-    decisions = text_of(page, "h2:text('Decisions') + table")
+    decisions = text_of(page, "table.decisions")
     assert "running → aborted" in decisions and "wrong group" in decisions
     assert re.search(r"gates: \d+ pass, \d+ skip, \d+ wait", decisions)
+    assert "aborted wrong group" in text_of(page, "table.rollout-head")  # the reason, up top
     shot(page, "rollout-r-old")
 
 
@@ -400,7 +461,7 @@ def test_error_pages_are_html_and_name_what_is_wrong(http, path, status, named):
     r = client.get(path)
     assert r.status_code == status, r.text[:300]
     assert r.headers["content-type"].startswith("text/html")
-    assert named in r.text.replace("&#x27;", "'")
+    assert named in html.unescape(r.text)
 
 
 def test_every_page_renders_without_the_rollout_service(fleet, http):
@@ -415,3 +476,136 @@ def test_every_page_renders_without_the_rollout_service(fleet, http):
         assert client.get("/rollouts/r-sensor-2").status_code == 404
     finally:
         s.rollouts = kept  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- more pages
+
+
+def test_device_list_searches_sorts_and_filters_on_the_server(signed_in):
+    page, _ = signed_in
+
+    def ids() -> list[str]:
+        return [r.query_selector("td").inner_text()
+                for r in page.query_selector_all("table.devices tbody tr")]
+
+    page.goto("/devices")
+    page.fill("input[name=q]", "dev2")
+    page.click("form.filters button[type=submit]")
+    assert "q=dev2" in page.url and ids() == ["dev2"]
+    page.goto("/devices?q=site%3Db")  # a label matches too
+    assert ids() == ["dev3", "dev4"]
+    page.goto("/devices")
+    page.click("table.devices th a:text('status')")  # offline, stale, then online
+    assert "sort=status" in page.url and ids() == ["dev3", "dev4", "dev1", "dev2"]
+    page.click("table.devices th a:text('status')")  # again: the other way round
+    assert "order=desc" in page.url and ids() == ["dev2", "dev1", "dev4", "dev3"]
+    page.goto("/devices?bundle=none")
+    assert ids() == ["dev3"]
+    page.goto("/devices?bundle=sensor%401.0.0&status=online")
+    assert ids() == ["dev1", "dev2"]
+    assert page.inner_text("#count").startswith("2 devices match")
+    offline = page.goto("/devices?status=offline")
+    assert offline is not None and offline.ok
+    assert page.query_selector("tr.row-offline") is not None  # highlighted
+    shot(page, "devices-offline")
+
+
+def test_overview_shows_what_needs_attention(signed_in):
+    page, _ = signed_in
+    page.goto("/")
+    attention = page.inner_text("#attention")
+    assert re.search(r"\d+ open alerts", attention)
+    assert "1 device offline: dev3" in attention and "1 device stale" in attention
+    assert "rollout r-old aborted" in attention and "wrong group" in attention
+    assert page.query_selector(".card.bad:has-text('open alerts')") is not None  # red
+    assert page.query_selector(".card.bad:has-text('offline')") is not None
+    rollouts = text_of(page, "table.rollouts")
+    assert "r-old" in rollouts and "wrong group" in rollouts and "1/2 · 50 %" in rollouts
+    events = text_of(page, "table.events")
+    assert "rollout.abort rollout:r-old (running → aborted): wrong group" in events
+    assert "drift alert #" in events and "bundle.upload" in events
+    assert "· fleet: " in events and "· *" not in events  # the fleet scope, named
+    page.click("#attention a:text('drift on sensor@1.0.0 · plant-a')")  # alert → drift page
+    assert "Drift · sensor@1.0.0 · group:plant-a" in page.title()
+
+
+def test_alerts_link_to_their_drift_page(signed_in):
+    page, _ = signed_in
+    page.goto("/alerts?state=open")
+    row = page.query_selector("table.alerts tbody tr:has-text('plant-a')")
+    assert row is not None and "row-open" in (row.get_attribute("class") or "")
+    row.query_selector("a:text('drift page')").click()
+    assert "group=plant-a" in page.url and "hours=24" in page.url
+    assert page.title().startswith("Drift · sensor@1.0.0 · group:plant-a")
+
+
+def test_api_docs_load_from_this_server_only(browser, fleet):
+    base_url, _, _ = fleet
+    context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 900})
+    elsewhere: list[str] = []
+
+    def only_local(route):
+        if route.request.url.startswith(base_url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_local)
+    page = context.new_page()
+    try:
+        page.goto("/docs")
+        page.wait_for_selector(".opblock-summary-path", timeout=30_000)  # Swagger UI ran
+        paths = [e.inner_text() for e in page.query_selector_all(".opblock-summary-path")]
+        assert any("/api/v1/devices" in p for p in paths), paths[:5]
+        shot(page, "docs")
+        page.goto("/redoc")
+        page.wait_for_selector("h1:has-text('edgefleet fleet server')", timeout=30_000)
+        shot(page, "redoc", full_page=False)
+    finally:
+        context.close()
+    assert elsewhere == []
+    r = httpx.get(base_url + "/docs")
+    assert "'unsafe-inline'" not in r.headers["content-security-policy"].split("style-src")[0]
+    assert "cdn" not in r.text.lower() and "<script>" not in r.text  # no inline script
+    assert httpx.get(base_url + "/docs/static/..%2Fcore.py").status_code == 404
+
+
+def test_metrics_count_rollouts_drift_and_alerts(fleet):
+    base_url, _, _ = fleet
+    text = httpx.get(base_url + "/metrics").text
+    assert 'edgefleet_rollouts{status="aborted"} 1.0' in text
+    assert 'edgefleet_rollouts{status="running"} 1.0' in text
+    assert 'edgefleet_rollouts{status="completed"} 0.0' in text
+    found = {m.group(1): float(m.group(2)) for m in
+             re.finditer(r'edgefleet_drift_windows\{verdict="(\w+)"\} ([\d.]+)', text)}
+    assert set(found) == {"ok", "warn", "drift", "insufficient"} and found["drift"] >= 1
+    assert re.search(r'edgefleet_drift_scopes\{verdict="drift"\} [1-9]', text)
+    assert re.search(r'edgefleet_alerts_open\{kind="drift"\} [1-9]', text)
+    assert 'edgefleet_alerts_open{kind="suspect_sensor"}' in text
+
+
+def test_every_page_of_an_empty_fleet(browser, server_factory):
+    server = server_factory(http=True)
+    base_url = server.base_url  # type: ignore[attr-defined]
+    token = server.services.auth.create_token("new", "viewer", "test", time.time()).secret
+    context = browser.new_context(base_url=base_url, java_script_enabled=False,
+                                  viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto("/login")
+        page.fill("input[name=token]", token)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{base_url}/")
+        assert "Nothing needs attention" in text_of(page)
+        assert "nothing has happened yet" not in text_of(page)  # the token's creation
+        shot(page, "empty-fleet")
+        expected = {"/devices": "0 devices match", "/drift": "no bundles uploaded",
+                    "/alerts": "no alerts", "/rollouts": "no rollouts"}
+        for path, words in expected.items():
+            response = page.goto(path)
+            assert response is not None and response.status == 200, path
+            assert words in text_of(page), path
+            shot(page, "empty" + path.replace("/", "-"))
+    finally:
+        context.close()

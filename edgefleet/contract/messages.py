@@ -267,8 +267,9 @@ def _coarsen(counts: Sequence[int], fmt: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def latency_p95(counts: Sequence[int]) -> tuple[float, float] | None:
-    """The bounds ``(low, high)`` in ms of the 95th-percentile latency of a histogram.
+def latency_p95(counts: Sequence[int], q: float = 0.95) -> tuple[float, float] | None:
+    """The bounds ``(low, high)`` in ms of the 95th-percentile latency of a histogram
+    (or of the ``q`` quantile).
 
     The one reading of a p95 from a histogram (rollout gates, dashboard). A histogram
     only knows which bucket holds the p95, so both edges of that bucket are returned:
@@ -282,7 +283,7 @@ def latency_p95(counts: Sequence[int]) -> tuple[float, float] | None:
     if total <= 0:
         return None
     edges = _EDGES_BY_FORMAT[latency_format(counts)]
-    rank = math.ceil(0.95 * total)
+    rank = max(1, min(total, math.ceil(q * total)))
     seen = i = 0
     for i, c in enumerate(counts):  # noqa: B007 (i is the bucket after the loop)
         seen += c

@@ -31,14 +31,36 @@ from fleet_server.registry.devices import Registry
 from fleet_server.rollouts.machine import GateMetrics, GateWindow, RolloutPlan
 from fleet_server.store import Store, WindowSummary
 
-__all__ = ["GateMetricsReader", "p95_bounds_ms", "p95_gate_inputs"]
+__all__ = ["P95_Z", "GateMetricsReader", "p95_bounds_ms", "p95_gate_inputs"]
 
 log = logging.getLogger(__name__)
 
 
-def p95_bounds_ms(histograms: Sequence[Sequence[int]]) -> tuple[float, float] | None:
-    """The merged p95 bounds ``(low, high)`` of some summaries' latency histograms."""
-    return latency_p95(merge_latency(histograms))
+# z of a one-sided 97.5 % bound on each side: together, the gate fails a canary only when
+# the data put its p95 above the control's with about 95 % confidence
+P95_Z = 1.96
+
+
+def p95_bounds_ms(histograms: Sequence[Sequence[int]], side: str | None = None
+                  ) -> tuple[float, float] | None:
+    """The merged p95 bounds ``(low, high)`` of some summaries' latency histograms.
+
+    ``side`` ``"low"`` or ``"high"`` reads the p95's confidence bound instead of the p95
+    itself: a p95 estimated from n calls is the sample's 95th percentile, whose rank is
+    uncertain by about ``z * sqrt(0.95 * 0.05 / n)`` (the normal approximation of the
+    binomial count below it), so the canary is read at that much below the 95th
+    percentile and the control that much above it. With the 300 calls a small canary
+    stage serves, that is the 92.6th and 97.4th percentiles; with 30,000, the p95 itself.
+    """
+    merged = merge_latency(histograms)
+    n = sum(merged)
+    if n <= 0:
+        return None
+    q = 0.95
+    if side is not None:
+        half = P95_Z * math.sqrt(0.95 * 0.05 / n)
+        q = q - half if side == "low" else q + half
+    return latency_p95(merged, min(1.0, max(0.0, q)))
 
 
 def p95_gate_inputs(canary: tuple[float, float] | None, control: tuple[float, float] | None,
@@ -50,7 +72,9 @@ def p95_gate_inputs(canary: tuple[float, float] | None, control: tuple[float, fl
     be, and a canary whose p95 lands one or two buckets (1.25-1.28x each) above the
     control's reads as a ratio of at most 1.28, so bucket wobble cannot fail a 1.5 gate
     while a real 2x slowdown still does. A control in the overflow bucket (over 10 s, no
-    upper bound) reads as its lower bound.
+    upper bound) reads as its lower bound. The metrics reader passes each side's p95 at
+    its confidence bound (:func:`p95_bounds_ms` with ``side``), so a small canary's
+    sampling noise cannot fail the gate either.
     """
     low = None if canary is None else canary[0]
     high = None if control is None else (control[1] if math.isfinite(control[1])
@@ -107,10 +131,10 @@ class GateMetricsReader:
             s.bundle_name == name and s.bundle_version == version)][:self.max_summaries]
         counts: dict[str, Any] = {}
         bounds = {}
-        for side, items in (("canary", mine), ("control", theirs)):
+        for side, items, bound in (("canary", mine, "low"), ("control", theirs, "high")):
             counts[f"{side}_predictions"] = sum(s.rows for s in items)
             counts[f"{side}_errors"] = sum(int(v) for s in items for v in s.errors.values())
-            bounds[side] = p95_bounds_ms([s.latency for s in items])
+            bounds[side] = p95_bounds_ms([s.latency for s in items], bound)
         # canary_p95_ms / control_p95_ms are the bounds the ratio gate compares (see there)
         counts["canary_p95_ms"], counts["control_p95_ms"] = p95_gate_inputs(
             bounds["canary"], bounds["control"])

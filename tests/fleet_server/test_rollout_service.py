@@ -408,6 +408,31 @@ def test_p95_bounds_of_merged_latency_histograms():
     assert p95_bounds_ms([old, _hist(k + 2)]) == (1.0, 2.0)  # [1.25, 1.6) lies in [1, 2)
 
 
+def _mix(slow: int, n: int, fast_bucket: int, slow_bucket: int) -> list[int]:
+    out = [0] * (len(LATENCY_EDGES_MS) + 1)
+    out[fast_bucket], out[slow_bucket] = n - slow, slow
+    return out
+
+
+def test_a_small_canarys_p95_is_read_at_its_confidence_bound():
+    """322 canary calls with 6 % slow ones (as a loaded demo's first stage served): the
+    sample's p95 is slow, but 92.6 % of calls are fast, so at its lower confidence bound the
+    canary is not proven slower than 3,000 control calls with 4 % slow ones."""
+    # buckets [0.1, 0.125) and [1, 1.25)
+    fast, slow = LATENCY_EDGES_MS.index(0.1) + 1, LATENCY_EDGES_MS.index(1.0) + 1
+    canary, control = _mix(19, 322, fast, slow), _mix(120, 3000, fast, slow)
+    assert p95_bounds_ms([canary]) == (1.0, 1.25)  # the sample's p95 is slow
+    assert p95_bounds_ms([canary], "low")[0] == 0.1  # its lower bound is not
+    low, high = p95_gate_inputs(p95_bounds_ms([canary], "low"),
+                                p95_bounds_ms([control], "high"))
+    assert low / high <= 1.0
+    # many calls narrow the bound to the p95 itself: a real slowdown still fails
+    canary = _mix(3000, 30_000, fast, slow)
+    low, high = p95_gate_inputs(p95_bounds_ms([canary], "low"),
+                                p95_bounds_ms([control], "high"))
+    assert low / high >= 5.0
+
+
 @pytest.mark.parametrize("control", range(LATENCY_EDGES_MS.index(0.1), len(LATENCY_EDGES_MS)))
 def test_a_one_or_two_bucket_wobble_cannot_fail_a_1_5_latency_gate(control):
     for wobble in (-2, -1, 0, 1, 2):

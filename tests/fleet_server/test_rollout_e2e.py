@@ -50,7 +50,8 @@ class Fleet:
                         for d in DEVICES}
         paths = [bundles.build("1.0.0"), bundles.build("1.1.0"), bundles.broken_smoke("1.2.0"),
                  bundles.build("1.3.0", model="inverted"), bundles.build("1.4.0"),
-                 bundles.build("1.5.0"), approved_bundle(bundles, keys, "2.0.0", tmp)]
+                 bundles.build("1.5.0"), approved_bundle(bundles, keys, "2.0.0", tmp),
+                 bundles.build("2.1.0")]
         for path in paths:
             s.bundles.upload(path.read_bytes(), "test", now)
         s.registry.create_group("all", {"site": "test"}, "test", now)
@@ -86,6 +87,17 @@ class Fleet:
         daemon = AgentDaemon(load_config(path))
         daemon.start()
         self.agents[device] = daemon
+
+    def restart_server(self) -> None:
+        """Stop the server (engine, ingest, HTTP) and start a new one on the same database,
+        broker and HTTP port: what an operator's restart or a crash and its restart do."""
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server.stop()
+        self.server = FleetServer(replace(make_config(self.tmp, self.keys, broker=self.broker),
+                                          rollout_tick_s=0.3))
+        self.server.start()
+        assert self.server.start_http(port=port) == self.url
+        wait_until(lambda: self.server.link.connected, 10, "the new server to connect")
 
     def stop_agent(self, device: str) -> None:
         self.agents.pop(device).stop(flush_timeout=1.0)
@@ -209,8 +221,10 @@ def test_an_offline_device_catches_up_on_reconnect(fleet):
     s = fleet.server.services
     wait_until(lambda: not s.registry.get("dev4").online, 10, "dev4 to be offline")
     # one stage: every device at once; the offline one holds the healthy-devices gate
+    # max_wait_s well past the test's own waits: on a loaded machine the online devices'
+    # installs alone can take most of the default 20 s, and the stage must still be waiting
     fleet.rollout("1.4.0", id="catch-up", stages=[{"fraction": 1.0, "soak_s": 1.0}],
-                  install_timeout_s=60)
+                  install_timeout_s=60, gates={**GATES, "max_wait_s": 120})
     others = [d for d in DEVICES if d != "dev4"]
     wait_until(lambda: all(fleet.running(d) == "1.4.0" for d in others), 20,
                "the online devices to install 1.4.0")
@@ -254,3 +268,25 @@ def test_the_approval_rule(fleet):
                                                          "operator:ops"]
     wait_until(lambda: fleet.versions() == dict.fromkeys(DEVICES, "2.0.0"), 20,
                "every agent on 2.0.0")
+
+
+def test_a_staged_rollout_resumes_across_a_server_restart(fleet):
+    """The server goes away in the middle of a stage (its engine, ingest and HTTP stop) and a
+    new one starts on the same database: the rollout resumes where it stood, completes, and
+    applies each transition once; every device ends on the new bundle."""
+    detail = fleet.rollout("2.1.0", id="across", gates={**GATES, "max_wait_s": 120},
+                           stages=[{"fraction": 0.4, "min_devices": 2, "soak_s": 3.0},
+                                   {"fraction": 1.0, "min_devices": 1, "soak_s": 1.0}])
+    canaries = sorted(d["device"] for d in detail["devices"] if d["role"] == "canary")
+    assert len(canaries) == 2
+    wait_until(lambda: all(fleet.running(d) == "2.1.0" for d in canaries), 30,
+               "the canaries to install 2.1.0")
+    before = fleet.ops.get("/api/v1/rollouts/across")
+    assert (before["status"], before["stage"]) == ("running", 0)
+    fleet.restart_server()
+    detail = fleet.finished("across", timeout=60)
+    assert detail["status"] == "completed", detail["audit"][-1]
+    assert [e["action"] for e in detail["audit"]] == ["create", "start", "promote", "promote"]
+    assert [e["stage"] for e in detail["audit"]] == [0, 0, 0, 1]
+    wait_until(lambda: fleet.versions() == dict.fromkeys(DEVICES, "2.1.0"), 30,
+               "every agent on 2.1.0")

@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(BIN)/python -m demo
 
 test: $(STAMP)
-	@bash scripts/ensure-system-packages mosquitto chromium
+	@bash scripts/ensure-system-packages mosquitto chromium postgresql
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest
 

@@ -4,6 +4,13 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/fleet_sim.py [--devices 10000] [--out benchmarks/out/fleet_sim.json]
+        [--db postgresql://user@host/db | --postgres]
+
+With ``--db`` (an existing server: a fresh database is created beside the one named, per
+run) or ``--postgres`` (a private PostgreSQL 15 started here, fsync and synchronous commit
+on), every run is made on SQLite and then on PostgreSQL, side by side in one table; the
+PostgreSQL database of a run is the SQLite template copied by ``fleet db migrate``'s
+copier.
 
 The default (1,000 devices, 3 runs each of 1 and 2 workers) takes about 2.5 minutes on
 two cores; ``--devices 10000`` (one run each) about 4.
@@ -249,14 +256,15 @@ def _status(pid: int) -> dict[str, int]:
 
 
 def _worker(conn, db: str, pub: str, host: str, port: int, username: str, password: str,
-            name: str) -> None:
+            name: str, bundle_dir: str) -> None:
     """Child process: what ``fleet ingest`` runs, plus a hook recording each batch's
     commit time, summaries stored and lags."""
     from fleet_server.cli.serve import tune_gc
     from fleet_server.config import BrokerConfig, ServerConfig
     from fleet_server.server import FleetServer
 
-    config = ServerConfig(db=Path(db), trust=(f"build={pub}",), evaluate=False,
+    config = ServerConfig(db=db if "://" in db else Path(db), bundle_dir=Path(bundle_dir),
+                          trust=(f"build={pub}",), evaluate=False,
                           broker=BrokerConfig(host=host, port=port, username=username,
                                               password=password, share="ingest",
                                               client_id=name))
@@ -322,12 +330,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _count(db: Path) -> int:
-    with sqlite3.connect(db, timeout=30) as conn:
+@contextlib.contextmanager
+def _connect(db: Path | str):
+    """A plain connection to the run's database, SQLite or PostgreSQL (read-only use)."""
+    if isinstance(db, str) and db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as conn:
+            yield conn
+    else:
+        with sqlite3.connect(db, timeout=30) as conn:
+            yield conn
+
+
+def _count(db: Path | str) -> int:
+    with _connect(db) as conn:
         return conn.execute("SELECT COUNT(*) FROM summaries").fetchone()[0]
 
 
-def _wait_stored(db: Path, n: int, timeout: float) -> float:
+def _wait_stored(db: Path | str, n: int, timeout: float) -> float:
     deadline = time.time() + timeout
     while _count(db) < n:
         if time.time() > deadline:
@@ -353,8 +374,8 @@ def _sizes(db: Path) -> dict[str, Any]:
             "rollups_by_width": by_width}
 
 
-def _integrity(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db, timeout=30) as conn:
+def _integrity(db: Path | str) -> dict[str, int]:
+    with _connect(db) as conn:
         n, distinct = conn.execute("SELECT COUNT(*), COUNT(DISTINCT device || '/' || seq) "
                                    "FROM summaries").fetchone()
         dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
@@ -368,13 +389,21 @@ def _integrity(db: Path) -> dict[str, int]:
 def one_run(work: Path, template: Path, broker_dir: Path, port: int,
             ingest: list[tuple[str, str]],
             pub: Path, accounts: list[tuple[str, str]], profiles: list[dict], args,
-            workers: int, repeat: int) -> dict[str, Any]:
+            workers: int, repeat: int, pg_url: str | None = None) -> dict[str, Any]:
     from fleet_server.telemetry.broker import start_broker, stop_broker
 
-    run = work / f"run-w{workers}-r{repeat}"
+    run = work / f"run-{'pg' if pg_url else 'sqlite'}-w{workers}-r{repeat}"
     run.mkdir()
-    db = run / "fleet.db"
-    shutil.copy(template, db)
+    db: Path | str = run / "fleet.db"
+    if pg_url is None:
+        shutil.copy(template, db)
+    else:
+        from fleet_server.store import Store
+        from fleet_server.store.copy import copy_database
+
+        db = pg_url
+        with Store(template) as src, Store(db) as dst:
+            copy_database(src, dst)
     broker = start_broker(broker_dir / "mosquitto.conf", port, run / "mosquitto.log")
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
@@ -385,7 +414,8 @@ def one_run(work: Path, template: Path, broker_dir: Path, port: int,
             # one broker account per worker: the broker binds client ids to accounts
             user, password = ingest[i]
             proc = ctx.Process(target=_worker, args=(child, str(db), str(pub), "127.0.0.1",
-                                                     port, user, password, f"sim-ingest-{i}"))
+                                                     port, user, password, f"sim-ingest-{i}",
+                                                     str(work / "template.db.bundles")))
             proc.start()
             procs.append(proc)
             pipes.append(parent)
@@ -404,7 +434,7 @@ def one_run(work: Path, template: Path, broker_dir: Path, port: int,
         total = n_dev * k
         stored_at = _wait_stored(db, total, 600)
         burst = pparent.recv()
-        sizes = _sizes(db)
+        sizes = _sizes(db) if pg_url is None else {}
         wall = stored_at - burst["start"]
         log(f"  burst: {total:,} summaries in {wall:.1f} s ({total / wall:,.0f}/s)")
         pparent.send((args.rate, args.paced_s))
@@ -422,6 +452,7 @@ def one_run(work: Path, template: Path, broker_dir: Path, port: int,
         lags = np.asarray([x for r in results for t, _, lg in r if t >= t0 for x in lg]) * 1e3
         per_worker = [sum(n for _, n, _ in r) for r in results]
         out = {
+            "engine": "postgresql" if pg_url else "sqlite",
             "workers": workers, "repeat": repeat, "devices": n_dev, "burst_summaries": total,
             "burst_wall_s": wall, "burst_per_s": total / wall,
             "burst_publish_s": burst["sent"] - burst["start"],
@@ -479,6 +510,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per worker count (default 3; 1 from 5,000 devices)")
     parser.add_argument("--out", type=Path, default=None, help="write JSON here")
+    parser.add_argument("--db", default=None, help="also run on this PostgreSQL server (a "
+                        "fresh database beside the one named, per run)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="also run on a private PostgreSQL 15 started here")
     args = parser.parse_args()
     if args.windows is None:
         args.windows = 10 if args.devices < 5000 else 4
@@ -494,6 +529,30 @@ def main() -> None:
 
     began = time.time()
     work = Path(tempfile.mkdtemp(prefix="fleet-sim-"))
+    pg = None
+    new_pg = None
+    if args.postgres:
+        from tests.pg import Postgres
+
+        pg = Postgres(durable=True)
+        try:
+            pg.start()
+        except BaseException:
+            pg.cleanup()
+            raise
+        new_pg = pg.new_database
+    elif args.db is not None:
+        import psycopg
+
+        counter = iter(range(10**6))
+
+        def new_pg() -> str:
+            base = args.db.rpartition("/")[0]
+            name = f"fleet_sim_{os.getpid()}_{next(counter)}"
+            with psycopg.connect(args.db, autocommit=True) as conn:
+                conn.execute(f"CREATE DATABASE {name}")
+            return f"{base}/{name}"
+    engines = ["sqlite"] + (["postgresql"] if new_pg is not None else [])
     try:
         log(f"building the bundle and {PROFILES} window profiles")
         bundle, pub, profiles = _bundle_and_profiles(work)
@@ -511,38 +570,48 @@ def main() -> None:
         accounts = sorted(secrets.items())
         runs = []
         for repeat in range(args.repeats):
-            for workers in worker_counts:
-                log(f"run: {workers} worker(s), repeat {repeat + 1}/{args.repeats}")
-                runs.append(one_run(work, template, files["mosquitto.conf"].parent, port,
-                                    ingest, pub, accounts, profiles, args, workers, repeat))
-        report(runs, args, worker_counts, time.time() - began)
+            for engine in engines:
+                for workers in worker_counts:
+                    log(f"run: {engine}, {workers} worker(s), repeat {repeat + 1}/"
+                        f"{args.repeats}")
+                    runs.append(one_run(
+                        work, template, files["mosquitto.conf"].parent, port, ingest, pub,
+                        accounts, profiles, args, workers, repeat,
+                        pg_url=new_pg() if engine == "postgresql" and new_pg else None))
+        report(runs, args, worker_counts, time.time() - began, engines)
     finally:
+        if pg is not None:
+            pg.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(runs: list[dict[str, Any]], args, worker_counts: list[int], elapsed: float) -> None:
-    def med(workers: int, fn) -> float:
-        return statistics.median(fn(r) for r in runs if r["workers"] == workers)
-
-    base = worker_counts[0]
+def report(runs: list[dict[str, Any]], args, worker_counts: list[int], elapsed: float,
+           engines: list[str]) -> None:
     rows = []
-    for w in worker_counts:
+    for engine, w in [(e, w) for e in engines for w in worker_counts]:
+        these = [r for r in runs if r["workers"] == w and r["engine"] == engine]
+
+        def med(_: int, fn, these=these) -> float:
+            return statistics.median(fn(r) for r in these)
+
+        base = statistics.median(r["burst_per_s"] for r in runs
+                                 if r["workers"] == worker_counts[0] and r["engine"] == "sqlite")
         rate = med(w, lambda r: r["burst_per_s"])
         rows.append([
-            f"{w} worker{'s' if w > 1 else ''}",
-            f"{rate:,.0f}", f"{rate / med(base, lambda r: r['burst_per_s']):.2f}",
+            f"{engine}, {w} worker{'s' if w > 1 else ''}",
+            f"{rate:,.0f}", f"{rate / base:.2f}",
             f"{med(w, lambda r: r['lag_ms'].get(50, float('nan'))):.0f}",
             f"{med(w, lambda r: r['lag_ms'].get(99, float('nan'))):.0f}",
             f"{med(w, lambda r: r['paced']['late_ms'][99]):.0f}",
             f"{med(w, lambda r: sum(r['worker_rss_bytes'])) / 2**20:.0f}",
             f"{med(w, lambda r: r['broker_rss_bytes']) / 2**20:.0f}",
-            f"{sum(r['published'] - r['integrity']['stored'] for r in runs if r['workers'] == w)}",
-            f"{sum(r['integrity']['stored'] - r['integrity']['distinct'] + r['integrity']['duplicates_counted'] for r in runs if r['workers'] == w)}",  # noqa: E501
+            f"{sum(r['published'] - r['integrity']['stored'] for r in these)}",
+            f"{sum(r['integrity']['stored'] - r['integrity']['distinct'] + r['integrity']['duplicates_counted'] for r in these)}",  # noqa: E501
         ])
     print(f"\nfleet_sim: {args.devices:,} devices (one account and connection each), "
           f"burst {args.windows} x {args.window_s}-s windows a device, paced "
           f"{args.rate:.0f}/s for {args.paced_s:.0f} s; medians of {args.repeats} run(s)\n")
-    print(table(["ingest", "stored/s (burst)", "ratio", "lag p50 ms", "lag p99 ms",
+    print(table(["ingest", "stored/s (burst)", "vs SQLite, 1", "lag p50 ms", "lag p99 ms",
                  "of it publisher late p99 ms",
                  "worker RSS MiB", "broker RSS MiB", "lost", "duplicated"], rows))
     first = runs[0]
@@ -556,7 +625,8 @@ def report(runs: list[dict[str, Any]], args, worker_counts: list[int], elapsed: 
           f"{args.devices:,} devices)")
     for r in runs:
         i = r["integrity"]
-        print(f"  w={r['workers']} r={r['repeat']}: published {r['published']:,}, acked "
+        print(f"  {r['engine']} w={r['workers']} r={r['repeat']}: published "
+              f"{r['published']:,}, acked "
               f"{r['acked']:,}, stored {i['stored']:,} ({i['distinct']:,} distinct), "
               f"duplicates counted {i['duplicates_counted']}, dead letters "
               f"{i['dead_letters']}, unfolded {i['unfolded']}, split {r['per_worker']}, "

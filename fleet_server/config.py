@@ -16,11 +16,13 @@ from pathlib import Path
 
 from edgefleet.contract.bundle import Limits
 from fleet_server.errors import ConfigError
+from fleet_server.models import POSTGRESQL, SQLITE, Database
 from fleet_server.profiles.drift import Thresholds
 
 __all__ = [
     "DEFAULT_DRIFT",
     "DEFAULT_INGEST",
+    "SERVER_ROLES",
     "BrokerConfig", "DriftConfig", "IngestConfig", "ServerConfig",
     "WebhookConfig",
 ]
@@ -156,11 +158,20 @@ class WebhookConfig:
         _positive("backoff_s", self.backoff_s)
 
 
+# what one `fleet serve` process runs: ``api`` the REST API and dashboard (any number of
+# replicas), ``ingest`` an ingest worker (any number, a shared subscription each), ``engine``
+# the rollout engine, the drift evaluator with housekeeping and the webhook sender, active in
+# one process at a time (elected through the database; the others stand by), ``all`` of them
+SERVER_ROLES = ("all", "api", "ingest", "engine")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything ``fleet serve`` runs with. ``bundle_dir`` defaults to ``<db>.bundles``."""
+    """Everything ``fleet serve`` runs with. ``db`` is a SQLite file or a database URL
+    (:class:`~fleet_server.models.Database`); ``bundle_dir`` defaults to ``<db>.bundles``
+    beside a SQLite file, and must be given with a server database."""
 
-    db: Path
+    db: Path | str
     bundle_dir: Path | None = None
     broker: BrokerConfig | None = None  # None: no MQTT (API only; no ingest, no publishing)
     ingest: bool = True  # run the ingest worker in this process
@@ -179,9 +190,23 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     rollout_tick_s: float = 5.0  # how often the rollout engine judges every rollout
+    role: str = "all"  # SERVER_ROLES
+    election_s: float = 1.0  # how often a standby engine tries to lead, a leader checks
     max_gate_summaries: int = 20_000  # summaries one gate window reads, per side at most
 
     def __post_init__(self) -> None:
+        if self.role not in SERVER_ROLES:
+            raise ConfigError(f"role {self.role!r}: one of {', '.join(SERVER_ROLES)}")
+        if not 0 < self.election_s <= 5:
+            raise ConfigError("election_s must be > 0 and <= 5 (a standby takes over within "
+                              "a few of them)")
+        where = Database.parse(self.db)
+        if where.kind not in (SQLITE, POSTGRESQL):
+            raise ConfigError(f"db {where.label!r}: not a file path, sqlite:///path or "
+                              "postgresql://user@host/dbname")
+        if where.kind != SQLITE and self.bundle_dir is None:
+            raise ConfigError(f"db {where.label!r}: bundle files live outside the database; "
+                              "name their directory (bundle_dir, --bundle-dir)")
         if not (isinstance(self.rollout_tick_s, (int, float)) and self.rollout_tick_s > 0
                 and self.rollout_tick_s < float("inf")):
             raise ConfigError("rollout_tick_s must be a number > 0")
@@ -199,5 +224,8 @@ class ServerConfig:
 
     @property
     def bundles_path(self) -> Path:
-        return self.bundle_dir if self.bundle_dir is not None else \
-            self.db.with_name(self.db.name + ".bundles")
+        if self.bundle_dir is not None:
+            return self.bundle_dir
+        path = Database.parse(self.db).path
+        assert path is not None  # __post_init__ refused a server database without bundle_dir
+        return path.with_name(path.name + ".bundles")

@@ -18,7 +18,9 @@ bundle, group, token or field at fault.
         ├── UnavailableError           503 a dependency (the broker) is not reachable now
         │   └── BrokerStartError       503 Mosquitto missing, exited at start, or not listening
         ├── StoreError                 500 the database failed
-        │   └── SchemaVersionError     500 the database is newer than this code
+        │   ├── SchemaVersionError     500 the database is newer than this code
+        │   ├── TargetNotEmptyError    500 a copy's target holds rows (``fleet db migrate``)
+        │   └── CopyCountError         500 a copied table's counts differ (names the table)
         ├── ConfigError                a setting refused at start-up (names the setting)
         ├── ClientError                the CLI's view of a refusal: the server's status and type
         └── RolloutError               (fleet_server.rollouts.values: plan 422, transition 409,
@@ -44,6 +46,7 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "ConflictError",
+    "CopyCountError",
     "FleetError",
     "InvalidRequestError",
     "NotFoundError",
@@ -52,6 +55,7 @@ __all__ = [
     "ReservedNameError",
     "SchemaVersionError",
     "StoreError",
+    "TargetNotEmptyError",
     "UnavailableError",
 ]
 
@@ -129,6 +133,14 @@ class StoreError(FleetError):
 
 class SchemaVersionError(StoreError):
     """The database was migrated by a newer fleet server than this one."""
+
+
+class TargetNotEmptyError(StoreError):
+    """``fleet db migrate`` refuses a target database that holds rows, unless forced."""
+
+
+class CopyCountError(StoreError):
+    """A table copied between databases does not hold as many rows as its source."""
 
 
 class BrokerStartError(UnavailableError):

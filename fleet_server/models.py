@@ -10,8 +10,10 @@ rows, the services decide what they mean.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from edgefleet.contract.messages import BundleRef
@@ -20,15 +22,18 @@ from edgefleet.contract.wire import canonical_json, sha256_hex
 __all__ = [
     "AUDIT_GENESIS",
     "FLEET_SCOPE",
+    "POSTGRESQL",
     "ROLES",
     "ROLLOUT_ACTIONS",
     "ROLLOUT_ACTIVE",
     "ROLLOUT_FINISHED",
     "ROLLOUT_STATUSES",
+    "SQLITE",
     "Alert",
     "AuditEntry",
     "AuditLink",
     "BundleRecord",
+    "Database",
     "DeadLetter",
     "DesiredRecord",
     "Device",
@@ -373,3 +378,55 @@ def audit_digest(prev: str, time: float, actor: str, action: str, target: str,
                  details: str) -> str:
     # a JSON list: unambiguous field boundaries; repr-exact floats (canonical JSON)
     return sha256_hex(canonical_json([prev, time, actor, action, target, details]))
+
+
+SQLITE, POSTGRESQL = "sqlite", "postgresql"
+
+
+@dataclass(frozen=True)
+class Database:
+    """Where the fleet's store lives, as ``--db`` names it: a SQLite file (a path, or
+    ``sqlite:///relative.db`` / ``sqlite:////absolute.db`` as SQLAlchemy spells them) or a
+    PostgreSQL server (``postgresql://user@host:port/dbname``, any libpq URL).
+
+    One parser for the store (which opens it) and the configuration (which refuses an
+    unknown scheme and places bundle files). ``kind`` is ``"unknown"`` for another
+    ``scheme://``: this module raises nothing, the caller names the refusal.
+    """
+
+    kind: str  # sqlite | postgresql | unknown
+    target: str  # the file path, or the URL as given
+
+    @classmethod
+    def parse(cls, db: str | Path | Database) -> Database:
+        if isinstance(db, Database):
+            return db
+        if isinstance(db, Path):
+            return cls(SQLITE, str(db))
+        if db.startswith(("postgresql://", "postgres://")):
+            return cls(POSTGRESQL, db)
+        if db.startswith("sqlite:///"):
+            return cls(SQLITE, db[len("sqlite:///"):])
+        if "://" in db:
+            return cls("unknown", db)
+        return cls(SQLITE, db)
+
+    @property
+    def path(self) -> Path | None:
+        """The SQLite file (None for a server database)."""
+        return Path(self.target) if self.kind == SQLITE else None
+
+    @property
+    def label(self) -> str:
+        """What messages and logs show: the path, or the URL without its password."""
+        if self.kind != POSTGRESQL:
+            return self.target
+        text = re.sub(r"password=[^&]*", "password=***", self.target)
+        if "@" not in text:
+            return text
+        scheme, rest = text.split("://", 1)
+        auth, host = rest.split("@", 1)
+        return f"{scheme}://{auth.split(':', 1)[0]}@{host}"
+
+    def __str__(self) -> str:
+        return self.label

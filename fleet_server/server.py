@@ -8,6 +8,15 @@ what: HTTP first (no new requests), then the rollout engine (it publishes), then
 drains and acknowledges what it holds, then the link closes, then the evaluator and
 webhook stop, then the store closes.
 
+Roles (``config.role``): ``api`` runs no background part (the CLI serves HTTP), ``ingest``
+the link and the ingest worker, ``engine`` the webhook, the evaluator and the rollout
+engine, ``all`` everything. The engine's parts run only while this process holds the
+engine lease (:meth:`Store.engine_lease`: a PostgreSQL advisory lock; always held over a
+SQLite file): a standby tries every ``election_s`` and starts them when it wins; a leader
+checks its lease as often and, if it cannot confirm it, stops them and is *deposed*
+(``on_deposed`` is called; ``fleet serve`` then exits with status 3 for its supervisor
+to restart it as a standby). A takeover is recorded in the audit log (``engine.lead``).
+
 :meth:`FleetServer.start_http` runs uvicorn on a thread on an already bound socket (port 0
 picks a free one) and returns the base URL; tests and the benchmark use it. This module
 holds no rules of its own.
@@ -15,7 +24,9 @@ holds no rules of its own.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import socket
 import threading
 import time
@@ -36,6 +47,7 @@ from fleet_server.telemetry.link import ServerLink
 __all__ = ["FleetServer"]
 
 log = logging.getLogger(__name__)
+_servers = itertools.count(1)
 
 
 class FleetServer:
@@ -43,11 +55,19 @@ class FleetServer:
                  clock: Callable[[], float] = time.time,
                  extra_routers: Sequence[APIRouter] = ()) -> None:
         self.config = config
+        runs_ingest = config.ingest and config.role in ("all", "ingest")
+        runs_engine = config.role in ("all", "engine")
         self.link: ServerLink | None = None
-        if config.broker is not None and (config.ingest or publish_desired):
-            self.link = ServerLink(config.broker, subscribe=config.ingest,
+        # the client id: "fleet-serve" (one server), the ingest worker's stable one (its kept
+        # session holds its share while it restarts), or for api and engine processes, which
+        # only publish and keep nothing in a session, one per process: replicas never take
+        # each other's connection over
+        link_role = ("ingest" if not publish_desired else "serve" if config.role == "all"
+                     else f"{config.role}-{os.getpid()}")
+        if config.broker is not None and (runs_ingest or publish_desired):
+            self.link = ServerLink(config.broker, subscribe=runs_ingest,
                                    on_connect=self._on_connect if publish_desired else None,
-                                   role="serve" if publish_desired else "ingest")
+                                   role=link_role)
         self.services = build_services(config, publisher=self.link if publish_desired else None,
                                        clock=clock)
         s = self.services
@@ -56,15 +76,26 @@ class FleetServer:
             s.mqtt_state = lambda: "connected" if link.connected else "disconnected"
             s.metrics.watch_link(lambda: link.queued, lambda: link.dropped)
         self.webhook = Webhook(config.webhook, s.store, s.metrics, clock) \
-            if config.webhook.url else None
+            if config.webhook.url and runs_engine else None
         s.alerts.notifier = self.webhook
         self.worker = IngestWorker(self.link, s.ingestor, config.ingest_config) \
-            if self.link is not None and config.ingest else None
+            if self.link is not None and runs_ingest else None
         self.evaluator = Evaluator(s.store, s.bundles, s.registry, s.alerts, config.drift,
-                                   config.ingest_config, clock) if config.evaluate else None
+                                   config.ingest_config, clock) \
+            if config.evaluate and runs_engine else None
         # the engine publishes desired states: an ingest-only worker does not run one
         self.rollout_engine = RolloutEngine(s.rollouts, config.rollout_tick_s) \
-            if publish_desired else None
+            if publish_desired and runs_engine else None
+        self._engine_parts = [p for p in (self.webhook, self.evaluator, self.rollout_engine)
+                              if p is not None]
+        # who holds the lease, as pg_stat_activity shows it: host, process, server in it
+        self.lease_name = f"fleet-engine:{socket.gethostname()}:{os.getpid()}:{next(_servers)}"
+        self.lease = s.store.engine_lease(self.lease_name) if self._engine_parts else None
+        self.leading = False
+        self.deposed = False
+        self.on_deposed: Callable[[], None] | None = None
+        self._elector: threading.Thread | None = None
+        self._elector_stop = threading.Event()
         self.app = create_app(s, extra_routers=extra_routers)
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
@@ -81,20 +112,67 @@ class FleetServer:
         folded = self.services.ingestor.sweep_pending()
         if folded:
             log.info("folded %d summaries that were waiting for their bundle", folded)
-        if self.webhook is not None:
-            self.webhook.start()
         if self.link is not None:
             self.link.start()
         if self.worker is not None:
             self.worker.start()
-        if self.evaluator is not None:
-            self.evaluator.start()
+        if self.lease is not None:
+            self._try_to_lead()
+            if not self.leading:
+                log.warning("engine: standing by (%s); another process leads", self.lease_name)
+            if self.services.store.kind != "sqlite":  # a SQLite file's lease is never lost
+                self._elector_stop.clear()
+                self._elector = threading.Thread(target=self._elect, name="fleet-elector",
+                                                 daemon=True)
+                self._elector.start()
+
+    # -- the engine's leadership -----------------------------------------------------------
+
+    def _try_to_lead(self) -> None:
+        assert self.lease is not None
+        if self.leading or not self.lease.acquire():
+            return
+        log.warning("engine: leading (%s)", self.lease_name)
+        for part in self._engine_parts:
+            part.start()
+        if self.services.store.kind != "sqlite":
+            try:
+                self.services.store.audit(
+                    f"engine:{socket.gethostname()}:{os.getpid()}", "engine.lead", "engine",
+                    {"host": socket.gethostname(), "pid": os.getpid()}, self.services.clock())
+            except Exception:  # the audit line is a record, not a condition of leading
+                log.exception("engine: cannot record the takeover")
+        self.leading = True
+
+    def _stop_engine(self) -> None:
         if self.rollout_engine is not None:
-            self.rollout_engine.start()
+            self.rollout_engine.stop()
+        if self.evaluator is not None:
+            self.evaluator.stop()
+        if self.webhook is not None:
+            self.webhook.stop()
+
+    def _elect(self) -> None:
+        assert self.lease is not None
+        while not self._elector_stop.wait(self.config.election_s):
+            if not self.leading:
+                self._try_to_lead()
+            elif not self.lease.held():
+                log.error("engine: the lease is lost (the database session ended): stopping "
+                          "the engine; another process may lead now")
+                self._stop_engine()
+                self.leading, self.deposed = False, True
+                if self.on_deposed is not None:
+                    self.on_deposed()
+                return
 
     def stop(self) -> None:
         """Stop everything this server started. Idempotent."""
         self.stop_http()
+        self._elector_stop.set()
+        if self._elector is not None:
+            self._elector.join(10)
+            self._elector = None
         if self.rollout_engine is not None:
             self.rollout_engine.stop()
         if self.worker is not None:
@@ -105,6 +183,9 @@ class FleetServer:
             self.evaluator.stop()
         if self.webhook is not None:
             self.webhook.stop()
+        if self.lease is not None:
+            self.lease.release()
+            self.leading = False
         self.services.close()
         self._started = False
 

@@ -29,7 +29,7 @@ def token() -> None:
               help="viewer: read; operator: read and write; approver: operator and approve.")
 @DB_OPTION
 @exits_on_error
-def token_create(name: str, role: str, db: Path) -> None:
+def token_create(name: str, role: str, db: str) -> None:
     from fleet_server.registry.auth import Auth
     from fleet_server.store import Store
 
@@ -44,7 +44,7 @@ def token_create(name: str, role: str, db: Path) -> None:
 @DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @exits_on_error
-def token_list(db: Path, as_json: bool) -> None:
+def token_list(db: str, as_json: bool) -> None:
     from fleet_server.store import Store
 
     with Store(db) as store:
@@ -61,7 +61,7 @@ def token_list(db: Path, as_json: bool) -> None:
 @click.argument("name")
 @DB_OPTION
 @exits_on_error
-def token_revoke(name: str, db: Path) -> None:
+def token_revoke(name: str, db: str) -> None:
     from fleet_server.registry.auth import Auth
     from fleet_server.store import Store
 
@@ -83,13 +83,14 @@ def device() -> None:
 @click.argument("device_id")
 @click.option("--label", multiple=True, metavar="KEY=VALUE", help="A label (repeat).")
 @click.option("--rotate", is_flag=True, help="Issue a new secret for an existing device.")
-@click.option("--db", type=click.Path(path_type=Path), default=None,
-              help="Write to this database directly instead of calling the API.")
+@click.option("--db", default=None,
+              help="Write to this database directly instead of calling the API: a SQLite "
+                   "file or postgresql://user@host/dbname.")
 @click.option("--server", envvar="FLEET_SERVER", default="http://127.0.0.1:8000",
               help="The fleet server's URL (env FLEET_SERVER).")
 @click.option("--token", envvar="FLEET_TOKEN", default=None, help="An operator token.")
 @exits_on_error
-def device_add(device_id: str, label: tuple[str, ...], rotate: bool, db: Path | None,
+def device_add(device_id: str, label: tuple[str, ...], rotate: bool, db: str | None,
                server: str, token: str | None) -> None:
     labels = pairs(label, "label")
     if db is not None:
@@ -115,7 +116,7 @@ def device_add(device_id: str, label: tuple[str, ...], rotate: bool, db: Path | 
 @DB_OPTION
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The file.")
 @exits_on_error
-def device_passwd_file(db: Path, out: Path) -> None:
+def device_passwd_file(db: str, out: Path) -> None:
     from fleet_server.registry.devices import Registry
     from fleet_server.store import Store
 

@@ -1,7 +1,8 @@
 """``fleet audit verify|export``: the hash-chained audit log.
 
-With ``--db`` a command reads the database file directly (an auditor with a copy of the
-file needs no running server); without it, it asks the REST API (``--server``, ``--token``).
+With ``--db`` a command reads the database directly (an auditor with a copy of the
+file, or read access to the PostgreSQL database, needs no running server); without it, it
+asks the REST API (``--server``, ``--token``).
 ``verify`` exits 1 when the chain is broken, naming each edited, inserted or deleted entry.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import click
@@ -19,8 +19,10 @@ from fleet_server.cli.util import API_OPTIONS, exits_on_error, fail, parse_time,
 
 __all__ = ["audit"]
 
-DB = click.option("--db", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-                  help="Read this database file directly instead of asking the server.")
+# a string, not click.Path: a postgresql:// URL is not a path (the file is checked below)
+DB = click.option("--db", default=None,
+                  help="Read this database directly instead of asking the server: a SQLite "
+                       "file (a path, or sqlite:///path) or postgresql://user@host/dbname.")
 
 
 def _with_api(fn):
@@ -29,12 +31,16 @@ def _with_api(fn):
     return fn
 
 
-def _call(db: Path | None, server: str, token: str | None, local, remote) -> Any:
+def _call(db: str | None, server: str, token: str | None, local, remote) -> Any:
     if db is not None:
+        from fleet_server.models import Database
         from fleet_server.registry.audit import AuditLog
         from fleet_server.store import Store
         from fleet_server.store.migrations import AUDIT_CHAIN
 
+        path = Database.parse(db).path
+        if path is not None and not path.is_file():
+            raise click.BadParameter(f"no database file at {db}", param_hint="'--db'")
         with Store(db, migrate=False) as store:
             if store.version < AUDIT_CHAIN:
                 fail(f"{db}: schema version {store.version} has no audit chain (the server "
@@ -55,7 +61,7 @@ def audit() -> None:
 @_with_api
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @exits_on_error
-def audit_verify(db: Path | None, server: str, token: str | None, as_json: bool) -> None:
+def audit_verify(db: str | None, server: str, token: str | None, as_json: bool) -> None:
     report = _call(db, server, token, lambda log: log.verify().to_dict(),
                    lambda api: api.get("/api/v1/audit/verify"))
     if as_json:
@@ -81,7 +87,7 @@ def audit_verify(db: Path | None, server: str, token: str | None, as_json: bool)
 @DB
 @_with_api
 @exits_on_error
-def audit_export(since: str | None, fmt: str, db: Path | None, server: str,
+def audit_export(since: str | None, fmt: str, db: str | None, server: str,
                  token: str | None) -> None:
     from fleet_server.registry.audit import MAX_EXPORT, link_dict
 

@@ -51,11 +51,12 @@ _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
               help="Keep sessions in memory only (a broker restart forgets them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the paths written as JSON.")
 @exits_on_error
-def broker_config(db: Path, out: Path, port: int, bind: str, server_user: str,
+def broker_config(db: str, out: Path, port: int, bind: str, server_user: str,
                   server_password_file: Path | None, tls_cert: Path | None,
                   tls_key: Path | None, tls_ca: Path | None, tls_port: int | None,
                   require_certificate: bool, ingest_workers: int, no_persistence: bool,
                   as_json: bool) -> None:
+    from fleet_server.models import Database
     from fleet_server.store import Store
     from fleet_server.telemetry.broker import (
         CONF_NAME,
@@ -66,7 +67,8 @@ def broker_config(db: Path, out: Path, port: int, bind: str, server_user: str,
         write_broker_config,
     )
 
-    if not db.exists():
+    path = Database.parse(db).path
+    if path is not None and not path.exists():
         raise click.UsageError(f"no database at {db}: run `fleet device add --db {db}` first")
     password = None
     if server_password_file is not None:

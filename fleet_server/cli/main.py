@@ -1,9 +1,10 @@
 """``fleet``: run the fleet server, and operate a fleet through its REST API.
 
 Server side, on the database directly: ``fleet serve``, ``fleet ingest``, ``fleet token
-create|list|revoke``, ``fleet device add --db`` (and ``device passwd-file``). Everything
-else talks HTTP to a running server: ``--server URL`` and ``--token`` (or the environment
-variables ``FLEET_SERVER`` and ``FLEET_TOKEN``).
+create|list|revoke``, ``fleet device add --db`` (and ``device passwd-file``), ``fleet db
+migrate`` (SQLite to PostgreSQL). Everything else talks HTTP to a running server:
+``--server URL`` and ``--token`` (or the environment variables ``FLEET_SERVER`` and
+``FLEET_TOKEN``).
 
 Commands only parse, call the library or the API, and print: readable tables for people,
 ``--json`` for scripts. A refusal prints one line, ``fleet: error: <message>``, and exits 1
@@ -19,6 +20,7 @@ import click
 from fleet_server.cli.admin import device, token
 from fleet_server.cli.audit import audit
 from fleet_server.cli.broker import broker_config
+from fleet_server.cli.db import db
 from fleet_server.cli.operate import (
     alerts,
     bundle,
@@ -46,7 +48,7 @@ def main(log_level: str) -> None:
 
 # Every command is registered here, one way, so this list is the whole CLI.
 for _command in (serve, ingest, token, device, group, bundle, desired, drift, alerts, rollout,
-                 broker_config, audit):
+                 broker_config, audit, db):
     main.add_command(_command)
 main.add_command(device_list, "devices")
 device.add_command(device_list, "list")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import click
 
 from fleet_server.cli.util import DB_OPTION, exits_on_error
+from fleet_server.config import SERVER_ROLES
 
 __all__ = ["ingest", "serve", "tune_gc"]
 
@@ -49,6 +51,9 @@ def _server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Most unacknowledged messages the broker may send at once."),
         click.option("--batch-max", type=int, default=500, show_default=True,
                      help="Most messages per ingest transaction."),
+        click.option("--bundle-dir", type=click.Path(path_type=Path), default=None,
+                     help="Where bundle files go (default: <db>.bundles beside a SQLite "
+                          "file; required with a postgresql:// database)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -71,14 +76,20 @@ def tune_gc() -> None:
     gc.set_threshold(100_000, 50, 100)
 
 
+# the exit status of a server whose engine lease was lost: its supervisor restarts it,
+# and it comes back as a standby
+DEPOSED_EXIT = 3
+
+
 def _run_until_signal(server: Any, http: bool) -> None:
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    server.start()
-    tune_gc()
+    server.on_deposed = lambda: os.kill(os.getpid(), signal.SIGTERM)
     try:
+        server.start()  # inside: a SIGTERM while starting stops what did start
+        tune_gc()
         if http:
             server.serve_http()
         else:
@@ -88,10 +99,20 @@ def _run_until_signal(server: Any, http: bool) -> None:
         pass
     finally:
         server.stop()
+    if server.deposed:
+        click.echo("fleet: the engine lease was lost; exiting for a restart as a standby",
+                   err=True)
+        sys.exit(DEPOSED_EXIT)
 
 
 @click.command(help="Run the fleet server: REST API, ingest worker, drift evaluator.")
 @_server_options
+@click.option("--role", type=click.Choice(SERVER_ROLES), default="all",
+              show_default=True,
+              help="What this process runs: api (REST API and dashboard; any number), ingest "
+                   "(an ingest worker; any number, with --share), engine (rollouts, drift "
+                   "evaluation, housekeeping, webhook: one active at a time, elected through "
+                   "a PostgreSQL database, the others standing by), or all of them.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP address.")
 @click.option("--port", type=int, default=8000, show_default=True, help="HTTP port.")
 @click.option("--trust", multiple=True, metavar="ROLE=PATH",
@@ -107,17 +128,17 @@ def _run_until_signal(server: Any, http: bool) -> None:
 @click.option("--ingest/--no-ingest", default=True, show_default=True,
               help="Run an ingest worker in this process.")
 @click.option("--share", default=None, help="Join this shared-subscription group for ingest.")
-@click.option("--bundle-dir", type=click.Path(path_type=Path), default=None,
-              help="Where bundle files go (default: <db>.bundles).")
 @click.option("--max-upload-mb", type=int, default=256, show_default=True,
               help="Largest bundle upload, MiB.")
 @exits_on_error
-def serve(db: Path, broker: str | None, broker_user: str, broker_password_file: Path | None,
-          tls_ca: Path | None, receive_maximum: int, batch_max: int, host: str, port: int,
+def serve(db: str, broker: str | None, broker_user: str, broker_password_file: Path | None,
+          tls_ca: Path | None, receive_maximum: int, batch_max: int, bundle_dir: Path | None,
+          role: str, host: str, port: int,
           trust: tuple[str, ...], threshold: int, require_role: tuple[str, ...],
           webhook: str | None, webhook_secret_file: Path | None, window: int, ingest: bool,
-          share: str | None, bundle_dir: Path | None, max_upload_mb: int) -> None:
+          share: str | None, max_upload_mb: int) -> None:
     from fleet_server.config import DriftConfig, ServerConfig, WebhookConfig
+    from fleet_server.models import Database
     from fleet_server.server import FleetServer
 
     if not trust:
@@ -131,9 +152,11 @@ def serve(db: Path, broker: str | None, broker_user: str, broker_password_file: 
         ingest=ingest, ingest_config=_ingest_config(batch_max), drift=DriftConfig(window_s=window),
         webhook=WebhookConfig(url=webhook, secret=secret), trust=trust, threshold=threshold,
         required_roles=frozenset(require_role), max_upload_bytes=max_upload_mb * 1024 * 1024,
-        host=host, port=port)
-    click.echo(f"fleet: serving http://{host}:{port} (database {db})", err=True)
-    _run_until_signal(FleetServer(config), http=True)
+        host=host, port=port, role=role)
+    http = role in ("all", "api")
+    where = f"http://{host}:{port}" if http else f"role {role}"
+    click.echo(f"fleet: serving {where} (database {Database.parse(db)})", err=True)
+    _run_until_signal(FleetServer(config, publish_desired=role != "ingest"), http=http)
 
 
 @click.command(help="Run an ingest worker alone, joining a shared subscription (scale-out).")
@@ -141,17 +164,22 @@ def serve(db: Path, broker: str | None, broker_user: str, broker_password_file: 
 @click.option("--share", default="ingest", show_default=True,
               help="The shared-subscription group the workers split.")
 @exits_on_error
-def ingest(db: Path, broker: str | None, broker_user: str, broker_password_file: Path | None,
-           tls_ca: Path | None, receive_maximum: int, batch_max: int, share: str) -> None:
+def ingest(db: str, broker: str | None, broker_user: str, broker_password_file: Path | None,
+           tls_ca: Path | None, receive_maximum: int, batch_max: int, bundle_dir: Path | None,
+           share: str) -> None:
     from fleet_server.config import ServerConfig
+    from fleet_server.models import Database
     from fleet_server.server import FleetServer
 
     if broker is None:
         raise click.UsageError("fleet ingest needs --broker")
-    config = ServerConfig(db=db, broker=_broker(broker, broker_user, broker_password_file,
-                                                tls_ca, share, receive_maximum),
-                          ingest_config=_ingest_config(batch_max), evaluate=False)
-    click.echo(f"fleet: ingest worker on {broker} (group {share}, database {db})", err=True)
+    config = ServerConfig(db=db, bundle_dir=bundle_dir,
+                          broker=_broker(broker, broker_user, broker_password_file,
+                                         tls_ca, share, receive_maximum),
+                          ingest_config=_ingest_config(batch_max), evaluate=False,
+                          role="ingest")
+    click.echo(f"fleet: ingest worker on {broker} (group {share}, database "
+               f"{Database.parse(db)})", err=True)
     _run_until_signal(FleetServer(config, publish_desired=False), http=False)
 
 

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from functools import wraps
-from pathlib import Path
 from typing import Any
 
 import click
@@ -21,8 +20,10 @@ from fleet_server.cli.client import FleetClient
 __all__ = ["API_OPTIONS", "DB_OPTION", "api_command", "exits_on_error", "fail", "num", "pairs",
            "parse_time", "print_json", "stamp", "table"]
 
-DB_OPTION = click.option("--db", type=click.Path(path_type=Path), default=Path("fleet.db"),
-                         show_default=True, help="The server's SQLite database.")
+_DB_HELP = ("The server's database: a SQLite file (a path, or sqlite:///path) or "
+           "postgresql://user@host[:port]/dbname.")
+# a string, not click.Path: a URL is not a path (Path would fold its "//")
+DB_OPTION = click.option("--db", default="fleet.db", show_default=True, help=_DB_HELP)
 
 
 def fail(message: str) -> None:

@@ -129,7 +129,11 @@ class DesiredStates:
                                   "bundle": r.bundle.label if r.bundle else None,
                                   "shadow": r.shadow.label if r.shadow else None,
                                   "allow_downgrade": r.allow_downgrade}, now)
-        self.publish([r.device for r in out])
+            # published once committed, also when the caller's transaction encloses this
+            # one (a rollout's tick): a device downloads at once what it is sent, and the
+            # download is authorised by the stored desired state
+            devices = [r.device for r in out]
+            self.store.after_commit(lambda: self.publish(devices))
         return [message(r) for r in out]
 
     def may_download(self, device: str, name: str, version: str) -> bool:

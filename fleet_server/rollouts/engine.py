@@ -355,13 +355,19 @@ class Rollouts:
             approved = any(s.get("role") == "approver" for s in record.signers)
             d = act(plan, state, action, Observation(now, devices, metrics), actor=actor,
                     roles=set(roles), bundle_approved=approved, reason=reason)
-            sent = self._publish(plan, d.desired, row.sent, d.state.status, now)
-            self.store.save_rollout(plan.id, status=d.state.status, state=d.state.to_dict(),
-                                    gate_results=[g.to_dict() for g in d.gate_results]
-                                    or list(row.gate_results), now=now, sent=sent)
-            self.store.audit(actor, f"rollout.{action}", f"rollout:{plan.id}",
-                             {"from": state.status, "to": d.state.status,
-                              "reason": reason[:200]}, now)
+            with self.store.transaction():  # applied only to the state it was decided on
+                if not self.store.rollout_unchanged(plan.id, row.state):
+                    raise ConflictError(f"rollout {plan.id} changed while {action!r} was "
+                                        "being decided (another process acted on it); "
+                                        "try again")
+                sent = self._publish(plan, d.desired, row.sent, d.state.status, now)
+                self.store.save_rollout(
+                    plan.id, status=d.state.status, state=d.state.to_dict(),
+                    gate_results=[g.to_dict() for g in d.gate_results]
+                    or list(row.gate_results), now=now, sent=sent)
+                self.store.audit(actor, f"rollout.{action}", f"rollout:{plan.id}",
+                                 {"from": state.status, "to": d.state.status,
+                                  "reason": reason[:200]}, now)
             log.info("rollout %s: %s by %s (%s -> %s)", plan.id, action, actor, state.status,
                      d.state.status)
         self.wake()
@@ -410,11 +416,20 @@ class Rollouts:
         window = gate_window(plan, state, devices)
         metrics = self.gates.read(plan, window) if window is not None else None
         d = decide(plan, state, Observation(now, devices, metrics))
-        sent = self._publish(plan, d.desired, row.sent, d.state.status, now)
-        results = [g.to_dict() for g in d.gate_results] or list(row.gate_results)
-        if d.state != state or results != row.gate_results or sent != row.sent:
-            self.store.save_rollout(plan.id, status=d.state.status, state=d.state.to_dict(),
-                                    gate_results=results, now=now, sent=sent)
+        # a transition applies once: only to the state it was decided on, checked under the
+        # store's write lock (an API replica's action, or an engine deposed mid-tick, may
+        # have applied one since this was read; the next tick decides again)
+        with self.store.transaction():
+            if not self.store.rollout_unchanged(plan.id, row.state):
+                log.info("rollout %s: changed since this tick read it; left to the next",
+                         plan.id)
+                return
+            sent = self._publish(plan, d.desired, row.sent, d.state.status, now)
+            results = [g.to_dict() for g in d.gate_results] or list(row.gate_results)
+            if d.state != state or results != row.gate_results or sent != row.sent:
+                self.store.save_rollout(plan.id, status=d.state.status,
+                                        state=d.state.to_dict(), gate_results=results,
+                                        now=now, sent=sent)
         for entry in d.audit:
             log.info("rollout %s: %s %s -> %s: %s", plan.id, entry.action, entry.from_status,
                      entry.to_status, entry.reason)

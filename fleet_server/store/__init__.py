@@ -1,11 +1,13 @@
 """The fleet server's storage layer: the only code that touches SQL.
 
-One SQLite file through sqlite-utils, in WAL mode, migrated on open
-(:mod:`fleet_server.store.migrations`). :class:`Store` is thread-safe: each thread gets
-its own connection and writes run in ``BEGIN IMMEDIATE`` transactions
-(:meth:`Store.transaction`, which nests: a service can group several store calls into one
-atomic write). Everything above it sees records (:mod:`fleet_server.models`), never rows,
-so a server database for larger fleets can replace this package behind the same methods.
+A SQLite file through sqlite-utils, in WAL mode (the embedded default), or a PostgreSQL
+database through psycopg 3 (``Store("postgresql://user@host/dbname")``, for fleets beyond
+one machine), both migrated on open by the same migrations
+(:mod:`fleet_server.store.migrations`, rewritten per engine by ``_dialect``).
+:class:`Store` is thread-safe: each thread gets its own connection and writes run one at a
+time (SQLite's ``BEGIN IMMEDIATE``; on PostgreSQL a transaction-scoped advisory lock) in
+:meth:`Store.transaction`, which nests: a service can group several store calls into one
+atomic write. Everything above it sees records (:mod:`fleet_server.models`), never rows.
 
 The parts, by table:
 
@@ -60,4 +62,5 @@ __all__ = [
 
 class Store(FleetTables, TelemetryTables, DriftTables, RolloutTables, DashboardReads,
             StoreBase):
-    """The fleet database. ``Store(path)`` opens (creating and migrating) the file."""
+    """The fleet database. ``Store(db)`` opens (creating and migrating) a SQLite file (a
+    path or ``sqlite:///path``) or a PostgreSQL database (``postgresql://...``)."""

@@ -23,7 +23,8 @@ from fleet_server.store._rollouts import RolloutRow, _rollout
 __all__ = ["DEVICE_SORTS", "DashboardReads", "DeviceQuery", "DevicesPage"]
 
 # the moment a device was last heard of, by any message
-_HEARD = "MAX(COALESCE(last_seen, 0), COALESCE(heartbeat_time, 0), COALESCE(status_time, 0))"
+_HEARD = ("GREATEST(COALESCE(last_seen, 0), COALESCE(heartbeat_time, 0), "
+          "COALESCE(status_time, 0))")
 _STATUS = (f"CASE WHEN online = 0 THEN 'offline' WHEN {_HEARD} < :stale_before "
            "THEN 'stale' ELSE 'online' END")
 _BUNDLE = "COALESCE(json_extract(bundle, '$.name') || '@' || json_extract(bundle, '$.version'), '')"
@@ -117,7 +118,7 @@ class DashboardReads(StoreBase):
     def count_selected(self, selector: Mapping[str, str]) -> int:
         """How many devices match a label selector."""
         sub, params = selector_sql(selector)
-        row = self._one(f"SELECT COUNT(*) AS n FROM ({sub})", params)
+        row = self._one(f"SELECT COUNT(*) AS n FROM ({sub}) AS m", params)
         return int(row["n"]) if row else 0
 
     def count_rollouts(self) -> dict[str, int]:
@@ -128,10 +129,12 @@ class DashboardReads(StoreBase):
     def drift_grid(self, since: float, width: float, columns: int
                    ) -> list[tuple[int, str, int, str]]:
         """The drift index's cells: per bundle id, scope and column (``width`` seconds
-        from ``since``), the most severe verdict of the windows evaluated in it."""
+        from ``since``), the most severe verdict of the windows evaluated in it; in that
+        order (bundle id, scope, column)."""
         rows = self._exec(
-            f"SELECT bundle_id, scope, MIN(CAST((window_start - ?) / ? AS INTEGER), ?) AS col, "
-            f"MIN({_SEVERITY}) FROM drift_windows WHERE window_start >= ? GROUP BY 1, 2, 3",
+            f"SELECT bundle_id, scope, LEAST(CAST((window_start - ?) / ? AS INTEGER), ?) AS col, "
+            f"MIN({_SEVERITY}) FROM drift_windows WHERE window_start >= ? GROUP BY 1, 2, 3 "
+            "ORDER BY 1, 2, 3",
             [since, width, columns - 1, since]).fetchall()
         return [(b, s, int(c), _VERDICT_OF[v]) for b, s, c, v in rows]
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fleet_server.errors import ConflictError, NotFoundError, StoreError
+from fleet_server.errors import NotFoundError
 from fleet_server.models import Alert, BundleRecord, DriftWindow
 from fleet_server.store._base import StoreBase, dumps, loads
 
@@ -35,17 +34,13 @@ class DriftTables(StoreBase):
                    ) -> BundleRecord:
         """Raises: ConflictError: ``name@version`` is stored already."""
         with self.transaction():
-            try:
-                self.conn.execute(
-                    "INSERT INTO bundles (name, version, sha256, size, reference_hash, "
-                    "manifest, reference, signers, uploaded, uploaded_by) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [name, version, sha256, size, reference_hash, dumps(dict(manifest)),
-                     reference, dumps([dict(s) for s in signers]), uploaded, uploaded_by])
-            except sqlite3.IntegrityError as exc:
-                raise ConflictError(f"bundle {name}@{version} exists already") from exc
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from exc
+            self._exec(
+                "INSERT INTO bundles (name, version, sha256, size, reference_hash, "
+                "manifest, reference, signers, uploaded, uploaded_by) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [name, version, sha256, size, reference_hash, dumps(dict(manifest)),
+                 reference, dumps([dict(s) for s in signers]), uploaded, uploaded_by],
+                conflict=f"bundle {name}@{version} exists already")
             found = self.get_bundle(name, version)
             assert found is not None
             return found
@@ -82,9 +77,13 @@ class DriftTables(StoreBase):
     def save_window(self, bundle_id: int, w: DriftWindow) -> None:
         with self.transaction():
             self._exec(
-                "INSERT OR REPLACE INTO drift_windows (bundle_id, scope, window_start, "
+                "INSERT INTO drift_windows (bundle_id, scope, window_start, "
                 "window_end, verdict, share_drifted, rows, devices, features, evaluated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bundle_id, scope, "
+                "window_start) DO UPDATE SET window_end = excluded.window_end, "
+                "verdict = excluded.verdict, share_drifted = excluded.share_drifted, "
+                "rows = excluded.rows, devices = excluded.devices, "
+                "features = excluded.features, evaluated = excluded.evaluated",
                 [bundle_id, w.scope, w.window_start, w.window_end, w.verdict, w.share_drifted,
                  w.rows, w.devices, dumps(w.features), w.evaluated])
 
@@ -116,13 +115,15 @@ class DriftTables(StoreBase):
                    details: Mapping[str, Any], now: float, webhook: str) -> Alert | None:
         """Open an alert; None if the same one (kind, bundle, group, device) is open."""
         with self.transaction():
-            cur = self._exec(
-                "INSERT OR IGNORE INTO alerts (kind, bundle_id, group_name, device, state, "
-                "opened, message, details, webhook) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?)",
-                [kind, bundle_id, group, device, now, message, dumps(dict(details)), webhook])
-            if cur.rowcount != 1:
+            made = self._exec(
+                "INSERT INTO alerts (kind, bundle_id, group_name, device, state, opened, "
+                "message, details, webhook) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                [kind, bundle_id, group, device, now, message, dumps(dict(details)),
+                 webhook]).fetchall()
+            if not made:
                 return None
-            return self.get_alert(int(cur.lastrowid or 0))
+            return self.get_alert(int(made[0][0]))
 
     def resolve_alerts(self, *, kind: str, bundle_id: int, group: str, now: float,
                        device: str | None = None, keep: Sequence[str] = ()) -> int:

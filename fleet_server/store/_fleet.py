@@ -3,12 +3,11 @@ state and the audit log."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from edgefleet.contract.messages import BundleRef
-from fleet_server.errors import ConflictError, NotFoundError, StoreError
+from fleet_server.errors import ConflictError, NotFoundError
 from fleet_server.models import (
     AUDIT_GENESIS,
     AuditEntry,
@@ -120,7 +119,7 @@ class FleetTables(StoreBase):
 
     def device_ids(self, selector: Mapping[str, str] | None = None) -> list[str]:
         sub, params = selector_sql(selector or {})
-        return [r["id"] for r in self._rows(f"SELECT id FROM ({sub}) ORDER BY 1", params)]
+        return [r["id"] for r in self._rows(f"SELECT id FROM ({sub}) AS m ORDER BY 1", params)]
 
     def count_devices(self, *, online: bool | None = None) -> int:
         if online is None:
@@ -228,11 +227,13 @@ class FleetTables(StoreBase):
     # -- registry updates from ingest (inside the ingest transaction) ----------------------
 
     def ensure_devices(self, devices: Iterable[str], now: float) -> None:
-        self._many("INSERT OR IGNORE INTO devices (id, created, created_by) VALUES (?, ?, '')",
+        self._many("INSERT INTO devices (id, created, created_by) VALUES (?, ?, '') "
+                   "ON CONFLICT DO NOTHING",
                    [(d, now) for d in sorted(set(devices))])
 
     def touch_devices(self, seen: Mapping[str, float]) -> None:
-        self._many("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?",
+        self._many("UPDATE devices SET last_seen = GREATEST(COALESCE(last_seen, 0), ?) "
+                   "WHERE id = ?",
                    [(t, d) for d, t in seen.items()])
 
     def apply_status(self, device: str, *, online: bool, time: float, agent_version: str,
@@ -260,8 +261,8 @@ class FleetTables(StoreBase):
     def note_summaries(self, counts: Mapping[str, tuple[int, float, int]]) -> None:
         """Per device: (new summaries, latest window end, outbox drops so far)."""
         self._many("UPDATE devices SET summaries = summaries + ?, "
-                   "last_summary = MAX(COALESCE(last_summary, 0), ?), "
-                   "dropped = MAX(dropped, ?) WHERE id = ?",
+                   "last_summary = GREATEST(COALESCE(last_summary, 0), ?), "
+                   "dropped = GREATEST(dropped, ?) WHERE id = ?",
                    [(n, end, dropped, d) for d, (n, end, dropped) in counts.items()])
 
     # -- groups --------------------------------------------------------------------------
@@ -269,16 +270,12 @@ class FleetTables(StoreBase):
     def add_group(self, group: Group) -> Group:
         """Raises: ConflictError: a group of that name exists."""
         with self.transaction():
-            try:
-                self._db().conn.execute(
-                    "INSERT INTO groups (name, selector, requires_approval, important_features,"
-                    " created, created_by) VALUES (?, ?, ?, ?, ?, ?)",
-                    [group.name, dumps(group.selector), int(group.requires_approval),
-                     dumps(list(group.important_features)), group.created, group.created_by])
-            except sqlite3.IntegrityError as exc:
-                raise ConflictError(f"group {group.name!r} exists already") from exc
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from exc
+            self._exec(
+                "INSERT INTO groups (name, selector, requires_approval, important_features,"
+                " created, created_by) VALUES (?, ?, ?, ?, ?, ?)",
+                [group.name, dumps(group.selector), int(group.requires_approval),
+                 dumps(list(group.important_features)), group.created, group.created_by],
+                conflict=f"group {group.name!r} exists already")
         return group
 
     def get_group(self, name: str) -> Group | None:
@@ -317,8 +314,9 @@ class FleetTables(StoreBase):
                 "updated, updated_by) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device) DO "
                 "UPDATE SET revision = excluded.revision, bundle = excluded.bundle, "
                 # the rollback slot: the bundle this one replaces (kept while it stays)
-                "previous = CASE WHEN desired.bundle IS excluded.bundle THEN desired.previous "
-                "ELSE desired.bundle END, "
+                "previous = CASE WHEN desired.bundle = excluded.bundle OR (desired.bundle IS "
+                "NULL AND excluded.bundle IS NULL) THEN desired.previous ELSE desired.bundle "
+                "END, "
                 "shadow = excluded.shadow, allow_downgrade = excluded.allow_downgrade, "
                 "updated = excluded.updated, updated_by = excluded.updated_by",
                 [(r.device, r.revision, _ref_json(r.bundle), _ref_json(r.shadow),

@@ -7,12 +7,10 @@ desired state last sent to each device. The store does not parse them: it keeps 
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fleet_server.errors import ConflictError, StoreError
 from fleet_server.models import ROLLOUT_FINISHED
 from fleet_server.store._base import StoreBase, chunks, dumps, loads
 
@@ -60,15 +58,11 @@ class RolloutTables(StoreBase):
                     plan: dict[str, Any], state: dict[str, Any], now: float) -> None:
         """Raises: ConflictError: a rollout of that id exists."""
         with self.transaction():
-            try:
-                self.conn.execute(
-                    "INSERT INTO rollouts (id, group_name, bundle, status, plan, state, "
-                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [rollout_id, group, bundle, status, dumps(plan), dumps(state), now, now])
-            except sqlite3.IntegrityError as exc:
-                raise ConflictError(f"rollout {rollout_id!r} exists already") from exc
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from exc
+            self._exec(
+                "INSERT INTO rollouts (id, group_name, bundle, status, plan, state, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [rollout_id, group, bundle, status, dumps(plan), dumps(state), now, now],
+                conflict=f"rollout {rollout_id!r} exists already")
 
     def get_rollout(self, rollout_id: str) -> RolloutRow | None:
         row = self._one("SELECT * FROM rollouts WHERE id = ?", [rollout_id])
@@ -102,6 +96,14 @@ class RolloutTables(StoreBase):
                            "sent = ?, updated_at = ? WHERE id = ?",
                            [status, dumps(state), dumps(gate_results), dumps(sent), now,
                             rollout_id])
+
+    def rollout_unchanged(self, rollout_id: str, state: dict[str, Any]) -> bool:
+        """Whether the rollout's stored state is still ``state`` (as read): inside
+        :meth:`transaction`, a transition decided from it may be applied, by this process
+        only, even with several processes (API replicas, an old and a new engine) acting
+        on one database; otherwise another applied one first and this one is stale."""
+        return self._one("SELECT 1 AS y FROM rollouts WHERE id = ? AND state = ?",
+                         [rollout_id, dumps(state)]) is not None
 
     def save_rollout_sent(self, rollout_id: str, sent: dict[str, Any]) -> None:
         with self.transaction():

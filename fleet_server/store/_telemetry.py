@@ -50,16 +50,22 @@ class PendingSummary:
     profile: bytes
 
 
+_SUMMARY_COLUMNS = ("device", "seq", "bundle_name", "bundle_version", "reference_hash",
+                    "window_start", "window_end", "rows", "received", "latency", "errors",
+                    "shadow", "dropped", "profile", "folded", "packed")
+
+
 class TelemetryTables(StoreBase):
     # -- summaries -----------------------------------------------------------------------
 
     def insert_summary(self, s: SummaryRow) -> bool:
         """Store a summary unless (device, seq) is stored; True if this call stored it."""
+        self._summary_days([s.window_end])
         cur = self._exec(
-            "INSERT OR IGNORE INTO summaries (device, seq, bundle_name, bundle_version, "
+            "INSERT INTO summaries (device, seq, bundle_name, bundle_version, "
             "reference_hash, window_start, window_end, rows, received, latency, errors, "
             "shadow, dropped, profile, folded, packed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?, ?, ?, ?)",
+            "?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             [s.device, s.seq, s.bundle_name, s.bundle_version, s.reference_hash,
              s.window_start, s.window_end, s.rows, s.received, dumps(list(s.latency)),
              dumps(s.errors), None if s.shadow is None else dumps(s.shadow), s.dropped,
@@ -73,13 +79,7 @@ class TelemetryTables(StoreBase):
         if not rows:
             return []
         keys = sorted({(r.device, r.seq) for r in rows})
-        stored: set[tuple[str, int]] = set()
-        for start in range(0, len(keys), 400):  # 2 parameters a key, under SQLite's 999
-            part = keys[start:start + 400]
-            clause = " OR ".join(["(device = ? AND seq = ?)"] * len(part))
-            params = [v for k in part for v in k]
-            stored.update((r["device"], r["seq"]) for r in self._rows(
-                f"SELECT device, seq FROM summaries WHERE {clause}", params))
+        stored = self._existing("summaries", ("device", "seq"), ("text", "bigint"), keys)
         fresh, out = [], []
         for s in rows:
             key = (s.device, s.seq)
@@ -93,11 +93,7 @@ class TelemetryTables(StoreBase):
                           dumps(list(s.latency)), dumps(s.errors),
                           None if s.shadow is None else dumps(s.shadow), s.dropped,
                           s.profile, s.folded, s.packed])
-        self._many(
-            "INSERT INTO summaries (device, seq, bundle_name, bundle_version, "
-            "reference_hash, window_start, window_end, rows, received, latency, errors, "
-            "shadow, dropped, profile, folded, packed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?, ?, ?, ?)", fresh)
+        self._copy_in("summaries", _SUMMARY_COLUMNS, fresh)
         return out
 
     def pending_summaries(self, name: str, version: str, limit: int = 1000,
@@ -158,8 +154,12 @@ class TelemetryTables(StoreBase):
                 for r in self._rows(sql, [*params, limit, offset])]
 
     def prune_summaries(self, before: float) -> int:
+        """Delete the summaries whose window ended before ``before``; how many. On
+        PostgreSQL whole days go by dropping their partitions."""
         with self.transaction():
-            return self._exec("DELETE FROM summaries WHERE window_end < ?", [before]).rowcount
+            dropped = self.engine.drop_summaries_before(self._db(), before)
+            return dropped + self._exec("DELETE FROM summaries WHERE window_end < ?",
+                                        [before]).rowcount
 
     # -- rollups -------------------------------------------------------------------------
 
@@ -178,8 +178,10 @@ class TelemetryTables(StoreBase):
     def save_rollups(self, rows: Sequence[tuple[RollupKey, int, int, bytes]]) -> None:
         """Write merged rollups: ``(key, rows, summaries, data)``; replaces what is there."""
         self._many(
-            "INSERT OR REPLACE INTO rollups (bundle_id, width, bucket, scope, rows, summaries, "
-            "data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO rollups (bundle_id, width, bucket, scope, rows, summaries, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bundle_id, width, bucket, scope) DO "
+            "UPDATE SET rows = excluded.rows, summaries = excluded.summaries, "
+            "data = excluded.data",
             [(*key, n_rows, n_summaries, data) for key, n_rows, n_summaries, data in rows])
 
     def read_rollups(self, bundle_id: int, width: int, lo: int, hi: int, *,
@@ -214,7 +216,7 @@ class TelemetryTables(StoreBase):
                 "AND bucket < ? AND scope != ?")
         params = [x for w, lo, hi in tiles for x in (bundle_id, w, lo, hi, FLEET_SCOPE)]
         union = " UNION ALL ".join([part] * len(tiles))
-        row = self._exec(f"SELECT COUNT(DISTINCT scope) FROM ({union})", params).fetchone()
+        row = self._exec(f"SELECT COUNT(DISTINCT scope) FROM ({union}) AS u", params).fetchone()
         return int(row[0])
 
     def rollup_buckets(self, bundle_id: int, width: int, lo: int, hi: int,
@@ -242,8 +244,8 @@ class TelemetryTables(StoreBase):
 
     def insert_report(self, r: ReportRecord) -> bool:
         cur = self._exec(
-            "INSERT OR IGNORE INTO reports (device, seq, revision, outcome, bundle, reason, "
-            "time, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO reports (device, seq, revision, outcome, bundle, reason, "
+            "time, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             [r.device, r.seq, r.revision, r.outcome, dumps(r.bundle.to_dict()), r.reason,
              r.time, r.received])
         return cur.rowcount == 1
@@ -306,8 +308,9 @@ class TelemetryTables(StoreBase):
             if state.get((device, stream)) != (acked, floor):
                 state[(device, stream)] = (acked, floor)
                 changed.append((device, stream, acked, floor))
-        self._many("INSERT OR REPLACE INTO acks (device, stream, acked, floor) "
-                   "VALUES (?, ?, ?, ?)", changed)
+        self._many("INSERT INTO acks (device, stream, acked, floor) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (device, stream) DO UPDATE SET acked = excluded.acked, "
+                   "floor = excluded.floor", changed)
         self._many("DELETE FROM settled WHERE device = ? AND stream = ? AND seq <= ?",
                    [(d, st, a) for d, st, a, _ in changed])
         out: dict[str, dict[str, int]] = {d: {} for d in devices}
@@ -318,8 +321,8 @@ class TelemetryTables(StoreBase):
     def add_settled(self, rows: Sequence[tuple[str, str, int]]) -> None:
         """Record ``(device, stream, seq)`` refused for good: the acknowledgement may pass
         them (a device would otherwise send them again forever)."""
-        self._many("INSERT OR IGNORE INTO settled (device, stream, seq) VALUES (?, ?, ?)",
-                   rows)
+        self._many("INSERT INTO settled (device, stream, seq) VALUES (?, ?, ?) "
+                   "ON CONFLICT DO NOTHING", rows)
 
     def acks(self, device: str | None = None) -> dict[str, dict[str, int]]:
         """``{device: {stream: acknowledged sequence}}``, of one device or of all."""
@@ -360,7 +363,7 @@ class TelemetryTables(StoreBase):
 
     def add_counters(self, deltas: Mapping[str, int]) -> None:
         self._many("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
-                   "DO UPDATE SET value = value + excluded.value",
+                   "DO UPDATE SET value = counters.value + excluded.value",
                    [(k, v) for k, v in sorted(deltas.items()) if v])
 
     def counters(self) -> dict[str, int]:

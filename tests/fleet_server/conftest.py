@@ -37,6 +37,7 @@ from fleet_server.server import FleetServer
 from fleet_server.services import Services, build_services
 from tests.broker import SERVER_USER, Mosquitto
 from tests.bundles import FEATURES, sensor_data
+from tests.pg import Postgres
 
 SERVER_PASSWORD = "server-pw-7Qx"
 DEVICES = tuple(f"dev{i}" for i in range(1, 7))
@@ -95,6 +96,26 @@ def summary_of(device: str, seq: int, profile: Profile, start: float, end: float
     return Summary(device, seq, BundleRef("sensor", version), start, end, to_wire(profile))
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """The session's own PostgreSQL server (started on first use, stopped at the end)."""
+    pg = Postgres()
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.cleanup()  # also when it did not start: its directory goes
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path) -> Path | str:
+    """Where a fresh, empty store lives: a SQLite file, or a new database on the session's
+    PostgreSQL. A test taking it runs once on each engine."""
+    if request.param == "sqlite":
+        return tmp_path / "fleet.db"
+    return request.getfixturevalue("postgres").new_database()
+
+
 def make_config(tmp_path: Path, keys, *, broker: Mosquitto | None = None,
                 **overrides: Any) -> ServerConfig:
     broker_cfg = None
@@ -102,7 +123,8 @@ def make_config(tmp_path: Path, keys, *, broker: Mosquitto | None = None,
         broker_cfg = BrokerConfig(host=broker.host, port=broker.port, username=SERVER_USER,
                                   password=SERVER_PASSWORD, reconnect_min_delay=0.05,
                                   reconnect_max_delay=0.3)
-    config = ServerConfig(db=tmp_path / "fleet.db", broker=broker_cfg,
+    config = ServerConfig(db=tmp_path / "fleet.db", bundle_dir=tmp_path / "fleet.db.bundles",
+                          broker=broker_cfg,
                           trust=tuple(keys.trust_specs()),
                           ingest_config=IngestConfig(batch_wait_s=0.02),
                           drift=DriftConfig(window_s=60, lateness_s=0), evaluate=False)
@@ -113,6 +135,15 @@ def make_config(tmp_path: Path, keys, *, broker: Mosquitto | None = None,
 def services(tmp_path, signing_keys) -> Iterator[Services]:
     """Every service over a fresh database; no broker, no threads."""
     s = build_services(make_config(tmp_path, signing_keys))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def services_on(tmp_path, signing_keys, db) -> Iterator[Services]:
+    """Every service over a fresh database on each engine (SQLite, then PostgreSQL): a
+    test taking it runs once per engine."""
+    s = build_services(make_config(tmp_path, signing_keys, db=db))
     yield s
     s.close()
 

@@ -1,10 +1,10 @@
-"""The hash-chained audit log: every kind of tampering with the real SQLite file is found
-and named, through the library, the CLI (on the file) and the REST API."""
+"""The hash-chained audit log: every kind of tampering with the real database (a SQLite
+file, a PostgreSQL database) is found and named, through the library, the CLI (on the
+database) and the REST API."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import replace
 
@@ -32,18 +32,17 @@ def _fill(path, n: int = 6) -> None:
 
 
 def _sql(path, *statements) -> None:
-    conn = sqlite3.connect(path)
-    with conn:
+    """Tamper with the database behind the server's back: raw SQL in one transaction
+    (through the store's connection only to speak either engine's dialect)."""
+    with Store(path) as store, store.transaction():
         for sql, params in statements:
-            conn.execute(sql, params)
-    conn.close()
+            store._exec(sql, params)
 
 
 def _row(path, entry: int) -> dict:
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
-    row = dict(conn.execute("SELECT * FROM audit WHERE id = ?", [entry]).fetchone())
-    conn.close()
+    with Store(path) as store:
+        row = store._one("SELECT * FROM audit WHERE id = ?", [entry])
+    assert row is not None
     return row
 
 
@@ -61,8 +60,7 @@ def _forge(path, entry: int, prev: str) -> tuple:
             [entry, T0 + 3.5, details, prev, digest])
 
 
-def test_an_untouched_chain_is_intact(tmp_path):
-    db = tmp_path / "fleet.db"
+def test_an_untouched_chain_is_intact(db):
     _fill(db)
     report = _report(db)
     assert report.intact and report.entries == 6 and report.legacy == 0
@@ -100,8 +98,7 @@ TAMPERING = {
 
 
 @pytest.mark.parametrize("case", list(TAMPERING))
-def test_each_kind_of_tampering_is_found_and_named(tmp_path, case):
-    db = tmp_path / "fleet.db"
+def test_each_kind_of_tampering_is_found_and_named(db, case):
     _fill(db)
     statements, want = TAMPERING[case]
     _sql(db, *statements(db))
@@ -112,8 +109,7 @@ def test_each_kind_of_tampering_is_found_and_named(tmp_path, case):
         assert f"entry {f.entry}" in f.message
 
 
-def test_entries_from_before_the_chain_are_counted_not_judged(tmp_path):
-    db = tmp_path / "fleet.db"
+def test_entries_from_before_the_chain_are_counted_not_judged(db):
     with Store(db, target_version=AUDIT_CHAIN - 1) as store:
         for i in range(3):
             store._exec("INSERT INTO audit (time, actor, action, target, details) "
@@ -127,8 +123,7 @@ def test_entries_from_before_the_chain_are_counted_not_judged(tmp_path):
     assert _row(db, 4)["prev"] == AUDIT_GENESIS
 
 
-def test_verify_chain_is_pure_over_links(tmp_path):
-    db = tmp_path / "fleet.db"
+def test_verify_chain_is_pure_over_links(db):
     _fill(db, 3)
     with Store(db) as store:
         links = store.audit_links()
@@ -138,8 +133,7 @@ def test_verify_chain_is_pure_over_links(tmp_path):
     assert not verify_chain([links[0], links[2], links[1]]).intact
 
 
-def test_cli_verifies_and_exports_the_database_file(tmp_path):
-    db = tmp_path / "fleet.db"
+def test_cli_verifies_and_exports_the_database_file(db):
     _fill(db)
     with Store(db) as store:  # one old entry, outside --since
         store.audit("op0", "token.create", "token:old", {}, time.time() - 40 * 86400)

@@ -130,8 +130,9 @@ def test_errors_are_one_line_and_exit_1(cli, tmp_path):
     assert result.exit_code == 1 and "unknown token" in result.output
 
 
-def test_tokens_and_device_credentials_on_the_database(tmp_path):
-    db = str(tmp_path / "fleet.db")
+def test_tokens_and_device_credentials_on_the_database(tmp_path, db):
+    """Every command taking --db, on a SQLite file and on a postgresql:// URL."""
+    db = str(db)
     runner = CliRunner()
     made = runner.invoke(main, ["token", "create", "ana", "--role", "approver", "--db", db])
     assert made.exit_code == 0 and made.stdout.strip().startswith("efo_")
@@ -148,6 +149,10 @@ def test_tokens_and_device_credentials_on_the_database(tmp_path):
                          ).exit_code == 0
     assert out.read_text().startswith("press-1:$7$101$")
     assert (out.stat().st_mode & 0o777) == 0o600
+    conf = runner.invoke(main, ["broker-config", "--db", db, "--out", str(tmp_path / "mq"),
+                                "--json"])
+    assert conf.exit_code == 0, conf.output
+    assert json.loads(conf.output)["accounts"] == 2  # press-1 and the server
 
 
 def test_fleet_serve_runs_and_stops_on_sigterm(tmp_path, signing_keys):

@@ -112,7 +112,8 @@ def test_series_has_axes_ticks_and_a_legend_for_its_thresholds():
     assert "no data in this range" in empty
 
 
-def test_the_paged_device_list_applies_the_status_rule_in_sql(services):
+def test_the_paged_device_list_applies_the_status_rule_in_sql(services_on):
+    services = services_on
     store = services.store
     now = 1_790_000_000.0
     ids = [f"d{i:03d}" for i in range(230)]
@@ -146,7 +147,8 @@ def test_the_paged_device_list_applies_the_status_rule_in_sql(services):
     assert store.device_page(DeviceQuery(now, search="_")).total == 0
 
 
-def test_the_drift_grid_keeps_the_worst_verdict_per_cell_and_the_newest_per_row(services):
+def test_the_drift_grid_keeps_the_worst_verdict_per_cell_and_the_newest_per_row(services_on):
+    services = services_on
     from fleet_server.models import DriftWindow
 
     store = services.store

@@ -36,7 +36,8 @@ def test_names_near_the_service_namespace_are_devices(services, device):
     services.registry.add_device(device, {}, "test", time.time())  # the control
 
 
-def test_download_authorisation_follows_desired_shadow_and_rollback(services, bundles):
+def test_download_authorisation_follows_desired_shadow_and_rollback(services_on, bundles):
+    services = services_on
     now = time.time()
     for version in ("1.0.0", "1.1.0", "1.2.0"):
         services.bundles.upload(bundles.build(version).read_bytes(), "test", now)
@@ -166,7 +167,8 @@ def test_a_removal_while_the_broker_is_away_is_cleared_on_reconnect(fleet, broke
         watcher.close()
 
 
-def test_a_device_registered_again_is_a_new_device(services):
+def test_a_device_registered_again_is_a_new_device(services_on):
+    services = services_on
     now = time.time()
     services.registry.add_device("dev1", {"site": "a"}, "test", now)
     services.registry.remove_device("dev1", "test", now)

@@ -292,7 +292,8 @@ def _report(device: str, seq: int, floor: int = 0) -> Incoming:
     return Incoming(msg.topic, encode(msg), 1, seq, 1, 5.0)
 
 
-def test_the_ack_is_the_highest_contiguous_stored_sequence(services):
+def test_the_ack_is_the_highest_contiguous_stored_sequence(services_on):
+    services = services_on
     ingest = services.ingestor
     assert ingest.process([_report("dev1", 1), _report("dev1", 2), _report("dev1", 4)],
                           now=10.0).acks == {"dev1": {"report": 2}}
@@ -306,9 +307,10 @@ def test_the_ack_is_the_highest_contiguous_stored_sequence(services):
     assert services.store.acks() == {"dev1": {"report": 4}, "dev2": {"report": 1}}
 
 
-def test_the_ack_passes_what_the_device_dropped_never_what_may_still_come(services):
+def test_the_ack_passes_what_the_device_dropped_never_what_may_still_come(services_on):
     """Rows 1-2 were stored, 3-5 dropped from a full outbox (counted there): the next
     message's floor 6 says no number below it will ever come."""
+    services = services_on
     ingest = services.ingestor
     ingest.process([_report("dev1", 1), _report("dev1", 2)], now=10.0)
     assert ingest.process([_report("dev1", 7, floor=6)], now=10.0).acks["dev1"] == \
@@ -321,7 +323,8 @@ def test_the_ack_passes_what_the_device_dropped_never_what_may_still_come(servic
 
 
 def test_a_summary_refused_for_good_is_settled_so_the_device_stops_sending_it(
-        services, sensor_ref):
+        services_on, sensor_ref):
+    services = services_on
     spec, _ = sensor_ref
     now = time.time()
     ingest = services.ingestor

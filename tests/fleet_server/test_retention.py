@@ -3,12 +3,12 @@ windows and keeps the rest, level by level.
 
 Summaries and the finest rollups live ``retention_s``, coarser rollups
 ``coarse_retention_s`` (IngestConfig). Real summaries of a real bundle go through the
-ingestor into a real SQLite file; what is left is read back with plain SQL.
+ingestor into a real SQLite file and a real PostgreSQL database; what is left is read
+back with plain SQL.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 import pytest
@@ -29,8 +29,8 @@ AGES_D = (12, 5, 1, 0)
 
 
 @pytest.fixture
-def fleet(tmp_path, signing_keys, sensor_bundle, sensor_ref):
-    config = make_config(tmp_path, signing_keys, ingest_config=IngestConfig(
+def fleet(tmp_path, db, signing_keys, sensor_bundle, sensor_ref):
+    config = make_config(tmp_path, signing_keys, db=db, ingest_config=IngestConfig(
         levels=(60, 3600), retention_s=RETENTION_D * DAY, coarse_retention_s=COARSE_D * DAY,
         max_clock_skew_s=DAY))
     s = build_services(config)
@@ -49,14 +49,14 @@ def fleet(tmp_path, signing_keys, sensor_bundle, sensor_ref):
     s.close()
 
 
-def _ages(db, sql: str) -> list[int]:
-    with sqlite3.connect(db) as conn:
-        return sorted({round((NOW - row[0]) / DAY) for row in conn.execute(sql)}, reverse=True)
+def _ages(store, sql: str) -> list[int]:
+    rows = store.conn.execute(sql).fetchall()
+    return sorted({round((NOW - row[0]) / DAY) for row in rows}, reverse=True)
 
 
 def test_housekeeping_deletes_old_summaries_and_rollups_and_keeps_the_rest(fleet):
     s, config = fleet
-    db = config.db
+    db = s.store
     assert _ages(db, "SELECT window_end FROM summaries") == [12, 5, 1, 0]
     assert _ages(db, "SELECT bucket FROM rollups WHERE width = 60") == [12, 5, 1, 0]
     assert _ages(db, "SELECT bucket FROM rollups WHERE width = 3600") == [12, 5, 1, 0]

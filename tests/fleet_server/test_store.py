@@ -437,3 +437,33 @@ def test_after_commit_runs_once_the_outer_transaction_is_visible(store, db):
         store.after_commit(count_from_elsewhere)
         raise RuntimeError("rolled back")
     assert seen == [0, 1]  # never called for a rollback
+
+
+def test_the_dashboards_counts_are_sql_on_either_engine(store):
+    from fleet_server.models import DriftWindow
+    from fleet_server.store import DeviceQuery
+
+    store.ensure_devices(["a1", "a2", "b1"], 1.0)
+    with store.transaction():
+        store.set_labels("a1", {"site": "a"})
+        store.set_labels("a2", {"site": "a"})
+        for device, version in (("a1", "1.0.0"), ("a2", "1.1.0")):
+            store.apply_status(device, online=True, time=100.0, agent_version="1",
+                               bundle=BundleRef("sensor", version), shadow=None, labels=None)
+    assert store.count_devices_by_bundle() == {"sensor@1.0.0": 1, "sensor@1.1.0": 1, "": 1}
+    assert store.count_selected({"site": "a"}) == 2
+    page = store.device_page(DeviceQuery(50.0, bundle="sensor@1.1.0"))
+    assert [d.id for d in page.devices] == ["a2"] and page.total == 1
+    page = store.device_page(DeviceQuery(50.0, sort="bundle", descending=True))
+    assert [d.id for d in page.devices] == ["a2", "a1", "b1"]
+    assert store.device_page(DeviceQuery(50.0, search="site=a")).total == 2
+    assert store.count_device_statuses(150.0) == {"stale": 2, "offline": 1}
+    store.add_rollout("r1", "g", "sensor@1.1.0", "running", {}, {}, 10.0)
+    store.add_rollout("r2", "g", "sensor@1.1.0", "completed", {}, {}, 5.0)
+    assert store.count_rollouts() == {"running": 1, "completed": 1}
+    assert [r.id for r in store.rollouts_touched_since(6.0)] == ["r1"]
+    for start, verdict in ((0, "ok"), (60, "drift")):
+        store.save_window(1, DriftWindow("sensor@1.0.0", "*", start, start + 60, verdict, 0.0,
+                                         1, 1, {}, 0.0))
+    assert store.count_drift_windows() == {"ok": 1, "drift": 1}
+    assert store.count_drift_windows(latest=True) == {"drift": 1}

@@ -35,7 +35,8 @@ batch; pglz compressing them on the way in doubled the time of a batch's rollup 
 (measured, 1,000 rollups of 4.8 kB a batch) for little space.
 
 The rewrites are textual and exact for the store's own SQL (no string literal in it holds
-``?``, ``%`` or those words); this module is not a general SQL translator and does not parse.
+``?``, ``%``, a colon before a letter or those words, and a query with ``:name`` holds no
+``?``); this module is not a general SQL translator and does not parse.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ on ``sys.path`` (each script does). Not part of the test run.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["blocks", "machine", "rss_kib", "stats", "table"]
+__all__ = ["blocks", "finish", "machine", "rss_kib", "stats", "table"]
 
 
 def stats(ns: list[int]) -> dict[str, float]:
@@ -140,3 +141,24 @@ def table(head: list[str], rows: list[list[str]]) -> str:
         + "|"
     )
     return "\n".join([line(head) + " |", sep, *(line(r) + " |" for r in rows)])
+
+
+def finish(doc: dict[str, Any], out: Path, libraries: Iterable[str], clock: float, cpu: float,
+           load_before: tuple[float, ...], report: Callable[[dict[str, Any]], str]) -> None:
+    """Record time, load and machine in ``doc``, write it to ``out`` as JSON, and print the
+    machine line, the load and ``report(doc)``: the common end of a benchmark run."""
+    doc["elapsed_s"] = time.perf_counter() - clock
+    doc["cpu_s"] = time.process_time() - cpu
+    doc["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg())}
+    doc["machine"] = machine(libraries)
+    doc["machine"]["this_process"] = rss_kib()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    m = doc["machine"]
+    print(f"{m['cpu_model']}, {m['cores']} cores, {(m['ram_bytes'] or 0) / 2**30:.1f} GiB, "
+          f"{m['platform']}; python {m['python']}, onnxruntime "
+          f"{m['versions'].get('onnxruntime')}; single-threaded sessions")
+    print(f"load average (1 min) before/after: {load_before[0]:.2f} / "
+          f"{doc['load_average_1_5_15']['after'][0]:.2f}\n")
+    print(report(doc))
+    print(f"\n{doc['elapsed_s']:.0f} s wall, {doc['cpu_s']:.0f} s CPU; JSON in {out}")

@@ -59,7 +59,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path
                               if Path(p or ".").resolve() != _ROOT / "benchmarks"]
 
-from benchmarks.common import blocks, machine, rss_kib, table  # noqa: E402
+from benchmarks.common import blocks, finish, table  # noqa: E402
 from edge_agent.agent import Agent  # noqa: E402
 from edge_agent.model import LoadedModel  # noqa: E402
 from edgefleet.contract.bundle import read_unverified, verify_bundle  # noqa: E402
@@ -436,21 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                 "notes": notes, "bundle_bytes": path.stat().st_size,
                 "latency": _latency(path, fitted, held, trust, rep),
                 "memory": _memory(path, pub, held, work, rep)}
-    doc["elapsed_s"] = time.perf_counter() - clock
-    doc["cpu_s"] = time.process_time() - cpu
-    doc["load_average_1_5_15"] = {"before": list(load_before), "after": list(os.getloadavg())}
-    doc["machine"] = machine(LIBRARIES)
-    doc["machine"]["this_process"] = rss_kib()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    m = doc["machine"]
-    print(f"{m['cpu_model']}, {m['cores']} cores, {(m['ram_bytes'] or 0) / 2**30:.1f} GiB, "
-          f"{m['platform']}; python {m['python']}, onnxruntime "
-          f"{m['versions'].get('onnxruntime')}; single-threaded sessions")
-    print(f"load average (1 min) before/after: {load_before[0]:.2f} / "
-          f"{doc['load_average_1_5_15']['after'][0]:.2f}\n")
-    print(report(doc))
-    print(f"\n{doc['elapsed_s']:.0f} s wall, {doc['cpu_s']:.0f} s CPU; JSON in {args.out}")
+    finish(doc, args.out, LIBRARIES, clock, cpu, load_before, report)
     return 0
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from edgefleet.contract.errors import SchemaError
 
-__all__ = ["DURATION_UNITS", "parse_duration", "parse_pairs", "split_pair"]
+__all__ = ["DURATION_UNITS", "parse_bounds", "parse_duration", "parse_pairs", "split_pair"]
 
 DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])\Z")
@@ -72,3 +72,29 @@ def parse_duration(text: str, what: str) -> float:
         raise SchemaError(f"{what} {text!r}: a duration with a unit (90s, 30m, 1h, 2d)",
                           field=what)
     return float(m.group(1)) * DURATION_UNITS[m.group(2)]
+
+
+def parse_bounds(items: Iterable[str], what: str, names: Iterable[str], *,
+                 default_key: str | None = None) -> dict[str, float]:
+    """``NAME=VALUE`` upper bounds, each a non-negative number and one of ``names`` (with
+    ``default_key``, a bare number is that key's bound).
+
+    Raises:
+        SchemaError: a malformed item, an unknown name (the known ones listed), or a value
+            that is not a non-negative number.
+    """
+    known = tuple(names)
+    out: dict[str, float] = {}
+    for item in items:
+        key, text = split_pair(item, what, default_key=default_key)
+        if key != default_key and key not in known:
+            raise SchemaError(f"{what}: unknown bound {key!r} (use {', '.join(known)})",
+                              field=what)
+        try:
+            value = float(text)
+        except ValueError:
+            raise SchemaError(f"{what} {key}: {text!r} is not a number", field=what) from None
+        if not value >= 0:
+            raise SchemaError(f"{what} {key}: must be >= 0", field=what)
+        out[key] = value
+    return out

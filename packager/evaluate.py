@@ -45,7 +45,7 @@ from edgefleet.contract.card import (
 )
 from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.runtime import Prediction
-from edgefleet.parsing import split_pair
+from edgefleet.parsing import parse_bounds
 from packager.errors import BuildError, DataError
 
 __all__ = [
@@ -388,23 +388,10 @@ def parse_gaps(items: Sequence[str]) -> dict[str, float]:
     Raises:
         BuildError: unknown name, or a value that is not a non-negative number.
     """
-    out: dict[str, float] = {}
-    for item in items:
-        try:
-            name, text = split_pair(item, "--max-fairness-gap")
-        except SchemaError as exc:
-            raise BuildError(str(exc)) from exc
-        if name not in GAPS:
-            raise BuildError(f"--max-fairness-gap: unknown gap {name!r} "
-                             f"(use {', '.join(GAPS)})")
-        try:
-            value = float(text)
-        except ValueError as exc:
-            raise BuildError(f"--max-fairness-gap {name}: {text!r} is not a number") from exc
-        if not value >= 0:
-            raise BuildError(f"--max-fairness-gap {name}: must be >= 0")
-        out[name] = value
-    return out
+    try:
+        return parse_bounds(items, "--max-fairness-gap", GAPS)
+    except SchemaError as exc:
+        raise BuildError(str(exc)) from exc
 
 
 def check_gaps(reports: Sequence[FairnessReport], bounds: dict[str, float], task: str

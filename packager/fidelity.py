@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.manifest import Fidelity
 from edgefleet.contract.runtime import Prediction
-from edgefleet.parsing import split_pair
+from edgefleet.parsing import parse_bounds as parse_named_bounds
 from packager.errors import BuildError
 
 __all__ = ["Bounds", "judge", "parse_bounds"]
@@ -43,20 +44,11 @@ def parse_bounds(items: tuple[str, ...] | list[str], task_hint: str | None = Non
     Raises:
         BuildError: unknown key or a value that is not a non-negative number.
     """
-    values: dict[str, float] = {}
-    fields = Bounds.__dataclass_fields__
-    for item in items:
-        key, text = split_pair(item, "--max-fidelity-loss", default_key="_main")
-        if key != "_main" and key not in fields:
-            raise BuildError(f"--max-fidelity-loss: unknown bound {key!r} "
-                             f"(use {', '.join(fields)})")
-        try:
-            value = float(text)
-        except ValueError as exc:
-            raise BuildError(f"--max-fidelity-loss: {text!r} is not a number") from exc
-        if not value >= 0:
-            raise BuildError(f"--max-fidelity-loss: {key} must be >= 0")
-        values[key] = value
+    try:
+        values = parse_named_bounds(items, "--max-fidelity-loss", Bounds.__dataclass_fields__,
+                              default_key="_main")
+    except SchemaError as exc:
+        raise BuildError(str(exc)) from exc
     main = values.pop("_main", None)
     if main is not None:
         values.setdefault("label_disagreement", main)

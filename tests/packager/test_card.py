@@ -271,7 +271,7 @@ def test_bad_options_are_refused(files, make_bundle):
                     fairness_bounds={"demographic_parity_difference": 0.1})
     with pytest.raises(BuildError, match="--time-column 'when'"):
         make_bundle(files["model"], files["train"], time_column="when")
-    with pytest.raises(BuildError, match="unknown gap 'parity'"):
+    with pytest.raises(BuildError, match="unknown bound 'parity'"):
         parse_gaps(["parity=0.1"])
     with pytest.raises(BuildError, match="not a gap of a classification"):
         make_bundle(files["model"], files["train"], eval_data=files["test"],

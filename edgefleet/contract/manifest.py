@@ -12,7 +12,8 @@ runtime (:mod:`edgefleet.contract.runtime`) reads only this, never the graph's o
 
 The optional ``card`` section (:mod:`edgefleet.contract.card`) is the model card, so its
 numbers are signed with everything else; a manifest without one is written without the
-field, byte for byte as before cards existed.
+field, byte for byte as before cards existed. The optional ``calibration`` section
+(:mod:`edgefleet.contract.calibration`) likewise.
 
 This module does not read files or check signatures.
 """
@@ -23,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgefleet.contract.calibration import Calibration
 from edgefleet.contract.card import ModelCard
 from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.wire import Fields, canonical_json, parse_json
@@ -298,6 +300,7 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     description: str = ""
     card: ModelCard | None = None  # None: built before cards (such manifests still verify)
+    calibration: Calibration | None = None  # fitted on held-out rows (classifiers only)
     schema: int = MANIFEST_SCHEMA
 
     def file(self, path: str) -> FileEntry | None:
@@ -335,6 +338,8 @@ class Manifest:
         # only when present: a manifest from before cards keeps its exact signed bytes
         if self.card is not None:
             doc["card"] = self.card.to_dict()
+        if self.calibration is not None:  # likewise
+            doc["calibration"] = self.calibration.to_dict()
         return doc
 
     def to_bytes(self) -> bytes:
@@ -391,6 +396,9 @@ class Manifest:
         card = f.raw("card", None)
         if card is None and f.has("card"):
             raise f.bad("card", "leave the field out rather than null")
+        calibration = f.raw("calibration", None)
+        if calibration is None and f.has("calibration"):
+            raise f.bad("calibration", "leave the field out rather than null")
         m = cls(
             name=name,
             version=version,
@@ -408,6 +416,8 @@ class Manifest:
             metrics={k: float(v) for k, v in metrics.items()},
             lineage=Lineage.from_dict(f.raw("lineage"), "manifest.lineage"),
             card=ModelCard.from_dict(card, "manifest.card") if card is not None else None,
+            calibration=None if calibration is None else
+            Calibration.from_dict(calibration, "manifest.calibration"),
             schema=schema,
         )
         f.done()

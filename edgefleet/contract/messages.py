@@ -9,6 +9,8 @@ id, which is also its MQTT username (the broker's ACL ``pattern`` lines key on `
     edgefleet/v1/{device}/status      device → server  retained; last will "offline"
     edgefleet/v1/{device}/desired     server → device  retained desired state
     edgefleet/v1/{device}/ack         server → device  retained, QoS 1: what the server stored
+    edgefleet/v1/{device}/outcomes    server → device  QoS 1: true labels uploaded centrally
+    edgefleet/v1/{device}/receipt     device → server  QoS 1: outcome batches applied
 
 Delivery is end to end: a summary or report leaves the agent's outbox only when an
 :class:`Ack` says the server has *committed* it (a broker's PUBACK only means the broker
@@ -20,6 +22,16 @@ its stream still in the device's outbox when it was stored, so every sequence be
 ``floor`` the server has seen is either stored already or gone for good (dropped when the
 outbox was full, or refused by the broker; both counted on the device), and the ack may
 pass it.
+
+Outcomes uploaded to the server travel to their device in numbered batches
+(:class:`Outcomes`, ``batch`` 1, 2, ... per device). The device applies batch ``n`` only
+when it has applied ``n - 1`` (it ignores a batch from the future and re-receipts one from
+the past), records the batch number in the same transaction as the joins, and answers
+with a :class:`Receipt` naming the highest batch applied. The server resends every batch
+above the last receipt until it is receipted, so each outcome is applied exactly once,
+through crashes of either side. Only the device may read its ``outcomes`` topic (an ACL
+``pattern read`` line keyed on ``%u``): raw inputs never leave it, and no device reads
+another's labels.
 
 Every payload is canonical JSON with ``schema`` and ``type`` fields; a summary is sent
 deflated (zlib), recognised by its first byte. :func:`decode` bounds both the payload
@@ -61,6 +73,9 @@ __all__ = [
     "DesiredState",
     "Heartbeat",
     "Message",
+    "Outcome",
+    "Outcomes",
+    "Receipt",
     "Report",
     "ShadowStats",
     "Status",
@@ -93,7 +108,10 @@ LATENCY_FORMAT = 2
 LATENCY_EDGES_V1_MS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
 _EDGES_BY_FORMAT = {1: LATENCY_EDGES_V1_MS, 2: LATENCY_EDGES_MS}
 _FORMAT_BY_SLOTS = {len(e) + 1: v for v, e in _EDGES_BY_FORMAT.items()}
-KINDS = ("summary", "report", "heartbeat", "status", "desired", "ack")
+KINDS = ("summary", "report", "heartbeat", "status", "desired", "ack", "outcomes",
+         "receipt")
+MAX_OUTCOMES = 1000  # per Outcomes batch: about 100 KB at most, within MAX_PAYLOAD
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")  # a prediction id
 # the numbered streams an Ack acknowledges; each is also the name of the device's counter
 ACK_STREAMS = ("summary", "report")
 
@@ -548,6 +566,79 @@ class Ack(Message):
         return cls(f.str("device", max_len=64), dict(acked), f.float("time", 0.0))
 
 
+Label = str | int | float  # a class label (str or int), or a regressor's true value
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The truth for one prediction: its id and the true label (a class, or a finite
+    number for a regressor)."""
+
+    id: str
+    label: Label
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "label": self.label}
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> Outcome:
+        f = Fields(obj, where)
+        pid = f.str("id", max_len=64)
+        if not ID_RE.match(pid):
+            raise f.bad("id", "a prediction id: letters, digits, '_', '.', ':', '-' (max 64)")
+        label = f.raw("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int, float)):
+            raise f.bad("label", "a class label (string or integer) or a finite number")
+        if isinstance(label, float) and not math.isfinite(label):
+            raise f.bad("label", "must be finite")
+        if isinstance(label, str) and len(label) > 256:
+            raise f.bad("label", "longer than 256 characters")
+        f.done()
+        return cls(pid, label)
+
+
+@dataclass(frozen=True)
+class Outcomes(Message):
+    """A numbered batch of outcomes for one device (see the top: applied exactly once)."""
+
+    kind: ClassVar[str] = "outcomes"
+    device: str
+    batch: int  # 1, 2, ... per device
+    outcomes: tuple[Outcome, ...]
+    time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
+                "batch": self.batch, "outcomes": [o.to_dict() for o in self.outcomes],
+                "time": self.time}
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> Outcomes:
+        batch = f.int("batch", minimum=1)
+        items = f.list("outcomes", max_len=MAX_OUTCOMES)
+        return cls(f.str("device", max_len=64), batch,
+                   tuple(Outcome.from_dict(o, f"{f.where}.outcomes[{i}]")
+                         for i, o in enumerate(items)), f.float("time", 0.0))
+
+
+@dataclass(frozen=True)
+class Receipt(Message):
+    """What a device has applied: every outcome batch up to ``outcomes`` (0: none)."""
+
+    kind: ClassVar[str] = "receipt"
+    device: str
+    outcomes: int
+    time: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
+                "outcomes": self.outcomes, "time": self.time}
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> Receipt:
+        return cls(f.str("device", max_len=64), f.int("outcomes"), f.float("time", 0.0))
+
+
 def _floor(f: Fields) -> int:
     floor = f.int("floor", 0)
     seq = f.int("seq")
@@ -557,7 +648,8 @@ def _floor(f: Fields) -> int:
 
 
 _TYPES: dict[str, type[Message]] = {c.kind: c for c in
-                                    (Summary, Report, Heartbeat, Status, DesiredState, Ack)}
+                                    (Summary, Report, Heartbeat, Status, DesiredState, Ack,
+                                     Outcomes, Receipt)}
 
 
 def encode(message: Message) -> bytes:

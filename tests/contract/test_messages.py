@@ -17,10 +17,14 @@ from edgefleet.contract.messages import (
     LATENCY_EDGES_MS,
     LATENCY_EDGES_V1_MS,
     MAX_INFLATED,
+    MAX_OUTCOMES,
     Ack,
     BundleRef,
     DesiredState,
     Heartbeat,
+    Outcome,
+    Outcomes,
+    Receipt,
     Report,
     ShadowStats,
     Status,
@@ -108,6 +112,11 @@ messages = st.one_of(
               st.one_of(st.none(), bundles), st.booleans(), finite),
     st.builds(Ack, devices, st.dictionaries(st.sampled_from(ACK_STREAMS),
                                             st.integers(0, 2**63 - 1)), finite),
+    st.builds(Outcomes, devices, st.integers(1, 2**53), st.lists(st.builds(
+        Outcome, st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}", fullmatch=True),
+        st.one_of(st.text(max_size=30), st.integers(-2**53, 2**53), finite)), max_size=20)
+        .map(tuple), finite),
+    st.builds(Receipt, devices, st.integers(0, 2**53), finite),
     st.integers(0, 2**53).flatmap(lambda seq: st.builds(
         Report, devices, st.just(seq), st.integers(0, 2**53), st.sampled_from(Report.OUTCOMES),
         bundles, st.text(max_size=100), finite, st.integers(0, seq))),
@@ -122,7 +131,7 @@ def test_every_message_round_trips(message):
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=400), st.sampled_from(["summary", "report", "heartbeat", "status",
-                                                 "desired", "ack"]))
+                                                 "desired", "ack", "outcomes", "receipt"]))
 def test_random_payloads_raise_only_schema_errors(payload, kind):
     with contextlib.suppress(SchemaError):
         decode(topic("dev-1", kind), payload)
@@ -311,3 +320,30 @@ def test_a_floor_above_the_messages_own_sequence_is_refused():
     body = {**report.to_dict(), "floor": 5}
     with pytest.raises(SchemaError, match="floor"):
         decode(report.topic, json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(("outcome", "field"), [
+    ({"id": "a/b", "label": 1}, "outcomes[0].id"),
+    ({"id": "", "label": 1}, "outcomes[0].id"),
+    ({"id": "p1", "label": True}, "outcomes[0].label"),
+    ({"id": "p1", "label": None}, "outcomes[0].label"),
+    ({"id": "p1", "label": [1]}, "outcomes[0].label"),
+    ({"id": "p1"}, "outcomes[0].label"),
+    ({"id": "p1", "label": 1, "extra": 2}, "outcomes[0].extra"),
+])
+def test_bad_outcomes_name_the_field(outcome, field):
+    body = {"schema": 1, "type": "outcomes", "device": "dev-1", "batch": 1,
+            "outcomes": [outcome], "time": 0.0}
+    with pytest.raises(SchemaError) as err:
+        decode(topic("dev-1", "outcomes"), canonical_json(body))
+    assert err.value.field == f"outcomes.{field}"
+
+
+def test_an_outcome_batch_is_bounded_and_numbered_from_one():
+    many = [{"id": f"p{i}", "label": 0} for i in range(MAX_OUTCOMES + 1)]
+    for batch, items, field in ((1, many, "outcomes.outcomes"), (0, [], "outcomes.batch")):
+        body = {"schema": 1, "type": "outcomes", "device": "dev-1", "batch": batch,
+                "outcomes": items, "time": 0.0}
+        with pytest.raises(SchemaError) as err:
+            decode(topic("dev-1", "outcomes"), canonical_json(body))
+        assert err.value.field == field

@@ -19,15 +19,16 @@ from typing import Any
 import click
 
 from edgefleet import __version__
+from edgefleet.cli import EXIT_CODES_HELP
+from edgefleet.cli import run as run_program
 from edgefleet.contract.errors import InputError
-from edgefleet.errors import EdgefleetError
 
 __all__ = ["cli", "main"]
 
 MAX_INPUT_BYTES = 64 * 1024 * 1024
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="edge-agent")
 def cli() -> None:
     """The edgefleet device agent: serve verified models, report, follow the fleet."""
@@ -210,19 +211,9 @@ def status(config_path: Path, as_json: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning edgefleet errors into one line and exit 1."""
-    try:
-        cli.main(args=argv, prog_name="edge-agent", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("edge-agent: aborted", err=True)
-        return 1
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except EdgefleetError as exc:
-        click.echo(f"edge-agent: error: {exc}", err=True)
-        return 1
-    return 0
+    """Entry point: run the CLI; a refusal is one line and an exit status by its kind
+    (:mod:`edgefleet.cli`)."""
+    return run_program(cli, "edge-agent", argv)
 
 
 if __name__ == "__main__":

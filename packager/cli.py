@@ -19,6 +19,8 @@ from typing import Any
 import click
 
 from edgefleet import __version__
+from edgefleet.cli import EXIT_CODES_HELP
+from edgefleet.cli import run as run_program
 from edgefleet.contract.approval import check_approvals
 from edgefleet.contract.bundle import (
     read_bundle_file,
@@ -34,7 +36,6 @@ from edgefleet.contract.signing import (
     key_id,
     write_key_pair,
 )
-from edgefleet.errors import EdgefleetError
 
 __all__ = ["cli", "main"]
 
@@ -81,7 +82,7 @@ def _emit(as_json: bool, doc: Any, text: str) -> None:
     click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else text)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="edgepack")
 def cli() -> None:
     """Package trained models into signed, verified bundles for edge devices."""
@@ -463,22 +464,9 @@ def card(bundle: Path, fmt: str, trust: tuple[str, ...], out: Path | None) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning edgefleet errors into one line and exit 1."""
-    try:
-        cli.main(args=argv, prog_name="edgepack", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("edgepack: aborted", err=True)
-        return 1
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except EdgefleetError as exc:
-        click.echo(f"edgepack: error: {exc}", err=True)
-        table = getattr(exc, "table", "")
-        if table:
-            click.echo(table, err=True)
-        return 1
-    return 0
+    """Entry point: run the CLI; a refusal is one line and an exit status by its kind
+    (:mod:`edgefleet.cli`)."""
+    return run_program(cli, "edgepack", argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Contract errors (:mod:`edgefleet.contract.errors`) pass through unchanged: a bad
 
 from __future__ import annotations
 
+from edgefleet.cli import GATE
 from edgefleet.errors import EdgefleetError
 
 __all__ = [
@@ -60,6 +61,8 @@ class QuantizationError(PackagerError):
 class FidelityError(PackagerError):
     """The converted model disagrees with the original beyond the bounds."""
 
+    exit_code = GATE
+
     def __init__(self, message: str, table: str = "") -> None:
         super().__init__(message)
         self.table = table
@@ -67,6 +70,8 @@ class FidelityError(PackagerError):
 
 class FairnessError(PackagerError):
     """A fairness gap of a sensitive column is past its bound; ``table`` shows every check."""
+
+    exit_code = GATE
 
     def __init__(self, message: str, table: str = "") -> None:
         super().__init__(message)

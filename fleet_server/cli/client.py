@@ -54,6 +54,8 @@ class FleetClient:
             kind, message = body["error"]["type"], body["error"]["message"]
         except (ValueError, KeyError, TypeError):
             pass
+        if response.status_code == 401:  # say where a token comes from
+            message += " (pass --token or set FLEET_TOKEN; `fleet token create` makes one)"
         raise ClientError(f"{message} ({kind}, HTTP {response.status_code})",
                           status=response.status_code, kind=kind)
 

@@ -7,8 +7,8 @@ migrate`` (SQLite to PostgreSQL). Everything else talks HTTP to a running server
 ``FLEET_TOKEN``).
 
 Commands only parse, call the library or the API, and print: readable tables for people,
-``--json`` for scripts. A refusal prints one line, ``fleet: error: <message>``, and exits 1
-(the server's message for HTTP errors).
+``--json`` for scripts. A refusal prints one line, ``fleet: error: <message>`` (the server's
+message for HTTP errors), and exits with a status by its kind (:mod:`edgefleet.cli`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 
 import click
 
+from edgefleet import __version__
+from edgefleet.cli import EXIT_CODES_HELP
 from fleet_server.cli.admin import device, token
 from fleet_server.cli.audit import audit
 from fleet_server.cli.broker import broker_config
@@ -37,7 +39,9 @@ from fleet_server.cli.serve import ingest, serve
 __all__ = ["main"]
 
 
-@click.group(help="The edgefleet fleet server and its operator CLI.")
+@click.group(help="The edgefleet fleet server and its operator CLI.",
+             context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="fleet")
 @click.option("--log-level", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
               help="Logging level for server commands.")

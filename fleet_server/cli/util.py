@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from edgefleet.cli import FAILURE, NOT_FOUND, exit_code
 from edgefleet.contract.errors import SchemaError
 from edgefleet.errors import EdgefleetError
 from edgefleet.parsing import parse_duration, parse_pairs
@@ -26,20 +27,24 @@ _DB_HELP = ("The server's database: a SQLite file (a path, or sqlite:///path) or
 DB_OPTION = click.option("--db", default="fleet.db", show_default=True, help=_DB_HELP)
 
 
-def fail(message: str) -> None:
-    """Print ``fleet: error: <message>`` on stderr and exit 1."""
+def fail(message: str, code: int = FAILURE) -> None:
+    """Print ``fleet: error: <message>`` on stderr and exit with ``code``
+    (:mod:`edgefleet.cli`'s statuses)."""
     click.echo(f"fleet: error: {message}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def exits_on_error(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn edgefleet (and OS, value) errors of a command into one line and exit 1."""
+    """Turn edgefleet (and OS, value) errors of a command into one line and an exit status
+    by their kind (:func:`edgefleet.cli.exit_code`)."""
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except EdgefleetError as exc:
-            fail(str(exc))
+            fail(str(exc), exit_code(exc))
+        except FileNotFoundError as exc:
+            fail(str(exc), NOT_FOUND)
         except (ValueError, OSError) as exc:
             fail(str(exc))
     return run

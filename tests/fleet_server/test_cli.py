@@ -111,10 +111,10 @@ def test_operating_a_fleet_from_the_cli(cli, sensor_bundle):
     run("group", "delete", "plant-a")
 
 
-def test_errors_are_one_line_and_exit_1(cli, tmp_path):
+def test_errors_are_one_line_and_exit_by_kind(cli, tmp_path):
     run, server = cli
     result = run("bundle", "show", "sensor@9.9.9", ok=False)
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # not found (edgefleet.cli)
     assert result.output.strip().count("\n") == 0
     assert result.output.startswith("fleet: error: bundle 'sensor@9.9.9' not found")
     result = run("group", "create", "Bad Name", ok=False)
@@ -124,10 +124,14 @@ def test_errors_are_one_line_and_exit_1(cli, tmp_path):
     result = run("bundle", "upload", str(bad), ok=False)
     assert result.exit_code == 1 and "BundleFormatError" in result.output
     result = CliRunner().invoke(main, ["devices", "--server", f"http://127.0.0.1:{free_port()}"])
-    assert result.exit_code == 1 and result.output.startswith("fleet: error: cannot reach")
+    assert result.exit_code == 7 and result.output.startswith("fleet: error: cannot reach")
     result = CliRunner().invoke(main, ["devices", "--server", server.base_url, "--token",
                                        "efo_wrong"])
-    assert result.exit_code == 1 and "unknown token" in result.output
+    assert result.exit_code == 5 and "unknown token" in result.output
+    assert "--token or set FLEET_TOKEN" in result.output
+    result = CliRunner().invoke(main, ["devices", "--server", server.base_url],
+                                env={"FLEET_TOKEN": None})
+    assert result.exit_code == 5 and "FLEET_TOKEN" in result.output
 
 
 def test_tokens_and_device_credentials_on_the_database(tmp_path, db):
@@ -140,7 +144,7 @@ def test_tokens_and_device_credentials_on_the_database(tmp_path, db):
     assert [(t["name"], t["role"]) for t in json.loads(listed.output)] == [("ana", "approver")]
     assert made.stdout.strip() not in listed.output
     again = runner.invoke(main, ["token", "create", "ana", "--role", "viewer", "--db", db])
-    assert again.exit_code == 1 and "exists already" in again.output
+    assert again.exit_code == 4 and "exists already" in again.output
     assert runner.invoke(main, ["token", "revoke", "ana", "--db", db]).exit_code == 0
     dev = runner.invoke(main, ["device", "add", "press-1", "--label", "site=a", "--db", db])
     assert dev.exit_code == 0 and dev.stdout.strip().startswith("efd_")

@@ -187,7 +187,7 @@ def test_cli_device_remove(fleet):
     assert result.exit_code == 0, result.output
     assert "device 'dev1' removed" in result.output and "broker-config" in result.output
     again = runner.invoke(main, ["device", "remove", "dev1", *args])
-    assert again.exit_code == 1 and again.output.startswith("fleet: error: ")
+    assert again.exit_code == 3 and again.output.startswith("fleet: error: ")
     assert "dev1" in again.output and again.output.count("\n") == 1
     refused = runner.invoke(main, ["device", "add", "server", *args])
     assert refused.exit_code == 1 and "reserved" in refused.output

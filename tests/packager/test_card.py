@@ -243,7 +243,7 @@ def test_cli_fairness_failure_prints_the_table(files, build_key, tmp_path, capsy
                  str(tmp_path), "--sensitive", "sex",
                  "--max-fairness-gap", "equalized_odds_difference=0.01", "--no-importances"])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 6
     assert "equalized_odds_difference" in err and "FAILED" in err
     assert not list(tmp_path.glob("*.edgebundle"))
 

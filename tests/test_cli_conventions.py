@@ -1,0 +1,109 @@
+"""One convention across the three programs (issue 17): ``-h`` and ``--help`` on every
+command, ``--version`` on each program, one error prefix, exit statuses by kind of
+failure (edgefleet.cli), and a pipe closed early ends quietly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from edge_agent.cli import cli as agent_cli
+from edgefleet.cli import (
+    CONFLICT,
+    FAILURE,
+    GATE,
+    NOT_FOUND,
+    UNAUTHORISED,
+    UNAVAILABLE,
+    exit_code,
+    run,
+)
+from edgefleet.errors import EdgefleetError
+from fleet_server.cli import main as fleet_cli
+from fleet_server.errors import ClientError, ConflictError, NotFoundError
+from packager.cli import cli as edgepack_cli
+from packager.errors import FairnessError, FidelityError
+
+PROGRAMS = {"fleet": fleet_cli, "edgepack": edgepack_cli, "edge-agent": agent_cli}
+
+
+def _commands(group: click.Command, path: tuple[str, ...]):
+    yield path, group
+    if isinstance(group, click.Group):
+        for name, sub in sorted(group.commands.items()):
+            yield from _commands(sub, (*path, name))
+
+
+ALL = [(prog, path) for prog, root in PROGRAMS.items() for path, _ in _commands(root, ())]
+
+
+def test_the_tree_is_walked() -> None:
+    assert len(ALL) > 40  # the walk reaches the nested commands, not only the roots
+    assert ("fleet", ("rollout", "create")) in ALL
+
+
+@pytest.mark.parametrize(("prog", "path"), ALL, ids=[" ".join((p, *c)) for p, c in ALL])
+def test_every_command_answers_dash_h(prog: str, path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(PROGRAMS[prog], [*path, "-h"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage: ")
+
+
+@pytest.mark.parametrize("prog", sorted(PROGRAMS))
+def test_every_program_has_a_version_and_documents_its_exit_statuses(prog: str) -> None:
+    result = CliRunner().invoke(PROGRAMS[prog], ["--version"])
+    assert result.exit_code == 0 and prog in result.output and "version" in result.output
+    assert "6 refused by a check" in CliRunner().invoke(PROGRAMS[prog], ["-h"]).output
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (EdgefleetError("x"), FAILURE),
+    (NotFoundError("bundle", "m@1"), NOT_FOUND),
+    (ConflictError("exists"), CONFLICT),
+    (ClientError("refused", status=404), NOT_FOUND),
+    (ClientError("refused", status=409), CONFLICT),
+    (ClientError("no token", status=401), UNAUTHORISED),
+    (ClientError("role", status=403), UNAUTHORISED),
+    (ClientError("unreachable", status=0), UNAVAILABLE),
+    (ClientError("bad field", status=422), FAILURE),
+    (FidelityError("too far"), GATE),
+    (FairnessError("gap"), GATE),
+])
+def test_exit_statuses_by_kind(error: Exception, code: int) -> None:
+    assert exit_code(error) == code
+
+
+def test_a_refusal_is_one_line_with_the_programs_prefix_and_its_table(capsys) -> None:
+    @click.command()
+    def refuse() -> None:
+        raise FidelityError("the converted model disagrees", table="row  diff\n0    0.5")
+
+    assert run(refuse, "edgepack", []) == GATE
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["edgepack: error: the converted model disagrees", "row  diff", "0    0.5"]
+
+
+def test_an_unreachable_server_exits_unavailable() -> None:
+    result = CliRunner().invoke(fleet_cli, ["devices", "--server", "http://127.0.0.1:9"])
+    assert result.exit_code == UNAVAILABLE
+    assert result.output.startswith("fleet: error: cannot reach http://127.0.0.1:9")
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly() -> None:
+    # `edgepack --help | head -1`: the reader closes the pipe after one line
+    code = ("import sys\nfrom edgefleet.cli import run\nimport click\n"
+            "@click.command()\ndef loud():\n"
+            "    for i in range(100000):\n        click.echo('x' * 80)\n"
+            "sys.exit(run(loud, 'edgepack', []))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err

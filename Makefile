@@ -11,14 +11,25 @@ BENCH  := $(VENV)/.installed-bench
 
 .PHONY: demo test lint bench install clean
 
-$(STAMP): pyproject.toml
+DEMO   := $(VENV)/.installed-demo
+
+$(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "edgefleet needs Python 3.10 or newer")'
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
+	@$(PYTHON) -m venv $(VENV) || { \
 	  echo "could not create $(VENV): on Debian/Ubuntu run: apt-get install -y python3-venv"; exit 1; }
-	@echo "installing edgefleet and its dependencies into $(VENV) (first run takes a minute)"
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+
+# the demo runs the packager, the agent and the server: edgefleet[all], no test tools
+$(DEMO): pyproject.toml | $(BIN)/python
+	@echo "installing edgefleet (agent, packager, server) into $(VENV) (first run takes a minute)"
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[all]'
 	@touch $@
+
+# the tests also need the test tools and the gradient-boosting libraries: edgefleet[dev]
+$(STAMP): pyproject.toml | $(BIN)/python
+	@echo "installing edgefleet and the test tools into $(VENV) (first run takes a few minutes)"
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@ $(DEMO)
 
 $(BENCH): $(STAMP)
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
@@ -26,7 +37,7 @@ $(BENCH): $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO)
 	@bash scripts/ensure-system-packages mosquitto
 	$(BIN)/python -m demo
 

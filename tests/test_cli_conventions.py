@@ -4,6 +4,7 @@ failure (edgefleet.cli), and a pipe closed early ends quietly."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -107,3 +108,19 @@ def test_output_piped_into_a_reader_that_stops_ends_quietly() -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert b"Traceback" not in err and b"BrokenPipe" not in err
+
+
+@pytest.mark.parametrize(("args", "level"), [
+    (["serve", "-h"], logging.INFO), (["ingest", "-h"], logging.INFO),
+    (["devices", "-h"], logging.WARNING), (["--log-level", "ERROR", "serve", "-h"], logging.ERROR),
+])
+def test_the_server_commands_log_at_info_by_default(args: list[str], level: int) -> None:
+    """`fleet serve` shows rollout transitions, alerts and webhook deliveries by default;
+    the API client's commands stay quiet."""
+    root = logging.getLogger()
+    before = root.level
+    try:
+        assert CliRunner().invoke(fleet_cli, args).exit_code == 0
+        assert root.level == level
+    finally:
+        root.setLevel(before)

@@ -38,16 +38,24 @@ from fleet_server.cli.serve import ingest, serve
 
 __all__ = ["main"]
 
+SERVER_COMMANDS = ("serve", "ingest")
+
 
 @click.group(help="The edgefleet fleet server and its operator CLI.",
              context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="fleet")
-@click.option("--log-level", default="WARNING", show_default=True,
+@click.option("--log-level", default=None,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
-              help="Logging level for server commands.")
-def main(log_level: str) -> None:
-    logging.basicConfig(level=log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+              help="Logging level: INFO for the server commands (serve, ingest: every "
+                   "rollout transition, alert and webhook delivery), WARNING for the rest.")
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None) -> None:
+    if log_level is None:
+        log_level = "INFO" if ctx.invoked_subcommand in SERVER_COMMANDS else "WARNING"
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(log_level)
+    if log_level != "DEBUG":  # one line per HTTP request is the API client's, not news
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 # Every command is registered here, one way, so this list is the whole CLI.

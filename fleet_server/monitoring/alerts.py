@@ -56,8 +56,12 @@ class Alerts:
 
     def resolve(self, kind: str, bundle: BundleRecord, *, group: str = "",
                 device: str | None = None, keep: Sequence[str] = (), now: float) -> int:
-        return self.store.resolve_alerts(kind=kind, bundle_id=bundle.id, group=group,
-                                         device=device, keep=keep, now=now)
+        n = self.store.resolve_alerts(kind=kind, bundle_id=bundle.id, group=group,
+                                      device=device, keep=keep, now=now)
+        if n:
+            log.info("resolved %d %s alert(s) of %s@%s%s", n, kind, bundle.name,
+                     bundle.version, f" in group {group}" if group else "")
+        return n
 
     def resolve_by_id(self, alert_id: int, actor: str, now: float) -> Alert:
         """Raises: NotFoundError: no such alert."""

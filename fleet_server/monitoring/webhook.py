@@ -135,6 +135,8 @@ class Webhook:
             if status is not None and 200 <= status < 300:
                 self._record(alert, attempt, status, "", "delivered")
                 self.delivered += 1
+                log.info("webhook delivered alert %d (%s) on attempt %d: HTTP %d", alert.id,
+                         alert.kind, attempt, status)
                 if self.metrics is not None:
                     self.metrics.webhook_deliveries.inc()
                 return

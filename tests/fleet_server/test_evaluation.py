@@ -7,6 +7,7 @@ broker path is covered in test_ingest; here the subject is what happens per wind
 from __future__ import annotations
 
 import hashlib
+import logging
 import hmac
 import json
 import threading
@@ -201,7 +202,8 @@ def _raise(alerts: Alerts, services, device: str = ""):
                               details={"x": 1}, now=T0)
 
 
-def test_the_webhook_retries_with_backoff_and_signs_its_body(fleet, receiver):
+def test_the_webhook_retries_with_backoff_and_signs_its_body(fleet, receiver, caplog):
+    caplog.set_level(logging.INFO, logger="fleet_server.monitoring")
     r = receiver([503, 500])
     hook, alerts = _hooked(fleet, r.url, secret="s3cret")
     try:
@@ -217,6 +219,10 @@ def test_the_webhook_retries_with_backoff_and_signs_its_body(fleet, receiver):
     want = hmac.new(b"s3cret", r.raw, hashlib.sha256).hexdigest()
     assert headers["X-Edgefleet-Signature"] == f"sha256={want}"
     assert fleet.metrics.value("edgefleet_webhook_failures_total") == 2
+    # an operator reading `fleet serve`'s log (INFO by default) sees the alert and its delivery
+    logged = [r.getMessage() for r in caplog.records]
+    assert f"alert {alert.id} (drift): m" in logged
+    assert f"webhook delivered alert {alert.id} (drift) on attempt 3: HTTP 200" in logged
 
 
 @pytest.mark.parametrize(("statuses", "attempts"), [([400], 1), ([503] * 10, 3)],

@@ -13,7 +13,15 @@ from pathlib import Path
 import click
 
 from fleet_server.cli.client import FleetClient
-from fleet_server.cli.util import DB_OPTION, exits_on_error, pairs, print_json, stamp, table
+from fleet_server.cli.util import (
+    DB_OPTION,
+    JSON_OPTION,
+    exits_on_error,
+    pairs,
+    print_json,
+    stamp,
+    table,
+)
 
 __all__ = ["device", "token"]
 
@@ -28,15 +36,19 @@ def token() -> None:
 @click.option("--role", type=click.Choice(["viewer", "operator", "approver"]), required=True,
               help="viewer: read; operator: read and write; approver: operator and approve.")
 @DB_OPTION
+@JSON_OPTION
 @exits_on_error
-def token_create(name: str, role: str, db: str) -> None:
+def token_create(name: str, role: str, db: str, as_json: bool) -> None:
     from fleet_server.registry.auth import Auth
     from fleet_server.store import Store
 
     with Store(db) as store:
         issued = Auth(store).create_token(name, role, f"cli:{os.getenv('USER', 'local')}",
                                           time.time())
-    click.echo(issued.secret)
+    if as_json:
+        print_json({"name": name, "role": role, "token": issued.secret})
+    else:
+        click.echo(issued.secret)
     click.echo(f"token {name!r} ({role}) created; it is shown only now", err=True)
 
 
@@ -60,14 +72,18 @@ def token_list(db: str, as_json: bool) -> None:
 @token.command("revoke", help="Revoke a token; requests with it are refused at once.")
 @click.argument("name")
 @DB_OPTION
+@JSON_OPTION
 @exits_on_error
-def token_revoke(name: str, db: str) -> None:
+def token_revoke(name: str, db: str, as_json: bool) -> None:
     from fleet_server.registry.auth import Auth
     from fleet_server.store import Store
 
     with Store(db) as store:
         Auth(store).revoke_token(name, f"cli:{os.getenv('USER', 'local')}", time.time())
-    click.echo(f"token {name!r} revoked")
+    if as_json:
+        print_json({"name": name, "revoked": True})
+    else:
+        click.echo(f"token {name!r} revoked")
 
 
 # --------------------------------------------------------------------------- devices
@@ -89,9 +105,10 @@ def device() -> None:
 @click.option("--server", envvar="FLEET_SERVER", default="http://127.0.0.1:8000",
               help="The fleet server's URL (env FLEET_SERVER).")
 @click.option("--token", envvar="FLEET_TOKEN", default=None, help="An operator token.")
+@JSON_OPTION
 @exits_on_error
 def device_add(device_id: str, label: tuple[str, ...], rotate: bool, db: str | None,
-               server: str, token: str | None) -> None:
+               server: str, token: str | None, as_json: bool) -> None:
     labels = pairs(label, "label")
     if db is not None:
         from fleet_server.registry.devices import Registry
@@ -106,7 +123,11 @@ def device_add(device_id: str, label: tuple[str, ...], rotate: bool, db: str | N
         with FleetClient(server, token) as api:
             secret = api.post("/api/v1/devices", {"id": device_id, "labels": labels,
                                                   "rotate": rotate})["secret"]
-    click.echo(secret)
+    if as_json:  # what provisioning scripts need, in one document
+        print_json({"device": device_id, "labels": labels, "secret": secret,
+                    "rotated": rotate})
+    else:
+        click.echo(secret)
     click.echo(f"device {device_id!r}: this secret is its MQTT password and HTTP token; "
                "it is shown only now", err=True)
 
@@ -115,8 +136,9 @@ def device_add(device_id: str, label: tuple[str, ...], rotate: bool, db: str | N
                                     "with a credential (mode 0600).")
 @DB_OPTION
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The file.")
+@JSON_OPTION
 @exits_on_error
-def device_passwd_file(db: str, out: Path) -> None:
+def device_passwd_file(db: str, out: Path, as_json: bool) -> None:
     from fleet_server.registry.devices import Registry
     from fleet_server.store import Store
 
@@ -126,6 +148,9 @@ def device_passwd_file(db: str, out: Path) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.chmod(out, 0o600)
-    click.echo(f"{out}: {text.count(chr(10))} device(s)")
+    if as_json:
+        print_json({"file": str(out), "devices": text.count("\n")})
+    else:
+        click.echo(f"{out}: {text.count(chr(10))} device(s)")
 
 

@@ -84,10 +84,11 @@ def audit_verify(db: str | None, server: str, token: str | None, as_json: bool) 
               help="30d, 12h, ISO 8601 or unix seconds (default: everything).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "json"]), default="jsonl",
               show_default=True, help="One JSON object a line, or one JSON list.")
+@click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
 @DB
 @_with_api
 @exits_on_error
-def audit_export(since: str | None, fmt: str, db: str | None, server: str,
+def audit_export(since: str | None, fmt: str, as_json: bool, db: str | None, server: str,
                  token: str | None) -> None:
     from fleet_server.registry.audit import MAX_EXPORT, link_dict
 
@@ -95,7 +96,7 @@ def audit_export(since: str | None, fmt: str, db: str | None, server: str,
     entries = _call(db, server, token,
                     lambda log: [link_dict(x) for x in log.export(start)],
                     lambda api: api.get("/api/v1/audit", since=start, limit=MAX_EXPORT))
-    if fmt == "json":
+    if fmt == "json" or as_json:
         print_json(entries)
         return
     for entry in entries:

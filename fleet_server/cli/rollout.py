@@ -3,11 +3,15 @@
 ``create`` and ``plan`` (a dry run) build the REST body from options; ``status`` shows
 one rollout's stages, gates and devices (or lists them all); ``approve``, ``start``,
 ``pause``, ``resume``, ``promote`` and ``abort`` act on one. Every command takes
-``--json``. The server decides everything; errors are one line and exit 1.
+``--json``. The server decides everything; errors are one line and an exit status by
+kind (:mod:`edgefleet.cli`). Gate names are checked here, against
+:class:`~fleet_server.rollouts.values.GateThresholds`, so a typo lists the valid ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from typing import Any
 
 import click
@@ -15,7 +19,8 @@ import click
 from edgefleet.contract.errors import SchemaError
 from edgefleet.parsing import parse_duration, split_pair
 from fleet_server.cli.client import FleetClient
-from fleet_server.cli.util import api_command, num, print_json, stamp, table
+from fleet_server.cli.util import api_command, human_duration, num, print_json, stamp, table
+from fleet_server.rollouts.values import GateThresholds
 
 __all__ = ["duration", "parse_gate", "parse_stages", "rollout"]
 
@@ -49,16 +54,25 @@ def parse_stages(text: str) -> list[float]:
     return out
 
 
+GATE_NAMES = tuple(fd.name for fd in dataclasses.fields(GateThresholds))
+
+
 def parse_gate(item: str) -> tuple[str, Any]:
     """``name=value``: ``none`` disables the gate; true/false, numbers, abort/pause.
 
     Raises:
-        click.BadParameter: no ``=``.
+        click.BadParameter: no ``=``, or a name that is not a gate (the valid ones listed,
+            the closest first).
     """
     try:
         name, raw = split_pair(item, "--gate")
     except SchemaError as exc:
         raise click.BadParameter(str(exc), param_hint="--gate") from None
+    if name not in GATE_NAMES:
+        near = difflib.get_close_matches(name, GATE_NAMES, n=1)
+        raise click.BadParameter(
+            f"{name!r} is not a gate{f' (did you mean {near[0]!r}?)' if near else ''}; "
+            f"the gates: {', '.join(GATE_NAMES)}", param_hint="--gate")
     low = raw.strip().lower()
     if low in ("none", "null", "off"):
         return name, None
@@ -103,6 +117,32 @@ def _spec(bundle: str, group: str, stages: str | None, soak: str | None,
     return body
 
 
+_GATE_DEFAULTS = ", ".join(f"{fd.name}={fd.default}" for fd in dataclasses.fields(GateThresholds))
+
+
+def stage_notes(stages: list[dict[str, Any]]) -> list[str]:
+    """Warnings about a plan's stages and when each may start, for people.
+
+    A small group collapses stages: 1 % and 10 % of 3 devices are both one device, so a
+    stage can add no device, or reach the whole group before the last stage. Each stage's
+    earliest start is the sum of the soaks before it (gates that wait for data, installs
+    and approvals only delay it).
+    """
+    notes, start, total = [], 0.0, stages[-1]["size"] if stages else 0
+    for prev, cur in zip([None, *stages], stages, strict=False):
+        if prev is not None and cur["size"] <= prev["size"]:
+            notes.append(f"warning: stage {cur['index']} ({cur['fraction']:.0%}) adds no "
+                         f"device to stage {prev['index']}'s {prev['size']}: the group is "
+                         f"too small for these stages")
+        elif cur is not stages[-1] and cur["size"] >= total and total:
+            notes.append(f"warning: stage {cur['index']} ({cur['fraction']:.0%}) already "
+                         f"holds all {total} devices")
+    for s in stages:
+        s["earliest_start"] = start
+        start += s["soak_s"]
+    return notes
+
+
 def _plan_options(fn: Any) -> Any:
     for option in reversed([
         click.argument("bundle"),
@@ -116,7 +156,8 @@ def _plan_options(fn: Any) -> Any:
         click.option("--shadow-first", is_flag=True,
                      help="Run the bundle as a shadow on the first stage first."),
         click.option("--gate", "gates", multiple=True, metavar="NAME=VALUE",
-                     help="A gate threshold, e.g. max_error_rate=0.02 (none disables)."),
+                     help="A gate threshold, e.g. max_error_rate=0.02 (none disables). "
+                          f"The gates and their defaults: {_GATE_DEFAULTS}."),
         click.option("--id", "rollout_id", default=None, help="The rollout id (default: "
                      "generated)."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON."),
@@ -138,7 +179,8 @@ def _show(r: dict[str, Any]) -> None:
     click.echo("")
     click.echo(table(["stage", "share", "min", "soak", "size", "state"],
                      [[s["index"], f"{s['fraction']:.0%}", s["min_devices"],
-                       f"{s['soak_s']:.0f}s", s["size"], s["state"]] for s in r["stages"]]))
+                       human_duration(s["soak_s"]), s["size"], s["state"]]
+                      for s in r["stages"]]))
     if r["gate_results"]:
         click.echo("")
         click.echo(table(["gate", "outcome", "value", "op", "threshold", "reason"],
@@ -193,6 +235,8 @@ def rollout_create(api: FleetClient, bundle: str, group: str, stages: str | None
         return
     click.echo(f"rollout {r['id']} created: {r['bundle']} to group {r['group']} "
                f"({r['status']}, {len(r['stages'])} stages)")
+    for note in stage_notes(r["stages"]):
+        click.echo(note, err=True)
 
 
 @rollout.command("plan", help="Dry run: which devices each stage of a rollout would hold.")
@@ -210,12 +254,20 @@ def rollout_plan(api: FleetClient, bundle: str, group: str, stages: str | None,
                f"devices{', shadow first' if p['shadow_first'] else ''}"
                f"{', needs approval' if p['requires_approval'] else ''})")
     shown = 8
-    click.echo(table(["stage", "share", "size", "soak", "devices"],
-                     [[s["index"], f"{s['fraction']:.0%}", s["size"], f"{s['soak_s']:.0f}s",
+    notes = stage_notes(p["stages"])
+    click.echo(table(["stage", "share", "size", "soak", "starts", "devices"],
+                     [[s["index"], f"{s['fraction']:.0%}", s["size"],
+                       human_duration(s["soak_s"]),
+                       "at start" if not s["earliest_start"]
+                       else f"+{human_duration(s['earliest_start'])}",
                        ",".join(s["devices"][:shown])
                        + (f",... (+{len(s['devices']) - shown})"
                           if len(s["devices"]) > shown else "")]
                       for s in p["stages"]]))
+    click.echo("(starts: the earliest, after the soaks before it; gates waiting for data, "
+               "installs and approvals delay it)")
+    for note in notes:
+        click.echo(note, err=True)
     if rollout_id is None:
         click.echo(f"(the order depends on the id: create with --id {p['id']} to get it)")
 

@@ -18,13 +18,15 @@ from edgefleet.errors import EdgefleetError
 from edgefleet.parsing import parse_duration, parse_pairs
 from fleet_server.cli.client import FleetClient
 
-__all__ = ["API_OPTIONS", "DB_OPTION", "api_command", "exits_on_error", "fail", "num", "pairs",
-           "parse_time", "print_json", "stamp", "table"]
+__all__ = ["API_OPTIONS", "DB_OPTION", "JSON_OPTION", "api_command", "exits_on_error", "fail",
+           "human_duration", "num", "pairs", "parse_time", "print_json", "stamp", "table"]
 
 _DB_HELP = ("The server's database: a SQLite file (a path, or sqlite:///path) or "
            "postgresql://user@host[:port]/dbname.")
 # a string, not click.Path: a URL is not a path (Path would fold its "//")
 DB_OPTION = click.option("--db", default="fleet.db", show_default=True, help=_DB_HELP)
+JSON_OPTION = click.option("--json", "as_json", is_flag=True,
+                           help="Print one JSON document on stdout (for scripts).")
 
 
 def fail(message: str, code: int = FAILURE) -> None:
@@ -84,6 +86,21 @@ def stamp(t: float | None) -> str:
     if t is None:
         return "-"
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def human_duration(seconds: float | None) -> str:
+    """``3600`` → ``1h``, ``5400`` → ``1h30m``, ``90`` → ``1m30s``: for tables (``--json``
+    keeps the exact seconds)."""
+    if seconds is None:
+        return "-"
+    left, parts = round(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size or (unit == "s" and not parts):
+            parts.append(f"{left // size}{unit}")
+            left %= size
+        if len(parts) == 2:
+            break
+    return "".join(parts)
 
 
 def num(x: float | None, fmt: str = ".3f") -> str:

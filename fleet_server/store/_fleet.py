@@ -139,7 +139,9 @@ class FleetTables(StoreBase):
             row = self._one("SELECT secret_hash FROM devices WHERE id = ?", [device])
             if row is not None and row["secret_hash"] is not None and not rotate:
                 raise ConflictError(f"device {device!r} has a credential already; "
-                                    "rotate it explicitly to issue a new one")
+                                    "rotate it explicitly to issue a new one "
+                                    "(`fleet device add --rotate`, or rotate: true in "
+                                    "the API)")
             if row is None:
                 self._exec("INSERT INTO devices (id, created, created_by) VALUES (?, ?, ?)",
                            [device, now, actor])

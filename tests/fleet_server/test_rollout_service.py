@@ -567,16 +567,31 @@ def test_cli_create_status_plan_abort(live):
     assert json.loads(run("status", "cli1", "--json").output)["audit"][-1]["reason"] == \
         "testing"
 
-    for args, words in ((("status", "nope"), "rollout 'nope' not found"),
-                        (("abort", "cli1"), "RolloutFinishedError"),
-                        (("create", "sensor@9.9.9", "--group", "plant-a"), "sensor@9.9.9"),
-                        (("create", "sensor@1.1.0", "--group", "plant-a", "--stages",
-                          "50%"), "stages"),
-                        (("approve", "cli1", "--json"), "HTTP 409")):
+    # exit statuses by kind (edgefleet.cli): 3 not found, 4 conflict, 1 refused
+    for args, words, code in ((("status", "nope"), "rollout 'nope' not found", 3),
+                              (("abort", "cli1"), "RolloutFinishedError", 4),
+                              (("create", "sensor@9.9.9", "--group", "plant-a"),
+                               "sensor@9.9.9", 3),
+                              (("create", "sensor@1.1.0", "--group", "plant-a", "--stages",
+                                "50%"), "stages", 1),
+                              (("approve", "cli1", "--json"), "HTTP 409", 4)):
         result = run(*args, ok=False)
-        assert result.exit_code == 1, result.output
+        assert result.exit_code == code, result.output
         assert result.output.count("\n") == 1 and result.output.startswith("fleet: error:")
         assert words in result.output
     result = runner.invoke(main, ["rollout", "create", "sensor@1.1.0", "--group", "plant-a",
                                   "--stages", "half"], env=env)
     assert result.exit_code == 2 and "half" in result.output
+    # a misspelt gate is refused before any request, naming the closest and listing all
+    result = runner.invoke(main, ["rollout", "create", "sensor@1.1.0", "--group", "plant-a",
+                                  "--gate", "max_eror_rate=0.02"], env=env)
+    assert result.exit_code == 2
+    assert "did you mean 'max_error_rate'?" in result.output
+    assert "max_latency_p95_ratio" in result.output
+    assert "max_latency_p95_ratio=1.5" in runner.invoke(main, ["rollout", "create", "-h"]).output
+    # stages that collapse on a small group are said, and when each stage may start
+    out = run("plan", "sensor@1.1.0", "--group", "plant-a", "--stages", "10%,20%,100%",
+              "--soak", "90m").output
+    assert "warning: stage 1 (20%) adds no device to stage 0's 1" in out
+    starts = [line.split()[4] for line in out.splitlines()[2:5]]
+    assert starts == ["at", "+1h30m", "+3h"], out

@@ -377,23 +377,52 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+# what each gate measures, said the first time it appears
+GATE_HELP = {
+    "install_failures": "canaries that failed to install the bundle",
+    "healthy_devices": "share of the canaries serving on the new bundle (1 = all)",
+    "sample": "predictions the canaries served this stage (enough to judge?)",
+    "control_sample": "predictions the control devices (still on the old bundle) served",
+    "error_rate": "share of the canaries' requests that failed",
+    "error_rate_delta": "canary error rate minus the controls'",
+    "latency_p95_ratio": "canaries' p95 latency over the controls'",
+    "prediction_psi": "PSI of the canaries' predictions against the controls'",
+    "prediction_js": "Jensen-Shannon distance of the same",
+    "input_drift_share": "share of input features drifting on the canaries",
+    "input_drift": "the drift monitor's verdict on the canaries' inputs (0 = none)",
+    "shadow_agreement": "share of rows where the shadow agreed with the live model",
+}
+_explained: set[str] = set()
+
+
+def _gate(g: dict[str, Any]) -> str:
+    op = {"<=": "≤", ">=": "≥"}.get(g.get("op") or "", g.get("op") or "")
+    bound = f" {op} {_fmt(g['threshold'])}" if g.get("threshold") is not None else ""
+    return f"{g['name']} {_fmt(g['value'])}{bound} {'✓' if g['outcome'] == 'pass' else '✗'}"
+
+
 def _audit_line(entry: dict[str, Any]) -> str:
-    """One decision of the audit log: when, who, what, why, and the numbers behind it."""
+    """One decision of the audit log: when, who, what, why, and the numbers behind it:
+    every gate with its value and bound, explained the first time it appears."""
     when = time.strftime("%H:%M:%S", time.localtime(entry["time"]))
     line = (f"[{when}] {entry['actor']}: {entry['action']} {entry['from_status'] or '—'} → "
             f"{entry['to_status']} (stage {entry['stage']})")
     if entry.get("reason"):
         line += f": {entry['reason']}"
     numbers = entry.get("numbers") or {}
-    counts = [f"{k} {_fmt(v)}" for k, v in numbers.items()
-              if isinstance(v, int | float) and not isinstance(v, bool)]
-    gates = [f"{g['name']} {_fmt(g['value'])} {g['outcome']}" for g in numbers.get("gates", ())
+    counts = [f"{k} {_fmt(v)}" for k, v in numbers.items()  # zeros say nothing here
+              if isinstance(v, int | float) and not isinstance(v, bool) and v]
+    gates = [g for g in numbers.get("gates", ())
              if isinstance(g, dict) and g.get("outcome") in ("pass", "fail")
              and g.get("name") != "soak"]
     if counts:
-        line += f"\n      {', '.join(counts)}"
+        line += f"\n      devices: {', '.join(counts)}"
     if gates:
-        line += f"\n      gates: {', '.join(gates)}"
+        line += f"\n      gates: {', '.join(_gate(g) for g in gates)}"
+    new = [g["name"] for g in gates if g["name"] not in _explained and g["name"] in GATE_HELP]
+    for name in new:
+        _explained.add(name)
+        line += f"\n        ({name}: {GATE_HELP[name]})"
     return line
 
 
@@ -414,11 +443,14 @@ def story(demo: Demo, bundles: dict[str, Path]) -> None:
     for d in demo.devices:
         if d.site == "b":
             d.shift = {"humidity": 25.0}
-    alert = wait_for("a drift alert", lambda: next(iter(demo.client.get(
+    wait_for("a drift alert", lambda: next(iter(demo.client.get(
         "/api/v1/alerts", state="open")), None), 120, every=1.0)
-    say(f"alert #{alert['id']} ({alert['kind']}): {alert['message']}")
+    for a in demo.client.get("/api/v1/alerts", state="open"):  # every open alert, not one
+        say(f"alert #{a['id']} ({a['kind']}, group {a['group'] or '-'}): {a['message']}")
     report = demo.client.get("/api/v1/drift", bundle="sensor@1.0.0", group="site-b",
                              since=time.time() - 20)
+    say("  (PSI and W/σ are net of their small-sample bias, so 0 means no more than noise; "
+        "KS is raw)")
     for f in report["report"]["features"]:
         if f["role"] == "input":
             s = f["stats"]

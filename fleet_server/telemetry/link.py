@@ -81,6 +81,30 @@ class Incoming:
     retained: bool = False
 
 
+class _QuietWhileStopping(logging.Filter):
+    """paho's loop thread takes one more turn after a clean disconnect closed the socket and
+    logs it as an error ("Client is not connected"): noise on every clean shutdown, not
+    news. Muted while a link of this process is stopping (one filter on the shared logger,
+    not one per link)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def stopping(self, delta: int) -> None:
+        with self._lock:
+            self._count += delta
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self._count and record.getMessage().startswith("Client is not connected"))
+
+
+_PAHO_LOG = logging.getLogger(f"{__name__}.paho")
+_QUIET = _QuietWhileStopping()
+_PAHO_LOG.addFilter(_QUIET)
+
+
 class ServerLink:
     """One MQTT 5 connection as the ``server`` account.
 
@@ -113,7 +137,7 @@ class ServerLink:
         client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                              client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
                              manual_ack=True)
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.enable_logger(_PAHO_LOG)
         client.username_pw_set(config.username, config.password)
         if config.tls_ca is not None:
             client.tls_set(ca_certs=str(config.tls_ca))
@@ -166,10 +190,14 @@ class ServerLink:
         if not self._started:
             return
         self._stopping = True
-        self._client.disconnect()
-        with self._cond:
-            self._cond.wait_for(lambda: not self._connected, timeout=timeout)
-        self._client.loop_stop()
+        _QUIET.stopping(+1)
+        try:
+            self._client.disconnect()
+            with self._cond:
+                self._cond.wait_for(lambda: not self._connected, timeout=timeout)
+            self._client.loop_stop()
+        finally:
+            _QUIET.stopping(-1)
         for thread in self._callbacks:
             thread.join(timeout)
         self._started = False

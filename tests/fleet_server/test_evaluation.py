@@ -7,9 +7,9 @@ broker path is covered in test_ingest; here the subject is what happens per wind
 from __future__ import annotations
 
 import hashlib
-import logging
 import hmac
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -7,6 +7,7 @@ what the metrics say, never that a function was called.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 import zlib
@@ -375,3 +376,15 @@ def test_the_worker_publishes_acks_after_the_commit_and_again_after_a_restart(
     finally:
         link.stop()
         outbox.close()
+
+
+def test_a_clean_stop_logs_no_paho_error(broker, server_factory, caplog):
+    """paho's loop takes one more turn after a clean disconnect and logs "Client is not
+    connected" as an ERROR: noise on every shutdown of `fleet serve`, muted while stopping."""
+    caplog.set_level(logging.DEBUG, logger="fleet_server.telemetry.link.paho")
+    for _ in range(3):
+        server = server_factory(broker)
+        wait_until(lambda s=server: s.link.connected, 10, "the server")
+        server.stop()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []

@@ -64,15 +64,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class StoryFailed(Exception):
+    """A step of the story did not happen in time; the fleet stays up to look at why."""
+
+
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"demo: timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
+    """Poll ``predicate`` until it is truthy; show progress after a few seconds (on a
+    terminal, one line updated in place; otherwise a line every 15 s)."""
+    start = time.monotonic()
+    deadline, shown, tty = start + timeout, start, sys.stdout.isatty()
+    try:
+        while True:
+            value = predicate()
+            if value:
+                return value
+            now = time.monotonic()
+            if now > deadline:
+                raise StoryFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+            if now - start > 3 and (tty or now - shown >= 15):
+                shown = now
+                line = f"  … waiting for {what} ({now - start:.0f} s of at most {timeout:.0f})"
+                print(f"\r{line}", end="", flush=True) if tty else print(line, flush=True)
+            time.sleep(every)
+    finally:
+        if tty and time.monotonic() - start > 3:
+            print("\r\033[K", end="", flush=True)  # clear the progress line
 
 
 # --------------------------------------------------------------------------- 1. package
@@ -341,8 +357,8 @@ class Demo:
 
         detail = wait_for(f"the rollout of {version} to finish", finished, 240, every=1.0)
         if detail["status"] != expect:
-            raise SystemExit(f"demo: the rollout of {version} ended {detail['status']}, "
-                             f"expected {expect}")
+            raise StoryFailed(f"the rollout of {version} ended {detail['status']}, "
+                              f"expected {expect}")
         return detail
 
     def running(self) -> dict[str, int]:
@@ -416,7 +432,7 @@ def _audit_line(entry: dict[str, Any]) -> str:
              if isinstance(g, dict) and g.get("outcome") in ("pass", "fail")
              and g.get("name") != "soak"]
     if counts:
-        line += f"\n      devices: {', '.join(counts)}"
+        line += f"\n      {', '.join(counts)}"
     if gates:
         line += f"\n      gates: {', '.join(_gate(g) for g in gates)}"
     new = [g["name"] for g in gates if g["name"] not in _explained and g["name"] in GATE_HELP]
@@ -515,11 +531,19 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
+    failed = None
     try:
         banner("2. start the fleet: Mosquitto, the fleet server, 20 agents")
-        demo.start_fleet(bundles)
-        story(demo, bundles)
-        banner("done")
+        try:
+            demo.start_fleet(bundles)
+            story(demo, bundles)
+            banner("done")
+        except StoryFailed as exc:  # keep the fleet up: the dashboard and logs say why
+            failed = str(exc)
+            banner("the story stopped")
+            say(f"demo: {failed}")
+            say("the fleet is still up so you can look at why (dashboard, fleet CLI); "
+                f"logs in {OUT}")
         say(f"dashboard: {demo.url}/  (sign in with the operator token in "
             f"{OUT / 'operator.token'})")
         say(f"CLI:       FLEET_SERVER={demo.url} FLEET_TOKEN=$(cat {OUT}/operator.token) "
@@ -534,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         say("stopping: agents, fleet server, broker ...")
         demo.stop()
         say("stopped")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ class FleetServer:
         assert self.lease is not None
         if self.leading or not self.lease.acquire():
             return
-        log.warning("engine: leading (%s)", self.lease_name)
+        log.info("engine: leading (%s)", self.lease_name)
         for part in self._engine_parts:
             part.start()
         if self.services.store.kind != "sqlite":

@@ -332,6 +332,51 @@ class Alert:
                 "webhook": self.webhook, "attempts": self.attempts}
 
 
+RETRAIN_STATUSES = ("requested", "running", "promoted", "rejected", "failed")
+RETRAIN_FINISHED = frozenset({"promoted", "rejected", "failed"})
+
+
+@dataclass(frozen=True)
+class RetrainRun:
+    """One run of the retraining loop (``edgepack retrain``), its lineage in ids: the alert
+    that triggered it, the champion it was judged against, the challenger it built and
+    the rollout that took it to the devices.
+
+    ``requested`` (``fleet retrain start``, waiting for a runner) → ``running`` → one of
+    ``promoted`` (the challenger won; uploaded and rolled out), ``rejected`` (it did not
+    win: nothing deployed, ``reason`` says why) or ``failed`` (an error, in ``reason``).
+    """
+
+    id: int
+    recipe: str
+    recipe_hash: str
+    revision: str  # the code revision the recipe ran at (git), "" if unknown
+    trigger: str  # manual | schedule | alert:<id>
+    alert_id: int | None
+    status: str
+    group: str
+    bundle: str  # the bundle name the recipe builds
+    champion: str | None  # name@version it was judged against
+    challenger: str | None  # name@version it built
+    rollout: str | None  # the rollout id that took the challenger to the devices
+    created: float
+    started: float | None
+    finished: float | None
+    actor: str
+    data: dict[str, Any]  # rows, time range, sha256 of the training and held-out data
+    metrics: dict[str, Any]  # the comparison: both models' metrics, deltas, the test, rules
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "recipe": self.recipe, "recipe_hash": self.recipe_hash,
+                "revision": self.revision, "trigger": self.trigger, "alert_id": self.alert_id,
+                "status": self.status, "group": self.group, "bundle": self.bundle,
+                "champion": self.champion, "challenger": self.challenger,
+                "rollout": self.rollout, "created": self.created, "started": self.started,
+                "finished": self.finished, "actor": self.actor, "data": self.data,
+                "metrics": self.metrics, "reason": self.reason}
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     id: int

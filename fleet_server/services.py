@@ -20,6 +20,8 @@ Public service APIs (for the rollout shell and the dashboard):
   ``list``, ``act``, ``preview``, ``tick`` (the engine thread is the server's);
 - ``audit`` (:class:`~fleet_server.registry.audit.AuditLog`): ``verify`` the hash chain,
   ``export``;
+- ``retrains`` (:class:`~fleet_server.registry.retrains.Retrains`): the retraining runs,
+  ``start``, ``claim``, ``update``, ``lineage``;
 - ``alerts`` (:class:`~fleet_server.monitoring.alerts.Alerts`), ``auth``
   (:class:`~fleet_server.registry.auth.Auth`), ``ingestor``, ``metrics``, ``store``.
 """
@@ -41,6 +43,7 @@ from fleet_server.registry.blobs import BlobStore
 from fleet_server.registry.bundles import Bundles
 from fleet_server.registry.desired import DesiredStates, Publisher
 from fleet_server.registry.devices import Registry
+from fleet_server.registry.retrains import Retrains
 from fleet_server.rollouts.engine import Rollouts
 from fleet_server.store import Store
 from fleet_server.telemetry.ingest import Ingestor
@@ -62,6 +65,7 @@ class Services:
     metrics: Metrics
     rollouts: Rollouts
     audit: AuditLog
+    retrains: Retrains
     clock: Callable[[], float] = time.time
     mqtt_state: Callable[[], str] = field(default=lambda: "disabled")
 
@@ -94,7 +98,7 @@ def build_services(config: ServerConfig, *, publisher: Publisher | None = None,
             desired=desired, drift=drift, alerts=Alerts(store, metrics), ingestor=ingestor,
             metrics=metrics,
             rollouts=Rollouts(store, registry, bundles, desired, drift, config, clock),
-            audit=AuditLog(store), clock=clock)
+            audit=AuditLog(store), retrains=Retrains(store), clock=clock)
     except BaseException:
         store.close()
         raise

@@ -15,6 +15,7 @@ The parts, by table:
 - ``_telemetry``: summaries, rollups, reports, dead letters, counters;
 - ``_drift``: bundles, evaluated drift windows, alerts, webhook attempts;
 - ``_rollouts``: rollouts, and the telemetry reads their gates make;
+- ``_retrains``: retraining runs and their lineage;
 - ``_dashboard``: the dashboard's paged device list and its counts (reads only).
 
 The store decides nothing: it does not judge, validate messages, hash secrets or read the
@@ -28,6 +29,7 @@ from fleet_server.store._base import StoreBase
 from fleet_server.store._dashboard import DEVICE_SORTS, DashboardReads, DeviceQuery, DevicesPage
 from fleet_server.store._drift import DriftTables
 from fleet_server.store._fleet import FleetTables, selector_sql
+from fleet_server.store._retrains import RetrainTables
 from fleet_server.store._rollouts import RolloutRow, RolloutTables, WindowSummary
 from fleet_server.store._telemetry import (
     FLEET_SCOPE,
@@ -60,7 +62,7 @@ __all__ = [
 ]
 
 
-class Store(FleetTables, TelemetryTables, DriftTables, RolloutTables, DashboardReads,
-            StoreBase):
+class Store(FleetTables, TelemetryTables, DriftTables, RolloutTables, RetrainTables,
+            DashboardReads, StoreBase):
     """The fleet database. ``Store(db)`` opens (creating and migrating) a SQLite file (a
     path or ``sqlite:///path``) or a PostgreSQL database (``postgresql://...``)."""

@@ -51,6 +51,7 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("removed_devices", ("device",)),
     ("acks", ("device", "stream")),
     ("settled", ("device", "stream", "seq")),
+    ("retrains", ("id",)),
 )
 # tables whose integer id the database assigns (an identity on PostgreSQL)
 _IDENTITY = {"tokens", "bundles", "summaries", "reports", "dead_letters", "audit",

@@ -271,6 +271,32 @@ ALTER TABLE audit ADD COLUMN prev TEXT;
 ALTER TABLE audit ADD COLUMN hash TEXT;
 """
 
+_V13 = """
+CREATE TABLE retrains (
+    id          INTEGER PRIMARY KEY,
+    recipe      TEXT    NOT NULL,
+    recipe_hash TEXT    NOT NULL,
+    revision    TEXT    NOT NULL DEFAULT '',
+    trigger     TEXT    NOT NULL,
+    alert_id    INTEGER,
+    status      TEXT    NOT NULL,
+    group_name  TEXT    NOT NULL,
+    bundle      TEXT    NOT NULL,
+    champion    TEXT,
+    challenger  TEXT,
+    rollout     TEXT,
+    created     REAL    NOT NULL,
+    started     REAL,
+    finished    REAL,
+    actor       TEXT    NOT NULL,
+    data        TEXT    NOT NULL DEFAULT '{}',
+    metrics     TEXT    NOT NULL DEFAULT '{}',
+    reason      TEXT    NOT NULL DEFAULT ''
+);
+CREATE UNIQUE INDEX retrains_one_running ON retrains (recipe) WHERE status = 'running';
+CREATE INDEX retrains_by_recipe ON retrains (recipe, id);
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -280,6 +306,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (5, "removed devices, the desired state's rollback slot", _V5),
     (6, "delivery acknowledgements", _V6),
     (7, "audit hash chain", _V7),
+    (8, "retraining runs", _V13),  # 13 once 8-12 (outcomes, performance, ...) land
 )
 LATEST = MIGRATIONS[-1][0]
 AUDIT_CHAIN = 7  # the version from which audit entries carry prev and hash

@@ -59,6 +59,11 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/alerts"): VIEWER,
     ("GET", "/api/v1/alerts/{alert_id}"): VIEWER,
     ("POST", "/api/v1/alerts/{alert_id}/resolve"): OPERATOR,
+    ("GET", "/api/v1/retrains"): VIEWER,
+    ("GET", "/api/v1/retrains/{run_id}"): VIEWER,
+    ("POST", "/api/v1/retrains"): OPERATOR,
+    ("POST", "/api/v1/retrains/claim"): OPERATOR,
+    ("PATCH", "/api/v1/retrains/{run_id}"): OPERATOR,
     ("GET", "/api/v1/audit"): VIEWER,
     ("GET", "/api/v1/audit/verify"): VIEWER,
     ("GET", "/api/v1/rollouts"): VIEWER,
@@ -70,7 +75,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
 }
 PRINCIPALS = ("anonymous", "revoked", "device", "other-device", "viewer", "operator", "approver")
 PATH_VALUES = {"device": "dev1", "name": "sensor", "version": "1.0.0", "alert_id": "1",
-               "rollout_id": "r1", "action": "abort", "asset": "swagger-init.js"}
+               "run_id": "1", "rollout_id": "r1", "action": "abort", "asset": "swagger-init.js"}
 QUERY = {"/api/v1/drift": {"bundle": "sensor@1.0.0"},
          "/api/v1/drift/series": {"bundle": "sensor@1.0.0"},
          "/api/v1/drift/windows": {"bundle": "sensor@1.0.0"}}
@@ -152,7 +157,7 @@ def test_each_principal_is_allowed_or_refused_as_the_rules_say(matrix, method, p
     for who in PRINCIPALS:
         headers = {} if who == "anonymous" else {"Authorization": f"Bearer {creds[who]}"}
         kwargs: dict = {"params": QUERY.get(path, {})}
-        if method in ("POST", "PUT"):
+        if method in ("POST", "PUT", "PATCH"):
             kwargs["json"] = {}  # valid JSON, invalid body: allowed callers get a 4xx
         r = client.request(method, url, headers=headers, **kwargs)
         assert r.status_code < 500, (who, r.status_code, r.text)

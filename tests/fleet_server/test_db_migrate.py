@@ -64,6 +64,9 @@ def source(tmp_path, signing_keys, sensor_bundle, sensor_ref):
                       {"stage": 0}, NOW)
     s.registry.add_device("dev3", {}, "test", NOW)
     s.registry.remove_device("dev3", "test", NOW + 2)  # a removal record
+    run = s.retrains.start(recipe="sensor", recipe_hash="ab", revision="", trigger=f"alert:"
+                           f"{alert.id}", group="site-a", bundle="sensor", actor="t", now=NOW)
+    s.retrains.update(run.id, {"data": {"rows": 10}}, "t", NOW)
     with store.transaction():  # a sequence refused for good, past the acknowledgement
         store.add_settled([("dev2", "summary", 9)])
     assert store.acks()["dev1"] == {"summary": 3, "report": 1}

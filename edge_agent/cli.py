@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from edgefleet import __version__
-from edgefleet.cli import EXIT_CODES_HELP
+from edgefleet.cli import EXIT_CODES_HELP, JsonLogFormatter
 from edgefleet.cli import run as run_program
 from edgefleet.contract.errors import InputError
 
@@ -39,13 +39,18 @@ def cli() -> None:
               type=click.Path(dir_okay=False, path_type=Path), help="The agent's TOML config.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
-def run(config_path: Path, log_level: str) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Log one JSON object a line on stderr (for journald and log shippers).")
+def run(config_path: Path, log_level: str, as_json: bool) -> None:
     """Run the agent until SIGTERM or SIGINT."""
     from edge_agent.config import load_config
     from edge_agent.daemon import AgentDaemon
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if as_json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
     AgentDaemon(load_config(config_path)).run()
 
 

@@ -18,21 +18,25 @@ A class says which by its ``exit_code`` attribute; the fleet server's errors car
 ``status`` (their own, or the server's answer for the CLI's client), mapped here. Output
 piped into a program that stops reading (``| head``) ends quietly with status 0.
 
-This module imports only click, so every program (the device's included) can use it.
+This module imports only click and the standard library, so every program (the device's
+included) can use it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 
 import click
 
 from edgefleet.errors import EdgefleetError
 
 __all__ = ["CONFLICT", "EXIT_CODES_HELP", "FAILURE", "GATE", "NOT_FOUND", "OK", "UNAUTHORISED",
-           "UNAVAILABLE", "USAGE", "exit_code", "run"]
+           "UNAVAILABLE", "USAGE", "JsonLogFormatter", "exit_code", "run"]
 
 OK, FAILURE, USAGE, NOT_FOUND, CONFLICT, UNAUTHORISED, GATE, UNAVAILABLE = range(8)
 
@@ -96,3 +100,16 @@ def _quiet_stdout() -> None:
     final flush does not raise again (the recipe in Python's signal documentation)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line (``--json`` on the long-running commands): what log shippers
+    (journald, Loki, CloudWatch) parse."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+                 "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, sort_keys=True)

@@ -218,8 +218,10 @@ def build(model: Path, train_data: Path, target: str | None, name: str, version:
 @click.option("--comment", default="", help="Why it is approved (with --role).")
 @click.option("--review-by", metavar="YYYY-MM-DD",
               help="The next review date, renewing the card's (with --role).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def sign(bundle: Path, key: Path, passphrase_env: str | None, ask_passphrase: bool,
-         out: Path | None, role: str | None, comment: str, review_by: str | None) -> None:
+         out: Path | None, role: str | None, comment: str, review_by: str | None,
+         as_json: bool) -> None:
     """Add a signature (an approver's, say) to BUNDLE; nothing else changes.
 
     With --role, also add a signed statement of who approved it, when, in what role and
@@ -245,8 +247,10 @@ def sign(bundle: Path, key: Path, passphrase_env: str | None, ask_passphrase: bo
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, target)
-    click.echo(f"signed {target} with key {key_id(private.public_key())}"
-               + (f" (approval as {role})" if role else ""))
+    kid = key_id(private.public_key())
+    _emit(as_json, {"bundle": str(target), "key_id": kid, "role": role,
+                    "review_by": review_by},
+          f"signed {target} with key {kid}" + (f" (approval as {role})" if role else ""))
 
 
 @cli.command()
@@ -448,7 +452,9 @@ def _card_lines(m) -> list[str]:
               help="Check approvals against these keys and name the approvers. Repeatable.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the card here (default: standard output).")
-def card(bundle: Path, fmt: str, trust: tuple[str, ...], out: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
+def card(bundle: Path, fmt: str, trust: tuple[str, ...], out: Path | None,
+         as_json: bool) -> None:
     """Render BUNDLE's model card: who approved it, what data trained it, how it was
     evaluated, what biases were tested, when it is reviewed next, how it can be explained.
     Checks structure and digests; use `edgepack verify` to judge the signatures."""
@@ -456,7 +462,7 @@ def card(bundle: Path, fmt: str, trust: tuple[str, ...], out: Path | None) -> No
 
     store = TrustStore.from_files(trust) if trust else None
     with _naming(bundle), unpack_unverified(bundle) as b:
-        text = render(card_document(b, store), fmt)
+        text = render(card_document(b, store), "json" if as_json else fmt)
     if out is None:
         click.echo(text, nl=False)
     else:

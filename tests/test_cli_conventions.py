@@ -4,6 +4,7 @@ failure (edgefleet.cli), and a pipe closed early ends quietly."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -52,6 +53,28 @@ def test_every_command_answers_dash_h(prog: str, path: tuple[str, ...]) -> None:
     result = CliRunner().invoke(PROGRAMS[prog], [*path, "-h"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("Usage: ")
+
+
+@pytest.mark.parametrize(("prog", "path"), ALL, ids=[" ".join((p, *c)) for p, c in ALL])
+def test_every_command_takes_json(prog: str, path: tuple[str, ...]) -> None:
+    """--json on every command: a document on stdout, or JSON log lines for the
+    long-running ones (serve, ingest, edge-agent run)."""
+    command = PROGRAMS[prog]
+    for name in path:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    if isinstance(command, click.Group):
+        return
+    assert "--json" in {o for p in command.params for o in getattr(p, "opts", ())}
+
+
+def test_json_log_lines() -> None:
+    from edgefleet.cli import JsonLogFormatter
+
+    record = logging.LogRecord("fleet_server.rollouts", logging.INFO, __file__, 1,
+                               "rollout %s: %s", ("r1", "promote"), None)
+    line = json.loads(JsonLogFormatter().format(record))
+    assert line["level"] == "INFO" and line["message"] == "rollout r1: promote"
+    assert line["logger"] == "fleet_server.rollouts" and line["time"].endswith("+00:00")
 
 
 @pytest.mark.parametrize("prog", sorted(PROGRAMS))

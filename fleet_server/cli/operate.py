@@ -14,7 +14,16 @@ from typing import Any
 import click
 
 from fleet_server.cli.client import FleetClient
-from fleet_server.cli.util import api_command, num, pairs, parse_time, print_json, stamp, table
+from fleet_server.cli.util import (
+    JSON_OPTION,
+    api_command,
+    num,
+    pairs,
+    parse_time,
+    print_json,
+    stamp,
+    table,
+)
 
 __all__ = ["alerts", "bundle", "desired", "device_list", "device_remove", "device_show", "drift",
            "group"]
@@ -97,12 +106,16 @@ def group() -> None:
 @click.option("--selector", multiple=True, metavar="KEY=VALUE", help="Label to match (repeat).")
 @click.option("--requires-approval", is_flag=True, help="Rollouts to it need an approver.")
 @click.option("--important", multiple=True, help="A feature whose drift makes the group drift.")
+@JSON_OPTION
 @api_command
 def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
-                 requires_approval: bool, important: tuple[str, ...]) -> None:
+                 requires_approval: bool, important: tuple[str, ...], as_json: bool) -> None:
     g = api.post("/api/v1/groups", {"name": name, "selector": pairs(selector, "selector"),
                                     "requires_approval": requires_approval,
                                     "important_features": list(important)})
+    if as_json:
+        print_json(g)
+        return
     click.echo(f"group {g['name']!r} created ({g['members']} member(s))")
 
 
@@ -123,10 +136,14 @@ def group_list(api: FleetClient, as_json: bool) -> None:
 
 @group.command("delete", help="Delete a group (its devices are untouched).")
 @click.argument("name")
+@JSON_OPTION
 @api_command
-def group_delete(api: FleetClient, name: str) -> None:
+def group_delete(api: FleetClient, name: str, as_json: bool) -> None:
     api.delete(f"/api/v1/groups/{name}")
-    click.echo(f"group {name!r} deleted")
+    if as_json:
+        print_json({"group": name, "deleted": True})
+    else:
+        click.echo(f"group {name!r} deleted")
 
 
 # --------------------------------------------------------------------------- bundles
@@ -139,9 +156,13 @@ def bundle() -> None:
 
 @bundle.command("upload", help="Upload a bundle; the server verifies it before storing.")
 @click.argument("path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@JSON_OPTION
 @api_command
-def bundle_upload(api: FleetClient, path: Path) -> None:
+def bundle_upload(api: FleetClient, path: Path, as_json: bool) -> None:
     status, b = api.upload(path)
+    if as_json:  # the stored bundle, and whether this call stored it
+        print_json({**b, "created": status == 201})
+        return
     what = "uploaded" if status == 201 else "already stored"
     click.echo(f"{b['name']}@{b['version']} {what} (sha256 {b['sha256'][:16]}…)")
 
@@ -191,12 +212,16 @@ def desired() -> None:
 @click.argument("label", metavar="NAME@VERSION")
 @click.option("--shadow", default=None, metavar="NAME@VERSION", help="Run beside it, unserved.")
 @click.option("--allow-downgrade", is_flag=True, help="Allow a lower version than installed.")
+@JSON_OPTION
 @api_command
 def desired_set(api: FleetClient, device_id: str, label: str, shadow: str | None,
-                allow_downgrade: bool) -> None:
+                allow_downgrade: bool, as_json: bool) -> None:
     d = api.put(f"/api/v1/devices/{device_id}/desired",
                 {"bundle": None if label == "none" else label, "shadow": shadow,
                  "allow_downgrade": allow_downgrade})
+    if as_json:
+        print_json(d)
+        return
     b = d["bundle"]
     click.echo(f"{device_id}: revision {d['revision']}, "
                f"{b['name'] + '@' + b['version'] if b else 'no bundle'}")

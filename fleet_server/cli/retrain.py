@@ -25,7 +25,8 @@ def retrain() -> None:
 @retrain.command("list", help="Runs, newest first.")
 @click.option("--recipe", default=None, help="Only this recipe's runs.")
 @click.option("--status", default=None,
-              type=click.Choice(["requested", "running", "promoted", "rejected", "failed"]))
+              type=click.Choice(["requested", "running", "promoted", "rejected", "failed"]),
+              help="Only runs in this status.")
 @click.option("--alert", "alert_id", type=int, default=None,
               help="Only the runs this alert triggered.")
 @JSON_OPTION

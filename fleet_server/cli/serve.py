@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
+from edgefleet.cli import JsonLogFormatter
 from fleet_server.cli.util import DB_OPTION, exits_on_error
 from fleet_server.config import SERVER_ROLES
 
@@ -65,25 +64,13 @@ def _server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object a line: what log shippers (journald, Loki, CloudWatch) parse."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
-                 "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, sort_keys=True)
-
-
 def json_logs(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--json`` for a long-running command: its log lines as JSON objects on stderr."""
     @wraps(fn)
     def run(*args: Any, as_json: bool, **kwargs: Any) -> Any:
         if as_json:
             for handler in logging.getLogger().handlers:
-                handler.setFormatter(JsonLogFormatter())
+                handler.setFormatter(JsonLogFormatter())  # edgefleet.cli's
         return fn(*args, **kwargs)
     return click.option("--json", "as_json", is_flag=True,
                         help="Log one JSON object a line on stderr (for log shippers).")(run)

@@ -2,9 +2,10 @@
 
 Steps, each reported to a progress callback: load the model and the data, convert to
 ONNX, quantise, judge fidelity against the original, profile the training data and the
-packaged model's predictions on it, pick smoke-test samples, measure the model card
-(metrics with intervals, slices, fairness, importances: :mod:`packager.evaluate`) and hold
-its fairness gaps to their bounds, write the manifest with lineage and the card, sign, pack.
+packaged model's predictions on it, pick smoke-test samples, fit a classifier's calibration
+map on the held-out rows (:mod:`packager.calibrate`), measure the model card (metrics with
+intervals, slices, fairness, importances: :mod:`packager.evaluate`) and hold its fairness
+gaps to their bounds, write the manifest with lineage and the card, sign, pack.
 
 Reproducible: with ``SOURCE_DATE_EPOCH`` set, the same inputs give byte-identical
 bundles (created_at and the tar mtimes come from it; every other byte is a function
@@ -52,7 +53,7 @@ from edgefleet.contract.manifest import (
 from edgefleet.contract.runtime import ModelRunner, Prediction
 from edgefleet.contract.signing import Envelope, load_private_key
 from edgefleet.contract.wire import sha256_hex
-from packager import evaluate
+from packager import calibrate, evaluate
 from packager.boosters import missing_library_hint
 from packager.card import load_card
 from packager.convert import Converted, adopt_onnx, convert_sklearn, sklearn_outputs
@@ -304,12 +305,16 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
     step("profile", f"reference over {features.rows} rows, {len(spec.inputs)} features, "
          f"reference_hash {spec.reference_hash[:12]}")
 
+    calibrated = _calibrate(converted, shipped, check.target) \
+        if evaluation is not None else None
     card = _card(opts, statement, converted, features.names, data, source, shipped,
                  runner.run_columns)
-    step("card", _card_detail(card))
+    step("card", _card_detail(card, calibrated))
 
     metrics = _metrics(converted.task, shipped, check.target,
                        "eval_" if evaluation is not None else "train_")
+    if isinstance(calibrated, calibrate.Fitted):
+        metrics[calibrate.RAW_BRIER] = calibrated.raw_brier
     warned = _warnings(opts, evaluation is not None)
     files = {"model.onnx": model, "reference.json": reference,
              "samples.json": samples.to_bytes()}
@@ -318,6 +323,8 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
         files=tuple(sorted(file_entry(k, v) for k, v in files.items())),
         reference_hash=spec.reference_hash, quantization=quant, fidelity=fidelity,
         metrics=metrics, card=card,
+        calibration=calibrated.calibration if isinstance(calibrated, calibrate.Fitted)
+        else None,
         lineage=replace(provisional.lineage, code_revision=opts.code_revision
                         or _git_revision(Path.cwd()), libraries=library_versions()))
     bundle = pack_bundle(manifest, Envelope().signed(key, manifest.to_bytes()), files, epoch)
@@ -514,9 +521,25 @@ def _time_range(data: Table, column: str | None) -> TimeRange | None:
     return TimeRange(column, values[0], values[1])
 
 
-def _card_detail(card: ModelCard) -> str:
+def _calibrate(converted: Converted, shipped: Prediction, target: np.ndarray | None
+               ) -> calibrate.Fitted | str:
+    """The calibration map of a classifier on the held-out rows, or why there is none."""
+    if converted.task != "classification":
+        return "a regressor: no calibration map"
+    if target is None:
+        return "no --target: no calibration map"
+    return calibrate.fit(converted.classes, shipped, target)
+
+
+def _card_detail(card: ModelCard, calibrated: calibrate.Fitted | str | None = None) -> str:
     parts = [f"{card.evaluation.rows} {card.evaluation.data.replace('_', '-')} rows"
              if card.evaluation else "no labels: metrics left out"]
+    if isinstance(calibrated, calibrate.Fitted):
+        c = calibrated.calibration
+        parts.append(f"calibration {c.method} (Brier {calibrated.raw_brier:.4f} → "
+                     f"{c.score:.4f})")
+    elif calibrated is not None:
+        parts.append(f"no calibration map ({calibrated})")
     parts += [f"worst {s.column}={s.worst}" for s in card.slices]
     parts += [f"{len(card.checks)} fairness checks"
               + (" FAILED (forced)" if card.forced else " passed")] if card.checks else []

@@ -378,6 +378,7 @@ def _build_lines(m) -> list[str]:
                        " build with --eval-data for held-out metrics)")
     else:
         out.append("metrics       none (built without --target)")
+    out.append(_calibration_line(m))
     ln = m.lineage
     out.append(f"\nlineage\n  source   {ln.source_kind} {ln.estimator}\n"
                f"  model    sha256 {ln.source_sha256}\n"
@@ -385,6 +386,24 @@ def _build_lines(m) -> list[str]:
                f"  code     {ln.code_revision or '(not in a git repository)'}\n"
                f"  versions " + ", ".join(f"{k} {v}" for k, v in ln.libraries.items()))
     return out
+
+
+def _calibration_line(m) -> str:
+    """``inspect``: the calibration map, or why there is none."""
+    from packager.calibrate import RAW_BRIER
+
+    c = m.calibration
+    if c is None:
+        return "calibration   none (" + (
+            "a regressor" if m.task == "regression" else
+            "built without --eval-data, or too few held-out rows of each outcome") + ")"
+    knots = f"{len(c.x)} knots" if c.method == "isotonic" else f"a {c.a:.4g}, b {c.b:.4g}"
+    raw = m.metrics.get(RAW_BRIER)
+    score = "n/a" if c.score is None else f"{c.score:.4f}"
+    return (f"calibration   {c.method} ({knots}), target {c.target}, fitted on {c.rows} "
+            f"held-out rows; Brier score "
+            + (f"{raw:.4f} before, " if raw is not None else "")
+            + f"{score} after (cross-validated)")
 
 
 def _signature_lines(sigs: list[dict], approvals: list[dict], named: bool) -> list[str]:

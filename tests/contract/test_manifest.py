@@ -29,6 +29,7 @@ from edgefleet.contract.manifest import (
     Quantization,
     parse_version,
 )
+from tests.contract.test_calibration import calibrations
 
 # --------------------------------------------------------------------------- strategies
 
@@ -118,6 +119,7 @@ manifests = st.builds(
     fidelity=fidelities,
     metrics=st.dictionaries(text, finite, max_size=5),
     description=st.text(max_size=200),
+    calibration=st.none() | calibrations(),
 )
 
 

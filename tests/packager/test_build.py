@@ -249,7 +249,8 @@ def test_eval_data_gives_eval_metrics_on_the_held_out_rows(cancer, make_bundle):
     assert result.warnings == []
     m = result.manifest
     want = cancer["forest"].predict(cancer["X_eval"])
-    assert set(m.metrics) == {"eval_accuracy", "eval_f1_macro"}
+    # and the raw probabilities' Brier score beside the calibration map (test_calibrate.py)
+    assert set(m.metrics) == {"eval_accuracy", "eval_f1_macro", "eval_brier_uncalibrated"}
     assert m.metrics["eval_accuracy"] == pytest.approx(accuracy_score(cancer["y_eval"], want))
     assert m.metrics["eval_f1_macro"] == pytest.approx(
         f1_score(cancer["y_eval"], want, average="macro"))

@@ -1,4 +1,5 @@
-"""The small text forms every program reads from people: ``key=value`` and durations.
+"""The small text forms every program reads from people: ``key=value``, durations and
+thresholds (``accuracy>=+0.01``).
 
 One parser each, so ``fleet``, ``edgepack``, the agent's config, the REST API and the
 dashboard accept exactly the same spellings and refuse the same mistakes with the same
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from edgefleet.contract.errors import SchemaError
 
-__all__ = ["DURATION_UNITS", "parse_bounds", "parse_duration", "parse_pairs", "split_pair"]
+__all__ = ["DURATION_UNITS", "Threshold", "parse_bounds", "parse_duration", "parse_pairs",
+           "parse_threshold", "split_pair"]
 
 DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])\Z")
+_THRESHOLD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(>=|<=)([+-]?(?:\d+(?:\.\d*)?|\.\d+))"
+                        r"(%|x)?\Z")
 
 
 def split_pair(item: str, what: str, *, default_key: str | None = None) -> tuple[str, str]:
@@ -98,3 +103,36 @@ def parse_bounds(items: Iterable[str], what: str, names: Iterable[str], *,
             raise SchemaError(f"{what} {key}: must be >= 0", field=what)
         out[key] = value
     return out
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """``NAME>=VALUE`` or ``NAME<=VALUE``: ``unit`` ``""`` for an absolute value, ``"%"`` for a
+    relative one (``value`` is then the fraction: ``+2%`` is 0.02), ``"x"`` for a ratio.
+    ``text`` is the item as written (without spaces), for messages."""
+
+    name: str
+    op: str  # >= | <=
+    value: float
+    unit: str  # "" | "%" | "x"
+    text: str
+
+
+def parse_threshold(text: str, what: str) -> Threshold:
+    """``accuracy>=+0.01``, ``f1_macro>=+2%``, ``mae<=-0.5``, ``size<=1.5x`` → a
+    :class:`Threshold`. Only the syntax is checked: which names exist, and what the value
+    means, is the caller's.
+
+    Raises:
+        SchemaError: anything else (the message quotes the item).
+    """
+    compact = "".join(text.split())
+    m = _THRESHOLD.match(compact)
+    if not m:
+        raise SchemaError(f"{what} {text!r}: expected NAME>=VALUE or NAME<=VALUE, the value "
+                          "a number, a percentage or a ratio (accuracy>=+0.01, "
+                          "f1_macro>=+2%, size<=1.5x)", field=what)
+    name, op, number, unit = m.group(1), m.group(2), float(m.group(3)), m.group(4) or ""
+    if unit == "x" and not number > 0:
+        raise SchemaError(f"{what} {text!r}: a ratio must be positive", field=what)
+    return Threshold(name, op, number / 100 if unit == "%" else number, unit, compact)

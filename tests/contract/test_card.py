@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from edgefleet.contract.approval import Approval, SignedApproval, check_approvals, sign_approval
 from edgefleet.contract.card import (
     Champion,
+    Comparison,
     Estimate,
     Evaluation,
     FairnessCheck,
@@ -16,8 +17,12 @@ from edgefleet.contract.card import (
     FairnessReport,
     Importance,
     Importances,
+    MetricComparison,
     ModelCard,
+    PairedTest,
+    RuleResult,
     Slice,
+    SliceComparison,
     SliceGroup,
     Statement,
     TimeRange,
@@ -34,6 +39,22 @@ estimates = st.builds(Estimate, text, opt_num, opt_num, opt_num,
                       st.sampled_from(["wilson", "bootstrap", "normal", "none"]))
 metric_lists = st.lists(estimates, max_size=3).map(tuple)
 rates = st.dictionaries(text, opt_num, max_size=3)
+counts = st.none() | st.integers(0, 10**6)
+comparisons = st.builds(
+    Comparison, text, text, text, text, st.integers(0, 10**6), text,
+    st.lists(st.builds(MetricComparison, text, st.sampled_from(["higher", "lower"]), opt_num,
+                       opt_num, opt_num, opt_num, opt_num), max_size=3).map(tuple),
+    st.builds(PairedTest, st.sampled_from(["mcnemar_exact", "paired_bootstrap"]), text,
+              opt_num, counts, counts),
+    st.lists(st.builds(RuleResult, text, text, st.sampled_from(["absolute", "relative",
+                                                                 "ratio"]),
+                       opt_num, st.booleans(), st.none() | st.booleans(), st.booleans()),
+             max_size=3).map(tuple),
+    st.booleans(),
+    st.lists(st.builds(SliceComparison, text, text, st.integers(0, 999), opt_num, opt_num,
+                       opt_num, st.booleans()), max_size=3).map(tuple),
+    num, st.lists(text, max_size=3).map(tuple), st.booleans(),
+    st.sampled_from(["win", "lose"]), st.lists(text, max_size=3).map(tuple), st.booleans())
 cards = st.builds(
     ModelCard,
     statement=st.none() | st.builds(Statement, text, text, text, text, text, text,
@@ -55,7 +76,8 @@ cards = st.builds(
                     max_size=2).map(tuple),
     forced=st.booleans(),
     champion=st.none() | st.builds(Champion, text, text, text, text, opt_num, opt_num,
-                                   opt_num, st.booleans(), metric_lists),
+                                   opt_num, st.booleans(), metric_lists,
+                                   st.none() | comparisons),
     importances=st.none() | st.builds(Importances, text, st.integers(1, 50),
                                       st.integers(0, 99),
                                       st.lists(st.builds(Importance, text, num, num, num, num),
@@ -73,10 +95,27 @@ def test_card_round_trips_through_canonical_json(card):
 
 
 def _card_doc() -> dict:
+    comparison = Comparison(
+        "m", "2.0.0", "c" * 64, "b" * 64, 10, "d" * 64,
+        (MetricComparison("accuracy", "higher", 0.5, 0.6, 0.1, 0.0, 0.2),),
+        PairedTest("mcnemar_exact", "accuracy", 0.3, 1, 2),
+        (RuleResult("accuracy>=+0.01", "accuracy", "absolute", 0.1, True, False, False),),
+        False, (), 0.02, (), False, "lose", ("not significant",), False)
     return ModelCard(statement=Statement(owner="a", review_by="2027-01-31"),
                      evaluation=Evaluation("held_out", "0" * 64, 10,
                                            (Estimate("accuracy", 0.5, 0.2, 0.8, "wilson"),)),
+                     champion=Champion("m", "1.0.0", "a" * 64, "accuracy", 0.1, 0.0, 0.2,
+                                       False, (), comparison),
                      ).to_dict()
+
+
+def test_a_champion_of_the_old_shape_keeps_its_bytes():
+    """Bundles in the field carry champions without a comparison: same bytes, still read."""
+    old = {"name": "m", "version": "1.0.0", "bundle_sha256": "a" * 64, "metric": "accuracy",
+           "delta": 0.01, "low": -0.01, "high": 0.03, "won": True, "metrics": []}
+    champion = Champion.from_dict(old, "manifest.card.champion")
+    assert champion.comparison is None
+    assert canonical_json(champion.to_dict()) == canonical_json(old)
 
 
 BAD = [
@@ -92,6 +131,14 @@ BAD = [
      "manifest.card.evaluation.metrics[0].method"),
     ("text-too-long", lambda d: d["statement"].update(owner="x" * 5000),
      "manifest.card.statement.owner"),
+    ("verdict", lambda d: d["champion"]["comparison"].update(verdict="maybe"),
+     "manifest.card.champion.comparison.verdict"),
+    ("count", lambda d: d["champion"]["comparison"]["test"].update(champion_only=-1),
+     "manifest.card.champion.comparison.test.champion_only"),
+    ("significant", lambda d: d["champion"]["comparison"]["rules"][0].update(significant=1),
+     "manifest.card.champion.comparison.rules[0].significant"),
+    ("null-comparison", lambda d: d["champion"].update(comparison=None),
+     "manifest.card.champion.comparison"),
 ]
 
 

@@ -37,10 +37,10 @@ from edgefleet.contract.bundle import (
     file_entry,
     pack_bundle,
     read_bundle_file,
-    read_unverified,
+    verify_bundle,
 )
 from edgefleet.contract.card import Champion, ModelCard, Statement, TimeRange
-from edgefleet.contract.errors import KeyFileError, SchemaError
+from edgefleet.contract.errors import BundleError, KeyFileError, SchemaError
 from edgefleet.contract.manifest import (
     NAME_RE,
     FeatureSpec,
@@ -51,14 +51,29 @@ from edgefleet.contract.manifest import (
     parse_version,
 )
 from edgefleet.contract.runtime import ModelRunner, Prediction
-from edgefleet.contract.signing import Envelope, load_private_key
+from edgefleet.contract.signing import (
+    Envelope,
+    TrustedKey,
+    TrustStore,
+    key_id,
+    load_private_key,
+)
 from edgefleet.contract.wire import sha256_hex
 from packager import calibrate, evaluate
+from packager import champion as compare
 from packager.boosters import missing_library_hint
 from packager.card import load_card
+from packager.champion import MAX_SLICE_LOSS
 from packager.convert import Converted, adopt_onnx, convert_sklearn, sklearn_outputs
 from packager.data import Table, load_table
-from packager.errors import BuildError, FairnessError, FidelityError, ModelLoadError
+from packager.errors import (
+    BuildError,
+    ChampionLostError,
+    FairnessError,
+    FidelityError,
+    ModelLoadError,
+    SchemaChangeError,
+)
 from packager.fidelity import Bounds, judge, table
 from packager.quantize import quantize
 from packager.reference import build_reference, pick_samples
@@ -99,6 +114,10 @@ class BuildOptions:
     time_column: str | None = None
     importances: bool = True
     champion: Path | None = None  # a bundle to compare with on the same evaluation rows
+    promote_if: tuple[str, ...] = ()  # rules the challenger must meet (packager.champion)
+    allow_schema_change: bool = False
+    max_slice_loss: float = MAX_SLICE_LOSS
+    champion_trust: tuple[str, ...] = ()  # [ROLE=]PUBKEY besides the signing key's own
 
 
 @dataclass
@@ -269,6 +288,7 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
     """
     step = _Steps(progress)
     _check_identity(opts)
+    rules = _check_champion_options(opts)
     key = load_signing_key(opts.key, opts.passphrase)  # fail before the slow steps
     statement = load_card(opts.card) if opts.card else None
     epoch, created_at = _now(os.environ.get("SOURCE_DATE_EPOCH"))
@@ -307,8 +327,11 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
 
     calibrated = _calibrate(converted, shipped, check.target) \
         if evaluation is not None else None
-    card = _card(opts, statement, converted, features.names, data, source, shipped,
-                 runner.run_columns)
+    # before the card: a challenger that loses stops the build before the slow measures
+    champ = _champion(opts, key, provisional, model, runner, source, shipped, rules) \
+        if opts.champion else None
+    card = replace(_card(opts, statement, converted, features.names, data, source, shipped,
+                         runner.run_columns), champion=champ)
     step("card", _card_detail(card, calibrated))
 
     metrics = _metrics(converted.task, shipped, check.target,
@@ -469,33 +492,102 @@ def _card(opts: BuildOptions, statement: Statement | None, converted: Converted,
                                source.target, shipped),
         fairness=reports, checks=checks, forced=forced,
         importances=evaluate.importances(task, source.select(inputs).frame(), source.target,
-                                         run) if opts.importances else None,
-        champion=_champion(opts.champion, task, source, shipped) if opts.champion else None)
+                                         run) if opts.importances else None)
 
 
-def _champion(path: Path, task: str, source: Table, shipped: Prediction) -> Champion:
-    """Run the champion bundle's model on the same evaluation rows and compare.
-
-    The champion is read with its structure and digests checked; its signatures are not
-    judged here (the card records its sha256, which the fleet knows or does not).
+def _check_champion_options(opts: BuildOptions) -> tuple[compare.Rule, ...]:
+    """The champion options, checked before anything slow runs; the parsed rules.
 
     Raises:
-        BuildError: the champion is of another task or takes a column the data lacks.
-        BundleError: the champion file is not a sound bundle.
+        BuildError: a comparison option without ``--champion``, or ``--champion`` without
+            held-out rows.
+        PromotionRuleError: a malformed rule (quoted).
     """
-    champ = read_unverified(read_bundle_file(path))
+    if opts.champion is None:
+        if opts.promote_if or opts.allow_schema_change or opts.champion_trust:
+            raise BuildError("--promote-if, --allow-schema-change and --champion-trust "
+                             "compare with a champion: pass --champion BUNDLE")
+        return ()
+    if opts.eval_data is None:
+        raise BuildError("--champion compares both models on held-out rows: pass "
+                         "--eval-data (and --target)")
+    if not opts.max_slice_loss >= 0:
+        raise BuildError(f"--max-slice-loss {opts.max_slice_loss}: must be >= 0")
+    return compare.parse_rules(opts.promote_if)
+
+
+def _champion(opts: BuildOptions, key: Any, provisional: Manifest, model: bytes,
+              runner: ModelRunner, source: Table, shipped: Prediction,
+              rules: tuple[compare.Rule, ...]) -> Champion:
+    """Verify the champion bundle, run its model (its own inputs and binding) on the same
+    held-out rows as the challenger, time both, and compare (:mod:`packager.champion`).
+
+    The champion must be signed by the build's own key or a ``--champion-trust`` key: a
+    comparison with a model nobody vouches for proves nothing.
+
+    Raises:
+        BundleError: the champion does not verify (named).
+        BuildError: no labels, another task, or a column the data lacks.
+        SchemaChangeError: inputs or classes differ, without ``--allow-schema-change``.
+        ChampionLostError: the challenger does not win, without ``--force``.
+    """
+    path = opts.champion
+    if source.target is None:
+        raise BuildError("--champion needs the labels of the held-out rows: pass --target")
+    missing = [c for c in opts.slice_by if c not in source.columns]
+    if missing:
+        raise BuildError(f"{source.path}: column {missing[0]!r} (--slice-by) is not in the "
+                         "evaluation data")
+    public = key.public_key()
+    trust = TrustStore([TrustedKey(key_id(public), public, role="build", name="signing key"),
+                        *TrustStore.from_files(opts.champion_trust)])
+    try:
+        champ = verify_bundle(read_bundle_file(path), trust)
+    except BundleError as exc:
+        raise type(exc)(f"--champion {path}: {exc} (a champion must be signed by the build "
+                        "key or a --champion-trust key)", member=exc.member) from exc
     m = champ.manifest
+    task = provisional.task
     if m.task != task:
         raise BuildError(f"--champion {path}: a {m.task} model cannot be compared with this "
                          f"{task} model")
+    changes = compare.schema_changes(m, provisional)
+    if changes and not opts.allow_schema_change:
+        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+        raise SchemaChangeError(f"--champion {path}: {changes[0]}{more}: "
+                                "pass --allow-schema-change if the change is meant")
     missing = [s.name for s in m.inputs if s.name not in source.columns]
     if missing:
         raise BuildError(f"--champion {path}: it takes column {missing[0]!r}, which the "
                          "evaluation data lacks")
-    theirs = ModelRunner(m, champ.member("model.onnx")).run_columns(
-        {s.name: source.columns[s.name] for s in m.inputs})
-    return evaluate.champion(task, source.target, shipped, theirs, name=m.name,
-                             version=m.version, bundle_sha256=champ.sha256)
+    champion_model = champ.member("model.onnx")
+    theirs_runner = ModelRunner(m, champion_model)
+    their_columns = {s.name: source.columns[s.name] for s in m.inputs}
+    our_columns = {s.name: source.columns[s.name] for s in provisional.inputs}
+    theirs = theirs_runner.run_columns(their_columns)
+    latency = compare.latency_p95([theirs_runner.run_columns, runner.run_columns],
+                                  [their_columns, our_columns])
+    who = compare.Identity(m.name, m.version, champ.sha256, sha256_hex(champion_model),
+                           provisional.name, provisional.version, sha256_hex(model))
+    result = compare.compare(
+        task, source.target, shipped, theirs, who=who, data_sha256=source.sha256,
+        rules=rules, latency_ms=(latency[0], latency[1]),
+        size=(len(champion_model), len(model)),
+        slice_columns={c: source.columns[c] for c in opts.slice_by},
+        slice_kinds={c: source.kinds[c] for c in opts.slice_by},
+        max_slice_loss=opts.max_slice_loss, changes=changes,
+        schema_change_allowed=opts.allow_schema_change, forced=False)
+    if result.won:
+        return result
+    reasons = result.comparison.reasons
+    if not opts.force:
+        raise ChampionLostError(
+            f"{opts.name} {opts.version} does not beat the champion {m.name} {m.version}: "
+            f"{reasons[0]}" + (f" (and {len(reasons) - 1} more, in the table)"
+                               if len(reasons) > 1 else "")
+            + " (use --force to build anyway)",
+            compare.table(result))
+    return replace(result, comparison=replace(result.comparison, forced=True))
 
 
 def _time_range(data: Table, column: str | None) -> TimeRange | None:

@@ -14,8 +14,11 @@ scaling (a logistic regression on ``logit(p)``, practically unregularised). The 
 lower cross-validated Brier score on those rows (seeded, stratified :data:`FOLDS` folds)
 is kept and refitted on all of them; its score is recorded in the map, and the raw
 probabilities' Brier score on the same rows beside it (:attr:`Fitted.raw_brier`), so a
-reader sees how much the map helped. The Brier score here is that of the calibrated
-target, one probability per row (for a binary task, half the two-class sum).
+reader sees how much the map helped. When neither beats the raw probabilities (a model
+that is calibrated already, where a fitted map only adds the noise of its fit), the map is
+the identity, written as Platt scaling with ``a = 1, b = 0`` and the raw score. The Brier
+score here is that of the calibrated target, one probability per row (for a binary task,
+half the two-class sum).
 
 An isotonic map with more than :data:`~edgefleet.contract.calibration.MAX_KNOTS` knots is
 thinned to that many, keeping the first and the last; the values at the knots kept are
@@ -137,11 +140,15 @@ def fit(classes: Sequence[object], pred: Prediction, truth: np.ndarray) -> Fitte
                 f"{'' if target == 'positive' else ' wrong'} occurs {least} time(s) in the "
                 "evaluation rows; a map needs both outcomes")
     folds = min(FOLDS, least)
+    raw = brier(p, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter on separable folds
         scores = {m: _cross_validated(m, p, y, folds) for m in FITTERS}
         method = min(scores, key=lambda m: (scores[m], m))
         chosen = FITTERS[method](p, y)
+    if scores[method] >= raw:  # already calibrated: a fitted map would only add noise
+        return Fitted(Calibration("platt", target, a=1.0, b=0.0, rows=n, score=raw), raw,
+                      {**scores, "identity": raw})
     cal = Calibration(method, target, chosen.x, chosen.y, chosen.a, chosen.b, rows=n,
                       score=scores[method])
-    return Fitted(cal, brier(p, y), scores)
+    return Fitted(cal, raw, scores)

@@ -153,8 +153,24 @@ def keygen(name: str, out_dir: Path, passphrase_env: str | None, ask_passphrase:
 @click.option("--importances/--no-importances", default=True, show_default=True,
               help="Permutation importance of each input on the evaluation rows.")
 @click.option("--champion", type=click.Path(dir_okay=False, path_type=Path),
-              help="A bundle to compare with on the same evaluation rows (recorded in the "
-                   "card: the metric's difference, its interval, and whether this one wins).")
+              help="The bundle in production: both models are run on the --eval-data rows and "
+                   "compared (signed into the card); a challenger that does not win fails "
+                   "the build with exit status 6 (refused by a check) unless --force.")
+@click.option("--promote-if", multiple=True, metavar="RULE",
+              help="A rule the challenger must meet against --champion: accuracy>=+0.01 "
+                   "(absolute), f1_macro>=+2% (relative), mae<=-0.5 (lower is better), "
+                   "latency_p95<=1.2x, size<=1.5x (ratios). An improvement must also be "
+                   "significant (McNemar p<0.05 for accuracy, else a paired bootstrap interval "
+                   "excluding 0). Default: the primary metric (accuracy, MAE) not worse. "
+                   "Repeatable.")
+@click.option("--max-slice-loss", type=click.FloatRange(0), default=0.02, show_default=True,
+              help="With --champion and --slice-by: no group may lose more than this in the "
+                   "primary metric (its own units).")
+@click.option("--allow-schema-change", is_flag=True,
+              help="Allow a champion with other inputs or classes (recorded; refused "
+                   "otherwise, naming the feature or class).")
+@click.option("--champion-trust", multiple=True, metavar="[ROLE=]PUBKEY",
+              help="A key the champion may be signed by, besides the --key's own. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary, no progress.")
 def build(model: Path, train_data: Path, target: str | None, name: str, version: str, key: Path,
           passphrase_env: str | None, ask_passphrase: bool, quantize: str,
@@ -164,11 +180,16 @@ def build(model: Path, train_data: Path, target: str | None, name: str, version:
           slice_by: tuple[str, ...], sensitive: tuple[str, ...],
           max_fairness_gap: tuple[str, ...], positive_label: str | None,
           time_column: str | None, importances: bool, champion: Path | None,
-          as_json: bool) -> None:
+          promote_if: tuple[str, ...], max_slice_loss: float, allow_schema_change: bool,
+          champion_trust: tuple[str, ...], as_json: bool) -> None:
     """Convert MODEL (pickle/joblib scikit-learn estimator or .onnx) into a signed bundle.
 
     \b
-    --force builds past a failed fidelity or fairness gate; the manifest records it."""
+    --force builds past a failed fidelity or fairness gate, or a lost champion
+    comparison; the manifest records it.
+    \b
+    A challenger that does not beat --champion exits 6 (refused by a check), like a
+    failed fidelity or fairness gate, with the comparison table on stderr."""
     from packager.build import BuildOptions
     from packager.build import build as run_build
     from packager.evaluate import parse_gaps
@@ -185,7 +206,9 @@ def build(model: Path, train_data: Path, target: str | None, name: str, version:
         eval_data=eval_data, description=description, code_revision=code_revision,
         card=card, slice_by=slice_by, sensitive=sensitive,
         fairness_bounds=parse_gaps(max_fairness_gap), positive_label=positive_label,
-        time_column=time_column, importances=importances, champion=champion)
+        time_column=time_column, importances=importances, champion=champion,
+        promote_if=promote_if, max_slice_loss=max_slice_loss,
+        allow_schema_change=allow_schema_change, champion_trust=champion_trust)
     steps = ["load", "convert", "quantize", "fidelity", "profile", "card", "sign"]
 
     def progress(step: str, detail: str) -> None:
@@ -397,7 +420,9 @@ def _calibration_line(m) -> str:
         return "calibration   none (" + (
             "a regressor" if m.task == "regression" else
             "built without --eval-data, or too few held-out rows of each outcome") + ")"
-    knots = f"{len(c.x)} knots" if c.method == "isotonic" else f"a {c.a:.4g}, b {c.b:.4g}"
+    knots = f"{len(c.x)} knots" if c.method == "isotonic" else f"a {c.a:.4g}, b {c.b:.4g}" \
+        + (": the identity, no fitted map beat the raw probabilities" if (c.a, c.b) == (1, 0)
+           else "")
     raw = m.metrics.get(RAW_BRIER)
     score = "n/a" if c.score is None else f"{c.score:.4f}"
     return (f"calibration   {c.method} ({knots}), target {c.target}, fitted on {c.rows} "
@@ -452,11 +477,15 @@ def _card_lines(m) -> list[str]:
     if card.forced:
         out.append("  FORCED past a failed fairness check")
     if card.champion:
+        from packager.champion import table
+
         c = card.champion
         out.append(f"  champion {c.name} {c.version}: {c.metric} difference "
                    + ("n/a" if c.delta is None else f"{c.delta:+.4g}")
                    + ("" if c.low is None else f" [{c.low:+.4g}, {c.high:+.4g}]")
                    + (", won" if c.won else ", NOT won"))
+        if c.comparison is not None:
+            out.append(table(c))
     if card.importances and card.importances.features:
         out.append("  top features " + ", ".join(
             f"{i.feature} {i.mean:.3g}" for i in card.importances.features[:5]))

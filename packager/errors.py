@@ -9,6 +9,9 @@
     ├── FidelityError          the converted model disagrees with the original past a bound
     ├── FairnessError          a fairness gap is past its bound (``--max-fairness-gap``)
     ├── CardError              the model card file is unreadable or has an unknown key
+    ├── PromotionRuleError     a ``--promote-if`` rule is malformed or meaningless (names it)
+    ├── SchemaChangeError      champion and challenger take different inputs or classes
+    ├── ChampionLostError      the challenger does not win (``table``; exit status 6)
     └── BuildError             anything else the build refuses (bad name, version, output)
 
 Contract errors (:mod:`edgefleet.contract.errors`) pass through unchanged: a bad key is a
@@ -23,13 +26,16 @@ from edgefleet.errors import EdgefleetError
 __all__ = [
     "BuildError",
     "CardError",
+    "ChampionLostError",
     "ConversionError",
     "DataError",
     "FairnessError",
     "FidelityError",
     "ModelLoadError",
     "PackagerError",
+    "PromotionRuleError",
     "QuantizationError",
+    "SchemaChangeError",
     "UnsupportedModelError",
 ]
 
@@ -80,6 +86,27 @@ class FairnessError(PackagerError):
 
 class CardError(PackagerError):
     """The model card file (``--card``) cannot be used; the message names the key at fault."""
+
+
+class PromotionRuleError(PackagerError):
+    """A ``--promote-if`` rule cannot be used; the message quotes the rule."""
+
+
+class SchemaChangeError(PackagerError):
+    """The challenger's inputs or classes differ from the champion's and the change was not
+    declared (``--allow-schema-change``); the message names the feature or class."""
+
+
+class ChampionLostError(PackagerError):
+    """The challenger does not beat the champion; ``table`` shows the whole comparison.
+    ``edgepack`` exits 6, refused by a check (:mod:`edgefleet.cli`), so a pipeline can tell
+    "not better" from "broken"."""
+
+    exit_code = GATE
+
+    def __init__(self, message: str, table: str = "") -> None:
+        super().__init__(message)
+        self.table = table
 
 
 class BuildError(PackagerError):

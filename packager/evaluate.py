@@ -32,7 +32,6 @@ import numpy as np
 from edgefleet.contract.card import (
     MAX_COLUMNS,
     MAX_GROUPS,
-    Champion,
     Estimate,
     Evaluation,
     FairnessCheck,
@@ -51,7 +50,6 @@ from packager.errors import BuildError, DataError
 __all__ = [
     "GAPS",
     "Gap",
-    "champion",
     "check_gaps",
     "evaluation",
     "fairness",
@@ -192,31 +190,6 @@ def evaluation(task: str, target: np.ndarray, pred: Prediction, *, held_out: boo
     """The evaluation section: every metric with its 95 % interval."""
     return Evaluation("held_out" if held_out else "training", data_sha256, len(target),
                       _metric_estimates(task, np.asarray(target), pred))
-
-
-def champion(task: str, target: np.ndarray, pred: Prediction, theirs: Prediction, *,
-             name: str, version: str, bundle_sha256: str) -> Champion:
-    """This model against a champion's predictions on the same rows: the main metric's
-    difference (higher accuracy or lower mean absolute error wins) with a paired bootstrap
-    interval, and every metric of the champion."""
-    target = np.asarray(target)
-    main = "accuracy" if task == "classification" else "mae"
-    ours = next(e for e in _metric_estimates(task, target, pred) if e.name == main)
-    their = _metric_estimates(task, target, theirs)
-    their_main = next(e for e in their if e.name == main)
-    if task == "classification":
-        truth = target.astype(str)
-        per_row = ((np.asarray(pred.labels).astype(str) == truth).astype(np.float64)
-                   - (np.asarray(theirs.labels).astype(str) == truth).astype(np.float64))
-    else:
-        y = target.astype(np.float64)
-        per_row = (np.abs(y - np.asarray(pred.values, dtype=np.float64))
-                   - np.abs(y - np.asarray(theirs.values, dtype=np.float64)))
-    delta = None if ours.value is None or their_main.value is None \
-        else ours.value - their_main.value
-    low, high = _bootstrap(lambda i: float(per_row[i].mean()), len(per_row))
-    won = delta is not None and (delta > 0 if task == "classification" else delta < 0)
-    return Champion(name, version, bundle_sha256, main, delta, low, high, won, their)
 
 
 # --------------------------------------------------------------------------- groups

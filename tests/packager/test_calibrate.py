@@ -176,3 +176,17 @@ def test_inspect_shows_the_method_rows_and_scores(built, capsys):
     assert f"calibration   {c.method}" in line and "target positive" in line
     assert "fitted on 600 held-out rows" in line
     assert f"{m.metrics[calibrate.RAW_BRIER]:.4f} before, {c.score:.4f} after" in line
+
+
+def test_a_calibrated_model_gets_the_identity_map():
+    """Outcomes drawn from the very probabilities: no fitted map beats them out of fold."""
+    rng = np.random.default_rng(11)
+    raw = rng.uniform(size=400)
+    truth = np.where(rng.uniform(size=400) < raw, "b", "a")
+    fitted = calibrate.fit(("a", "b"), Prediction(np.where(raw > 0.5, "b", "a"),
+                                                  np.column_stack([1 - raw, raw])), truth)
+    assert isinstance(fitted, calibrate.Fitted)
+    cal = fitted.calibration
+    assert min(fitted.scores["isotonic"], fitted.scores["platt"]) > fitted.raw_brier
+    assert (cal.method, cal.a, cal.b, cal.score) == ("platt", 1.0, 0.0, fitted.raw_brier)
+    np.testing.assert_allclose(cal.apply(raw), raw, atol=1e-9)

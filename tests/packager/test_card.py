@@ -345,8 +345,10 @@ def test_a_champion_is_compared_on_the_same_rows(files, built, make_bundle, ship
     test, champ_pred, _ = shipped
     train = pd.read_csv(files["train"])
     weak = fit(LogisticRegression(), train[["x2", "x3"]], train["target"])
+    # another schema (x1 removed) and a loss: built only when both are declared
     result = make_bundle(dump(weak, tmp_path / "weak.joblib"), files["train"],
-                         eval_data=files["test"], champion=built.path, importances=False)
+                         eval_data=files["test"], champion=built.path, importances=False,
+                         allow_schema_change=True, force=True)
     c = result.manifest.card.champion
     y = test["target"].to_numpy()
     ours = weak.predict(test[["x2", "x3"]])
@@ -357,8 +359,11 @@ def test_a_champion_is_compared_on_the_same_rows(files, built, make_bundle, ship
     assert c.metrics[0].value == accuracy_score(y, champ_pred)
     md = render(card_document(read_unverified(result.path.read_bytes())), "md")
     assert "Against the champion credit 1.0.0" in md and "NOT won" in md
-    with pytest.raises(BuildError, match="need the labels"):
-        make_bundle(files["model"], files["train"], target=None, champion=built.path)
+    assert c.comparison.schema_changes == ("feature 'x1' removed",)
+    assert c.comparison.forced is True
+    with pytest.raises(BuildError, match="needs the labels"):
+        make_bundle(files["model"], files["train"], target=None, champion=built.path,
+                    eval_data=files["test"])
 
 
 # --------------------------------------------------------------------------- rendering

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgefleet.contract.card import (
+    MAX_RULES,
+    MAX_SCHEMA_CHANGES,
     Champion,
     Comparison,
     Estimate,
@@ -125,6 +127,8 @@ def parse_rules(items: Sequence[str]) -> tuple[Rule, ...]:
         PromotionRuleError: quoting the rule: malformed, an unknown metric, or a comparison
             the wrong way round for the metric (``accuracy<=…``, ``mae>=…``).
     """
+    if len(items) > MAX_RULES:
+        raise PromotionRuleError(f"--promote-if: {len(items)} rules; at most {MAX_RULES}")
     out = []
     for item in items:
         try:
@@ -173,6 +177,9 @@ def schema_changes(champion: Manifest, challenger: Manifest) -> tuple[str, ...]:
     old, new = [str(c) for c in champion.classes], [str(c) for c in challenger.classes]
     out += [f"class {c!r} removed" for c in old if c not in new]
     out += [f"class {c!r} added" for c in new if c not in old]
+    if len(out) > MAX_SCHEMA_CHANGES:  # the card holds a bounded list; the count stays exact
+        out = [*out[:MAX_SCHEMA_CHANGES - 1],
+               f"and {len(out) - MAX_SCHEMA_CHANGES + 1} more changes"]
     return tuple(out)
 
 

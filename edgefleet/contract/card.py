@@ -545,7 +545,7 @@ class Comparison:
             _items(f, "slices", SliceComparison, MAX_COLUMNS * MAX_GROUPS),
             f.float("max_slice_loss"), texts("schema_changes", MAX_SCHEMA_CHANGES),
             f.bool("schema_change_allowed"), f.choice("verdict", VERDICTS),
-            texts("reasons", MAX_RULES + MAX_SCHEMA_CHANGES + 2), f.bool("forced"))
+            texts("reasons", MAX_RULES + MAX_COLUMNS * MAX_GROUPS), f.bool("forced"))
         f.done()
         return out
 

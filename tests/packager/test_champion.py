@@ -362,3 +362,41 @@ def test_the_card_renders_the_comparison(better):
     assert "mcnemar_exact on accuracy, p = " in md and "\n\n| rule |" in md
     html = render(doc, "html")
     assert "<td>f1_macro&gt;=+2%</td>" in html and "Verdict: win" in html
+
+
+def test_many_schema_changes_stay_within_the_card_bound(champions):
+    from edgefleet.contract.card import MAX_SCHEMA_CHANGES
+
+    m = read_unverified(champions["weak"].read_bytes()).manifest
+    wide = replace(m, inputs=(*m.inputs, *(replace(m.inputs[0], name=f"f{i}")
+                                          for i in range(100))))
+    changes = compare.schema_changes(m, wide)
+    assert len(changes) == MAX_SCHEMA_CHANGES
+    assert changes[-1] == f"and {100 - MAX_SCHEMA_CHANGES + 1} more changes"
+    with pytest.raises(PromotionRuleError, match="at most 16"):
+        compare.parse_rules(["accuracy>=+0"] * 17)
+
+
+def test_latency_interleaves_the_models_after_a_warm_up():
+    calls: list[tuple[str, int]] = []
+
+    def runner(name):
+        def run(columns):
+            calls.append((name, int(columns["x"][0])))
+            return Prediction(labels=np.zeros(1))
+        return run
+
+    cols = {"x": np.arange(30, dtype=np.float64)}
+    p95 = compare.latency_p95([runner("a"), runner("b")], [cols, cols], rows=20)
+    assert len(p95) == 2 and all(v >= 0 for v in p95)
+    warm = compare.LATENCY_WARMUP
+    assert calls[:2 * warm] == [("a", i) for i in range(warm)] + [("b", i) for i in range(warm)]
+    timed = calls[2 * warm:]
+    assert len(timed) == 40 and timed[:4] == [("a", 0), ("b", 0), ("b", 1), ("a", 1)]
+
+
+def test_build_help_documents_the_exit_status(capsys):
+    assert main(["build", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "A challenger that does not beat --champion exits 6 (refused by a check)" in text
+    assert "--promote-if RULE" in text and "--allow-schema-change" in text

@@ -56,13 +56,16 @@ def work(tmp_path_factory):
     weak = fit(DecisionTreeClassifier(max_depth=1, random_state=0), train[FEATURES],
                train["target"])
     wider = fit(LogisticRegression(max_iter=300), train[[*FEATURES, "x4"]], train["target"])
+    # nearly the strong model: a handful of rows answered differently
+    twin = fit(LogisticRegression(C=0.01, max_iter=300), train[FEATURES], train["target"])
     train.to_csv(d / "train.csv", index=False)
     test.to_csv(d / "test.csv", index=False)
     return {"dir": d, "train": d / "train.csv", "test": d / "test.csv", "test_frame": test,
             "strong": strong, "weak": weak,
             "strong_path": dump(strong, d / "strong.joblib"),
             "weak_path": dump(weak, d / "weak.joblib"),
-            "wider_path": dump(wider, d / "wider.joblib")}
+            "wider_path": dump(wider, d / "wider.joblib"),
+            "twin": twin, "twin_path": dump(twin, d / "twin.joblib")}
 
 
 def _build(work, key, model: str, version: str, out, **options) -> object:
@@ -151,6 +154,21 @@ def test_a_worse_model_fails_with_its_own_exit_status_and_a_table(work, champion
     text = capsys.readouterr().out
     assert "champion churn 1.0.0: accuracy difference -" in text and "NOT won" in text
     assert "verdict    LOSE" in text and "FORCED" in text
+
+
+def test_a_tie_that_is_not_significant_fails_the_build(work, champions, build_key, tmp_path):
+    test = work["test_frame"]
+    y = test["target"].to_numpy()
+    ours, theirs = work["twin"].predict(test[FEATURES]), work["strong"].predict(test[FEATURES])
+    k, b = int(np.sum((ours == y) & (theirs != y))), int(np.sum((theirs == y) & (ours != y)))
+    assert k > b and k + b < 10  # a little better on paper, by a handful of rows
+    with pytest.raises(ChampionLostError, match=r"accuracy>=\+0\.001: met but not "
+                                                r"significant \(McNemar p = 1\)"):
+        _build(work, build_key, "twin", "2.0.0", tmp_path, champion=champions["strong"],
+               promote_if=("accuracy>=+0.001",))
+    # not worse, which is all the default rule asks
+    result = _build(work, build_key, "twin", "2.0.0", tmp_path, champion=champions["strong"])
+    assert result.manifest.card.champion.won is True
 
 
 def _tamper(data: bytes, edit) -> bytes:

@@ -3,9 +3,11 @@
 Steps, each reported to a progress callback: load the model and the data, convert to
 ONNX, quantise, judge fidelity against the original, profile the training data and the
 packaged model's predictions on it, pick smoke-test samples, fit a classifier's calibration
-map on the held-out rows (:mod:`packager.calibrate`), measure the model card (metrics with
-intervals, slices, fairness, importances: :mod:`packager.evaluate`) and hold its fairness
-gaps to their bounds, write the manifest with lineage and the card, sign, pack.
+map on the held-out rows (:mod:`packager.calibrate`), compare with a champion bundle when
+one is given (:mod:`packager.champion`: a challenger that does not win stops here unless
+forced), measure the model card (metrics with intervals, slices, fairness, importances:
+:mod:`packager.evaluate`) and hold its fairness gaps to their bounds, write the manifest
+with lineage and the card, sign, pack.
 
 Reproducible: with ``SOURCE_DATE_EPOCH`` set, the same inputs give byte-identical
 bundles (created_at and the tar mtimes come from it; every other byte is a function

@@ -16,6 +16,7 @@ The parts, by table:
 - ``_drift``: bundles, evaluated drift windows, alerts, webhook attempts;
 - ``_rollouts``: rollouts, and the telemetry reads their gates make;
 - ``_retrains``: retraining runs and their lineage;
+- ``_outcomes``: the outcomes queue (batches of true labels waiting for their device);
 - ``_dashboard``: the dashboard's paged device list and its counts (reads only).
 
 The store decides nothing: it does not judge, validate messages, hash secrets or read the
@@ -30,6 +31,7 @@ from fleet_server.store._dashboard import DEVICE_SORTS, DashboardReads, DeviceQu
 from fleet_server.store._drift import DriftTables
 from fleet_server.store._fleet import FleetTables, selector_sql
 from fleet_server.store._retrains import RetrainTables
+from fleet_server.store._outcomes import OutcomeBatchRow, OutcomeQueueRow, OutcomeTables
 from fleet_server.store._rollouts import RolloutRow, RolloutTables, WindowSummary
 from fleet_server.store._telemetry import (
     FLEET_SCOPE,
@@ -52,6 +54,8 @@ __all__ = [
     "REFUSED",
     "DeviceQuery",
     "DevicesPage",
+    "OutcomeBatchRow",
+    "OutcomeQueueRow",
     "PendingSummary",
     "RolloutRow",
     "RollupKey",
@@ -63,6 +67,6 @@ __all__ = [
 
 
 class Store(FleetTables, TelemetryTables, DriftTables, RolloutTables, RetrainTables,
-            DashboardReads, StoreBase):
+            OutcomeTables, DashboardReads, StoreBase):
     """The fleet database. ``Store(db)`` opens (creating and migrating) a SQLite file (a
     path or ``sqlite:///path``) or a PostgreSQL database (``postgresql://...``)."""

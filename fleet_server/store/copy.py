@@ -52,6 +52,8 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("acks", ("device", "stream")),
     ("settled", ("device", "stream", "seq")),
     ("retrains", ("id",)),
+    ("outcome_queues", ("device",)),
+    ("outcome_batches", ("device", "batch")),
 )
 # tables whose integer id the database assigns (an identity on PostgreSQL)
 _IDENTITY = {"tokens", "bundles", "summaries", "reports", "dead_letters", "audit",

@@ -26,7 +26,12 @@ History:
    mismatch), which the acknowledgement may pass too;
 7. the audit log hash-chained: ``audit.prev`` and ``audit.hash`` (entries written before
    stay NULL: SQL has no sha256, and sealing them later, outside this transaction, would
-   also seal whatever had been edited by then; the chain starts at the first new entry).
+   also seal whatever had been edited by then; the chain starts at the first new entry);
+8. the outcomes queue (issue 14): per device, numbered batches of true labels uploaded
+   centrally (``outcome_batches``: the outcomes as JSON, when made, when last sent, how
+   often), and per device the highest batch made, the highest the device has receipted,
+   and how many outcomes it has receipted (``outcome_queues``). A receipted batch's row is
+   deleted (its count stays in the queue row), so the table holds only what is undelivered.
 
 Migrations are append-only: a released one is never edited, a change is a new one. This
 module holds SQL text only; :mod:`fleet_server.store` runs it.
@@ -271,7 +276,7 @@ ALTER TABLE audit ADD COLUMN prev TEXT;
 ALTER TABLE audit ADD COLUMN hash TEXT;
 """
 
-_V13 = """
+_RETRAINS = """
 CREATE TABLE retrains (
     id          INTEGER PRIMARY KEY,
     recipe      TEXT    NOT NULL,
@@ -297,6 +302,28 @@ CREATE UNIQUE INDEX retrains_one_running ON retrains (recipe) WHERE status = 'ru
 CREATE INDEX retrains_by_recipe ON retrains (recipe, id);
 """
 
+# sent_at: the last send, NULL when due (never sent, or its device came online again since);
+# sends: how often it was published (0: never)
+_V8 = """
+CREATE TABLE outcome_queues (
+    device          TEXT    PRIMARY KEY,
+    batches         INTEGER NOT NULL,
+    receipt         INTEGER NOT NULL DEFAULT 0,
+    receipt_at      REAL,
+    receipted       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE outcome_batches (
+    device      TEXT    NOT NULL,
+    batch       INTEGER NOT NULL,
+    outcomes    TEXT    NOT NULL,
+    count       INTEGER NOT NULL,
+    created_at  REAL    NOT NULL,
+    sent_at     REAL,
+    sends       INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device, batch)
+);
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -306,7 +333,8 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (5, "removed devices, the desired state's rollback slot", _V5),
     (6, "delivery acknowledgements", _V6),
     (7, "audit hash chain", _V7),
-    (8, "retraining runs", _V13),  # 13 once 8-12 (outcomes, performance, ...) land
+    (8, "the outcomes queue", _V8),
+    (9, "retraining runs", _RETRAINS),  # last until the migrations of the branches in flight land
 )
 LATEST = MIGRATIONS[-1][0]
 AUDIT_CHAIN = 7  # the version from which audit entries carry prev and hash

@@ -22,8 +22,9 @@ from fleet_server.profiles.drift import Thresholds
 __all__ = [
     "DEFAULT_DRIFT",
     "DEFAULT_INGEST",
+    "DEFAULT_OUTCOMES",
     "SERVER_ROLES",
-    "BrokerConfig", "DriftConfig", "IngestConfig", "ServerConfig",
+    "BrokerConfig", "DriftConfig", "IngestConfig", "OutcomeConfig", "ServerConfig",
     "WebhookConfig",
 ]
 
@@ -133,8 +134,39 @@ class DriftConfig:
             raise ConfigError("series and device-report bounds must be positive")
 
 
+@dataclass(frozen=True)
+class OutcomeConfig:
+    """Outcomes uploaded centrally and routed to their devices
+    (:mod:`fleet_server.telemetry.routing`).
+
+    ``max_undelivered``: outcomes a device may have queued and not receipted; an upload
+    that would pass it is refused whole. ``window``: batches published to a device ahead of
+    its receipt (each at most 1,000 outcomes and 127 kB). ``resend_s``: a batch sent this
+    long ago without a receipt is sent again. ``tick_s``: how often the router looks for
+    what is due (an upload, a receipt or a device coming online in the same process wakes
+    it at once). ``max_upload_bytes``: the body of one ``POST /api/v1/outcomes``.
+    """
+
+    max_undelivered: int = 1_000_000
+    window: int = 16
+    resend_s: float = 30.0
+    tick_s: float = 1.0
+    max_per_tick: int = 2000  # batches published per pass, then the next pass goes on
+    max_upload_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_undelivered < 1 or self.window < 1 or self.max_per_tick < 1:
+            raise ConfigError("outcome bounds (max_undelivered, window, max_per_tick) must "
+                              "be >= 1")
+        _positive("resend_s", self.resend_s)
+        _positive("tick_s", self.tick_s)
+        if self.max_upload_bytes < 1:
+            raise ConfigError("outcomes max_upload_bytes must be >= 1")
+
+
 DEFAULT_INGEST = IngestConfig()
 DEFAULT_DRIFT = DriftConfig()
+DEFAULT_OUTCOMES = OutcomeConfig()
 
 
 @dataclass(frozen=True)
@@ -193,6 +225,7 @@ class ServerConfig:
     role: str = "all"  # SERVER_ROLES
     election_s: float = 1.0  # how often a standby engine tries to lead, a leader checks
     max_gate_summaries: int = 20_000  # summaries one gate window reads, per side at most
+    outcomes: OutcomeConfig = OutcomeConfig()
 
     def __post_init__(self) -> None:
         if self.role not in SERVER_ROLES:

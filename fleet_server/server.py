@@ -9,11 +9,13 @@ drains and acknowledges what it holds, then the link closes, then the evaluator 
 webhook stop, then the store closes.
 
 Roles (``config.role``): ``api`` runs no background part (the CLI serves HTTP), ``ingest``
-the link and the ingest worker, ``engine`` the webhook, the evaluator and the rollout
-engine, ``all`` everything. The engine's parts run only while this process holds the
-engine lease (:meth:`Store.engine_lease`: a PostgreSQL advisory lock; always held over a
-SQLite file): a standby tries every ``election_s`` and starts them when it wins; a leader
-checks its lease as often and, if it cannot confirm it, stops them and is *deposed*
+the link and the ingest worker, ``engine`` the webhook, the evaluator, the rollout
+engine and the outcome router (which publishes outcome batches and resends what is not
+receipted: one process at a time, so it is an engine part), ``all`` everything. The
+engine's parts run only while this process holds the engine lease
+(:meth:`Store.engine_lease`: a PostgreSQL advisory lock; always held over a SQLite file):
+a standby tries every ``election_s`` and starts them when it wins; a leader checks its
+lease as often and, if it cannot confirm it, stops them and is *deposed*
 (``on_deposed`` is called; ``fleet serve`` then exits with status 3 for its supervisor
 to restart it as a standby). A takeover is recorded in the audit log (``engine.lead``).
 
@@ -43,6 +45,7 @@ from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.services import build_services
 from fleet_server.telemetry.ingest import IngestWorker
 from fleet_server.telemetry.link import ServerLink
+from fleet_server.telemetry.routing import OutcomeRouter
 
 __all__ = ["FleetServer"]
 
@@ -86,8 +89,15 @@ class FleetServer:
         # the engine publishes desired states: an ingest-only worker does not run one
         self.rollout_engine = RolloutEngine(s.rollouts, config.rollout_tick_s) \
             if publish_desired and runs_engine else None
-        self._engine_parts = [p for p in (self.webhook, self.evaluator, self.rollout_engine)
-                              if p is not None]
+        # outcome batches go out over the link, from the engine only (exactly one publisher
+        # and resender); in-process uploads, receipts and devices coming online wake it
+        self.outcome_router = OutcomeRouter(s.store, self.link, config.outcomes, clock) \
+            if self.link is not None and publish_desired and runs_engine else None
+        if self.outcome_router is not None:
+            s.outcomes.on_queued = self.outcome_router.kick
+            s.ingestor.on_outcomes = self.outcome_router.kick
+        self._engine_parts = [p for p in (self.webhook, self.evaluator, self.rollout_engine,
+                                          self.outcome_router) if p is not None]
         # who holds the lease, as pg_stat_activity shows it: host, process, server in it
         self.lease_name = f"fleet-engine:{socket.gethostname()}:{os.getpid()}:{next(_servers)}"
         self.lease = s.store.engine_lease(self.lease_name) if self._engine_parts else None
@@ -145,6 +155,8 @@ class FleetServer:
         self.leading = True
 
     def _stop_engine(self) -> None:
+        if self.outcome_router is not None:
+            self.outcome_router.stop()
         if self.rollout_engine is not None:
             self.rollout_engine.stop()
         if self.evaluator is not None:
@@ -175,6 +187,8 @@ class FleetServer:
             self._elector = None
         if self.rollout_engine is not None:
             self.rollout_engine.stop()
+        if self.outcome_router is not None:
+            self.outcome_router.stop()
         if self.worker is not None:
             self.worker.stop()
         if self.link is not None:

@@ -22,6 +22,8 @@ Public service APIs (for the rollout shell and the dashboard):
   ``export``;
 - ``retrains`` (:class:`~fleet_server.registry.retrains.Retrains`): the retraining runs,
   ``start``, ``claim``, ``update``, ``lineage``;
+- ``outcomes`` (:class:`~fleet_server.telemetry.routing.OutcomeService`): ``upload``
+  (outcomes queued for their devices), ``status``;
 - ``alerts`` (:class:`~fleet_server.monitoring.alerts.Alerts`), ``auth``
   (:class:`~fleet_server.registry.auth.Auth`), ``ingestor``, ``metrics``, ``store``.
 """
@@ -47,6 +49,7 @@ from fleet_server.registry.retrains import Retrains
 from fleet_server.rollouts.engine import Rollouts
 from fleet_server.store import Store
 from fleet_server.telemetry.ingest import Ingestor
+from fleet_server.telemetry.routing import OutcomeService
 
 __all__ = ["Services", "build_services"]
 
@@ -66,6 +69,7 @@ class Services:
     rollouts: Rollouts
     audit: AuditLog
     retrains: Retrains
+    outcomes: OutcomeService
     clock: Callable[[], float] = time.time
     mqtt_state: Callable[[], str] = field(default=lambda: "disabled")
 
@@ -98,7 +102,8 @@ def build_services(config: ServerConfig, *, publisher: Publisher | None = None,
             desired=desired, drift=drift, alerts=Alerts(store, metrics), ingestor=ingestor,
             metrics=metrics,
             rollouts=Rollouts(store, registry, bundles, desired, drift, config, clock),
-            audit=AuditLog(store), retrains=Retrains(store), clock=clock)
+            audit=AuditLog(store), retrains=Retrains(store),
+            outcomes=OutcomeService(store, config.outcomes, clock), clock=clock)
     except BaseException:
         store.close()
         raise

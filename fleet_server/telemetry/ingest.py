@@ -21,6 +21,12 @@ transaction:
   agent version, bundle, reported labels, health, last seen (retained messages, which
   the broker replays at subscribe time, do not count as seen).
 
+Outcome receipts (:class:`~edgefleet.contract.messages.Receipt`) move the device's receipt in
+the outcomes queue (:meth:`Store.record_outcome_receipts`); a receipt naming a batch never
+sent is ignored, logged and counted (``outcomes.receipt_ignored``). An ``online`` status
+makes the device's unreceipted batches due again. Both wake the outcome router of this
+process (``on_outcomes``, called after the commit).
+
 A summary ending more than ``max_clock_skew_s`` in the future is refused: its device's
 clock is wrong, and its window would land in buckets no report asks for.
 
@@ -60,6 +66,7 @@ from edgefleet.contract.messages import (
     Ack,
     Heartbeat,
     Message,
+    Receipt,
     Report,
     Status,
     Summary,
@@ -100,6 +107,8 @@ class BatchResult:
     lags: list[float] = field(default_factory=list)
     # device -> {stream: acknowledged seq}, for every device with a numbered message here
     acks: dict[str, dict[str, int]] = field(default_factory=dict)
+    # devices whose outcome receipt moved or that came online: the router looks at them
+    outcome_devices: set[str] = field(default_factory=set)
 
     @property
     def dead_total(self) -> int:
@@ -163,6 +172,8 @@ class Ingestor:
         self.metrics = metrics
         self.clock = clock
         self._known: dict[tuple[str, str], int] = {}  # bundles are never deleted
+        # called after a commit with BatchResult.outcome_devices (the router's kick)
+        self.on_outcomes: Callable[[set[str]], None] | None = None
 
     # -- one batch -----------------------------------------------------------------------
 
@@ -185,7 +196,7 @@ class Ingestor:
                     raise SchemaError(f"summary.window_end: {msg.window_end:.0f} is more than "
                                       f"{self.config.max_clock_skew_s:.0f} s in the future "
                                       "(the device's clock is wrong)", field="window_end")
-                if not isinstance(msg, (Summary, Report, Heartbeat, Status)):
+                if not isinstance(msg, (Summary, Report, Heartbeat, Status, Receipt)):
                     raise SchemaError(f"a {msg.kind} message is not ingested", field="type")
                 _check_integers(msg)
             except EdgefleetError as exc:
@@ -200,6 +211,8 @@ class Ingestor:
             decoded.append((item, msg))
         with self.store.transaction():
             self._write(decoded, dead, result, now)
+        if result.outcome_devices and self.on_outcomes is not None:
+            self.on_outcomes(result.outcome_devices)
         done = self.clock()
         for kind, n in result.dead.items():
             log.debug("dead-lettered %d %s message(s)", n, kind)
@@ -227,6 +240,7 @@ class Ingestor:
         counts: dict[str, list] = {}
         deltas: dict[RollupKey, list[Packed]] = defaultdict(list)
         statuses: list[tuple[float, Status]] = []
+        receipts: dict[str, int] = {}
         summaries: list[tuple[Summary, SummaryRow, Packed | None, Reference | None]] = []
         for item, msg in decoded:
             if not item.retained:
@@ -250,6 +264,9 @@ class Ingestor:
                 if t >= beats.get(msg.device, (-1.0, {}))[0]:
                     beats[msg.device] = (t, body)
                 result.stored["heartbeat"] += 1
+            elif isinstance(msg, Receipt):
+                receipts[msg.device] = max(receipts.get(msg.device, 0), msg.outcomes)
+                result.stored["receipt"] += 1
             else:
                 assert isinstance(msg, Status)
                 statuses.append((msg.time or item.received, msg))
@@ -271,10 +288,18 @@ class Ingestor:
                 continue
             for k in self._keys(ref.bundle.id, msg.device, msg.window_start, msg.window_end):
                 deltas[k].append(packed)
+        online: set[str] = set()
         for t, s in sorted(statuses, key=lambda x: x[0]):
-            store.apply_status(s.device, online=s.state == "online", time=t,
-                               agent_version=s.agent_version, bundle=s.bundle,
-                               shadow=s.shadow, labels=s.labels or None)
+            if store.apply_status(s.device, online=s.state == "online", time=t,
+                                  agent_version=s.agent_version, bundle=s.bundle,
+                                  shadow=s.shadow, labels=s.labels or None) \
+                    and s.state == "online":
+                online.add(s.device)
+        if online:
+            store.outcomes_due_again(online)
+        if receipts:
+            self._receipts(receipts, now, result)
+        result.outcome_devices |= online
         store.apply_heartbeats(beats)
         store.touch_devices(seen)
         store.note_summaries({d: tuple(v) for d, v in counts.items()})
@@ -282,6 +307,15 @@ class Ingestor:
         if dead:
             self._dead_letters(dead, result)
         self._advance_acks(decoded, dead, result)
+
+    def _receipts(self, receipts: dict[str, int], now: float, result: BatchResult) -> None:
+        advanced, ignored = self.store.record_outcome_receipts(receipts, now)
+        result.outcome_devices |= set(advanced)
+        for device, batch in ignored.items():
+            log.warning("device %r receipted outcome batch %d, which was never sent to it: "
+                        "ignored", device, batch)
+        if ignored:
+            self.store.add_counters({"outcomes.receipt_ignored": len(ignored)})
 
     def _advance_acks(self, decoded: list[tuple[Incoming, Message]], dead: list[_Dead],
                       result: BatchResult) -> None:

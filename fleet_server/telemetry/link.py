@@ -13,8 +13,8 @@ not acknowledged. Shared subscriptions (``$share/<group>/…``, several ingest w
 an absent worker's share queued for it too (measured on Mosquitto 2.0.11). Subscriptions
 are made again in every ``on_connect`` anyway, because Mosquitto 2.0.11 loses a kept
 session's shared subscriptions on restart. The server subscribes to ``summary``,
-``report``, ``heartbeat`` and ``status`` of every device, never to ``desired`` (its own
-retained messages).
+``report``, ``heartbeat``, ``status`` and ``receipt`` (outcome batches applied) of every
+device, never to ``desired``, ``ack`` or ``outcomes`` (its own messages).
 
 Acknowledgement and its guarantee. QoS 1 messages are acknowledged *manually*, after
 the ingest worker's transaction holding them has committed (:meth:`ack`). With MQTT 5's
@@ -65,7 +65,7 @@ __all__ = ["INGEST_KINDS", "Incoming", "ServerLink"]
 
 log = logging.getLogger(__name__)
 
-INGEST_KINDS = ("summary", "report", "heartbeat", "status")
+INGEST_KINDS = ("summary", "report", "heartbeat", "status", "receipt")
 
 
 @dataclass(frozen=True)
@@ -266,6 +266,18 @@ class ServerLink:
             return False
         try:
             info = self._client.publish(topic, payload, qos=qos, retain=True)
+        except ValueError as exc:
+            log.error("cannot publish to %r: %s", topic, exc)
+            return False
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """Publish a message that is not retained (outcome batches) if connected; False
+        (nothing queued) if not: the caller sends it again later."""
+        if not self._connected:
+            return False
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=False)
         except ValueError as exc:
             log.error("cannot publish to %r: %s", topic, exc)
             return False

@@ -78,3 +78,16 @@ class FleetClient:
             response = self.request("POST", "/api/v1/bundles", content=fh.read(),
                                     headers={"Content-Type": "application/octet-stream"})
         return response.status_code, response.json()
+
+    def upload_outcomes(self, path: Path, content_type: str) -> Any:
+        """Stream an outcomes file (CSV, JSON lines or JSON) to ``POST /api/v1/outcomes``;
+        returns what was queued."""
+        with path.open("rb") as fh:
+            return self.request("POST", "/api/v1/outcomes", content=_chunks(fh),
+                                headers={"Content-Type": content_type}).json()
+
+
+def _chunks(fh: Any, size: int = 256 * 1024) -> Any:
+    """A file as an iterator of chunks: httpx streams it (chunked), never reading it whole."""
+    while chunk := fh.read(size):
+        yield chunk

@@ -146,14 +146,19 @@ def _run_until_signal(server: Any, http: bool) -> None:
 @click.option("--share", default=None, help="Join this shared-subscription group for ingest.")
 @click.option("--max-upload-mb", type=int, default=256, show_default=True,
               help="Largest bundle upload, MiB.")
+@click.option("--outcome-resend", type=float, default=30.0, show_default=True,
+              help="Seconds after which an outcome batch without a receipt is sent again.")
+@click.option("--max-undelivered-outcomes", type=int, default=1_000_000, show_default=True,
+              help="Outcomes a device may have waiting; an upload past it is refused.")
 @exits_on_error
 def serve(db: str, broker: str | None, broker_user: str, broker_password_file: Path | None,
           tls_ca: Path | None, receive_maximum: int, batch_max: int, bundle_dir: Path | None,
           role: str, host: str, port: int,
           trust: tuple[str, ...], threshold: int, require_role: tuple[str, ...],
           webhook: str | None, webhook_secret_file: Path | None, window: int, ingest: bool,
-          share: str | None, max_upload_mb: int) -> None:
-    from fleet_server.config import DriftConfig, ServerConfig, WebhookConfig
+          share: str | None, max_upload_mb: int, outcome_resend: float,
+          max_undelivered_outcomes: int) -> None:
+    from fleet_server.config import DriftConfig, OutcomeConfig, ServerConfig, WebhookConfig
     from fleet_server.models import Database
     from fleet_server.server import FleetServer
 
@@ -168,7 +173,9 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
         ingest=ingest, ingest_config=_ingest_config(batch_max), drift=DriftConfig(window_s=window),
         webhook=WebhookConfig(url=webhook, secret=secret), trust=trust, threshold=threshold,
         required_roles=frozenset(require_role), max_upload_bytes=max_upload_mb * 1024 * 1024,
-        host=host, port=port, role=role)
+        host=host, port=port, role=role,
+        outcomes=OutcomeConfig(resend_s=outcome_resend,
+                               max_undelivered=max_undelivered_outcomes))
     http = role in ("all", "api")
     where = f"http://{host}:{port}" if http else f"role {role}"
     click.echo(f"fleet: serving {where} (database {Database.parse(db)})", err=True)

@@ -10,14 +10,16 @@ time, so regenerating after adding devices does not lock the server out).
 The ACL is the one the design asks for, ``pattern`` lines keyed on ``%u`` (the
 authenticated username; ``%c``, the client id, is the client's to choose):
 
-- a device may write ``summary``, ``report``, ``heartbeat`` and ``status`` under
-  ``edgefleet/v1/<its username>/`` and read only ``edgefleet/v1/<its username>/desired``
-  and ``.../ack`` (what the server has stored);
-- the server account may read ``edgefleet/v1/+/#`` and write ``edgefleet/v1/+/desired``
-  and ``edgefleet/v1/+/ack``;
+- a device may write ``summary``, ``report``, ``heartbeat``, ``status`` and ``receipt``
+  under ``edgefleet/v1/<its username>/`` and read only
+  ``edgefleet/v1/<its username>/desired``, ``.../ack`` (what the server has stored) and
+  ``.../outcomes`` (true labels uploaded centrally: no device reads another's);
+- the server account may read ``edgefleet/v1/+/#`` and write ``edgefleet/v1/+/desired``,
+  ``edgefleet/v1/+/ack`` and ``edgefleet/v1/+/outcomes``;
 - each ingest worker (``fleet ingest``) has an account of its own
-  (:func:`fleet_server.registry.accounts.ingest_account`) that may read the four device
-  kinds and write only acknowledgements (never desired state).
+  (:func:`fleet_server.registry.accounts.ingest_account`) that may read the five device
+  kinds and write only acknowledgements (never desired state, never outcomes: those are
+  the engine's, on the server account).
 
 Identity is bound to the account: ``use_username_as_clientid`` makes the broker replace
 whatever client id a client sends with its username, so a device that connects as
@@ -92,7 +94,7 @@ DEFAULT_TLS_PORT = 8883
 # bytes) and room for the fixed header, packet id and properties
 MAX_PACKET_BYTES = MAX_PAYLOAD + 64 * 1024 + 4096
 # the read rights of an ingest worker: the kinds the server ingests (fleet_server.telemetry.link)
-_INGEST_KINDS = ("summary", "report", "heartbeat", "status")
+_INGEST_KINDS = ("summary", "report", "heartbeat", "status", "receipt")
 
 # Mosquitto 2.0.11 facts this text relies on (checked against a real broker in
 # tests/fleet_server/test_brokerconf.py): `pattern` lines apply to every user and anything
@@ -106,14 +108,17 @@ pattern write edgefleet/v1/%u/summary
 pattern write edgefleet/v1/%u/report
 pattern write edgefleet/v1/%u/heartbeat
 pattern write edgefleet/v1/%u/status
+pattern write edgefleet/v1/%u/receipt
 pattern read edgefleet/v1/%u/desired
 pattern read edgefleet/v1/%u/ack
+pattern read edgefleet/v1/%u/outcomes
 
 # the fleet server's ingest account
 user {server}
 topic read edgefleet/v1/+/#
 topic write edgefleet/v1/+/desired
 topic write edgefleet/v1/+/ack
+topic write edgefleet/v1/+/outcomes
 """
 
 # a Mosquitto username that is also safe in a passwd line (no ':'), an ACL line (no

@@ -140,12 +140,15 @@ def test_render_acl_is_the_design_acl(tmp_path):
         "pattern write edgefleet/v1/%u/report",
         "pattern write edgefleet/v1/%u/heartbeat",
         "pattern write edgefleet/v1/%u/status",
+        "pattern write edgefleet/v1/%u/receipt",
         "pattern read edgefleet/v1/%u/desired",
         "pattern read edgefleet/v1/%u/ack",
+        "pattern read edgefleet/v1/%u/outcomes",
         "user server-eu",
         "topic read edgefleet/v1/+/#",
         "topic write edgefleet/v1/+/desired",
         "topic write edgefleet/v1/+/ack",
+        "topic write edgefleet/v1/+/outcomes",
     ]
     assert "%c" not in acl.replace("`%c`", "")  # keyed on the username only
 
@@ -261,7 +264,7 @@ def test_render_ingest_worker_accounts(tmp_path):
     assert acl.startswith(ACL_TEMPLATE.format(server="server"))
     block = acl.split("user server-ingest-1\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert block == [f"topic read edgefleet/v1/+/{k}"
-                     for k in ("summary", "report", "heartbeat", "status")] + [
+                     for k in ("summary", "report", "heartbeat", "status", "receipt")] + [
         "topic write edgefleet/v1/+/ack"]  # it acknowledges what it stored, nothing else
     with pytest.raises(InvalidRequestError, match="passwords"):
         render(BrokerSetup(out=tmp_path, server_password="x", ingest_workers=2), [])
@@ -487,7 +490,7 @@ def test_device_publishes_its_summary_and_the_server_receives_it(real_broker):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["summary", "report", "heartbeat", "status"])
+@pytest.mark.parametrize("kind", ["summary", "report", "heartbeat", "status", "receipt"])
 def test_device_cannot_publish_as_another_device(real_broker, kind):
     server = real_broker.connected("server")
     server.subscribe(f"edgefleet/v1/+/{kind}")
@@ -513,6 +516,38 @@ def test_device_cannot_read_another_devices_desired_state(real_broker):
     spy.subscribe("edgefleet/v1/dev-a/desired")  # a round trip after the retained sends
     time.sleep(0.3)
     assert spy.got("edgefleet/v1/dev-b/desired") == []
+
+
+@pytest.mark.slow
+def test_only_the_device_reads_its_outcomes(real_broker):
+    """The server writes a device's outcomes; that device reads them, another never does
+    (by name or by wildcard), and no device can write outcomes, its own or another's."""
+    spy = real_broker.connected("dev-a")
+    granted = spy.subscribe("edgefleet/v1/dev-b/outcomes") + spy.subscribe(
+        "edgefleet/v1/+/outcomes")
+    assert all(code in (0, 1, NOT_AUTHORIZED) for code in granted)
+    owner = real_broker.connected("dev-b")
+    assert owner.subscribe("edgefleet/v1/dev-b/outcomes") == [1]
+    server = real_broker.connected("server")
+    assert server.publish("edgefleet/v1/dev-b/outcomes", b"labels-for-b") in ACCEPTED
+    assert owner.wait(lambda: owner.got("edgefleet/v1/dev-b/outcomes") == [b"labels-for-b"])
+    assert server.publish("edgefleet/v1/dev-a/outcomes", b"labels-for-a") in ACCEPTED
+    # dev-a's own batch is a round trip after dev-b's: had dev-b's reached it, it would be in
+    assert spy.wait(lambda: spy.got("edgefleet/v1/dev-a/outcomes") == [b"labels-for-a"])
+    assert spy.got("edgefleet/v1/dev-b/outcomes") == []
+    assert spy.publish("edgefleet/v1/dev-b/outcomes", b"forged") == NOT_AUTHORIZED
+    owner2 = real_broker.connected("dev-b")
+    owner2.subscribe("edgefleet/v1/dev-b/outcomes")
+    assert owner2.publish("edgefleet/v1/dev-b/outcomes", b"self-made") == NOT_AUTHORIZED
+
+
+@pytest.mark.slow
+def test_the_server_reads_receipts(real_broker):
+    server = real_broker.connected("server")
+    assert server.subscribe("edgefleet/v1/+/receipt") == [1]
+    dev = real_broker.connected("dev-a")
+    assert dev.publish("edgefleet/v1/dev-a/receipt", b"r1") in ACCEPTED
+    assert server.wait(lambda: server.got("edgefleet/v1/dev-a/receipt") == [b"r1"])
 
 
 @pytest.mark.slow
@@ -726,6 +761,8 @@ def test_ingest_worker_accounts_read_and_never_write(tmp_path):
                                            for w in workers) == 6)
         assert all(w.disconnects == 0 for w in workers)  # both connected side by side
         assert workers[0].publish("edgefleet/v1/dev-a/desired", b"x") == NOT_AUTHORIZED
+        # outcomes are the engine's to publish (the server account), never a worker's
+        assert workers[1].publish("edgefleet/v1/dev-a/outcomes", b"x") == NOT_AUTHORIZED
     finally:
         for c in clients:
             c.close()

@@ -108,6 +108,12 @@ class OutcomeTables(StoreBase):
             self._many("UPDATE outcome_batches SET sent_at = ?, sends = sends + 1 "
                        "WHERE device = ? AND batch = ?", [(now, d, b) for d, b in sent])
 
+    def unmark_outcomes_sent(self, batches: Sequence[tuple[str, int]]) -> None:
+        """Batches recorded as sent that could not be published: due again, not sent."""
+        with self.transaction():
+            self._many("UPDATE outcome_batches SET sent_at = NULL, sends = sends - 1 "
+                       "WHERE device = ? AND batch = ? AND sends > 0", list(batches))
+
     def outcomes_due_again(self, devices: Iterable[str]) -> None:
         """A device came online: its unreceipted batches are due at once (what was sent
         before may have gone with its previous connection)."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -133,7 +134,12 @@ class UploadRow:
     where: str  # "line 7", "outcomes[6]"
     device: str
     outcome: Outcome
-    size: int  # bytes of the outcome's canonical JSON in a batch
+    text: str  # the outcome's canonical JSON, as a batch holds it
+
+    @property
+    def size(self) -> int:
+        """Bytes the outcome takes in a batch, its comma included."""
+        return len(self.text.encode("utf-8")) + 1
 
 
 def csv_label(text: str) -> str | int | float:
@@ -157,13 +163,26 @@ def _row(where: str, device: Any, pid: Any, label: Any) -> UploadRow:
         raise OutcomeIdError(where, f"id {str(pid)[:80]!r} is not a prediction id (letters, "
                                     "digits, '_', '.', ':', '-', at most 64)", field="id")
     try:
-        outcome = Outcome.from_dict({"id": pid, "label": label}, where)
-        size = len(canonical_json(outcome.to_dict())) + 1  # and its comma
-    except SchemaError as exc:
+        text = _label_json(type(label), label)
+    except (SchemaError, TypeError) as exc:
         raise OutcomeLabelError(where, f"label {str(label)[:80]!r}: a string (at most 256 "
                                        "characters), an integer or a finite number "
                                        f"({exc})", field="label") from None
-    return UploadRow(where, device, outcome, size)
+    # canonical JSON of {"id", "label"}: keys sorted, no spaces; an id needs no escapes
+    return UploadRow(where, device, Outcome(pid, label), f'{{"id":"{pid}","label":{text}}}')
+
+
+@functools.lru_cache(maxsize=4096)
+def _label_json(kind: type, label: Any) -> str:
+    """A label's canonical JSON, after the contract's check (:meth:`Outcome.from_dict`).
+    Cached by type and value: class labels repeat row after row (``kind`` keeps ``1``
+    and ``1.0`` apart); an unhashable label is refused by the cache itself (TypeError).
+
+    Raises:
+        SchemaError: not a label the contract takes, or not writable as JSON.
+    """
+    Outcome.from_dict({"id": "x", "label": label}, "outcome")
+    return canonical_json(label).decode("utf-8")
 
 
 def _object_row(where: str, obj: Any) -> UploadRow:
@@ -310,14 +329,15 @@ def make_batches(rows: Sequence[UploadRow], *, max_outcomes: int = MAX_OUTCOMES,
         by_device.setdefault(row.device, []).append(row)
     out: list[PlannedBatch] = []
     for device in sorted(by_device):
-        part: list[dict[str, Any]] = []
+        part: list[str] = []
         size = 2
         for row in by_device[device]:
-            if part and (len(part) >= max_outcomes or size + row.size > max_bytes):
-                out.append(PlannedBatch(device, canonical_json(part).decode(), len(part)))
+            n = row.size
+            if part and (len(part) >= max_outcomes or size + n > max_bytes):
+                out.append(PlannedBatch(device, f"[{','.join(part)}]", len(part)))
                 part, size = [], 2
-            part.append(row.outcome.to_dict())
-            size += row.size
+            part.append(row.text)
+            size += n
         if part:
-            out.append(PlannedBatch(device, canonical_json(part).decode(), len(part)))
+            out.append(PlannedBatch(device, f"[{','.join(part)}]", len(part)))
     return out

@@ -147,30 +147,37 @@ class OutcomeRouter:
         due = self.store.due_outcome_batches(resend_before=now - self.config.resend_s,
                                              window=self.config.window,
                                              limit=self.config.max_per_tick)
-        sent: list[tuple[str, int]] = []
+        ready: list[tuple[str, int, str, bytes, int]] = []
         for row in due:
             try:
                 message = Outcomes(row.device, row.batch,
                                    tuple(Outcome(o["id"], o["label"])
                                          for o in json.loads(row.outcomes)), now)
-                payload = encode(message)
+                ready.append((row.device, row.batch, message.topic, encode(message),
+                              row.sends))
             except (SchemaError, ValueError, KeyError, TypeError):
                 # checked at upload; a row that fails here was written by something else
                 log.exception("outcomes batch %d of %r cannot be encoded; skipped",
                               row.batch, row.device)
-                continue
-            if not self.publisher.publish(message.topic, payload, 1):
+        if not ready:
+            return 0
+        # recorded as sent *before* publishing: a device's receipt can come back faster
+        # than a commit after the publish would, and a receipt for a batch not recorded
+        # as sent is ignored. A crash in between leaves a batch recorded and not sent: it
+        # goes at the next resend (or when its device comes online again).
+        self.store.mark_outcomes_sent([(d, b) for d, b, _, _, _ in ready], now)
+        published = 0
+        for device, batch, name, payload, sends in ready:
+            if not self.publisher.publish(name, payload, 1):
                 break  # not connected: the next tick (or the next connection) sends it
-            sent.append((row.device, row.batch))
-            if row.sends:
-                log.info("outcomes batch %d of %r sent again (send %d)", row.batch,
-                         row.device, row.sends + 1)
-        if sent:
-            # after publishing: a crash in between sends them once more, which the device
-            # receipts without applying twice
-            self.store.mark_outcomes_sent(sent, now)
-        self.published += len(sent)
-        return len(sent)
+            published += 1
+            if sends:
+                log.info("outcomes batch %d of %r sent again (send %d)", batch, device,
+                         sends + 1)
+        if published < len(ready):
+            self.store.unmark_outcomes_sent([(d, b) for d, b, _, _, _ in ready[published:]])
+        self.published += published
+        return published
 
     def start(self) -> None:
         if self._thread is None:

@@ -25,6 +25,7 @@ from edgefleet.contract.messages import (
     Status,
     encode,
 )
+from edgefleet.contract.wire import canonical_json
 from fleet_server.cli.main import main
 from fleet_server.config import OutcomeConfig
 from fleet_server.telemetry.link import Incoming
@@ -412,5 +413,7 @@ def test_json_lines_round_trip_into_batches(rows):
                    for _, _, lab in rows)
         return
     batches = make_batches(parsed)
+    for b in batches:  # what the store keeps is the canonical JSON the device is sent
+        assert b.outcomes == canonical_json(json.loads(b.outcomes)).decode()
     back = {(b.device, o["id"]): o["label"] for b in batches for o in json.loads(b.outcomes)}
     assert back == {(d, i): lab for d, i, lab in rows}

@@ -72,6 +72,9 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/rollouts/{rollout_id}"): VIEWER,
     # approve also needs the approver role, which the rollout service checks (403 too)
     ("POST", "/api/v1/rollouts/{rollout_id}/{action}"): OPERATOR,
+    # outcomes go to devices over MQTT only: a device reads none here, uploads none
+    ("GET", "/api/v1/outcomes"): VIEWER,
+    ("POST", "/api/v1/outcomes"): OPERATOR,
 }
 PRINCIPALS = ("anonymous", "revoked", "device", "other-device", "viewer", "operator", "approver")
 PATH_VALUES = {"device": "dev1", "name": "sensor", "version": "1.0.0", "alert_id": "1",

@@ -26,6 +26,7 @@ from fleet_server.services import build_services
 from fleet_server.store import Store
 from fleet_server.store import copy as copier
 from fleet_server.telemetry.link import Incoming
+from fleet_server.telemetry.outcomes import parse_json_body
 from tests.fleet_server.conftest import make_config, profile_of, summary_of
 
 NOW = 1_800_000_000.25
@@ -70,6 +71,8 @@ def source(tmp_path, signing_keys, sensor_bundle, sensor_ref):
     with store.transaction():  # a sequence refused for good, past the acknowledgement
         store.add_settled([("dev2", "summary", 9)])
     assert store.acks()["dev1"] == {"summary": 3, "report": 1}
+    s.outcomes.upload(parse_json_body(b'{"outcomes": [{"device": "dev2", "id": "p-1", '
+                                      b'"label": 1}]}'), "test")  # an outcomes queue
     assert set(store.table_names()) == {t for t, _ in copier.TABLES}
     empty = [t for t, _ in copier.TABLES
              if not store.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]]

@@ -23,8 +23,11 @@ bundle, group, token or field at fault.
         │   └── CopyCountError         500 a copied table's counts differ (names the table)
         ├── ConfigError                a setting refused at start-up (names the setting)
         ├── ClientError                the CLI's view of a refusal: the server's status and type
-        └── RolloutError               (fleet_server.rollouts.values: plan 422, transition 409,
-                                        approval 403; each subclass carries its status)
+        ├── RolloutError               (fleet_server.rollouts.values: plan 422, transition 409,
+        │                               approval 403; each subclass carries its status)
+        └── OutcomeQueueFullError      409 an outcomes upload past a device's cap
+                                       (fleet_server.telemetry.outcomes, beside the
+                                       OutcomeError family of InvalidRequestError, 422)
 
 Bundle refusals keep their own classes from :mod:`edgefleet.contract.errors` (``SignatureError``,
 ``DigestMismatchError``, ...): the handler maps them to 400 (not a bundle at all), 413

@@ -10,7 +10,10 @@ each online device's batches above its last receipt, at most ``window`` of them 
 in order, QoS 1, on ``edgefleet/v1/{device}/outcomes``. A batch is published when it is
 new, again when its device comes online (ingest marks its unreceipted batches due when an
 ``online`` status arrives: what was sent before may have gone with the old connection),
-and again when it was sent ``resend_s`` ago without a receipt. Receipts are stored by
+and again when it was sent ``resend_s`` ago without a receipt. (A restarted server with a
+plain subscription gets every device's retained ``online`` status again, so it resends at
+once; shared subscriptions never get retained messages, so behind ``fleet ingest``
+workers a restart resends at the timer.) Receipts are stored by
 ingest (:meth:`Store.record_outcome_receipts`, in the transaction of the batch that
 carried them) and free the window. The device applies batch ``n`` only after ``n - 1``
 and re-receipts what it has (see :mod:`edgefleet.contract.messages`), so a resend is

@@ -83,8 +83,13 @@ class FleetClient:
         """Stream an outcomes file (CSV, JSON lines or JSON) to ``POST /api/v1/outcomes``;
         returns what was queued."""
         with path.open("rb") as fh:
+            # the answer comes after the whole upload is checked and queued: a large one
+            # may take longer than an ordinary call
             return self.request("POST", "/api/v1/outcomes", content=_chunks(fh),
-                                headers={"Content-Type": content_type}).json()
+                                headers={"Content-Type": content_type},
+                                timeout=httpx.Timeout(self._http.timeout.connect,
+                                                      read=600.0, write=60.0, pool=30.0)
+                                ).json()
 
 
 def _chunks(fh: Any, size: int = 256 * 1024) -> Any:

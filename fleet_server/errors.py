@@ -9,10 +9,14 @@ bundle, group, token or field at fault.
     └── FleetError                     500 unless a subclass says otherwise
         ├── NotFoundError              404 a device, bundle, group, alert ... does not exist
         ├── ConflictError              409 it exists already, or differs from what exists
+        │   └── GovernanceError        409 the bundle's governance does not allow it
+        │       ├── ReviewOverdueError 409 the bundle is past its review date
+        │       └── RequirementsMissingError  409 the group requires what the bundle lacks
         ├── AuthenticationError        401 no token, an unknown or a revoked one
         ├── PermissionDeniedError      403 a valid token whose role does not allow this
         ├── InvalidRequestError        422 a request value refused (names the field)
         │   ├── BundleReferenceError   422 a verified bundle whose reference.json is unusable
+        │   ├── UnknownRequirementError 422 a group requirement that does not exist
         │   └── ReservedNameError      422 a device id in the service accounts' namespace
         ├── PayloadTooLargeError       413 an upload past the configured limit
         ├── UnavailableError           503 a dependency (the broker) is not reachable now
@@ -51,15 +55,19 @@ __all__ = [
     "ConflictError",
     "CopyCountError",
     "FleetError",
+    "GovernanceError",
     "InvalidRequestError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "RequirementsMissingError",
     "ReservedNameError",
+    "ReviewOverdueError",
     "SchemaVersionError",
     "StoreError",
     "TargetNotEmptyError",
     "UnavailableError",
+    "UnknownRequirementError",
 ]
 
 
@@ -84,6 +92,34 @@ class ConflictError(FleetError):
     """The thing exists already, or the request contradicts what is stored."""
 
     status = 409
+
+
+class GovernanceError(ConflictError):
+    """A rollout or desired-state assignment the bundle's governance does not allow;
+    ``bundle`` names the bundle (``name@version``)."""
+
+    def __init__(self, message: str, *, bundle: str) -> None:
+        super().__init__(message)
+        self.bundle = bundle
+
+
+class ReviewOverdueError(GovernanceError):
+    """The bundle is past its review date (the card's, or the latest approver's renewal)
+    and no approver has re-approved it with a new date."""
+
+    def __init__(self, message: str, *, bundle: str, review_by: str) -> None:
+        super().__init__(message, bundle=bundle)
+        self.review_by = review_by
+
+
+class RequirementsMissingError(GovernanceError):
+    """The group requires what the bundle lacks; ``missing`` names each requirement."""
+
+    def __init__(self, message: str, *, bundle: str, group: str,
+                 missing: tuple[str, ...]) -> None:
+        super().__init__(message, bundle=bundle)
+        self.group = group
+        self.missing = missing
 
 
 class AuthenticationError(FleetError):
@@ -116,6 +152,10 @@ class ReservedNameError(InvalidRequestError):
     """A device id (or service account) on the wrong side of the service accounts'
     namespace (:mod:`fleet_server.registry.accounts`): a device named like the server's account
     would get its broker rights, or lock ``fleet broker-config`` out."""
+
+
+class UnknownRequirementError(InvalidRequestError):
+    """A group requirement that is none of the known ones (the message names it)."""
 
 
 class PayloadTooLargeError(FleetError):

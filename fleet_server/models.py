@@ -166,6 +166,7 @@ class Group:
     important_features: tuple[str, ...] = ()
     created: float = 0.0
     created_by: str = ""
+    requires: tuple[str, ...] = ()  # card, approval, fairness, champion (registry.governance)
 
     def matches(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.selector.items())
@@ -174,7 +175,8 @@ class Group:
         return {"name": self.name, "selector": dict(self.selector),
                 "requires_approval": self.requires_approval,
                 "important_features": list(self.important_features),
-                "created": self.created, "created_by": self.created_by}
+                "created": self.created, "created_by": self.created_by,
+                "requires": list(self.requires)}
 
 
 @dataclass(frozen=True)

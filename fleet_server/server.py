@@ -84,7 +84,8 @@ class FleetServer:
         self.worker = IngestWorker(self.link, s.ingestor, config.ingest_config) \
             if self.link is not None and runs_ingest else None
         self.evaluator = Evaluator(s.store, s.bundles, s.registry, s.alerts, config.drift,
-                                   config.ingest_config, clock) \
+                                   config.ingest_config, clock,
+                                   also=(s.governance.review_alerts,)) \
             if config.evaluate and runs_engine else None
         # the engine publishes desired states: an ingest-only worker does not run one
         self.rollout_engine = RolloutEngine(s.rollouts, config.rollout_tick_s) \

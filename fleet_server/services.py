@@ -24,6 +24,8 @@ Public service APIs (for the rollout shell and the dashboard):
   ``start``, ``claim``, ``update``, ``lineage``;
 - ``outcomes`` (:class:`~fleet_server.telemetry.routing.OutcomeService`): ``upload``
   (outcomes queued for their devices), ``status``;
+- ``governance`` (:class:`~fleet_server.monitoring.governance.Governance`): ``check_desired``,
+  ``review_alerts``, ``show`` (the six questions of one bundle);
 - ``alerts`` (:class:`~fleet_server.monitoring.alerts.Alerts`), ``auth``
   (:class:`~fleet_server.registry.auth.Auth`), ``ingestor``, ``metrics``, ``store``.
 """
@@ -39,6 +41,7 @@ from fleet_server.config import ServerConfig
 from fleet_server.metrics import Metrics
 from fleet_server.monitoring.alerts import Alerts
 from fleet_server.monitoring.drift import DriftService
+from fleet_server.monitoring.governance import Governance
 from fleet_server.registry.audit import AuditLog
 from fleet_server.registry.auth import Auth
 from fleet_server.registry.blobs import BlobStore
@@ -70,6 +73,7 @@ class Services:
     audit: AuditLog
     retrains: Retrains
     outcomes: OutcomeService
+    governance: Governance
     clock: Callable[[], float] = time.time
     mqtt_state: Callable[[], str] = field(default=lambda: "disabled")
 
@@ -97,13 +101,15 @@ def build_services(config: ServerConfig, *, publisher: Publisher | None = None,
         desired = DesiredStates(store, bundles, publisher, clock)
         drift = DriftService(store, bundles, registry, config.drift,
                              config.ingest_config.levels)
+        alerts = Alerts(store, metrics)
         return Services(
             config=config, store=store, auth=Auth(store), registry=registry, bundles=bundles,
-            desired=desired, drift=drift, alerts=Alerts(store, metrics), ingestor=ingestor,
+            desired=desired, drift=drift, alerts=alerts, ingestor=ingestor,
             metrics=metrics,
             rollouts=Rollouts(store, registry, bundles, desired, drift, config, clock),
             audit=AuditLog(store), retrains=Retrains(store),
-            outcomes=OutcomeService(store, config.outcomes, clock), clock=clock)
+            outcomes=OutcomeService(store, config.outcomes, clock),
+            governance=Governance(store, bundles, registry, alerts), clock=clock)
     except BaseException:
         store.close()
         raise

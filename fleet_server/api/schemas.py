@@ -148,6 +148,10 @@ class GroupCreate(_In):
     requires_approval: bool = False
     important_features: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         default_factory=list, max_length=256)
+    requires: list[Annotated[str, Field(min_length=1, max_length=32)]] = Field(
+        default_factory=list, max_length=8,
+        description="What a bundle needs before a rollout to this group: card, approval, "
+                    "fairness, champion")
 
 
 class GroupPublic(BaseModel):
@@ -158,6 +162,7 @@ class GroupPublic(BaseModel):
     created: float
     created_by: str
     members: int
+    requires: list[str] = []
 
 
 # -- bundles --------------------------------------------------------------------------------
@@ -183,6 +188,27 @@ class BundlePublic(BaseModel):
 
 class BundleDetail(BundlePublic):
     manifest: dict[str, Any]
+
+
+class BundleGovernance(BaseModel):
+    """The six questions of one bundle, each an ``answer`` with its evidence, and what the
+    fleet knows of it (``fleet``: devices running it, per group whether its requirements
+    are met, rollouts, drift, open alerts)."""
+
+    bundle: str
+    sha256: str
+    uploaded: float
+    uploaded_by: str
+    task: str | None
+    has_card: bool
+    statement: dict[str, Any] | None
+    approved: dict[str, Any] = Field(description="Who approved it: approvals, signers")
+    data: dict[str, Any] = Field(description="What data trained it: lineage, columns")
+    evaluation: dict[str, Any] = Field(description="How it was evaluated, against what")
+    biases: dict[str, Any] = Field(description="What biases were tested, what was found")
+    review: dict[str, Any] = Field(description="When it is reviewed next, and from where")
+    explanations: dict[str, Any] = Field(description="How its decisions are explained")
+    fleet: dict[str, Any]
 
 
 # -- telemetry ------------------------------------------------------------------------------

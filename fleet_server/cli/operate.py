@@ -106,17 +106,25 @@ def group() -> None:
 @click.option("--selector", multiple=True, metavar="KEY=VALUE", help="Label to match (repeat).")
 @click.option("--requires-approval", is_flag=True, help="Rollouts to it need an approver.")
 @click.option("--important", multiple=True, help="A feature whose drift makes the group drift.")
+@click.option("--require", "require", multiple=True, metavar="card,approval,fairness,champion",
+              help="What a bundle must carry before a rollout to this group: a card, an "
+                   "approver's signature, fairness checks passed, a champion comparison won "
+                   "(comma-separated or repeated).")
 @JSON_OPTION
 @api_command
 def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
-                 requires_approval: bool, important: tuple[str, ...], as_json: bool) -> None:
+                 requires_approval: bool, important: tuple[str, ...],
+                 require: tuple[str, ...], as_json: bool) -> None:
+    requires = [r.strip() for value in require for r in value.split(",") if r.strip()]
     g = api.post("/api/v1/groups", {"name": name, "selector": pairs(selector, "selector"),
                                     "requires_approval": requires_approval,
-                                    "important_features": list(important)})
+                                    "important_features": list(important),
+                                    "requires": requires})
     if as_json:
         print_json(g)
         return
-    click.echo(f"group {g['name']!r} created ({g['members']} member(s))")
+    needs = f", requires {', '.join(g['requires'])}" if g.get("requires") else ""
+    click.echo(f"group {g['name']!r} created ({g['members']} member(s){needs})")
 
 
 @group.command("list", help="List groups with their selectors and member counts.")
@@ -127,11 +135,12 @@ def group_list(api: FleetClient, as_json: bool) -> None:
     if as_json:
         print_json(groups)
         return
-    click.echo(table(["group", "members", "selector", "approval", "important"],
+    click.echo(table(["group", "members", "selector", "approval", "important", "requires"],
                      [[g["name"], g["members"],
                        ",".join(f"{k}={v}" for k, v in sorted(g["selector"].items())) or "*",
                        "yes" if g["requires_approval"] else "no",
-                       ",".join(g["important_features"]) or "-"] for g in groups]))
+                       ",".join(g["important_features"]) or "-",
+                       ",".join(g.get("requires") or []) or "-"] for g in groups]))
 
 
 @group.command("delete", help="Delete a group (its devices are untouched).")
@@ -182,21 +191,52 @@ def bundle_list(api: FleetClient, name: str | None, as_json: bool) -> None:
                       for b in bundles]))
 
 
-@bundle.command("show", help="One bundle and its manifest.")
+_QUESTIONS = (("approved", "who approved it"), ("data", "what data trained it"),
+              ("evaluation", "how it was evaluated"), ("biases", "what biases were tested"),
+              ("review", "when it is reviewed next"), ("explanations", "how it is explained"))
+
+
+@bundle.command("show", help="One bundle: the six questions (who approved it, what data "
+                             "trained it, how it was evaluated and against what, what biases "
+                             "were tested and found, when it is reviewed next, how its "
+                             "decisions are explained), each with its evidence, and where it "
+                             "runs.")
 @click.argument("label", metavar="NAME@VERSION")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @api_command
 def bundle_show(api: FleetClient, label: str, as_json: bool) -> None:
     name, _, version = label.partition("@")
-    b = api.get(f"/api/v1/bundles/{name}/{version}")
+    g = api.get(f"/api/v1/bundles/{name}/{version}/governance")
     if as_json:
-        print_json(b)
+        print_json(g)
         return
-    m = b["manifest"]
-    click.echo(f"{b['name']}@{b['version']}  sha256 {b['sha256']}  {b['size']} bytes")
-    click.echo(f"task {m['task']}, {len(m['inputs'])} input(s): "
-               + ", ".join(f["name"] for f in m["inputs"]))
-    click.echo("signed by " + ", ".join(f"{s['role']} {s['keyid'][:16]}…" for s in b["signers"]))
+    click.echo(f"{g['bundle']}  sha256 {g['sha256']}  task {g['task']}"
+               + ("" if g["has_card"] else "  (built without a card.toml)"))
+    click.echo("inputs: " + ", ".join(g["data"]["inputs"]))
+    for key, question in _QUESTIONS:
+        click.echo(f"{question + ':':<28} {g[key]['answer']}")
+    for a in g["approved"]["approvals"]:
+        who = a["name"] or a["keyid"][:16] + "…"
+        click.echo(f"  approval: {who} as {a['role']}"
+                   f"{'' if a['role_confirmed'] else ' (role not confirmed)'} at "
+                   f"{a['signed_at']}: {a['comment']!r}"
+                   + (f", review by {a['review_by']}" if a["review_by"] else ""))
+    for c in g["biases"]["checks"]:
+        click.echo(f"  fairness: {c['column']} {c['gap']} = {num(c['value'])} "
+                   f"({c['kind']} {c['bound']}) {'passed' if c['passed'] else 'FAILED'}")
+    fleet = g["fleet"]
+    click.echo(f"runs on {fleet['devices']} device(s)")
+    for grp in fleet["groups"]:
+        missing = ", ".join(m["requirement"] for m in grp["missing"])
+        click.echo(f"  group {grp['group']}: {grp['running']} running"
+                   + (f"; requires {', '.join(grp['requires'])}" if grp["requires"] else "")
+                   + (f"; MISSING {missing}" if missing else ""))
+    for r in fleet["rollouts"]:
+        click.echo(f"  rollout {r['id']} to {r['group']}: {r['status']}")
+    for d in fleet["drift"]:
+        click.echo(f"  drift {d['scope']}: {d['verdict']}")
+    for a in fleet["alerts"]:
+        click.echo(f"  alert {a['kind']}: {a['message']}")
 
 
 # --------------------------------------------------------------------------- desired

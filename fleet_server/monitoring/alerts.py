@@ -3,8 +3,10 @@
 An alert is identified by (kind, bundle, group, device); while one is open the same
 condition does not open another, so a drift that persists for a day is one alert, not
 288. The evaluator resolves it when the condition clears; an operator can resolve it by
-hand. Kinds: ``drift`` (a group's or the fleet's persistent verdict is drift) and
-``suspect_sensor`` (a device drifts alone while its group does not).
+hand. Kinds: ``drift`` (a group's or the fleet's persistent verdict is drift),
+``suspect_sensor`` (a device drifts alone while its group does not), ``review_due`` (a
+bundle running on devices is due for review within 14 days) and ``review_overdue`` (a bundle
+still running on devices after its review date).
 
 This module does not evaluate anything and does not speak HTTP; the webhook thread
 (:mod:`fleet_server.monitoring.webhook`) delivers.
@@ -23,7 +25,7 @@ from fleet_server.store import Store
 __all__ = ["KINDS", "Alerts"]
 
 log = logging.getLogger(__name__)
-KINDS = ("drift", "suspect_sensor")
+KINDS = ("drift", "suspect_sensor", "review_due", "review_overdue")
 STATES = ("open", "resolved")
 
 

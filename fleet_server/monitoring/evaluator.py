@@ -19,8 +19,9 @@ Missed windows (the server was down) are caught up to ``persistence_of`` windows
 the persistence rule has its windows after a restart. A window is evaluated once (its
 row in ``drift_windows`` says so); late summaries still count in on-demand reports.
 
-:meth:`Evaluator.housekeeping` applies the retention bounds. This module holds no
-statistics of its own.
+:meth:`Evaluator.housekeeping` applies the retention bounds; ``also`` are further checks run
+on the same timer (the review-date alerts of :mod:`fleet_server.monitoring.governance`). This
+module holds no statistics of its own.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,8 +64,10 @@ class Evaluator:
     def __init__(self, store: Store, bundles: Bundles, registry: Registry, alerts: Alerts,
                  config: DriftConfig = DEFAULT_DRIFT,
                  ingest_config: IngestConfig = DEFAULT_INGEST,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 also: Sequence[Callable[[float], object]] = ()) -> None:
         self.store = store
+        self.also = tuple(also)  # run after each evaluation (the review-date alerts)
         self.bundles = bundles
         self.registry = registry
         self.alerts = alerts
@@ -197,6 +200,12 @@ class Evaluator:
                 log.exception("drift evaluation failed; trying again next window")
             except Exception:
                 log.exception("drift evaluation failed unexpectedly")
+            for task in self.also:
+                try:
+                    task(now)
+                except Exception:
+                    log.exception("%s failed; trying again next window",
+                                  getattr(task, "__name__", task))
             now = self.clock()
             due = (int((now - self.config.lateness_s) // w) + 1) * w + self.config.lateness_s
             self._stop.wait(max(1.0, due - now))

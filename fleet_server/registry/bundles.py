@@ -12,7 +12,10 @@ profile drift is judged against): it must parse and its hash must be the manifes
 :class:`~fleet_server.errors.BundleReferenceError`.
 
 ``name@version`` is immutable once stored: the same bytes again are accepted (nothing
-changes), other bytes under the same name and version are a conflict.
+changes), other bytes under the same name and version are a conflict, except the same
+manifest signed again: its approval statements (checked against the trust store, with the
+name and role it gives each key) are recorded beside the bundle, which is how an approver's
+renewed review date reaches the fleet (:mod:`fleet_server.registry.governance`).
 
 This module does not speak HTTP (the upload size bound is applied while the route
 streams the body to its file), does not fold summaries (the callback given does) and
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefleet.contract.approval import CheckedApproval, check_approvals
 from edgefleet.contract.bundle import Limits, VerifiedBundle, unpack_verified
 from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
 from edgefleet.contract.manifest import NAME_RE, parse_version
@@ -148,10 +152,16 @@ class Bundles:
             raise BundleReferenceError(
                 f"{label}: reference.json has reference_hash {spec.reference_hash[:12]}…, "
                 f"the manifest says {manifest.reference_hash[:12]}…", field="reference.json")
+        # checked again for what the trust store says of each approver (verification
+        # already refused an altered one)
+        approvals = check_approvals(verified.envelope.approvals,
+                                    verified.member("manifest.json"), self.trust)
         existing = self.store.get_bundle(manifest.name, manifest.version)
         if existing is not None:
             if existing.sha256 == verified.sha256:
                 return existing, False
+            if existing.manifest == manifest.to_dict():
+                return self._reapproved(existing, approvals, actor, now), False
             raise ConflictError(f"bundle {label} exists with other bytes (sha256 "
                                 f"{existing.sha256[:12]}…); publish a new version instead")
         self.blobs.put_file(path, verified.sha256)
@@ -162,9 +172,11 @@ class Bundles:
                 size=verified.size, reference_hash=spec.reference_hash,
                 manifest=manifest.to_dict(), reference=raw_ref, signers=signers,
                 uploaded=now, uploaded_by=actor)
+            self.store.add_approvals(record.id, approvals, now)
             self.store.audit(actor, "bundle.upload", f"bundle:{label}",
                              {"sha256": verified.sha256, "size": verified.size,
-                              "signers": [s["keyid"][:16] for s in signers]}, now)
+                              "signers": [s["keyid"][:16] for s in signers],
+                              "approvals": len(approvals)}, now)
         log.info("stored bundle %s (%d bytes) from %s", label, verified.size, actor)
         if self.on_uploaded is not None:
             try:
@@ -172,6 +184,25 @@ class Bundles:
             except Exception:
                 log.exception("after uploading %s: folding pending summaries failed", label)
         return record, True
+
+    def _reapproved(self, record: BundleRecord, approvals: tuple[CheckedApproval, ...],
+                    actor: str, now: float) -> BundleRecord:
+        """The same manifest signed again (say an approver renewed the review date): its
+        new approval statements are recorded; the stored file stays the first one, so
+        devices and desired states keep the sha256 they know."""
+        with self.store.transaction():
+            added = self.store.add_approvals(record.id, approvals, now)
+            if added:
+                self.store.audit(actor, "bundle.approve", f"bundle:{record.label}",
+                                 {"approvals": added, "review_by": [
+                                     a.statement.review_by for a in approvals[-added:]]}, now)
+        if added:
+            log.info("bundle %s: %d new approval(s) from %s", record.label, added, actor)
+        return record
+
+    def approvals(self, record: BundleRecord) -> list[CheckedApproval]:
+        """The bundle's approval statements as checked at upload (trusted or not)."""
+        return self.store.list_approvals(record.id)
 
     def get(self, name: str, version: str) -> BundleRecord:
         """Raises: NotFoundError: no such bundle."""

@@ -28,6 +28,7 @@ from fleet_server.errors import InvalidRequestError, NotFoundError
 from fleet_server.models import Device, Group, Issued
 from fleet_server.registry.accounts import check_device_name
 from fleet_server.registry.auth import DEVICE_PREFIX, mosquitto_hash, new_secret, secret_hash
+from fleet_server.registry.governance import parse_requirements
 from fleet_server.store import Store
 
 __all__ = ["GROUP_RE", "Registry", "check_labels"]
@@ -127,8 +128,11 @@ class Registry:
 
     def create_group(self, name: str, selector: Mapping[str, str], actor: str, now: float, *,
                      requires_approval: bool = False,
-                     important_features: Sequence[str] = ()) -> Group:
-        """Raises: InvalidRequestError (bad name, selector, features), ConflictError."""
+                     important_features: Sequence[str] = (),
+                     requires: Sequence[str] = ()) -> Group:
+        """Raises: InvalidRequestError (bad name, selector, features), ConflictError,
+        UnknownRequirementError (a requirement that is none of ``card``, ``approval``,
+        ``fairness``, ``champion``; names it)."""
         if not GROUP_RE.match(name):
             raise InvalidRequestError(f"group name {name!r}: lower-case letters, digits, "
                                       "'_', '.', '-', at most 64", field="name")
@@ -138,7 +142,8 @@ class Registry:
                 isinstance(f, str) and 0 < len(f) <= 128 for f in features):
             raise InvalidRequestError(f"important_features: at most {MAX_IMPORTANT} names of "
                                       "1-128 characters", field="important_features")
-        group = Group(name, selector, requires_approval, features, now, actor)
+        group = Group(name, selector, requires_approval, features, now, actor,
+                      parse_requirements(requires))
         with self.store.transaction():
             self.store.add_group(group)
             self.store.audit(actor, "group.create", f"group:{name}", group.to_dict(), now)

@@ -19,9 +19,12 @@ keeps plans and states in the store, and on every tick (:meth:`Rollouts.tick`, c
 
 A failure in one rollout's tick is logged and does not stop the others. Operator actions
 (:meth:`Rollouts.act`) observe the same way, call :func:`~fleet_server.rollouts.machine.act`
-(``bundle_approved``: the bundle carries a verified signature of a key with the
-``approver`` role) and publish at once. One rollout at a time may be unfinished on a
-group, and none may share a device with another unfinished rollout.
+(``bundle_approved``: the bundle carries a verified signature or approval statement of a
+key with the ``approver`` role) and publish at once. One rollout at a time may be unfinished
+on a group, and none may share a device with another unfinished rollout. Creating a rollout,
+and the actions that send its bundle further (approve, start, resume, promote), first check
+the bundle's governance (:func:`~fleet_server.registry.governance.check_assignment`): its
+review date, and what the group requires.
 
 Deliberately not here: the rules (the core decides every transition), HTTP, MQTT (the
 desired-state service publishes), and the drift statistics (:mod:`fleet_server.profiles.drift`).
@@ -50,6 +53,7 @@ from fleet_server.monitoring.drift import DriftService
 from fleet_server.registry.bundles import Bundles
 from fleet_server.registry.desired import Assignment, DesiredStates
 from fleet_server.registry.devices import Registry
+from fleet_server.registry.governance import check_assignment
 from fleet_server.rollouts.machine import (
     ACTIVE,
     DEFAULT_STAGES,
@@ -81,6 +85,9 @@ log = logging.getLogger(__name__)
 
 SPEC_FIELDS = ("bundle", "group", "stages", "gates", "shadow_first", "shadow_soak_s",
                "install_timeout_s", "requires_approval", "id", "start")
+# actions that take the bundle to more devices: governance is checked again (a review date
+# may have passed since the rollout was created)
+_SENDS = ("approve", "start", "resume", "promote")
 _SETTLED = ""  # a key of ``sent`` no device id can be: every final assignment went out
 MAX_DEVICES_LISTED = 10_000  # devices a rollout's detail lists
 
@@ -303,11 +310,14 @@ class Rollouts:
             InvalidRequestError, SchemaError, PlanError: a bad field (named).
             ConflictError: the id exists, or the group (or one of its devices) has an
                 unfinished rollout.
+            ReviewOverdueError, RequirementsMissingError (409): the bundle is past its
+                review date, or lacks what the group requires.
             ActorNotAllowedError: a malformed actor.
         """
         now = self.clock() if now is None else now
-        plan, group, _ = self._plan(spec, now)
+        plan, group, record = self._plan(spec, now)
         start = bool(spec.get("start", False))
+        check_assignment(record, self.bundles.approvals(record), [group], now)
         with self._lock:
             self._check_free(plan, group)
             state = initial_state(plan, actor=actor)
@@ -333,6 +343,8 @@ class Rollouts:
             InvalidTransitionError (RolloutFinishedError, UnknownActionError): not in
                 this status. ApprovalRequiredError, ActorNotAllowedError: not allowed.
             ConflictError: start while another unfinished rollout shares devices.
+            ReviewOverdueError, RequirementsMissingError (409): approve, start, resume or
+                promote a bundle past its review date or lacking what the group requires.
         """
         now = self.clock() if now is None else now
         if not isinstance(reason, str):
@@ -340,19 +352,22 @@ class Rollouts:
         with self._lock:
             row = self._row(rollout_id)
             plan, state = self._load(row)
-            if action == "start":
-                try:
-                    group = self.registry.group(plan.group)
-                except NotFoundError:
-                    group = None
-                if group is not None:
-                    self._check_free(plan, group)
+            try:
+                group: Group | None = self.registry.group(plan.group)
+            except NotFoundError:
+                group = None
+            if action == "start" and group is not None:
+                self._check_free(plan, group)
             members = self._members(plan)
             devices = self._observe(plan, state, members)
             window = gate_window(plan, state, devices)
             metrics = self.gates.read(plan, window) if window is not None else None
             record = self.bundles.get(plan.bundle.name, plan.bundle.version)
-            approved = any(s.get("role") == "approver" for s in record.signers)
+            approvals = self.bundles.approvals(record)
+            if action in _SENDS and state.status not in FINISHED:
+                check_assignment(record, approvals, [] if group is None else [group], now)
+            approved = any(s.get("role") == "approver" for s in record.signers) or any(
+                a.role_confirmed and a.statement.role == "approver" for a in approvals)
             d = act(plan, state, action, Observation(now, devices, metrics), actor=actor,
                     roles=set(roles), bundle_approved=approved, reason=reason)
             with self.store.transaction():  # applied only to the state it was decided on

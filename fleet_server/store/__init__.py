@@ -30,8 +30,8 @@ from fleet_server.store._base import StoreBase
 from fleet_server.store._dashboard import DEVICE_SORTS, DashboardReads, DeviceQuery, DevicesPage
 from fleet_server.store._drift import DriftTables
 from fleet_server.store._fleet import FleetTables, selector_sql
-from fleet_server.store._retrains import RetrainTables
 from fleet_server.store._outcomes import OutcomeBatchRow, OutcomeQueueRow, OutcomeTables
+from fleet_server.store._retrains import RetrainTables
 from fleet_server.store._rollouts import RolloutRow, RolloutTables, WindowSummary
 from fleet_server.store._telemetry import (
     FLEET_SCOPE,

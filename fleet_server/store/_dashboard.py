@@ -115,6 +115,14 @@ class DashboardReads(StoreBase):
         return {r["b"]: int(r["n"]) for r in self._rows(
             f"SELECT {_BUNDLE} AS b, COUNT(*) AS n FROM devices GROUP BY 1")}
 
+    def count_running(self, label: str, selector: Mapping[str, str] | None = None) -> int:
+        """How many devices (matching ``selector``, when given) report running ``label``
+        (``name@version``)."""
+        sub, params = selector_sql(selector or {})
+        row = self._one(f"SELECT COUNT(*) AS n FROM devices WHERE {_BUNDLE} = ? AND id IN "
+                        f"({sub})", [label, *params])
+        return int(row["n"]) if row else 0
+
     def count_selected(self, selector: Mapping[str, str]) -> int:
         """How many devices match a label selector."""
         sub, params = selector_sql(selector)

@@ -1,10 +1,12 @@
-"""Store tables of bundles and of drift judgements: evaluated windows, alerts, webhook attempts."""
+"""Store tables of bundles (and their approval statements) and of drift judgements: evaluated
+windows, alerts, webhook attempts."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from edgefleet.contract.approval import Approval, CheckedApproval
 from fleet_server.errors import NotFoundError
 from fleet_server.models import Alert, BundleRecord, DriftWindow
 from fleet_server.store._base import StoreBase, dumps, loads
@@ -71,6 +73,34 @@ class DriftTables(StoreBase):
         else:
             rows = self._rows("SELECT * FROM bundles WHERE name = ? ORDER BY uploaded", [name])
         return [_bundle(r) for r in rows]
+
+    # -- bundle approvals ----------------------------------------------------------------
+
+    def add_approvals(self, bundle_id: int, approvals: Sequence[CheckedApproval],
+                      now: float) -> int:
+        """Record a bundle's checked approval statements; those recorded already (the same
+        statement) are skipped. Returns how many are new."""
+        added = 0
+        with self.transaction():
+            for a in approvals:
+                st = a.statement
+                cur = self._exec(
+                    "INSERT INTO bundle_approvals (bundle_id, keyid, role, trusted_role, name, "
+                    "comment, signed_at, review_by, statement, recorded) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bundle_id, statement) "
+                    "DO NOTHING",
+                    [bundle_id, st.keyid, st.role, a.trusted_role, a.name, st.comment,
+                     st.signed_at, st.review_by, dumps(st.to_dict()), now])
+                added += max(0, cur.rowcount)
+        return added
+
+    def list_approvals(self, bundle_id: int) -> list[CheckedApproval]:
+        """A bundle's recorded approvals, oldest signature first."""
+        rows = self._rows("SELECT * FROM bundle_approvals WHERE bundle_id = ? "
+                          "ORDER BY signed_at, id", [bundle_id])
+        return [CheckedApproval(Approval.from_dict(loads(r["statement"], {}), "approval"),
+                                r["trusted_role"] is not None, r["name"], r["trusted_role"])
+                for r in rows]
 
     # -- evaluated windows ---------------------------------------------------------------
 

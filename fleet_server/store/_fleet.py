@@ -49,7 +49,8 @@ def _token(row: dict[str, Any]) -> Token:
 
 def _group(row: dict[str, Any]) -> Group:
     return Group(row["name"], loads(row["selector"], {}), bool(row["requires_approval"]),
-                 tuple(loads(row["important_features"], [])), row["created"], row["created_by"])
+                 tuple(loads(row["important_features"], [])), row["created"], row["created_by"],
+                 tuple(loads(row.get("requires"), [])))
 
 
 def selector_sql(selector: Mapping[str, str]) -> tuple[str, list[str]]:
@@ -274,9 +275,10 @@ class FleetTables(StoreBase):
         with self.transaction():
             self._exec(
                 "INSERT INTO groups (name, selector, requires_approval, important_features,"
-                " created, created_by) VALUES (?, ?, ?, ?, ?, ?)",
+                " created, created_by, requires) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [group.name, dumps(group.selector), int(group.requires_approval),
-                 dumps(list(group.important_features)), group.created, group.created_by],
+                 dumps(list(group.important_features)), group.created, group.created_by,
+                 dumps(list(group.requires))],
                 conflict=f"group {group.name!r} exists already")
         return group
 

@@ -54,10 +54,11 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("retrains", ("id",)),
     ("outcome_queues", ("device",)),
     ("outcome_batches", ("device", "batch")),
+    ("bundle_approvals", ("id",)),
 )
 # tables whose integer id the database assigns (an identity on PostgreSQL)
 _IDENTITY = {"tokens", "bundles", "summaries", "reports", "dead_letters", "audit",
-             "drift_windows", "alerts", "webhook_attempts"}
+             "drift_windows", "alerts", "webhook_attempts", "bundle_approvals", "retrains"}
 
 
 @dataclass(frozen=True)

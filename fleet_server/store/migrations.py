@@ -31,7 +31,17 @@ History:
    centrally (``outcome_batches``: the outcomes as JSON, when made, when last sent, how
    often), and per device the highest batch made, the highest the device has receipted,
    and how many outcomes it has receipted (``outcome_queues``). A receipted batch's row is
-   deleted (its count stays in the queue row), so the table holds only what is undelivered.
+   deleted (its count stays in the queue row), so the table holds only what is undelivered;
+9. - 10. reserved for the performance store and the drift thresholds (landing beside);
+11. governance: ``groups.requires`` (what a group requires of a bundle before a rollout:
+    card, approval, fairness, champion) and ``bundle_approvals``, the signed approval
+    statements of each stored bundle, checked against the server's trust store at upload;
+    a re-upload of the same manifest with new approvals (an approver's renewal of the review
+    date) adds its statements here, the stored bundle file staying the one first uploaded;
+12. reserved for dashboard sessions (landing beside);
+13. retraining runs (issue 15): one row a run of the loop, its lineage in ids (the alert
+    that triggered it, the champion, the challenger, the rollout); at most one running
+    per recipe.
 
 Migrations are append-only: a released one is never edited, a change is a new one. This
 module holds SQL text only; :mod:`fleet_server.store` runs it.
@@ -324,6 +334,26 @@ CREATE TABLE outcome_batches (
 );
 """
 
+_RESERVED = "SELECT 1;"  # a number reserved for a migration merged from another branch
+
+_V11 = """
+ALTER TABLE groups ADD COLUMN requires TEXT NOT NULL DEFAULT '[]';
+CREATE TABLE bundle_approvals (
+    id          INTEGER PRIMARY KEY,
+    bundle_id   INTEGER NOT NULL,
+    keyid       TEXT    NOT NULL,
+    role        TEXT    NOT NULL,
+    trusted_role TEXT,
+    name        TEXT    NOT NULL DEFAULT '',
+    comment     TEXT    NOT NULL,
+    signed_at   TEXT    NOT NULL,
+    review_by   TEXT,
+    statement   TEXT    NOT NULL,
+    recorded    REAL    NOT NULL,
+    UNIQUE (bundle_id, statement)
+);
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -334,7 +364,11 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (6, "delivery acknowledgements", _V6),
     (7, "audit hash chain", _V7),
     (8, "the outcomes queue", _V8),
-    (9, "retraining runs", _RETRAINS),  # last until the migrations of the branches in flight land
+    (9, "reserved (the performance store, landing beside)", _RESERVED),
+    (10, "reserved (drift thresholds, landing beside)", _RESERVED),
+    (11, "group requirements, bundle approvals", _V11),
+    (12, "reserved (dashboard sessions, landing beside)", _RESERVED),
+    (13, "retraining runs", _RETRAINS),
 )
 LATEST = MIGRATIONS[-1][0]
 AUDIT_CHAIN = 7  # the version from which audit entries carry prev and hash

@@ -17,7 +17,10 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from edgefleet.contract.approval import sign_approval
+from edgefleet.contract.bundle import sign_bundle
 from edgefleet.contract.messages import BundleRef, Report, encode, topic
+from edgefleet.contract.signing import load_private_key
 from fleet_server.cli.main import main
 from fleet_server.errors import CopyCountError
 from fleet_server.models import DriftWindow
@@ -38,6 +41,11 @@ def source(tmp_path, signing_keys, sensor_bundle, sensor_ref):
     config = make_config(tmp_path, signing_keys)
     s = build_services(config)
     s.bundles.upload(sensor_bundle.read_bytes(), "test", time.time())
+    approver = load_private_key(signing_keys.approver.private)  # an approval statement
+    s.bundles.upload(sign_bundle(sensor_bundle.read_bytes(), approver, approve=lambda m:
+                                 sign_approval(approver, m, role="approver", comment="ok",
+                                               signed_at="2027-01-01T00:00:00Z")),
+                     "test", time.time())
     for device in ("dev1", "dev2"):
         s.registry.add_device(device, {"site": "a", "line": device}, "test", NOW)
     s.registry.create_group("site-a", {"site": "a"}, "test", NOW)

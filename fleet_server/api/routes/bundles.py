@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from fleet_server.api.deps import AnyPrincipal, Operator, ServicesDep, Viewer
-from fleet_server.api.schemas import BundleDetail, BundlePublic
+from fleet_server.api.schemas import BundleDetail, BundleGovernance, BundlePublic
 from fleet_server.errors import PayloadTooLargeError, PermissionDeniedError
 
 router = APIRouter(prefix="/api/v1/bundles", tags=["bundles"])
@@ -51,7 +51,8 @@ async def upload_bundle(request: Request, response: Response, services: Services
     ``reference.json`` must match the manifest. A refusal is a 4xx whose error type is
     the reason's class (``UntrustedSignerError``, ``DigestMismatchError``, …) and whose
     message names the member. The same bytes again answer 200; other bytes under an
-    existing name@version answer 409.
+    existing name@version answer 409, except the same manifest signed again (an approver's
+    renewal): its new approval statements are recorded (200), the stored file unchanged.
     """
     # to a file first, verified from there, moved into the blob store only if it passed
     fd, temp = services.bundles.blobs.temp_file()
@@ -79,6 +80,16 @@ def get_bundle(name: Name, version: Version, services: ServicesDep, _: Viewer) -
     """One bundle with its full manifest (inputs, outputs, lineage, fidelity, files)."""
     record = services.bundles.get(name, version)
     return BundleDetail.model_validate(record.to_dict(manifest=True))
+
+
+@router.get("/{name}/{version}/governance", response_model=BundleGovernance)
+def bundle_governance(name: Name, version: Version, services: ServicesDep,
+                      _: Viewer) -> BundleGovernance:
+    """The six questions of one bundle (who approved it, what data trained it, how it was
+    evaluated and against what, what biases were tested and found, when it is reviewed
+    next, how its decisions are explained), each with its evidence, and where it runs."""
+    record = services.bundles.get(name, version)
+    return BundleGovernance.model_validate(services.governance.show(record, services.clock()))
 
 
 @router.get("/{name}/{version}/download", response_class=FileResponse,

@@ -126,8 +126,11 @@ def set_desired(device: DeviceId, body: DesiredUpdate, services: ServicesDep,
     """Set what a device should run (``bundle``, optional ``shadow``, as name@version).
 
     The revision increases when anything changes; the state is published retained to
-    the device's ``desired`` topic.
+    the device's ``desired`` topic. A bundle (or shadow) new to the device that is past its
+    review date, or lacks what a group of the device requires, is refused with 409
+    (``ReviewOverdueError``, ``RequirementsMissingError``) naming why.
     """
+    services.governance.check_desired(device, body.bundle, body.shadow, services.clock())
     services.desired.assign(device, body.bundle, body.shadow, body.allow_downgrade,
                             actor=who.actor)
     record = services.desired.record(device)

@@ -30,11 +30,14 @@ def create_group(body: GroupCreate, services: ServicesDep, who: Operator) -> Gro
     """Create a group: devices whose labels match every selector pair are members.
 
     ``important_features``: a drift of any of these makes the group drift;
-    ``requires_approval``: rollouts to it need an approver.
+    ``requires_approval``: rollouts to it need an approver; ``requires``: what a bundle
+    must carry before a rollout to it (``card``, ``approval``, ``fairness``, ``champion``);
+    an unknown name is refused (422) naming it.
     """
     group = services.registry.create_group(
         body.name, body.selector, who.actor, services.clock(),
-        requires_approval=body.requires_approval, important_features=body.important_features)
+        requires_approval=body.requires_approval, important_features=body.important_features,
+        requires=body.requires)
     return _public(services, group)
 
 

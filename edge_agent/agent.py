@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from edge_agent.errors import NoModelError
+from edge_agent.explain import Explanation, explainer_for
 from edge_agent.model import LoadedModel, Outputs, PredictError, concat_outputs
 from edgefleet.contract.errors import InputError
 from edgefleet.contract.inputs import Batch
@@ -281,6 +282,21 @@ class Agent:
         result = self.predict([row])
         model = self._model
         return result.rows(model.classes if model is not None else ())[0]
+
+    def explain(self, row: Mapping[str, Any] | Sequence[Any]) -> Explanation:
+        """The contribution of each input to the live model's prediction for ``row``
+        (:mod:`edge_agent.explain`: baseline substitution against the bundle's reference,
+        exact for linear models). Not served: nothing is profiled or counted.
+
+        Raises:
+            NoModelError: nothing is installed.
+            InputError: the row breaks the schema (names the feature), as for predict.
+            PredictError: the model failed at run time.
+        """
+        model = self._model
+        if model is None:
+            raise NoModelError("no bundle is installed yet")
+        return explainer_for(model).explain(row)
 
     def _record(self, model: LoadedModel, inputs: Any, n: int, outputs: Outputs,
                 elapsed_ms: float) -> None:

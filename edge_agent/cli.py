@@ -1,4 +1,5 @@
-"""``edge-agent``: run the daemon, predict once from a file, show the device's status.
+"""``edge-agent``: run the daemon, predict once from a file, explain one prediction, show the
+device's status.
 
 Commands call the library and format; they hold no rules. A refusal prints one line on
 stderr (``edge-agent: error: ...``) and exits 1; a usage mistake is click's exit 2.
@@ -99,22 +100,10 @@ def _read_rows(path: Path, manifest: Any) -> list[dict[str, Any]]:
     return rows
 
 
-@cli.command()
-@click.option("--bundle", "bundle_path", required=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="The .edgebundle file.")
-@click.option("--input", "input_path", required=True,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="Rows: CSV with a header row, or JSON lines (.jsonl).")
-@click.option("--trust", multiple=True, metavar="[ROLE=]PUBKEY",
-              help="A trusted public key (repeat). Or take them from --config.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Take the trust store and policy from this agent config.")
-@click.option("--threshold", type=int, default=None, help="Trusted signatures needed.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per row on stdout.")
-def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
-            config_path: Path | None, threshold: int | None, as_json: bool) -> None:
-    """Verify a bundle and predict the rows of a file with it (one-off use)."""
-    from edge_agent.agent import Agent
+def _verified_model(bundle_path: Path, trust: tuple[str, ...], config_path: Path | None,
+                    threshold: int | None) -> Any:
+    """The bundle at ``bundle_path``, verified against ``--trust`` (or the config's trust
+    store and policy) and loaded."""
     from edge_agent.model import LoadedModel
     from edgefleet.contract.bundle import unpack_verified
     from edgefleet.contract.signing import Policy, TrustStore
@@ -132,7 +121,27 @@ def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
                                    "verified before they run")
     store = TrustStore.from_files(specs)
     with unpack_verified(bundle_path, store, Policy(threshold or 1, frozenset(roles))) as bundle:
-        model = LoadedModel(bundle)  # streamed and verified into a temporary directory
+        return LoadedModel(bundle)  # streamed and verified into a temporary directory
+
+
+@cli.command()
+@click.option("--bundle", "bundle_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The .edgebundle file.")
+@click.option("--input", "input_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Rows: CSV with a header row, or JSON lines (.jsonl).")
+@click.option("--trust", multiple=True, metavar="[ROLE=]PUBKEY",
+              help="A trusted public key (repeat). Or take them from --config.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Take the trust store and policy from this agent config.")
+@click.option("--threshold", type=int, default=None, help="Trusted signatures needed.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per row on stdout.")
+def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
+            config_path: Path | None, threshold: int | None, as_json: bool) -> None:
+    """Verify a bundle and predict the rows of a file with it (one-off use)."""
+    from edge_agent.agent import Agent
+
+    model = _verified_model(bundle_path, trust, config_path, threshold)
     rows = _read_rows(input_path, model.manifest)
     if not rows:
         raise click.ClickException(f"{input_path}: no rows")
@@ -158,6 +167,48 @@ def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
                        + (f"  p={top:.3f}" if top is not None else ""))
         else:
             click.echo(f"  {i:>5}  {answer['value']:.6g}")
+
+
+@cli.command()
+@click.option("--bundle", "bundle_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The .edgebundle file.")
+@click.option("--row", "row_text", required=True, metavar="JSON",
+              help='One row as a JSON object (feature → value) or a list in schema order; '
+                   '"-" reads it from stdin.')
+@click.option("--trust", multiple=True, metavar="[ROLE=]PUBKEY",
+              help="A trusted public key (repeat). Or take them from --config.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Take the trust store and policy from this agent config.")
+@click.option("--threshold", type=int, default=None, help="Trusted signatures needed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
+def explain(bundle_path: Path, row_text: str, trust: tuple[str, ...],
+            config_path: Path | None, threshold: int | None, as_json: bool) -> None:
+    """Explain one prediction: the contribution of each input (baseline substitution
+    against the bundle's reference; exact for linear models)."""
+    from edge_agent.explain import Explainer
+
+    text = sys.stdin.read(MAX_INPUT_BYTES) if row_text == "-" else row_text
+    try:
+        row = json.loads(text)
+    except ValueError as exc:
+        raise click.ClickException(f"--row: not JSON ({exc})") from exc
+    if not isinstance(row, (dict, list)):
+        raise InputError("--row: expected an object (feature → value) or a list in schema "
+                         "order")
+    answer = Explainer(_verified_model(bundle_path, trust, config_path, threshold)).explain(row)
+    if as_json:
+        click.echo(json.dumps(answer.to_dict(), indent=2))
+        return
+    click.echo(f"{answer.bundle}: {answer.prediction}")
+    click.echo(f"method: {answer.method} ({answer.why})")
+    click.echo(f"baseline: {answer.baseline}")
+    base = "" if answer.baseline_value is None else \
+        f" (baseline {answer.baseline_value:.4g})"
+    click.echo(f"{answer.score}: {answer.value:.4g}{base}")
+    width = max(len(c.feature) for c in answer.contributions)
+    for c in answer.contributions:
+        click.echo(f"  {c.feature:<{width}}  {c.contribution:+.4f}   value {c.value!s:<12} "
+                   f"baseline {c.baseline}")
 
 
 @cli.command()

@@ -8,6 +8,10 @@ routes. It listens on 127.0.0.1 by default; it is not an internet-facing server.
                     → 200 {"bundle": "name@version", "predictions": [{"label": ..,
                        "probabilities": {class: p, ..}} | {"value": ..}, ...]}
                     (for "row": {"bundle": .., "prediction": {...}})
+    POST /explain   {"row": {...}} → 200 {"bundle", "method", "why", "baseline", "score",
+                       "value", "baseline_value", "prediction", "contributions": [
+                       {"feature", "value", "baseline", "contribution"}, ...]}
+                    (:mod:`edge_agent.explain`; the same errors as /predict)
     GET  /health    → 200 (serving) or 503 (no model yet) with the agent's health
 
 Errors are JSON ``{"error": {"type", "message", "feature"?, "row"?}}`` with 400 for a
@@ -78,7 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, "InternalError", "the agent failed to answer; see its log")
 
     def _post(self) -> None:
-        if self.path.split("?")[0] != "/predict":
+        route = self.path.split("?")[0]
+        if route not in ("/predict", "/explain"):
             self._drain()
             self._error(404, "NotFound", f"no route {self.path[:100]!r}")
             return
@@ -98,6 +103,9 @@ class _Handler(BaseHTTPRequestHandler):
             doc = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
             self._error(415, "NotJson", f"the body is not JSON: {exc}")
+            return
+        if route == "/explain":
+            self._explain(doc)
             return
         single = isinstance(doc, dict) and "row" in doc and "rows" not in doc
         rows = [doc["row"]] if single else doc.get("rows") if isinstance(doc, dict) else None
@@ -122,6 +130,23 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {"bundle": result.bundle, "prediction": answers[0]})
         else:
             self._send(200, {"bundle": result.bundle, "predictions": answers})
+
+    def _explain(self, doc: Any) -> None:
+        if not isinstance(doc, dict) or "row" not in doc:
+            self._error(400, "InputError", 'expected {"row": {...}}')
+            return
+        try:
+            answer = self.server.agent.explain(doc["row"])
+        except InputError as exc:
+            self._error(400, "InputError", str(exc), feature=exc.feature, row=exc.row)
+            return
+        except NoModelError as exc:
+            self._error(503, "NoModel", str(exc))
+            return
+        except PredictError as exc:
+            self._error(500, "PredictError", str(exc))
+            return
+        self._send(200, answer.to_dict())
 
     def _drain(self) -> None:
         length = self.headers.get("Content-Length")

@@ -13,9 +13,9 @@ profile drift is judged against): it must parse and its hash must be the manifes
 
 ``name@version`` is immutable once stored: the same bytes again are accepted (nothing
 changes), other bytes under the same name and version are a conflict, except the same
-manifest signed again: its approval statements (checked against the trust store, with the
-name and role it gives each key) are recorded beside the bundle, which is how an approver's
-renewed review date reaches the fleet (:mod:`fleet_server.registry.governance`).
+manifest signed again with new approval statements: those (checked against the trust store,
+with the name and role it gives each key) are recorded beside the bundle, which is how an
+approver's renewed review date reaches the fleet (:mod:`fleet_server.registry.governance`).
 
 This module does not speak HTTP (the upload size bound is applied while the route
 streams the body to its file), does not fold summaries (the callback given does) and
@@ -189,15 +189,23 @@ class Bundles:
                     actor: str, now: float) -> BundleRecord:
         """The same manifest signed again (say an approver renewed the review date): its
         new approval statements are recorded; the stored file stays the first one, so
-        devices and desired states keep the sha256 they know."""
+        devices and desired states keep the sha256 they know.
+
+        Raises:
+            ConflictError: it carries no approval statement the server lacks.
+        """
         with self.store.transaction():
             added = self.store.add_approvals(record.id, approvals, now)
-            if added:
-                self.store.audit(actor, "bundle.approve", f"bundle:{record.label}",
-                                 {"approvals": added, "review_by": [
-                                     a.statement.review_by for a in approvals[-added:]]}, now)
-        if added:
-            log.info("bundle %s: %d new approval(s) from %s", record.label, added, actor)
+            if not added:
+                raise ConflictError(
+                    f"bundle {record.label} exists with other bytes (sha256 "
+                    f"{record.sha256[:12]}…): the same manifest, but no approval statement "
+                    "the server does not hold already; publish a new version, or approve it "
+                    "(edgepack sign --role approver)")
+            self.store.audit(actor, "bundle.approve", f"bundle:{record.label}",
+                             {"approvals": added, "review_by": [
+                                 a.statement.review_by for a in approvals[-added:]]}, now)
+        log.info("bundle %s: %d new approval(s) from %s", record.label, added, actor)
         return record
 
     def approvals(self, record: BundleRecord) -> list[CheckedApproval]:

@@ -50,6 +50,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/bundles"): VIEWER,
     ("POST", "/api/v1/bundles"): OPERATOR,
     ("GET", "/api/v1/bundles/{name}/{version}"): VIEWER,
+    ("GET", "/api/v1/bundles/{name}/{version}/governance"): VIEWER,
     ("GET", "/api/v1/bundles/{name}/{version}/download"): ASSIGNED_DEVICE_OR_VIEWER,
     ("GET", "/api/v1/summaries"): VIEWER,
     ("GET", "/api/v1/dead-letters"): VIEWER,

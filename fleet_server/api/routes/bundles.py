@@ -51,8 +51,8 @@ async def upload_bundle(request: Request, response: Response, services: Services
     ``reference.json`` must match the manifest. A refusal is a 4xx whose error type is
     the reason's class (``UntrustedSignerError``, ``DigestMismatchError``, …) and whose
     message names the member. The same bytes again answer 200; other bytes under an
-    existing name@version answer 409, except the same manifest signed again (an approver's
-    renewal): its new approval statements are recorded (200), the stored file unchanged.
+    existing name@version answer 409, except the same manifest signed again with new approval
+    statements (an approver's renewal): they are recorded (200), the stored file unchanged.
     """
     # to a file first, verified from there, moved into the blob store only if it passed
     fd, temp = services.bundles.blobs.temp_file()

@@ -9,7 +9,8 @@ Routes (all ``GET`` unless said, HTML, working without JavaScript):
   ``group``, ``label=key=value``, ``bundle``, ``sort``, ``order``, ``page``: all applied in
   SQL) and ``/devices/{id}``; ``/drift`` (the index heatmap; ``bundle=name@version``,
   ``group``, ``device``, ``hours``); ``/alerts`` (``state``, ``kind``, ``bundle``);
-  ``/rollouts`` (``status``) and ``/rollouts/{id}``.
+  ``/rollouts`` (``status``) and ``/rollouts/{id}``; ``/bundles/{name@version}`` (the card,
+  approvals, where the bundle runs and how it does; linked from the overview's bundles).
 
 Routes do HTTP only: read the session cookie (:mod:`.session`), check the query string,
 call a page function (:mod:`.pages`, :mod:`.drift_page`, :mod:`.rollout_pages`) and
@@ -32,7 +33,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from fleet_server.dashboard import drift_page, pages, rollout_pages
+from fleet_server.dashboard import bundle_page, drift_page, pages, rollout_pages
 from fleet_server.dashboard.html import error_page, login_page, page
 from fleet_server.dashboard.pages import BadParam, Query
 from fleet_server.dashboard.session import COOKIE, MAX_AGE_S, Sessions
@@ -185,6 +186,12 @@ def alerts(request: Request) -> Response:
 @router.get("/rollouts")
 def rollouts(request: Request) -> Response:
     return _render(request, ("status",), rollout_pages.rollout_list, active="/rollouts")
+
+
+@router.get("/bundles/{label}")
+def bundle(request: Request, label: str) -> Response:
+    return _render(request, (), lambda s, q, now: bundle_page.bundle(s, label, q, now),
+                   active="/")
 
 
 @router.get("/rollouts/{rollout_id}")

@@ -413,7 +413,8 @@ def test_cookie_flags_and_the_token_never_leaves_the_server(fleet):
         assert device_drift.status_code == 200 and "device:dev1" in device_drift.text
         assert "suspect sensor: drifts alone on" in device_drift.text
         for path in ("/", "/devices", "/devices/dev1", "/drift?bundle=sensor@1.0.0",
-                     "/alerts", "/rollouts", "/rollouts/r-sensor-2", "/devices/nope"):
+                     "/alerts", "/rollouts", "/rollouts/r-sensor-2", "/devices/nope",
+                     "/bundles/sensor@1.0.0"):
             r = client.get(path)
             assert r.status_code in (200, 404), path
             assert tokens["operator"] not in r.text and tokens["operator"] not in str(r.headers)

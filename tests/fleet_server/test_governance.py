@@ -34,6 +34,7 @@ FEATURES = ["x1", "x2", "x3"]
 TODAY = datetime.now(timezone.utc).date()
 PAST = (TODAY - timedelta(days=10)).isoformat()
 LATER = (TODAY + timedelta(days=100)).isoformat()
+HOSTILE = "<script>alert(1)</script> & co"
 
 
 def _frame(n: int, seed: int) -> pd.DataFrame:
@@ -64,7 +65,8 @@ def built(tmp_path_factory, signing_keys):
         model = LogisticRegression(max_iter=300).fit(train[FEATURES], train["target"])
     joblib.dump(model, d / "model.joblib")
     (d / "card.toml").write_text('owner = "Risk team"\ncontact = "risk@example.com"\n'
-                                 f'intended_use = "Triage"\nreview_by = {PAST}\n')
+                                 f'intended_use = "Triage"\nlimitations = "{HOSTILE}"\n'
+                                 f'review_by = {PAST}\n')
     out = {}
     for version, card, champion in (("1.0.0", True, None), ("2.0.0", False, None),
                                     ("3.0.0", True, "1.0.0")):
@@ -286,3 +288,33 @@ def test_bundle_show_answers_the_six_questions_with_evidence(server_factory, bui
     assert "who approved it:" in out and "gaps reviewed" in out and "x2" in out
     assert "MISSING champion" in out and f"{LATER} (in 100 day(s)" in out
     assert "demographic_parity_difference" in out
+
+
+def test_the_dashboards_bundle_page_shows_card_approvals_and_where_it_runs(services, built,
+                                                                          signing_keys):
+    s = services
+    now = time.time()
+    s.bundles.upload(_approved(built["1.0.0"], signing_keys, LATER, "gaps <reviewed>"), "ana",
+                     now)
+    s.registry.add_device("dev1", {"site": "a"}, "test", now)
+    s.registry.create_group("site-a", {"site": "a"}, "test", now, requires=["champion"])
+    s.store.apply_status("dev1", online=True, time=now, agent_version="1",
+                         bundle=BundleRef("gov", "1.0.0"), shadow=None, labels={"site": "a"})
+    token = s.auth.create_token("v", "viewer", "test", now).secret
+    with TestClient(create_app(s), follow_redirects=False) as client:
+        assert client.get("/bundles/gov@1.0.0").status_code == 303  # sign in first
+        assert client.post("/login", data={"token": token}).status_code == 303
+        overview = client.get("/").text
+        assert 'href="/bundles/gov@1.0.0"' in overview  # linked from the bundles list
+        r = client.get("/bundles/gov@1.0.0")
+        assert r.status_code == 200 and "<script" not in r.text
+        text = r.text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in text  # the card, escaped
+        assert "gaps &lt;reviewed&gt;" in text and LATER in text  # the approval
+        assert "Who approved it" in text and "What biases were tested" in text
+        assert "demographic parity difference" in text  # the fairness table
+        assert 'href="/devices?group=site-a&amp;bundle=gov%401.0.0"' in text  # where it runs
+        assert "champion</b>" in text  # what the group requires and the bundle lacks
+        assert 'href="/performance?bundle=gov%401.0.0"' in text
+        assert client.get("/bundles/gov@9.9.9").status_code == 404
+        assert client.get("/bundles/nonsense").status_code == 400

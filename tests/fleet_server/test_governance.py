@@ -318,3 +318,24 @@ def test_the_dashboards_bundle_page_shows_card_approvals_and_where_it_runs(servi
         assert 'href="/performance?bundle=gov%401.0.0"' in text
         assert client.get("/bundles/gov@9.9.9").status_code == 404
         assert client.get("/bundles/nonsense").status_code == 400
+
+
+def test_a_rollout_created_in_time_is_refused_to_start_once_the_date_has_passed(
+        services, built, signing_keys):
+    from fleet_server.errors import ReviewOverdueError
+
+    s = services
+    now = time.time()
+    s.bundles.upload(_approved(built["1.0.0"], signing_keys, LATER), "test", now)
+    s.registry.add_device("dev1", {"site": "a"}, "test", now)
+    s.registry.create_group("site-a", {"site": "a"}, "test", now)
+    created = s.rollouts.create({"bundle": "gov@1.0.0", "group": "site-a", "id": "r1"},
+                                actor="operator:ana", roles={"operator"}, now=now)
+    assert created["status"] == "ready"
+    later = calendar.timegm((TODAY + timedelta(days=101)).timetuple()) + 3600
+    with pytest.raises(ReviewOverdueError, match=f"due for review on {LATER}"):
+        s.rollouts.act("r1", "start", actor="operator:ana", roles={"operator"}, now=later)
+    assert s.rollouts.get("r1", later)["status"] == "ready"
+    # abort is always allowed: it sends nothing further
+    assert s.rollouts.act("r1", "abort", actor="operator:ana", roles={"operator"},
+                          now=later)["status"] == "aborted"

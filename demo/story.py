@@ -11,7 +11,10 @@
 3. **Roll out v1** to every device in stages.
 4. **Drift.** Site B's humidity sensors start reading 25 points high; the server sees it
    in the summaries, raises an alert and calls the retraining webhook.
-5. **Roll out v2** through canary stages to all: the gates pass.
+5. **Roll out v2** through canary stages to all: the gates pass. v2 carries a model card (a
+   slice by temperature, fairness across sites, an approver's signature and review date):
+   ``fleet bundle show`` answers the six questions, and one device explains one prediction
+   (``POST /explain`` on its local endpoint).
 6. **Roll out v3**: the canaries disagree with the control devices, the prediction-drift
    gate fails, the rollout aborts and every touched device goes back to v2.
 
@@ -106,9 +109,20 @@ def package(out: Path) -> dict[str, Path]:
     from packager.sample_data import FEATURES, sensor_data
 
     train = sensor_data(3000, seed=1)
+    # the site a machine stands in: not a model input, but v2's card reports its
+    # fairness across sites (and a deliberate review date)
+    train["site"] = np.random.default_rng(1).choice(list(SITES), len(train))
     train.to_csv(out / "train.csv", index=False)
     held = sensor_data(600, seed=2)
+    held["site"] = np.random.default_rng(2).choice(list(SITES), len(held))
     held.to_csv(out / "eval.csv", index=False)
+    review = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 180 * 86400))
+    (out / "card.toml").write_text(
+        'owner = "Maintenance analytics"\ncontact = "ml@example.com"\n'
+        'intended_use = "Flag machines for an inspection before they fail"\n'
+        'out_of_scope = "Stopping a machine without a person deciding"\n'
+        'limitations = "Synthetic sensor data; two sites"\n'
+        f"review_by = {review}\n")
     x, y = train[list(FEATURES)], train["fault"]
     models = {
         "1.0.0": Pipeline([("scale", StandardScaler()), ("lr", LogisticRegression())]),
@@ -125,19 +139,60 @@ def package(out: Path) -> dict[str, Path]:
             warnings.simplefilter("ignore")
             model.fit(x, 1 - y if version == "3.0.0" else y)  # v3: the faulty build
         joblib.dump(model, out / f"model-{version}.joblib")
-        say(f"$ edgepack build model-{version}.joblib --name sensor --version {version} ...")
+        card = ("--card", str(out / "card.toml"), "--slice-by", "temperature",
+                "--sensitive", "site", "--max-fairness-gap",
+                "demographic_parity_difference=0.25") if version == "2.0.0" else ()
+        say(f"$ edgepack build model-{version}.joblib --name sensor --version {version} "
+            + ("--card card.toml --slice-by temperature --sensitive site ..." if card
+               else "..."))
         _edgepack(edgepack, (
             "build", str(out / f"model-{version}.joblib"), "--train-data",
             str(out / "train.csv"), "--target", "fault", "--eval-data", str(out / "eval.csv"),
             "--name", "sensor", "--version", version, "--key", str(out / "keys/build.key"),
-            "--out", str(out / "bundles"), "--json"), quiet=True)
+            "--out", str(out / "bundles"), "--json", *card), quiet=True)
         paths[version] = out / "bundles" / f"sensor-{version}.edgebundle"
+        if card:
+            _edgepack(edgepack, ("sign", str(paths[version]), "--key",
+                                 str(out / "keys/approver.key"), "--role", "approver",
+                                 "--comment", "site gap within bounds", "--review-by",
+                                 review), quiet=True)
         manifest = _inspect(paths[version])
         acc = manifest["metrics"].get("eval_accuracy", 0.0)
         say(f"  sensor@{version}: {manifest['lineage']['estimator']}, eval accuracy "
             f"{acc:.1%}, fidelity {manifest['fidelity']['label_agreement']:.1%} label "
             f"agreement, {paths[version].stat().st_size:,} bytes")
+        if card:
+            _card_lines(paths[version])
     return paths
+
+
+def _card_lines(path: Path) -> None:
+    """v2's model card, as ``edgepack card --format json`` gives it: a slice, a fairness
+    line, the approval and the review date."""
+    import io
+
+    from packager.cli import main as edgepack
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        edgepack(["card", str(path), "--format", "json"])
+    card = json.loads(buffer.getvalue())
+    for sl in card["slices"]:
+        worst = next(g for g in sl["groups"] if g["value"] == sl["worst"])
+        acc = next(m for m in worst["metrics"] if m["name"] == sl["metric"])
+        say(f"  card: slice by {sl['column']} ({sl['binning']}): worst {sl['worst']} "
+            f"{sl['metric']} {acc['value']:.1%} [{acc['low']:.1%}, {acc['high']:.1%}] "
+            f"(n={worst['n']})")
+    for report in card["fairness"]:
+        rates = ", ".join(f"{g['value']} {g['rates']['selection_rate']:.1%}"
+                          for g in report["groups"])
+        gap = report["gaps"]["demographic_parity_difference"]
+        check = next(c for c in card["checks"] if c["column"] == report["column"])
+        say(f"  card: fairness by {report['column']}: selection rate {rates}; demographic "
+            f"parity difference {gap:.3f} (bound {check['bound']}: "
+            f"{'passed' if check['passed'] else 'FAILED'})")
+    for a in card["approvals"]:
+        say(f"  card: approved as {a['role']} ({a['comment']!r}), review by {card['review_by']}")
 
 
 def _edgepack(edgepack: Callable[[list[str]], int], args: tuple[str, ...], *,
@@ -483,6 +538,15 @@ def story(demo: Demo, bundles: dict[str, Path]) -> None:
     demo.rollout("2.0.0", stages, "completed")
     wait_for("every agent to run v2", lambda: demo.running() == {"sensor@2.0.0": 20}, 60)
     say(f"devices by bundle: {demo.running()}")
+    say("$ fleet bundle show sensor@2.0.0")
+    show = demo.client.get("/api/v1/bundles/sensor/2.0.0/governance")
+    for key, question in (("approved", "who approved it"), ("data", "what data trained it"),
+                          ("evaluation", "how it was evaluated"),
+                          ("biases", "what biases were tested"),
+                          ("review", "when it is reviewed next"),
+                          ("explanations", "how it is explained")):
+        say(f"  {question + ':':<27} {show[key]['answer']}")
+    explain_one(demo)
 
     banner("6. roll out the faulty v3: the gates catch it and roll back")
     detail = demo.rollout("3.0.0", stages, "aborted")
@@ -493,6 +557,38 @@ def story(demo: Demo, bundles: dict[str, Path]) -> None:
             f" — {g['reason']}")
     say(f"devices by bundle: {demo.running()} (every touched device rolled back, "
         "from its local slot, no download)")
+
+
+def explain_one(demo: Demo) -> None:
+    """One prediction on one device, explained by its agent's local endpoint."""
+    import urllib.request
+
+    from edge_agent.httpapi import LocalServer
+    from packager.sample_data import FEATURES, sensor_matrix
+
+    device = demo.devices[0]
+    x, _ = sensor_matrix(1, np.random.default_rng(7), {"temperature": 12.0})
+    row = dict(zip(FEATURES, [round(v, 2) for v in x[0].tolist()], strict=True))
+    # the demo's agents run without their local endpoint (20 in one process): this one
+    # opens it for the question, as an app on the device would find it
+    http = LocalServer(device.daemon.agent, lambda: {}, port=0)
+    http.start()
+    try:
+        say(f"$ curl -d '{{\"row\": {json.dumps(row)}}}' {http.url}/explain   "
+            f"(on {device.device})")
+        request = urllib.request.Request(f"{http.url}/explain",
+                                         json.dumps({"row": row}).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.loads(response.read())
+    finally:
+        http.stop()
+    p = answer["prediction"]
+    say(f"  prediction: fault={p['label']} (p={max(p['probabilities'].values()):.2f}); "
+        f"{answer['score']} {answer['value']:.2f}; method {answer['method']}")
+    for c in answer["contributions"]:
+        say(f"  {c['feature']:<12} {c['contribution']:+.2f}  (value {c['value']}, baseline "
+            f"{c['baseline']:.2f})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,6 +159,10 @@ class Bundles:
         existing = self.store.get_bundle(manifest.name, manifest.version)
         if existing is not None:
             if existing.sha256 == verified.sha256:
+                # (a bundle stored before approvals were kept gets its statements now)
+                if approvals and self.store.add_approvals(existing.id, approvals, now):
+                    self.store.audit(actor, "bundle.approve", f"bundle:{label}",
+                                     {"approvals": len(approvals), "backfill": True}, now)
                 return existing, False
             if existing.manifest == manifest.to_dict():
                 return self._reapproved(existing, approvals, actor, now), False

@@ -147,6 +147,33 @@ def test_a_linear_model_over_a_categorical_input_is_exact_per_input_column(mixed
         agent.close()
 
 
+def test_a_linear_regressors_contributions_add_up_to_its_value_from_the_baseline(
+        tmp_path_factory, signing_keys):
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import MinMaxScaler
+
+    frame = sensor_data(400, seed=5)[list(FEATURES)]
+    frame["fault"] = 2.0 * frame["temperature"] - 30.0 * frame["vibration"] + 0.1 * \
+        np.random.default_rng(5).normal(size=len(frame))
+    path = _build(tmp_path_factory.mktemp("ridge"), signing_keys, "ridge",
+                  Pipeline([("scale", MinMaxScaler()), ("model", Ridge(alpha=0.1))]), frame)
+    model = _load(path, signing_keys)
+    agent = _agent(model)
+    try:
+        for row in ROWS:
+            answer = agent.explain(row)
+            assert answer.method == "linear_exact" and answer.score == "value"
+            base = {x.feature: x.baseline for x in answer.contributions}
+            direct = float(np.asarray(agent.predict([base]).values).reshape(-1)[0])
+            assert answer.baseline_value == pytest.approx(direct, rel=1e-5, abs=1e-3)
+            assert answer.value == pytest.approx(
+                float(np.asarray(agent.predict([row]).values).reshape(-1)[0]), rel=1e-5)
+            assert answer.contributions[0].feature in ("temperature", "vibration")
+    finally:
+        agent.close()
+
+
 def test_a_tree_models_answer_is_baseline_substitution_recomputed_row_by_row(forest):
     model, frame = forest
     agent = _agent(model)

@@ -212,6 +212,10 @@ def test_review_alerts_open_before_and_after_the_date_and_resolve(services_on, b
     t0 = time.time()
     record, _ = s.bundles.upload(_approved(built["1.0.0"], signing_keys, LATER), "test", t0)
     s.registry.add_device("dev1", {"site": "a"}, "test", t0)
+    s.registry.create_group("strict", {"site": "a"}, "test", t0,
+                            requires=["fairness", "card"])
+    assert s.registry.group("strict").requires == ("card", "fairness")
+    assert [a.statement.review_by for a in s.bundles.approvals(record)] == [LATER]
     due = calendar.timegm((TODAY + timedelta(days=100)).timetuple()) + 12 * 3600
 
     def open_kinds() -> list[str]:

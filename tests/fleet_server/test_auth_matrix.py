@@ -126,7 +126,7 @@ def matrix(tmp_path_factory, signing_keys, bundles):
 # The dashboard's HTML pages: a signed-in session cookie (tests/fleet_server/test_dashboard.py)
 # or a redirect to the sign-in form; a bearer token, even an approver's, is not a session.
 DASHBOARD_PAGES = frozenset({"/", "/devices", "/devices/{device_id}", "/drift", "/alerts",
-                             "/rollouts", "/rollouts/{rollout_id}"})
+                             "/rollouts", "/rollouts/{rollout_id}", "/bundles/{label}"})
 DASHBOARD_OPEN = frozenset({("GET", "/login"), ("POST", "/login"), ("GET", "/logout"),
                             ("POST", "/logout")})
 

@@ -315,7 +315,7 @@ class DriftWindow:
 @dataclass(frozen=True)
 class Alert:
     id: int
-    kind: str  # drift | suspect_sensor
+    kind: str  # fleet_server.monitoring.alerts.KINDS
     bundle: str
     group: str
     device: str

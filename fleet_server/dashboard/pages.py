@@ -33,6 +33,7 @@ from fleet_server.dashboard.charts import BAD, OK, WARN, Line, bars, series
 from fleet_server.dashboard.html import render, url
 from fleet_server.dashboard.views import events, rollout_view
 from fleet_server.models import FLEET_SCOPE, ROLLOUT_FINISHED, Device, SummaryRecord
+from fleet_server.monitoring.alerts import KINDS
 from fleet_server.services import Services
 from fleet_server.store import DEVICE_SORTS, DeviceQuery
 
@@ -311,7 +312,7 @@ def _summary_charts(summaries: Sequence[SummaryRecord]) -> list[Any]:
 
 def alerts(services: Services, query: Query, now: float) -> tuple[str, str]:
     state = query.choice("state", ("open", "resolved"))
-    kind = query.choice("kind", ("drift", "suspect_sensor"))
+    kind = query.choice("kind", KINDS)
     bundle = query.get("bundle")
     record = services.bundles.by_label(bundle) if bundle else None
     sections = []

@@ -234,6 +234,11 @@ def test_review_alerts_open_before_and_after_the_date_and_resolve(services_on, b
     assert alert.details == {"review_by": LATER, "days": 10, "devices": 1}
     s.governance.review_alerts(due - 9 * 86400)
     assert open_kinds() == ["review_due"]  # one alert while it stays due
+    token = s.auth.create_token("v", "viewer", "test", t0).secret
+    with TestClient(create_app(s)) as client:  # filtered by its kind in the API
+        listed = client.get("/api/v1/alerts", params={"kind": "review_due"},
+                            headers={"Authorization": f"Bearer {token}"})
+        assert [a["kind"] for a in listed.json()] == ["review_due"]
     s.governance.review_alerts(due + 86400)
     assert open_kinds() == ["review_overdue"]
     # the device moves off the bundle: the overdue alert resolves

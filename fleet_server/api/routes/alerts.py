@@ -1,4 +1,4 @@
-"""``/api/v1/alerts``: drift and suspect-sensor alerts, with their webhook deliveries."""
+"""``/api/v1/alerts``: drift, suspect-sensor and review alerts, with their webhook deliveries."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Query
 
 from fleet_server.api.deps import Operator, ServicesDep, Viewer
 from fleet_server.api.schemas import BUNDLE_PATTERN, AlertDetail, AlertPublic
+from fleet_server.monitoring.alerts import KINDS
 
 router = APIRouter(prefix="/api/v1/alerts", tags=["alerts"])
 AlertId = Annotated[int, Path(ge=1, le=2**62)]
@@ -16,7 +17,7 @@ AlertId = Annotated[int, Path(ge=1, le=2**62)]
 @router.get("", response_model=list[AlertPublic])
 def list_alerts(services: ServicesDep, _: Viewer,
                 state: Literal["open", "resolved"] | None = None,
-                kind: Literal["drift", "suspect_sensor"] | None = None,
+                kind: Literal[KINDS] | None = None,  # type: ignore[valid-type]
                 bundle: Annotated[str | None, Query(pattern=BUNDLE_PATTERN)] = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertPublic]:
     """Alerts, newest first; filter by state, kind and bundle (name@version)."""

@@ -208,7 +208,7 @@ def test_unknown_requirements_are_refused_naming_them(api):
 
 def test_review_alerts_open_before_and_after_the_date_and_resolve(services_on, built,
                                                                   signing_keys):
-    s = services_on  # SQLite, then PostgreSQL: migration 11's tables on both engines
+    s = services_on  # SQLite, then PostgreSQL: the governance migration on both engines
     t0 = time.time()
     record, _ = s.bundles.upload(_approved(built["1.0.0"], signing_keys, LATER), "test", t0)
     s.registry.add_device("dev1", {"site": "a"}, "test", t0)

@@ -517,6 +517,48 @@ def card(bundle: Path, fmt: str, trust: tuple[str, ...], out: Path | None,
         out.write_text(text, encoding="utf-8")
 
 
+@cli.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--server", envvar="FLEET_SERVER", required=True,
+              help="The fleet server's URL (env FLEET_SERVER).")
+@click.option("--token", envvar="FLEET_TOKEN", default=None,
+              help="An operator token (env FLEET_TOKEN).")
+@click.option("--trigger", default="manual", show_default=True,
+              help="What started this run: manual, schedule or alert:<id>.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the data, the model and the bundles go (default: "
+                   "retrain-<recipe>/ beside the recipe).")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def retrain(recipe: Path, server: str, token: str | None, trigger: str, work: Path | None,
+            as_json: bool) -> None:
+    """One run of the retraining loop: fetch, split, train, build against the champion,
+    and roll the challenger out only if it wins (recorded on the server either way).
+
+    \b
+    Exit status: 0 promoted (uploaded, staged rollout created); 6 rejected (the
+    challenger did not beat the champion; nothing deployed); 1 failed."""
+    from packager.errors import ChampionLostError
+    from packager.retrain import FleetApi, load_recipe
+    from packager.retrain import run as run_once
+
+    rec = load_recipe(recipe)
+    api = FleetApi(server, token)
+    try:
+        outcome = run_once(rec, api, trigger=trigger,
+                           work=work or recipe.parent / f"retrain-{rec.name}",
+                           say=lambda line: None if as_json else click.echo(line, err=True))
+    finally:
+        api.close()
+    if as_json:
+        click.echo(json.dumps(outcome.__dict__, sort_keys=True))
+    else:
+        click.echo(f"retrain run {outcome.run_id}: {outcome.status}"
+                   + (f" ({outcome.reason})" if outcome.reason else "")
+                   + (f", rollout {outcome.rollout}" if outcome.rollout else ""))
+    if outcome.status == "rejected":
+        raise ChampionLostError(f"retrain run {outcome.run_id}: rejected, nothing deployed")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI; a refusal is one line and an exit status by its kind
     (:mod:`edgefleet.cli`)."""

@@ -12,6 +12,8 @@
     ├── PromotionRuleError     a ``--promote-if`` rule is malformed or meaningless (names it)
     ├── SchemaChangeError      champion and challenger take different inputs or classes
     ├── ChampionLostError      the challenger does not win (``table``; exit status 6)
+    ├── RecipeError            a retraining recipe is unreadable or refused (names the key)
+    ├── FleetApiError          the fleet server refused a retraining run's call (``status``)
     └── BuildError             anything else the build refuses (bad name, version, output)
 
 Contract errors (:mod:`edgefleet.contract.errors`) pass through unchanged: a bad key is a
@@ -31,10 +33,12 @@ __all__ = [
     "DataError",
     "FairnessError",
     "FidelityError",
+    "FleetApiError",
     "ModelLoadError",
     "PackagerError",
     "PromotionRuleError",
     "QuantizationError",
+    "RecipeError",
     "SchemaChangeError",
     "UnsupportedModelError",
 ]
@@ -111,3 +115,21 @@ class ChampionLostError(PackagerError):
 
 class BuildError(PackagerError):
     """A build input (name, version, option, output path) is refused."""
+
+
+class RecipeError(PackagerError):
+    """A retraining recipe (``recipe.toml``) is unreadable or refused; ``field`` names the
+    key at fault."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class FleetApiError(PackagerError):
+    """The fleet server refused a call of a retraining run, or cannot be reached
+    (``status`` 0); the exit status follows the HTTP status (:mod:`edgefleet.cli`)."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status

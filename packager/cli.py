@@ -528,9 +528,13 @@ def card(bundle: Path, fmt: str, trust: tuple[str, ...], out: Path | None,
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the data, the model and the bundles go (default: "
                    "retrain-<recipe>/ beside the recipe).")
+@click.option("--watch", is_flag=True,
+              help="Keep running: start runs on the recipe's triggers ([watch]: requested "
+                   "runs, open alerts, a schedule) within its cooldown and daily cap, "
+                   "until SIGTERM or Ctrl-C.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 def retrain(recipe: Path, server: str, token: str | None, trigger: str, work: Path | None,
-            as_json: bool) -> None:
+            watch: bool, as_json: bool) -> None:
     """One run of the retraining loop: fetch, split, train, build against the champion,
     and roll the challenger out only if it wins (recorded on the server either way).
 
@@ -543,6 +547,9 @@ def retrain(recipe: Path, server: str, token: str | None, trigger: str, work: Pa
 
     rec = load_recipe(recipe)
     api = FleetApi(server, token)
+    if watch:
+        _watch(rec, api, work or recipe.parent / f"retrain-{rec.name}")
+        return
     try:
         outcome = run_once(rec, api, trigger=trigger,
                            work=work or recipe.parent / f"retrain-{rec.name}",
@@ -557,6 +564,25 @@ def retrain(recipe: Path, server: str, token: str | None, trigger: str, work: Pa
                    + (f", rollout {outcome.rollout}" if outcome.rollout else ""))
     if outcome.status == "rejected":
         raise ChampionLostError(f"retrain run {outcome.run_id}: rejected, nothing deployed")
+
+
+def _watch(rec: Any, api: Any, work: Path) -> None:
+    import signal
+    import threading
+
+    from packager.watch import Watcher, policy_of
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    policy = policy_of(rec)
+    click.echo(f"watching recipe {rec.name} (group {rec.group}, bundle {rec.bundle}): "
+               f"alerts {', '.join(policy.alerts)}; every {policy.poll_s:.0f} s", err=True)
+    try:
+        Watcher(rec, api, policy, work=work,
+                say=lambda line: click.echo(line, err=True)).serve(stop)
+    finally:
+        api.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ __all__ = ["Recipe", "RunOutcome", "load_recipe", "run", "split_holdout"]
 
 _ENTRY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 _KEYS = {"name", "bundle", "group", "key", "target", "data", "train", "time_column",
-         "holdout", "promote_if", "version", "rollout"}
+         "holdout", "promote_if", "version", "rollout", "watch"}
 _ROLLOUT_KEYS = {"stages", "soak", "shadow_first", "gates", "requires_approval"}
 MAX_RECIPE_BYTES = 64 * 1024
 MEMBERS_READ = 500  # group members whose desired state is read to find the champion
@@ -85,6 +85,7 @@ class Recipe:
     promote_if: tuple[str, ...] = ()
     version: str = "minor"  # major | minor | patch
     rollout: dict[str, Any] = field(default_factory=dict)
+    watch: dict[str, Any] = field(default_factory=dict)  # packager.watch.policy_of reads it
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -131,6 +132,9 @@ def load_recipe(path: Path) -> Recipe:
     if not isinstance(rollout, dict) or set(rollout) - _ROLLOUT_KEYS:
         extra = sorted(set(rollout) - _ROLLOUT_KEYS) if isinstance(rollout, dict) else []
         raise bad("rollout", f"unknown key {extra[0]!r}" if extra else "a table")
+    watch = doc.get("watch", {})
+    if not isinstance(watch, dict):
+        raise bad("watch", "a table")
     time_column = doc.get("time_column")
     if time_column is not None and not isinstance(time_column, str):
         raise bad("time_column", "a column name")
@@ -139,7 +143,8 @@ def load_recipe(path: Path) -> Recipe:
                   key=(path.parent / doc["key"]).resolve(), target=doc["target"],
                   data=doc["data"], train=doc["train"], time_column=time_column,
                   holdout=float(holdout), promote_if=tuple(rules),
-                  version=doc.get("version", "minor"), rollout=dict(rollout))
+                  version=doc.get("version", "minor"), rollout=dict(rollout),
+                  watch=dict(watch))
 
 
 def entry_point(spec: str, where: Path) -> Callable[..., Any]:

@@ -167,3 +167,68 @@ def test_a_bad_recipe_is_refused_naming_the_key(tmp_path, text, key) -> None:
     with pytest.raises(RecipeError) as err:
         load_recipe(path)
     assert err.value.field == key and str(path) in str(err.value)
+
+
+def _watcher(server, token, recipe_path: Path, tmp_path: Path, clock, **policy):
+    from packager.retrain import FleetApi
+    from packager.watch import Watcher, WatchPolicy
+
+    api = FleetApi(server.base_url, token)
+    return Watcher(load_recipe(recipe_path), api, WatchPolicy(**policy),
+                   work=tmp_path / "watch", clock=clock), api
+
+
+def test_the_watcher_answers_an_alert_once_then_keeps_its_cooldown(
+        fleet, signing_keys, tmp_path) -> None:
+    server, token = fleet("inverted")
+    s = server.services
+    recipe = _recipe(tmp_path, signing_keys.build.private, "fit")
+    now = [time.time()]
+    watcher, api = _watcher(server, token, recipe, tmp_path, lambda: now[0],
+                            cooldown_s=3600, max_per_day=2)
+    try:
+        assert watcher.tick() is None  # nothing asked, no alert, no schedule: no run
+        bundle = s.bundles.get("sensor", "1.0.0")
+        other = s.alerts.raise_alert("suspect_sensor", bundle, group="plant-a", device="dev1",
+                                     message="one device", details={}, now=now[0])
+        alert = s.alerts.raise_alert("drift", bundle, group="plant-a", message="humidity",
+                                     details={}, now=now[0])
+        done = watcher.tick()
+        assert done is not None and done.status == "promoted"
+        run = s.retrains.get(done.run_id)
+        assert (run.trigger, run.alert_id) == (f"alert:{alert.id}", alert.id)
+        assert s.retrains.lineage(run)[0]["step"] == "alert"
+        assert watcher.tick() is None  # the alert has its run; the other kind is not watched
+        assert other.id not in [r.alert_id for r in s.retrains.list()]
+        # a new alert within the cooldown waits; after it, it is answered
+        fresh = s.alerts.raise_alert("drift", s.bundles.get("sensor", "1.1.0"),
+                                     group="plant-a", message="again", details={},
+                                     now=now[0])
+        assert "cooldown" in watcher.blocked(now[0] + 60)
+        now[0] += 60
+        assert watcher.tick() is None
+        assert s.retrains.list(alert_id=fresh.id) == []
+    finally:
+        api.close()
+
+
+def test_the_watcher_claims_a_requested_run_past_the_guardrails(
+        fleet, signing_keys, tmp_path) -> None:
+    server, token = fleet("logreg")
+    s = server.services
+    recipe = _recipe(tmp_path, signing_keys.build.private, "fit_inverted")
+    now = time.time()
+    watcher, api = _watcher(server, token, recipe, tmp_path, lambda: now,
+                            cooldown_s=10**6, max_per_day=1)
+    try:
+        for _ in range(2):  # the cap and the cooldown are spent by the first run
+            asked = s.retrains.start(recipe="sensor-retrain", recipe_hash="", revision="",
+                                     trigger="manual", group="plant-a", bundle="sensor",
+                                     actor="ana", now=now, requested=True)
+            done = watcher.tick()
+            assert done is not None and done.run_id == asked.id
+            assert done.status == "rejected"  # the inverted challenger loses, said why
+        assert watcher.blocked(now) is not None
+        assert [b.version for b in s.bundles.list("sensor")] == ["1.0.0"]
+    finally:
+        api.close()

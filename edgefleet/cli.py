@@ -14,6 +14,9 @@ failure it was, without parsing the message:
     6  refused by a check: a fidelity, fairness or champion gate, a rollout gate
     7  unavailable: the server or broker cannot be reached now; try again later
 
+Colour only on a terminal and never with ``NO_COLOR`` set (:func:`colour`): the error
+prefix, and table cells that are verdicts (drift, fail, ok, ...).
+
 A class says which by its ``exit_code`` attribute; the fleet server's errors carry an HTTP
 ``status`` (their own, or the server's answer for the CLI's client), mapped here. Output
 piped into a program that stops reading (``| head``) ends quietly with status 0.
@@ -36,7 +39,8 @@ import click
 from edgefleet.errors import EdgefleetError
 
 __all__ = ["CONFLICT", "EXIT_CODES_HELP", "FAILURE", "GATE", "NOT_FOUND", "OK", "UNAUTHORISED",
-           "UNAVAILABLE", "USAGE", "JsonLogFormatter", "exit_code", "run"]
+           "UNAVAILABLE", "USAGE", "JsonLogFormatter", "colour", "error_line", "exit_code",
+           "paint", "run"]
 
 OK, FAILURE, USAGE, NOT_FOUND, CONFLICT, UNAUTHORISED, GATE, UNAVAILABLE = range(8)
 
@@ -47,6 +51,41 @@ EXIT_CODES_HELP = ("Exit status: 0 done, 1 refused or failed, 2 usage, 3 not fou
 
 _BY_STATUS = {404: NOT_FOUND, 409: CONFLICT, 401: UNAUTHORISED, 403: UNAUTHORISED,
               503: UNAVAILABLE, 0: UNAVAILABLE}
+
+
+# a table cell that is one of these words is coloured by what it says
+_RED = frozenset({"drift", "fail", "failed", "aborted", "open", "offline", "overdue",
+                  "rejected", "broken"})
+_YELLOW = frozenset({"warn", "pending", "paused", "waiting", "due", "requested", "running"})
+_GREEN = frozenset({"ok", "pass", "completed", "online", "resolved", "promoted", "intact"})
+
+
+def colour(err: bool = False) -> bool:
+    """Whether to colour: the stream is a terminal and ``NO_COLOR`` is not set
+    (https://no-color.org); pipes, files and CI logs get plain text."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    stream = sys.stderr if err else sys.stdout
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def paint(word: str, padded: str | None = None, *, err: bool = False) -> str:
+    """``padded`` (default ``word``) coloured by what ``word`` says, when colouring."""
+    text = word if padded is None else padded
+    if not colour(err):
+        return text
+    key = word.strip().lower()
+    fg = "red" if key in _RED else "yellow" if key in _YELLOW else \
+        "green" if key in _GREEN else None
+    return click.style(text, fg=fg) if fg else text
+
+
+def error_line(prog: str, message: str) -> str:
+    """``<prog>: error: <message>``, the prefix in bold red on a terminal."""
+    prefix = f"{prog}: error:"
+    if colour(err=True):
+        prefix = click.style(prefix, fg="red", bold=True)
+    return f"{prefix} {message}"
 
 
 def exit_code(exc: BaseException) -> int:
@@ -78,7 +117,7 @@ def run(group: click.Command, prog: str, argv: Sequence[str] | None = None) -> i
         exc.show()
         return exc.exit_code
     except EdgefleetError as exc:
-        click.echo(f"{prog}: error: {exc}", err=True)
+        click.echo(error_line(prog, str(exc)), err=True)
         table = getattr(exc, "table", "")
         if table:
             click.echo(table, err=True)

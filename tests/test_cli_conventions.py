@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -147,3 +148,41 @@ def test_the_server_commands_log_at_info_by_default(args: list[str], level: int)
         assert root.level == level
     finally:
         root.setLevel(before)
+
+
+def test_colour_only_on_a_terminal_and_never_with_no_color(monkeypatch) -> None:
+    """Verdict cells and the error prefix are coloured on a terminal; NO_COLOR and pipes
+    get plain text; colouring after padding keeps the columns aligned."""
+    from edgefleet import cli as shared
+    from fleet_server.cli.util import table
+
+    rows = [["humidity", "drift"], ["temperature", "ok"]]
+    monkeypatch.setattr(shared, "colour", lambda err=False: False)
+    plain = table(["feature", "verdict"], rows).splitlines()
+    assert plain == ["feature      verdict", "humidity     drift", "temperature  ok"]
+    assert not shared.error_line("fleet", "x").startswith("\x1b[")
+    monkeypatch.setattr(shared, "colour", lambda err=False: True)
+    coloured = table(["feature", "verdict"], rows).splitlines()
+    assert coloured[1] == "humidity     " + click.style("drift  ", fg="red")
+    assert coloured[2] == "temperature  " + click.style("ok     ", fg="green")
+    assert click.unstyle(coloured[2]).rstrip() == plain[2]  # aligned as without colour
+    assert shared.error_line("fleet", "x") == click.style("fleet: error:", fg="red",
+                                                          bold=True) + " x"
+    monkeypatch.undo()
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert shared.colour() is False and shared.colour(err=True) is False
+    monkeypatch.delenv("NO_COLOR")
+    assert shared.colour() is False  # pytest's captured stdout is not a terminal
+
+
+@pytest.mark.parametrize(("prog", "var"), [("fleet", "_FLEET_COMPLETE"),
+                                           ("edgepack", "_EDGEPACK_COMPLETE"),
+                                           ("edge-agent", "_EDGE_AGENT_COMPLETE")])
+def test_shell_completion_as_the_readme_says(prog: str, var: str) -> None:
+    from pathlib import Path
+
+    binary = Path(sys.executable).parent / prog
+    out = subprocess.run([str(binary)], env={**os.environ, var: "bash_source"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and f"complete -o nosort -F _{prog.replace('-', '_')}" \
+        "_completion" in out.stdout

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from edgefleet.cli import FAILURE, NOT_FOUND, exit_code
+from edgefleet.cli import FAILURE, NOT_FOUND, error_line, exit_code, paint
 from edgefleet.contract.errors import SchemaError
 from edgefleet.errors import EdgefleetError
 from edgefleet.parsing import parse_duration, parse_pairs
@@ -32,7 +32,7 @@ JSON_OPTION = click.option("--json", "as_json", is_flag=True,
 def fail(message: str, code: int = FAILURE) -> None:
     """Print ``fleet: error: <message>`` on stderr and exit with ``code``
     (:mod:`edgefleet.cli`'s statuses)."""
-    click.echo(f"fleet: error: {message}", err=True)
+    click.echo(error_line("fleet", message), err=True)
     sys.exit(code)
 
 
@@ -108,10 +108,12 @@ def num(x: float | None, fmt: str = ".3f") -> str:
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Columns padded to their widest cell; on a terminal (and without ``NO_COLOR``) cells
+    that are verdicts are coloured after padding, so the columns stay aligned."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+    lines += ["  ".join(paint(c, c.ljust(w)) for c, w in zip(r, widths, strict=True)).rstrip()
               for r in cells]
     return "\n".join(lines)
 

@@ -70,7 +70,7 @@ def _sessions(request: Request) -> Sessions:
     with _lock:
         found = getattr(state, "dashboard_sessions", None)
         if found is None:
-            found = state.dashboard_sessions = Sessions()
+            found = state.dashboard_sessions = Sessions(request.app.state.services.store)
     return found
 
 

@@ -164,6 +164,15 @@ class Auth:
         found = self.store.token_by_hash(digest) if token.startswith(TOKEN_PREFIX) else None
         if found is None:
             raise AuthenticationError("unknown token")
+        return self.principal_of(found, now)
+
+    def principal_of(self, found: Token, now: float) -> Principal:
+        """The principal of a stored operator token (found by its hash, or through a
+        dashboard session that signs it in).
+
+        Raises:
+            AuthenticationError: the token was revoked.
+        """
         if found.revoked is not None:
             raise AuthenticationError(f"token {found.name!r} was revoked")
         self._touch(found, now)

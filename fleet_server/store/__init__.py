@@ -11,7 +11,8 @@ atomic write. Everything above it sees records (:mod:`fleet_server.models`), nev
 
 The parts, by table:
 
-- ``_fleet``: tokens, devices and their labels, groups, desired state, audit;
+- ``_fleet``: tokens and dashboard sessions, devices and their labels, groups, desired
+  state, audit;
 - ``_telemetry``: summaries, rollups, reports, dead letters, counters;
 - ``_drift``: bundles, evaluated drift windows, alerts, webhook attempts;
 - ``_rollouts``: rollouts, and the telemetry reads their gates make;

@@ -101,6 +101,42 @@ class FleetTables(StoreBase):
         with self.transaction():
             self._exec("UPDATE tokens SET last_used = ? WHERE id = ?", [now, token_id])
 
+    # -- dashboard sessions (a session id's hash → the token it signs in) ------------------
+
+    def add_session(self, session_hash: str, token_id: int, now: float, expires: float,
+                    max_sessions: int) -> int:
+        """Open a session; sessions expired by ``now`` go, and past ``max_sessions`` the
+        oldest go first. Returns how many went."""
+        with self.transaction():
+            gone = self._exec("DELETE FROM sessions WHERE expires <= ?", [now]).rowcount
+            self._exec("INSERT INTO sessions (id, token_id, created, expires) "
+                       "VALUES (?, ?, ?, ?)", [session_hash, token_id, now, expires])
+            gone += self._exec(
+                "DELETE FROM sessions WHERE id NOT IN (SELECT id FROM sessions "
+                "ORDER BY created DESC, id LIMIT ?)", [max_sessions]).rowcount
+        return gone
+
+    def session_token(self, session_hash: str, now: float) -> Token | None:
+        """The token a session signs in, if the session exists and has not expired (the
+        token may be revoked: the caller judges it)."""
+        row = self._one("SELECT t.* FROM sessions s JOIN tokens t ON t.id = s.token_id "
+                        "WHERE s.id = ? AND s.expires > ?", [session_hash, now])
+        return None if row is None else _token(row)
+
+    def delete_session(self, session_hash: str) -> bool:
+        """End a session; whether it existed."""
+        with self.transaction():
+            return self._exec("DELETE FROM sessions WHERE id = ?",
+                              [session_hash]).rowcount > 0
+
+    def delete_expired_sessions(self, now: float) -> int:
+        with self.transaction():
+            return self._exec("DELETE FROM sessions WHERE expires <= ?", [now]).rowcount
+
+    def count_sessions(self, now: float) -> int:
+        row = self._one("SELECT COUNT(*) AS n FROM sessions WHERE expires > ?", [now])
+        return int(row["n"]) if row else 0
+
     # -- devices -------------------------------------------------------------------------
 
     def get_device(self, device: str) -> Device | None:

@@ -55,6 +55,7 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("outcome_queues", ("device",)),
     ("outcome_batches", ("device", "batch")),
     ("bundle_approvals", ("id",)),
+    ("sessions", ("id",)),
 )
 # tables whose integer id the database assigns (an identity on PostgreSQL)
 _IDENTITY = {"tokens", "bundles", "summaries", "reports", "dead_letters", "audit",

@@ -38,7 +38,9 @@ History:
     statements of each stored bundle, checked against the server's trust store at upload;
     a re-upload of the same manifest with new approvals (an approver's renewal of the review
     date) adds its statements here, the stored bundle file staying the one first uploaded;
-12. reserved for dashboard sessions (landing beside);
+12. dashboard sessions in the database, so any API replica serves one operator's session:
+    the sha256 of the session id the cookie carries (never the id itself, nor the operator
+    token it stands for), the token it signs in, when it was opened and when it expires;
 13. retraining runs (issue 15): one row a run of the loop, its lineage in ids (the alert
     that triggered it, the champion, the challenger, the rollout); at most one running
     per recipe.
@@ -354,6 +356,19 @@ CREATE TABLE bundle_approvals (
 );
 """
 
+# a session belongs to a token: revoking the token ends it (checked at every request), and
+# removing the token's row removes its sessions
+_V12 = """
+CREATE TABLE sessions (
+    id          TEXT    PRIMARY KEY,
+    token_id    INTEGER NOT NULL REFERENCES tokens (id) ON DELETE CASCADE,
+    created     REAL    NOT NULL,
+    expires     REAL    NOT NULL
+);
+CREATE INDEX sessions_expires ON sessions (expires);
+CREATE INDEX sessions_token ON sessions (token_id);
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -367,7 +382,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (9, "reserved (the performance store, landing beside)", _RESERVED),
     (10, "reserved (drift thresholds, landing beside)", _RESERVED),
     (11, "group requirements, bundle approvals", _V11),
-    (12, "reserved (dashboard sessions, landing beside)", _RESERVED),
+    (12, "dashboard sessions", _V12),
     (13, "retraining runs", _RETRAINS),
 )
 LATEST = MIGRATIONS[-1][0]

@@ -5,8 +5,8 @@ does not match leaves the target untouched.
 The source is a real fleet: devices with labels, a group, tokens, a bundle uploaded,
 summaries of two devices through the real ingestor (so rollups and delivery
 acknowledgements too), desired state, an alert with a webhook attempt, an evaluated drift
-window, a rollout, dead letters, counters, a removed device, a settled sequence and the
-hash-chained audit log.
+window, a rollout, dead letters, counters, a removed device, a settled sequence, the
+hash-chained audit log; and a dashboard session.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from edgefleet.contract.bundle import sign_bundle
 from edgefleet.contract.messages import BundleRef, Report, encode, topic
 from edgefleet.contract.signing import load_private_key
 from fleet_server.cli.main import main
+from fleet_server.dashboard.session import Sessions
 from fleet_server.errors import CopyCountError
 from fleet_server.models import DriftWindow
 from fleet_server.registry.audit import AuditLog
@@ -49,7 +50,8 @@ def source(tmp_path, signing_keys, sensor_bundle, sensor_ref):
     for device in ("dev1", "dev2"):
         s.registry.add_device(device, {"site": "a", "line": device}, "test", NOW)
     s.registry.create_group("site-a", {"site": "a"}, "test", NOW)
-    s.auth.create_token("ops", "operator", "test", NOW)
+    ops = s.auth.create_token("ops", "operator", "test", NOW)
+    Sessions(s.store).login(s.auth, ops.secret, NOW)  # a dashboard session
     s.desired.assign("dev1", "sensor@1.0.0", actor="test", now=NOW)
     spec, _ = sensor_ref
     batch = [Incoming(topic(d, "summary"), encode(summary_of(

@@ -5,6 +5,12 @@ writes ``mosquitto.conf``, ``passwd`` (0600) and ``acl`` through
 :func:`fleet_server.telemetry.broker.write_broker_config`, then says how to start the broker and
 the server. It prints paths, never a password. Run it again after ``fleet device add``
 (and send Mosquitto SIGHUP to reload the password file).
+
+Sites: on the central broker's host, ``--bridge-site NAME`` (repeatable) adds an account for
+each site broker's bridge, allowed only the topics of the devices labelled ``site=NAME``;
+on a site's host, ``--bridge-to HOST:PORT --site NAME --bridge-password-file FILE``
+writes a broker for that site's devices only, bridged to the central one
+(:mod:`fleet_server.telemetry.bridge`).
 """
 
 from __future__ import annotations
@@ -47,6 +53,23 @@ _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
               help="Accounts for that many `fleet ingest` workers (SERVER_USER-ingest-N), "
                    "each with a password kept in OUT/<account>-password: the broker binds "
                    "client ids to accounts, so each process needs its own.")
+@click.option("--bridge-site", "bridge_sites", multiple=True, metavar="NAME",
+              help="(central broker) An account for site NAME's bridge "
+                   "(SERVER_USER-bridge-NAME, password kept in OUT/<account>-password), "
+                   "allowed only the topics of the devices labelled SITE_LABEL=NAME. "
+                   "Repeatable.")
+@click.option("--site-label", default="site", show_default=True,
+              help="The device label naming each device's site.")
+@click.option("--bridge-to", default=None, metavar="HOST[:PORT]",
+              help="(site broker) Bridge this broker to the central one at HOST:PORT; "
+                   "it gets accounts for the devices of --site only.")
+@click.option("--site", default=None, help="(site broker) This site's name (with --bridge-to).")
+@click.option("--bridge-password-file", type=_FILE, default=None,
+              help="(site broker) The bridge account's password (the central "
+                   "broker-config's OUT/SERVER_USER-bridge-SITE-password).")
+@click.option("--bridge-ca", type=_FILE, default=None,
+              help="(site broker) CA certificate of the central broker: the bridge uses "
+                   "TLS.")
 @click.option("--no-persistence", is_flag=True,
               help="Keep sessions in memory only (a broker restart forgets them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the paths written as JSON.")
@@ -54,10 +77,13 @@ _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
 def broker_config(db: str, out: Path, port: int, bind: str, server_user: str,
                   server_password_file: Path | None, tls_cert: Path | None,
                   tls_key: Path | None, tls_ca: Path | None, tls_port: int | None,
-                  require_certificate: bool, ingest_workers: int, no_persistence: bool,
-                  as_json: bool) -> None:
+                  require_certificate: bool, ingest_workers: int,
+                  bridge_sites: tuple[str, ...], site_label: str, bridge_to: str | None,
+                  site: str | None, bridge_password_file: Path | None,
+                  bridge_ca: Path | None, no_persistence: bool, as_json: bool) -> None:
     from fleet_server.models import Database
     from fleet_server.store import Store
+    from fleet_server.telemetry.bridge import SiteBridge
     from fleet_server.telemetry.broker import (
         CONF_NAME,
         PASSWD_NAME,
@@ -75,11 +101,26 @@ def broker_config(db: str, out: Path, port: int, bind: str, server_user: str,
         password = server_password_file.read_text(encoding="utf-8").strip()
         if not password:
             raise click.UsageError(f"{server_password_file} is empty")
+    bridge = None
+    if bridge_to is not None:
+        if site is None or bridge_password_file is None:
+            raise click.UsageError("--bridge-to needs --site and --bridge-password-file")
+        bridge_host, _, bridge_port = bridge_to.rpartition(":") if ":" in bridge_to \
+            else (bridge_to, "", "1883")
+        if not bridge_port.isdigit():
+            raise click.UsageError(f"--bridge-to {bridge_to!r}: HOST or HOST:PORT")
+        bridge = SiteBridge(site, bridge_host, int(bridge_port),
+                            bridge_password_file.read_text(encoding="utf-8").strip(),
+                            bridge_ca)
+    elif site is not None or bridge_password_file is not None or bridge_ca is not None:
+        raise click.UsageError("--site, --bridge-password-file and --bridge-ca go with "
+                               "--bridge-to")
     setup = BrokerSetup(out=out, port=port, bind=bind, server_user=server_user,
                         server_password=password, persistence=not no_persistence,
                         cafile=tls_ca, certfile=tls_cert, keyfile=tls_key,
                         require_certificate=require_certificate, tls_port=tls_port,
-                        ingest_workers=ingest_workers)
+                        ingest_workers=ingest_workers, bridge_sites=bridge_sites,
+                        site_label=site_label, bridge_to=bridge)
     with Store(db) as store:
         written = write_broker_config(setup, store)
     accounts = written[PASSWD_NAME].read_text(encoding="utf-8").count("\n")
@@ -98,9 +139,14 @@ def broker_config(db: str, out: Path, port: int, bind: str, server_user: str,
     for path in written.values():
         mode = stat.S_IMODE(path.stat().st_mode)
         click.echo(f"wrote {path} ({mode:04o})")
-    devices = accounts - 1 - len(setup.ingest_users)
+    if setup.bridge_to is not None:
+        click.echo(f"{accounts} device account(s) of site {site!r}, bridged to {bridge_to}")
+        click.echo(f"start the broker:  {start}")
+        return
+    devices = accounts - 1 - len(setup.ingest_users) - len(setup.bridge_users)
     click.echo(f"{devices} device account(s) and the server account {server_user!r}"
-               + (f", {len(ingest)} ingest worker account(s)" if ingest else ""))
+               + (f", {len(ingest)} ingest worker account(s)" if ingest else "")
+               + (f", {len(bridge_sites)} site bridge account(s)" if bridge_sites else ""))
     if setup.tls and host not in ("127.0.0.1", "::1", "localhost"):
         click.echo(f"fleet: warning: the plain listener on {bind}:{port} carries passwords "
                    "in the clear; bind it to 127.0.0.1 or firewall it", err=True)

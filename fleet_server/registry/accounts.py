@@ -11,7 +11,8 @@ server rights to, and no later service account can collide with a device.
 With ``use_username_as_clientid`` (see :mod:`fleet_server.telemetry.broker`) the account name
 is also the MQTT client id, so each process that connects needs an account of its own:
 ``server`` for ``fleet serve``, ``server-ingest-1``, ``server-ingest-2``, ... for
-``fleet ingest`` workers (:func:`ingest_account`).
+``fleet ingest`` workers (:func:`ingest_account`), ``server-bridge-<site>`` for a site
+broker's bridge to the central one (:func:`bridge_account`).
 
 This module holds names only: no passwords, no I/O.
 """
@@ -23,6 +24,7 @@ from fleet_server.errors import ReservedNameError
 __all__ = [
     "SERVER_ACCOUNT",
     "SERVICE_PREFIX",
+    "bridge_account",
     "check_device_name",
     "check_service_name",
     "ingest_account",
@@ -60,3 +62,8 @@ def check_service_name(name: str, field: str = "server_user") -> None:
 def ingest_account(server_user: str, n: int) -> str:
     """The broker account of ingest worker ``n`` (1-based): ``<server_user>-ingest-<n>``."""
     return f"{server_user}-ingest-{n}"
+
+
+def bridge_account(server_user: str, site: str) -> str:
+    """The central broker's account of site ``site``'s bridge: ``<server_user>-bridge-<site>``."""
+    return f"{server_user}-bridge-{site}"

@@ -37,8 +37,14 @@ be refused by ingest anyway, so the broker never holds, queues or forwards it.
 also why this module imports nothing of the server at load time (agent-only test
 environments import it through ``tests/broker.py``).
 
+Sites (:mod:`fleet_server.telemetry.bridge`): the central broker's setup names the sites
+(``bridge_sites``) and each gets a bridge account allowed to speak only for the devices
+labelled with its name (``site_label``, ``site=<name>`` by default); a site broker's setup
+names the central broker (``bridge_to``): it then has accounts only for its own devices and
+appends its bridge to ``mosquitto.conf`` (written 0600, as it holds the bridge's password).
+
 This module does not start, stop or signal Mosquitto, make or check TLS certificates,
-configure bridges, websockets or the dynamic-security plugin, and never logs a password.
+configure websockets or the dynamic-security plugin, and never logs a password.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,9 +66,17 @@ from typing import TYPE_CHECKING
 from edgefleet.contract.messages import MAX_PAYLOAD
 from fleet_server.errors import BrokerStartError, InvalidRequestError, ReservedNameError
 from fleet_server.registry.accounts import (
+    bridge_account,
     check_service_name,
     ingest_account,
     is_service_name,
+)
+from fleet_server.telemetry.bridge import (
+    SiteBridge,
+    bridge_acl,
+    bridge_lines,
+    check_site,
+    local_acl,
 )
 
 if TYPE_CHECKING:
@@ -129,9 +143,11 @@ _HASH_RE = re.compile(r"^\$7\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+\Z")
 _BIND_RE = re.compile(r"^[A-Za-z0-9.:_-]{1,253}\Z")
 
 
-def acl_text(server_user: str, ingest_users: Iterable[str] = ()) -> str:
-    """The fleet ACL with ``server_user`` as the server account, and a read-only block for
-    each ingest worker's account.
+def acl_text(server_user: str, ingest_users: Iterable[str] = (),
+             bridges: Mapping[str, Iterable[str]] | None = None) -> str:
+    """The fleet ACL with ``server_user`` as the server account, a read-only block for
+    each ingest worker's account, and a block for each site bridge's account (``bridges``:
+    account → the devices it speaks for).
 
     Raises:
         InvalidRequestError: ``server_user`` or an ingest account is not a valid
@@ -146,6 +162,9 @@ def acl_text(server_user: str, ingest_users: Iterable[str] = ()) -> str:
                  f"state)\nuser {user}\n"
                  + "".join(f"topic read edgefleet/v1/+/{kind}\n" for kind in _INGEST_KINDS)
                  + "topic write edgefleet/v1/+/ack\n")
+    for account, devices in (bridges or {}).items():
+        _check_user(account, "bridge account")
+        text += bridge_acl(account, devices)
     return text
 
 
@@ -188,6 +207,12 @@ class BrokerSetup:
             server's (``<account>-password``, 0600).
         run_as_root: whether the broker will be started as root (adds ``user root``);
             None: as this process runs.
+        bridge_sites: (central broker) the sites whose brokers bridge to this one: each
+            gets the account ``<server_user>-bridge-<site>`` (password made and kept like
+            an ingest worker's), allowed only the topics of the devices whose
+            ``site_label`` label is the site's name.
+        bridge_to: (site broker) this broker bridges to the central one; it then has
+            accounts only for the devices of ``bridge_to.site``, and no server account.
     """
 
     out: Path
@@ -205,8 +230,19 @@ class BrokerSetup:
     run_as_root: bool | None = None
     ingest_workers: int = 0
     ingest_passwords: tuple[str, ...] = field(default=(), repr=False)
+    bridge_sites: tuple[str, ...] = ()
+    bridge_passwords: tuple[str, ...] = field(default=(), repr=False)
+    site_label: str = "site"
+    bridge_to: SiteBridge | None = None
 
     def __post_init__(self) -> None:
+        for site in self.bridge_sites:
+            check_site(site)
+        if len(set(self.bridge_sites)) != len(self.bridge_sites):
+            raise InvalidRequestError("a site is named twice", field="bridge_sites")
+        if self.bridge_sites and self.bridge_to is not None:
+            raise InvalidRequestError("a broker is the central one (bridge_sites) or a site's "
+                                      "(bridge_to), not both", field="bridge_to")
         _check_port(self.port, "port")
         _check_user(self.server_user, "server_user")
         check_service_name(self.server_user)
@@ -256,6 +292,10 @@ class BrokerSetup:
     def ingest_users(self) -> tuple[str, ...]:
         return tuple(ingest_account(self.server_user, n)
                      for n in range(1, self.ingest_workers + 1))
+
+    @property
+    def bridge_users(self) -> tuple[str, ...]:
+        return tuple(bridge_account(self.server_user, s) for s in self.bridge_sites)
 
     @property
     def as_root(self) -> bool:
@@ -377,16 +417,21 @@ def _conf(setup: BrokerSetup) -> str:
         lines += [f"certfile {Path(setup.certfile).resolve()}",  # type: ignore[arg-type]
                   f"keyfile {Path(setup.keyfile).resolve()}",  # type: ignore[arg-type]
                   f"require_certificate {'true' if setup.require_certificate else 'false'}"]
+    if setup.bridge_to is not None:
+        lines += bridge_lines(setup.bridge_to, setup.server_user)
     return "\n".join(lines) + "\n"
 
 
-def render(setup: BrokerSetup, users: Iterable[tuple[str, str]]) -> dict[str, str]:
+def render(setup: BrokerSetup, users: Iterable[tuple[str, str]],
+           site_devices: Mapping[str, Iterable[str]] | None = None) -> dict[str, str]:
     """The three files' texts: ``mosquitto.conf``, ``passwd``, ``acl``.
 
     Args:
-        setup: the broker's shape; ``server_password`` must be set.
+        setup: the broker's shape; ``server_password`` must be set (unless it is a site
+            broker, ``bridge_to``, which has no server account).
         users: ``(device id, $7$ hash)`` of every device account, as
-            ``Store.mosquitto_users()`` returns them.
+            ``Store.mosquitto_users()`` returns them (a site broker's: its site's).
+        site_devices: site → the ids of its devices, for each of ``setup.bridge_sites``.
 
     Raises:
         InvalidRequestError: no server password (or not one per ingest worker), a device
@@ -397,9 +442,12 @@ def render(setup: BrokerSetup, users: Iterable[tuple[str, str]]) -> dict[str, st
     """
     from fleet_server.registry.auth import mosquitto_hash  # lazily: see the module docstring
 
-    if setup.server_password is None:
+    if setup.server_password is None and setup.bridge_to is None:
         raise InvalidRequestError("the server account needs a password",
                                   field="server_password")
+    if len(setup.bridge_passwords) != len(setup.bridge_sites):
+        raise InvalidRequestError(f"{len(setup.bridge_sites)} site bridge account(s) need as "
+                                  "many passwords", field="bridge_passwords")
     if len(setup.ingest_passwords) != setup.ingest_workers:
         raise InvalidRequestError(f"{setup.ingest_workers} ingest worker account(s) need as "
                                   "many passwords", field="ingest_passwords")
@@ -419,11 +467,17 @@ def render(setup: BrokerSetup, users: Iterable[tuple[str, str]]) -> dict[str, st
                                       field="users")
         seen.add(device)
         lines.append(f"{device}:{hashed}\n")
-    lines.append(f"{setup.server_user}:{mosquitto_hash(setup.server_password)}\n")
-    for user, password in zip(setup.ingest_users, setup.ingest_passwords, strict=True):
+    if setup.server_password is not None:
+        lines.append(f"{setup.server_user}:{mosquitto_hash(setup.server_password)}\n")
+    for user, password in zip(setup.ingest_users + setup.bridge_users,
+                              setup.ingest_passwords + setup.bridge_passwords, strict=True):
         lines.append(f"{user}:{mosquitto_hash(password)}\n")
-    return {CONF_NAME: _conf(setup), PASSWD_NAME: "".join(lines),
-            ACL_NAME: acl_text(setup.server_user, setup.ingest_users)}
+    bridges = {account: (site_devices or {}).get(site, ())
+               for site, account in zip(setup.bridge_sites, setup.bridge_users, strict=True)}
+    acl = acl_text(setup.server_user, setup.ingest_users, bridges)
+    if setup.bridge_to is not None:
+        acl += local_acl(bridge_account(setup.server_user, setup.bridge_to.site))
+    return {CONF_NAME: _conf(setup), PASSWD_NAME: "".join(lines), ACL_NAME: acl}
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
@@ -472,12 +526,24 @@ def write_broker_config(setup: BrokerSetup, store: Store) -> dict[str, Path]:
         OSError: ``out`` cannot be created or written.
     """
     setup.out.mkdir(parents=True, exist_ok=True)
-    password, password_path = _kept_password(setup, setup.server_user, setup.server_password)
+    password, password_path = None, None
+    if setup.bridge_to is None:
+        password, password_path = _kept_password(setup, setup.server_user,
+                                                 setup.server_password)
     ingest = [_kept_password(setup, user, None) for user in setup.ingest_users]
+    bridge = [_kept_password(setup, user, None) for user in setup.bridge_users]
+    users = store.mosquitto_users()
+    if setup.bridge_to is not None:  # a site broker: its own devices only
+        mine = set(store.device_ids({setup.site_label: setup.bridge_to.site}))
+        users = [(device, hashed) for device, hashed in users if device in mine]
+    site_devices = {site: store.device_ids({setup.site_label: site})
+                    for site in setup.bridge_sites}
     texts = render(replace(setup, server_password=password,
-                           ingest_passwords=tuple(p for p, _ in ingest)),
-                   store.mosquitto_users())
-    modes = {PASSWD_NAME: 0o600}
+                           ingest_passwords=tuple(p for p, _ in ingest),
+                           bridge_passwords=tuple(p for p, _ in bridge)),
+                   users, site_devices)
+    # a site's mosquitto.conf holds its bridge's password
+    modes = {PASSWD_NAME: 0o600, CONF_NAME: 0o600 if setup.bridge_to else 0o644}
     written: dict[str, Path] = {}
     if setup.persistence:
         (setup.out / PERSISTENCE_DIR).mkdir(mode=0o700, exist_ok=True)
@@ -487,7 +553,8 @@ def write_broker_config(setup: BrokerSetup, store: Store) -> dict[str, Path]:
         written[name] = path
     if password_path is not None:
         written[SERVER_PASSWORD_NAME] = password_path
-    for user, (_, path) in zip(setup.ingest_users, ingest, strict=True):
+    for user, (_, path) in zip(setup.ingest_users + setup.bridge_users, ingest + bridge,
+                               strict=True):
         assert path is not None
         written[password_file_name(user, setup.server_user)] = path
     log.info("broker config in %s: %d account(s), listener %s:%d%s", setup.out,

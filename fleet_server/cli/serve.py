@@ -23,7 +23,7 @@ __all__ = ["ingest", "serve", "tune_gc"]
 
 
 def _broker(value: str | None, user: str, password_file: Path | None, tls_ca: Path | None,
-            share: str | None, receive_maximum: int):
+            share: str | None, receive_maximum: int, client_id: str = ""):
     from fleet_server.config import BrokerConfig
 
     if value is None:
@@ -34,7 +34,7 @@ def _broker(value: str | None, user: str, password_file: Path | None, tls_ca: Pa
         password = password_file.read_text().strip()
     return BrokerConfig(host=host or "127.0.0.1", port=int(port), username=user,
                         password=password, tls_ca=tls_ca, share=share,
-                        receive_maximum=receive_maximum)
+                        receive_maximum=receive_maximum, client_id=client_id)
 
 
 def _server_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -150,6 +150,8 @@ def _run_until_signal(server: Any, http: bool) -> None:
               help="Seconds after which an outcome batch without a receipt is sent again.")
 @click.option("--max-undelivered-outcomes", type=int, default=1_000_000, show_default=True,
               help="Outcomes a device may have waiting; an upload past it is refused.")
+@click.option("--rollout-tick", type=click.FloatRange(0.05, 3600), default=5.0,
+              show_default=True, help="Seconds between the rollout engine's judgements.")
 @exits_on_error
 def serve(db: str, broker: str | None, broker_user: str, broker_password_file: Path | None,
           tls_ca: Path | None, receive_maximum: int, batch_max: int, bundle_dir: Path | None,
@@ -157,7 +159,7 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
           trust: tuple[str, ...], threshold: int, require_role: tuple[str, ...],
           webhook: str | None, webhook_secret_file: Path | None, window: int, ingest: bool,
           share: str | None, max_upload_mb: int, outcome_resend: float,
-          max_undelivered_outcomes: int) -> None:
+          max_undelivered_outcomes: int, rollout_tick: float) -> None:
     from fleet_server.config import DriftConfig, OutcomeConfig, ServerConfig, WebhookConfig
     from fleet_server.models import Database
     from fleet_server.server import FleetServer
@@ -173,7 +175,7 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
         ingest=ingest, ingest_config=_ingest_config(batch_max), drift=DriftConfig(window_s=window),
         webhook=WebhookConfig(url=webhook, secret=secret), trust=trust, threshold=threshold,
         required_roles=frozenset(require_role), max_upload_bytes=max_upload_mb * 1024 * 1024,
-        host=host, port=port, role=role,
+        host=host, port=port, role=role, rollout_tick_s=rollout_tick,
         outcomes=OutcomeConfig(resend_s=outcome_resend,
                                max_undelivered=max_undelivered_outcomes))
     http = role in ("all", "api")
@@ -186,10 +188,14 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
 @_server_options
 @click.option("--share", default="ingest", show_default=True,
               help="The shared-subscription group the workers split.")
+@click.option("--client-id", default="",
+              help="The MQTT client id, stable across restarts (its kept session holds the "
+                   "worker's share meanwhile) [default: fleet-ingest-<host>-<share>]: set "
+                   "one per worker when a host runs several over one broker account.")
 @exits_on_error
 def ingest(db: str, broker: str | None, broker_user: str, broker_password_file: Path | None,
            tls_ca: Path | None, receive_maximum: int, batch_max: int, bundle_dir: Path | None,
-           share: str) -> None:
+           share: str, client_id: str) -> None:
     from fleet_server.config import ServerConfig
     from fleet_server.models import Database
     from fleet_server.server import FleetServer
@@ -198,7 +204,7 @@ def ingest(db: str, broker: str | None, broker_user: str, broker_password_file: 
         raise click.UsageError("fleet ingest needs --broker")
     config = ServerConfig(db=db, bundle_dir=bundle_dir,
                           broker=_broker(broker, broker_user, broker_password_file,
-                                         tls_ca, share, receive_maximum),
+                                         tls_ca, share, receive_maximum, client_id),
                           ingest_config=_ingest_config(batch_max), evaluate=False,
                           role="ingest")
     click.echo(f"fleet: ingest worker on {broker} (group {share}, database "

@@ -169,7 +169,9 @@ class Evaluator:
         """Apply the retention bounds; returns what was removed."""
         c = self.ingest_config
         out = {"summaries": self.store.prune_summaries(now - c.retention_s),
-               "dead_letters": self.store.prune_dead_letters(c.dead_letter_keep)}
+               "dead_letters": self.store.prune_dead_letters(c.dead_letter_keep),
+               # dashboard sessions past their expiry (a sign-in also sweeps them)
+               "sessions": self.store.delete_expired_sessions(now)}
         for i, width in enumerate(c.levels):
             keep = c.retention_s if i == 0 else c.coarse_retention_s
             out[f"rollups_{width}"] = self.store.prune_rollups(width, int(now - keep))

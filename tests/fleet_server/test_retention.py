@@ -15,6 +15,7 @@ import pytest
 
 from edgefleet.contract.messages import encode, topic
 from fleet_server.config import DriftConfig, IngestConfig
+from fleet_server.dashboard.session import Sessions
 from fleet_server.errors import ConfigError
 from fleet_server.monitoring.evaluator import Evaluator
 from fleet_server.services import build_services
@@ -63,10 +64,15 @@ def test_housekeeping_deletes_old_summaries_and_rollups_and_keeps_the_rest(fleet
 
     ev = Evaluator(s.store, s.bundles, s.registry, s.alerts, DriftConfig(window_s=60),
                    config.ingest_config, clock=lambda: float(NOW))
+    token = s.auth.create_token("ana", "viewer", "test", NOW - 86400).secret
+    Sessions(s.store).login(s.auth, token, NOW - 60)  # still open
+    Sessions(s.store, max_age_s=3600).login(s.auth, token, NOW - 86400)  # expired by now
     removed = ev.housekeeping(float(NOW))
 
     # two devices; rollups: each device's row and the fleet's (scope "*") per bucket
-    assert removed == {"summaries": 4, "dead_letters": 0, "rollups_60": 6, "rollups_3600": 3}
+    assert removed == {"summaries": 4, "dead_letters": 0, "sessions": 1, "rollups_60": 6,
+                       "rollups_3600": 3}
+    assert Sessions(s.store).count(float(NOW)) == 1
     assert _ages(db, "SELECT window_end FROM summaries") == [1, 0]
     assert _ages(db, "SELECT bucket FROM rollups WHERE width = 60") == [1, 0]
     assert _ages(db, "SELECT bucket FROM rollups WHERE width = 3600") == [5, 1, 0]
@@ -75,8 +81,8 @@ def test_housekeeping_deletes_old_summaries_and_rollups_and_keeps_the_rest(fleet
     assert sorted((r.device, r.seq) for r in kept) == [("dev1", 3), ("dev1", 4),
                                                        ("dev2", 3), ("dev2", 4)]
     # and a second pass has nothing left to do
-    assert ev.housekeeping(float(NOW)) == {"summaries": 0, "dead_letters": 0, "rollups_60": 0,
-                                           "rollups_3600": 0}
+    assert ev.housekeeping(float(NOW)) == {"summaries": 0, "dead_letters": 0, "sessions": 0,
+                                           "rollups_60": 0, "rollups_3600": 0}
 
 
 def test_the_retention_boundary_is_kept(fleet):

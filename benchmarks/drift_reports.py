@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/drift_reports.py [--devices 10000] [--days 30]
-        [--device-hours 6] [--repeats 7] [--db postgresql://... | --postgres]
+        [--device-hours 6] [--repeats 7] [--analyze] [--db postgresql://... | --postgres]
         [--out benchmarks/out/drift_reports.json]
 
 The same fleet is seeded into each engine (a SQLite file, and a private PostgreSQL 15 from
@@ -105,6 +105,8 @@ def seed(work: Path, db: str | Path, bundle_path: Path, keys, args: argparse.Nam
             store.save_rollups(rows[i:i + 5000])
     log(f"  {len(rows):,} rollups ({len(packs[1]):,} bytes each) in "
         f"{time.perf_counter() - t0:.0f} s")
+    if args.analyze:  # what autovacuum does some time after a bulk load
+        store._exec("ANALYZE")
     return s, {"devices": len(ids), "rollups": len(rows), "rollup_bytes": len(packs[1]),
                "top": top}
 
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--device-hours", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--analyze", action="store_true",
+                        help="ANALYZE after seeding (else the planner may run the first "
+                             "reports without statistics of the fresh tables)")
     parser.add_argument("--db", default=None, help="an empty PostgreSQL database")
     parser.add_argument("--postgres", action="store_true",
                         help="start a private PostgreSQL 15 (tests/pg.py, fsync on)")

@@ -117,6 +117,11 @@ def test_a_sqlite_fleet_moves_to_postgresql_row_for_row(source, postgres, monkey
         for line in lines:
             table, n = line.split()[0], int(line.split()[1])
             assert n == len(want[table]) > 0
+        # analysed: the planner has statistics (reltuples is -1 for a table never analysed)
+        never = dst.conn.execute(
+            "SELECT relname FROM pg_class WHERE relname IN ('devices', 'rollups', "
+            "'device_labels') AND reltuples < 0").fetchall()
+        assert never == []
         # the ids go on after the largest copied
         last = max(r[0] for r in want["audit"])
         dst.audit("test", "after", "x", {}, NOW)

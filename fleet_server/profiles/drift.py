@@ -68,6 +68,7 @@ from fleet_server.profiles.statistics import (
 
 __all__ = [
     "DRIFT_SCHEMA",
+    "GROUP_RULES",
     "STAT_KEYS",
     "VERDICTS",
     "DriftReport",
@@ -75,6 +76,7 @@ __all__ = [
     "Thresholds",
     "compare",
     "persistent_verdict",
+    "positive_importances",
     "suspect_sensors",
 ]
 
@@ -88,7 +90,9 @@ MAX_FEATURES = 4096 + 16
 # --------------------------------------------------------------------------- thresholds
 
 
-_UNIT = ("ks_drift", "js_drift", "unseen_drift", "rate_drift", "group_share")
+_UNIT = ("ks_drift", "js_drift", "unseen_drift", "rate_drift", "group_share",
+         "importance_share")
+_INTS = ("min_rows", "group_min", "persistence", "persistence_of")
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,12 @@ class Thresholds:
     unseen_drift: float = 0.01  # increase of the unseen-category share
     rate_drift: float = 0.05  # absolute increase in missing / out-of-range rate
     min_rows: int | None = None  # None: 40 * max(bins - 1, 1) for each feature
-    group_share: float = 0.5  # of the input features with enough data
+    # the group rule: the drifting inputs carry this share of the model's positive
+    # permutation importance; without importances, at least max(group_min,
+    # ceil(group_share * n)) of the n input features with enough data drift
+    importance_share: float = 0.3
+    group_share: float = 0.15
+    group_min: int = 2
     persistence: int = 2  # drifted windows ...
     persistence_of: int = 3  # ... out of the last this many
 
@@ -111,7 +120,7 @@ class Thresholds:
         for f in fields(self):
             value = getattr(self, f.name)
             where = f"thresholds.{f.name}"
-            if f.name in ("min_rows", "persistence", "persistence_of"):
+            if f.name in _INTS:
                 if value is None and f.name == "min_rows":
                     continue
                 if isinstance(value, bool) or not isinstance(value, int) or not (
@@ -131,6 +140,11 @@ class Thresholds:
         if self.persistence_of < self.persistence:
             raise SchemaError("thresholds.persistence_of: must be >= persistence",
                               field="thresholds.persistence_of")
+
+    def drifted_needed(self, judged: int) -> int:
+        """How many of ``judged`` input features must drift under the count rule."""
+        # a model with one input drifts when that input does
+        return min(judged, max(self.group_min, math.ceil(self.group_share * judged - 1e-9)))
 
     def rows_needed(self, bins: int) -> int:
         """The minimum rows (and present values) a feature with ``bins`` bins needs."""
@@ -153,7 +167,7 @@ class Thresholds:
                 continue
             if spec.name == "min_rows" and f.raw("min_rows") is None:
                 values["min_rows"] = None
-            elif spec.name in ("min_rows", "persistence", "persistence_of"):
+            elif spec.name in _INTS:
                 values[spec.name] = f.int(spec.name, minimum=1)
             else:
                 values[spec.name] = f.float(spec.name)
@@ -232,9 +246,17 @@ class FeatureDrift:
         return out
 
 
+GROUP_RULES = ("importance", "count", "important", "predictions", "unseen")
+
+
 @dataclass(frozen=True)
 class DriftReport:
-    """The features of one comparison (inputs in spec order, then outputs) and a verdict."""
+    """The features of one comparison (inputs in spec order, then outputs) and a verdict.
+
+    ``rule`` says how the inputs were weighed (``importance`` with the model's permutation
+    importances, ``count`` without); ``importance_share`` is the share of the importance
+    the drifting inputs carry (None under the count rule); ``rules`` are the group rules
+    that fired (:data:`GROUP_RULES`)."""
 
     features: tuple[FeatureDrift, ...]
     rows_base: int
@@ -244,6 +266,9 @@ class DriftReport:
     important: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
     reference_hash: str = ""
+    rule: str = "count"
+    importance_share: float | None = None
+    rules: tuple[str, ...] = ()
 
     def feature(self, name: str, role: str = "input") -> FeatureDrift:
         """Raises: KeyError when the report has no such feature."""
@@ -262,6 +287,8 @@ class DriftReport:
                 "rows_base": self.rows_base, "rows_live": self.rows_live,
                 "share_drifted": _finite(self.share_drifted) or 0.0, "verdict": self.verdict,
                 "important": list(self.important), "reasons": list(self.reasons),
+                "rule": self.rule, "importance_share": _finite(self.importance_share),
+                "rules": list(self.rules),
                 "features": [f.to_dict() for f in self.features]}
 
     @classmethod
@@ -280,11 +307,19 @@ class DriftReport:
         for k, items in texts.items():
             if not all(isinstance(s, str) and len(s) <= 512 for s in items):
                 raise f.bad(k, "must be strings")
+        # reports written before the importance rule have none of these three
+        rule = f.choice("rule", ("importance", "count")) if f.has("rule") else "count"
+        weight = f.opt_float("importance_share") if f.has("importance_share") else None
+        if weight is not None and not 0 <= weight <= 1:
+            raise f.bad("importance_share", "must be in [0, 1] or null")
+        rules = f.list("rules", max_len=len(GROUP_RULES)) if f.has("rules") else []
+        if not all(r in GROUP_RULES for r in rules):
+            raise f.bad("rules", f"must be of {', '.join(GROUP_RULES)}")
         feats = tuple(FeatureDrift.from_dict(o, f"{where}.features[{i}]")
                       for i, o in enumerate(f.list("features", max_len=MAX_FEATURES)))
         f.done()
         return cls(feats, rows_base, rows_live, share, verdict, tuple(texts["important"]),
-                   tuple(texts["reasons"]), ref)
+                   tuple(texts["reasons"]), ref, rule, weight, tuple(rules))
 
 
 # --------------------------------------------------------------------------- verdicts
@@ -366,13 +401,91 @@ def _features(items: list[tuple[Any, str, Any, Any]], t: Thresholds,
     return tuple(out)
 
 
+def positive_importances(importances: Mapping[str, float] | None,
+                         inputs: Collection[str]) -> dict[str, float] | None:
+    """The importances the group rule weighs with: the inputs' positive ones (a negative
+    permutation importance is noise: permuting the feature helped), or None when there is
+    nothing to weigh with (no importances, or none positive), so the count rule applies."""
+    if not importances:
+        return None
+    out = {k: float(v) for k, v in importances.items()
+           if k in inputs and math.isfinite(v) and v > 0}
+    return out or None
+
+
+def _listed(items: Sequence[str], most: int = 8) -> str:
+    """Names for a reason, at most ``most`` of them (a reason is at most 512 characters)."""
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}" if x >= 0.01 or x == 0 else f"{x:.1%}"
+
+
+def _group_rules(feats: tuple[FeatureDrift, ...], judged: list[FeatureDrift],
+                 drifted: list[FeatureDrift], wanted: tuple[str, ...],
+                 weights: dict[str, float] | None, t: Thresholds,
+                 ) -> tuple[list[str], list[str], float | None]:
+    """(rules fired, their reasons, the importance share the drifting inputs carry)."""
+    rules: list[str] = []
+    reasons: list[str] = []
+    carried: float | None = None
+    if weights is not None:
+        total = sum(weights.values())
+        parts = sorted(((weights.get(f.name, 0.0) / total, f.name) for f in drifted),
+                       reverse=True)
+        carried = min(1.0, sum(w for w, _ in parts))
+        if drifted and carried >= t.importance_share:
+            rules.append("importance")
+            reasons.append(
+                f"drifting inputs carry {_pct(carried)} of the model's importance "
+                f"(≥ {_pct(t.importance_share)}): "
+                + _listed([f"{name} {_pct(w)}" for w, name in parts]))
+    elif judged and len(drifted) >= t.drifted_needed(len(judged)):
+        rules.append("count")
+        reasons.append(f"{len(drifted)} of {len(judged)} input features drift "
+                       f"(≥ {t.drifted_needed(len(judged))}, no importances to weigh them): "
+                       + _listed([f.name for f in drifted]))
+    key_drift = [f for f in feats if f.name in wanted and f.verdict == "drift"]
+    if key_drift:
+        rules.append("important")
+        reasons += [f"important {f.role} {f.name!r} drifts" for f in key_drift]
+    outputs = [f for f in feats if f.role == "output" and f.verdict == "drift"]
+    if outputs:
+        rules.append("predictions")
+        reasons.append("the predictions drift: " + _listed([f.name for f in outputs]))
+    unseen = []
+    for f in drifted:
+        live, base = f.stats.get("unseen_rate"), f.stats.get("unseen_rate_base")
+        if f.kind == "categorical" and live is not None and base is not None \
+                and live - base >= t.unseen_drift:
+            unseen.append(f"{f.name} {_pct(live)}")
+    if unseen:
+        rules.append("unseen")
+        reasons.append(f"unseen category values (≥ +{_pct(t.unseen_drift)}): "
+                       + _listed(unseen))
+    return rules, reasons, carried
+
+
 def compare(base: Profile, live: Profile, thresholds: Thresholds = Thresholds(),
-            important: Collection[str] = ()) -> DriftReport:
+            important: Collection[str] = (),
+            importances: Mapping[str, float] | None = None) -> DriftReport:
     """Compare ``live`` with ``base`` feature by feature and judge the whole.
 
-    The report drifts when at least ``group_share`` of the input features with enough
-    data drift, or any ``important`` feature (input or output) drifts; it warns when any
-    feature warns or drifts; it is insufficient when no input feature has enough data.
+    The report drifts when any of these group rules fires (``reasons`` says which, naming
+    the features):
+
+    - ``importance``: the drifting inputs carry at least ``importance_share`` of the
+      model's positive permutation ``importances`` (input name → mean importance);
+    - ``count``, only without usable importances: at least ``max(group_min,
+      ceil(group_share · n))`` of the ``n`` input features with enough data drift;
+    - ``important``: an ``important`` feature (input or output) drifts;
+    - ``predictions``: an output feature drifts;
+    - ``unseen``: a categorical input's unseen-category share rose by ``unseen_drift``.
+
+    Otherwise it warns when any feature warns or drifts; it is insufficient when no input
+    feature has enough data.
 
     Raises:
         ReferenceMismatchError: the two profiles are over different references.
@@ -397,24 +510,24 @@ def compare(base: Profile, live: Profile, thresholds: Thresholds = Thresholds(),
     judged = [f for f in inputs if f.verdict != "insufficient"]
     drifted = [f for f in judged if f.verdict == "drift"]
     share = len(drifted) / len(judged) if judged else 0.0
-    key_drift = [f for f in feats if f.name in wanted and f.verdict == "drift"]
-    reasons: list[str] = []
-    if judged and share >= t.group_share:
-        reasons.append(f"{len(drifted)} of {len(judged)} input features drift "
-                       f"({share:.0%} ≥ {t.group_share:.0%})")
-    reasons += [f"important {f.role} {f.name!r} drifts" for f in key_drift]
-    if reasons:
+    weights = positive_importances(importances, {s.name for s in spec.inputs})
+    rules, reasons, carried = _group_rules(feats, judged, drifted, wanted, weights, t)
+    if rules:
         verdict = "drift"
     elif any(f.verdict in ("warn", "drift") for f in feats):
         verdict = "warn"
         reasons = [f"{f.role} {f.name!r}: {f.verdict}" for f in feats
                    if f.verdict in ("warn", "drift")]
+        if carried is not None:
+            reasons.append(f"drifting inputs carry {_pct(carried)} of the model's importance "
+                           f"(< {_pct(t.importance_share)})")
     elif not judged:
         verdict, reasons = "insufficient", ["no input feature has enough data"]
     else:
         verdict = "ok"
     return DriftReport(feats, base.rows, live.rows, share, verdict, wanted, tuple(reasons),
-                       base.reference_hash)
+                       base.reference_hash, "count" if weights is None else "importance",
+                       carried, tuple(rules))
 
 
 def persistent_verdict(window_verdicts: Sequence[str | DriftReport],

@@ -406,9 +406,12 @@ def test_outputs_are_judged_the_same_way_and_reported_after_the_inputs():
     assert moved.feature("class", "output").verdict == "drift"
     assert moved.feature("confidence", "output").verdict == "drift"
     assert moved.feature("confidence", "output").labels[-1] == "> 1"
-    # prediction drift alone warns; it drifts the report when marked important
-    assert moved.verdict == "warn" and moved.share_drifted == 0.0
-    assert compare(base, window(0.6, 0.75, 2000), important=["class"]).verdict == "drift"
+    # the predictions drifting drift the report (issue 14: the group rule), no input moved
+    assert moved.verdict == "drift" and moved.share_drifted == 0.0
+    assert moved.rules == ("predictions",)
+    assert moved.reasons == ("the predictions drift: class, confidence",)
+    marked = compare(base, window(0.6, 0.75, 2000), important=["class"])
+    assert marked.rules == ("important", "predictions")
     with pytest.raises(KeyError):
         moved.feature("class")  # an output, not an input
 

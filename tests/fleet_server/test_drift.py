@@ -450,6 +450,8 @@ def four_feature_case(shifted: tuple[str, ...], live_rows: int = 1000, **kw: Any
     pytest.param(("a", "b"), {}, "drift", 0.5, id="half-drifts"),
     pytest.param(("a", "b"), {"thresholds": Thresholds(group_share=0.75)}, "warn", 0.5,
                  id="below-a-higher-share"),
+    pytest.param(("a", "b"), {"thresholds": Thresholds(group_min=3)}, "warn", 0.5,
+                 id="below-a-higher-count"),
     pytest.param(("c",), {"important": ("c",)}, "drift", 0.25, id="important-feature"),
     pytest.param(("c",), {"important": ("a",)}, "warn", 0.25, id="important-but-not-drifting"),
 ])
@@ -461,6 +463,83 @@ def test_report_verdict_rules(shifted, kw, verdict, share):
     if verdict == "drift":
         assert report.reasons
     assert (report.rows_base, report.rows_live) == (N_BASE, 1000)
+
+
+IMPORTANCES = {"a": 0.5, "b": 0.2, "c": 0.2, "d": 0.1}
+
+
+@pytest.mark.parametrize(("shifted", "importances", "verdict", "rules", "carried"), [
+    pytest.param(("a",), IMPORTANCES, "drift", ("importance",), 0.5, id="one-heavy-input"),
+    pytest.param(("d",), IMPORTANCES, "warn", (), 0.1, id="one-light-input-warns"),
+    pytest.param(("c", "d"), IMPORTANCES, "drift", ("importance",), 0.3,
+                 id="two-light-inputs-reach-30-percent"),
+    # negative importances are noise (permuting helped): left out of the total
+    pytest.param(("b",), {"a": 0.3, "b": 0.3, "c": -0.2, "d": 0.0}, "drift", ("importance",),
+                 0.5, id="negative-importances-ignored"),
+    # nothing positive to weigh with: the count rule, max(2, 15 % of 4) = 2 inputs
+    pytest.param(("a",), {"a": -0.1}, "warn", (), None, id="no-positive-falls-back-to-count"),
+    pytest.param(("a", "b"), None, "drift", ("count",), None, id="count-two-of-four"),
+    pytest.param((), IMPORTANCES, "ok", (), 0.0, id="nothing-drifts"),
+])
+def test_the_group_rule_weighs_inputs_by_importance(shifted, importances, verdict, rules,
+                                                    carried):
+    report = four_feature_case(shifted, importances=importances)
+    assert (report.verdict, report.rules) == (verdict, rules)
+    assert report.rule == ("count" if carried is None else "importance")
+    if carried is None:
+        assert report.importance_share is None
+    else:
+        assert report.importance_share == pytest.approx(carried)
+    if "importance" in rules:  # the reason names the features and what they carry
+        assert report.reasons[0].startswith(f"drifting inputs carry {carried:.0%}")
+        for name in shifted:
+            assert f"{name} " in report.reasons[0]
+    again = DriftReport.from_dict(report.to_dict())
+    assert (again.rule, again.importance_share, again.rules) == (
+        report.rule, report.importance_share, report.rules)
+
+
+@pytest.mark.parametrize(("n", "needed"), [(1, 1), (2, 2), (4, 2), (13, 2), (14, 3),
+                                           (22, 4), (100, 15)])
+def test_the_count_rule_without_importances(n, needed):
+    assert Thresholds().drifted_needed(n) == needed
+
+
+def test_the_share_of_importance_is_a_setting():
+    strict = four_feature_case(("a",), importances=IMPORTANCES,
+                               thresholds=Thresholds(importance_share=0.6))
+    assert strict.verdict == "warn" and strict.importance_share == pytest.approx(0.5)
+    assert "carry 50% of the model's importance (< 60%)" in strict.reasons[-1]
+
+
+def test_a_new_category_in_3_percent_of_rows_drifts_the_group_alone():
+    rng = np.random.default_rng(42)
+    values = np.array(["north", "south", "east"], dtype=object)
+    spec = ProfileSpec((categorical_spec("site", values[rng.integers(0, 3, N_BASE)]),))
+    base = values[rng.integers(0, 3, N_BASE)]
+    live = values[rng.integers(0, 3, N_LIVE)]
+    live[rng.random(N_LIVE) < 0.03] = "west"  # never seen in training
+    report = compare(profile(spec, {"site": base}), profile(spec, {"site": live}),
+                     importances={"site": 0.01})
+    f = report.feature("site")
+    assert f.verdict == "drift" and 0.02 < f.stats["unseen_rate"] < 0.04
+    assert any(r.startswith("unseen rate") for r in f.reasons)
+    assert "unseen" in report.rules and report.verdict == "drift"
+    # the same window without the new value is fine
+    live[live == "west"] = "east"
+    assert compare(profile(spec, {"site": base}), profile(spec, {"site": live})).verdict == "ok"
+
+
+def test_a_reason_lists_at_most_a_few_features():
+    rng = np.random.default_rng(43)
+    names = [f"feature_with_a_long_name_{i:02d}" for i in range(40)]
+    ref = {k: rng.normal(size=2000) for k in names}
+    spec = ProfileSpec(tuple(numeric_spec(k, v) for k, v in ref.items()))
+    live = {k: rng.normal(2.0, 1.0, 1000) for k in names}
+    for weights in ({k: 1.0 for k in names}, None):
+        report = compare(profile(spec, ref), profile(spec, live), importances=weights)
+        assert report.verdict == "drift" and "and 32 more" in report.reasons[0]
+        DriftReport.from_dict(report.to_dict())  # every reason within the wire bound
 
 
 def test_report_share_counts_only_features_with_enough_data():

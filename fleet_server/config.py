@@ -10,11 +10,15 @@ beyond the broker password, which never appears in ``repr``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from edgefleet.contract.bundle import Limits
+from edgefleet.contract.errors import SchemaError
 from fleet_server.errors import ConfigError
 from fleet_server.models import POSTGRESQL, SQLITE, Database
 from fleet_server.profiles.drift import Thresholds
@@ -23,9 +27,11 @@ __all__ = [
     "DEFAULT_DRIFT",
     "DEFAULT_INGEST",
     "DEFAULT_OUTCOMES",
+    "DRIFT_KEYS",
     "SERVER_ROLES",
     "BrokerConfig", "DriftConfig", "IngestConfig", "OutcomeConfig", "ServerConfig",
     "WebhookConfig",
+    "drift_overrides",
 ]
 
 
@@ -112,11 +118,50 @@ class IngestConfig:
             raise ConfigError("dead-letter bounds must be positive")
 
 
+# the drift settings a group may set for itself, and `fleet serve --drift` for the server:
+# every threshold of the statistics and of the group rule, persistence, and lateness
+DRIFT_KEYS = (*(f.name for f in fields(Thresholds)), "lateness_s")
+_DRIFT_INTS = ("min_rows", "group_min", "persistence", "persistence_of")
+MAX_LATENESS_S = 7 * 86400.0
+
+
+def drift_overrides(values: Mapping[str, Any], where: str = "drift") -> dict[str, float | int]:
+    """Check a partial drift setting (``{"importance_share": 0.2, "persistence": 3}``):
+    known keys, numbers (text too, as ``KEY=VALUE`` options give them), whole numbers where
+    a count is meant. Ranges are checked when applied (:meth:`DriftConfig.with_overrides`).
+
+    Raises:
+        ConfigError: an unknown key (the known ones listed) or a value that is not a
+            finite number, naming ``where.key``.
+    """
+    out: dict[str, float | int] = {}
+    for key, raw in values.items():
+        if key not in DRIFT_KEYS:
+            raise ConfigError(f"{where}: unknown setting {key!r} (one of "
+                              f"{', '.join(DRIFT_KEYS)})")
+        try:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}.{key}: {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}.{key}: must be finite")
+        if key in _DRIFT_INTS:
+            if value != int(value):
+                raise ConfigError(f"{where}.{key}: must be a whole number, got {raw!r}")
+            out[key] = int(value)
+        else:
+            out[key] = value
+    return out
+
+
 @dataclass(frozen=True)
 class DriftConfig:
     """The periodic evaluation: every ``window_s`` (a multiple of the finest rollup level)
     each bundle with data is judged per group and for the whole fleet, once the window is
-    ``lateness_s`` old (late summaries still count in on-demand reports)."""
+    ``lateness_s`` old (late summaries still count in on-demand reports). A group may set
+    its own thresholds and lateness (:meth:`with_overrides`)."""
 
     thresholds: Thresholds = Thresholds()
     window_s: int = 300
@@ -128,10 +173,34 @@ class DriftConfig:
     def __post_init__(self) -> None:
         if self.window_s < 1:
             raise ConfigError("window_s must be >= 1")
-        if self.lateness_s < 0:
-            raise ConfigError("lateness_s must be >= 0")
+        if not 0 <= self.lateness_s <= MAX_LATENESS_S:
+            raise ConfigError(f"lateness_s must be >= 0 and <= {MAX_LATENESS_S:.0f}")
         if self.max_series_points < 1 or self.max_device_reports < 0:
             raise ConfigError("series and device-report bounds must be positive")
+
+    def settings(self) -> dict[str, Any]:
+        """Every :data:`DRIFT_KEYS` setting in force (what ``fleet drift`` shows)."""
+        return {**self.thresholds.to_dict(), "lateness_s": self.lateness_s}
+
+    def with_overrides(self, overrides: Mapping[str, Any], where: str = "drift"
+                       ) -> DriftConfig:
+        """This configuration with some :data:`DRIFT_KEYS` settings replaced (a group's).
+
+        Raises:
+            ConfigError: an unknown key or a bad value, named (also a combination this
+                configuration's other values make invalid, e.g. psi_warn above psi_drift).
+        """
+        checked = drift_overrides(overrides, where)
+        if not checked:
+            return self
+        lateness = checked.pop("lateness_s", self.lateness_s)
+        try:
+            thresholds = Thresholds.from_dict({**self.thresholds.to_dict(), **checked}, where)
+        except SchemaError as exc:
+            raise ConfigError(str(exc)) from exc
+        if not 0 <= lateness <= MAX_LATENESS_S:
+            raise ConfigError(f"{where}.lateness_s: must be >= 0 and <= {MAX_LATENESS_S:.0f}")
+        return replace(self, thresholds=thresholds, lateness_s=float(lateness))
 
 
 @dataclass(frozen=True)

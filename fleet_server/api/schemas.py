@@ -142,16 +142,35 @@ class DesiredUpdate(_In):
 # -- groups ---------------------------------------------------------------------------------
 
 
+DriftSettings = Annotated[
+    dict[Annotated[str, Field(max_length=64)], float], Field(
+        max_length=32, description="The group's own drift settings over the server's: "
+        "statistic thresholds (psi_warn, psi_drift, ks_drift, wasserstein_drift, js_drift, "
+        "unseen_drift, rate_drift, min_rows), the group rule (importance_share, group_share, "
+        "group_min), persistence, persistence_of, lateness_s")]
+ImportantFeatures = Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]],
+                              Field(max_length=256)]
+
+
 class GroupCreate(_In):
     name: GroupName
     selector: Labels = Field(default_factory=dict, description="Labels a member must all have")
     requires_approval: bool = False
-    important_features: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
-        default_factory=list, max_length=256)
+    important_features: ImportantFeatures = Field(default_factory=list)
     requires: list[Annotated[str, Field(min_length=1, max_length=32)]] = Field(
         default_factory=list, max_length=8,
         description="What a bundle needs before a rollout to this group: card, approval, "
                     "fairness, champion")
+    drift: DriftSettings = Field(default_factory=dict)
+
+
+class GroupUpdate(_In):
+    important_features: ImportantFeatures | None = Field(
+        None, description="Replaces the list when given")
+    drift: DriftSettings = Field(default_factory=dict, description="Settings to set")
+    reset_drift: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=32,
+        description="Settings back to the server's (\"all\": every one)")
 
 
 class GroupPublic(BaseModel):
@@ -161,6 +180,7 @@ class GroupPublic(BaseModel):
     important_features: list[str]
     created: float
     created_by: str
+    drift: dict[str, float | int] = Field(description="The group's own drift settings")
     members: int
     requires: list[str] = []
 
@@ -270,6 +290,12 @@ class DriftReportPublic(BaseModel):
     verdict: str
     important: list[str]
     reasons: list[str]
+    rule: str = Field(description="How inputs were weighed: importance (the card's "
+                      "permutation importances) or count (none recorded)")
+    importance_share: float | None = Field(
+        description="Share of the model's importance the drifting inputs carry")
+    rules: list[str] = Field(description="The group rules that fired: importance, count, "
+                             "important, predictions, unseen")
     features: list[FeatureDriftPublic]
 
 
@@ -283,6 +309,10 @@ class DriftResultPublic(BaseModel):
     rollups: int
     suspect: list[str]
     compared_with: str
+    settings: dict[str, float | int | None] = Field(
+        description="Every drift setting applied (thresholds, group rule, persistence, "
+                    "lateness)")
+    overrides: list[str] = Field(description="The settings the group set for itself")
     report: DriftReportPublic
 
 

@@ -101,6 +101,25 @@ def group() -> None:
     pass
 
 
+_DRIFT_HELP = ("The group's own drift setting over the server's (repeat): e.g. "
+               "importance_share=0.2, persistence=2, persistence_of=3, lateness_s=300, "
+               "psi_drift=0.2 (the keys of `fleet serve --drift`).")
+
+
+def _drift_settings(items: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for key, text in pairs(items, "--drift").items():
+        try:
+            out[key] = float(text)
+        except ValueError:
+            raise click.BadParameter(f"--drift {key}: {text!r} is not a number") from None
+    return out
+
+
+def _settings(drift: dict[str, Any]) -> str:
+    return ",".join(f"{k}={num(v, 'g')}" for k, v in sorted(drift.items())) or "-"
+
+
 @group.command("create", help="Create a group of the devices matching every --selector.")
 @click.argument("name")
 @click.option("--selector", multiple=True, metavar="KEY=VALUE", help="Label to match (repeat).")
@@ -110,21 +129,48 @@ def group() -> None:
               help="What a bundle must carry before a rollout to this group: a card, an "
                    "approver's signature, fairness checks passed, a champion comparison won "
                    "(comma-separated or repeated).")
+@click.option("--drift", "drift", multiple=True, metavar="KEY=VALUE", help=_DRIFT_HELP)
 @JSON_OPTION
 @api_command
 def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
                  requires_approval: bool, important: tuple[str, ...],
-                 require: tuple[str, ...], as_json: bool) -> None:
+                 require: tuple[str, ...], drift: tuple[str, ...], as_json: bool) -> None:
     requires = [r.strip() for value in require for r in value.split(",") if r.strip()]
     g = api.post("/api/v1/groups", {"name": name, "selector": pairs(selector, "selector"),
                                     "requires_approval": requires_approval,
                                     "important_features": list(important),
-                                    "requires": requires})
+                                    "requires": requires, "drift": _drift_settings(drift)})
     if as_json:
         print_json(g)
         return
     needs = f", requires {', '.join(g['requires'])}" if g.get("requires") else ""
-    click.echo(f"group {g['name']!r} created ({g['members']} member(s){needs})")
+    click.echo(f"group {g['name']!r} created ({g['members']} member(s){needs})"
+               + (f", drift settings {_settings(g['drift'])}" if g["drift"] else ""))
+
+
+@group.command("update", help="Change a group's important features or drift settings.")
+@click.argument("name")
+@click.option("--important", multiple=True,
+              help="Replace the important features (repeat; see --no-important).")
+@click.option("--no-important", is_flag=True, help="Clear the important features.")
+@click.option("--drift", "drift", multiple=True, metavar="KEY=VALUE", help=_DRIFT_HELP)
+@click.option("--reset-drift", multiple=True, metavar="KEY",
+              help="A drift setting back to the server's (repeat; 'all' for every one).")
+@JSON_OPTION
+@api_command
+def group_update(api: FleetClient, name: str, important: tuple[str, ...], no_important: bool,
+                 drift: tuple[str, ...], reset_drift: tuple[str, ...], as_json: bool) -> None:
+    if important and no_important:
+        raise click.UsageError("--important and --no-important contradict each other")
+    body: dict[str, Any] = {"drift": _drift_settings(drift), "reset_drift": list(reset_drift)}
+    if important or no_important:
+        body["important_features"] = list(important)
+    g = api.request("PATCH", f"/api/v1/groups/{name}", json=body).json()
+    if as_json:
+        print_json(g)
+        return
+    click.echo(f"group {g['name']!r}: important {','.join(g['important_features']) or '-'}; "
+               f"drift settings {_settings(g['drift'])}")
 
 
 @group.command("list", help="List groups with their selectors and member counts.")
@@ -135,12 +181,14 @@ def group_list(api: FleetClient, as_json: bool) -> None:
     if as_json:
         print_json(groups)
         return
-    click.echo(table(["group", "members", "selector", "approval", "important", "requires"],
+    click.echo(table(["group", "members", "selector", "approval", "important", "requires",
+                      "drift"],
                      [[g["name"], g["members"],
                        ",".join(f"{k}={v}" for k, v in sorted(g["selector"].items())) or "*",
                        "yes" if g["requires_approval"] else "no",
                        ",".join(g["important_features"]) or "-",
-                       ",".join(g.get("requires") or []) or "-"] for g in groups]))
+                       ",".join(g.get("requires") or []) or "-", _settings(g["drift"])]
+                      for g in groups]))
 
 
 @group.command("delete", help="Delete a group (its devices are untouched).")
@@ -300,6 +348,17 @@ def drift(api: FleetClient, label: str, group: str | None, device: str | None,
     click.echo(table(["feature", "verdict", "PSI", "KS", "W", "JS", "n"], rows))
     click.echo(f"verdict: {rep['verdict']}" + (f" ({'; '.join(rep['reasons'])})"
                                                if rep["reasons"] else ""))
+    if rep["rule"] == "importance":
+        click.echo(f"inputs weighed by the card's permutation importance: the drifting ones "
+                   f"carry {num(100 * (rep['importance_share'] or 0.0), '.0f')} %")
+    else:
+        click.echo("inputs counted (no permutation importances in the bundle's card)")
+    settings = result["settings"]
+    mine = set(result["overrides"])
+    click.echo("settings: " + ", ".join(
+        f"{k}={num(v, 'g') if v is not None else 'auto'}{'*' if k in mine else ''}"
+        for k, v in settings.items())
+        + (" (* the group's own)" if mine else ""))
     if result.get("suspect"):
         click.echo(f"suspect sensor: drifts alone on {', '.join(result['suspect'])} "
                    f"(against {result['compared_with']})")

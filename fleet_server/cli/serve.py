@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from edgefleet.cli import JsonLogFormatter
-from fleet_server.cli.util import DB_OPTION, exits_on_error
+from fleet_server.cli.util import DB_OPTION, exits_on_error, pairs
 from fleet_server.config import SERVER_ROLES
 
 __all__ = ["ingest", "serve", "tune_gc"]
@@ -141,6 +141,13 @@ def _run_until_signal(server: Any, http: bool) -> None:
               default=None, help="File with a secret: webhook bodies get an HMAC signature.")
 @click.option("--window", type=int, default=300, show_default=True,
               help="Drift evaluation window, seconds (a multiple of 60).")
+@click.option("--drift", "drift_settings", multiple=True, metavar="KEY=VALUE",
+              help="A drift setting (repeat): statistic thresholds psi_warn (0.1), psi_drift "
+                   "(0.25), ks_drift (0.1), wasserstein_drift (0.1), js_drift (0.1), "
+                   "unseen_drift (0.01), rate_drift (0.05), min_rows; the group rule "
+                   "importance_share (0.3), without importances group_share (0.15) and "
+                   "group_min (2); persistence (2) of persistence_of (3) windows; "
+                   "lateness_s (120). A group's own settings go over these.")
 @click.option("--ingest/--no-ingest", default=True, show_default=True,
               help="Run an ingest worker in this process.")
 @click.option("--share", default=None, help="Join this shared-subscription group for ingest.")
@@ -157,9 +164,10 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
           tls_ca: Path | None, receive_maximum: int, batch_max: int, bundle_dir: Path | None,
           role: str, host: str, port: int,
           trust: tuple[str, ...], threshold: int, require_role: tuple[str, ...],
-          webhook: str | None, webhook_secret_file: Path | None, window: int, ingest: bool,
-          share: str | None, max_upload_mb: int, outcome_resend: float,
-          max_undelivered_outcomes: int, rollout_tick: float) -> None:
+          webhook: str | None, webhook_secret_file: Path | None, window: int,
+          drift_settings: tuple[str, ...], ingest: bool, share: str | None,
+          max_upload_mb: int, outcome_resend: float, max_undelivered_outcomes: int,
+          rollout_tick: float) -> None:
     from fleet_server.config import DriftConfig, OutcomeConfig, ServerConfig, WebhookConfig
     from fleet_server.models import Database
     from fleet_server.server import FleetServer
@@ -168,11 +176,13 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
         click.echo("fleet: warning: no --trust key: every bundle upload will be refused",
                    err=True)
     secret = webhook_secret_file.read_text().strip() if webhook_secret_file else ""
+    drift = DriftConfig(window_s=window).with_overrides(pairs(drift_settings, "--drift"),
+                                                        "--drift")
     config = ServerConfig(
         db=db, bundle_dir=bundle_dir,
         broker=_broker(broker, broker_user, broker_password_file, tls_ca, share,
                        receive_maximum),
-        ingest=ingest, ingest_config=_ingest_config(batch_max), drift=DriftConfig(window_s=window),
+        ingest=ingest, ingest_config=_ingest_config(batch_max), drift=drift,
         webhook=WebhookConfig(url=webhook, secret=secret), trust=trust, threshold=threshold,
         required_roles=frozenset(require_role), max_upload_bytes=max_upload_mb * 1024 * 1024,
         host=host, port=port, role=role, rollout_tick_s=rollout_tick,

@@ -12,6 +12,8 @@ One bundle's page (``/drift?bundle=…``) is computed from the rollups over the 
   over the whole range (:meth:`~fleet_server.monitoring.drift.DriftService.report`, the
   exactly merged rollup against the bundle's reference profile), so a feature whose drift
   has passed no longer reads only ``drift``;
+- how the inputs were weighed (the card's permutation importance, or a count), the group
+  rules that fired, and every drift setting in force (the group's own marked);
 - per feature, its main statistic over time with the warn and drift thresholds named in
   the legend, and the reference against the live histogram. The main statistic is PSI for
   a numeric feature and the Jensen-Shannon distance for a categorical one.
@@ -79,7 +81,8 @@ def drift(services: Services, query: Query, now: float) -> tuple[str, str]:
     over = svc.series(bundle, group=group, device=device, since=since, until=until, step=step,
                       now=now)
     report = result.report
-    th = svc.thresholds
+    # the lines drawn are the thresholds in force here (a group may set its own)
+    th = svc.config_for(services.registry.group(group) if group else None).thresholds
     features = []
     for f in report.features:
         key = f.name if f.role == "input" else f"output:{f.name}"

@@ -9,9 +9,11 @@ which range it covers) and split into the coarsest buckets that tile it
 merged in one vectorised pass. What the devices profiled is exactly what is counted.
 
 The statistics and verdicts are :mod:`fleet_server.profiles.drift`'s (``compare``,
-``suspect_sensors``); this module only assembles their inputs. A device report is also
-checked against its group (or the fleet): features that drift on the device alone make
-it a suspect sensor.
+``suspect_sensors``); this module only assembles their inputs: the settings in force for
+the scope (:func:`drift_config`: the server's, with a group's own over them), the group's
+important features, and the bundle's permutation importances from its signed card. A
+device report is also checked against its group (or the fleet): features that drift on
+the device alone make it a suspect sensor.
 
 This module reads the store and never writes; the periodic evaluation that stores
 verdicts and raises alerts is :mod:`fleet_server.monitoring.evaluator`.
@@ -19,6 +21,7 @@ verdicts and raises alerts is :mod:`fleet_server.monitoring.evaluator`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from fleet_server.config import DEFAULT_DRIFT, DriftConfig
-from fleet_server.errors import InvalidRequestError
+from fleet_server.errors import ConfigError, InvalidRequestError
 from fleet_server.models import Group
 from fleet_server.profiles.drift import DriftReport, Thresholds, compare, suspect_sensors
 from fleet_server.profiles.rollups import Packed
@@ -35,7 +38,9 @@ from fleet_server.registry.bundles import Bundles, Reference
 from fleet_server.registry.devices import Registry
 from fleet_server.store import FLEET_SCOPE, Store
 
-__all__ = ["DriftResult", "DriftService", "Scope", "Series", "tile"]
+__all__ = ["DriftResult", "DriftService", "Scope", "Series", "drift_config", "tile"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RANGE_S = 3600
 MAX_RANGE_S = 366 * 86400
@@ -54,6 +59,19 @@ def tile(lo: int, hi: int, levels: Sequence[int]) -> list[tuple[int, int, int]]:
     if a >= b:
         return tile(lo, hi, levels[:-1])
     return [*tile(lo, a, levels[:-1]), (width, a, b), *tile(b, hi, levels[:-1])]
+
+
+def drift_config(server: DriftConfig, group: Group | None) -> DriftConfig:
+    """The drift settings in force for a scope: the server's, with the group's own over
+    them. A group setting the server's own values make invalid (it was checked against
+    the defaults; the server was started with others) is ignored, and logged."""
+    if group is None or not group.drift:
+        return server
+    try:
+        return server.with_overrides(group.drift, f"group {group.name} drift")
+    except ConfigError as exc:
+        log.warning("group %s: its drift settings are not used: %s", group.name, exc)
+        return server
 
 
 @dataclass(frozen=True)
@@ -81,12 +99,15 @@ class DriftResult:
     report: DriftReport
     suspect: tuple[str, ...] = ()  # device scope: features that drift on it alone
     compared_with: str = ""  # device scope: the scope of that check
+    settings: dict[str, Any] = field(default_factory=dict)  # every setting applied
+    overrides: tuple[str, ...] = ()  # those the group set (the rest are the server's)
 
     def to_dict(self) -> dict[str, Any]:
         return {"bundle": self.bundle, "scope": self.scope, "since": self.since,
                 "until": self.until, "devices": self.devices, "summaries": self.summaries,
                 "rollups": self.rollups, "suspect": list(self.suspect),
-                "compared_with": self.compared_with, "report": self.report.to_dict()}
+                "compared_with": self.compared_with, "settings": dict(self.settings),
+                "overrides": list(self.overrides), "report": self.report.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -122,7 +143,11 @@ class DriftService:
 
     @property
     def thresholds(self) -> Thresholds:
+        """The server's thresholds (a group may set its own: :meth:`config_for`)."""
         return self.config.thresholds
+
+    def config_for(self, group: Group | None) -> DriftConfig:
+        return drift_config(self.config, group)
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -199,19 +224,23 @@ class DriftService:
         scope = self.scope(group, device)
         packed, devices, n = self.merged(ref, scope, lo, hi)
         important = self.important(ref, scope.group)
-        report = compare(ref.base, packed.to_profile(), self.thresholds, important)
+        config = self.config_for(scope.group)
+        t = config.thresholds
+        report = compare(ref.base, packed.to_profile(), t, important, ref.importances)
         suspect: tuple[str, ...] = ()
         against = ""
         if scope.kind == "device":
             other = Scope("group", scope.group.name, scope.group) if scope.group else \
                 Scope("fleet")
             other_packed, _, _ = self.merged(ref, other, lo, hi)
-            other_report = compare(ref.base, other_packed.to_profile(), self.thresholds,
-                                   important)
+            other_report = compare(ref.base, other_packed.to_profile(), t, important,
+                                   ref.importances)
             suspect = suspect_sensors(other_report, {scope.name: report}).get(scope.name, ())
             against = other.label
+        overrides = tuple(sorted(scope.group.drift)) if scope.group and config is not \
+            self.config else ()
         return DriftResult(record.label, scope.label, lo, hi, devices, packed.summaries, n,
-                           report, suspect, against)
+                           report, suspect, against, config.settings(), overrides)
 
     def series(self, bundle: str, *, group: str | None = None, device: str | None = None,
                since: float | None = None, until: float | None = None,
@@ -247,10 +276,11 @@ class DriftService:
         index = np.array([(b - lo) // step for _, b, _ in rows], dtype=np.int64)
         merged = ref.layout.merge_groups([d for _, _, d in rows], index, points)
         important = self.important(ref, scope.group)
+        t = self.config_for(scope.group).thresholds
         features: dict[str, dict[str, list[Any]]] = {}
         verdicts, counts = [], []
         for packed in merged:
-            rep = compare(ref.base, packed.to_profile(), self.thresholds, important)
+            rep = compare(ref.base, packed.to_profile(), t, important, ref.importances)
             verdicts.append(rep.verdict)
             counts.append(packed.rows)
             for f in rep.features:

@@ -1,12 +1,15 @@
 """The periodic drift evaluation: every window, per bundle and scope, a verdict and alerts.
 
 Every ``window_s`` seconds, once a window is ``lateness_s`` old, each bundle with data
-in it is judged for the whole fleet (scope ``*``) and for every group:
+in it is judged for the whole fleet (scope ``*``) and for every group. Each scope has its
+settings (:func:`~fleet_server.monitoring.drift.drift_config`: the server's, with a group's
+own thresholds, persistence and lateness over them):
 
 1. the members' device rollups of the window are read once and merged per device and
    for the scope (one stack, :meth:`~fleet_server.profiles.rollups.Layout.merge_groups`);
 2. the scope's report (:func:`~fleet_server.profiles.drift.compare`, with the group's important
-   features) is stored as a :class:`~fleet_server.models.DriftWindow`;
+   features and the bundle's permutation importances) is stored as a
+   :class:`~fleet_server.models.DriftWindow`;
 3. :func:`~fleet_server.profiles.drift.persistent_verdict` over the last ``persistence_of``
    stored windows decides: ``drift`` opens (or keeps) a ``drift`` alert, ``ok`` resolves
    it (``warn`` and ``insufficient`` leave it as it is);
@@ -39,6 +42,7 @@ from fleet_server.config import DEFAULT_DRIFT, DEFAULT_INGEST, DriftConfig, Inge
 from fleet_server.errors import StoreError
 from fleet_server.models import FLEET_SCOPE, DriftWindow, Group
 from fleet_server.monitoring.alerts import Alerts
+from fleet_server.monitoring.drift import drift_config
 from fleet_server.profiles.drift import DriftReport, compare, persistent_verdict, suspect_sensors
 from fleet_server.registry.bundles import Bundles, Reference
 from fleet_server.registry.devices import Registry
@@ -83,31 +87,34 @@ class Evaluator:
     def evaluate(self, now: float) -> list[DriftWindow]:
         """Evaluate every complete window not yet evaluated; returns the new windows."""
         w = self.config.window_s
-        end = int((now - self.config.lateness_s) // w) * w
         out: list[DriftWindow] = []
-        groups = self.registry.groups()
         fine = self.ingest_config.levels[0]
-        for k in range(self.config.thresholds.persistence_of, 0, -1):
-            start, stop = end - k * w, end - (k - 1) * w
-            for bundle_id in self.store.bundles_with_rollups(fine, start, stop):
-                ref = self.bundles.reference(bundle_id)
-                for group in [None, *groups]:
-                    scope = FLEET_SCOPE if group is None else group.name
+        with_data: dict[int, list[int]] = {}
+        for group in [None, *self.registry.groups()]:
+            config = drift_config(self.config, group)
+            scope = FLEET_SCOPE if group is None else group.name
+            end = int((now - config.lateness_s) // w) * w
+            for k in range(config.thresholds.persistence_of, 0, -1):
+                start, stop = end - k * w, end - (k - 1) * w
+                if start not in with_data:
+                    with_data[start] = self.store.bundles_with_rollups(fine, start, stop)
+                for bundle_id in with_data[start]:
                     if self.store.window_evaluated(bundle_id, scope, start):
                         continue
-                    out.append(self._evaluate(ref, group, start, stop, now))
+                    ref = self.bundles.reference(bundle_id)
+                    out.append(self._evaluate(ref, group, config, start, stop, now))
         self.runs += 1
         return out
 
-    def _min_rows(self, ref: Reference) -> int:
-        t = self.config.thresholds
+    def _min_rows(self, ref: Reference, config: DriftConfig) -> int:
+        t = config.thresholds
         # a categorical feature's bins are its vocabulary, other and unseen (as drift counts)
         bins = [s.bins if isinstance(s, NumericSpec) else len(s.vocabulary) + 2
                 for s in ref.spec.inputs]
         return min((t.rows_needed(b) for b in bins), default=1)
 
-    def _evaluate(self, ref: Reference, group: Group | None, start: int, stop: int,
-                  now: float) -> DriftWindow:
+    def _evaluate(self, ref: Reference, group: Group | None, config: DriftConfig, start: int,
+                  stop: int, now: float) -> DriftWindow:
         scope = FLEET_SCOPE if group is None else group.name
         fine = self.ingest_config.levels[0]
         rows = self.store.read_rollups(ref.bundle.id, fine, start, stop,
@@ -120,8 +127,8 @@ class Evaluator:
         important = () if group is None else tuple(
             f for f in group.important_features
             if f in {s.name for s in (*ref.spec.inputs, *ref.spec.outputs)})
-        t = self.config.thresholds
-        report = compare(ref.base, total.to_profile(), t, important)
+        t = config.thresholds
+        report = compare(ref.base, total.to_profile(), t, important, ref.importances)
         window = DriftWindow(ref.bundle.label, scope, start, stop, report.verdict,
                              report.share_drifted, total.rows, len(devices),
                              feature_summary(report), now)
@@ -136,20 +143,24 @@ class Evaluator:
                         f"{'; '.join(report.reasons) or 'persistent drift'}",
                 details={"windows": history, "window_start": start, "window_end": stop,
                          "drifted": list(report.drifted),
-                         "share_drifted": report.share_drifted, "devices": len(devices)})
+                         "share_drifted": report.share_drifted, "devices": len(devices),
+                         "rules": list(report.rules), "rule": report.rule,
+                         "importance_share": report.importance_share,
+                         "reasons": list(report.reasons), "settings": config.settings()})
         elif verdict == "ok":
             self.alerts.resolve("drift", ref.bundle, group=scope, now=now)
         if self.config.suspect_sensors:
-            self._suspects(ref, scope, report, devices, per_device, start, stop, now)
+            self._suspects(ref, scope, config, report, devices, per_device, start, stop, now)
         return window
 
-    def _suspects(self, ref: Reference, scope: str, report: DriftReport, devices: list[str],
-                  per_device: list, start: int, stop: int, now: float) -> None:
-        need = self._min_rows(ref)
+    def _suspects(self, ref: Reference, scope: str, config: DriftConfig, report: DriftReport,
+                  devices: list[str], per_device: list, start: int, stop: int,
+                  now: float) -> None:
+        need = self._min_rows(ref, config)
         judged: dict[str, DriftReport] = {}
         for device, packed in zip(devices, per_device, strict=True):
             if packed.rows >= need and len(judged) < self.config.max_device_reports:
-                judged[device] = compare(ref.base, packed.to_profile(), self.config.thresholds)
+                judged[device] = compare(ref.base, packed.to_profile(), config.thresholds)
         suspects = suspect_sensors(report, judged)
         for device, features in suspects.items():
             self.alerts.raise_alert(

@@ -31,11 +31,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgefleet.contract.approval import CheckedApproval, check_approvals
 from edgefleet.contract.bundle import Limits, VerifiedBundle, unpack_verified
 from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
-from edgefleet.contract.manifest import NAME_RE, parse_version
+from edgefleet.contract.manifest import NAME_RE, Manifest, parse_version
 from edgefleet.contract.profile import Profile, ProfileSpec, parse_reference
 from edgefleet.contract.signing import Policy, TrustStore
 from fleet_server.errors import (
@@ -49,7 +50,7 @@ from fleet_server.profiles.rollups import Layout, layout_for
 from fleet_server.registry.blobs import BlobStore
 from fleet_server.store import Store
 
-__all__ = ["Bundles", "Reference", "parse_label"]
+__all__ = ["Bundles", "Reference", "importances_of", "parse_label"]
 
 log = logging.getLogger(__name__)
 _CACHE_SIZE = 256
@@ -72,14 +73,29 @@ def parse_label(label: str, field: str = "bundle") -> tuple[str, str]:
     return name, version
 
 
+def importances_of(manifest: dict[str, Any]) -> dict[str, float] | None:
+    """Each input's permutation importance (mean) from the signed model card, or None for
+    a bundle built without importances (or before cards): drift then counts features."""
+    try:
+        card = Manifest.from_dict(manifest).card
+    except SchemaError:  # verified at upload; a record written otherwise has none to give
+        log.warning("a stored manifest does not parse; its importances are not used")
+        return None
+    if card is None or card.importances is None:
+        return None
+    return {i.feature: i.mean for i in card.importances.features}
+
+
 @dataclass(frozen=True)
 class Reference:
-    """What drift needs of a bundle: its bins (spec), rollup layout and training profile."""
+    """What drift needs of a bundle: its bins (spec), rollup layout and training profile,
+    and the inputs' permutation importances from its card (None: none recorded)."""
 
     bundle: BundleRecord
     spec: ProfileSpec
     base: Profile
     layout: Layout
+    importances: dict[str, float] | None = None
 
 
 class Bundles:
@@ -249,7 +265,8 @@ class Bundles:
         if record is None:
             raise NotFoundError("bundle", str(bundle_id))
         spec, base = parse_reference(self.store.bundle_reference(bundle_id))
-        ref = Reference(record, spec, base, layout_for(spec))
+        ref = Reference(record, spec, base, layout_for(spec),
+                        importances_of(record.manifest))
         with self._lock:
             self._refs[bundle_id] = ref
             while len(self._refs) > _CACHE_SIZE:

@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
 
 from edgefleet.contract.messages import LABEL_RE, valid_device_id
-from fleet_server.errors import InvalidRequestError, NotFoundError
+from fleet_server.config import DEFAULT_DRIFT, DRIFT_KEYS, drift_overrides
+from fleet_server.errors import ConfigError, InvalidRequestError, NotFoundError
 from fleet_server.models import Device, Group, Issued
 from fleet_server.registry.accounts import check_device_name
 from fleet_server.registry.auth import DEVICE_PREFIX, mosquitto_hash, new_secret, secret_hash
 from fleet_server.registry.governance import parse_requirements
 from fleet_server.store import Store
 
-__all__ = ["GROUP_RE", "Registry", "check_labels"]
+__all__ = ["GROUP_RE", "Registry", "check_drift", "check_labels"]
 
 GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
 MAX_LABELS = 32
@@ -50,6 +53,31 @@ def check_labels(labels: Mapping[str, str], field: str = "labels") -> dict[str, 
             raise InvalidRequestError(f"{field}: value of {key!r} must be a string of at "
                                       "most 128 characters", field=field)
     return dict(labels)
+
+
+def check_drift(drift: Mapping[str, Any], field: str = "drift") -> dict[str, float | int]:
+    """A group's drift settings, checked against the defaults (known keys, each value in
+    its range, consistent with the rest: a ``psi_warn`` above the default ``psi_drift``
+    must come with a ``psi_drift`` too).
+
+    Raises:
+        InvalidRequestError: an unknown setting or a bad value, named.
+    """
+    try:
+        checked = drift_overrides(drift, field)
+        DEFAULT_DRIFT.with_overrides(checked, field)
+    except ConfigError as exc:
+        raise InvalidRequestError(str(exc), field=field) from exc
+    return checked
+
+
+def _important(features: Sequence[str]) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(features))
+    if len(out) > MAX_IMPORTANT or not all(isinstance(f, str) and 0 < len(f) <= 128
+                                           for f in out):
+        raise InvalidRequestError(f"important_features: at most {MAX_IMPORTANT} names of "
+                                  "1-128 characters", field="important_features")
+    return out
 
 
 class Registry:
@@ -129,25 +157,56 @@ class Registry:
     def create_group(self, name: str, selector: Mapping[str, str], actor: str, now: float, *,
                      requires_approval: bool = False,
                      important_features: Sequence[str] = (),
-                     requires: Sequence[str] = ()) -> Group:
-        """Raises: InvalidRequestError (bad name, selector, features), ConflictError,
-        UnknownRequirementError (a requirement that is none of ``card``, ``approval``,
-        ``fairness``, ``champion``; names it)."""
+                     requires: Sequence[str] = (),
+                     drift: Mapping[str, Any] | None = None) -> Group:
+        """Raises: InvalidRequestError (bad name, selector, features, drift settings),
+        ConflictError, UnknownRequirementError (a requirement that is none of ``card``,
+        ``approval``, ``fairness``, ``champion``; names it)."""
         if not GROUP_RE.match(name):
             raise InvalidRequestError(f"group name {name!r}: lower-case letters, digits, "
                                       "'_', '.', '-', at most 64", field="name")
         selector = check_labels(selector, "selector")
-        features = tuple(dict.fromkeys(important_features))
-        if len(features) > MAX_IMPORTANT or not all(
-                isinstance(f, str) and 0 < len(f) <= 128 for f in features):
-            raise InvalidRequestError(f"important_features: at most {MAX_IMPORTANT} names of "
-                                      "1-128 characters", field="important_features")
+        features = _important(important_features)
         group = Group(name, selector, requires_approval, features, now, actor,
-                      parse_requirements(requires))
+                      requires=parse_requirements(requires), drift=check_drift(drift or {}))
         with self.store.transaction():
             self.store.add_group(group)
             self.store.audit(actor, "group.create", f"group:{name}", group.to_dict(), now)
         return group
+
+    def update_group(self, name: str, actor: str, now: float, *,
+                     important_features: Sequence[str] | None = None,
+                     drift: Mapping[str, Any] | None = None,
+                     reset_drift: Sequence[str] = ()) -> Group:
+        """Change a group's important features (replaced when given) and drift settings
+        (``drift`` set key by key, ``reset_drift`` keys back to the server's; ``"all"``
+        resets every one).
+
+        Raises:
+            InvalidRequestError: a bad feature name or drift setting, or resetting an
+                unknown setting. NotFoundError: no such group.
+        """
+        group = self.group(name)
+        settings = dict(group.drift)
+        for key in reset_drift:
+            if key == "all":
+                settings.clear()
+            elif key in settings or key in DRIFT_KEYS:
+                settings.pop(key, None)
+            else:
+                raise InvalidRequestError(f"reset_drift: unknown setting {key!r}",
+                                          field="reset_drift")
+        settings.update(drift or {})
+        updated = replace(
+            group, drift=check_drift(settings),
+            important_features=group.important_features if important_features is None
+            else _important(important_features))
+        with self.store.transaction():
+            self.store.update_group(updated)
+            self.store.audit(actor, "group.update", f"group:{name}",
+                             {"important_features": list(updated.important_features),
+                              "drift": dict(updated.drift)}, now)
+        return updated
 
     def group(self, name: str) -> Group:
         """Raises: NotFoundError: no such group."""

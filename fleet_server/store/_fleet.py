@@ -50,7 +50,8 @@ def _token(row: dict[str, Any]) -> Token:
 def _group(row: dict[str, Any]) -> Group:
     return Group(row["name"], loads(row["selector"], {}), bool(row["requires_approval"]),
                  tuple(loads(row["important_features"], [])), row["created"], row["created_by"],
-                 tuple(loads(row.get("requires"), [])))
+                 requires=tuple(loads(row.get("requires"), [])),
+                 drift=loads(row["drift"], {}))
 
 
 def selector_sql(selector: Mapping[str, str]) -> tuple[str, list[str]]:
@@ -311,11 +312,25 @@ class FleetTables(StoreBase):
         with self.transaction():
             self._exec(
                 "INSERT INTO groups (name, selector, requires_approval, important_features,"
-                " created, created_by, requires) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " created, created_by, requires, drift) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [group.name, dumps(group.selector), int(group.requires_approval),
                  dumps(list(group.important_features)), group.created, group.created_by,
-                 dumps(list(group.requires))],
+                 dumps(list(group.requires)), dumps(dict(group.drift))],
                 conflict=f"group {group.name!r} exists already")
+        return group
+
+    def update_group(self, group: Group) -> Group:
+        """Write a group's important features and drift settings (name, selector and
+        creation stay).
+
+        Raises:
+            NotFoundError: no such group.
+        """
+        with self.transaction():
+            if self._exec("UPDATE groups SET important_features = ?, drift = ? WHERE name = ?",
+                          [dumps(list(group.important_features)), dumps(dict(group.drift)),
+                           group.name]).rowcount == 0:
+                raise NotFoundError("group", group.name)
         return group
 
     def get_group(self, name: str) -> Group | None:

@@ -32,7 +32,10 @@ History:
    often), and per device the highest batch made, the highest the device has receipted,
    and how many outcomes it has receipted (``outcome_queues``). A receipted batch's row is
    deleted (its count stays in the queue row), so the table holds only what is undelivered;
-9. - 10. reserved for the performance store and the drift thresholds (landing beside);
+9. reserved for the performance store (landing beside);
+10. ``groups.drift``: a group's own drift settings over the server's (a JSON object of
+    :data:`fleet_server.config.DRIFT_KEYS` settings; ``{}``, the server's, for every
+    existing group);
 11. governance: ``groups.requires`` (what a group requires of a bundle before a rollout:
     card, approval, fairness, champion) and ``bundle_approvals``, the signed approval
     statements of each stored bundle, checked against the server's trust store at upload;
@@ -369,6 +372,10 @@ CREATE INDEX sessions_expires ON sessions (expires);
 CREATE INDEX sessions_token ON sessions (token_id);
 """
 
+_V10 = """
+ALTER TABLE groups ADD COLUMN drift TEXT NOT NULL DEFAULT '{}';
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -380,7 +387,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (7, "audit hash chain", _V7),
     (8, "the outcomes queue", _V8),
     (9, "reserved (the performance store, landing beside)", _RESERVED),
-    (10, "reserved (drift thresholds, landing beside)", _RESERVED),
+    (10, "groups' own drift settings", _V10),
     (11, "group requirements, bundle approvals", _V11),
     (12, "dashboard sessions", _V12),
     (13, "retraining runs", _RETRAINS),

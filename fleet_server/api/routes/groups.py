@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 
 from fleet_server.api.deps import Operator, ServicesDep, Viewer
-from fleet_server.api.schemas import GROUP_PATTERN, GroupCreate, GroupPublic
+from fleet_server.api.schemas import GROUP_PATTERN, GroupCreate, GroupPublic, GroupUpdate
 from fleet_server.models import Group
 from fleet_server.services import Services
 
@@ -32,12 +32,24 @@ def create_group(body: GroupCreate, services: ServicesDep, who: Operator) -> Gro
     ``important_features``: a drift of any of these makes the group drift;
     ``requires_approval``: rollouts to it need an approver; ``requires``: what a bundle
     must carry before a rollout to it (``card``, ``approval``, ``fairness``, ``champion``);
-    an unknown name is refused (422) naming it.
+    an unknown name is refused (422) naming it; ``drift``: the group's own drift settings
+    over the server's (an unknown key or a bad value is a 400 naming it).
     """
     group = services.registry.create_group(
         body.name, body.selector, who.actor, services.clock(),
         requires_approval=body.requires_approval, important_features=body.important_features,
-        requires=body.requires)
+        requires=body.requires, drift=body.drift)
+    return _public(services, group)
+
+
+@router.patch("/{name}", response_model=GroupPublic)
+def update_group(name: GroupName, body: GroupUpdate, services: ServicesDep, who: Operator
+                 ) -> GroupPublic:
+    """Change a group's important features and drift settings (``drift`` sets keys,
+    ``reset_drift`` returns keys to the server's). The next evaluated window uses them."""
+    group = services.registry.update_group(
+        name, who.actor, services.clock(), important_features=body.important_features,
+        drift=body.drift, reset_drift=body.reset_drift)
     return _public(services, group)
 
 

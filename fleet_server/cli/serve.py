@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from edgefleet.cli import JsonLogFormatter
 from fleet_server.cli.util import DB_OPTION, exits_on_error, pairs
 from fleet_server.config import SERVER_ROLES
 
-__all__ = ["ingest", "serve", "tune_gc"]
+__all__ = ["drift_config", "ingest", "serve", "tune_gc"]
 
 
 def _broker(value: str | None, user: str, password_file: Path | None, tls_ca: Path | None,
@@ -74,6 +74,18 @@ def json_logs(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args, **kwargs)
     return click.option("--json", "as_json", is_flag=True,
                         help="Log one JSON object a line on stderr (for log shippers).")(run)
+
+
+def drift_config(window: int, settings: Sequence[str]):
+    """The drift configuration of ``--window`` and the ``--drift KEY=VALUE`` settings.
+
+    Raises:
+        click.BadParameter: a setting that is not KEY=VALUE. ConfigError: an unknown key
+            or a bad value (named).
+    """
+    from fleet_server.config import DriftConfig
+
+    return DriftConfig(window_s=window).with_overrides(pairs(settings, "--drift"), "--drift")
 
 
 def _ingest_config(batch_max: int):
@@ -168,7 +180,7 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
           drift_settings: tuple[str, ...], ingest: bool, share: str | None,
           max_upload_mb: int, outcome_resend: float, max_undelivered_outcomes: int,
           rollout_tick: float) -> None:
-    from fleet_server.config import DriftConfig, OutcomeConfig, ServerConfig, WebhookConfig
+    from fleet_server.config import OutcomeConfig, ServerConfig, WebhookConfig
     from fleet_server.models import Database
     from fleet_server.server import FleetServer
 
@@ -176,8 +188,7 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
         click.echo("fleet: warning: no --trust key: every bundle upload will be refused",
                    err=True)
     secret = webhook_secret_file.read_text().strip() if webhook_secret_file else ""
-    drift = DriftConfig(window_s=window).with_overrides(pairs(drift_settings, "--drift"),
-                                                        "--drift")
+    drift = drift_config(window, drift_settings)
     config = ServerConfig(
         db=db, bundle_dir=bundle_dir,
         broker=_broker(broker, broker_user, broker_password_file, tls_ca, share,

@@ -47,6 +47,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/api/v1/groups"): OPERATOR,
     ("GET", "/api/v1/groups/{name}"): VIEWER,
     ("DELETE", "/api/v1/groups/{name}"): OPERATOR,
+    ("PATCH", "/api/v1/groups/{name}"): OPERATOR,
     ("GET", "/api/v1/bundles"): VIEWER,
     ("POST", "/api/v1/bundles"): OPERATOR,
     ("GET", "/api/v1/bundles/{name}/{version}"): VIEWER,

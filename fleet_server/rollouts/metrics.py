@@ -158,11 +158,14 @@ class GateMetricsReader:
             group = self.registry.group(plan.group)
         except NotFoundError:
             group = None
-        report = compare(ref.base, profile, self.drift.thresholds,
-                         self.drift.important(ref, group))
+        # judged as the drift monitor judges the group: its settings, the card's importances
+        report = compare(ref.base, profile, self.drift.config_for(group).thresholds,
+                         self.drift.important(ref, group), ref.importances)
         if any(f.role == "input" and f.verdict != "insufficient" for f in report.features):
             out["input_drift_share"] = float(report.share_drifted)
-            out["input_drift"] = report.verdict == "drift"
+            # the inputs' rules only: the predictions are the prediction gates' to judge
+            out["input_drift"] = bool({"importance", "count", "unseen"} & set(report.rules)) \
+                or any(name in report.important for name in report.drifted)
         control = self._control_outputs(plan, since, ref, theirs)
         if control is not None:
             vs = compare(control, _outputs_only(profile, control.spec), self.drift.thresholds)

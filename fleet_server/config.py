@@ -123,6 +123,7 @@ class IngestConfig:
 DRIFT_KEYS = (*(f.name for f in fields(Thresholds)), "lateness_s")
 _DRIFT_INTS = ("min_rows", "group_min", "persistence", "persistence_of")
 MAX_LATENESS_S = 7 * 86400.0
+MAX_PERSISTENCE_OF = 100  # windows the evaluator reads back (and catches up) per scope
 
 
 def drift_overrides(values: Mapping[str, Any], where: str = "drift") -> dict[str, float | int]:
@@ -175,6 +176,8 @@ class DriftConfig:
             raise ConfigError("window_s must be >= 1")
         if not 0 <= self.lateness_s <= MAX_LATENESS_S:
             raise ConfigError(f"lateness_s must be >= 0 and <= {MAX_LATENESS_S:.0f}")
+        if self.thresholds.persistence_of > MAX_PERSISTENCE_OF:
+            raise ConfigError(f"persistence_of must be <= {MAX_PERSISTENCE_OF}")
         if self.max_series_points < 1 or self.max_device_reports < 0:
             raise ConfigError("series and device-report bounds must be positive")
 
@@ -200,6 +203,8 @@ class DriftConfig:
             raise ConfigError(str(exc)) from exc
         if not 0 <= lateness <= MAX_LATENESS_S:
             raise ConfigError(f"{where}.lateness_s: must be >= 0 and <= {MAX_LATENESS_S:.0f}")
+        if thresholds.persistence_of > MAX_PERSISTENCE_OF:
+            raise ConfigError(f"{where}.persistence_of: must be <= {MAX_PERSISTENCE_OF}")
         return replace(self, thresholds=thresholds, lateness_s=float(lateness))
 
 

@@ -51,6 +51,8 @@ def test_every_threshold_persistence_and_lateness_is_a_setting():
                  id="warn-above-drift"),
     pytest.param({"lateness_s": -1}, "lateness_s: must be >= 0", id="negative-lateness"),
     pytest.param({"group_min": 0}, "drift.group_min: must be >= 1", id="zero-count"),
+    pytest.param({"persistence_of": 101}, "drift.persistence_of: must be <= 100",
+                 id="persistence-beyond-the-bound"),
 ])
 def test_bad_settings_are_refused_by_name(settings, words):
     with pytest.raises(ConfigError, match=re.escape(words)):

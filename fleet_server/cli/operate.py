@@ -7,6 +7,7 @@ the ``fleet`` group.
 
 from __future__ import annotations
 
+import difflib
 import time
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,26 @@ def _settings(drift: dict[str, Any]) -> str:
     return ",".join(f"{k}={num(v, 'g')}" for k, v in sorted(drift.items())) or "-"
 
 
+def check_important(api: FleetClient, important: tuple[str, ...], label: str | None) -> None:
+    """With ``--bundle``, every ``--important`` feature must be one of its inputs.
+
+    Raises:
+        click.BadParameter: a feature the bundle does not take (the closest named).
+    """
+    if label is None or not important:
+        return
+    name, _, version = label.partition("@")
+    inputs = [f["name"] for f in api.get(f"/api/v1/bundles/{name}/{version}")
+              ["manifest"]["inputs"]]
+    for feature in important:
+        if feature not in inputs:
+            near = difflib.get_close_matches(feature, inputs, n=1)
+            raise click.BadParameter(
+                f"{feature!r} is not an input of {label}"
+                + (f" (did you mean {near[0]!r}?)" if near else "")
+                + f"; its inputs: {', '.join(inputs[:20])}", param_hint="--important")
+
+
 @group.command("create", help="Create a group of the devices matching every --selector.")
 @click.argument("name")
 @click.option("--selector", multiple=True, metavar="KEY=VALUE", help="Label to match (repeat).")
@@ -130,11 +151,16 @@ def _settings(drift: dict[str, Any]) -> str:
                    "approver's signature, fairness checks passed, a champion comparison won "
                    "(comma-separated or repeated).")
 @click.option("--drift", "drift", multiple=True, metavar="KEY=VALUE", help=_DRIFT_HELP)
+@click.option("--bundle", "schema_of", default=None, metavar="NAME@VERSION",
+              help="Check --important against this bundle's inputs (a misspelt feature is "
+                   "refused, naming the closest).")
 @JSON_OPTION
 @api_command
 def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
                  requires_approval: bool, important: tuple[str, ...],
-                 require: tuple[str, ...], drift: tuple[str, ...], as_json: bool) -> None:
+                 require: tuple[str, ...], drift: tuple[str, ...], schema_of: str | None,
+                 as_json: bool) -> None:
+    check_important(api, important, schema_of)
     requires = [r.strip() for value in require for r in value.split(",") if r.strip()]
     g = api.post("/api/v1/groups", {"name": name, "selector": pairs(selector, "selector"),
                                     "requires_approval": requires_approval,
@@ -156,10 +182,14 @@ def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
 @click.option("--drift", "drift", multiple=True, metavar="KEY=VALUE", help=_DRIFT_HELP)
 @click.option("--reset-drift", multiple=True, metavar="KEY",
               help="A drift setting back to the server's (repeat; 'all' for every one).")
+@click.option("--bundle", "schema_of", default=None, metavar="NAME@VERSION",
+              help="Check --important against this bundle's inputs.")
 @JSON_OPTION
 @api_command
 def group_update(api: FleetClient, name: str, important: tuple[str, ...], no_important: bool,
-                 drift: tuple[str, ...], reset_drift: tuple[str, ...], as_json: bool) -> None:
+                 drift: tuple[str, ...], reset_drift: tuple[str, ...], schema_of: str | None,
+                 as_json: bool) -> None:
+    check_important(api, important, schema_of)
     if important and no_important:
         raise click.UsageError("--important and --no-important contradict each other")
     body: dict[str, Any] = {"drift": _drift_settings(drift), "reset_drift": list(reset_drift)}

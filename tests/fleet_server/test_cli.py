@@ -181,3 +181,20 @@ def test_fleet_serve_runs_and_stops_on_sigterm(tmp_path, signing_keys):
             proc.wait()
     result = CliRunner().invoke(main, ["ingest", "--db", str(tmp_path / "f.db")])
     assert result.exit_code != 0 and "needs --broker" in result.output
+
+
+def test_important_features_are_checked_against_a_named_bundle(cli, sensor_bundle):
+    run, server = cli
+    run("bundle", "upload", str(sensor_bundle))
+    typo = run("group", "create", "line-3", "--selector", "line=3", "--important",
+               "humidty", "--bundle", "sensor@1.0.0", ok=False)
+    assert typo.exit_code == 2  # usage: refused before anything is created
+    assert "'humidty' is not an input of sensor@1.0.0 (did you mean 'humidity'?)" \
+        in typo.output
+    assert server.services.store.get_group("line-3") is None
+    run("group", "create", "line-3", "--selector", "line=3", "--important", "humidity",
+        "--bundle", "sensor@1.0.0")
+    assert server.services.store.get_group("line-3").important_features == ("humidity",)
+    again = run("group", "update", "line-3", "--important", "vibraton", "--bundle",
+                "sensor@1.0.0", ok=False)
+    assert again.exit_code == 2 and "did you mean 'vibration'?" in again.output

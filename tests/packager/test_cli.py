@@ -366,7 +366,8 @@ def test_bad_input_gives_one_clear_line(argv, code, names, work, tmp_path, capsy
 
 def test_every_command_and_option_has_help_text(capsys):
     assert cli.help
-    assert set(cli.commands) == {"keygen", "build", "sign", "verify", "inspect", "card"}
+    assert set(cli.commands) == {"keygen", "build", "sign", "verify", "inspect", "card",
+                                 "retrain"}
     for name, command in cli.commands.items():
         assert command.help and len(command.help.strip()) > 20, name
         for param in command.params:

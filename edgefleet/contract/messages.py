@@ -57,10 +57,13 @@ import re
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.wire import FAST_CHECKS_FLOATS, Fields, canonical_json, parse_json
+
+if TYPE_CHECKING:  # performance imports BundleRef from here
+    from edgefleet.contract.performance import PerformanceEntry
 
 __all__ = [
     "ACK_STREAMS",
@@ -362,6 +365,8 @@ class Summary(Message):
     shadow: ShadowStats | None = None
     dropped: int = 0  # messages this device's outbox dropped so far (bound reached)
     floor: int = 0  # every summary seq below it is stored or gone for good (see the top)
+    # per bundle that answered: realized and estimated blocks (edgefleet.contract.performance)
+    performance: tuple[PerformanceEntry, ...] = ()
 
     @property
     def reference_hash(self) -> str:
@@ -382,6 +387,8 @@ class Summary(Message):
         fmt = self.latency_format
         if fmt != 1:  # format 1 is what a summary without the field means
             out["latency_format"] = fmt
+        if self.performance:  # written only when there is one: an old summary keeps its bytes
+            out["performance"] = [e.to_dict() for e in self.performance]
         return out
 
     @property
@@ -415,12 +422,17 @@ class Summary(Message):
         if fmt not in _EDGES_BY_FORMAT:
             raise f.bad("latency_format", f"unknown latency format (this edgefleet reads "
                                           f"{', '.join(map(str, _EDGES_BY_FORMAT))})")
+        from edgefleet.contract.performance import MAX_ENTRIES, PerformanceEntry
+
+        entries = f.list("performance", [], max_len=MAX_ENTRIES)
         return cls(f.str("device", max_len=64), f.int("seq"),
                    BundleRef.from_dict(f.raw("bundle"), f"{f.where}.bundle"), start, end,
                    profile, _counts(f, "latency_counts", fmt), errors,
                    None if shadow is None else
                    ShadowStats.from_dict(shadow, f"{f.where}.shadow", fmt),
-                   f.int("dropped", 0), _floor(f))
+                   f.int("dropped", 0), _floor(f),
+                   tuple(PerformanceEntry.from_dict(e, f"{f.where}.performance[{i}]")
+                         for i, e in enumerate(entries)))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,13 @@ from edgefleet.contract.messages import (
     parse_topic,
     topic,
 )
+from edgefleet.contract.performance import (
+    MAX_ENTRIES,
+    Estimated,
+    PerformanceEntry,
+    PerformanceSpec,
+    Realized,
+)
 from edgefleet.contract.profile import (
     CONFIDENCE_EDGES,
     NumericSpec,
@@ -79,6 +86,25 @@ def _profile(spec: ProfileSpec, rows: int, seed: int = 1) -> Profile:
     return p
 
 
+BINARY = PerformanceSpec("classification", ("ok", "fault"))
+
+
+def _blocks(rows: int, seed: int = 2) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0, 1, rows)
+    pred = (p > 0.5).astype(np.int64)
+    truth = (rng.uniform(0, 1, rows) < p).astype(np.int64)
+    realized, estimated = Realized(BINARY), Estimated(BINARY)
+    realized.add(pred, truth, np.column_stack([1 - p, p]), rng.exponential(3600, rows))
+    estimated.add(p, pred)
+    return realized.to_wire(), estimated.to_wire()
+
+
+def _entries(bundle: BundleRef, seed: int) -> PerformanceEntry:
+    realized, estimated = _blocks(seed % 50, seed)
+    return PerformanceEntry(bundle, realized if seed % 3 else None, estimated)
+
+
 @st.composite
 def summaries(draw):
     spec = _spec(3)
@@ -93,7 +119,9 @@ def summaries(draw):
                    draw(st.one_of(st.just(()), hist)),
                    draw(st.dictionaries(st.sampled_from(["input", "runtime", "shadow"]),
                                         st.integers(0, 10**6))),
-                   shadow, draw(st.integers(0, 10**9)))
+                   shadow, draw(st.integers(0, 10**9)), 0,
+                   draw(st.lists(st.builds(_entries, bundles, st.integers(0, 10**6)),
+                                 max_size=3).map(tuple)))
 
 
 messages = st.one_of(
@@ -142,6 +170,48 @@ def test_summary_of_20_numeric_features_fits_in_2_kib():
     s = Summary("device-0001", 7, BundleRef("cancer-mlp", "1.0.0"), 1.7e9, 1.7e9 + 60,
                 to_wire(_profile(spec, 600)), (5,) * (len(LATENCY_EDGES_MS) + 1), {"input": 1})
     assert len(encode(s)) <= 2048
+
+
+def test_summary_of_20_features_with_a_binary_performance_block_fits_in_3_kb():
+    spec = _spec(20)
+    realized, estimated = _blocks(600)
+    bundle = BundleRef("cancer-mlp", "1.0.0")
+    s = Summary("device-0001", 7, bundle, 1.7e9, 1.7e9 + 60, to_wire(_profile(spec, 600)),
+                (5,) * (len(LATENCY_EDGES_MS) + 1), {"input": 1},
+                performance=(PerformanceEntry(bundle, realized, estimated),))
+    assert len(encode(s)) <= 3000
+    got = decode(s.topic, encode(s))
+    assert Realized.from_wire(BINARY, got.performance[0].realized).to_wire() == realized
+
+
+def test_a_summary_without_performance_keeps_its_bytes():
+    s = Summary("d", 1, BundleRef("m", "1.0.0"), 0.0, 1.0, to_wire(_profile(_spec(2), 5)))
+    assert "performance" not in s.to_dict()
+    assert decode(s.topic, encode(s)).performance == ()
+
+
+def _perf_body(performance):
+    return _summary_body(performance=performance)
+
+
+_ENTRY = {"bundle": {"name": "m", "version": "1.0.0"}, "realized": None, "estimated": {}}
+
+
+@pytest.mark.parametrize(("performance", "field"), [
+    pytest.param([_ENTRY] * (MAX_ENTRIES + 1), "summary.performance", id="too-many"),
+    pytest.param({"x": 1}, "summary.performance", id="not-a-list"),
+    pytest.param([{**_ENTRY, "estimated": None}], "summary.performance[0].realized",
+                 id="neither-block"),
+    pytest.param([{**_ENTRY, "estimated": [1]}], "summary.performance[0].estimated",
+                 id="block-not-an-object"),
+    pytest.param([{**_ENTRY, "bundle": {"name": "M", "version": "1.0.0"}}],
+                 "summary.performance[0].bundle.name", id="bad-bundle"),
+    pytest.param([{**_ENTRY, "extra": 1}], "summary.performance[0].extra", id="unknown-field"),
+])
+def test_bad_performance_framing_names_the_field(performance, field):
+    with pytest.raises(SchemaError) as info:
+        decode(topic("dev-1", "summary"), canonical_json(_perf_body(performance)))
+    assert info.value.field == field, str(info.value)
 
 
 def _summary_body(**changes):

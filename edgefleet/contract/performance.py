@@ -132,6 +132,7 @@ DELAY_EDGES = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 43200.0, 864
 _POS = (*(float(f"{m * 10.0 ** e:.6g}") for e in range(-3, 6) for m in (1, 2, 5)), 1e6)
 ERROR_EDGES = (*(-x for x in reversed(_POS)), 0.0, *_POS)
 MAX_ERROR_EDGES = 256
+MAX_ERROR = 1e60  # |predicted - true| beyond it is refused: Σerr⁴ would overflow a float
 
 
 class Metric(NamedTuple):
@@ -288,7 +289,7 @@ class Realized:
         Classifiers: ``predicted`` and ``truth`` are class indices into ``spec.classes``,
         ``scores`` the class probabilities ``[n, k]`` (None for a model without them).
         Regressors: predicted and true values. ``delays_s``: seconds from each
-        prediction to its outcome (None: not known, not counted).
+        prediction to its outcome (None or NaN: not known, not counted).
 
         Raises:
             SchemaError: arrays of different lengths or shapes, a class index outside the
@@ -327,11 +328,15 @@ class Realized:
             self._add_classes(pred, true, probs)
         else:
             err = pred - true
+            if np.abs(err).max() > MAX_ERROR:  # Σerr⁴ must stay finite to travel
+                raise SchemaError(f"truth: an error beyond {MAX_ERROR:g} cannot be summed",
+                                  field="truth")
             self.count += n
             self.err += (err.sum(), (err * err).sum(), np.abs(err).sum(), (err ** 4).sum())
             self.err_hist += _hist(err, self._edges, len(self.err_hist))
-        if delays is not None:
-            self.delay += _hist(np.nan_to_num(delays, nan=0.0), _DELAY, len(self.delay))
+        if delays is not None:  # a negative delay (clock skew) counts as under a minute
+            delays = delays[~np.isnan(delays)]
+            self.delay += _hist(delays, _DELAY, len(self.delay))
 
     def _add_classes(self, pred: np.ndarray, true: np.ndarray, probs: np.ndarray | None) -> None:
         k = self.spec.k

@@ -281,6 +281,16 @@ def test_bad_rows_are_refused_naming_the_argument(args, field):
     assert r.n == 0
 
 
+def test_bad_regression_rows_are_refused_and_unknown_delays_not_counted():
+    r = Realized(REGRESSION)
+    for pred, truth in (([np.nan], [1.0]), ([1e61], [0.0]), ([1.0, 2.0], [1.0])):
+        with pytest.raises(SchemaError) as info:
+            r.add(np.asarray(pred), np.asarray(truth))
+        assert info.value.field == "truth"
+    r.add(np.array([1.0, 2.0]), np.array([1.5, 2.0]), None, np.array([np.nan, 120.0]))
+    assert r.n == 2 and int(r.delay.sum()) == 1 and r.delay[1] == 1
+
+
 def test_bad_estimated_rows_are_refused():
     e = Estimated(BINARY)
     for calibrated, predicted in (([0.5, 1.2], [0, 1]), ([0.5, np.nan], [0, 1]),

@@ -76,7 +76,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
-from edgefleet.contract.wire import Fields
+from edgefleet.contract.wire import FAST_CHECKS_FLOATS, Fields
 
 if TYPE_CHECKING:
     from edgefleet.contract.manifest import Manifest
@@ -828,7 +828,8 @@ class PerformanceEntry:
             raw = f.raw(key, None)
             if raw is not None:
                 raw = f.mapping(key)
-                if len(raw) > 8 or not _finite(raw):
+                # decode's fast parser refuses overflowing floats itself when it can
+                if len(raw) > 8 or not (FAST_CHECKS_FLOATS or _finite(raw)):
                     raise f.bad(key, "at most 8 fields of finite numbers")
             blocks.append(raw)
         f.done()

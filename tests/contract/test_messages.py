@@ -353,6 +353,26 @@ def test_without_orjson_the_summary_checks_its_own_floats(monkeypatch):
         decode(topic("d", "summary"), bad)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["orjson", "without-orjson"])
+def test_an_overflowing_float_in_a_performance_block_is_refused(monkeypatch, fast):
+    import edgefleet.contract.performance as performance
+    import edgefleet.contract.wire as wire
+
+    if not fast:
+        monkeypatch.setattr(wire, "orjson", None)
+        monkeypatch.setattr(performance, "FAST_CHECKS_FLOATS", False)
+    elif wire.orjson is None:
+        pytest.skip("orjson is not installed")
+    bundle = BundleRef("m", "1.0.0")
+    estimated = {"calibrated": True, "n": [3, 4], "q": [1.25, 2.5], "v": [0.5, 0.75]}
+    s = Summary("d", 1, bundle, 0.0, 1.0, to_wire(_profile(_spec(2), 5)),
+                performance=(PerformanceEntry(bundle, None, estimated),))
+    assert decode(s.topic, encode(s)) == s
+    bad = canonical_json(s.to_dict()).replace(b"1.25", b"1e400", 1)
+    with pytest.raises(SchemaError, match=r"finite|JSON"):
+        decode(s.topic, bad)
+
+
 @pytest.mark.parametrize("device", ["dev1\n", "dev 1", "", "a/b", "x" * 65])
 def test_bad_device_ids(device):
     from edgefleet.contract.messages import valid_device_id

@@ -15,15 +15,16 @@ synthetic rows whose label follows a fixed rule:
   scikit-learn's on the same rows (classifier: ``HistGradientBoostingClassifier``;
   regressor: ``HistGradientBoostingRegressor`` on a continuous target of the same rows);
 - **estimate vs realized**: the classifier (and a ``LogisticRegression`` on the same
-  preprocessing), calibrated with isotonic regression on held-out rows (as a contract
-  :class:`Calibration`), on a live period with no shift, with covariate shift (numeric
-  inputs moved and scaled, the category mix changed; the labelling rule unchanged) and with
-  concept drift (labels flipped where ``temp`` is above its mean: inputs unchanged). Our
-  CBPE estimate against the realized accuracy, and against NannyML's ``CBPE`` on the same
-  raw rows when NannyML is importable by ``--nannyml-python`` (default: this interpreter;
-  NannyML pins older libraries than edgefleet's, so it is best installed in a venv of its
-  own: ``python -m venv /tmp/nml && /tmp/nml/bin/pip install nannyml``). Not installed:
-  the comparison is skipped with a message. It is never a dependency of edgefleet.
+  preprocessing), calibrated with isotonic regression on 5,000 and on 20,000 held-out rows
+  (as a contract :class:`Calibration`), on a live period with no shift, with covariate
+  shift (numeric inputs moved and scaled, the category mix changed; the labelling rule
+  unchanged) and with concept drift (labels flipped where ``temp`` is above its mean:
+  inputs unchanged). Our CBPE estimate against the realized accuracy, and against
+  NannyML's ``CBPE`` on the same raw rows when NannyML is importable by
+  ``--nannyml-python`` (default: this interpreter). NannyML pins older libraries than
+  edgefleet's (installing it here would downgrade python-dateutil), so give it a venv of
+  its own: ``python -m venv /tmp/nml && /tmp/nml/bin/pip install nannyml statsmodels``.
+  Without it the comparison is skipped with a message; it is never a dependency.
 - **size**: a summary of 20 numeric features with and without a binary performance block
   (600 labelled rows with scores and delays, plus the estimate), deflated as sent;
 - **cost**: :meth:`Estimated.add` and :meth:`Realized.add` per row on chunks of 256 and
@@ -259,51 +260,63 @@ def _nannyml(python: str, work: Path, reference: pd.DataFrame,
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+HELD_OUT = (5_000, 20_000)  # rows the calibration map is fitted on (the first inside the second)
+
+
 def estimates(rng: np.random.Generator, n: int, nannyml_python: str) -> dict[str, Any]:
     train, y_train, _ = rows(20_000, rng)
-    held, y_held, _ = rows(5_000, rng)
+    held_all, y_held_all, _ = rows(max(HELD_OUT), rng)
     live = {name: rows(n, rng, **kw) for name, kw in SCENARIOS.items()}
-    out: dict[str, Any] = {"rows": n, "held_out_rows": len(y_held), "models": {}}
+    out: dict[str, Any] = {"rows": n, "held_out_rows": list(HELD_OUT), "models": {}}
     with tempfile.TemporaryDirectory(prefix="edgefleet-perf-bench-") as tmp:
         for model_name, estimator in (("mixed-hgb", HistGradientBoostingClassifier(
                 random_state=SEED)), ("mixed-logreg", LogisticRegression(max_iter=1000))):
             model = pipeline(estimator).fit(train, y_train)
-            p_held = model.predict_proba(held)[:, 1]
-            cal = calibration(p_held, y_held)
-            reference = pd.DataFrame({"p": p_held, "pred": (p_held > 0.5).astype(int),
-                                      "y": y_held})
-            rows_out, analyses = {}, {}
-            for name, (frame, label, _) in live.items():
-                p = model.predict_proba(frame)[:, 1]
-                pred = (p > 0.5).astype(np.int64)
-                calibrated = cal.apply(p)
-                est, raw = Estimated(SPEC), Estimated(SPEC, calibrated=False)
-                for idx in np.array_split(np.arange(n), max(1, n // 256)):
-                    est.add(calibrated[idx], pred[idx])
-                    raw.add(p[idx], pred[idx])
-                real = Realized(SPEC)
-                real.add(pred, label, np.column_stack([1 - p, p]))
-                em, rm = est.metrics()["accuracy"], real.metrics()["accuracy"]
-                rows_out[name] = {
-                    "realized": rm.value, "realized_interval": [rm.low, rm.high],
-                    "estimated": em.value, "estimated_interval": [em.low, em.high],
-                    "estimated_uncalibrated": raw.metrics()["accuracy"].value,
-                    "abs_error": abs(em.value - rm.value),
-                    "estimated_f1": est.metrics()["f1"].value,
-                    "realized_f1": real.metrics()["f1"].value}
-                analyses[name] = pd.DataFrame({"p": p, "pred": pred, "y": label})
-            work = Path(tmp) / model_name
-            work.mkdir()
-            nml = _nannyml(nannyml_python, work, reference, analyses)
-            for name, entry in rows_out.items():
-                got = nml.get("estimates", {}).get(name)
-                entry["nannyml"] = None if got is None else got["accuracy"]
-                entry["nannyml_abs_error"] = None if got is None else \
-                    abs(got["accuracy"] - entry["realized"])
-            out["models"][model_name] = {"scenarios": rows_out, "knots": len(cal.x),
-                                         "nannyml": {k: v for k, v in nml.items()
-                                                     if k != "estimates"}}
+            for held_n in HELD_OUT:
+                held, y_held = held_all.iloc[:held_n], y_held_all[:held_n]
+                key = f"{model_name}, {held_n:,} held-out"
+                out["models"][key] = _estimate(model, held, y_held, live, Path(tmp) / key,
+                                               nannyml_python)
     return out
+
+
+def _estimate(model: Any, held: pd.DataFrame, y_held: np.ndarray, live: dict[str, Any],
+              work: Path, nannyml_python: str) -> dict[str, Any]:
+    p_held = model.predict_proba(held)[:, 1]
+    pred_held = (p_held > 0.5).astype(int)
+    cal = calibration(p_held, y_held)
+    reference = pd.DataFrame({"p": p_held, "pred": pred_held, "y": y_held})
+    rows_out, analyses = {}, {}
+    for name, (frame, label, _) in live.items():
+        n = len(label)
+        p = model.predict_proba(frame)[:, 1]
+        pred = (p > 0.5).astype(np.int64)
+        calibrated = cal.apply(p)
+        est, raw = Estimated(SPEC), Estimated(SPEC, calibrated=False)
+        for idx in np.array_split(np.arange(n), max(1, n // 256)):  # the agent's chunks
+            est.add(calibrated[idx], pred[idx])
+            raw.add(p[idx], pred[idx])
+        real = Realized(SPEC)
+        real.add(pred, label, np.column_stack([1 - p, p]))
+        em = est.metrics(calibration_rows=len(y_held))["accuracy"]
+        rm = real.metrics()["accuracy"]
+        rows_out[name] = {
+            "realized": rm.value, "realized_interval": [rm.low, rm.high],
+            "estimated": em.value, "estimated_interval": [em.low, em.high],
+            "estimated_uncalibrated": raw.metrics()["accuracy"].value,
+            "abs_error": abs(em.value - rm.value),
+            "estimated_f1": est.metrics()["f1"].value, "realized_f1": real.metrics()["f1"].value}
+        analyses[name] = pd.DataFrame({"p": p, "pred": pred, "y": label})
+    work.mkdir(parents=True)
+    nml = _nannyml(nannyml_python, work, reference, analyses)
+    for name, entry in rows_out.items():
+        got = nml.get("estimates", {}).get(name)
+        entry["nannyml"] = None if got is None else got["accuracy"]
+        entry["nannyml_abs_error"] = None if got is None else \
+            abs(got["accuracy"] - entry["realized"])
+    return {"scenarios": rows_out, "knots": len(cal.x),
+            "held_out_accuracy": float((pred_held == y_held).mean()),
+            "nannyml": {k: v for k, v in nml.items() if k != "estimates"}}
 
 
 # --------------------------------------------------------------------------- size, cost
@@ -377,8 +390,9 @@ def report(doc: dict[str, Any]) -> str:
                      [[k, f"{v['edgefleet']:.6f}", f"{v['scikit-learn']:.6f}",
                        f"{v['abs_diff']:.1e}"] for k, v in ex["metrics"].items()]))
     est = doc["estimates"]
-    out += ["", f"Estimated (CBPE, isotonic-calibrated on {est['held_out_rows']:,} held-out "
-                f"rows) vs realized accuracy, {est['rows']:,} live rows per scenario", ""]
+    out += ["", f"Estimated (CBPE, isotonic-calibrated on held-out rows; the interval "
+                f"includes the held-out set's noise) vs realized accuracy, {est['rows']:,} "
+                f"live rows per scenario", ""]
     body = []
     for model, m in est["models"].items():
         for name, s in m["scenarios"].items():
@@ -391,10 +405,9 @@ def report(doc: dict[str, Any]) -> str:
                       "|est-real|", "uncalibrated est.", "NannyML CBPE", "|NannyML-real|"],
                      body))
     for model, m in est["models"].items():
-        if "skipped" in m["nannyml"]:
-            out.append(f"{model}: NannyML skipped: {m['nannyml']['skipped']}")
-        elif "version" in m["nannyml"]:
-            out.append(f"{model}: NannyML {m['nannyml']['version']}")
+        note = m["nannyml"].get("skipped") or f"NannyML {m['nannyml'].get('version')}"
+        out.append(f"{model}: held-out accuracy {m['held_out_accuracy']:.4f}, "
+                   f"{m['knots']} isotonic knots; {note}")
     sz = doc["size"]
     out += ["", f"Summary of {sz['features']} numeric features, deflated: {sz['without']} B; "
                 f"with the estimate: {sz['with_estimate_only']} B; with realized "

@@ -499,6 +499,16 @@ def test_multiclass_estimate_is_the_mean_top_class_probability():
     assert m["accuracy"].high == pytest.approx(min(1.0, q.mean() + 1.959963984540054 * sd))
 
 
+def test_the_calibration_sets_noise_widens_the_accuracy_interval():
+    e = Estimated(BINARY)
+    e.add(np.full(1000, 0.8), np.ones(1000, dtype=np.int64))
+    bare, wide = e.metrics()["accuracy"], e.metrics(calibration_rows=5000)["accuracy"]
+    assert bare.value == wide.value == pytest.approx(0.8)
+    se = math.sqrt(0.16 / 1000 + 0.16 / 5000)
+    assert wide.high - wide.value == pytest.approx(1.959963984540054 * se)
+    assert wide.high - wide.low > bare.high - bare.low
+
+
 def test_an_uncalibrated_block_stays_flagged_after_merge():
     a, b = Estimated(BINARY, calibrated=True), Estimated(BINARY, calibrated=False)
     assert not a.merge(b).calibrated

@@ -19,7 +19,11 @@ imported by the module that raises it, so ``edge_agent.download.DownloadError`` 
         │   └── DownloadDigestError      not the sha256 or length the desired state names
         ├── OutboxError                  the outbox refused a message or its file failed
         │   └── OutboxFullError          the disk or the page limit is full
-        └── MqttError                    the MQTT link refused a request
+        ├── MqttError                    the MQTT link refused a request
+        ├── PredictionIdError            caller prediction ids: a wrong count, a bad or repeated id
+        ├── OutcomeError                 an outcome the caller sent directly was refused
+        │   └── OutcomeLabelError        a label outside the bundle's classes (names the id)
+        └── PredictionStoreError         the prediction store's file failed
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ __all__ = [
     "NoModelError",
     "OutboxError",
     "OutboxFullError",
+    "OutcomeError",
+    "OutcomeLabelError",
     "PredictError",
+    "PredictionIdError",
+    "PredictionStoreError",
     "SlotError",
     "TransferError",
 ]
@@ -112,3 +120,33 @@ class OutboxFullError(OutboxError):
 
 class MqttError(AgentError):
     """The MQTT link refused a request (an invalid topic, a link that is not started)."""
+
+
+class PredictionIdError(AgentError):
+    """Caller-given prediction ids cannot be used: not one per row, not a valid id
+    (:data:`~edgefleet.contract.messages.ID_RE`), or one repeated in the call. ``field`` is
+    ``ids``; ``row`` the index of the id at fault (None for a wrong count)."""
+
+    field = "ids"
+
+    def __init__(self, message: str, *, row: int | None = None) -> None:
+        super().__init__(message)
+        self.row = row
+
+
+class OutcomeError(AgentError):
+    """An outcome a caller sent directly (Python API, local HTTP) was refused; ``id`` names
+    the prediction id when one is at fault."""
+
+    def __init__(self, message: str, *, id: str | None = None) -> None:
+        super().__init__(message)
+        self.id = id
+
+
+class OutcomeLabelError(OutcomeError):
+    """A label outside the predicting bundle's classes (or, for a regressor, not a finite
+    number). Counted as ``bad_label`` instead when it came in a batch from the server."""
+
+
+class PredictionStoreError(AgentError):
+    """The prediction store's SQLite file failed (or is closed)."""

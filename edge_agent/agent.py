@@ -31,24 +31,39 @@ from __future__ import annotations
 import bisect
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from edge_agent.errors import NoModelError
+from edge_agent.errors import (
+    NoModelError,
+    OutcomeError,
+    PredictionIdError,
+    PredictionStoreError,
+)
 from edge_agent.explain import Explanation, explainer_for
 from edge_agent.model import LoadedModel, Outputs, PredictError, concat_outputs
+from edge_agent.predictions import Claim, OutcomeCounts, PredictionStore
 from edgefleet.contract.errors import InputError
 from edgefleet.contract.inputs import Batch
-from edgefleet.contract.messages import LATENCY_EDGES_MS, BundleRef, ShadowStats, Summary
+from edgefleet.contract.messages import (
+    ID_RE,
+    LATENCY_EDGES_MS,
+    BundleRef,
+    Outcome,
+    Outcomes,
+    ShadowStats,
+    Summary,
+)
 from edgefleet.contract.profile import Profile, to_wire
 
-__all__ = ["Agent", "NoModelError", "Result", "Window"]
+__all__ = ["Agent", "NoModelError", "OutcomeCounts", "Result", "Window", "with_claim"]
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +73,22 @@ RECENT_LATENCIES = 2048  # for the heartbeat's p50/p95
 
 
 class Result(NamedTuple):
-    """What a call returns: the bundle that answered and its raw outputs (numpy)."""
+    """What a call returns: the bundle that answered, its raw outputs (numpy) and the
+    prediction id of every row (the caller's, or made by the agent)."""
 
     bundle: str  # name@version
     labels: np.ndarray | None
     probabilities: np.ndarray | None
     values: np.ndarray | None
+    ids: Sequence[str] = ()
 
     def rows(self, classes: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Per-row plain-Python answers, for JSON (``label``, ``probabilities``, ``value``)."""
+        """Per-row plain-Python answers, for JSON (``id``, ``label``, ``probabilities``,
+        ``value``)."""
         n = len(next(a for a in (self.labels, self.values, self.probabilities)
                      if a is not None))
-        out: list[dict[str, Any]] = [{} for _ in range(n)]
+        out: list[dict[str, Any]] = [{"id": i} for i in self.ids] if self.ids else \
+            [{} for _ in range(n)]
         if self.labels is not None:
             for row, v in zip(out, np.asarray(self.labels).reshape(-1).tolist(), strict=True):
                 row["label"] = v
@@ -101,19 +120,42 @@ class Window:
                        self.latency_counts, dict(self.errors), self.shadow, dropped)
 
 
+MAX_ERROR_KEYS = 32  # a summary's errors dict holds at most this many counters
+
+
+def with_claim(window: Window, claim: Claim) -> Window:
+    """``window`` with what the prediction store claimed for its summary: the outcome
+    counters as ``errors["outcome_<reason>"]``.
+
+    The counters fit in :data:`MAX_ERROR_KEYS` with the window's own: the window's keep
+    their place and the outcome counters come first among what would not fit.
+    """
+    errors = dict(window.errors)
+    for reason, n in (claim.counts or {}).items():
+        key = f"outcome_{reason}"
+        if key in errors or len(errors) < MAX_ERROR_KEYS:
+            errors[key] = errors.get(key, 0) + n
+    return replace(window, errors=dict(sorted(errors.items())))
+
+
 class _Open:
     """The current window of one model. ``lock`` guards the profile and the buffers."""
 
-    def __init__(self, model: LoadedModel, start: float) -> None:
+    def __init__(self, model: LoadedModel, start: float,
+                 store: tuple[PredictionStore, int] | None = None) -> None:
         self.model = model
         self.start = start
         self.rows = 0
         self.profile = Profile(model.spec)
+        self.store = store  # where served rows go (the store, this bundle's number in it)
         self.lock = threading.Lock()
         self.cells: list[list[Any]] = []  # single rows not yet handed to the worker
         self.cell_outputs: list[Outputs] = []
-        # chunks for the worker: (cells, a Batch or an array; the outputs of its calls)
-        self.pending: deque[tuple[Any, list[Outputs]]] = deque()
+        self.cell_ids: list[str] = []
+        self.cell_times: list[float] = []
+        # chunks for the worker: (cells, a Batch or an array; the outputs of its calls;
+        # the rows' ids; their serving times, one per row or one for the chunk)
+        self.pending: deque[tuple[Any, list[Outputs], Sequence[str], Any]] = deque()
         self.latency = [0] * LATENCY_SLOTS
         self.errors: dict[str, int] = {}
         self.shadow_ref: BundleRef | None = None
@@ -128,27 +170,26 @@ class _Open:
         """Profile every pending chunk (the worker, and :meth:`finish`)."""
         with self.lock:
             while self.pending:
-                inputs, outputs = self.pending.popleft()
-                self._profile(inputs, outputs)
+                self._profile(*self.pending.popleft())
 
     def hand_over(self) -> bool:
         """Queue the buffered single rows for the worker (the caller holds the agent's
         lock, which guards ``cells``); whether there were any."""
         if not self.cells:
             return False
-        self.pending.append((self.cells, self.cell_outputs))
-        self.cells, self.cell_outputs = [], []
+        self.pending.append((self.cells, self.cell_outputs, self.cell_ids, self.cell_times))
+        self.cells, self.cell_outputs, self.cell_ids, self.cell_times = [], [], [], []
         return True
 
     def finish(self) -> None:
         with self.lock:
             self.hand_over()
             while self.pending:
-                inputs, outputs = self.pending.popleft()
-                self._profile(inputs, outputs)
+                self._profile(*self.pending.popleft())
             self.finished = True
 
-    def _profile(self, inputs: Any, parts: list[Outputs]) -> None:
+    def _profile(self, inputs: Any, parts: list[Outputs], ids: Sequence[str],
+                 times: Any) -> None:
         model = self.model
         try:
             outputs = concat_outputs(parts)
@@ -167,6 +208,28 @@ class _Open:
             log.exception("profiling a chunk of %s failed; its rows are not profiled",
                           model.label)
             self.errors["profile"] = self.errors.get("profile", 0) + 1
+            return
+        if self.store is not None:
+            self._keep(outputs, ids, times)
+
+    def _keep(self, outputs: Outputs, ids: Sequence[str], times: Any) -> None:
+        """Write the chunk's predictions to the prediction store (the worker's job)."""
+        store, bundle = self.store
+        try:
+            proba = outputs.probabilities
+            if self.model.task == "regression":
+                predicted = np.asarray(outputs.values, dtype=np.float64).reshape(-1)
+            elif outputs.labels is not None:
+                predicted = store.class_index(bundle, outputs.labels)
+            else:
+                predicted = np.asarray(proba).argmax(axis=1)
+            repeated = store.add(bundle, ids, times if isinstance(times, float)
+                                 else np.asarray(times), predicted, proba)
+            if repeated:
+                self.errors["duplicate_id"] = self.errors.get("duplicate_id", 0) + repeated
+        except Exception:  # a full disk must never take serving down
+            log.exception("storing %d prediction(s) of %s failed", len(ids), self.model.label)
+            self.errors["prediction_store"] = self.errors.get("prediction_store", 0) + 1
 
 
 class Agent:
@@ -179,12 +242,20 @@ class Agent:
         shadow_queue_rows: most rows waiting for the shadow model; beyond, skipped and
             counted as ``shadow_skipped``.
         shadow_tolerance: a regressor's shadow value agrees within this relative error.
+        store: where served predictions are kept for outcomes to join (None: no store;
+            :meth:`record_outcomes` then refuses). Its clock times the predictions.
     """
 
     def __init__(self, device_id: str, *, window_rows: int = 0,
                  clock: Callable[[], float] = time.time, shadow_queue_rows: int = 10_000,
-                 shadow_tolerance: float = 0.05) -> None:
+                 shadow_tolerance: float = 0.05, store: PredictionStore | None = None) -> None:
         self.device_id = device_id
+        self.store = store
+        # prediction ids: a random prefix per process and a counter, so ids are unique per
+        # device across restarts (48 random bits: a clash is a 1 in 2**48 event per pair of
+        # runs) and cost one string format per row
+        self._id_prefix = secrets.token_hex(6) + "-"
+        self._id_next = 0
         self.window_rows = window_rows
         self.window_due = threading.Event()
         self._clock = clock
@@ -224,10 +295,17 @@ class Agent:
     def activate(self, model: LoadedModel) -> Window | None:
         """Serve ``model`` from now on; return the closed window of the previous one."""
         now = self._clock()
+        kept = None
+        if self.store is not None:
+            try:
+                kept = (self.store, self.store.register(model.ref, model.task, model.classes))
+            except PredictionStoreError as exc:
+                log.error("%s: its predictions will not be kept for outcomes: %s",
+                          model.label, exc)
         with self._lock:
             old = self._window
             self._model = model
-            self._window = _Open(model, now)
+            self._window = _Open(model, now, kept)
         return self._close(old, now)
 
     def set_shadow(self, model: LoadedModel | None) -> None:
@@ -237,11 +315,19 @@ class Agent:
 
     # -- serving -------------------------------------------------------------------------
 
-    def predict(self, rows: Any) -> Result:
+    def predict(self, rows: Any, ids: Sequence[str] | None = None) -> Result:
         """Predict a list of rows (mappings or schema-ordered lists) or a 2-D array.
+
+        Every row gets a prediction id (``Result.ids``): the caller's ``ids`` (one per row,
+        each matching :data:`~edgefleet.contract.messages.ID_RE`, none repeated in the
+        call), or one the agent makes, unique on this device. An id that the prediction
+        store already holds is not stored again (the first prediction keeps it) and is
+        counted as ``duplicate_id`` in the window's errors: checking the store would cost
+        a disk read on the request path.
 
         Raises:
             NoModelError: nothing is installed.
+            PredictionIdError: ``ids`` is not one valid id per row, or repeats one.
             InputError: a row breaks the schema (names the feature and row).
             PredictError: the model failed at run time.
         """
@@ -250,6 +336,12 @@ class Agent:
         if model is None:
             self._count_error(None, "no_model")
             raise NoModelError("no bundle is installed yet")
+        if ids is not None:
+            try:
+                ids = _check_ids(ids)
+            except PredictionIdError:
+                self._count_error(model, "ids")
+                raise
         validator = model.validator
         try:
             if isinstance(rows, np.ndarray):
@@ -273,9 +365,12 @@ class Agent:
         except PredictError:
             self._count_error(model, "runtime")
             raise
+        if ids is not None and len(ids) != n:
+            self._count_error(model, "ids")
+            raise PredictionIdError(f"ids: {len(ids)} id(s) for {n} row(s); give one per row")
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
-        self._record(model, inputs, n, outputs, elapsed_ms)
-        return Result(model.label, outputs.labels, outputs.probabilities, outputs.values)
+        ids = self._record(model, inputs, n, outputs, elapsed_ms, ids)
+        return Result(model.label, outputs.labels, outputs.probabilities, outputs.values, ids)
 
     def predict_one(self, row: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
         """One row in, one plain-Python answer out (``label``/``probabilities``/``value``)."""
@@ -299,25 +394,35 @@ class Agent:
         return explainer_for(model).explain(row)
 
     def _record(self, model: LoadedModel, inputs: Any, n: int, outputs: Outputs,
-                elapsed_ms: float) -> None:
+                elapsed_ms: float, ids: list[str] | None) -> list[str]:
         slot = bisect.bisect_right(LATENCY_EDGES_MS, elapsed_ms)
         wake = shadow = None
+        store = self.store
+        now = store.clock() if store is not None else 0.0
         with self._lock:
             self.calls += 1
             self.predictions += n
             self._recent.append(elapsed_ms)
+            if ids is None:
+                first = self._id_next
+                self._id_next += n
+                prefix = self._id_prefix
+                ids = [prefix + format(first, "x")] if n == 1 else \
+                    [prefix + format(i, "x") for i in range(first, first + n)]
             window = self._window
             if window is None or window.model is not model:
-                return  # the model was switched while this call ran: served, not profiled
+                return ids  # the model was switched while this call ran: served, not profiled
             window.rows += n
             window.latency[slot] += 1
             if type(inputs) is list:
                 window.cells.extend(inputs)
                 window.cell_outputs.append(outputs)
+                window.cell_ids.extend(ids)
+                window.cell_times.append(now)
                 if len(window.cells) >= CHUNK_ROWS and window.hand_over():
                     wake = window  # (the worker concatenates: nothing more here)
             else:
-                window.pending.append((inputs, [outputs]))
+                window.pending.append((inputs, [outputs], ids, now))
                 wake = window
             if wake is not None:
                 self._profile_waiting += 1
@@ -333,6 +438,52 @@ class Agent:
             self._profile_q.put(wake)
         if shadow is not None:
             self._shadow_q.put((shadow, model, inputs, n, outputs))
+        return ids
+
+    # -- outcomes --------------------------------------------------------------------------
+
+    def record_outcomes(self, outcomes: Iterable[tuple[str, Any] | Outcome], *,
+                        timeout: float = 10.0) -> OutcomeCounts:
+        """Join true labels ``(id, label)`` (or :class:`Outcome` values) with the
+        predictions they belong to, all or nothing; how they fared, by reason.
+
+        The predictions served so far are written to the store first (this waits for the
+        profiling worker, at most ``timeout`` seconds). An unknown, expired or
+        already-labelled id is counted, never refused.
+
+        Raises:
+            OutcomeError: no prediction store, or an id that is not a prediction id.
+            OutcomeLabelError: a label outside its bundle's classes (names the id);
+                nothing was applied.
+            PredictionStoreError: the store's file failed; nothing was applied.
+        """
+        if self.store is None:
+            raise OutcomeError("this agent keeps no prediction store: outcomes cannot join")
+        items = []
+        for item in outcomes:
+            pid, label = (item.id, item.label) if isinstance(item, Outcome) else item
+            if not isinstance(pid, str) or not ID_RE.match(pid):
+                raise OutcomeError(f"outcome id {str(pid)[:80]!r} is not a prediction id "
+                                   "(letters, digits, '_', '.', ':', '-'; at most 64)",
+                                   id=str(pid)[:80])
+            items.append((pid, label))
+        self.flush(timeout)
+        return self.store.record(items, strict=True)
+
+    def apply_outcome_batch(self, batch: Outcomes, *,
+                            timeout: float = 10.0) -> tuple[OutcomeCounts | None, int]:
+        """Apply a numbered batch from the server exactly once (see
+        :meth:`PredictionStore.apply_batch`): ``(counts or None, highest applied batch)``.
+
+        Raises:
+            OutcomeError: no prediction store.
+            PredictionStoreError: the store's file failed; nothing was applied.
+        """
+        if self.store is None:
+            raise OutcomeError("this agent keeps no prediction store: outcomes cannot join")
+        if batch.batch == self.store.applied_batch + 1:
+            self.flush(timeout)
+        return self.store.apply_batch(batch.batch, [(o.id, o.label) for o in batch.outcomes])
 
     def _count_error(self, model: LoadedModel | None, kind: str) -> None:
         with self._lock:
@@ -359,7 +510,7 @@ class Agent:
             if old.empty():
                 old.start = now
                 return None
-            self._window = _Open(old.model, now)
+            self._window = _Open(old.model, now, old.store)
         return self._close(old, now)
 
     def snapshot(self, now: float | None = None) -> Window | None:
@@ -377,8 +528,7 @@ class Agent:
             with window.lock:
                 window.hand_over()  # the single rows not yet handed to the worker
                 while window.pending:
-                    inputs, outputs = window.pending.popleft()
-                    window._profile(inputs, outputs)
+                    window._profile(*window.pending.popleft())
                 return self._value(window, now)
 
     def _close(self, old: _Open | None, now: float) -> Window | None:
@@ -527,3 +677,27 @@ class Agent:
         self._shadow_q.put(None)
         for worker in self._workers:
             worker.join(5)
+
+
+def _check_ids(ids: Any) -> list[str]:
+    """Caller prediction ids as a list, each valid and none repeated.
+
+    Raises:
+        PredictionIdError: naming the index of the id at fault.
+    """
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Sequence):
+        raise PredictionIdError(f"ids: expected a list of prediction ids, got "
+                                f"{type(ids).__name__}")
+    ids = list(ids)
+    match = ID_RE.match
+    for i, pid in enumerate(ids):
+        if type(pid) is not str or not match(pid):
+            raise PredictionIdError(f"ids[{i}]: {str(pid)[:80]!r} is not a prediction id "
+                                    "(letters, digits, '_', '.', ':', '-'; at most 64)", row=i)
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        for i, pid in enumerate(ids):
+            if pid in seen:
+                raise PredictionIdError(f"ids[{i}]: {pid!r} is given twice", row=i)
+            seen.add(pid)
+    return ids

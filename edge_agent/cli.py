@@ -151,7 +151,8 @@ def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
         answers = []
         for start in range(0, len(rows), model.validator.max_rows):
             part = rows[start:start + model.validator.max_rows]
-            answers += agent.predict(part).rows(model.classes)
+            # no id: nothing keeps these predictions for an outcome to join
+            answers += agent.predict(part)._replace(ids=()).rows(model.classes)
     finally:
         agent.close()
     if as_json:

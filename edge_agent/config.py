@@ -28,6 +28,11 @@ Example (every key but ``device.id``, ``broker.host`` and a trust key has a defa
     data_dir = "/var/lib/edge-agent"
     http_port = 8750                      # local endpoint on 127.0.0.1; 0 turns it off
 
+    [predictions]                         # the store outcomes join with (predictions.db)
+    horizon_days = 30                     # an outcome later than this counts as expired
+    max_rows = 1000000                    # the oldest predictions go first past either
+    max_bytes = 268435456                 # bound (256 MiB: ids, probabilities, overhead)
+
 Relative paths are relative to the config file's directory. Unknown sections and keys are
 refused (a misspelt key must not silently fall back to a default), and every refusal is a
 :class:`ConfigError` naming the file and the key.
@@ -100,6 +105,11 @@ class AgentConfig:
     # a summary or report the broker took but the server has not confirmed is sent again
     # after this long (backing off while the server stays silent): see edge_agent.mqtt
     confirm_timeout_s: float = 60.0
+    # the prediction store (edge_agent.predictions): how long predictions wait for their
+    # outcome, and how many rows and bytes they may take on the device's disk
+    predictions_horizon_days: float = 30.0
+    predictions_max_rows: int = 1_000_000
+    predictions_max_bytes: int = 256 * 1024 * 1024
 
     @property
     def username(self) -> str:
@@ -143,6 +153,9 @@ _KEYS: dict[tuple[str, str], tuple[str, str]] = {
     ("agent", "max_rows_per_call"): ("max_rows_per_call", "pos_int"),
     ("agent", "shadow_queue_rows"): ("shadow_queue_rows", "pos_int"),
     ("agent", "confirm_timeout"): ("confirm_timeout_s", "pos_float"),
+    ("predictions", "horizon_days"): ("predictions_horizon_days", "pos_float"),
+    ("predictions", "max_rows"): ("predictions_max_rows", "pos_int"),
+    ("predictions", "max_bytes"): ("predictions_max_bytes", "pos_int"),
 }
 _REQUIRED = (("device", "id"), ("broker", "host"), ("trust", "keys"))
 

@@ -9,7 +9,14 @@ Threads, each with one job, none of them blocking another:
 - the reconciler: acts on the newest desired state (:func:`edge_agent.reconcile.plan`):
   download, verify, install beside the current model, smoke-test, switch, report;
 - the local HTTP endpoint (:mod:`edge_agent.httpapi`), and the agent's own profiling and
-  shadow workers.
+  shadow workers;
+- the outcome applier: applies the numbered :class:`~edgefleet.contract.messages.Outcomes`
+  batches the server routes to this device, exactly once (batch ``n`` only after ``n - 1``,
+  the batch number committed with its joins, see :mod:`edge_agent.predictions`), and
+  answers each with a :class:`~edgefleet.contract.messages.Receipt` (QoS 1) naming the
+  highest batch applied, also for a batch from the past; a batch from the future is
+  ignored (the server resends). A receipt is also sent on every (re)connect once a batch
+  has been applied.
 
 Every bundle is verified (signatures against the trust store and policy, then every file's
 digest) each time it is loaded, also from the device's own disk at start. A bundle that
@@ -20,6 +27,10 @@ old model is active after restart (see :mod:`edge_agent.slots`).
 Delivery is end to end: summaries and reports leave the outbox when the server's retained
 acknowledgement (:class:`~edgefleet.contract.messages.Ack`, on the device's own ``ack`` topic)
 covers their sequence numbers, not on the broker's PUBACK (see :mod:`edge_agent.mqtt`).
+
+Outcomes joined since the last summary, and the outcome counters, travel in the next
+summary exactly once, through crashes: the prediction store marks them with the summary's
+sequence number inside the outbox transaction that stores it (:meth:`PredictionStore.claim`).
 
 A crash loses seconds, not windows: every ``window.checkpoint_seconds`` the open window is
 saved into the outbox file (state ``window``), and every second the rows served in it so
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import resource
 import signal
 import threading
@@ -44,13 +56,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent.agent import Agent, Window
+from edge_agent.agent import Agent, Window, with_claim
 from edge_agent.config import AgentConfig, ConfigError
 from edge_agent.download import Downloader, DownloadError
 from edge_agent.errors import InstallError
 from edge_agent.model import LoadedModel, LoadError
 from edge_agent.mqtt import LinkConfig, MqttLink
 from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.predictions import Claim, PredictionStore, PredictionStoreError
 from edge_agent.reconcile import LiveStep, Plan, ShadowStep, plan
 from edge_agent.slots import SlotError, Slots, State
 from edgefleet import __version__
@@ -61,6 +74,8 @@ from edgefleet.contract.messages import (
     BundleRef,
     DesiredState,
     Heartbeat,
+    Outcomes,
+    Receipt,
     Report,
     Status,
     Summary,
@@ -78,6 +93,8 @@ log = logging.getLogger(__name__)
 _TICK_S = 0.25
 _SERVED_S = 1.0  # the rows-served counter of the open window is saved this often
 _RETRY_MIN_S, _RETRY_MAX_S = 1.0, 60.0
+_EVICT_S = 60.0  # the prediction store drops what is past its horizon this often
+_OUTCOME_QUEUE = 64  # outcome batches waiting to be applied; beyond, dropped (resent)
 
 
 class AgentDaemon:
@@ -91,6 +108,7 @@ class AgentDaemon:
         ConfigError: a trust key cannot be loaded.
         SlotError: the data directory cannot be used.
         OutboxError: the outbox file cannot be opened.
+        PredictionStoreError: the prediction store's file cannot be opened.
     """
 
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time) -> None:
@@ -106,8 +124,12 @@ class AgentDaemon:
         self.slots = Slots(config.data_dir)
         self.outbox = Outbox(config.data_dir / "outbox.db", config.outbox_max_messages,
                              config.outbox_max_bytes)
+        self.store = PredictionStore(config.data_dir / "predictions.db",
+                                     horizon_s=config.predictions_horizon_days * 86400.0,
+                                     max_rows=config.predictions_max_rows,
+                                     max_bytes=config.predictions_max_bytes, clock=clock)
         self.agent = Agent(self.device, window_rows=config.window_rows, clock=clock,
-                           shadow_queue_rows=config.shadow_queue_rows)
+                           shadow_queue_rows=config.shadow_queue_rows, store=self.store)
         self.downloader = Downloader(config.server_url, config.token,
                                      max_bytes=config.download_max_bytes,
                                      timeout_s=config.download_timeout_s,
@@ -117,7 +139,8 @@ class AgentDaemon:
             username=config.username, password=config.broker_password, tls_ca=config.tls_ca,
             keepalive=config.keepalive_s, will_topic=topic(self.device, "status"),
             will_payload=encode(self._status("offline")),
-            subscriptions=(topic(self.device, "desired"), topic(self.device, "ack")),
+            subscriptions=(topic(self.device, "desired"), topic(self.device, "ack"),
+                           topic(self.device, "outcomes")),
             reconnect_max_delay=config.reconnect_max_delay_s,
             confirm_timeout=config.confirm_timeout_s),
             self.outbox, self._on_message, on_connect=self._on_connect)
@@ -143,6 +166,9 @@ class AgentDaemon:
         self._last_checkpoint = self._last_served = 0.0
         self._served_saved: tuple[float, int] | None = None
         self._started = False
+        self._outcome_q: queue.Queue[Outcomes | None] = queue.Queue(_OUTCOME_QUEUE)
+        self.outcome_batches_dropped = 0  # the queue was full: the server sends them again
+        self._last_evict = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -157,7 +183,8 @@ class AgentDaemon:
         if self.http is not None:
             self.http.start()
         for target, name in ((self._tick_main, "agent-ticker"),
-                             (self._reconcile_main, "agent-reconciler")):
+                             (self._reconcile_main, "agent-reconciler"),
+                             (self._outcomes_main, "agent-outcomes")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -172,6 +199,7 @@ class AgentDaemon:
         self._stop.set()
         with self._desired_lock:
             self._desired_lock.notify_all()
+        self._outcome_q.put(None)
         for thread in self._threads:
             thread.join(10)
         self._threads.clear()
@@ -185,6 +213,7 @@ class AgentDaemon:
         self.link.stop()
         self.agent.close()
         self.outbox.close()
+        self.store.close()
 
     def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop cleanly."""
@@ -269,6 +298,14 @@ class AgentDaemon:
             for stream, upto in message.acked.items():
                 self.link.confirm(stream, upto)
             return
+        if isinstance(message, Outcomes):
+            try:
+                self._outcome_q.put_nowait(message)
+            except queue.Full:
+                self.outcome_batches_dropped += 1
+                log.warning("outcome batch %d dropped: %d batches wait already (the server "
+                            "sends it again)", message.batch, _OUTCOME_QUEUE)
+            return
         if not isinstance(message, DesiredState):
             return
         with self._desired_lock:
@@ -277,6 +314,38 @@ class AgentDaemon:
 
     def _on_connect(self) -> None:
         self.link.publish_retained(topic(self.device, "status"), encode(self._status("online")))
+        try:
+            applied = self.store.applied_batch
+        except PredictionStoreError as exc:
+            log.error("could not read the last applied outcome batch: %s", exc)
+            return
+        # only once outcomes have come: a broker whose ACL predates outcome routing refuses
+        # the receipt topic, and Mosquitto closes the connection after a refused publish
+        if applied:
+            self._receipt(applied)
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def _outcomes_main(self) -> None:
+        while True:
+            batch = self._outcome_q.get()
+            if batch is None:
+                return
+            try:
+                counts, applied = self.agent.apply_outcome_batch(batch)
+            except Exception:  # a full disk: no receipt, so the server sends it again
+                log.exception("could not apply outcome batch %d", batch.batch)
+                continue
+            if counts is not None:
+                log.info("outcome batch %d applied: %s", batch.batch, counts.to_dict())
+            elif batch.batch > applied:
+                log.info("outcome batch %d ignored: batch %d is the next one", batch.batch,
+                         applied + 1)
+            self._receipt(applied)
+
+    def _receipt(self, applied: int) -> None:
+        receipt = Receipt(self.device, applied, self._clock())
+        self.link.publish_now(receipt.topic, encode(receipt), qos=1)
 
     def _status(self, state: str) -> Status:
         model, shadow = self.agent.model, self.agent.shadow
@@ -304,6 +373,9 @@ class AgentDaemon:
                 if now - self._last_heartbeat >= self.config.heartbeat_s:
                     self._last_heartbeat = now
                     self._heartbeat(now)
+                if now - self._last_evict >= _EVICT_S:
+                    self._last_evict = now
+                    self.store.evict(now)
             except Exception:  # the ticker must outlive any one failure
                 log.exception("ticker step failed")
                 time.sleep(_TICK_S)
@@ -391,9 +463,20 @@ class AgentDaemon:
             extra["lost_rows"] = window.errors.get("lost_rows", 0) + self.lost_rows
         if extra:
             window = replace(window, errors={**window.errors, **extra})
+        claims: dict[int, Claim | None] = {}
 
         def build(seq: int, floor: int) -> bytes:
-            return encode(replace(window.summary(self.device, seq, self.outbox.dropped),
+            # inside the outbox's transaction that stores summary `seq`: the outcomes joined
+            # since the last summary are marked with `seq` (see edge_agent.predictions)
+            if seq not in claims:
+                try:
+                    claims[seq] = self.store.claim(seq)
+                except PredictionStoreError as exc:
+                    log.error("outcomes wait for a later summary: %s", exc)
+                    claims[seq] = None
+            claim = claims[seq]
+            full = window if claim is None else with_claim(window, claim)
+            return encode(replace(full.summary(self.device, seq, self.outbox.dropped),
                                   floor=floor))
 
         try:
@@ -606,12 +689,21 @@ class AgentDaemon:
             "window_rows": self.agent.window_rows_so_far, "outbox_depth": self.outbox.depth,
             "outbox_unconfirmed": self.link.unconfirmed, "lost_rows": self.lost_rows,
             "outbox_dropped": self.outbox.dropped, "connected": self.link.connected,
+            "outcomes": self.store.totals.to_dict(), "predictions_stored": self.store.rows,
+            "outcome_batch": self._applied_batch(),
             "revision": self.slots.state.revision, "rss_bytes": _rss_bytes(),
             "last_report": None if self.last_outcome is None else {
                 "outcome": self.last_outcome.outcome,
                 "bundle": self.last_outcome.bundle.label,
                 "reason": self.last_outcome.reason},
         }
+
+
+    def _applied_batch(self) -> int | None:
+        try:
+            return self.store.applied_batch
+        except PredictionStoreError:
+            return None
 
 
 _CHECKPOINT, _SERVED = "window", "served"  # outbox state names

@@ -3,22 +3,32 @@
 Standard library only (``http.server``): a device should not carry a web framework for two
 routes. It listens on 127.0.0.1 by default; it is not an internet-facing server.
 
-    POST /predict   {"rows": [{feature: value, ...}, ...]}  or  {"row": {...}}
-                    (rows may also be lists in schema order)
-                    → 200 {"bundle": "name@version", "predictions": [{"label": ..,
-                       "probabilities": {class: p, ..}} | {"value": ..}, ...]}
+    POST /predict   {"rows": [{feature: value, ...}, ...], "ids"?: [id, ...]}
+                    or  {"row": {...}, "id"?: id}
+                    (rows may also be lists in schema order; ids are the caller's own
+                    prediction ids, one per row, else the agent makes them)
+                    → 200 {"bundle": "name@version", "predictions": [{"id": ..,
+                       "label": .., "probabilities": {class: p, ..}} | {"id": ..,
+                       "value": ..}, ...]}
                     (for "row": {"bundle": .., "prediction": {...}})
     POST /explain   {"row": {...}} → 200 {"bundle", "method", "why", "baseline", "score",
                        "value", "baseline_value", "prediction", "contributions": [
                        {"feature", "value", "baseline", "contribution"}, ...]}
                     (:mod:`edge_agent.explain`; the same errors as /predict)
+    POST /outcomes  {"outcomes": [{"id": prediction id, "label": true label}, ...]}
+                    (at most MAX_OUTCOMES_PER_CALL; all applied or none)
+                    → 200 {"counts": {"joined": n, "unknown": n, "expired": n,
+                       "duplicate": n, "bad_label": 0}}
     GET  /health    → 200 (serving) or 503 (no model yet) with the agent's health
 
-Errors are JSON ``{"error": {"type", "message", "feature"?, "row"?}}`` with 400 for a
-refused input (naming the feature), 413 for a body over the limit, 415 for a body that is
-not JSON, 404/405 for other paths and methods, 503 when no model is installed and 500 when
-the model fails at run time. A request can never take the agent down: every handler error
-becomes a 500 and is logged.
+Errors are JSON ``{"error": {"type", "message", "feature"?, "row"?, "field"?, "id"?}}``
+with 400 for a refused input (naming the feature), bad prediction ids (``field`` "ids" and
+the ``row``), a malformed outcome (``field``) or a label outside the bundle's classes
+(type ``OutcomeLabelError``, naming the ``id``; nothing of the call is applied), 413 for a
+body over the limit, 415 for a body that is not JSON, 404/405 for other paths and
+methods, 503 when no model is installed (or no prediction store keeps predictions for
+outcomes) and 500 when the model fails at run time. A request can never take the agent
+down: every handler error becomes a 500 and is logged.
 
 This module does not validate rows itself (the agent does) and never serves outside the
 host and port it is given.
@@ -34,12 +44,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from edge_agent.agent import Agent, NoModelError
+from edge_agent.errors import (
+    OutcomeError,
+    OutcomeLabelError,
+    PredictionIdError,
+    PredictionStoreError,
+)
 from edge_agent.model import PredictError
-from edgefleet.contract.errors import InputError
+from edgefleet.contract.errors import InputError, SchemaError
+from edgefleet.contract.messages import Outcome
 
-__all__ = ["LocalServer"]
+__all__ = ["MAX_OUTCOMES_PER_CALL", "LocalServer"]
 
 log = logging.getLogger(__name__)
+
+MAX_OUTCOMES_PER_CALL = 10_000
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -83,7 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post(self) -> None:
         route = self.path.split("?")[0]
-        if route not in ("/predict", "/explain"):
+        if route not in ("/predict", "/explain", "/outcomes"):
             self._drain()
             self._error(404, "NotFound", f"no route {self.path[:100]!r}")
             return
@@ -106,17 +125,29 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if route == "/explain":
             self._explain(doc)
-            return
+        elif route == "/outcomes":
+            self._outcomes(doc)
+        else:
+            self._predict(doc)
+
+    def _predict(self, doc: Any) -> None:
         single = isinstance(doc, dict) and "row" in doc and "rows" not in doc
         rows = [doc["row"]] if single else doc.get("rows") if isinstance(doc, dict) else None
         if rows is None:
             self._error(400, "InputError", 'expected {"rows": [...]} or {"row": {...}}')
             return
+        ids = doc.get("ids")
+        if single and "id" in doc:
+            ids = [doc["id"]]
         agent = self.server.agent
         try:
-            result = agent.predict(rows)
+            result = agent.predict(rows, ids)
         except InputError as exc:
             self._error(400, "InputError", str(exc), feature=exc.feature, row=exc.row)
+            return
+        except PredictionIdError as exc:
+            self._error(400, "PredictionIdError", str(exc), field="id" if single else "ids",
+                        row=exc.row)
             return
         except NoModelError as exc:
             self._error(503, "NoModel", str(exc))
@@ -147,6 +178,37 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, "PredictError", str(exc))
             return
         self._send(200, answer.to_dict())
+
+    def _outcomes(self, doc: Any) -> None:
+        items = doc.get("outcomes") if isinstance(doc, dict) else None
+        if not isinstance(items, list):
+            self._error(400, "SchemaError", 'expected {"outcomes": [{"id": .., "label": ..}]}',
+                        field="outcomes")
+            return
+        if len(items) > MAX_OUTCOMES_PER_CALL:
+            self._error(400, "SchemaError", f"{len(items)} outcomes; at most "
+                        f"{MAX_OUTCOMES_PER_CALL} per call", field="outcomes")
+            return
+        try:
+            outcomes = [Outcome.from_dict(o, f"outcomes[{i}]") for i, o in enumerate(items)]
+        except SchemaError as exc:
+            self._error(400, "SchemaError", str(exc), field=exc.field)
+            return
+        try:
+            counts = self.server.agent.record_outcomes(outcomes)
+        except OutcomeLabelError as exc:
+            self._error(400, "OutcomeLabelError", str(exc), id=exc.id)
+            return
+        except OutcomeError as exc:
+            status = 400 if exc.id is not None else 503
+            self._error(status, "OutcomeError", str(exc), id=exc.id)
+            return
+        except PredictionStoreError as exc:
+            log.error("outcomes not recorded: %s", exc)
+            self._error(500, "PredictionStoreError", "the prediction store failed; see the "
+                        "agent's log")
+            return
+        self._send(200, {"counts": counts.to_dict()})
 
     def _drain(self) -> None:
         length = self.headers.get("Content-Length")

@@ -54,9 +54,11 @@ def test_predict_and_health(served, model):
     agent.activate(model)
     status, body = call(server, "POST", "/predict", {"rows": ROWS})
     assert status == 200 and body["bundle"] == "sensor@1.0.0"
-    want = agent.predict(ROWS).rows(model.classes)
+    ids = [p["id"] for p in body["predictions"]]
+    assert len(set(ids)) == len(ROWS)  # every row has its own id
+    want = agent.predict(ROWS, ids=ids).rows(model.classes)
     assert body["predictions"] == want
-    status, body = call(server, "POST", "/predict", {"row": ROWS[0]})
+    status, body = call(server, "POST", "/predict", {"row": ROWS[0], "id": ids[0]})
     assert status == 200 and body["prediction"] == want[0]
     assert call(server, "GET", "/health") == (200, {"bundle": "sensor@1.0.0"})
 

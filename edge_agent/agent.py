@@ -18,6 +18,17 @@ therefore pays no numpy pass of its own beyond building the model's input tensor
 candidate runs on its own worker thread on the same checked inputs; its answers are
 compared with the live ones and never returned.
 
+Every served row gets a prediction id (the caller's, or ``<random prefix>-<counter>``).
+The same background worker, after profiling a chunk, folds it into the window's
+:class:`~edgefleet.contract.performance.Estimated` block (CBPE sums over the calibrated
+confidences: the bundle's calibration map when it has one, raw probabilities otherwise)
+and writes its predictions to the :class:`~edge_agent.predictions.PredictionStore`, where
+outcomes that come later join them (:meth:`Agent.record_outcomes`,
+:meth:`Agent.apply_outcome_batch`). The joined rows leave the store as realized blocks
+attributed to the bundle that made the predictions (:func:`with_claim`), in the summary
+whose sequence number claimed them. Rows served while the model was being switched are
+answered (with ids) but neither profiled nor stored.
+
 Windows close by time or by rows: :attr:`Agent.window_due` is set when the row bound is
 reached, and the owner (the daemon, or a library user) calls :meth:`close_window`.
 
@@ -49,8 +60,15 @@ from edge_agent.errors import (
 )
 from edge_agent.explain import Explanation, explainer_for
 from edge_agent.model import LoadedModel, Outputs, PredictError, concat_outputs
-from edge_agent.predictions import Claim, OutcomeCounts, PredictionStore
-from edgefleet.contract.errors import InputError
+from edge_agent.predictions import (
+    BundleRows,
+    Claim,
+    OutcomeCounts,
+    PredictionStore,
+    class_indices,
+    class_keys,
+)
+from edgefleet.contract.errors import InputError, SchemaError
 from edgefleet.contract.inputs import Batch
 from edgefleet.contract.messages import (
     ID_RE,
@@ -60,6 +78,14 @@ from edgefleet.contract.messages import (
     Outcomes,
     ShadowStats,
     Summary,
+)
+from edgefleet.contract.performance import (
+    ERROR_EDGES,
+    MAX_ENTRIES,
+    Estimated,
+    PerformanceEntry,
+    PerformanceSpec,
+    Realized,
 )
 from edgefleet.contract.profile import Profile, to_wire
 
@@ -114,28 +140,64 @@ class Window:
     latency_counts: tuple[int, ...]
     errors: dict[str, int] = field(default_factory=dict)
     shadow: ShadowStats | None = None
+    # the window's estimate (live bundle), then realized blocks (see with_claim)
+    performance: tuple[PerformanceEntry, ...] = ()
 
     def summary(self, device: str, seq: int, dropped: int = 0) -> Summary:
         return Summary(device, seq, self.bundle, self.start, self.end, self.profile,
-                       self.latency_counts, dict(self.errors), self.shadow, dropped)
+                       self.latency_counts, dict(self.errors), self.shadow, dropped,
+                       performance=self.performance)
 
 
 MAX_ERROR_KEYS = 32  # a summary's errors dict holds at most this many counters
 
 
 def with_claim(window: Window, claim: Claim) -> Window:
-    """``window`` with what the prediction store claimed for its summary: the outcome
-    counters as ``errors["outcome_<reason>"]``.
+    """``window`` with what the prediction store claimed for its summary: a realized
+    performance block per bundle whose predictions got labels (attributed to the bundle
+    that made them, merged into the live bundle's entry when it is that one), and the
+    outcome counters as ``errors["outcome_<reason>"]``.
 
     The counters fit in :data:`MAX_ERROR_KEYS` with the window's own: the window's keep
     their place and the outcome counters come first among what would not fit.
     """
     errors = dict(window.errors)
+    entries = {e.bundle: e for e in window.performance}
+    for rows in claim.bundles:
+        try:
+            realized = _realized(rows)
+        except Exception:  # a bug, not the data: count it, and the summary still goes
+            log.exception("the labelled rows of %s cannot be reported", rows.bundle.label)
+            errors["performance"] = errors.get("performance", 0) + 1
+            continue
+        known = entries.get(rows.bundle)
+        entries[rows.bundle] = PerformanceEntry(rows.bundle, realized.to_wire(),
+                                                None if known is None else known.estimated)
     for reason, n in (claim.counts or {}).items():
         key = f"outcome_{reason}"
         if key in errors or len(errors) < MAX_ERROR_KEYS:
             errors[key] = errors.get(key, 0) + n
-    return replace(window, errors=dict(sorted(errors.items())))
+    return replace(window, errors=dict(sorted(errors.items())),
+                   performance=tuple(entries.values())[:MAX_ENTRIES])
+
+
+def performance_spec(task: str, classes: Sequence[Any]) -> PerformanceSpec:
+    """The spec of a bundle's performance blocks from its task and classes (what the
+    prediction store keeps of a bundle the device may no longer have)."""
+    if task == "regression":
+        return PerformanceSpec("regression", (), ERROR_EDGES)
+    return PerformanceSpec("classification", tuple(classes))
+
+
+def _realized(rows: BundleRows) -> Realized:
+    block = Realized(performance_spec(rows.task, rows.classes))
+    if rows.task == "regression":
+        block.add(rows.predicted, rows.truth, None, rows.delays_s)
+        return block
+    ok = rows.predicted >= 0  # a predicted label outside the classes has no index
+    block.add(rows.predicted[ok], rows.truth[ok],
+              None if rows.scores is None else rows.scores[ok], rows.delays_s[ok])
+    return block
 
 
 class _Open:
@@ -148,6 +210,14 @@ class _Open:
         self.rows = 0
         self.profile = Profile(model.spec)
         self.store = store  # where served rows go (the store, this bundle's number in it)
+        self.keys = class_keys(model.classes)
+        self.calibration = model.manifest.calibration
+        try:
+            self.estimated: Estimated | None = Estimated(
+                PerformanceSpec.from_manifest(model.manifest), self.calibration is not None)
+        except SchemaError as exc:  # a classifier without two classes: nothing to estimate
+            log.warning("%s: no performance estimate: %s", model.label, exc)
+            self.estimated = None
         self.lock = threading.Lock()
         self.cells: list[list[Any]] = []  # single rows not yet handed to the worker
         self.cell_outputs: list[Outputs] = []
@@ -209,22 +279,57 @@ class _Open:
                           model.label)
             self.errors["profile"] = self.errors.get("profile", 0) + 1
             return
-        if self.store is not None:
-            self._keep(outputs, ids, times)
-
-    def _keep(self, outputs: Outputs, ids: Sequence[str], times: Any) -> None:
-        """Write the chunk's predictions to the prediction store (the worker's job)."""
-        store, bundle = self.store
         try:
-            proba = outputs.probabilities
             if self.model.task == "regression":
                 predicted = np.asarray(outputs.values, dtype=np.float64).reshape(-1)
             elif outputs.labels is not None:
-                predicted = store.class_index(bundle, outputs.labels)
+                predicted = class_indices(self.keys, outputs.labels)
             else:
-                predicted = np.asarray(proba).argmax(axis=1)
+                predicted = np.asarray(outputs.probabilities).argmax(axis=1)
+            if self.estimated is not None:
+                self._estimate(outputs.probabilities, predicted)
+        except Exception:  # an estimation bug must never take serving down
+            log.exception("estimating the performance of %s failed", model.label)
+            self.errors["estimate"] = self.errors.get("estimate", 0) + 1
+            return
+        if self.store is not None:
+            self._keep(outputs, ids, times, predicted)
+
+    def _estimate(self, proba: np.ndarray | None, predicted: np.ndarray) -> None:
+        """Fold the chunk into the window's CBPE sums (see edgefleet.contract.performance):
+        calibrated P(classes[1]) (binary) or top-class probability, with the bundle's
+        calibration map when it has one, else the raw probabilities."""
+        estimated = self.estimated
+        spec = estimated.spec
+        if spec.task == "regression":
+            estimated.add(None, predicted)
+            return
+        if proba is None:
+            return  # a classifier without probabilities: nothing to estimate from
+        ok = predicted >= 0
+        proba = np.asarray(proba, dtype=np.float64)
+        pred = predicted
+        if not ok.all():
+            proba, pred = proba[ok], predicted[ok]
+        cal = self.calibration
+        if spec.binary:
+            if cal is None or cal.target == "positive":
+                p = proba[:, 1] if cal is None else cal.apply(proba[:, 1])
+            else:  # the top class calibrated: back to P(classes[1])
+                q = cal.apply(proba.max(axis=1))
+                p = np.where(pred == 1, q, 1.0 - q)
+        else:
+            top = proba.max(axis=1)
+            p = cal.apply(top) if cal is not None and cal.target == "top" else top
+        estimated.add(np.clip(p, 0.0, 1.0), pred)
+
+    def _keep(self, outputs: Outputs, ids: Sequence[str], times: Any,
+              predicted: np.ndarray) -> None:
+        """Write the chunk's predictions to the prediction store (the worker's job)."""
+        store, bundle = self.store
+        try:
             repeated = store.add(bundle, ids, times if isinstance(times, float)
-                                 else np.asarray(times), predicted, proba)
+                                 else np.asarray(times), predicted, outputs.probabilities)
             if repeated:
                 self.errors["duplicate_id"] = self.errors.get("duplicate_id", 0) + repeated
         except Exception:  # a full disk must never take serving down
@@ -406,9 +511,7 @@ class Agent:
             if ids is None:
                 first = self._id_next
                 self._id_next += n
-                prefix = self._id_prefix
-                ids = [prefix + format(first, "x")] if n == 1 else \
-                    [prefix + format(i, "x") for i in range(first, first + n)]
+                ids = new_ids(self._id_prefix, first, n)
             window = self._window
             if window is None or window.model is not model:
                 return ids  # the model was switched while this call ran: served, not profiled
@@ -499,7 +602,8 @@ class Agent:
         """Close the current window and start the next; None if it was empty.
 
         An empty window (no rows, no errors, no shadow rows) is not reported: its start
-        moves to ``now``, so the next report covers only time with traffic.
+        moves to ``now``, so the next report covers only time with traffic. A window
+        without rows is reported when outcomes wait in the prediction store, to carry them.
         """
         now = self._clock() if now is None else now
         self.window_due.clear()
@@ -507,7 +611,7 @@ class Agent:
             old = self._window
             if old is None:
                 return None
-            if old.empty():
+            if old.empty() and (self.store is None or not self.store.waiting):
                 old.start = now
                 return None
             self._window = _Open(old.model, now, old.store)
@@ -532,7 +636,7 @@ class Agent:
                 return self._value(window, now)
 
     def _close(self, old: _Open | None, now: float) -> Window | None:
-        if old is None or old.empty():
+        if old is None or (old.empty() and (self.store is None or not self.store.waiting)):
             return None
         old.finish()
         return self._value(old, now)
@@ -543,9 +647,12 @@ class Agent:
         if old.shadow_ref is not None:
             shadow = ShadowStats(old.shadow_ref, old.shadow_rows, old.shadow_agreed,
                                  tuple(old.shadow_latency), old.shadow_errors)
+        estimate = ()
+        if old.estimated is not None and old.estimated.n:
+            estimate = (PerformanceEntry(old.model.ref, None, old.estimated.to_wire()),)
         return Window(old.model.ref, old.start, max(now, old.start), old.rows,
                       to_wire(old.profile), tuple(old.latency), dict(sorted(old.errors.items())),
-                      shadow)
+                      shadow, estimate)
 
     @property
     def window_start(self) -> float | None:
@@ -677,6 +784,14 @@ class Agent:
         self._shadow_q.put(None)
         for worker in self._workers:
             worker.join(5)
+
+
+def new_ids(prefix: str, first: int, n: int) -> list[str]:
+    """Agent-made prediction ids ``<prefix><counter in hex>`` for ``n`` rows from ``first``
+    (on the request path: one string format per row)."""
+    if n == 1:
+        return [f"{prefix}{first:x}"]
+    return [f"{prefix}{i:x}" for i in range(first, first + n)]
 
 
 def _check_ids(ids: Any) -> list[str]:

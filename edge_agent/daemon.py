@@ -437,7 +437,8 @@ class AgentDaemon:
                 if served_start == checkpoint.window_start else 0
             window = Window(checkpoint.bundle, checkpoint.window_start, checkpoint.window_end,
                             checkpoint.rows, checkpoint.profile, checkpoint.latency_counts,
-                            dict(checkpoint.errors), checkpoint.shadow)
+                            dict(checkpoint.errors), checkpoint.shadow,
+                            checkpoint.performance)
             self.lost_rows += lost
             self.restored = window
             log.warning("restored the window checkpointed at %.0f (%d rows); %d row(s) served "

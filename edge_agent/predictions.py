@@ -66,14 +66,18 @@ import numpy as np
 
 from edge_agent.errors import OutcomeLabelError, PredictionStoreError
 from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.performance import MAX_ENTRIES
 
-__all__ = ["REASONS", "BundleRows", "Claim", "OutcomeCounts", "PredictionStore"]
+__all__ = ["REASONS", "BundleRows", "Claim", "OutcomeCounts", "PredictionStore",
+           "class_indices", "class_keys"]
 
 log = logging.getLogger(__name__)
 
 REASONS = ("unknown", "expired", "duplicate", "bad_label")  # the refusals, counted
 ROW_OVERHEAD = 48  # bytes a row costs beyond its id and probabilities (an estimate)
-MAX_BUNDLES_PER_CLAIM = 8  # one summary carries at most this many bundles' labelled rows
+# one summary carries at most this many bundles' labelled rows, and the live bundle's
+# estimate beside them: MAX_ENTRIES performance entries in all
+MAX_BUNDLES_PER_CLAIM = MAX_ENTRIES - 1
 _EVICT_BATCH = 2000
 
 _SCHEMA = """
@@ -188,6 +192,25 @@ def _key(label: Any) -> str | None:
     return None
 
 
+def class_keys(classes: Sequence[Any]) -> dict[str, int]:
+    """Label key -> class index, for :func:`class_indices` and the outcome checks."""
+    index: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        key = _key(c)
+        if key is not None:
+            index.setdefault(key, i)
+    return index
+
+
+def class_indices(keys: dict[str, int], labels: np.ndarray) -> np.ndarray:
+    """The class indices (int64) of predicted labels, vectorised; -1 for a label that is
+    not a class."""
+    labels = np.asarray(labels).reshape(-1)
+    uniques, inverse = np.unique(labels, return_inverse=True)
+    mapped = np.array([keys.get(_key(u.item()) or "", -1) for u in uniques], dtype=np.int64)
+    return mapped[inverse.reshape(-1)]
+
+
 class PredictionStore:
     """Recent predictions and their outcomes in one SQLite file (see the module docstring).
 
@@ -233,6 +256,9 @@ class PredictionStore:
             rows, size = conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(id) + COALESCE(LENGTH(proba), 0)), 0) "
                 "FROM predictions").fetchone()
+            # anything left from before (perhaps claimed by a summary that was stored)
+            (waiting,) = conn.execute("SELECT EXISTS (SELECT 1 FROM joined) OR "
+                                      "EXISTS (SELECT 1 FROM counts)").fetchone()
         except (sqlite3.Error, ValueError) as exc:
             conn.close()
             raise PredictionStoreError(f"{path}: not a usable prediction store: {exc}") \
@@ -240,16 +266,12 @@ class PredictionStore:
         self._conn: sqlite3.Connection | None = conn
         self._rows = int(rows)
         self._bytes = int(size) + ROW_OVERHEAD * self._rows
+        self._waiting = bool(waiting)
 
     # -- bundles -------------------------------------------------------------------------
 
     def _remember(self, bid: int, ref: BundleRef, task: str, classes: tuple[Any, ...]) -> None:
-        index = {}
-        for i, c in enumerate(classes):
-            key = _key(c)
-            if key is not None:
-                index.setdefault(key, i)
-        self._bundles[bid] = _Bundle(ref, task, classes, index)
+        self._bundles[bid] = _Bundle(ref, task, classes, class_keys(classes))
         self._ids[(ref.name, ref.version, ref.sha256)] = bid
 
     def register(self, ref: BundleRef, task: str, classes: Sequence[Any]) -> int:
@@ -274,15 +296,6 @@ class PredictionStore:
             bid = int(cur.lastrowid)
             self._remember(bid, BundleRef(*key), task, tuple(classes))
             return bid
-
-    def class_index(self, bundle: int, labels: np.ndarray) -> np.ndarray:
-        """The class indices (int64) of predicted labels of ``bundle``; -1 for none."""
-        info = self._bundles[bundle]
-        labels = np.asarray(labels).reshape(-1)
-        uniques, inverse = np.unique(labels, return_inverse=True)
-        mapped = np.array([info.index.get(_key(u.item()), -1) for u in uniques],
-                          dtype=np.int64)
-        return mapped[inverse.reshape(-1)]
 
     # -- predictions (the profiling worker) -----------------------------------------------
 
@@ -360,6 +373,10 @@ class PredictionStore:
 
     def _evict(self, conn: sqlite3.Connection, now: float) -> int:
         cutoff = now - self.horizon_s
+        if self._rows <= self.max_rows and self._bytes <= self.max_bytes:
+            oldest = conn.execute("SELECT t FROM predictions ORDER BY rowid LIMIT 1").fetchone()
+            if oldest is None or oldest[0] >= cutoff:
+                return 0  # the common case: within every bound
         gone = 0
         while self._rows > 0:
             batch = conn.execute(
@@ -415,6 +432,7 @@ class PredictionStore:
             finally:
                 _normal(conn)
             self.totals += counts
+            self._waiting = self._waiting or counts != OutcomeCounts()
         return counts
 
     def apply_batch(self, batch: int, outcomes: Iterable[tuple[str, Any]], *,
@@ -447,6 +465,7 @@ class PredictionStore:
             finally:
                 _normal(conn)
             self.totals += counts
+            self._waiting = self._waiting or counts != OutcomeCounts()
         return counts, batch
 
     @property
@@ -533,11 +552,16 @@ class PredictionStore:
                 conn.execute("DELETE FROM joined WHERE report_seq BETWEEN 1 AND ?", (seq - 1,))
                 conn.execute("DELETE FROM counts WHERE report_seq BETWEEN 1 AND ?", (seq - 1,))
                 open_rows = "(report_seq = 0 OR report_seq >= ?)"
+                # the bundles an earlier claim of this seq took come first, so a retry
+                # never leaves rows marked with a seq whose summary does not carry them
                 chosen = [b for (b,) in conn.execute(
                     f"SELECT bundle FROM joined WHERE {open_rows} GROUP BY bundle "
-                    "ORDER BY MIN(rowid) LIMIT ?", (seq, MAX_BUNDLES_PER_CLAIM))]
+                    "ORDER BY MAX(report_seq = ?) DESC, MIN(rowid) LIMIT ?",
+                    (seq, seq, MAX_BUNDLES_PER_CLAIM))]
+                marks = ",".join("?" * len(chosen))
+                conn.execute(f"UPDATE joined SET report_seq = 0 WHERE report_seq >= ? "
+                             f"AND bundle NOT IN ({marks})", (seq, *chosen))
                 if chosen:
-                    marks = ",".join("?" * len(chosen))
                     conn.execute(f"UPDATE joined SET report_seq = ? WHERE {open_rows} "
                                  f"AND bundle IN ({marks})", (seq, seq, *chosen))
                 sums = conn.execute(f"SELECT reason, SUM(n) FROM counts WHERE {open_rows} "
@@ -547,6 +571,8 @@ class PredictionStore:
                                  [(r, seq, int(n)) for r, n in sums])
                 rows = conn.execute("SELECT bundle, pred, truth, proba, delay FROM joined "
                                     "WHERE report_seq = ? ORDER BY rowid", (seq,)).fetchall()
+                (more,) = conn.execute("SELECT EXISTS (SELECT 1 FROM joined WHERE "
+                                       "report_seq = 0)").fetchone()
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(conn)
@@ -554,6 +580,7 @@ class PredictionStore:
                                            f"summary {seq}: {exc}") from exc
             finally:
                 _normal(conn)
+            self._waiting = bool(more)
         return Claim(seq, self._arrays(rows), {r: int(n) for r, n in sorted(sums)} or None)
 
     def _arrays(self, rows: list[tuple]) -> tuple[BundleRows, ...]:
@@ -588,6 +615,12 @@ class PredictionStore:
     def bytes(self) -> int:
         """Bytes the stored predictions count for against ``max_bytes``."""
         return self._bytes
+
+    @property
+    def waiting(self) -> bool:
+        """Whether outcomes (joined rows or counters) wait for a summary: a window with
+        no rows is then still reported, to carry them."""
+        return self._waiting
 
     def unreported(self) -> int:
         """Joined rows no summary has claimed yet."""

@@ -162,3 +162,52 @@ def test_kill_mid_install_keeps_the_old_model(setup, bundles):
     wait_until(lambda: any(r.outcome == "installed" and r.revision == 2
                            for r in fleet.of(Report)), 10, "the installed report")
     assert online(fleet)
+
+
+def post(port: int, path: str, body: dict) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", path, body=json.dumps(body))
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_kill_after_outcomes_reports_each_joined_outcome_exactly_once(setup, bundles):
+    from edgefleet.contract.bundle import read_unverified
+    from edgefleet.contract.performance import PerformanceSpec, Realized
+
+    _broker, fleet, downloads, agent, port, _data_dir = setup
+    path = bundles.build("1.0.0")
+    spec = PerformanceSpec.from_manifest(read_unverified(path.read_bytes()).manifest)
+    fleet.desire("dev1", 1, downloads.add(path))
+
+    def reported() -> int:
+        unique = {s.seq: s for s in fleet.of(Summary)}.values()  # a resend counts once
+        return sum(Realized.from_wire(spec, e.realized).n for s in unique
+                   for e in s.performance if e.realized is not None)
+
+    data = sensor_data(60, seed=6)
+    joined = 0
+    for round_ in range(4):
+        agent.start()
+        wait_until(lambda: (health(port) or {}).get("bundle") == "sensor@1.0.0", 20,
+                   f"the agent to serve {agent.stderr()}")
+        ids = [f"r{round_}-{i}" for i in range(60)]
+        status, body = post(port, "/predict", {"rows": data[list(FEATURES)]
+                                               .to_dict("records"), "ids": ids})
+        assert status == 200 and [p["id"] for p in body["predictions"]] == ids
+        outcomes = [{"id": i, "label": int(t)} for i, t in zip(ids[:40], data["fault"],
+                                                               strict=False)]
+        status, body = post(port, "/outcomes", {"outcomes": outcomes})
+        assert status == 200, body
+        joined += body["counts"]["joined"]
+        if round_ % 2:  # at a window's close or soon before it, whatever the machine's speed
+            wait_until(lambda upto=joined - 40: reported() >= upto, 10, "earlier rounds reported")
+        agent.kill()  # SIGKILL: joined outcomes may be claimed, stored, or neither
+    assert joined == 160
+    agent.start()
+    wait_until(lambda: reported() >= joined, 20, "every joined outcome in a summary")
+    wait_until(lambda: (health(port) or {}).get("outbox_depth") == 0, 10, "the outbox to drain")
+    assert reported() == joined, "a joined outcome was reported twice"

@@ -16,7 +16,8 @@ from edge_agent.httpapi import LocalServer
 from edge_agent.model import LoadedModel
 from edge_agent.predictions import OutcomeCounts, PredictionStore
 from edgefleet.contract.bundle import verify_bundle
-from edgefleet.contract.messages import ID_RE, Outcome
+from edgefleet.contract.messages import ID_RE, Outcome, decode, encode
+from edgefleet.contract.performance import Estimated, PerformanceSpec, Realized
 from edgefleet.contract.signing import TrustStore
 from tests.bundles import FEATURES, sensor_data
 
@@ -212,3 +213,167 @@ def test_http_refusals_name_the_field(agent, server, load, path, body, kind, whe
     assert status == 400 and got["error"]["type"] == kind, got
     assert got["error"][where[0]] == where[1]
     assert agent.store.unreported() == 0
+
+
+# -- performance blocks in the summary ---------------------------------------------------
+
+
+def summary_of(window, claim):
+    """The summary a daemon would store for ``window`` with ``claim``, through the wire."""
+    message = with_claim(window, claim).summary("dev-1", claim.seq)
+    return decode(message.topic, encode(message))
+
+
+def test_realized_metrics_from_the_summaries_equal_sklearns(agent, load):
+    from sklearn import metrics as sk
+
+    model = load()
+    agent.activate(model)
+    data, truth = labelled(400, seed=12)
+    result = agent.predict(data)
+    ids = list(result.ids)
+    predicted = np.asarray(result.labels).astype(int)
+    picked = sorted({*range(0, 400, 3), *range(1, 400, 7)})
+    agent.record_outcomes((ids[i], truth[i]) for i in picked[:100])
+    first = summary_of(agent.close_window(), agent.store.claim(1))
+    agent.record_outcomes((ids[i], truth[i]) for i in picked[100:])
+    second = summary_of(agent.close_window(), agent.store.claim(2))
+    spec = PerformanceSpec.from_manifest(model.manifest)
+    blocks = [Realized.from_wire(spec, e.realized) for s in (first, second)
+              for e in s.performance if e.realized is not None]
+    merged = blocks[0].copy().merge(blocks[1])
+    y, p = np.asarray(truth)[picked], predicted[picked]
+    assert merged.n == len(picked)
+    np.testing.assert_array_equal(merged.confusion(), sk.confusion_matrix(y, p))
+    got = merged.metrics()
+    assert got["accuracy"].value == pytest.approx(sk.accuracy_score(y, p), abs=1e-12)
+    for c in (0, 1):
+        for name, fn in (("precision", sk.precision_score), ("recall", sk.recall_score),
+                         ("f1", sk.f1_score)):
+            assert got[f"{name}[{c}]"].value == pytest.approx(fn(y, p, pos_label=c),
+                                                                abs=1e-12)
+    scores = np.asarray(result.probabilities)[picked][:, 1]
+    assert abs(got["auc"].value - sk.roc_auc_score(y, scores)) < 0.005
+    # every served row is in the windows' estimates, of the live bundle only
+    estimates = [Estimated.from_wire(spec, e.estimated) for s in (first, second)
+                 for e in s.performance if e.estimated is not None]
+    assert sum(e.n for e in estimates) == 400
+    assert all(e.bundle.sha256 == model.ref.sha256 for s in (first, second)
+               for e in s.performance)
+
+
+def test_the_estimate_uses_the_raw_probabilities_without_a_calibration_map(agent, load):
+    model = load()
+    assert model.manifest.calibration is None  # the test bundles carry none
+    agent.activate(model)
+    result = agent.predict(rows(50, seed=2))
+    window = agent.close_window()
+    (entry,) = window.performance
+    assert entry.realized is None and entry.bundle == model.ref
+    spec = PerformanceSpec.from_manifest(model.manifest)
+    estimate = Estimated.from_wire(spec, entry.estimated)
+    assert estimate.n == 50 and not estimate.calibrated
+    proba = np.asarray(result.probabilities, dtype=np.float64)
+    top = proba.max(axis=1)
+    assert estimate.metrics()["accuracy"].value == pytest.approx(top.mean(), rel=1e-9)
+
+
+def test_a_switched_devices_summary_carries_the_old_bundles_realized_block(agent, load):
+    v1, v2 = load("1.0.0"), load("1.1.0", model="inverted")
+    agent.activate(v1)
+    data, truth = labelled(30, seed=4)
+    old = agent.predict(data)
+    agent.activate(v2)
+    agent.predict(data[:10])
+    agent.record_outcomes(zip(old.ids, truth, strict=True))
+    summary = summary_of(agent.close_window(), agent.store.claim(1))
+    by = {e.bundle.version: e for e in summary.performance}
+    assert summary.bundle.version == "1.1.0"
+    assert by["1.0.0"].realized is not None and by["1.0.0"].estimated is None
+    assert by["1.1.0"].realized is None and by["1.1.0"].estimated is not None
+    spec = PerformanceSpec.from_manifest(v1.manifest)
+    block = Realized.from_wire(spec, by["1.0.0"].realized)
+    want = (np.asarray(old.labels).astype(int) == np.asarray(truth)).mean()
+    assert block.n == 30 and block.metrics()["accuracy"].value == pytest.approx(want)
+
+
+@pytest.fixture(scope="module")
+def other_tasks(tmp_path_factory, signing_keys):
+    """A regressor (the current draw from the other readings) and a three-class model
+    (the temperature band), built by the real packager on the sensor data."""
+    import warnings
+
+    import joblib
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    from packager.build import BuildOptions, build
+
+    work = tmp_path_factory.mktemp("tasks")
+    frame = sensor_data(600, seed=21)
+    inputs = ["temperature", "humidity", "vibration"]
+    frame["band"] = np.digitize(frame["temperature"], [55.0, 65.0])
+    made = {}
+    for name, est, target in (("load", Ridge(), "current"),
+                              ("band", LogisticRegression(max_iter=1000), "band")):
+        d = work / name
+        d.mkdir()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est.fit(frame[inputs], frame[target])
+        joblib.dump(est, d / "model.joblib")
+        frame[[*inputs, target]].to_csv(d / "train.csv", index=False)
+        result = build(BuildOptions(model=d / "model.joblib", train_data=d / "train.csv",
+                                    target=target, name=name, version="1.0.0",
+                                    key=signing_keys.build.private, out_dir=d))
+        trust = TrustStore.from_files(signing_keys.trust_specs())
+        made[name] = LoadedModel(verify_bundle(result.path.read_bytes(), trust))
+    return made, frame, inputs
+
+
+def test_a_regressors_realized_errors_equal_sklearns(agent, other_tasks):
+    from sklearn import metrics as sk
+
+    models, frame, inputs = other_tasks
+    model = models["load"]
+    assert model.task == "regression"
+    agent.activate(model)
+    result = agent.predict(frame[inputs].to_dict("records")[:200])
+    truth = frame["current"].to_numpy()[:200]
+    assert agent.record_outcomes(zip(result.ids, truth.tolist(), strict=True)).joined == 200
+    extra = agent.predict(frame[inputs].to_dict("records")[:2]).ids
+    for bad in ("high", float("nan")):
+        with pytest.raises(OutcomeLabelError):
+            agent.record_outcomes([(extra[0], bad)])
+    summary = summary_of(agent.close_window(), agent.store.claim(1))
+    (entry,) = summary.performance
+    spec = PerformanceSpec.from_manifest(model.manifest)
+    got = Realized.from_wire(spec, entry.realized).metrics()
+    values = np.asarray(result.values, dtype=np.float64).reshape(-1)
+    assert got["mae"].value == pytest.approx(sk.mean_absolute_error(truth, values), rel=1e-9)
+    assert got["rmse"].value == pytest.approx(
+        np.sqrt(sk.mean_squared_error(truth, values)), rel=1e-9)
+    assert Estimated.from_wire(spec, entry.estimated).n == 202
+
+
+def test_a_multiclass_models_realized_metrics_equal_sklearns(agent, other_tasks):
+    from sklearn import metrics as sk
+
+    models, frame, inputs = other_tasks
+    model = models["band"]
+    assert len(model.classes) == 3
+    agent.activate(model)
+    result = agent.predict(frame[inputs].to_dict("records")[200:500])
+    truth = frame["band"].to_numpy()[200:500]
+    agent.record_outcomes(zip(result.ids, truth.tolist(), strict=True))
+    summary = summary_of(agent.close_window(), agent.store.claim(1))
+    (entry,) = summary.performance
+    spec = PerformanceSpec.from_manifest(model.manifest)
+    block = Realized.from_wire(spec, entry.realized)
+    pred = np.asarray(result.labels).astype(int)
+    np.testing.assert_array_equal(block.confusion(), sk.confusion_matrix(truth, pred))
+    got = block.metrics()
+    assert got["accuracy"].value == pytest.approx(sk.accuracy_score(truth, pred))
+    assert got["f1_macro"].value == pytest.approx(sk.f1_score(truth, pred, average="macro"))
+    estimate = Estimated.from_wire(spec, entry.estimated)
+    top = np.asarray(result.probabilities, dtype=np.float64).max(axis=1)
+    assert estimate.metrics()["accuracy"].value == pytest.approx(top.mean(), rel=1e-9)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_agent.errors import OutcomeLabelError
 from edge_agent.predictions import ROW_OVERHEAD, OutcomeCounts, PredictionStore
@@ -193,3 +195,48 @@ def test_a_repeated_prediction_id_keeps_the_first(open_store):
     (rows,) = store.claim(1).bundles
     assert rows.predicted.tolist() == [0]
     np.testing.assert_allclose(rows.scores, [[0.8, 0.2]], rtol=1e-6)
+
+
+def test_a_claim_carries_at_most_seven_bundles_and_the_rest_waits(open_store):
+    store = open_store()
+    for v in range(9):
+        bid = store.register(BundleRef("sensor", f"1.{v}.0", f"{v:064x}"), "classification",
+                             (0, 1))
+        served(store, bid, [f"v{v}-a"])
+        store.record([(f"v{v}-a", 0)])
+    first = store.claim(1)
+    assert len(first.bundles) == 7 and store.waiting
+    assert [b.bundle.version for b in first.bundles] == [f"1.{v}.0" for v in range(7)]
+    second = store.claim(2)
+    assert [b.bundle.version for b in second.bundles] == ["1.7.0", "1.8.0"]
+    assert not store.waiting and store.claim(3).rows == 0
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from(["join", "join", "stored", "lost", "reopen"]), max_size=30))
+def test_every_joined_row_is_in_exactly_one_stored_summary(tmp_path_factory, steps):
+    """Summaries stored or lost (a crash between the claim and the outbox's commit, a full
+    disk) and restarts, in any order: each joined row is reported once."""
+    path = tmp_path_factory.mktemp("claims") / "predictions.db"
+    store = PredictionStore(path)
+    bid = store.register(V1, "classification", (0, 1))
+    served(store, bid, [f"p{i}" for i in range(200)])
+    joined = next_id = reported = 0
+    seq = 1  # the outbox's next sequence number: it moves only when a summary is stored
+    try:
+        for step in [*steps, "stored"]:
+            if step == "join":
+                joined += store.record([(f"p{next_id + i}", 1) for i in range(3)]).joined
+                next_id += 3
+            elif step == "reopen":
+                store.close()
+                store = PredictionStore(path)
+            else:
+                claim = store.claim(seq)
+                if step == "stored":
+                    reported += claim.rows
+                    seq += 1
+        assert reported == joined and store.unreported() == 0
+    finally:
+        store.close()

@@ -20,7 +20,14 @@ In one run, side by side:
    tool an engineer would otherwise reach for, not the same computation.
 3. **Summary size on the wire** for a window of 20 numeric features (plus class and
    confidence outputs): the deflated payload the agent publishes, and its JSON.
-4. **Resident memory** of the agent (the whole daemon: config, trust store, outbox, MQTT
+4. **Prediction ids and outcomes, per row.** On the request path: making the agent's ids
+   (:func:`edge_agent.agent.new_ids`) and checking a caller's ids, for a 1,000-row batch and
+   for one row. Off it, in the profiling worker: the CBPE estimate sums (the window's
+   ``_estimate``, raw probabilities as the bundle has no calibration map) and writing the
+   predictions to the prediction store (SQLite, a temporary file); and joining outcomes
+   (``PredictionStore.record``, 1,000 at a time). ``--outcomes-only`` runs this section
+   alone (on the logistic regression).
+5. **Resident memory** of the agent (the whole daemon: config, trust store, outbox, MQTT
    link, local endpoint, verified bundle, profiling) against a bare process holding the
    same model in an onnxruntime session, each after serving the same 2,000 rows, in fresh
    processes.
@@ -281,12 +288,69 @@ def _memory(path: Path, keys: Path, work: Path) -> dict[str, Any]:
                                                                      "agent": agent}}
 
 
+def _outcomes(path: Path, trust: TrustStore, rep: Repeats, work: Path) -> dict[str, Any]:
+    from edge_agent.agent import _check_ids, new_ids
+    from edge_agent.predictions import PredictionStore
+
+    model = LoadedModel(verify_bundle(path.read_bytes(), trust))
+    x, y = _data("classification")
+    rows64 = x[-BATCH:]
+    store = PredictionStore(work / "bench-predictions.db")
+    agent = Agent("bench", store=store)
+    agent.activate(model)
+    result = agent.predict(rows64)
+    agent.flush()
+    window = agent._window
+    caller = [f"order-{i:08d}" for i in range(BATCH)]
+    proba = np.asarray(result.probabilities)
+    predicted = np.asarray(result.labels).astype(np.int64)
+    n_add = [0]
+
+    def add(i: int) -> None:
+        n_add[0] += 1
+        ids = [f"b{n_add[0]}-{j}" for j in range(BATCH)]
+        store.add(window.store[1], ids, 1.0e9, predicted, proba)
+
+    timed = blocks({
+        "ids_1k": lambda i: new_ids("0123456789ab-", i * BATCH, BATCH),
+        "ids_1": lambda i: new_ids("0123456789ab-", i, 1),
+        "caller_ids_1k": lambda i: _check_ids(caller),
+        "estimate_1k": lambda i: window._estimate(proba, predicted),
+        "store_1k": add,
+    }, 2, rep.batch * 5)
+    served = list(result.ids)
+    truth = [int(v) for v in y[-BATCH:]]
+    start = time.perf_counter()
+    store.record(zip(served, truth, strict=True))
+    join_us = (time.perf_counter() - start) / BATCH * 1e6
+    agent.close()
+    store.close()
+    per_row = {k: v["median_us"] * 1e3 / (1 if k == "ids_1" else BATCH) for k, v in timed.items()}
+    return {"ns_per_row": per_row, "join_us_per_outcome": join_us, "timed": timed}
+
+
 def _us(stats: dict[str, Any], key: str) -> str:
     return f"{stats[key]['median_us']:.1f}"
 
 
+def _outcomes_report(o: dict[str, Any]) -> str:
+    ns = o["ns_per_row"]
+    return "\n".join([
+        "\nPrediction ids and outcomes, per row (medians; target: ids + estimate < 1 µs):\n",
+        table(["step", "where", "ns / row"], [
+            ["agent ids, 1,000-row batch", "request path", f"{ns['ids_1k']:.0f}"],
+            ["agent id, one row", "request path", f"{ns['ids_1']:.0f}"],
+            ["caller ids checked, 1,000", "request path", f"{ns['caller_ids_1k']:.0f}"],
+            ["estimate sums (CBPE)", "worker", f"{ns['estimate_1k']:.0f}"],
+            ["prediction store write", "worker", f"{ns['store_1k']:.0f}"],
+            ["outcome joined (1,000 at once)", "outcome call",
+             f"{o['join_us_per_outcome'] * 1e3:.0f}"]])])
+
+
 def report(doc: dict[str, Any]) -> str:
     out = []
+    if "latency" not in doc:
+        return _outcomes_report(doc["outcomes"])
     rows = []
     for name, r in doc["latency"].items():
         s, b = r["single"], r["batch"]
@@ -324,6 +388,8 @@ def report(doc: dict[str, Any]) -> str:
                        f"{m['agent_peak_kib'] / 1024:.1f}"],
                       ["ratio", f"{m['agent_rss_kib'] / m['bare_rss_kib']:.2f}x",
                        f"{m['agent_peak_kib'] / m['bare_peak_kib']:.2f}x"]]))
+    if "outcomes" in doc:
+        out.append(_outcomes_report(doc["outcomes"]))
     return "\n".join(out)
 
 
@@ -332,12 +398,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/agent.json"),
                         help="where to write the JSON results (default: %(default)s)")
+    parser.add_argument("--outcomes-only", action="store_true",
+                        help="only the prediction ids and outcomes section")
     args = parser.parse_args(argv)
     rep = QUICK if args.quick else FULL
     started = datetime.now(timezone.utc)
     load_before = os.getloadavg()
     clock, cpu = time.perf_counter(), time.process_time()
-    families = {name: make for name, _, make in _families() if name in FAMILIES}
+    families = {name: make for name, _, make in _families() if name in FAMILIES
+                and (not args.outcomes_only or name == "LogisticRegression")}
     doc: dict[str, Any] = {"benchmark": "agent", "schema": 1, "quick": args.quick,
                            "started_at": started.isoformat(), "repeats": rep.__dict__,
                            "latency": {}}
@@ -349,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, make in families.items():
             print(f"building {name}", file=sys.stderr, flush=True)
             paths[name] = _bundle(name, make, work, key)
+        print("ids and outcomes", file=sys.stderr, flush=True)
+        doc["outcomes"] = _outcomes(paths["LogisticRegression"], trust, rep, work)
+        if args.outcomes_only:
+            del doc["latency"]
+            finish(doc, args.out, LIBRARIES, clock, cpu, load_before, report)
+            return 0
         for name, path in paths.items():
             print(f"latency {name}", file=sys.stderr, flush=True)
             doc["latency"][name] = _latency(path, trust, rep)

@@ -177,7 +177,7 @@ def _profile_speed(rep: Repeats) -> dict[str, Any]:
     return out
 
 
-def _summary_size() -> dict[str, Any]:
+def _summary_size(performance: tuple = ()) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     ref = rng.normal(size=(5_000, 20))
     from edgefleet.contract.profile import CONFIDENCE_EDGES, NumericSpec, categorical_spec
@@ -195,7 +195,7 @@ def _summary_size() -> dict[str, Any]:
     summary = Summary("press-017", 12345, BundleRef("churn", "1.4.2", "ab" * 32), 1.7e9,
                       1.7e9 + 60, to_wire(profile),
                       tuple(rng.integers(0, 500, len(LATENCY_EDGES_MS) + 1).tolist()),
-                      {"input": 3})
+                      {"input": 3}, performance=performance)
     return {"wire_bytes": len(encode(summary)), "json_bytes": len(canonical_json(
         summary.to_dict())), "rows": 3_000, "features": 20}
 
@@ -323,10 +323,31 @@ def _outcomes(path: Path, trust: TrustStore, rep: Repeats, work: Path) -> dict[s
     start = time.perf_counter()
     store.record(zip(served, truth, strict=True))
     join_us = (time.perf_counter() - start) / BATCH * 1e6
+    # the summary above with a binary task's performance: the window's estimate over 3,000
+    # rows and the realized block of 500 labelled ones (scores spread over the histograms)
+    from edgefleet.contract.messages import BundleRef
+    from edgefleet.contract.performance import (
+        Estimated,
+        PerformanceEntry,
+        PerformanceSpec,
+        Realized,
+    )
+
+    rng = np.random.default_rng(3)
+    pspec = PerformanceSpec("classification", (0, 1))
+    est, real = Estimated(pspec), Realized(pspec)
+    p1 = rng.uniform(0, 1, 3_000)
+    est.add(p1, (p1 > 0.5).astype(np.int64))
+    truth_r = (rng.uniform(0, 1, 500) < p1[:500]).astype(np.int64)
+    real.add((p1[:500] > 0.5).astype(np.int64), truth_r,
+             np.column_stack([1 - p1[:500], p1[:500]]), rng.uniform(0, 86_400, 500))
+    sized = _summary_size((PerformanceEntry(BundleRef("churn", "1.4.2", "ab" * 32),
+                                            real.to_wire(), est.to_wire()),))
     agent.close()
     store.close()
     per_row = {k: v["median_us"] * 1e3 / (1 if k == "ids_1" else BATCH) for k, v in timed.items()}
-    return {"ns_per_row": per_row, "join_us_per_outcome": join_us, "timed": timed}
+    return {"ns_per_row": per_row, "join_us_per_outcome": join_us, "timed": timed,
+            "summary_with_performance": sized}
 
 
 def _us(stats: dict[str, Any], key: str) -> str:
@@ -344,7 +365,10 @@ def _outcomes_report(o: dict[str, Any]) -> str:
             ["estimate sums (CBPE)", "worker", f"{ns['estimate_1k']:.0f}"],
             ["prediction store write", "worker", f"{ns['store_1k']:.0f}"],
             ["outcome joined (1,000 at once)", "outcome call",
-             f"{o['join_us_per_outcome'] * 1e3:.0f}"]])])
+             f"{o['join_us_per_outcome'] * 1e3:.0f}"]]),
+        f"\nSummary with a binary task's performance (estimate and realized), 20 numeric "
+        f"features: {o['summary_with_performance']['wire_bytes']:,} bytes deflated "
+        f"(target <= 3 KB)"])
 
 
 def report(doc: dict[str, Any]) -> str:

@@ -481,13 +481,16 @@ class PredictionStore:
               strict: bool, now: float) -> OutcomeCounts:
         tally = dict.fromkeys(("joined", *REASONS), 0)
         cutoff = now - self.horizon_s
-        joins = []
+        outcomes = list(outcomes)
+        found = _lookup(conn, "SELECT id, rowid, t, bundle, pred, proba, labelled "
+                        "FROM predictions WHERE id IN ({})", {pid for pid, _ in outcomes})
+        gone = _lookup(conn, "SELECT id FROM evicted WHERE id IN ({})",
+                       {pid for pid, _ in outcomes if pid not in found})
+        joins, labelled_now = [], []
         for pid, label in outcomes:
-            row = conn.execute("SELECT rowid, t, bundle, pred, proba, labelled "
-                               "FROM predictions WHERE id = ?", (pid,)).fetchone()
+            row = found.get(pid)
             if row is None:
-                gone = conn.execute("SELECT 1 FROM evicted WHERE id = ?", (pid,)).fetchone()
-                tally["expired" if gone else "unknown"] += 1
+                tally["expired" if pid in gone else "unknown"] += 1
                 continue
             rowid, t, bundle, pred, proba, labelled = row
             if labelled:
@@ -509,10 +512,13 @@ class PredictionStore:
                         id=pid)
                 tally["bad_label"] += 1
                 continue
-            conn.execute("UPDATE predictions SET labelled = 1 WHERE rowid = ?", (rowid,))
+            found[pid] = (rowid, t, bundle, pred, proba, 1)  # a repeat in this call
+            labelled_now.append((rowid,))
             joins.append((bundle, pred, truth, proba, max(0.0, now - t)))
             tally["joined"] += 1
         if joins:
+            conn.executemany("UPDATE predictions SET labelled = 1 WHERE rowid = ?",
+                             labelled_now)
             conn.executemany("INSERT INTO joined (bundle, pred, truth, proba, delay) "
                              "VALUES (?, ?, ?, ?, ?)", joins)
         for reason in REASONS:
@@ -643,6 +649,17 @@ class PredictionStore:
 
     def __repr__(self) -> str:
         return f"PredictionStore({self.path}, rows={self._rows})"
+
+
+def _lookup(conn: sqlite3.Connection, sql: str, ids: set[str]) -> dict[str, tuple]:
+    """Rows by id (the first column), for many ids, a few hundred per query."""
+    out: dict[str, tuple] = {}
+    ordered = sorted(ids)
+    for i in range(0, len(ordered), 500):
+        part = ordered[i:i + 500]
+        for row in conn.execute(sql.format(",".join("?" * len(part))), part):
+            out[row[0]] = row[1:]
+    return out
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -314,6 +314,7 @@ def _outcomes(path: Path, trust: TrustStore, rep: Repeats, work: Path) -> dict[s
     timed = blocks({
         "ids_1k": lambda i: new_ids("0123456789ab-", i * BATCH, BATCH),
         "ids_1": lambda i: new_ids("0123456789ab-", i, 1),
+        "floor_1": lambda i: None,  # the timing's own cost per call
         "caller_ids_1k": lambda i: _check_ids(caller),
         "estimate_1k": lambda i: window._estimate(proba, predicted),
         "store_1k": add,
@@ -345,7 +346,8 @@ def _outcomes(path: Path, trust: TrustStore, rep: Repeats, work: Path) -> dict[s
                                             real.to_wire(), est.to_wire()),))
     agent.close()
     store.close()
-    per_row = {k: v["median_us"] * 1e3 / (1 if k == "ids_1" else BATCH) for k, v in timed.items()}
+    per_row = {k: v["median_us"] * 1e3 / (1 if k.endswith("_1") else BATCH)
+               for k, v in timed.items()}
     return {"ns_per_row": per_row, "join_us_per_outcome": join_us, "timed": timed,
             "summary_with_performance": sized}
 
@@ -361,6 +363,7 @@ def _outcomes_report(o: dict[str, Any]) -> str:
         table(["step", "where", "ns / row"], [
             ["agent ids, 1,000-row batch", "request path", f"{ns['ids_1k']:.0f}"],
             ["agent id, one row", "request path", f"{ns['ids_1']:.0f}"],
+            ["(timing floor: an empty call)", "", f"{ns['floor_1']:.0f}"],
             ["caller ids checked, 1,000", "request path", f"{ns['caller_ids_1k']:.0f}"],
             ["estimate sums (CBPE)", "worker", f"{ns['estimate_1k']:.0f}"],
             ["prediction store write", "worker", f"{ns['store_1k']:.0f}"],

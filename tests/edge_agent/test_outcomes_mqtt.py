@@ -112,6 +112,9 @@ def test_batches_apply_exactly_once_in_order_across_a_restart(setup, bundles):
     wait_until(lambda: 3 in receipts(fleet), 10, "the receipt of batch 3")
     assert again.store.applied_batch == 3 and again.store.totals.joined == 10
     assert again.store.totals.duplicate == 0  # batch 2's resend was not applied twice
+    health = again.health()
+    assert health["outcomes"]["joined"] == 10 and health["outcome_batch"] == 3
+    assert health["predictions_stored"] == 60
 
     wait_until(lambda: again.store.unreported() == 0, 10, "the outcomes to be reported")
     wait_until(lambda: totals(fleet, "outcome_bad_label") == 1, 10, "the counters' summary")

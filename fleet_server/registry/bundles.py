@@ -37,6 +37,7 @@ from edgefleet.contract.approval import CheckedApproval, check_approvals
 from edgefleet.contract.bundle import Limits, VerifiedBundle, unpack_verified
 from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
 from edgefleet.contract.manifest import NAME_RE, Manifest, parse_version
+from edgefleet.contract.performance import PerformanceSpec
 from edgefleet.contract.profile import Profile, ProfileSpec, parse_reference
 from edgefleet.contract.signing import Policy, TrustStore
 from fleet_server.errors import (
@@ -46,11 +47,12 @@ from fleet_server.errors import (
     NotFoundError,
 )
 from fleet_server.models import BundleRecord
+from fleet_server.profiles.performance import Expected, expectations, main_metric
 from fleet_server.profiles.rollups import Layout, layout_for
 from fleet_server.registry.blobs import BlobStore
 from fleet_server.store import Store
 
-__all__ = ["Bundles", "Reference", "importances_of", "parse_label"]
+__all__ = ["BundlePerformance", "Bundles", "Reference", "importances_of", "parse_label"]
 
 log = logging.getLogger(__name__)
 _CACHE_SIZE = 256
@@ -98,6 +100,18 @@ class Reference:
     importances: dict[str, float] | None = None
 
 
+@dataclass(frozen=True)
+class BundlePerformance:
+    """What performance needs of a bundle: the spec its blocks are read with, the metric it
+    is watched on, and what its card measured at packaging."""
+
+    bundle: BundleRecord
+    spec: PerformanceSpec
+    task: str  # classification | regression
+    metric: str  # accuracy | mae
+    expected: dict[str, Expected]
+
+
 class Bundles:
     """The bundle service.
 
@@ -121,6 +135,7 @@ class Bundles:
         self.limits = limits
         self.on_uploaded = on_uploaded
         self._refs: OrderedDict[int, Reference] = OrderedDict()
+        self._perf: OrderedDict[int, BundlePerformance] = OrderedDict()
         self._lock = threading.Lock()
 
     def upload(self, data: bytes, actor: str, now: float) -> tuple[BundleRecord, bool]:
@@ -272,3 +287,29 @@ class Bundles:
             while len(self._refs) > _CACHE_SIZE:
                 self._refs.popitem(last=False)
         return ref
+
+    def performance(self, bundle_id: int) -> BundlePerformance:
+        """The performance spec and packaged metrics of a stored bundle (cached).
+
+        Raises:
+            NotFoundError: no such bundle.
+        """
+        with self._lock:
+            found = self._perf.get(bundle_id)
+            if found is not None:
+                self._perf.move_to_end(bundle_id)
+                return found
+        record = self.store.get_bundle_by_id(bundle_id)
+        if record is None:
+            raise NotFoundError("bundle", str(bundle_id))
+        # verified at upload: parsing it again cannot fail for a stored bundle
+        manifest = Manifest.from_dict(record.manifest)
+        spec = PerformanceSpec.from_manifest(manifest)
+        task = manifest.task
+        perf = BundlePerformance(record, spec, task, main_metric(task),
+                                 expectations(record.manifest))
+        with self._lock:
+            self._perf[bundle_id] = perf
+            while len(self._perf) > _CACHE_SIZE:
+                self._perf.popitem(last=False)
+        return perf

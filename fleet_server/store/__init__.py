@@ -18,6 +18,7 @@ The parts, by table:
 - ``_rollouts``: rollouts, and the telemetry reads their gates make;
 - ``_retrains``: retraining runs and their lineage;
 - ``_outcomes``: the outcomes queue (batches of true labels waiting for their device);
+- ``_performance``: summaries' performance entries (realized and estimated, per bundle);
 - ``_dashboard``: the dashboard's paged device list and its counts (reads only).
 
 The store decides nothing: it does not judge, validate messages, hash secrets or read the
@@ -32,6 +33,7 @@ from fleet_server.store._dashboard import DEVICE_SORTS, DashboardReads, DeviceQu
 from fleet_server.store._drift import DriftTables
 from fleet_server.store._fleet import FleetTables, selector_sql
 from fleet_server.store._outcomes import OutcomeBatchRow, OutcomeQueueRow, OutcomeTables
+from fleet_server.store._performance import PerformanceRow, PerformanceTables
 from fleet_server.store._retrains import RetrainTables
 from fleet_server.store._rollouts import RolloutRow, RolloutTables, WindowSummary
 from fleet_server.store._telemetry import (
@@ -58,6 +60,7 @@ __all__ = [
     "OutcomeBatchRow",
     "OutcomeQueueRow",
     "PendingSummary",
+    "PerformanceRow",
     "RolloutRow",
     "RollupKey",
     "Store",
@@ -68,6 +71,6 @@ __all__ = [
 
 
 class Store(FleetTables, TelemetryTables, DriftTables, RolloutTables, RetrainTables,
-            OutcomeTables, DashboardReads, StoreBase):
+            OutcomeTables, PerformanceTables, DashboardReads, StoreBase):
     """The fleet database. ``Store(db)`` opens (creating and migrating) a SQLite file (a
     path or ``sqlite:///path``) or a PostgreSQL database (``postgresql://...``)."""

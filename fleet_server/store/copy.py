@@ -57,10 +57,12 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("outcome_batches", ("device", "batch")),
     ("bundle_approvals", ("id",)),
     ("sessions", ("id",)),
+    ("performance", ("id",)),
 )
 # tables whose integer id the database assigns (an identity on PostgreSQL)
 _IDENTITY = {"tokens", "bundles", "summaries", "reports", "dead_letters", "audit",
-             "drift_windows", "alerts", "webhook_attempts", "bundle_approvals", "retrains"}
+             "drift_windows", "alerts", "webhook_attempts", "bundle_approvals", "retrains",
+             "performance"}
 
 
 @dataclass(frozen=True)

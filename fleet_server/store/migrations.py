@@ -32,7 +32,10 @@ History:
    often), and per device the highest batch made, the highest the device has receipted,
    and how many outcomes it has receipted (``outcome_queues``). A receipted batch's row is
    deleted (its count stays in the queue row), so the table holds only what is undelivered;
-9. reserved for the performance store (landing beside);
+9. performance: one row per (device, summary sequence, bundle) holding a summary's
+   performance entry for that bundle (realized and estimated blocks in their wire form,
+   checked at ingest against the bundle's spec), attributed to the entry's bundle, which
+   need not be the summary's (outcomes joined after the device switched bundles);
 10. ``groups.drift``: a group's own drift settings over the server's (a JSON object of
     :data:`fleet_server.config.DRIFT_KEYS` settings; ``{}``, the server's, for every
     existing group);
@@ -339,7 +342,6 @@ CREATE TABLE outcome_batches (
 );
 """
 
-_RESERVED = "SELECT 1;"  # a number reserved for a migration merged from another branch
 
 _V11 = """
 ALTER TABLE groups ADD COLUMN requires TEXT NOT NULL DEFAULT '[]';
@@ -376,6 +378,26 @@ _V10 = """
 ALTER TABLE groups ADD COLUMN drift TEXT NOT NULL DEFAULT '{}';
 """
 
+# a summary's performance entries, one per bundle; ``labelled`` and ``served`` are the
+# realized and estimated blocks' row counts, so a reader can skip empty ones without JSON
+_V9 = """
+CREATE TABLE performance (
+    id              INTEGER PRIMARY KEY,
+    device          TEXT    NOT NULL,
+    seq             INTEGER NOT NULL,
+    bundle_id       INTEGER NOT NULL,
+    window_start    REAL    NOT NULL,
+    window_end      REAL    NOT NULL,
+    labelled        INTEGER NOT NULL,
+    served          INTEGER NOT NULL,
+    realized        TEXT,
+    estimated       TEXT,
+    UNIQUE (device, seq, bundle_id)
+);
+CREATE INDEX performance_bundle ON performance (bundle_id, window_end);
+CREATE INDEX performance_device ON performance (device, window_end);
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -386,7 +408,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (6, "delivery acknowledgements", _V6),
     (7, "audit hash chain", _V7),
     (8, "the outcomes queue", _V8),
-    (9, "reserved (the performance store, landing beside)", _RESERVED),
+    (9, "performance entries of summaries", _V9),
     (10, "groups' own drift settings", _V10),
     (11, "group requirements, bundle approvals", _V11),
     (12, "dashboard sessions", _V12),

@@ -27,6 +27,14 @@ sent is ignored, logged and counted (``outcomes.receipt_ignored``). An ``online`
 makes the device's unreceipted batches due again. Both wake the outcome router of this
 process (``on_outcomes``, called after the commit).
 
+A new summary's performance entries (:attr:`Summary.performance`, one per bundle that
+answered rows of its window or whose predictions got labels in it) are stored per
+(device, seq, bundle), attributed to the entry's bundle, not the summary's: each block is
+read with that bundle's spec (from its stored manifest, :meth:`Bundles.performance`), so
+its numbers are checked once, here. An entry for a bundle the server does not hold, or
+whose blocks do not read, goes to the dead letters on its own (topic, the entry as its
+payload); the summary and its other entries are stored.
+
 A summary ending more than ``max_clock_skew_s`` in the future is refused: its device's
 clock is wrong, and its window would land in buckets no report asks for.
 
@@ -79,6 +87,7 @@ from fleet_server.config import DEFAULT_INGEST, IngestConfig
 from fleet_server.errors import StoreError
 from fleet_server.metrics import Metrics
 from fleet_server.models import BundleRecord, ReportRecord
+from fleet_server.profiles.performance import entry_bytes, read_entry
 from fleet_server.profiles.rollups import Packed
 from fleet_server.registry.bundles import Bundles, Reference
 from fleet_server.store import (
@@ -86,6 +95,7 @@ from fleet_server.store import (
     FOLDED,
     PENDING,
     REFUSED,
+    PerformanceRow,
     RollupKey,
     Store,
     SummaryRow,
@@ -273,11 +283,14 @@ class Ingestor:
                 result.stored["status"] += 1
         # one existence query and one executemany for the batch's summaries
         inserted = store.insert_summaries([row for _, row, _, _ in summaries])
+        performance: list[PerformanceRow] = []
         for (msg, _, packed, ref), fresh in zip(summaries, inserted, strict=True):
             if not fresh:
                 result.duplicates["summary"] += 1
                 continue
             result.stored["summary"] += 1
+            if msg.performance:
+                performance += self._performance(msg, dead)
             result.lags.append(msg.window_end)
             c = counts.setdefault(msg.device, [0, 0.0, 0])
             c[0] += 1
@@ -303,6 +316,7 @@ class Ingestor:
         store.apply_heartbeats(beats)
         store.touch_devices(seen)
         store.note_summaries({d: tuple(v) for d, v in counts.items()})
+        store.insert_performance(performance)
         self._merge(deltas)
         if dead:
             self._dead_letters(dead, result)
@@ -350,6 +364,37 @@ class Ingestor:
                          item.payload, FOLDED if packed is not None else PENDING,
                          None if packed is None else packed.to_bytes())
         return msg, row, packed, ref
+
+    def _performance(self, msg: Summary, dead: list[_Dead]) -> list[PerformanceRow]:
+        """The rows of a new summary's performance entries; an entry that cannot be read
+        (unknown bundle, bad numbers) is dead-lettered alone."""
+        out = []
+        where = f"{msg.kind}.performance"
+        for i, entry in enumerate(msg.performance):
+            try:
+                bundle_id = self._bundle_id((entry.bundle.name, entry.bundle.version))
+                if bundle_id is None:
+                    raise SchemaError(f"{where}[{i}].bundle: {entry.bundle.name}@"
+                                      f"{entry.bundle.version} is not a bundle this server "
+                                      "holds", field=f"{where}[{i}].bundle")
+                perf = self.bundles.performance(bundle_id)
+                labelled, served = read_entry(perf.spec, entry, f"{where}[{i}]")
+            except EdgefleetError as exc:
+                dead.append(_Dead(self.clock(), topic(msg.device, "summary"),
+                                  type(exc).__name__, str(exc), entry_bytes(entry)))
+                continue
+            out.append(PerformanceRow(msg.device, msg.seq, bundle_id, msg.window_start,
+                                      msg.window_end, labelled, served, entry.realized,
+                                      entry.estimated))
+        return out
+
+    def _bundle_id(self, key: tuple[str, str]) -> int | None:
+        bundle_id = self._known.get(key)
+        if bundle_id is None:
+            bundle_id = self.store.bundle_id(*key)
+            if bundle_id is not None:
+                self._known[key] = bundle_id
+        return bundle_id
 
     def _reference(self, key: tuple[str, str]) -> Reference | None:
         bundle_id = self._known.get(key)

@@ -27,7 +27,7 @@ from fleet_server.errors import CopyCountError
 from fleet_server.models import DriftWindow
 from fleet_server.registry.audit import AuditLog
 from fleet_server.services import build_services
-from fleet_server.store import Store
+from fleet_server.store import PerformanceRow, Store
 from fleet_server.store import copy as copier
 from fleet_server.telemetry.link import Incoming
 from fleet_server.telemetry.outcomes import parse_json_body
@@ -80,6 +80,9 @@ def source(tmp_path, signing_keys, sensor_bundle, sensor_ref):
     s.retrains.update(run.id, {"data": {"rows": 10}}, "t", NOW)
     with store.transaction():  # a sequence refused for good, past the acknowledgement
         store.add_settled([("dev2", "summary", 9)])
+        store.insert_performance([PerformanceRow(  # a summary's performance entry
+            "dev1", 1, bundle_id, NOW - 180, NOW - 120, 0, 3, None,
+            {"calibrated": True, "n": [1, 2], "q": [0.75, 1.5], "v": [0.1875, 0.375]})])
     assert store.acks()["dev1"] == {"summary": 3, "report": 1}
     s.outcomes.upload(parse_json_body(b'{"outcomes": [{"device": "dev2", "id": "p-1", '
                                       b'"label": 1}]}'), "test")  # an outcomes queue

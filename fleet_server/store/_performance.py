@@ -1,0 +1,110 @@
+"""Store table of performance entries: a summary's realized and estimated blocks per bundle.
+
+A row is one entry of one summary (``(device, seq, bundle)`` is its key), attributed to the
+entry's bundle, in the wire form ingest checked against that bundle's spec. Readers get
+them back as :class:`PerformanceRow` values and merge them (the merging rules are the
+contract's, :mod:`edgefleet.contract.performance`); this module neither parses nor merges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fleet_server.store._base import StoreBase, chunks, dumps, loads
+from fleet_server.store._fleet import selector_sql
+
+__all__ = ["PerformanceRow", "PerformanceTables"]
+
+_COLUMNS = ("device", "seq", "bundle_id", "window_start", "window_end", "labelled", "served",
+            "realized", "estimated")
+
+
+@dataclass(frozen=True)
+class PerformanceRow:
+    """One stored entry: ``realized`` and ``estimated`` are wire dicts (None: absent)."""
+
+    device: str
+    seq: int
+    bundle_id: int
+    window_start: float
+    window_end: float
+    labelled: int  # rows of the realized block (labelled predictions)
+    served: int  # rows of the estimated block (every served prediction)
+    realized: dict[str, Any] | None
+    estimated: dict[str, Any] | None
+
+    @property
+    def middle(self) -> float:
+        return (self.window_start + self.window_end) / 2
+
+
+def _row(r: Mapping[str, Any]) -> PerformanceRow:
+    return PerformanceRow(r["device"], r["seq"], r["bundle_id"], r["window_start"],
+                          r["window_end"], r["labelled"], r["served"], loads(r["realized"]),
+                          loads(r["estimated"]))
+
+
+class PerformanceTables(StoreBase):
+    def insert_performance(self, rows: Sequence[PerformanceRow]) -> None:
+        """Store entries, each unless its (device, seq, bundle) is stored. Call inside the
+        transaction that stores their summaries (only a new summary's entries are new)."""
+        self._many(
+            "INSERT INTO performance (device, seq, bundle_id, window_start, window_end, "
+            "labelled, served, realized, estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            [[r.device, r.seq, r.bundle_id, r.window_start, r.window_end, r.labelled,
+              r.served, None if r.realized is None else dumps(r.realized),
+              None if r.estimated is None else dumps(r.estimated)] for r in rows])
+
+    def count_performance(self) -> int:
+        row = self._one("SELECT COUNT(*) AS n FROM performance")
+        return int(row["n"]) if row else 0
+
+    def read_performance(self, bundle_id: int, lo: float, hi: float, *,
+                         device: str | None = None, selector: Mapping[str, str] | None = None,
+                         limit: int = 100_000) -> list[PerformanceRow]:
+        """Entries of a bundle whose window overlaps ``[lo, hi)``, oldest first, at most
+        ``limit``: of one ``device``, of the devices a ``selector`` matches, or of all."""
+        sql = ("SELECT * FROM performance WHERE bundle_id = ? AND window_end > ? AND "
+               "window_start < ?")
+        params: list[Any] = [bundle_id, lo, hi]
+        if device is not None:
+            sql += " AND device = ?"
+            params.append(device)
+        elif selector:
+            sub, sub_params = selector_sql(selector)
+            sql += f" AND device IN ({sub})"
+            params += sub_params
+        rows = self._rows(sql + " ORDER BY window_end, id LIMIT ?", [*params, limit])
+        return [_row(r) for r in rows]
+
+    def device_performance(self, devices: Sequence[str], since: float, *,
+                           limit: int = 20_000) -> list[tuple[str, str, PerformanceRow]]:
+        """``(name, version, entry)`` of every entry of ``devices`` whose window ends after
+        ``since``, newest first, at most ``limit`` (the rollout gates' read)."""
+        out: list[tuple[str, str, PerformanceRow]] = []
+        for part in chunks(sorted(set(devices)), 500):
+            marks = ",".join("?" * len(part))
+            rows = self._rows(
+                "SELECT p.*, b.name AS bundle_name, b.version AS bundle_version "
+                "FROM performance p JOIN bundles b ON b.id = p.bundle_id "
+                f"WHERE p.window_end > ? AND p.device IN ({marks}) "
+                "ORDER BY p.window_end DESC LIMIT ?", [since, *part, limit - len(out)])
+            out += [(r["bundle_name"], r["bundle_version"], _row(r)) for r in rows]
+            if len(out) >= limit:
+                break
+        return out
+
+    def performance_bundles(self, lo: float, hi: float) -> list[int]:
+        """Ids of the bundles with entries whose window ends in ``(lo, hi]``."""
+        return [int(r["bundle_id"]) for r in self._rows(
+            "SELECT DISTINCT bundle_id FROM performance WHERE window_end > ? AND "
+            "window_end <= ? ORDER BY bundle_id", [lo, hi])]
+
+    def prune_performance(self, before: float) -> int:
+        """Delete entries whose window ended before ``before``; how many."""
+        with self.transaction():
+            return self._exec("DELETE FROM performance WHERE window_end < ?",
+                              [before]).rowcount

@@ -22,14 +22,17 @@ from edgefleet.contract.errors import SchemaError
 from fleet_server.errors import ConfigError
 from fleet_server.models import POSTGRESQL, SQLITE, Database
 from fleet_server.profiles.drift import Thresholds
+from fleet_server.profiles.performance import Tolerances
 
 __all__ = [
     "DEFAULT_DRIFT",
     "DEFAULT_INGEST",
     "DEFAULT_OUTCOMES",
+    "DEFAULT_PERFORMANCE",
     "DRIFT_KEYS",
     "SERVER_ROLES",
-    "BrokerConfig", "DriftConfig", "IngestConfig", "OutcomeConfig", "ServerConfig",
+    "BrokerConfig", "DriftConfig", "IngestConfig", "OutcomeConfig", "PerformanceConfig",
+    "ServerConfig",
     "WebhookConfig",
     "drift_overrides",
 ]
@@ -238,9 +241,32 @@ class OutcomeConfig:
             raise ConfigError("outcomes max_upload_bytes must be >= 1")
 
 
+@dataclass(frozen=True)
+class PerformanceConfig:
+    """Realized and estimated performance: reports, and the alerts the evaluator raises.
+
+    On each of the drift evaluator's runs, every bundle with performance entries in the
+    last ``window_s`` is judged over that range (sliding: labels arrive late and sparse),
+    for the fleet and every group, against its packaged metrics with ``tolerances``
+    (:class:`~fleet_server.profiles.performance.Tolerances`). ``max_entries`` bounds the
+    entries one report or judgement merges.
+    """
+
+    tolerances: Tolerances = Tolerances()
+    window_s: float = 86400.0
+    alerts: bool = True
+    max_entries: int = 100_000
+
+    def __post_init__(self) -> None:
+        _positive("performance window_s", self.window_s)
+        if self.max_entries < 1:
+            raise ConfigError("performance max_entries must be >= 1")
+
+
 DEFAULT_INGEST = IngestConfig()
 DEFAULT_DRIFT = DriftConfig()
 DEFAULT_OUTCOMES = OutcomeConfig()
+DEFAULT_PERFORMANCE = PerformanceConfig()
 
 
 @dataclass(frozen=True)
@@ -284,6 +310,7 @@ class ServerConfig:
     ingest_config: IngestConfig = IngestConfig()
     drift: DriftConfig = DriftConfig()
     evaluate: bool = True  # run the periodic drift evaluator in this process
+    performance: PerformanceConfig = PerformanceConfig()
     webhook: WebhookConfig = WebhookConfig()
     trust: tuple[str, ...] = ()  # ROLE=PATH public keys, as TrustStore.from_files takes
     threshold: int = 1  # trusted signatures an upload needs

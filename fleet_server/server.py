@@ -40,6 +40,7 @@ from fastapi import APIRouter
 from fleet_server.api import create_app
 from fleet_server.config import ServerConfig
 from fleet_server.monitoring.evaluator import Evaluator
+from fleet_server.monitoring.performance import PerformanceWatch
 from fleet_server.monitoring.webhook import Webhook
 from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.services import build_services
@@ -85,6 +86,7 @@ class FleetServer:
             if self.link is not None and runs_ingest else None
         self.evaluator = Evaluator(s.store, s.bundles, s.registry, s.alerts, config.drift,
                                    config.ingest_config, clock,
+                                   performance=PerformanceWatch(s.performance, s.alerts),
                                    also=(s.governance.review_alerts,)) \
             if config.evaluate and runs_engine else None
         # the engine publishes desired states: an ingest-only worker does not run one

@@ -18,6 +18,8 @@ Public service APIs (for the rollout shell and the dashboard):
   ``merged`` (a scope's merged rollup, for rollout gates);
 - ``rollouts`` (:class:`~fleet_server.rollouts.engine.Rollouts`): ``create``, ``get``,
   ``list``, ``act``, ``preview``, ``tick`` (the engine thread is the server's);
+- ``performance`` (:class:`~fleet_server.monitoring.performance.PerformanceService`):
+  ``report`` (realized and estimated performance over a scope and range), ``judge``;
 - ``audit`` (:class:`~fleet_server.registry.audit.AuditLog`): ``verify`` the hash chain,
   ``export``;
 - ``retrains`` (:class:`~fleet_server.registry.retrains.Retrains`): the retraining runs,
@@ -42,6 +44,7 @@ from fleet_server.metrics import Metrics
 from fleet_server.monitoring.alerts import Alerts
 from fleet_server.monitoring.drift import DriftService
 from fleet_server.monitoring.governance import Governance
+from fleet_server.monitoring.performance import PerformanceService
 from fleet_server.registry.audit import AuditLog
 from fleet_server.registry.auth import Auth
 from fleet_server.registry.blobs import BlobStore
@@ -74,6 +77,7 @@ class Services:
     retrains: Retrains
     outcomes: OutcomeService
     governance: Governance
+    performance: PerformanceService
     clock: Callable[[], float] = time.time
     mqtt_state: Callable[[], str] = field(default=lambda: "disabled")
 
@@ -102,6 +106,7 @@ def build_services(config: ServerConfig, *, publisher: Publisher | None = None,
         drift = DriftService(store, bundles, registry, config.drift,
                              config.ingest_config.levels)
         alerts = Alerts(store, metrics)
+        performance = PerformanceService(store, bundles, registry, config.performance)
         return Services(
             config=config, store=store, auth=Auth(store), registry=registry, bundles=bundles,
             desired=desired, drift=drift, alerts=alerts, ingestor=ingestor,
@@ -109,7 +114,8 @@ def build_services(config: ServerConfig, *, publisher: Publisher | None = None,
             rollouts=Rollouts(store, registry, bundles, desired, drift, config, clock),
             audit=AuditLog(store), retrains=Retrains(store),
             outcomes=OutcomeService(store, config.outcomes, clock),
-            governance=Governance(store, bundles, registry, alerts), clock=clock)
+            governance=Governance(store, bundles, registry, alerts), performance=performance,
+            clock=clock)
     except BaseException:
         store.close()
         raise

@@ -28,6 +28,7 @@ from fleet_server.api.routes import (
     drift,
     groups,
     outcomes,
+    performance,
     retrains,
     rollouts,
     system,
@@ -39,8 +40,8 @@ from fleet_server.services import Services
 __all__ = ["ROUTERS", "body_limits", "create_app"]
 
 ROUTERS = (system.router, devices.router, groups.router, bundles.router, telemetry.router,
-           drift.router, alerts.router, rollouts.router, audit.router, retrains.router,
-           outcomes.router)
+           drift.router, performance.router, alerts.router, rollouts.router, audit.router,
+           retrains.router, outcomes.router)
 _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
     (400, "Not a bundle"), (401, "No or unknown credentials"),
     (403, "The credentials' role does not allow this"), (404, "Not found"),

@@ -341,6 +341,83 @@ class DriftWindowPublic(BaseModel):
     evaluated: float
 
 
+# -- performance ----------------------------------------------------------------------------
+
+
+class MetricPublic(BaseModel):
+    """A metric with its 95 % interval, the rows behind it and how the interval was found."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    n: int
+    method: str
+
+
+class ExpectedPublic(BaseModel):
+    """A metric as the bundle's card measured it at packaging."""
+
+    name: str
+    value: float
+    low: float | None
+    high: float | None
+    rows: int
+    data: str
+
+
+class PerformancePointPublic(BaseModel):
+    start: int
+    end: int
+    devices: int
+    entries: int
+    labelled: int = Field(description="Labelled rows (the realized metrics' n)")
+    served: int = Field(description="Served rows (the estimated metrics' n)")
+    realized: dict[str, MetricPublic]
+    estimated: dict[str, MetricPublic]
+
+
+class DropPublic(BaseModel):
+    verdict: Literal["ok", "drop", "insufficient", "unknown"]
+    metric: str
+    value: float | None
+    low: float | None
+    high: float | None
+    n: int
+    expected: float | None
+    limit: float | None
+    reason: str
+
+
+class ConfusionPublic(BaseModel):
+    classes: list[str]
+    counts: list[list[int]] = Field(description="counts[true][predicted]")
+
+
+class ReliabilityBinPublic(BaseModel):
+    low: float
+    high: float
+    n: int
+    confidence: float = Field(description="Mean predicted probability in the bin")
+    observed: float = Field(description="Observed share of positives (or right answers)")
+
+
+class PerformancePublic(BaseModel):
+    bundle: str
+    scope: str
+    since: int
+    until: int
+    step: int
+    task: str
+    metric: str = Field(description="The metric watched and gated on: accuracy, or mae")
+    expected: dict[str, ExpectedPublic]
+    total: PerformancePointPublic
+    points: list[PerformancePointPublic]
+    confusion: ConfusionPublic | None
+    reliability: list[ReliabilityBinPublic] | None
+    verdicts: dict[str, DropPublic]
+    truncated: bool
+
+
 # -- alerts ---------------------------------------------------------------------------------
 
 
@@ -403,6 +480,9 @@ class GatesIn(_In):
     block_on_input_drift: bool | None = None
     min_shadow_rows: Count | None = None
     min_shadow_agreement: Share | None = None
+    max_accuracy_drop: Share | None = None
+    max_mae_rise: Annotated[float, Field(ge=0, le=1e9)] | None = None
+    min_labels: Count | None = None
     max_wait_s: Seconds | None = None
     on_insufficient_data: Literal["abort", "pause"] | None = None
 

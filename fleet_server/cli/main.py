@@ -34,6 +34,7 @@ from fleet_server.cli.operate import (
     group,
 )
 from fleet_server.cli.outcomes import outcomes
+from fleet_server.cli.performance import performance
 from fleet_server.cli.retrain import retrain
 from fleet_server.cli.rollout import rollout
 from fleet_server.cli.serve import ingest, serve
@@ -61,8 +62,8 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 
 
 # Every command is registered here, one way, so this list is the whole CLI.
-for _command in (serve, ingest, token, device, group, bundle, desired, drift, alerts, rollout,
-                 broker_config, audit, db, retrain, outcomes):
+for _command in (serve, ingest, token, device, group, bundle, desired, drift, performance,
+                 alerts, rollout, broker_config, audit, db, retrain, outcomes):
     main.add_command(_command)
 main.add_command(device_list, "devices")
 device.add_command(device_list, "list")

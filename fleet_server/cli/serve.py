@@ -133,6 +133,22 @@ def _run_until_signal(server: Any, http: bool) -> None:
         sys.exit(DEPOSED_EXIT)
 
 
+def _performance_config(items: tuple[str, ...]) -> Any:
+    from dataclasses import replace
+
+    from edgefleet.parsing import parse_bounds
+    from fleet_server.config import PerformanceConfig
+    from fleet_server.profiles.performance import Tolerances
+
+    given = parse_bounds(items, "--performance",
+                         ("rate", "error", "min_labelled", "min_served", "window_s"))
+    window = given.pop("window_s", None)
+    tolerances = Tolerances(**{k: int(v) if k.startswith("min_") else v
+                               for k, v in given.items()})
+    config = PerformanceConfig(tolerances=tolerances)
+    return config if window is None else replace(config, window_s=window)
+
+
 @click.command(help="Run the fleet server: REST API, ingest worker, drift evaluator.")
 @_server_options
 @click.option("--role", type=click.Choice(SERVER_ROLES), default="all",
@@ -171,6 +187,10 @@ def _run_until_signal(server: Any, http: bool) -> None:
               help="Outcomes a device may have waiting; an upload past it is refused.")
 @click.option("--rollout-tick", type=click.FloatRange(0.05, 3600), default=5.0,
               show_default=True, help="Seconds between the rollout engine's judgements.")
+@click.option("--performance", "performance", multiple=True, metavar="NAME=VALUE",
+              help="A performance alert setting (repeat): rate (absolute accuracy drop "
+                   "tolerated, 0.05), error (relative MAE rise, 0.25), min_labelled (200), "
+                   "min_served (500), window_s (the range judged, 86400).")
 @exits_on_error
 def serve(db: str, broker: str | None, broker_user: str, broker_password_file: Path | None,
           tls_ca: Path | None, receive_maximum: int, batch_max: int, bundle_dir: Path | None,
@@ -179,7 +199,7 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
           webhook: str | None, webhook_secret_file: Path | None, window: int,
           drift_settings: tuple[str, ...], ingest: bool, share: str | None,
           max_upload_mb: int, outcome_resend: float, max_undelivered_outcomes: int,
-          rollout_tick: float) -> None:
+          rollout_tick: float, performance: tuple[str, ...]) -> None:
     from fleet_server.config import OutcomeConfig, ServerConfig, WebhookConfig
     from fleet_server.models import Database
     from fleet_server.server import FleetServer
@@ -198,7 +218,8 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
         required_roles=frozenset(require_role), max_upload_bytes=max_upload_mb * 1024 * 1024,
         host=host, port=port, role=role, rollout_tick_s=rollout_tick,
         outcomes=OutcomeConfig(resend_s=outcome_resend,
-                               max_undelivered=max_undelivered_outcomes))
+                               max_undelivered=max_undelivered_outcomes),
+        performance=_performance_config(performance))
     http = role in ("all", "api")
     where = f"http://{host}:{port}" if http else f"role {role}"
     click.echo(f"fleet: serving {where} (database {Database.parse(db)})", err=True)

@@ -5,8 +5,10 @@ condition does not open another, so a drift that persists for a day is one alert
 288. The evaluator resolves it when the condition clears; an operator can resolve it by
 hand. Kinds: ``drift`` (a group's or the fleet's persistent verdict is drift),
 ``suspect_sensor`` (a device drifts alone while its group does not), ``review_due`` (a
-bundle running on devices is due for review within 14 days) and ``review_overdue`` (a bundle
-still running on devices after its review date).
+bundle running on devices is due for review within 14 days), ``review_overdue`` (a bundle
+still running on devices after its review date), ``performance_drop`` (realized
+performance below the packaged expectation, beyond the tolerance and the interval) and
+``estimated_performance_drop`` (the same on the label-free estimate).
 
 This module does not evaluate anything and does not speak HTTP; the webhook thread
 (:mod:`fleet_server.monitoring.webhook`) delivers.
@@ -25,7 +27,8 @@ from fleet_server.store import Store
 __all__ = ["KINDS", "Alerts"]
 
 log = logging.getLogger(__name__)
-KINDS = ("drift", "suspect_sensor", "review_due", "review_overdue")
+KINDS = ("drift", "suspect_sensor", "review_due", "review_overdue", "performance_drop",
+         "estimated_performance_drop")
 STATES = ("open", "resolved")
 
 

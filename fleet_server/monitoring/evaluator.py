@@ -22,6 +22,9 @@ Missed windows (the server was down) are caught up to ``persistence_of`` windows
 the persistence rule has its windows after a restart. A window is evaluated once (its
 row in ``drift_windows`` says so); late summaries still count in on-demand reports.
 
+On the same timer, after the drift windows, the performance watch (``performance``, when
+given) judges realized and estimated performance
+(:class:`~fleet_server.monitoring.performance.PerformanceWatch`).
 :meth:`Evaluator.housekeeping` applies the retention bounds; ``also`` are further checks run
 on the same timer (the review-date alerts of :mod:`fleet_server.monitoring.governance`). This
 module holds no statistics of its own.
@@ -43,6 +46,7 @@ from fleet_server.errors import StoreError
 from fleet_server.models import FLEET_SCOPE, DriftWindow, Group
 from fleet_server.monitoring.alerts import Alerts
 from fleet_server.monitoring.drift import drift_config
+from fleet_server.monitoring.performance import PerformanceWatch
 from fleet_server.profiles.drift import DriftReport, compare, persistent_verdict, suspect_sensors
 from fleet_server.registry.bundles import Bundles, Reference
 from fleet_server.registry.devices import Registry
@@ -69,9 +73,11 @@ class Evaluator:
                  config: DriftConfig = DEFAULT_DRIFT,
                  ingest_config: IngestConfig = DEFAULT_INGEST,
                  clock: Callable[[], float] = time.time,
-                 also: Sequence[Callable[[float], object]] = ()) -> None:
+                 also: Sequence[Callable[[float], object]] = (),
+                 performance: PerformanceWatch | None = None) -> None:
         self.store = store
         self.also = tuple(also)  # run after each evaluation (the review-date alerts)
+        self.performance = performance
         self.bundles = bundles
         self.registry = registry
         self.alerts = alerts
@@ -181,6 +187,7 @@ class Evaluator:
         c = self.ingest_config
         out = {"summaries": self.store.prune_summaries(now - c.retention_s),
                "dead_letters": self.store.prune_dead_letters(c.dead_letter_keep),
+               "performance": self.store.prune_performance(now - c.retention_s),
                # dashboard sessions past their expiry (a sign-in also sweeps them)
                "sessions": self.store.delete_expired_sessions(now)}
         for i, width in enumerate(c.levels):
@@ -208,6 +215,8 @@ class Evaluator:
             now = self.clock()
             try:
                 self.evaluate(now)
+                if self.performance is not None:
+                    self.performance.evaluate(now)
                 self.housekeeping(now)
             except StoreError:
                 log.exception("drift evaluation failed; trying again next window")

@@ -182,7 +182,8 @@ def _metric_gates(g: GateThresholds, m: GateMetrics | None, missing: str,
     if not controls:
         why = "no control devices (the stage covers the group)"
         out.extend(_skip(name, "<=", why) for name in (
-            "error_rate_delta", "latency_p95_ratio", "prediction_psi", "prediction_js"))
+            "error_rate_delta", "latency_p95_ratio", "prediction_psi", "prediction_js",
+            _performance_name(m)))
         return out
     control_rate = _rate(m.control_errors, m.control_predictions)
     delta = None if canary_rate is None or control_rate is None else canary_rate - control_rate
@@ -195,7 +196,60 @@ def _metric_gates(g: GateThresholds, m: GateMetrics | None, missing: str,
                      ready=both_ok))
     out.append(_gate("prediction_js", m.prediction_js, g.max_prediction_js, "<=",
                      ready=both_ok))
+    out.append(_performance_gate(g, m, both_ok))
     return out
+
+
+def _performance_name(m: GateMetrics) -> str:
+    return "mae" if m.performance_metric == "mae" else "accuracy"
+
+
+def _performance_gate(g: GateThresholds, m: GateMetrics, sample_ok: bool) -> GateResult:
+    """Canary accuracy (or MAE) against the controls', realized or estimated (the reason
+    says which). A drop (or rise) beyond the threshold fails only when the canary's 95 %
+    bound on its favourable side is still worse than the controls' value."""
+    name = _performance_name(m)
+    threshold = g.max_mae_rise if name == "mae" else g.max_accuracy_drop
+    if threshold is None:
+        return _skip(name, "<=", "disabled")
+    canary, control = m.canary_performance, m.control_performance
+    if m.performance_source is None and canary is None and control is None:
+        # neither side reports performance (agents before it, or a regressor without labels)
+        return _skip(name, "<=", "no performance blocks in the window on either side")
+    if canary is None or control is None or m.performance_source is None:
+        side = "canaries" if canary is None else "controls"
+        return GateResult(name, "wait", None, threshold, "<=",
+                          f"no {name} for the {side} yet")
+    source = m.performance_source
+    if source == "realized":
+        ready = min(m.canary_labelled, m.control_labelled) >= g.min_labels
+    else:
+        ready = sample_ok
+    if name == "mae":
+        value = canary / control - 1 if control > 0 else (0.0 if canary == 0 else math.inf)
+        bound = m.canary_performance_bound if m.canary_performance_bound is not None \
+            else canary
+        worse = bound > control
+        what = f"{source} MAE {canary:.4g} vs the controls' {control:.4g} ({value:+.1%})"
+    else:
+        value = control - canary
+        bound = m.canary_performance_bound if m.canary_performance_bound is not None \
+            else canary
+        worse = bound < control
+        what = (f"{source} accuracy {canary:.4g} vs the controls' {control:.4g} "
+                f"({-value:+.4f})")
+    if source == "realized":
+        what += f" on {m.canary_labelled} and {m.control_labelled} labelled rows"
+    if not ready:
+        return GateResult(name, "wait", value, threshold, "<=",
+                          f"{what}: waiting for {g.min_labels} labelled rows a side"
+                          if source == "realized" else f"{what}: waiting for the sample")
+    if value > threshold and worse:
+        return GateResult(name, "fail", value, threshold, "<=",
+                          f"{what}: beyond {threshold:.4g} and outside the canaries' interval")
+    return GateResult(name, "pass", value, threshold, "<=",
+                      f"{what}: within {threshold:.4g}" if value <= threshold else
+                      f"{what}: beyond {threshold:.4g} but within the canaries' interval")
 
 
 def _input_gates(g: GateThresholds, m: GateMetrics, ready: bool) -> list[GateResult]:
@@ -221,7 +275,12 @@ def _shadow_gates(g: GateThresholds, m: GateMetrics | None, missing: str) -> lis
     return [sample,
             _gate("shadow_agreement", agreement, g.min_shadow_agreement, ">=", ready=ok),
             _gate("shadow_error_rate", _rate(m.shadow_errors, m.shadow_rows),
-                  g.max_error_rate, "<=", ready=ok)]
+                  g.max_error_rate, "<=", ready=ok),
+            # the fair comparison (shadow vs live accuracy, paired on the same labelled
+            # rows) needs the agent to keep the shadow's answers with the prediction ids
+            # and join outcomes to both; it does not yet, and agreement is no stand-in
+            _skip("shadow_accuracy", ">=", "not measured: the agent does not label shadow "
+                                           "outputs yet (no paired rows)")]
 
 
 def window_verdict(results: list[GateResult], now: float, deadline: float) -> str:

@@ -10,6 +10,12 @@ the bundle's reference (input drift share and verdict), and in a shadow phase th
 shadow's agreement. Merged profiles are kept per window and grown by the summaries each
 tick adds, so a tick reads only what is new.
 
+Performance (the ``accuracy`` or ``mae`` gate): the performance entries of the window,
+canaries' for the rollout's bundle and controls' for any other bundle over the same spec
+(same task and classes), merged per side; realized when both sides hold ``min_labels``
+labelled rows, else the label-free estimate (a regressor has none: no labels, no gate
+value), both sides from the same source.
+
 Deliberately not here: the rules (the core judges the numbers), and any write.
 """
 
@@ -25,11 +31,12 @@ from edgefleet.contract.profile import Profile, ProfileSpec
 from fleet_server.errors import NotFoundError
 from fleet_server.monitoring.drift import DriftService
 from fleet_server.profiles.drift import compare
+from fleet_server.profiles.performance import merged_blocks, metric_values
 from fleet_server.profiles.rollups import Packed
 from fleet_server.registry.bundles import Bundles, Reference
 from fleet_server.registry.devices import Registry
 from fleet_server.rollouts.machine import GateMetrics, GateWindow, RolloutPlan
-from fleet_server.store import Store, WindowSummary
+from fleet_server.store import PerformanceRow, Store, WindowSummary
 
 __all__ = ["P95_Z", "GateMetricsReader", "p95_bounds_ms", "p95_gate_inputs"]
 
@@ -139,7 +146,61 @@ class GateMetricsReader:
         counts["canary_p95_ms"], counts["control_p95_ms"] = p95_gate_inputs(
             bounds["canary"], bounds["control"])
         extra = self._profiles(plan, window.since, mine, theirs)
+        extra.update(self._performance(plan, window, canaries, controls))
         return GateMetrics(window_start=window.since, **counts, **extra)
+
+    def _performance(self, plan: RolloutPlan, window: GateWindow, canaries: set[str],
+                     controls: set[str]) -> dict[str, Any]:
+        """The performance gate's numbers (see the module docstring); {} when no entry of
+        either side is in the window."""
+        name, version = plan.bundle.name, plan.bundle.version
+        found = self.store.device_performance(sorted(canaries | controls), window.since,
+                                              limit=2 * self.max_summaries)
+        if not found:
+            return {}
+        try:
+            mine = self.bundles.performance(self.bundles.get(name, version).id)
+        except NotFoundError:
+            return {}
+        sides: dict[str, list[PerformanceRow]] = {"canary": [], "control": []}
+        specs: dict[tuple[str, str], Any] = {}
+        for bname, bversion, row in found:
+            ours = bname == name and bversion == version
+            if ours and row.device in canaries:
+                sides["canary"].append(row)
+            elif not ours and row.device in controls:
+                key = (bname, bversion)
+                if key not in specs:
+                    try:
+                        specs[key] = self.bundles.performance(row.bundle_id).spec
+                    except NotFoundError:
+                        specs[key] = None
+                if specs[key] == mine.spec:  # other classes or task: not comparable
+                    sides["control"].append(row)
+        blocks = {side: merged_blocks(mine.spec, rows) for side, rows in sides.items()}
+        labelled = {side: 0 if b[0] is None else b[0].n for side, b in blocks.items()}
+        out: dict[str, Any] = {"performance_metric": mine.metric,
+                               "canary_labelled": labelled["canary"],
+                               "control_labelled": labelled["control"]}
+        min_labels = plan.gates.min_labels
+        source = "realized" if min(labelled.values()) >= min_labels else "estimated"
+        values = {side: metric_values(b[0] if source == "realized" else b[1])
+                  .get(mine.metric) for side, b in blocks.items()}
+        if source == "estimated" and not any(v and v["value"] is not None
+                                             for v in values.values()):
+            # no estimate (a regressor): realized with what labels there are, the gate waits
+            source = "realized"
+            values = {side: metric_values(b[0]).get(mine.metric) for side, b in blocks.items()}
+        canary, control = values["canary"], values["control"]
+        if canary is not None and canary["value"] is not None:
+            out["canary_performance"] = canary["value"]
+            bound = canary["low"] if mine.metric == "mae" else canary["high"]
+            out["canary_performance_bound"] = bound
+        if control is not None and control["value"] is not None:
+            out["control_performance"] = control["value"]
+        if "canary_performance" in out or "control_performance" in out:
+            out["performance_source"] = source
+        return out
 
     def _profiles(self, plan: RolloutPlan, since: float, mine: Sequence[WindowSummary],
                   theirs: Sequence[WindowSummary]) -> dict[str, Any]:

@@ -135,6 +135,14 @@ class GateThresholds:
     block_on_input_drift: bool = True  # the drift monitor's verdict on canary inputs fails
     min_shadow_rows: int = 200
     min_shadow_agreement: float | None = 0.95
+    # accuracy (or MAE) of the canaries against the controls: realized once both sides have
+    # min_labels labelled rows, else the label-free estimate. A classifier's canary accuracy
+    # may be at most max_accuracy_drop (absolute) below the controls', a regressor's MAE at
+    # most max_mae_rise (relative) above; it fails only when the canary's interval also
+    # excludes the controls' value (sampling noise cannot fail it)
+    max_accuracy_drop: float | None = 0.02
+    max_mae_rise: float | None = 0.1
+    min_labels: int = 200
     max_wait_s: float = 86400.0  # after the soak, how long gates may wait for data
     on_insufficient_data: str = "abort"  # or "pause"
 
@@ -151,7 +159,7 @@ class GateThresholds:
             elif value is not None or kind == "float":
                 _need(_finite(value) and value >= 0, fd.name, "a number >= 0")
         for name in ("min_healthy_share", "max_install_failure_rate", "max_error_rate",
-                     "max_input_drift_share", "min_shadow_agreement"):
+                     "max_input_drift_share", "min_shadow_agreement", "max_accuracy_drop"):
             value = getattr(self, name)
             _need(value is None or value <= 1, name, "a share in [0, 1]")
 
@@ -413,7 +421,13 @@ class DeviceObs:
 
 
 _COUNTS = ("canary_predictions", "canary_errors", "control_predictions", "control_errors",
-           "shadow_rows", "shadow_agreed", "shadow_errors")
+           "shadow_rows", "shadow_agreed", "shadow_errors", "canary_labelled",
+           "control_labelled")
+_NUMBERS = ("canary_p95_ms", "control_p95_ms", "prediction_psi", "prediction_js",
+            "input_drift_share", "canary_performance", "canary_performance_bound",
+            "control_performance")
+PERFORMANCE_METRICS = ("accuracy", "mae")
+PERFORMANCE_SOURCES = ("realized", "estimated")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -441,18 +455,33 @@ class GateMetrics:
     shadow_rows: int = 0  # summed ShadowStats of canaries, shadow phase
     shadow_agreed: int = 0
     shadow_errors: int = 0
+    # the performance gate: ``performance_metric`` (accuracy | mae) of both sides from the
+    # same ``performance_source`` (realized | estimated); ``canary_performance_bound`` is
+    # the canary's 95 % bound on its favourable side (accuracy's high, MAE's low)
+    performance_metric: str | None = None
+    performance_source: str | None = None
+    canary_performance: float | None = None
+    canary_performance_bound: float | None = None
+    control_performance: float | None = None
+    canary_labelled: int = 0  # realized rows behind each side
+    control_labelled: int = 0
 
     def __post_init__(self) -> None:
         for name in _COUNTS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ObservationError(f"gate metrics: {name} {value!r} is not a count")
-        for name in ("window_start", "canary_p95_ms", "control_p95_ms", "prediction_psi",
-                     "prediction_js", "input_drift_share"):
+        for name in ("window_start", *_NUMBERS):
             value = getattr(self, name)
             if value is not None and not (_finite(value) and value >= 0):
                 raise ObservationError(f"gate metrics: {name} {value!r} is not a finite "
                                        "number >= 0")
+        for name, allowed in (("performance_metric", PERFORMANCE_METRICS),
+                              ("performance_source", PERFORMANCE_SOURCES)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ObservationError(f"gate metrics: {name} {value!r} is not one of "
+                                       f"{', '.join(allowed)}")
         if self.shadow_agreed > self.shadow_rows:
             raise ObservationError("gate metrics: shadow_agreed exceeds shadow_rows")
 
@@ -469,9 +498,10 @@ class GateMetrics:
         f = Fields(obj, where)
         values: dict[str, Any] = {"window_start": f.float("window_start")}
         values.update({name: f.int(name, 0) for name in _COUNTS})
-        values.update({name: f.opt_float(name) for name in (
-            "canary_p95_ms", "control_p95_ms", "prediction_psi", "prediction_js",
-            "input_drift_share")})
+        values.update({name: f.opt_float(name) for name in _NUMBERS})
+        for name in ("performance_metric", "performance_source"):
+            values[name] = f.raw(name, None) if f.raw(name, None) is None else \
+                f.str(name, max_len=16)
         drift = f.raw("input_drift", None)
         values["input_drift"] = None if drift is None else f.bool("input_drift")
         f.done()

@@ -1,0 +1,446 @@
+"""Realized and estimated performance on the server: ingest, merge, report, alerts, gates.
+
+Summaries carry performance entries built with the contract's own accumulators
+(:mod:`edgefleet.contract.performance`) from known rows, and go through the real ingest
+rules (``Ingestor.process``) into a real store (SQLite, and PostgreSQL where the fixtures
+make it cheap); what the server merges back is compared with scikit-learn on the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+)
+
+from edgefleet.contract.messages import BundleRef, encode, topic
+from edgefleet.contract.performance import Estimated, PerformanceEntry, PerformanceSpec, Realized
+from fleet_server.cli.main import main as fleet_cli
+from fleet_server.config import DriftConfig, PerformanceConfig
+from fleet_server.models import FLEET_SCOPE
+from fleet_server.monitoring.evaluator import Evaluator
+from fleet_server.monitoring.performance import PerformanceService, PerformanceWatch
+from fleet_server.profiles.performance import Expected, Tolerances, judge_drop
+from fleet_server.telemetry.link import Incoming
+from tests.fleet_server.conftest import profile_of, summary_of
+from tests.fleet_server.test_evaluation import Receiver, _hooked
+
+W = 60
+T0 = 1_800_000_000 // 86400 * 86400  # a day boundary, far from the real clock
+SPEC = PerformanceSpec("classification", (0, 1))
+
+
+def rows(n: int, seed: int, accuracy: float = 0.92) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(truth, predicted, P(1))`` of a calibrated-looking binary model: each prediction is
+    right with probability ``accuracy``."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, n)
+    right = rng.random(n) < accuracy
+    pred = np.where(right, truth, 1 - truth)
+    conf = np.clip(rng.normal(accuracy, 0.05, n), 0.5, 0.999)
+    p1 = np.where(pred == 1, conf, 1 - conf)
+    return truth, pred, p1
+
+
+def entry(truth, pred, p1, version: str = "1.0.0", *, estimated_only: bool = False
+          ) -> PerformanceEntry:
+    est = Estimated(SPEC)
+    est.add(p1, pred)
+    if estimated_only:
+        return PerformanceEntry(BundleRef("sensor", version), None, est.to_wire())
+    real = Realized(SPEC)
+    real.add(pred, truth, np.c_[1 - p1, p1])
+    return PerformanceEntry(BundleRef("sensor", version), real.to_wire(), est.to_wire())
+
+
+def send(services, device: str, seq: int, start: float, entries, *, version="1.0.0",
+         n_rows: int = 400, shift=None):
+    ref = services.bundles.reference(services.bundles.get("sensor", "1.0.0").id)
+    msg = summary_of(device, seq, profile_of(ref.spec, n_rows, seq * 31 + int(device[3:]),
+                                             shift, ref.base), start, start + W, version)
+    msg = replace(msg, performance=tuple(entries))
+    return services.ingestor.process(
+        [Incoming(topic(device, "summary"), encode(msg), 1, seq, 1, start + W)], now=start + W)
+
+
+@pytest.fixture
+def fleet_on(services_on, sensor_bundle):
+    s = services_on
+    s.bundles.upload(sensor_bundle.read_bytes(), "test", T0)
+    for d, site in (("dev1", "a"), ("dev2", "a"), ("dev3", "b")):
+        s.registry.add_device(d, {"site": site}, "test", T0)
+    s.registry.create_group("plant-a", {"site": "a"}, "test", T0)
+    return s
+
+
+@pytest.fixture
+def fleet(services, sensor_bundle):
+    s = services
+    s.bundles.upload(sensor_bundle.read_bytes(), "test", T0)
+    for d, site in (("dev1", "a"), ("dev2", "a"), ("dev3", "b")):
+        s.registry.add_device(d, {"site": site}, "test", T0)
+    s.registry.create_group("plant-a", {"site": "a"}, "test", T0)
+    return s
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def test_entries_are_stored_per_bundle_and_bad_ones_dead_lettered_alone(fleet_on):
+    s = fleet_on
+    truth, pred, p1 = rows(300, 1)
+    bad = entry(truth, pred, p1).realized
+    bad = {**bad, "cm": [[1, 2], [3]]}  # a confusion matrix row missing
+    result = send(s, "dev1", 1, T0, [
+        entry(truth, pred, p1),
+        PerformanceEntry(BundleRef("sensor", "7.7.7"), None, entry(truth, pred, p1).estimated),
+        PerformanceEntry(BundleRef("sensor", "1.0.0", ), bad, None),
+    ])
+    assert result.stored["summary"] == 1  # the summary itself is kept
+    assert result.dead == {"SchemaError": 2}
+    reasons = [d.reason for d in s.store.list_dead_letters()]
+    stored = s.store.read_performance(1, T0, T0 + W)
+    assert [(r.device, r.seq, r.labelled, r.served) for r in stored] == [("dev1", 1, 300, 300)]
+    assert any("7.7.7" in r for r in reasons) and any("cm[1]" in r for r in reasons)
+    # a duplicate summary (the outbox re-sends it) adds no entry
+    again = send(s, "dev1", 1, T0, [entry(truth, pred, p1)])
+    assert again.duplicates["summary"] == 1
+    assert len(s.store.read_performance(1, T0, T0 + W)) == 1
+
+
+def test_an_entry_counts_for_its_own_bundle_not_the_summarys(fleet, bundles):
+    """Outcomes joined after the device switched to 1.1.0 still count for 1.0.0."""
+    s = fleet
+    s.bundles.upload(bundles.build("1.1.0").read_bytes(), "test", T0)
+    truth, pred, p1 = rows(250, 2)
+    # 1.1.0 has other training bins: the summary's profile is 1.1.0's own
+    new = s.bundles.reference(s.bundles.get("sensor", "1.1.0").id)
+    msg = summary_of("dev1", 1, profile_of(new.spec, 100, 5, None, new.base), T0, T0 + W,
+                     "1.1.0")
+    msg = replace(msg, performance=(entry(truth, pred, p1, "1.0.0"),))
+    result = s.ingestor.process([Incoming(topic("dev1", "summary"), encode(msg), 1, 1, 1,
+                                          T0 + W)], now=T0 + W)
+    assert result.stored["summary"] == 1 and not result.dead
+    old_id = s.bundles.get("sensor", "1.0.0").id
+    new_id = s.bundles.get("sensor", "1.1.0").id
+    assert len(s.store.read_performance(old_id, T0, T0 + W)) == 1
+    assert s.store.read_performance(new_id, T0, T0 + W) == []
+    report = s.performance.report("sensor@1.0.0", since=T0, until=T0 + W, now=T0 + W)
+    assert report.total.labelled == 250
+
+
+# --------------------------------------------------------------------------- merge = sklearn
+
+
+def test_merged_realized_metrics_equal_sklearns_on_the_same_rows(fleet_on):
+    s = fleet_on
+    all_truth, all_pred = [], []
+    seq = 0
+    for hour in range(3):
+        for device in ("dev1", "dev2", "dev3"):
+            seq += 1
+            truth, pred, p1 = rows(97 + 13 * seq, seq, accuracy=0.7 + 0.02 * seq)
+            all_truth.append(truth)
+            all_pred.append(pred)
+            assert not send(s, device, seq, T0 + hour * 3600, [entry(truth, pred, p1)]).dead
+    truth, pred = np.concatenate(all_truth), np.concatenate(all_pred)
+    report = s.performance.report("sensor@1.0.0", since=T0, until=T0 + 3 * 3600,
+                                  now=T0 + 3 * 3600)
+    r = report.total.realized
+    assert report.step == 3600 and len(report.points) == 3
+    assert r["accuracy"]["value"] == accuracy_score(truth, pred)
+    assert r["accuracy"]["n"] == len(truth)
+    assert r["accuracy"]["low"] < r["accuracy"]["value"] < r["accuracy"]["high"]
+    for c in (0, 1):
+        assert r[f"precision[{c}]"]["value"] == pytest.approx(
+            precision_score(truth, pred, pos_label=c), abs=1e-12)
+        assert r[f"recall[{c}]"]["value"] == pytest.approx(
+            recall_score(truth, pred, pos_label=c), abs=1e-12)
+    assert r["f1_macro"]["value"] == pytest.approx(f1_score(truth, pred, average="macro"),
+                                                   abs=1e-12)
+    assert report.confusion == {"classes": ["0", "1"],
+                                "counts": confusion_matrix(truth, pred).tolist()}
+    # each hour's point is the merge of that hour's three summaries only
+    first = np.concatenate(all_truth[:3]), np.concatenate(all_pred[:3])
+    assert report.points[0].realized["accuracy"]["value"] == accuracy_score(*first)
+    assert report.points[0].devices == 3 and report.points[0].labelled == len(first[0])
+    # a group and a device are their members' rows only
+    group = s.performance.report("sensor@1.0.0", group="plant-a", since=T0,
+                                 until=T0 + 3 * 3600, now=T0 + 3 * 3600)
+    mine = [i for i in range(9) if i % 3 != 2]  # dev1 and dev2
+    t = np.concatenate([all_truth[i] for i in mine])
+    p = np.concatenate([all_pred[i] for i in mine])
+    assert group.total.realized["accuracy"]["value"] == accuracy_score(t, p)
+    one = s.performance.report("sensor@1.0.0", device="dev3", since=T0, until=T0 + 3 * 3600,
+                               now=T0 + 3 * 3600)
+    assert one.total.devices == 1 and one.scope == "device:dev3"
+    assert one.total.labelled == sum(len(all_truth[i]) for i in (2, 5, 8))
+
+
+def test_a_report_without_labels_has_the_estimate_and_the_expectation(fleet):
+    s = fleet
+    truth, pred, p1 = rows(800, 3, accuracy=0.9)
+    send(s, "dev1", 1, T0, [entry(truth, pred, p1, estimated_only=True)])
+    report = s.performance.report("sensor@1.0.0", since="1d", now=T0 + 3600)
+    assert report.total.realized == {} and report.total.labelled == 0
+    est = report.total.estimated["accuracy"]
+    assert est["n"] == 800 and est["value"] == pytest.approx(
+        float(np.where(pred == 1, p1, 1 - p1).mean()), abs=1e-12)
+    assert report.expected["accuracy"].data == "training"
+    assert report.verdicts["realized"].verdict == "insufficient"
+    assert report.verdicts["estimated"].verdict == "ok"
+
+
+# --------------------------------------------------------------------------- the drop rule
+
+
+@pytest.mark.parametrize(("value", "low", "high", "n", "verdict"), [
+    pytest.param(0.80, 0.78, 0.82, 1000, "drop", id="below-and-excluded"),
+    pytest.param(0.80, 0.60, 0.93, 1000, "ok", id="below-but-interval-holds-expectation"),
+    pytest.param(0.89, 0.87, 0.905, 1000, "ok", id="within-tolerance"),
+    pytest.param(0.50, 0.40, 0.60, 50, "insufficient", id="too-few-rows"),
+    pytest.param(None, None, None, 0, "insufficient", id="no-value"),
+])
+def test_the_drop_rule(value, low, high, n, verdict):
+    expected = Expected("accuracy", 0.91, 0.89, 0.93, 800, "held_out")
+    got = judge_drop("accuracy", value, low, high, n, expected, Tolerances(), 200)
+    assert got.verdict == verdict
+
+
+def test_an_error_metric_drops_upward():
+    expected = Expected("mae", 2.0, 1.8, 2.2, 800, "held_out")
+    assert judge_drop("mae", 3.0, 2.8, 3.2, 500, expected, Tolerances(), 200).verdict == "drop"
+    assert judge_drop("mae", 1.0, 0.9, 1.1, 500, expected, Tolerances(), 200).verdict == "ok"
+    assert judge_drop("mae", 3.0, 2.8, 3.2, 500, None, Tolerances(), 200).verdict == "unknown"
+
+
+# --------------------------------------------------------------------------- alerts
+
+
+def _collapse(services, *, start: float, windows: int, flip: bool) -> None:
+    """Windows of every device with in-distribution inputs; with ``flip`` the truth is
+    flipped wherever the (made-up) input region holds (40 % of rows), the model unchanged:
+    concept drift, no input drift."""
+    seq = {"dev1": 0, "dev2": 0, "dev3": 0}
+    for k in range(windows):
+        for device in seq:
+            seq[device] += 1
+            n = 400
+            truth, pred, p1 = rows(n, 100 * k + seq[device] + int(device[3:]), 0.93)
+            if flip:
+                region = np.random.default_rng(k).random(n) < 0.4
+                truth = np.where(region, 1 - truth, truth)
+            result = send(services, device, 1000 * int(flip) + seq[device], start + k * W,
+                          [entry(truth, pred, p1)], n_rows=n)
+            assert not result.dead, dict(result.dead)
+
+
+def test_an_accuracy_collapse_without_input_drift_alerts_and_calls_the_webhook(fleet):
+    s = fleet
+    r = Receiver([])
+    hook, alerts = _hooked(s, r.url)
+    try:
+        config = PerformanceConfig(window_s=3 * W)
+        watch = PerformanceWatch(PerformanceService(s.store, s.bundles, s.registry, config),
+                                 alerts)
+        drift = Evaluator(s.store, s.bundles, s.registry, alerts,
+                          DriftConfig(window_s=W, lateness_s=0),
+                          s.config.ingest_config, clock=time.time)
+        _collapse(s, start=T0, windows=3, flip=False)  # healthy: ~0.93 realized
+        assert watch.evaluate(T0 + 3 * W) == []
+        _collapse(s, start=T0 + 3 * W, windows=3, flip=True)
+        raised = watch.evaluate(T0 + 6 * W)
+        assert ("sensor@1.0.0", FLEET_SCOPE, "performance_drop") in raised
+        assert ("sensor@1.0.0", "plant-a", "performance_drop") in raised
+        # the label-free estimate cannot see concept drift (confidences did not move)
+        assert not any(kind == "estimated_performance_drop" for _, _, kind in raised)
+        # ... and neither can the drift monitors: inputs are as in training
+        for now in range(T0 + W, T0 + 7 * W, W):
+            drift.evaluate(now)
+        assert s.store.list_alerts(kind="drift") == []
+        # deduplicated while open
+        assert watch.evaluate(T0 + 6 * W + 1) == []
+        assert hook.wait_idle(10)
+    finally:
+        hook.stop()
+        r.close()
+    (alert,) = [a for a in s.store.list_alerts(kind="performance_drop")
+                if a.group == FLEET_SCOPE]
+    d = alert.details
+    assert d["side"] == "realized" and d["metric"] == "accuracy"
+    assert d["value"] < 0.7 and d["high"] < d["expected"] == pytest.approx(0.91125)
+    assert d["n"] >= 3 * 3 * 400  # the collapsed windows' labels at least
+    assert alert.webhook == "delivered"
+    sent = [b for b, _ in r.bodies if b["alert"]["kind"] == "performance_drop"]
+    assert sent and sent[0]["alert"]["details"]["metric"] == "accuracy"
+
+
+def test_a_recovered_model_resolves_the_alert(fleet):
+    s = fleet
+    watch = PerformanceWatch(PerformanceService(s.store, s.bundles, s.registry,
+                                                PerformanceConfig(window_s=3 * W)), s.alerts)
+    _collapse(s, start=T0, windows=3, flip=True)
+    assert watch.evaluate(T0 + 3 * W)
+    _collapse(s, start=T0 + 3 * W, windows=3, flip=False)
+    watch.evaluate(T0 + 6 * W)
+    assert s.store.list_alerts(kind="performance_drop", state="open") == []
+
+
+# --------------------------------------------------------------------------- API and CLI
+
+
+def test_the_api_and_the_cli_show_the_same_numbers(server_factory, sensor_bundle):
+    server = server_factory(http=True)
+    s = server.services
+    s.bundles.upload(sensor_bundle.read_bytes(), "test", T0)
+    s.registry.add_device("dev1", {"site": "a"}, "test", T0)
+    truth, pred, p1 = rows(500, 7)
+    send(s, "dev1", 1, T0, [entry(truth, pred, p1)])
+    token = s.auth.create_token("viewer-1", "viewer", "test", time.time()).secret
+    headers = {"Authorization": f"Bearer {token}"}
+    url = f"{server.base_url}/api/v1/performance"
+    got = httpx.get(url, params={"bundle": "sensor@1.0.0", "since": str(T0),
+                                 "until": T0 + 3600}, headers=headers)
+    assert got.status_code == 200, got.text
+    body = got.json()
+    acc = accuracy_score(truth, pred)
+    assert body["total"]["realized"]["accuracy"]["value"] == acc
+    assert body["expected"]["accuracy"]["value"] == pytest.approx(0.91125)
+    assert body["verdicts"]["realized"]["verdict"] == "ok"
+    for params, status in (({"since": "soon"}, 422), ({"group": "nope"}, 404),
+                           ({"device": "dev1", "colour": "red"}, 422)):
+        assert httpx.get(url, params={"bundle": "sensor@1.0.0", **params},
+                         headers=headers).status_code == status, params
+
+    runner = CliRunner()
+    env = {"FLEET_SERVER": server.base_url, "FLEET_TOKEN": token}
+    window = ["--since", str(T0), "--until", str(T0 + 3600)]
+    shown = runner.invoke(fleet_cli, ["performance", "sensor@1.0.0", *window], env=env)
+    as_json = runner.invoke(fleet_cli, ["performance", "sensor@1.0.0", *window, "--json"],
+                            env=env)
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert "realized accuracy [95 %]" in lines[1] and "expected" in lines[1]
+    low, high = (body["total"]["realized"]["accuracy"][k] for k in ("low", "high"))
+    total = next(line for line in lines if line.startswith("total"))
+    assert total.split() == ["total", "1", "500", f"{acc:.3f}", f"[{low:.3f},", f"{high:.3f}]",
+                             f"{body['total']['estimated']['accuracy']['value']:.3f}", "0.911"]
+    assert json.loads(as_json.output)["total"]["labelled"] == 500
+    both = runner.invoke(fleet_cli, ["performance", "sensor@1.0.0", "--group", "g",
+                                     "--device", "dev1"], env=env)
+    assert both.exit_code == 1 and "not both" in both.output
+
+
+# --------------------------------------------------------------------------- rollout gates
+
+PERF = {"performance_metric": "accuracy", "performance_source": "realized",
+        "canary_labelled": 500, "control_labelled": 500}
+
+
+@pytest.mark.parametrize(("over", "outcome", "status"), [
+    pytest.param({"canary_performance": 0.80, "canary_performance_bound": 0.85,
+                  "control_performance": 0.92}, "fail", "aborted", id="collapse"),
+    pytest.param({"canary_performance": 0.88, "canary_performance_bound": 0.95,
+                  "control_performance": 0.92}, "pass", "running", id="within-interval"),
+    pytest.param({"canary_performance": 0.91, "canary_performance_bound": 0.93,
+                  "control_performance": 0.92}, "pass", "running", id="within-tolerance"),
+    pytest.param({"canary_performance": 0.80, "canary_performance_bound": 0.85,
+                  "control_performance": 0.92, "canary_labelled": 20}, "wait", "running",
+                 id="too-few-labels"),
+    pytest.param({"canary_performance": 0.80, "canary_performance_bound": 0.85,
+                  "control_performance": 0.92, "performance_source": "estimated",
+                  "canary_labelled": 0, "control_labelled": 0}, "fail", "aborted",
+                 id="estimated-collapse"),
+    pytest.param({"performance_metric": "mae", "canary_performance": 3.0,
+                  "canary_performance_bound": 2.8, "control_performance": 2.0}, "fail",
+                 "aborted", id="mae-rise"),
+    pytest.param({"performance_metric": None, "performance_source": None,
+                  "canary_labelled": 0, "control_labelled": 0}, "skip", "running",
+                 id="no-performance-reported"),
+])
+def test_the_accuracy_gate_judges_canaries_against_controls(over, outcome, status):
+    from tests.fleet_server.test_rollout import fleet as members
+    from tests.fleet_server.test_rollout import follow, gate, make_plan, start, tick
+
+    plan, devices = make_plan(), members()
+    d = start(plan, devices)
+    devices = follow(devices, d)
+    d2 = tick(plan, d.state, devices, 110.0, **{**PERF, **over})
+    name = "mae" if over.get("performance_metric") == "mae" else "accuracy"
+    result = gate(d2, name)
+    assert result.outcome == outcome, result.reason
+    if outcome != "skip":
+        source = over.get("performance_source", "realized")
+        assert result.reason.startswith(source), result.reason
+    if status == "running":
+        assert d2.state.status == "running"  # waits or promotes, never aborts
+    else:
+        assert d2.state.status == "aborted" and name in d2.audit[0].reason
+
+
+def test_the_shadow_phase_says_what_it_cannot_compare():
+    from tests.fleet_server.test_rollout import GATES, gate, make_plan, start, tick
+    from tests.fleet_server.test_rollout import fleet as members
+
+    plan = make_plan(shadow_first=True, shadow_soak_s=100.0,
+                     gates=replace(GATES, min_shadow_rows=10))
+    devices = members()
+    d = start(plan, devices)
+    shadow = tick(plan, d.state, devices, 50.0)
+    result = gate(shadow, "shadow_accuracy")
+    assert result.outcome == "skip" and "does not label shadow outputs" in result.reason
+
+
+def test_gate_metrics_read_the_windows_entries(fleet, bundles):
+    """Canaries on 1.1.0 whose labels say they are wrong far more often than the controls
+    on 1.0.0: the reader merges each side's entries, realized once both have labels."""
+    from fleet_server.rollouts.metrics import GateMetricsReader
+    from fleet_server.rollouts.values import GateWindow
+    from tests.fleet_server.test_rollout import make_plan
+
+    s = fleet
+    s.bundles.upload(bundles.build("1.1.0").read_bytes(), "test", T0)
+    reader = GateMetricsReader(s.store, s.registry, s.bundles, s.drift, 20_000)
+    new = BundleRef("sensor", "1.1.0")
+    plan = make_plan(bundle=new)
+    window = GateWindow("canary", 0, T0, new, ("dev1",), ("dev2", "dev3"))
+    canary = rows(600, 11, accuracy=0.75)
+    controls = [rows(400, 12 + i, accuracy=0.93) for i in range(2)]
+    ref_new = s.bundles.reference(s.bundles.get("sensor", "1.1.0").id)
+    msg = summary_of("dev1", 1, profile_of(ref_new.spec, 600, 3, None, ref_new.base),
+                     T0, T0 + W, "1.1.0")
+    msg = replace(msg, performance=(entry(*canary, "1.1.0", estimated_only=True),))
+    s.ingestor.process([Incoming(topic("dev1", "summary"), encode(msg), 1, 1, 1, T0 + W)],
+                       now=T0 + W)
+    for i, device in enumerate(("dev2", "dev3")):
+        send(s, device, 1, T0, [entry(*controls[i], estimated_only=True)])
+    m = reader.read(plan, window)
+    # no labels yet: the estimate, both sides from it
+    assert (m.performance_metric, m.performance_source) == ("accuracy", "estimated")
+    assert m.canary_labelled == 0
+    q = np.where(canary[1] == 1, canary[2], 1 - canary[2])
+    assert m.canary_performance == pytest.approx(float(q.mean()), abs=1e-12)
+    # labels arrive: realized, and the canary's collapse shows
+    msg2 = replace(msg, seq=2, performance=(entry(*canary, "1.1.0"),))
+    s.ingestor.process([Incoming(topic("dev1", "summary"), encode(msg2), 1, 2, 1, T0 + W)],
+                       now=T0 + W)
+    for i, device in enumerate(("dev2", "dev3")):
+        send(s, device, 2, T0, [entry(*controls[i])])
+    m = reader.read(plan, window)
+    assert m.performance_source == "realized" and m.canary_labelled == 600
+    assert m.control_labelled == 800
+    assert m.canary_performance == accuracy_score(canary[0], canary[1])
+    both = np.concatenate([c[0] for c in controls]), np.concatenate([c[1] for c in controls])
+    assert m.control_performance == accuracy_score(*both)
+    assert m.canary_performance_bound > m.canary_performance

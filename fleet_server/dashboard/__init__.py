@@ -10,7 +10,9 @@ Routes (all ``GET`` unless said, HTML, working without JavaScript):
   SQL) and ``/devices/{id}``; ``/drift`` (the index heatmap; ``bundle=name@version``,
   ``group``, ``device``, ``hours``); ``/alerts`` (``state``, ``kind``, ``bundle``);
   ``/rollouts`` (``status``) and ``/rollouts/{id}``; ``/bundles/{name@version}`` (the card,
-  approvals, where the bundle runs and how it does; linked from the overview's bundles).
+  approvals, where the bundle runs and how it does; linked from the overview's bundles);
+  ``/performance`` (``bundle``, ``group``, ``device``, ``days``: realized and estimated
+  performance).
 
 Routes do HTTP only: read the session cookie (:mod:`.session`), check the query string,
 call a page function (:mod:`.pages`, :mod:`.drift_page`, :mod:`.rollout_pages`) and
@@ -33,7 +35,13 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from fleet_server.dashboard import bundle_page, drift_page, pages, rollout_pages
+from fleet_server.dashboard import (
+    bundle_page,
+    drift_page,
+    pages,
+    performance_page,
+    rollout_pages,
+)
 from fleet_server.dashboard.html import error_page, login_page, page
 from fleet_server.dashboard.pages import BadParam, Query
 from fleet_server.dashboard.session import COOKIE, MAX_AGE_S, Sessions
@@ -176,6 +184,12 @@ def device(request: Request, device_id: str) -> Response:
 def drift(request: Request) -> Response:
     return _render(request, ("bundle", "group", "device", "hours"), drift_page.drift,
                    refresh=60, active="/drift")
+
+
+@router.get("/performance")
+def performance(request: Request) -> Response:
+    return _render(request, ("bundle", "group", "device", "days"), performance_page.performance,
+                   refresh=60, active="/performance")
 
 
 @router.get("/alerts")

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
+import numpy as np
+
 from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.performance import (
     Estimated,
@@ -211,17 +213,39 @@ def entry_bytes(entry: PerformanceEntry) -> bytes:
 def merged_blocks(spec: PerformanceSpec, rows: Iterable[Stored]
                   ) -> tuple[Realized | None, Estimated | None]:
     """The sum of stored entries' realized and estimated blocks (None: no such block).
-    Entries were checked at ingest against this very spec."""
-    realized: Realized | None = None
-    estimated: Estimated | None = None
+
+    Entries were checked at ingest against this very spec, so their wire forms have the
+    same shape: they are added field by field in one numpy pass (the contract's merge is
+    addition of every counter and sum, and ``calibrated`` holds only if it held for all)
+    and the sum is read back once with ``from_wire``, which checks it again. Rebuilding
+    and merging each block would cost about a millisecond an entry.
+    """
+    realized: list[dict[str, Any]] = []
+    estimated: list[dict[str, Any]] = []
     for r in rows:
         if r.realized is not None:
-            block = Realized.from_wire(spec, r.realized)
-            realized = block if realized is None else realized.merge(block)
+            realized.append(r.realized)
         if r.estimated is not None:
-            est = Estimated.from_wire(spec, r.estimated)
-            estimated = est if estimated is None else estimated.merge(est)
-    return realized, estimated
+            estimated.append(r.estimated)
+    return (Realized.from_wire(spec, _add_wires(realized)) if realized else None,
+            Estimated.from_wire(spec, _add_wires(estimated)) if estimated else None)
+
+
+def _add_wires(wires: list[dict[str, Any]]) -> dict[str, Any]:
+    """Blocks' wire forms of one shape, added: counts and sums add, flags AND."""
+    if len(wires) == 1:
+        return wires[0]
+    return {key: _add([w[key] for w in wires]) for key in wires[0]}
+
+
+def _add(values: list[Any]) -> Any:
+    first = values[0]
+    if isinstance(first, bool):
+        return all(values)
+    if isinstance(first, list) and first and isinstance(first[0], list):
+        # nested: part by part, so each leaf keeps its own type (counts stay integers)
+        return [_add([v[i] for v in values]) for i in range(len(first))]
+    return np.asarray(values).sum(axis=0).tolist()
 
 
 def metric_values(block: Realized | Estimated | None) -> dict[str, dict[str, Any]]:

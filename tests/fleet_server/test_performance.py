@@ -16,6 +16,8 @@ import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -444,3 +446,42 @@ def test_gate_metrics_read_the_windows_entries(fleet, bundles):
     both = np.concatenate([c[0] for c in controls]), np.concatenate([c[1] for c in controls])
     assert m.control_performance == accuracy_score(*both)
     assert m.canary_performance_bound > m.canary_performance
+
+
+# --------------------------------------------------------------------------- the server's merge
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 2**31), st.booleans()),
+                min_size=1, max_size=6))
+def test_the_servers_merge_of_stored_entries_is_the_contracts(parts):
+    """Adding wire forms field by field equals merging the rebuilt blocks one by one."""
+    from fleet_server.profiles.performance import merged_blocks
+    from fleet_server.store import PerformanceRow
+
+    stored, real, est = [], Realized(SPEC), Estimated(SPEC)
+    reg_spec = PerformanceSpec.from_manifest(type("M", (), {"task": "regression"})())
+    reg_rows, reg = [], Realized(reg_spec)
+    for i, (n, seed, calibrated) in enumerate(parts):
+        truth, pred, p1 = rows(n, seed)
+        r, e = Realized(SPEC), Estimated(SPEC, calibrated)
+        r.add(pred, truth, np.c_[1 - p1, p1], delays_s=np.full(n, 90.0))
+        e.add(p1, pred)
+        real.merge(r)
+        est.merge(e)
+        stored.append(PerformanceRow("d", i, 1, 0, 60, r.n, e.n, r.to_wire(), e.to_wire()))
+        g = Realized(reg_spec)
+        g.add(p1 * 10, truth * 10.0)
+        reg.merge(g)
+        reg_rows.append(PerformanceRow("d", i, 2, 0, 60, g.n, 0, g.to_wire(), None))
+    got_real, got_est = merged_blocks(SPEC, stored)
+    assert got_real.confusion().tolist() == real.confusion().tolist()
+    assert got_real.to_wire()["hist"] == real.to_wire()["hist"]
+    assert got_real.to_wire()["delay"] == real.to_wire()["delay"]
+    assert got_real.to_wire()["brier"] == pytest.approx(real.to_wire()["brier"])
+    assert got_est.calibrated == est.calibrated and got_est.n == est.n
+    assert got_est.to_wire()["q"] == pytest.approx(est.to_wire()["q"])
+    got_reg, none = merged_blocks(reg_spec, reg_rows)
+    assert none is None and got_reg.n == reg.n
+    assert got_reg.to_wire()["err"] == pytest.approx(reg.to_wire()["err"])
+    assert got_reg.to_wire()["hist"] == reg.to_wire()["hist"]

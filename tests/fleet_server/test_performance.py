@@ -299,6 +299,23 @@ def test_a_recovered_model_resolves_the_alert(fleet):
     assert s.store.list_alerts(kind="performance_drop", state="open") == []
 
 
+def test_sinking_confidences_raise_the_estimated_drop_before_any_label(fleet):
+    s = fleet
+    watch = PerformanceWatch(PerformanceService(s.store, s.bundles, s.registry,
+                                                PerformanceConfig(window_s=3 * W)), s.alerts)
+    for k in range(3):
+        for device in ("dev1", "dev2", "dev3"):
+            truth, pred, p1 = rows(400, 10 * k + int(device[3:]), accuracy=0.7)
+            send(s, device, k + 1, T0 + k * W, [entry(truth, pred, p1, estimated_only=True)])
+    raised = watch.evaluate(T0 + 3 * W)
+    assert ("sensor@1.0.0", FLEET_SCOPE, "estimated_performance_drop") in raised
+    assert not any(kind == "performance_drop" for _, _, kind in raised)  # no labels yet
+    (alert,) = [a for a in s.store.list_alerts(kind="estimated_performance_drop")
+                if a.group == FLEET_SCOPE]
+    assert alert.details["side"] == "estimated" and alert.details["n"] == 3600
+    assert alert.details["value"] == pytest.approx(0.7, abs=0.02)
+
+
 # --------------------------------------------------------------------------- API and CLI
 
 

@@ -215,9 +215,9 @@ class Evaluator:
             now = self.clock()
             try:
                 self.evaluate(now)
+                self.housekeeping(now)
                 if self.performance is not None:
                     self.performance.evaluate(now)
-                self.housekeeping(now)
             except StoreError:
                 log.exception("drift evaluation failed; trying again next window")
             except Exception:

@@ -502,3 +502,25 @@ def test_the_servers_merge_of_stored_entries_is_the_contracts(parts):
     assert none is None and got_reg.n == reg.n
     assert got_reg.to_wire()["err"] == pytest.approx(reg.to_wire()["err"])
     assert got_reg.to_wire()["hist"] == reg.to_wire()["hist"]
+
+
+@pytest.mark.parametrize(("items", "want"), [
+    pytest.param((), PerformanceConfig(), id="defaults"),
+    pytest.param(("rate=0.1", "min_labelled=50", "window_s=3600"),
+                 PerformanceConfig(tolerances=Tolerances(rate=0.1, min_labelled=50),
+                                   window_s=3600.0), id="set"),
+])
+def test_fleet_serve_reads_the_performance_settings(items, want):
+    from fleet_server.cli.serve import _performance_config
+
+    assert _performance_config(items) == want
+
+
+@pytest.mark.parametrize("items", [("rate=2",), ("colour=1",), ("min_served=0",)],
+                         ids=["rate-over-one", "unknown", "zero-rows"])
+def test_fleet_serve_refuses_bad_performance_settings(items):
+    from edgefleet.errors import EdgefleetError
+    from fleet_server.cli.serve import _performance_config
+
+    with pytest.raises(EdgefleetError):
+        _performance_config(items)

@@ -524,3 +524,15 @@ def test_fleet_serve_refuses_bad_performance_settings(items):
 
     with pytest.raises(EdgefleetError):
         _performance_config(items)
+
+
+def test_housekeeping_prunes_entries_with_the_summaries(fleet):
+    s = fleet
+    truth, pred, p1 = rows(50, 5)
+    send(s, "dev1", 1, T0, [entry(truth, pred, p1)])
+    send(s, "dev1", 2, T0 + 8 * 86400, [entry(truth, pred, p1)])
+    ev = Evaluator(s.store, s.bundles, s.registry, s.alerts, DriftConfig(window_s=W),
+                   s.config.ingest_config)
+    removed = ev.housekeeping(T0 + 8 * 86400 + W)  # 7 days of retention
+    assert removed["performance"] == 1
+    assert [r.seq for r in s.store.read_performance(1, T0, T0 + 9 * 86400)] == [2]

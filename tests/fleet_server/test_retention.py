@@ -70,8 +70,8 @@ def test_housekeeping_deletes_old_summaries_and_rollups_and_keeps_the_rest(fleet
     removed = ev.housekeeping(float(NOW))
 
     # two devices; rollups: each device's row and the fleet's (scope "*") per bucket
-    assert removed == {"summaries": 4, "dead_letters": 0, "sessions": 1, "rollups_60": 6,
-                       "rollups_3600": 3}
+    assert removed == {"summaries": 4, "performance": 0, "dead_letters": 0, "sessions": 1,
+                       "rollups_60": 6, "rollups_3600": 3}
     assert Sessions(s.store).count(float(NOW)) == 1
     assert _ages(db, "SELECT window_end FROM summaries") == [1, 0]
     assert _ages(db, "SELECT bucket FROM rollups WHERE width = 60") == [1, 0]
@@ -81,7 +81,8 @@ def test_housekeeping_deletes_old_summaries_and_rollups_and_keeps_the_rest(fleet
     assert sorted((r.device, r.seq) for r in kept) == [("dev1", 3), ("dev1", 4),
                                                        ("dev2", 3), ("dev2", 4)]
     # and a second pass has nothing left to do
-    assert ev.housekeeping(float(NOW)) == {"summaries": 0, "dead_letters": 0, "sessions": 0,
+    assert ev.housekeeping(float(NOW)) == {"summaries": 0, "performance": 0, "dead_letters": 0,
+                                           "sessions": 0,
                                            "rollups_60": 0, "rollups_3600": 0}
 
 

@@ -536,3 +536,65 @@ def test_housekeeping_prunes_entries_with_the_summaries(fleet):
     removed = ev.housekeeping(T0 + 8 * 86400 + W)  # 7 days of retention
     assert removed["performance"] == 1
     assert [r.seq for r in s.store.read_performance(1, T0, T0 + 9 * 86400)] == [2]
+
+
+# --------------------------------------------------------------------------- through the engine
+
+
+@pytest.fixture
+def rollout_fleet(tmp_path, signing_keys, bundles):
+    """Six devices of plant-a on sensor@1.0.0, 1.1.0 uploaded; the rollout service."""
+    from fleet_server.services import build_services
+    from tests.fleet_server.conftest import make_config
+    from tests.fleet_server.rollout_helpers import Recorder, Seeder, devices_named
+
+    s = build_services(make_config(tmp_path, signing_keys), publisher=Recorder())
+    t0 = time.time()
+    for version in ("1.0.0", "1.1.0"):
+        s.bundles.upload(bundles.build(version).read_bytes(), "test", t0)
+    seed = Seeder(s)
+    for d in devices_named(6):
+        s.registry.add_device(d, {"site": "a"}, "test", t0)
+        seed.online(d, "1.0.0", t0)
+    s.registry.create_group("plant-a", {"site": "a"}, "test", t0)
+    yield s, seed, t0
+    s.close()
+
+
+@pytest.mark.parametrize(("canary_accuracy", "status", "outcome"), [
+    pytest.param(0.6, "aborted", "fail", id="wrong-canaries"),
+    pytest.param(0.93, "running", "pass", id="as-good-as-the-controls"),
+])
+def test_a_canary_whose_labels_say_it_is_wrong_aborts_the_rollout(rollout_fleet,
+                                                                   canary_accuracy, status,
+                                                                   outcome):
+    s, seed, t0 = rollout_fleet
+    detail = s.rollouts.create(
+        {"bundle": "sensor@1.1.0", "group": "plant-a", "id": "r1", "start": True,
+         "stages": [{"fraction": 0.34, "min_devices": 2, "soak_s": 10},
+                    {"fraction": 1.0, "min_devices": 1, "soak_s": 10}],
+         "gates": {"min_canary_predictions": 300, "min_control_predictions": 300,
+                   "min_healthy_predictions": 50, "max_wait_s": 100}},
+        actor="operator:ana", roles={"viewer", "operator"}, now=t0)
+    for i, d in enumerate(detail["devices"]):
+        canary = d["role"] == "canary"
+        version = "1.1.0" if canary else "1.0.0"
+        if canary:
+            seed.report(d["device"], version, "installed", t0 + 1)
+        seed.summary(d["device"], version, t0 + 1, t0 + 5)  # inputs and outputs as trained
+        # the labels that came back: the controls are right 93 % of the time
+        truth, pred, p1 = rows(300, 70 + i, accuracy=canary_accuracy if canary else 0.93)
+        ref = s.bundles.reference(s.bundles.get("sensor", version).id)
+        msg = replace(summary_of(d["device"], seed._next(d["device"]),
+                                 profile_of(ref.spec, 10, i, None, ref.base), t0 + 5, t0 + 6,
+                                 version), performance=(entry(truth, pred, p1, version),))
+        result = s.ingestor.process([Incoming(msg.topic, encode(msg), 1, 1, 1, t0 + 6)],
+                                    now=t0 + 6)
+        assert not result.dead, dict(result.dead)
+    s.rollouts.tick(t0 + 11)
+    detail = s.rollouts.get("r1")
+    gates = {g["name"]: g for g in detail["gate_results"]}
+    assert detail["status"] == status, gates
+    assert gates["accuracy"]["outcome"] == outcome
+    assert gates["accuracy"]["reason"].startswith("realized accuracy")
+    assert gates["prediction_psi"]["outcome"] == "pass"  # its outputs look as trained

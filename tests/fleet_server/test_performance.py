@@ -598,3 +598,36 @@ def test_a_canary_whose_labels_say_it_is_wrong_aborts_the_rollout(rollout_fleet,
     assert gates["accuracy"]["outcome"] == outcome
     assert gates["accuracy"]["reason"].startswith("realized accuracy")
     assert gates["prediction_psi"]["outcome"] == "pass"  # its outputs look as trained
+
+
+# --------------------------------------------------------------------------- over MQTT
+
+
+def test_entries_travel_through_the_broker_and_show_in_the_report(broker, devices,
+                                                                  server_factory, sensor_bundle,
+                                                                  sensor_ref):
+    """The device's own outbox and link, a real Mosquitto, the server's ingest worker."""
+    from tests.fleet_server.conftest import wait_until
+
+    server = server_factory(broker)
+    s = server.services
+    s.bundles.upload(sensor_bundle.read_bytes(), "test", time.time())
+    spec, base = sensor_ref
+    now = time.time()
+    sent_truth, sent_pred = [], []
+    for name in ("dev1", "dev2"):
+        dev = devices(name)
+        dev.online({"site": "a"}, BundleRef("sensor", "1.0.0"))
+        for seq in range(1, 4):
+            truth, pred, p1 = rows(200, seq * 7 + int(name[3:]))
+            sent_truth.append(truth)
+            sent_pred.append(pred)
+            msg = summary_of(name, seq, profile_of(spec, 200, seq, None, base),
+                             now - 240 + 60 * seq, now - 180 + 60 * seq)
+            dev.send(replace(msg, performance=(entry(truth, pred, p1),)))
+        dev.flush()
+    wait_until(lambda: s.store.count_performance() == 6, 20, "six entries stored")
+    report = s.performance.report("sensor@1.0.0", since="1h", now=time.time())
+    truth, pred = np.concatenate(sent_truth), np.concatenate(sent_pred)
+    assert report.total.realized["accuracy"]["value"] == accuracy_score(truth, pred)
+    assert report.total.devices == 2 and report.total.labelled == 1200

@@ -185,7 +185,11 @@ def overview(services: Services, query: Query, now: float) -> tuple[str, str]:
 
 
 def alert_href(a: Any) -> str:
-    """The drift page an alert is about: its bundle, over its group or device."""
+    """The page an alert is about (drift, or performance for a performance drop): its
+    bundle, over its group or device."""
+    if a.kind.endswith("performance_drop"):
+        return url("/performance", bundle=a.bundle,
+                   group=a.group if a.group and a.group != FLEET_SCOPE else None, days=2)
     return url("/drift", bundle=a.bundle,
                group=a.group if a.group and a.group != FLEET_SCOPE else None,
                device=a.device or None, hours=24)

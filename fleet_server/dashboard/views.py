@@ -133,5 +133,8 @@ def _audit_href(a: AuditEntry) -> str | None:
 
 
 def _alert_href(a: Alert) -> str:
+    if a.kind.endswith("performance_drop"):
+        return url("/performance", bundle=a.bundle,
+                   group=a.group if a.group and a.group != FLEET_SCOPE else None)
     return url("/drift", bundle=a.bundle, group=a.group if a.group and a.group != FLEET_SCOPE
                else None, device=a.device or None)

@@ -46,6 +46,10 @@ def site(tmp_path_factory, signing_keys, sensor_bundle):
             pred.append(p)
             result = send(s, "dev1", k + 1, hour - (6 - k) * 3600 + 600, [entry(t, p, p1)])
             assert not result.dead, dict(result.dead)
+        from fleet_server.monitoring.performance import PerformanceWatch
+
+        raised = PerformanceWatch(s.performance, s.alerts).evaluate(now)  # accuracy sank
+        assert ("sensor@1.0.0", "*", "performance_drop") in raised
         yield base_url, server, token, np.concatenate(truth), np.concatenate(pred)
     finally:
         server.stop()
@@ -121,3 +125,14 @@ def test_performance_page_errors_name_what_is_wrong(site, path, status, named):
         assert named in html.unescape(r.text)
         ok = client.get("/performance?bundle=sensor@1.0.0&group=plant-a&days=2")
         assert ok.status_code == 200 and "<script" not in ok.text
+
+
+def test_performance_alerts_link_to_the_performance_page(site):
+    base_url, _, token, _, _ = site
+    with httpx.Client(base_url=base_url) as client:
+        assert client.post("/login", data={"token": token}).status_code == 303
+        for path in ("/alerts", "/"):
+            r = client.get(path)
+            assert r.status_code == 200
+            assert 'href="/performance?bundle=sensor%401.0.0&amp;days=2"' in r.text, path
+        assert "performance page" in client.get("/alerts").text

@@ -391,21 +391,16 @@ class Ingestor:
     def _bundle_id(self, key: tuple[str, str]) -> int | None:
         bundle_id = self._known.get(key)
         if bundle_id is None:
+            # inside the write transaction: an upload committed before it is seen here,
+            # and one committing after it will find this summary pending and fold it
             bundle_id = self.store.bundle_id(*key)
             if bundle_id is not None:
                 self._known[key] = bundle_id
         return bundle_id
 
     def _reference(self, key: tuple[str, str]) -> Reference | None:
-        bundle_id = self._known.get(key)
-        if bundle_id is None:
-            # inside the write transaction: an upload committed before it is seen here,
-            # and one committing after it will find this summary pending and fold it
-            bundle_id = self.store.bundle_id(*key)
-            if bundle_id is None:
-                return None
-            self._known[key] = bundle_id
-        return self.bundles.reference(bundle_id)
+        bundle_id = self._bundle_id(key)
+        return None if bundle_id is None else self.bundles.reference(bundle_id)
 
     @staticmethod
     def _pack(ref: Reference, msg: Summary) -> Packed:

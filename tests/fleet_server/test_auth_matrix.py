@@ -58,6 +58,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/drift"): VIEWER,
     ("GET", "/api/v1/drift/series"): VIEWER,
     ("GET", "/api/v1/drift/windows"): VIEWER,
+    ("GET", "/api/v1/performance"): VIEWER,
     ("GET", "/api/v1/alerts"): VIEWER,
     ("GET", "/api/v1/alerts/{alert_id}"): VIEWER,
     ("POST", "/api/v1/alerts/{alert_id}/resolve"): OPERATOR,
@@ -83,7 +84,8 @@ PATH_VALUES = {"device": "dev1", "name": "sensor", "version": "1.0.0", "alert_id
                "run_id": "1", "rollout_id": "r1", "action": "abort", "asset": "swagger-init.js"}
 QUERY = {"/api/v1/drift": {"bundle": "sensor@1.0.0"},
          "/api/v1/drift/series": {"bundle": "sensor@1.0.0"},
-         "/api/v1/drift/windows": {"bundle": "sensor@1.0.0"}}
+         "/api/v1/drift/windows": {"bundle": "sensor@1.0.0"},
+         "/api/v1/performance": {"bundle": "sensor@1.0.0"}}
 # removing dev1 would take the "device" principal away from the tests after it
 URLS = {("DELETE", "/api/v1/devices/{device}"): "/api/v1/devices/dev-none"}
 
@@ -126,8 +128,9 @@ def matrix(tmp_path_factory, signing_keys, bundles):
 
 # The dashboard's HTML pages: a signed-in session cookie (tests/fleet_server/test_dashboard.py)
 # or a redirect to the sign-in form; a bearer token, even an approver's, is not a session.
-DASHBOARD_PAGES = frozenset({"/", "/devices", "/devices/{device_id}", "/drift", "/alerts",
-                             "/rollouts", "/rollouts/{rollout_id}", "/bundles/{label}"})
+DASHBOARD_PAGES = frozenset({"/", "/devices", "/devices/{device_id}", "/drift", "/performance",
+                             "/alerts", "/rollouts", "/rollouts/{rollout_id}",
+                             "/bundles/{label}"})
 DASHBOARD_OPEN = frozenset({("GET", "/login"), ("POST", "/login"), ("GET", "/logout"),
                             ("POST", "/logout")})
 

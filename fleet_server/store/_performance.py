@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fleet_server.store._base import StoreBase, chunks, dumps, loads
+from edgefleet.contract.messages import MAX_PAYLOAD
+from edgefleet.contract.wire import parse_json
+from fleet_server.store._base import StoreBase, chunks, dumps
 from fleet_server.store._fleet import selector_sql
 
 __all__ = ["PerformanceRow", "PerformanceTables"]
@@ -40,10 +42,19 @@ class PerformanceRow:
         return (self.window_start + self.window_end) / 2
 
 
+def _block(text: str | None) -> dict[str, Any] | None:
+    # orjson where installed (the server): a report reads thousands of blocks of some
+    # hundred numbers each, and the standard library took most of its time
+    if text is None:
+        return None
+    return parse_json(text.encode(), what="a stored performance block",
+                      max_bytes=MAX_PAYLOAD, fast=True)
+
+
 def _row(r: Mapping[str, Any]) -> PerformanceRow:
     return PerformanceRow(r["device"], r["seq"], r["bundle_id"], r["window_start"],
-                          r["window_end"], r["labelled"], r["served"], loads(r["realized"]),
-                          loads(r["estimated"]))
+                          r["window_end"], r["labelled"], r["served"], _block(r["realized"]),
+                          _block(r["estimated"]))
 
 
 class PerformanceTables(StoreBase):

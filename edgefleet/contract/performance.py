@@ -85,6 +85,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DELAY_EDGES",
     "ERROR_EDGES",
+    "MAX_CLASSES",
     "MAX_ENTRIES",
     "RELIABILITY_EDGES",
     "SCORE_EDGES",
@@ -100,6 +101,9 @@ Label = int | str
 TASKS = ("classification", "regression")
 MAX_ENTRIES = 8  # performance entries per summary: bundles that answered in one window
 MAX_SCORE_CLASSES = 16  # multi-class tasks beyond it keep no score histograms
+# a k x k confusion matrix: 256 classes is 64 K counters (512 KiB on the server, and a
+# mostly-zero list that deflates well); beyond it a block would not fit a message
+MAX_CLASSES = 256
 Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 
 
@@ -183,8 +187,9 @@ class PerformanceSpec:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise SchemaError(f"performance spec: unknown task {self.task!r}", field="task")
-        if self.task == "classification" and len(self.classes) < 2:
-            raise SchemaError("performance spec: a classifier needs two classes or more",
+        if self.task == "classification" and not 2 <= len(self.classes) <= MAX_CLASSES:
+            raise SchemaError(f"performance spec: performance blocks cover classifiers of 2 "
+                              f"to {MAX_CLASSES} classes, not {len(self.classes)}",
                               field="classes")
         if self.task == "regression":
             edges = self.error_edges
@@ -213,7 +218,8 @@ class PerformanceSpec:
         """The spec of a bundle's performance blocks.
 
         Raises:
-            SchemaError: a classifier whose manifest lists fewer than two classes.
+            SchemaError: a classifier whose manifest lists fewer than two classes or more
+                than :data:`MAX_CLASSES` (the agent then keeps no performance block).
         """
         if manifest.task == "regression":
             return cls("regression", (), ERROR_EDGES)

@@ -523,6 +523,7 @@ def test_spec_from_manifest_and_its_refusals():
         PerformanceSpec("classification", ("a", "b"))
     assert PerformanceSpec.from_manifest(SimpleNamespace(task="regression", classes=())) \
         .error_edges == ERROR_EDGES
-    for bad in (("classification", ("a",)), ("ranking", ()), ("regression", (), (1.0, 1.0))):
+    for bad in (("classification", ("a",)), ("classification", tuple(range(257))),
+                ("ranking", ()), ("regression", (), (1.0, 1.0)), ("regression", (), ())):
         with pytest.raises(SchemaError):
             PerformanceSpec(*bad)

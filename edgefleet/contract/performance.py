@@ -541,7 +541,9 @@ def _check_classes(f: Fields, r: Realized) -> None:
     if (r.rel_p < low - slack).any() or (r.rel_p > high + slack).any():
         raise f.bad("rel", "a bin's sum of p outside the bin's bounds times its rows")
     s, s2 = r.brier.tolist()
-    top = 1.0 if r.spec.binary else 2.0
+    # a row's Brier score is at most 1 (binary) or 2 (multi-class, probabilities summing to
+    # one); a model whose probabilities do not sum to one can reach k, so that is the bound
+    top = 1.0 if r.spec.binary else float(r.spec.k)
     if s < 0 or s2 < 0 or s > top * scored + _slack(s) or s2 > top * s + _slack(s2) \
             or s * s > scored * s2 + _slack(s * s):
         raise f.bad("brier", "sums impossible for the scored rows")

@@ -257,6 +257,13 @@ def test_bad_estimated_blocks_name_the_field(doc, field):
     assert info.value.field == field, str(info.value)
 
 
+def test_a_block_of_scores_that_do_not_sum_to_one_still_travels():
+    spec = PerformanceSpec("classification", tuple(range(5)))
+    r = realized(spec, (np.zeros(4, int), np.arange(4), np.ones((4, 5)), None))
+    assert r.metrics()["brier"].value == 4.0  # the most a row can score
+    assert Realized.from_wire(spec, r.to_wire()) == r
+
+
 def test_blocks_over_other_specs_do_not_merge():
     with pytest.raises(ReferenceMismatchError):
         Realized(BINARY).merge(Realized(THREE))

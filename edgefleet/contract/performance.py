@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -395,6 +396,18 @@ class Realized:
             self.err_hist += other.err_hist
         return self
 
+    @classmethod
+    def merged(cls, spec: PerformanceSpec, blocks: Iterable[Realized]) -> Realized:
+        """The sum of ``blocks`` (an empty block when there are none).
+
+        Raises:
+            ReferenceMismatchError: a block over another spec.
+        """
+        total = cls(spec)
+        for block in blocks:
+            total.merge(block)
+        return total
+
     # ----------------------------------------------------------------- wire
 
     def to_wire(self) -> dict[str, Any]:
@@ -718,6 +731,18 @@ class Estimated:
         self.v += other.v
         self.calibrated = self.calibrated and other.calibrated
         return self
+
+    @classmethod
+    def merged(cls, spec: PerformanceSpec, blocks: Iterable[Estimated]) -> Estimated:
+        """The sum of ``blocks`` (an empty, calibrated block when there are none).
+
+        Raises:
+            ReferenceMismatchError: a block over another spec.
+        """
+        total = cls(spec)
+        for block in blocks:
+            total.merge(block)
+        return total
 
     def to_wire(self) -> dict[str, Any]:
         """The compact form a summary carries (exact: no rounding)."""

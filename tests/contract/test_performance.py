@@ -102,6 +102,7 @@ def test_merge_equals_accumulating_both(name, data):
     once = realized(spec, a, b) if mixed else realized(spec, both)
     assert_same(merged.to_wire(), once.to_wire())
     assert merged.n == once.n == len(a[0]) + len(b[0])
+    assert Realized.merged(spec, [realized(spec, a), realized(spec, b)]) == merged
 
 
 @pytest.mark.parametrize("name", ["binary", "three"])
@@ -119,6 +120,7 @@ def test_estimated_merge_equals_accumulating_both(name, data):
     b.add(*parts[1])
     once.add(np.concatenate([parts[0][0], parts[1][0]]),
              np.concatenate([parts[0][1], parts[1][1]]))
+    assert_same(Estimated.merged(spec, [a, b]).to_wire(), once.to_wire())
     assert_same(a.merge(b).to_wire(), once.to_wire())
 
 

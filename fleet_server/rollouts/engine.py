@@ -246,6 +246,9 @@ class Rollouts:
                 where = "done"
             elif state.status in ("ready", "pending_approval"):
                 where = "pending"
+            elif state.status == "aborted":  # the stage it stopped in, never "current"
+                where = "done" if i < state.stage else \
+                    "aborted" if i == state.stage else "skipped"
             else:
                 where = "done" if i < state.stage else \
                     "current" if i == state.stage else "pending"

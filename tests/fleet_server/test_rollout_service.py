@@ -257,6 +257,8 @@ def test_an_install_failure_aborts_and_rolls_back(fleet):
     s.rollouts.tick(t0 + 2)  # no need to wait for the soak: failures are counted
     detail = s.rollouts.get("r1")
     assert detail["status"] == "aborted"
+    # the stage it stopped in says so; the later ones were skipped, none is "current"
+    assert [st["state"] for st in detail["stages"]] == ["aborted", "skipped"]
     assert _gates(detail)["install_failures"]["value"] == 1
     assert "install_failures" in detail["audit"][-1]["reason"]
     for d in canaries:

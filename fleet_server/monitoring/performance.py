@@ -246,8 +246,10 @@ class PerformanceWatch:
             perf = self.service.bundles.performance(bundle_id)
             for group in groups:
                 scope = Scope("fleet") if group is None else Scope("group", group.name, group)
-                span = math.ceil(hi - lo)
-                report = self.service.judge(perf, scope, int(lo), int(lo) + span, span)
+                # whole seconds around [lo, hi]: ending at int(lo) + ceil(hi - lo) left out
+                # entries of the last fraction of a second that performance_bundles counts
+                start, stop = math.floor(lo), math.ceil(hi)
+                report = self.service.judge(perf, scope, start, stop, stop - start)
                 if report.total.entries:
                     raised += self._act(perf, group, report, now)
         self.runs += 1

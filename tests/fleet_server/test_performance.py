@@ -631,3 +631,19 @@ def test_entries_travel_through_the_broker_and_show_in_the_report(broker, device
     truth, pred = np.concatenate(sent_truth), np.concatenate(sent_pred)
     assert report.total.realized["accuracy"]["value"] == accuracy_score(truth, pred)
     assert report.total.devices == 2 and report.total.labelled == 1200
+
+
+def test_the_watch_judges_entries_of_the_last_fraction_of_a_second(fleet):
+    """Labels joined moments ago are judged now: the watch's range ends at ``now``, not at
+    the whole second before it (windows shorter than a second, as tests and a busy agent's
+    row-count windows make, used to be left out, though ``performance_bundles`` saw them)."""
+    s = fleet
+    start, end = T0 + 10.2, T0 + 10.6
+    ref = s.bundles.reference(s.bundles.get("sensor", "1.0.0").id)
+    truth, pred, p1 = rows(600, 5, accuracy=0.5)
+    msg = replace(summary_of("dev1", 1, profile_of(ref.spec, 50, 1, None, ref.base), start,
+                             end), performance=(entry(truth, pred, p1),))
+    done = s.ingestor.process([Incoming(msg.topic, encode(msg), 1, 1, 1, end)], now=end)
+    assert not done.dead, dict(done.dead)
+    watch = PerformanceWatch(s.performance, s.alerts)
+    assert ("sensor@1.0.0", FLEET_SCOPE, "performance_drop") in watch.evaluate(T0 + 10.8)

@@ -167,14 +167,13 @@ class Fleet:
 
     def reported(self, version: str, n: int, device: str | None = None) -> dict:
         """The report once ``n`` labelled rows are in it (more would be a double count)."""
-        found: dict = {}
-
-        def enough() -> bool:
-            found.update(self.performance(version, device))
-            return found["total"]["labelled"] >= n
-
-        wait_until(enough, 60, f"{n} labelled rows of sensor@{version} "
-                               f"{'on ' + device if device else 'in the fleet'}")
+        deadline = time.monotonic() + 60
+        while (found := self.performance(version, device))["total"]["labelled"] < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"sensor@{version} {'on ' + device if device else 'in the fleet'}: "
+                    f"{found['total']['labelled']} labelled rows after 60 s, expected {n}")
+            time.sleep(0.05)
         assert found["total"]["labelled"] == n, "labelled rows counted more than once"
         return found
 
@@ -313,6 +312,28 @@ def test_a_device_offline_during_the_upload_gets_its_outcomes_on_restart_once(fl
     assert daemon.store.totals.unknown == 0
     report = fleet.reported("1.0.0", 170 + 300, "dev2")
     assert_equals_sklearn(report, *fleet.rows("1.0.0", ("dev2",)))
+
+
+def test_outcomes_uploaded_while_the_broker_is_down_arrive_once_it_is_back(fleet):
+    """The agents keep running; every connection to the broker is gone while the labels
+    are uploaded (the server takes them over HTTP and queues them)."""
+    rows, truth, _ = inputs(250, seed=351)
+    ids = [f"down-{k}" for k in range(250)]
+    result = fleet.agents["dev0"].agent.predict(rows, ids=ids)
+    assert result.bundle == "sensor@1.0.0"
+    before = fleet.receipted("dev0")
+    fleet.broker.stop()
+    try:
+        wait_until(lambda: not fleet.server.link.connected and not any(
+            a.link.connected for a in fleet.agents.values()), 20, "every link to drop")
+        fleet.upload([("dev0", i, int(y)) for i, y in zip(ids, truth, strict=True)])
+    finally:
+        fleet.broker.start()
+    fleet.label("1.0.0", "dev0", truth, result.labels)
+    wait_until(lambda: fleet.receipted("dev0") == before + 250, 60,
+               "dev0's outcomes receipted after the broker came back")
+    report = fleet.reported("1.0.0", 150 + 250, "dev0")
+    assert_equals_sklearn(report, *fleet.rows("1.0.0", ("dev0",)))
 
 
 def test_concept_drift_raises_performance_drop_and_the_drift_monitors_stay_quiet(fleet):

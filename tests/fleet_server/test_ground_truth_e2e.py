@@ -11,7 +11,8 @@ per bundle and device, from a ledger this module keeps of every prediction and l
 One fleet serves the module and the tests run in file order, each adding to the ledger:
 every route on ``sensor@1.0.0``; outcomes that arrive after a switch to ``2.0.0`` counted
 for the bundle that predicted; a device stopped while its outcomes are uploaded getting
-them on restart, once; and concept drift on ``3.0.0`` (labels flipped where the
+them on restart, once; a running agent cut off by a broker outage getting them when the
+broker is back; and concept drift on ``3.0.0`` (labels flipped where the
 temperature is high, inputs as in training) that raises ``performance_drop`` and calls the
 webhook while the drift monitors, which only see inputs and outputs, stay quiet.
 """

@@ -17,6 +17,19 @@
    (``POST /explain`` on its local endpoint).
 6. **Roll out v3**: the canaries disagree with the control devices, the prediction-drift
    gate fails, the rollout aborts and every touched device goes back to v2.
+7. **Ground truth.** The apps keep their prediction ids; the true labels come later, for
+   two devices through their local ``POST /outcomes``, for the rest uploaded centrally
+   (``fleet outcomes upload``) and routed to each device over MQTT. v2's realized accuracy
+   (with its interval and n) is shown beside its label-free estimate and its packaged
+   accuracy; from then on labels keep arriving every few seconds.
+8. **The model heals itself.** The labelling rule flips for high-vibration machines
+   (concept drift: the inputs do not move): v2's realized accuracy falls, a
+   ``performance_drop`` alert calls the webhook while the estimate and the drift monitors
+   see nothing; one tick of the retraining watcher (``edgepack retrain --watch``) answers
+   the alert: it trains on the fresh labelled rows, proves the challenger better than v2 on
+   the newest held-out rows (McNemar), uploads it and rolls it out through canaries; every
+   device runs it, realized accuracy recovers, and ``fleet retrain show`` prints the
+   lineage from the alert to the rollout.
 
 It prints each step and the dashboard URL, then keeps running for you to look around
 until Ctrl-C (``--exit`` stops at the end instead). Everything it writes goes to
@@ -39,7 +52,9 @@ import sys
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -50,6 +65,13 @@ OUT = Path("demo-out")
 SITES = {"a": 10, "b": 10}
 WINDOW_S = 2.0
 ROWS_PER_S = 15  # per device
+PENDING_MAX = 20_000  # per device: prediction ids kept until their labels are uploaded
+FRESH_MAX = 2_000  # per device: labelled rows kept for retraining (the newest)
+# act 8's concept drift: above this vibration (mm/s) the true label is the opposite of the
+# old rule's; the readings themselves do not change
+FLIP_VIBRATION = 1.5
+FRESH_MIN = 3_000  # labelled rows served under the new rule before the retrain runs
+PERFORMANCE_WINDOW_S = 20.0  # the performance alerts judge the labels of the last 20 s
 log = logging.getLogger("edgefleet.demo")
 
 
@@ -65,6 +87,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def true_label(row: list[float], label: int, flipped: bool) -> int:
+    """The label an inspection gives a row: the data set's, or, once the rule has changed
+    (act 8), its opposite for machines vibrating above :data:`FLIP_VIBRATION`."""
+    from packager.sample_data import FEATURES
+
+    if flipped and row[FEATURES.index("vibration")] > FLIP_VIBRATION:
+        return 1 - label
+    return label
 
 
 class StoryFailed(Exception):
@@ -246,6 +278,50 @@ class WebhookLog:
         self._server.server_close()
 
 
+class Labeller:
+    """Labels that arrive later, centrally: every ``every`` seconds, the true labels of the
+    predictions the devices made since go up as one CSV (``fleet outcomes upload``), as a
+    plant's maintenance system would send its inspection results. The server routes each
+    device its own over MQTT."""
+
+    def __init__(self, devices: list[SimDevice], url: str, token: str, out: Path,
+                 every: float = 2.0) -> None:
+        from fleet_server.cli.client import FleetClient
+
+        self.devices, self.every, self.path = devices, every, out / "labels-latest.csv"
+        self.client = FleetClient(url, token)
+        self.uploaded = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="labeller", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            rows = [(d.device, pid, label) for d in self.devices for pid, label in
+                    d.take_labels()]
+            if not rows:
+                continue
+            write_labels(self.path, rows)
+            try:
+                self.uploaded += self.client.upload_outcomes(self.path, "text/csv")["outcomes"]
+            except Exception as exc:  # a missed batch is a gap in the labels, not a failure
+                log.warning("labeller: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.client.close()
+
+
+def write_labels(path: Path, rows: list[tuple[str, str, int]]) -> None:
+    """``fleet outcomes upload``'s CSV: device,id,label."""
+    with path.open("w") as fh:
+        fh.write("device,id,label\n")
+        fh.writelines(f"{device},{pid},{label}\n" for device, pid, label in rows)
+
+
 class SimDevice:
     """One edge agent (the real daemon, in this process) and the machine it watches."""
 
@@ -272,6 +348,13 @@ class SimDevice:
         self.daemon = AgentDaemon(config)
         self.rng = np.random.default_rng(seed)
         self.shift: dict[str, float] = {}
+        # act 7 on: the app keeps each prediction's id with the true label the inspection
+        # will give it (uploaded later); act 8: the labelling rule flips for high vibration
+        self.keep = threading.Event()
+        self.flipped = False
+        self._lock = threading.Lock()
+        self._pending: deque[tuple[str, int]] = deque(maxlen=PENDING_MAX)
+        self.fresh: deque[tuple[float, list[float], int]] = deque(maxlen=FRESH_MAX)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._feed, name=f"feed-{device}", daemon=True)
 
@@ -285,9 +368,31 @@ class SimDevice:
 
         period = 1.0 / ROWS_PER_S
         while not self._stop.wait(period * (0.5 + self.rng.random())):
-            x, _ = sensor_matrix(1, self.rng, self.shift)
+            x, y = sensor_matrix(1, self.rng, self.shift)
+            row = x[0].tolist()
             with contextlib.suppress(NoModelError):  # nothing installed yet: the app retries
-                self.daemon.agent.predict([dict(zip(FEATURES, x[0].tolist(), strict=True))])
+                result = self.daemon.agent.predict([dict(zip(FEATURES, row, strict=True))])
+                if self.keep.is_set():
+                    label = true_label(row, int(y[0]), self.flipped)
+                    with self._lock:
+                        self._pending.append((result.ids[0], label))
+                        if self.flipped:
+                            self.fresh.append((time.time(), row, label))
+
+    def take_labels(self) -> list[tuple[str, int]]:
+        """The (prediction id, true label) pairs kept since the last call."""
+        with self._lock:
+            out = list(self._pending)
+            self._pending.clear()
+        return out
+
+    def waiting_labels(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def fresh_rows(self) -> list[tuple[float, list[float], int]]:
+        with self._lock:
+            return list(self.fresh)
 
     def stop(self) -> None:
         self._stop.set()
@@ -303,7 +408,9 @@ class Demo:
         self.devices: list[SimDevice] = []
         self.server = None
         self.webhook: WebhookLog | None = None
+        self.labeller: Labeller | None = None
         self.client = None
+        self.token = ""
 
     # -- start ---------------------------------------------------------------------------
 
@@ -314,6 +421,7 @@ class Demo:
             BrokerConfig,
             DriftConfig,
             IngestConfig,
+            PerformanceConfig,
             ServerConfig,
             WebhookConfig,
         )
@@ -330,12 +438,15 @@ class Demo:
             broker=BrokerConfig(host="127.0.0.1", port=broker_port, password=server_password),
             ingest_config=IngestConfig(levels=(2, 60, 3600)),
             drift=DriftConfig(window_s=6, lateness_s=1.0),
+            # realized accuracy judged over the last seconds of labels, not a day: act 8
+            performance=PerformanceConfig(window_s=PERFORMANCE_WINDOW_S),
             webhook=WebhookConfig(url=self.webhook.url, backoff_s=0.5),
             port=self.port, rollout_tick_s=1.0)
         self.server = server = FleetServer(config)
         s = server.services
         now = time.time()
         operator = s.auth.create_token("demo-operator", "approver", "demo", now)
+        self.token = operator.secret
         (self.out / "operator.token").write_text(operator.secret + "\n")
         os.chmod(self.out / "operator.token", 0o600)
         secrets = {}
@@ -399,7 +510,10 @@ class Demo:
         say(f"$ fleet rollout create sensor@{version} --group everyone --stages "
             + ",".join(f"{int(s['fraction'] * 100)}%" for s in stages) + " --start")
         created = self.client.post("/api/v1/rollouts", body)
-        rid = created["id"]
+        return self.follow(created["id"], version, expect)
+
+    def follow(self, rid: str, version: str, expect: str) -> dict:
+        """Print a rollout's audit log as it happens, until it completes or aborts."""
         seen = 0
 
         def finished() -> dict | None:
@@ -427,6 +541,8 @@ class Demo:
     # -- stop ------------------------------------------------------------------------------
 
     def stop(self) -> None:
+        if self.labeller is not None:
+            self.labeller.stop()
         for d in self.devices:
             try:
                 d.stop()
@@ -462,6 +578,8 @@ GATE_HELP = {
     "input_drift_share": "share of input features drifting on the canaries",
     "input_drift": "the drift monitor's verdict on the canaries' inputs (0 = none)",
     "shadow_agreement": "share of rows where the shadow agreed with the live model",
+    "accuracy": "the controls' accuracy minus the canaries' (realized from labels once both "
+                "sides have enough, else estimated; fails only outside the canaries' interval)",
 }
 _explained: set[str] = set()
 
@@ -557,6 +675,253 @@ def story(demo: Demo, bundles: dict[str, Path]) -> None:
             f" — {g['reason']}")
     say(f"devices by bundle: {demo.running()} (every touched device rolled back, "
         "from its local slot, no download)")
+
+    ground_truth(demo)
+    heal(demo)
+
+
+def _metric(m: dict[str, Any] | None, n_what: str) -> str:
+    """``0.905 [0.893, 0.917] on 2,134 labelled rows`` (the interval when there is one)."""
+    if not m or m.get("value") is None:
+        return "-"
+    band = f" [{m['low']:.3f}, {m['high']:.3f}]" if m.get("low") is not None else ""
+    n = f" on {m['n']:,} {n_what}" if m.get("n") else ""
+    return f"{m['value']:.3f}{band}{n}"
+
+
+def _performance_lines(report: dict[str, Any], *, explain: bool) -> None:
+    """A bundle's realized accuracy beside its estimate and its packaged value."""
+    total, expected = report["total"], report["expected"].get("accuracy")
+    notes = ("  (outcomes joined with their predictions on the devices; 95 % Wilson "
+             "interval, n = labelled rows)", "  (CBPE: the mean calibrated confidence of "
+             "every served row; needs no label)", "  (edgepack build, on its held-out rows)"
+             ) if explain else ("", "", "")
+    say(f"  realized accuracy  {_metric(total['realized'].get('accuracy'), 'labelled rows')}"
+        + notes[0])
+    say(f"  estimated accuracy {_metric(total['estimated'].get('accuracy'), 'served rows')}"
+        + notes[1])
+    if expected:
+        say(f"  packaged accuracy  {expected['value']:.3f} [{expected['low']:.3f}, "
+            f"{expected['high']:.3f}] on {expected['rows']:,} rows" + notes[2])
+
+
+def ground_truth(demo: Demo) -> None:
+    """Issue 14's scene: labels come back, by a device's own endpoint and centrally."""
+    from edge_agent.httpapi import LocalServer
+
+    banner("7. ground truth arrives: v2's realized accuracy beside its estimate")
+    say("the apps keep each prediction's id; whether the machine really failed is known "
+        "later, from the inspections")
+    started = time.time()
+    for d in demo.devices:
+        d.keep.set()
+    wait_for("2,000 predictions to label", lambda: sum(
+        d.waiting_labels() for d in demo.devices) >= 2000, 60)
+    # two devices get their labels from an app on the device itself ...
+    local = [demo.devices[0], demo.devices[SITES["a"]]]
+    joined = 0
+    for device in local:
+        labels = device.take_labels()
+        if not labels:
+            continue
+        http = LocalServer(device.daemon.agent, lambda: {}, port=0)
+        http.start()
+        try:
+            body = {"outcomes": [{"id": pid, "label": label} for pid, label in labels]}
+            counts = _post(f"{http.url}/outcomes", body)["counts"]
+        finally:
+            http.stop()
+        joined += counts["joined"]
+        say(f"$ curl -d '{{\"outcomes\": [{{\"id\": \"{labels[0][0]}\", \"label\": "
+            f"{labels[0][1]}}}, …]}}' {http.url}/outcomes   (on {device.device})")
+        say(f"  {', '.join(f'{k} {v}' for k, v in counts.items())}")
+    # ... the rest from the plant's maintenance system, uploaded to the server
+    rows = [(d.device, pid, label) for d in demo.devices if d not in local
+            for pid, label in d.take_labels()]
+    path = demo.out / "labels.csv"
+    write_labels(path, rows)
+    say(f"$ fleet outcomes upload {path}   (columns device,id,label)")
+    done = demo.client.upload_outcomes(path, "text/csv")
+    say(f"  {done['outcomes']:,} outcome(s) queued for {len(done['devices'])} device(s); "
+        "each gets its own over MQTT (edgefleet/v1/<device>/outcomes, readable by it alone)")
+    wait_for("every device's receipt", lambda: all(
+        r["queued"] == 0 and r["sent"] == 0 for r in demo.client.get("/api/v1/outcomes")), 60)
+    receipted = sum(r["receipted"] for r in demo.client.get("/api/v1/outcomes"))
+    say(f"$ fleet outcomes status   → {receipted:,} receipted by their devices, none waiting")
+    total = joined + done["outcomes"]
+
+    def report() -> dict[str, Any] | None:
+        r = demo.client.get("/api/v1/performance", bundle="sensor@2.0.0", since=str(started))
+        return r if r["total"]["labelled"] >= total else None
+
+    result = wait_for("the labelled rows in the summaries", report, 60)
+    say("$ fleet performance sensor@2.0.0   (GET /api/v1/performance)")
+    _performance_lines(result, explain=True)
+    verdicts = result["verdicts"]
+    say(f"  verdict: realized {verdicts['realized']['verdict']}, estimated "
+        f"{verdicts['estimated']['verdict']} (an alert needs a drop of more than "
+        "0.05 with the interval excluding the packaged value)")
+    demo.labeller = Labeller(demo.devices, demo.url, demo.token, demo.out)
+    demo.labeller.start()
+    say("from here on the labels keep coming: every 2 s the newest predictions' labels are "
+        "uploaded the same way")
+
+
+def _post(url: str, body: dict[str, Any]) -> Any:
+    import urllib.request
+
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+RECIPE = """\
+# the demo's retraining recipe (edgepack retrain): see demo/retraining.py
+name = "sensor-retrain"
+bundle = "sensor"
+group = "everyone"
+key = "../keys/build.key"
+target = "fault"
+data = "demo.retraining:load"
+train = "demo.retraining:fit"
+time_column = "ts"
+holdout = 0.25
+promote_if = ["accuracy>=+0.02"]
+version = "minor"
+
+[rollout]
+stages = "10%,50%,100%"
+soak = "6s"
+gates = { min_healthy_predictions = 10, min_canary_predictions = 60, \
+min_control_predictions = 60, min_labels = 100, max_wait_s = 60 }
+
+[watch]
+alerts = ["performance_drop"]
+cooldown = "1h"
+"""
+
+
+def heal(demo: Demo) -> None:
+    """Issue 15's act: concept drift, the alert, a retrain that must win, its rollout."""
+    from packager.retrain import FleetApi, load_recipe
+    from packager.sample_data import FEATURES
+    from packager.watch import Watcher, policy_of
+
+    banner("8. the rule changes: v2 goes wrong, the fleet retrains itself and heals")
+    say(f"new bearings: a machine vibrating above {FLIP_VIBRATION} mm/s now fails where the "
+        "old rule said it would not, and the reverse (concept drift: the readings do not "
+        "move, what they mean does)")
+    changed = time.time()
+    for d in demo.devices:
+        d.flipped = True
+
+    def drop() -> list[dict[str, Any]] | None:
+        found = [a for a in demo.client.get("/api/v1/alerts", state="open")
+                 if a["kind"] == "performance_drop" and a["bundle"] == "sensor@2.0.0"]
+        # the recipe's group (or the fleet) must have dropped: a site alone does not
+        # trigger the retrain; and the retrain wants a few thousand fresh rows
+        watched = any(a["group"] in ("everyone", "*") for a in found)
+        rows = sum(len(d.fresh_rows()) for d in demo.devices)
+        return found if watched and rows >= FRESH_MIN else None
+
+    alerts = sorted(wait_for("v2's realized accuracy to drop", drop, 120, every=1.0),
+                    key=lambda a: a["id"])
+    first = alerts[0]
+    say(f"alert #{first['id']} ({first['kind']}, group {first['group']}): {first['message']}")
+    if alerts[1:]:
+        say("  and for group " + ", ".join(f"{a['group']} (#{a['id']})" for a in alerts[1:]))
+    say(f"  (over the last {PERFORMANCE_WINDOW_S:.0f} s of labels, some still under the old "
+        "rule; the limit is the packaged accuracy minus the 0.05 tolerance)")
+    estimate = demo.client.get("/api/v1/performance", bundle="sensor@2.0.0",
+                               since=str(changed))["total"]["estimated"].get("accuracy")
+    say(f"  v2's label-free estimate this hour still says {_metric(estimate, 'served rows')}:"
+        " calibrated confidences cannot see concept drift, only labels can")
+    drifts = [a for a in demo.client.get("/api/v1/alerts", state="open")
+              if a["kind"] == "drift" and a["opened"] >= changed]
+    say(f"  drift alerts since the change: {len(drifts)} (every input histogram is where it "
+        "was)")
+    calls = wait_for("the retraining webhook", lambda: [
+        c for c in demo.webhook.calls
+        if (c.get("alert") or {}).get("kind") == "performance_drop"], 30)
+    say(f"webhook called: {demo.webhook.url} ← {json.dumps(calls[0])[:120]}…")
+
+    # the fresh labelled rows: what the devices served since the change, with its labels
+    work = demo.out / "retrain"
+    work.mkdir(exist_ok=True)
+    fresh = sorted(r for d in demo.devices for r in d.fresh_rows())
+    with (work / "fresh.csv").open("w") as fh:
+        fh.write(",".join(("ts", *FEATURES, "fault")) + "\n")
+        fh.writelines(",".join(map(str, (_iso(t), *row, label))) + "\n"
+                      for t, row, label in fresh)
+    (work / "recipe.toml").write_text(RECIPE)
+    say(f"{len(fresh):,} labelled rows served since the change → {work / 'fresh.csv'}")
+    say(f"$ edgepack retrain {work / 'recipe.toml'} --watch --server {demo.url}   "
+        "(one tick of the watcher)")
+    recipe = load_recipe(work / "recipe.toml")
+    api = FleetApi(demo.url, demo.token)
+    try:
+        outcome = Watcher(recipe, api, policy_of(recipe), work=work / "runs",
+                          say=lambda line: say(f"  {line}")).tick()
+    finally:
+        api.close()
+    if outcome is None or outcome.status != "promoted":
+        raise StoryFailed(f"the retrain did not promote a challenger: {outcome}")
+    run = demo.client.get(f"/api/v1/retrains/{outcome.run_id}")
+    _comparison(run["metrics"]["comparison"])
+    demo.follow(outcome.rollout, outcome.challenger.split("@")[1], "completed")
+    wait_for(f"every agent to run {outcome.challenger}",
+             lambda: demo.running() == {outcome.challenger: 20}, 60)
+    say(f"devices by bundle: {demo.running()}")
+    healed = time.time()
+
+    def recovered() -> dict[str, Any] | None:
+        r = demo.client.get("/api/v1/performance", bundle=outcome.challenger,
+                            since=str(healed))
+        return r if r["total"]["labelled"] >= 1000 else None
+
+    result = wait_for(f"labels for {outcome.challenger}", recovered, 60)
+    say(f"$ fleet performance {outcome.challenger}   (realized accuracy is back; packaged: "
+        "on the held-out fresh rows)")
+    _performance_lines(result, explain=False)
+    say(f"$ fleet retrain show {outcome.run_id}")
+    _fleet(demo, "retrain", "show", str(outcome.run_id))
+
+
+def _iso(t: float) -> str:
+    """A row's time as the recipe's ``time_column`` holds it (ISO 8601 sorts as time)."""
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _comparison(champion: dict[str, Any]) -> None:
+    """The challenger against the champion on the newest held-out rows, as signed into
+    the challenger's card."""
+    c = champion["comparison"]
+    acc = next(m for m in c["metrics"] if m["name"] == "accuracy")
+    test = c["test"]
+    say(f"  on the newest {c['rows']:,} rows (held out: the challenger never trained on "
+        "them), both run through their packaged ONNX:")
+    say(f"  accuracy champion "
+        f"{champion['name']}@{champion['version']} {acc['champion']:.3f}, challenger "
+        f"{c['challenger_name']}@{c['challenger_version']} {acc['challenger']:.3f}, delta "
+        f"{acc['delta']:+.3f} [{acc['low']:+.3f}, {acc['high']:+.3f}] (paired 95 % interval)")
+    say(f"  McNemar's exact test: {test['challenger_only']} rows only the challenger got "
+        f"right, {test['champion_only']} only the champion; p = {test['p_value']:.2g} (the "
+        "chance of a split this lopsided if both were equally good)")
+    rules = ", ".join(f"{r['rule']} {'pass' if r['passed'] else 'FAIL'}" for r in c["rules"])
+    say(f"  rules: {rules}; verdict {c['verdict'].upper()} (signed into the challenger's card)")
+
+
+def _fleet(demo: Demo, *args: str) -> None:
+    """One ``fleet`` command, in this process, against the demo's server."""
+    from fleet_server.cli.main import main as fleet
+
+    try:
+        fleet.main([*args, "--server", demo.url, "--token", demo.token],
+                   standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code:
+            raise StoryFailed(f"`fleet {' '.join(args)}` failed (exit {exc.code})") from exc
 
 
 def explain_one(demo: Demo) -> None:

@@ -44,6 +44,19 @@ def retrain_list(api: FleetClient, recipe: str | None, status: str | None,
                        r["reason"][:60] or "-"] for r in runs]))
 
 
+def data_line(data: dict[str, Any]) -> str:
+    """What a run trained on, for people: ``rows 3300, ..., time_range A .. B, sha256
+    0f5c3c2f8b31d77f…`` (a range joined, a digest cut; ``--json`` has them whole)."""
+    def shown(key: str, value: Any) -> str:
+        if isinstance(value, list):
+            return " .. ".join(map(str, value))
+        if key == "sha256" and isinstance(value, str) and len(value) > 16:
+            return value[:16] + "…"
+        return str(value)
+
+    return ", ".join(f"{k} {shown(k, v)}" for k, v in sorted(data.items()))
+
+
 def _link(link: dict[str, Any]) -> str:
     extra = {k: v for k, v in link.items() if k not in ("step", "id", "state") and v}
     tail = "  " + ", ".join(f"{k} {v}" for k, v in extra.items()) if extra else ""
@@ -66,7 +79,7 @@ def retrain_show(api: FleetClient, run_id: int, as_json: bool) -> None:
     if r["reason"]:
         click.echo(f"reason: {r['reason']}")
     if r["data"]:
-        click.echo("data: " + ", ".join(f"{k} {v}" for k, v in sorted(r["data"].items())))
+        click.echo(f"data: {data_line(r['data'])}")
     click.echo("")
     click.echo("lineage:")
     for link in r["lineage"]:

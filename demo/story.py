@@ -869,7 +869,12 @@ def heal(demo: Demo) -> None:
         raise StoryFailed(f"the retrain did not promote a challenger: {outcome}")
     run = demo.client.get(f"/api/v1/retrains/{outcome.run_id}")
     _comparison(run["metrics"]["comparison"])
-    demo.follow(outcome.rollout, outcome.challenger.split("@")[1], "completed")
+    detail = demo.follow(outcome.rollout, outcome.challenger.split("@")[1], "completed")
+    judged = [g for entry in detail["audit"] for g in (entry.get("numbers") or {}).get(
+        "gates", ()) if isinstance(g, dict) and g.get("name") == "accuracy"
+        and g.get("outcome") == "pass"]
+    if judged:
+        say(f"  the canaries' accuracy gate at the first stage: {judged[0]['reason']}")
     wait_for(f"every agent to run {outcome.challenger}",
              lambda: demo.running() == {outcome.challenger: 20}, 60)
     say(f"devices by bundle: {demo.running()}")

@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from edge_agent.capture import Capture
 from edge_agent.errors import (
     NoModelError,
     OutcomeError,
@@ -204,8 +205,10 @@ class _Open:
     """The current window of one model. ``lock`` guards the profile and the buffers."""
 
     def __init__(self, model: LoadedModel, start: float,
-                 store: tuple[PredictionStore, int] | None = None) -> None:
+                 store: tuple[PredictionStore, int] | None = None,
+                 capture: Capture | None = None) -> None:
         self.model = model
+        self.capture = capture  # data capture's sampler (None: off)
         self.start = start
         self.rows = 0
         self.profile = Profile(model.spec)
@@ -294,6 +297,13 @@ class _Open:
             return
         if self.store is not None:
             self._keep(outputs, ids, times, predicted)
+        if self.capture is not None:
+            try:
+                self.capture.observe(model.label, columns, n, ids, times, outputs.labels,
+                                     outputs.probabilities, outputs.values)
+            except Exception:  # a full disk must never take serving down
+                log.exception("capturing rows of %s failed", model.label)
+                self.errors["capture"] = self.errors.get("capture", 0) + 1
 
     def _estimate(self, proba: np.ndarray | None, predicted: np.ndarray) -> None:
         """Fold the chunk into the window's CBPE sums (see edgefleet.contract.performance):
@@ -349,13 +359,16 @@ class Agent:
         shadow_tolerance: a regressor's shadow value agrees within this relative error.
         store: where served predictions are kept for outcomes to join (None: no store;
             :meth:`record_outcomes` then refuses). Its clock times the predictions.
+        capture: data capture's sampler (None: off), fed by the profiling worker.
     """
 
     def __init__(self, device_id: str, *, window_rows: int = 0,
                  clock: Callable[[], float] = time.time, shadow_queue_rows: int = 10_000,
-                 shadow_tolerance: float = 0.05, store: PredictionStore | None = None) -> None:
+                 shadow_tolerance: float = 0.05, store: PredictionStore | None = None,
+                 capture: Capture | None = None) -> None:
         self.device_id = device_id
         self.store = store
+        self.capture = capture
         # prediction ids: a random prefix per process and a counter, so ids are unique per
         # device across restarts (48 random bits: a clash is a 1 in 2**48 event per pair of
         # runs) and cost one string format per row
@@ -410,7 +423,7 @@ class Agent:
         with self._lock:
             old = self._window
             self._model = model
-            self._window = _Open(model, now, kept)
+            self._window = _Open(model, now, kept, self.capture)
         return self._close(old, now)
 
     def set_shadow(self, model: LoadedModel | None) -> None:
@@ -614,7 +627,7 @@ class Agent:
             if old.empty() and (self.store is None or not self.store.waiting):
                 old.start = now
                 return None
-            self._window = _Open(old.model, now, old.store)
+            self._window = _Open(old.model, now, old.store, old.capture)
         return self._close(old, now)
 
     def snapshot(self, now: float | None = None) -> Window | None:

@@ -33,6 +33,18 @@ Example (every key but ``device.id``, ``broker.host`` and a trust key has a defa
     max_rows = 1000000                    # the oldest predictions go first past either
     max_bytes = 268435456                 # bound (256 MiB: ids, probabilities, overhead)
 
+    [capture]                             # served rows uploaded for retraining: OFF unless
+    enabled = false                       # enabled (edge_agent.capture; needs server.url)
+    features = ["temp", "vibration"]      # the allowlist: no other feature leaves the device
+    rate = 0.01                           # the share of served rows sampled ...
+    max_rows = 1000                       # ... at most this many a window (reservoir)
+    window_seconds = 3600
+    upload_seconds = 60                   # how often queued rows are uploaded
+    batch_rows = 500                      # one upload: at most this many rows ...
+    batch_bytes = 524288                  # ... and bytes
+    queue_max_rows = 100000               # the durable queue (capture.db): past either
+    queue_max_bytes = 67108864            # bound the oldest rows are dropped (counted)
+
 Relative paths are relative to the config file's directory. Unknown sections and keys are
 refused (a misspelt key must not silently fall back to a default), and every refusal is a
 :class:`ConfigError` naming the file and the key.
@@ -110,6 +122,18 @@ class AgentConfig:
     predictions_horizon_days: float = 30.0
     predictions_max_rows: int = 1_000_000
     predictions_max_bytes: int = 256 * 1024 * 1024
+    # data capture (edge_agent.capture): off unless enabled, and then only the allowlisted
+    # features of a bounded, reservoir-sampled share of served rows leave the device
+    capture_enabled: bool = False
+    capture_features: tuple[str, ...] = ()
+    capture_rate: float = 0.01
+    capture_max_rows: int = 1000
+    capture_window_s: float = 3600.0
+    capture_upload_s: float = 60.0
+    capture_batch_rows: int = 500
+    capture_batch_bytes: int = 512 * 1024
+    capture_queue_max_rows: int = 100_000
+    capture_queue_max_bytes: int = 64 * 1024 * 1024
 
     @property
     def username(self) -> str:
@@ -156,6 +180,16 @@ _KEYS: dict[tuple[str, str], tuple[str, str]] = {
     ("predictions", "horizon_days"): ("predictions_horizon_days", "pos_float"),
     ("predictions", "max_rows"): ("predictions_max_rows", "pos_int"),
     ("predictions", "max_bytes"): ("predictions_max_bytes", "pos_int"),
+    ("capture", "enabled"): ("capture_enabled", "bool"),
+    ("capture", "features"): ("capture_features", "str_list"),
+    ("capture", "rate"): ("capture_rate", "share"),
+    ("capture", "max_rows"): ("capture_max_rows", "pos_int"),
+    ("capture", "window_seconds"): ("capture_window_s", "pos_float"),
+    ("capture", "upload_seconds"): ("capture_upload_s", "pos_float"),
+    ("capture", "batch_rows"): ("capture_batch_rows", "pos_int"),
+    ("capture", "batch_bytes"): ("capture_batch_bytes", "pos_int"),
+    ("capture", "queue_max_rows"): ("capture_queue_max_rows", "pos_int"),
+    ("capture", "queue_max_bytes"): ("capture_queue_max_bytes", "pos_int"),
 }
 _REQUIRED = (("device", "id"), ("broker", "host"), ("trust", "keys"))
 
@@ -212,6 +246,15 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."),
     if config.server_url and not config.token:
         raise ConfigError(f"{source}: server.url needs a token: set broker.password_file or "
                           "server.token_file", key="server.token_file")
+    if config.capture_enabled and not config.capture_features:
+        raise ConfigError(f"{source}: capture.features must name the features that may "
+                          "leave the device (the allowlist)", key="capture.features")
+    if config.capture_enabled and not config.server_url:
+        raise ConfigError(f"{source}: capture uploads to the server: set server.url",
+                          key="server.url")
+    if config.capture_batch_bytes > 4 * 1024 * 1024:
+        raise ConfigError(f"{source}: capture.batch_bytes must be at most 4194304 (the "
+                          "server's batch limit)", key="capture.batch_bytes")
     return config
 
 
@@ -235,6 +278,15 @@ def _convert(value: Any, kind: str, key: str, base: Path, source: str) -> Any:
         if not low <= value <= high:
             raise bad(f"must be between {low} and {high}")
         return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+        return value
+    if kind == "share":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 < value <= 1:
+            raise bad("must be a number > 0 and <= 1")
+        return float(value)
     if kind == "pos_float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("must be a number")

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.agent import Agent, Window, with_claim
+from edge_agent.capture import Capture, CaptureConfig, CaptureQueue, Uploader
 from edge_agent.config import AgentConfig, ConfigError
 from edge_agent.download import Downloader, DownloadError
 from edge_agent.errors import InstallError
@@ -128,8 +129,27 @@ class AgentDaemon:
                                      horizon_s=config.predictions_horizon_days * 86400.0,
                                      max_rows=config.predictions_max_rows,
                                      max_bytes=config.predictions_max_bytes, clock=clock)
+        self.capture: Capture | None = None
+        self.uploader: Uploader | None = None
+        if config.capture_enabled:
+            self.capture = Capture(CaptureConfig(
+                features=config.capture_features, rate=config.capture_rate,
+                max_rows=config.capture_max_rows, window_s=config.capture_window_s,
+                upload_s=config.capture_upload_s, batch_rows=config.capture_batch_rows,
+                batch_bytes=config.capture_batch_bytes,
+                queue_max_rows=config.capture_queue_max_rows,
+                queue_max_bytes=config.capture_queue_max_bytes),
+                CaptureQueue(config.data_dir / "capture.db",
+                             max_rows=config.capture_queue_max_rows,
+                             max_bytes=config.capture_queue_max_bytes), clock=clock)
+            self.uploader = Uploader(self.capture.queue, config.server_url, config.token,
+                                     batch_rows=config.capture_batch_rows,
+                                     batch_bytes=config.capture_batch_bytes,
+                                     timeout_s=config.download_timeout_s,
+                                     ca_file=config.server_ca)
         self.agent = Agent(self.device, window_rows=config.window_rows, clock=clock,
-                           shadow_queue_rows=config.shadow_queue_rows, store=self.store)
+                           shadow_queue_rows=config.shadow_queue_rows, store=self.store,
+                           capture=self.capture)
         self.downloader = Downloader(config.server_url, config.token,
                                      max_bytes=config.download_max_bytes,
                                      timeout_s=config.download_timeout_s,
@@ -188,6 +208,12 @@ class AgentDaemon:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.uploader is not None:
+            capture, every = self.capture, self.config.capture_upload_s
+            thread = threading.Thread(target=self.uploader.run, name="agent-capture",
+                                      args=(self._stop, every, capture.roll), daemon=True)
+            thread.start()
+            self._threads.append(thread)
         log.info("edge-agent %s started as %s (bundle %s)", __version__, self.device,
                  self.agent.model.label if self.agent.model else "none")
 
@@ -212,6 +238,9 @@ class AgentDaemon:
             self.link.flush(flush_timeout)
         self.link.stop()
         self.agent.close()
+        if self.capture is not None:  # the open window's sample is kept for the next run
+            self.capture.roll(force=True)
+            self.capture.queue.close()
         self.outbox.close()
         self.store.close()
 

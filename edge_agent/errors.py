@@ -23,7 +23,8 @@ imported by the module that raises it, so ``edge_agent.download.DownloadError`` 
         ├── PredictionIdError            caller prediction ids: a wrong count, a bad or repeated id
         ├── OutcomeError                 an outcome the caller sent directly was refused
         │   └── OutcomeLabelError        a label outside the bundle's classes (names the id)
-        └── PredictionStoreError         the prediction store's file failed
+        ├── PredictionStoreError         the prediction store's file failed
+        └── CaptureError                 data capture: its queue file, or an upload that failed
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from edgefleet.errors import EdgefleetError
 
 __all__ = [
     "AgentError",
+    "CaptureError",
     "ConfigError",
     "DownloadDigestError",
     "DownloadError",
@@ -150,3 +152,8 @@ class OutcomeLabelError(OutcomeError):
 
 class PredictionStoreError(AgentError):
     """The prediction store's SQLite file failed (or is closed)."""
+
+
+class CaptureError(AgentError):
+    """Data capture: the queue file cannot be used, a bad setting, or an upload failed
+    (the batch stays queued and goes again)."""

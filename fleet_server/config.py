@@ -25,13 +25,15 @@ from fleet_server.profiles.drift import Thresholds
 from fleet_server.profiles.performance import Tolerances
 
 __all__ = [
+    "DEFAULT_CAPTURE",
     "DEFAULT_DRIFT",
     "DEFAULT_INGEST",
     "DEFAULT_OUTCOMES",
     "DEFAULT_PERFORMANCE",
     "DRIFT_KEYS",
     "SERVER_ROLES",
-    "BrokerConfig", "DriftConfig", "IngestConfig", "OutcomeConfig", "PerformanceConfig",
+    "BrokerConfig", "CaptureConfig", "DriftConfig", "IngestConfig", "OutcomeConfig",
+    "PerformanceConfig",
     "ServerConfig",
     "WebhookConfig",
     "drift_overrides",
@@ -263,6 +265,30 @@ class PerformanceConfig:
             raise ConfigError("performance max_entries must be >= 1")
 
 
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Data capture: rows devices upload for retraining (``POST /api/v1/capture``).
+
+    ``retention_s``: captured rows (and the batch ids and central labels kept to
+    de-duplicate and join them) older than this are deleted by housekeeping.
+    ``max_bytes``: the disk budget of captured rows (their JSON columns): past it
+    housekeeping deletes the oldest rows first. ``max_batch_bytes``: the body of one upload.
+    ``max_export_rows``: the most rows one ``/api/v1/capture/export`` returns.
+    """
+
+    retention_s: float = 30 * 86400.0
+    max_bytes: int = 1024 * 1024 * 1024
+    max_batch_bytes: int = 4 * 1024 * 1024
+    max_export_rows: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        _positive("capture retention_s", self.retention_s)
+        if min(self.max_bytes, self.max_batch_bytes, self.max_export_rows) < 1:
+            raise ConfigError("capture bounds (max_bytes, max_batch_bytes, max_export_rows) "
+                              "must be >= 1")
+
+
+DEFAULT_CAPTURE = CaptureConfig()
 DEFAULT_INGEST = IngestConfig()
 DEFAULT_DRIFT = DriftConfig()
 DEFAULT_OUTCOMES = OutcomeConfig()
@@ -327,6 +353,7 @@ class ServerConfig:
     election_s: float = 1.0  # how often a standby engine tries to lead, a leader checks
     max_gate_summaries: int = 20_000  # summaries one gate window reads, per side at most
     outcomes: OutcomeConfig = OutcomeConfig()
+    capture: CaptureConfig = CaptureConfig()
 
     def __post_init__(self) -> None:
         if self.role not in SERVER_ROLES:

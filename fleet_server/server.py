@@ -87,7 +87,8 @@ class FleetServer:
         self.evaluator = Evaluator(s.store, s.bundles, s.registry, s.alerts, config.drift,
                                    config.ingest_config, clock,
                                    performance=PerformanceWatch(s.performance, s.alerts),
-                                   also=(s.governance.review_alerts,)) \
+                                   also=(s.governance.review_alerts,
+                                         s.capture.housekeeping)) \
             if config.evaluate and runs_engine else None
         # the engine publishes desired states: an ingest-only worker does not run one
         self.rollout_engine = RolloutEngine(s.rollouts, config.rollout_tick_s) \

@@ -26,6 +26,8 @@ Public service APIs (for the rollout shell and the dashboard):
   ``start``, ``claim``, ``update``, ``lineage``;
 - ``outcomes`` (:class:`~fleet_server.telemetry.routing.OutcomeService`): ``upload``
   (outcomes queued for their devices), ``status``;
+- ``capture`` (:class:`~fleet_server.telemetry.capture.CaptureService`): ``ingest`` (a
+  device's batch of captured rows), ``export``, ``housekeeping``;
 - ``governance`` (:class:`~fleet_server.monitoring.governance.Governance`): ``check_desired``,
   ``review_alerts``, ``show`` (the six questions of one bundle);
 - ``alerts`` (:class:`~fleet_server.monitoring.alerts.Alerts`), ``auth``
@@ -54,6 +56,7 @@ from fleet_server.registry.devices import Registry
 from fleet_server.registry.retrains import Retrains
 from fleet_server.rollouts.engine import Rollouts
 from fleet_server.store import Store
+from fleet_server.telemetry.capture import CaptureService
 from fleet_server.telemetry.ingest import Ingestor
 from fleet_server.telemetry.routing import OutcomeService
 
@@ -78,6 +81,7 @@ class Services:
     outcomes: OutcomeService
     governance: Governance
     performance: PerformanceService
+    capture: CaptureService
     clock: Callable[[], float] = time.time
     mqtt_state: Callable[[], str] = field(default=lambda: "disabled")
 
@@ -115,7 +119,7 @@ def build_services(config: ServerConfig, *, publisher: Publisher | None = None,
             audit=AuditLog(store), retrains=Retrains(store),
             outcomes=OutcomeService(store, config.outcomes, clock),
             governance=Governance(store, bundles, registry, alerts), performance=performance,
-            clock=clock)
+            capture=CaptureService(store, registry, config.capture, clock), clock=clock)
     except BaseException:
         store.close()
         raise

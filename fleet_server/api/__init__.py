@@ -24,6 +24,7 @@ from fleet_server.api.routes import (
     alerts,
     audit,
     bundles,
+    capture,
     devices,
     drift,
     groups,
@@ -41,7 +42,7 @@ __all__ = ["ROUTERS", "body_limits", "create_app"]
 
 ROUTERS = (system.router, devices.router, groups.router, bundles.router, telemetry.router,
            drift.router, performance.router, alerts.router, rollouts.router, audit.router,
-           retrains.router, outcomes.router)
+           retrains.router, outcomes.router, capture.router)
 _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
     (400, "Not a bundle"), (401, "No or unknown credentials"),
     (403, "The credentials' role does not allow this"), (404, "Not found"),
@@ -51,14 +52,15 @@ _ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in
 
 def body_limits(services: Services) -> tuple[BodyLimit, ...]:
     """The per-route body limits, exact paths first: a bundle upload its configured
-    maximum, an outcomes upload its own, every other API call ``max_request_bytes``, the
-    sign-in form its own."""
+    maximum, an outcomes upload and a capture batch their own, every other API call
+    ``max_request_bytes``, the sign-in form its own."""
     from fleet_server.dashboard import MAX_FORM_BYTES
 
     config = services.config
     return (BodyLimit("/api/v1/bundles", config.max_upload_bytes, frozenset({"POST"})),
             BodyLimit("/api/v1/outcomes", config.outcomes.max_upload_bytes,
                       frozenset({"POST"})),
+            BodyLimit("/api/v1/capture", config.capture.max_batch_bytes, frozenset({"POST"})),
             BodyLimit("/api/", config.max_request_bytes),
             BodyLimit("/login", MAX_FORM_BYTES))
 

@@ -48,6 +48,9 @@ class FleetClient:
             raise ClientError(f"cannot reach {self.base_url}: {exc}") from exc
         if response.is_success:
             return response
+        raise self._refusal(response)
+
+    def _refusal(self, response: httpx.Response) -> ClientError:
         kind, message = "HTTPError", response.text[:500] or response.reason_phrase
         try:
             body = response.json()
@@ -56,8 +59,8 @@ class FleetClient:
             pass
         if response.status_code == 401:  # say where a token comes from
             message += " (pass --token or set FLEET_TOKEN; `fleet token create` makes one)"
-        raise ClientError(f"{message} ({kind}, HTTP {response.status_code})",
-                          status=response.status_code, kind=kind)
+        return ClientError(f"{message} ({kind}, HTTP {response.status_code})",
+                           status=response.status_code, kind=kind)
 
     def get(self, path: str, **params: Any) -> Any:
         clean = {k: v for k, v in params.items() if v is not None}
@@ -90,6 +93,27 @@ class FleetClient:
                                 timeout=httpx.Timeout(self._http.timeout.connect,
                                                       read=600.0, write=60.0, pool=30.0)
                                 ).json()
+
+
+    def download_lines(self, path: str, out: Any, **params: Any) -> int:
+        """Stream a JSON-lines answer into the binary file ``out``; returns the lines.
+
+        Raises: ClientError: unreachable, or a non-2xx answer (the server's message)."""
+        clean = {k: v for k, v in params.items() if v is not None}
+        lines = 0
+        try:
+            with self._http.stream("GET", path, params=clean,
+                                   timeout=httpx.Timeout(self._http.timeout.connect,
+                                                         read=600.0)) as response:
+                if not response.is_success:
+                    response.read()
+                    raise self._refusal(response)
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    lines += chunk.count(b"\n")
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach {self.base_url}: {exc}") from exc
+        return lines
 
 
 def _chunks(fh: Any, size: int = 256 * 1024) -> Any:

@@ -22,6 +22,7 @@ from edgefleet.cli import EXIT_CODES_HELP
 from fleet_server.cli.admin import device, token
 from fleet_server.cli.audit import audit
 from fleet_server.cli.broker import broker_config
+from fleet_server.cli.dataset import dataset
 from fleet_server.cli.db import db
 from fleet_server.cli.operate import (
     alerts,
@@ -63,7 +64,7 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 
 # Every command is registered here, one way, so this list is the whole CLI.
 for _command in (serve, ingest, token, device, group, bundle, desired, drift, performance,
-                 alerts, rollout, broker_config, audit, db, retrain, outcomes):
+                 alerts, rollout, broker_config, audit, db, retrain, outcomes, dataset):
     main.add_command(_command)
 main.add_command(device_list, "devices")
 device.add_command(device_list, "list")

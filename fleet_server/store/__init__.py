@@ -18,6 +18,7 @@ The parts, by table:
 - ``_rollouts``: rollouts, and the telemetry reads their gates make;
 - ``_retrains``: retraining runs and their lineage;
 - ``_outcomes``: the outcomes queue (batches of true labels waiting for their device);
+- ``_capture``: captured rows devices uploaded, their batch ids, central labels;
 - ``_performance``: summaries' performance entries (realized and estimated, per bundle);
 - ``_dashboard``: the dashboard's paged device list and its counts (reads only).
 
@@ -29,6 +30,7 @@ clock (every time is a parameter). Bundle files live outside it
 from __future__ import annotations
 
 from fleet_server.store._base import StoreBase
+from fleet_server.store._capture import CapturedRow, CaptureTables
 from fleet_server.store._dashboard import DEVICE_SORTS, DashboardReads, DeviceQuery, DevicesPage
 from fleet_server.store._drift import DriftTables
 from fleet_server.store._fleet import FleetTables, selector_sql
@@ -55,6 +57,7 @@ __all__ = [
     "LATEST",
     "PENDING",
     "REFUSED",
+    "CapturedRow",
     "DeviceQuery",
     "DevicesPage",
     "OutcomeBatchRow",
@@ -71,6 +74,6 @@ __all__ = [
 
 
 class Store(FleetTables, TelemetryTables, DriftTables, RolloutTables, RetrainTables,
-            OutcomeTables, PerformanceTables, DashboardReads, StoreBase):
+            OutcomeTables, PerformanceTables, CaptureTables, DashboardReads, StoreBase):
     """The fleet database. ``Store(db)`` opens (creating and migrating) a SQLite file (a
     path or ``sqlite:///path``) or a PostgreSQL database (``postgresql://...``)."""

@@ -58,6 +58,9 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bundle_approvals", ("id",)),
     ("sessions", ("id",)),
     ("performance", ("id",)),
+    ("captured", ("id",)),
+    ("capture_batches", ("device", "batch")),
+    ("capture_labels", ("device", "pid")),
 )
 # tables whose integer id the database assigns (an identity on PostgreSQL)
 _IDENTITY = {"tokens", "bundles", "summaries", "reports", "dead_letters", "audit",

@@ -49,7 +49,13 @@ History:
     token it stands for), the token it signs in, when it was opened and when it expires;
 13. retraining runs (issue 15): one row a run of the loop, its lineage in ids (the alert
     that triggered it, the champion, the challenger, the rollout); at most one running
-    per recipe.
+    per recipe;
+14. data capture (issue 15): ``captured``, the rows devices sampled and uploaded (their
+    allowlisted features and the model's outputs as JSON, the true label once an outcome
+    arrives centrally), one per (device, prediction id); ``capture_batches``, the batch ids
+    each device has uploaded (an upload is stored once); ``capture_labels``, the outcomes
+    uploaded centrally, by (device, prediction id), so a row captured after its outcome
+    gets its label too.
 
 Migrations are append-only: a released one is never edited, a change is a new one. This
 module holds SQL text only; :mod:`fleet_server.store` runs it.
@@ -398,6 +404,44 @@ CREATE INDEX performance_bundle ON performance (bundle_id, window_end);
 CREATE INDEX performance_device ON performance (device, window_end);
 """
 
+# size: the bytes of a row's JSON columns, what the disk budget counts; label: the true
+# label as JSON (NULL: none yet), the first one uploaded standing
+_CAPTURE = """
+CREATE TABLE captured (
+    id          INTEGER PRIMARY KEY,
+    device      TEXT    NOT NULL,
+    pid         TEXT    NOT NULL,
+    served      REAL    NOT NULL,
+    received    REAL    NOT NULL,
+    bundle      TEXT    NOT NULL,
+    version     TEXT    NOT NULL,
+    features    TEXT    NOT NULL,
+    prediction  TEXT    NOT NULL,
+    size        INTEGER NOT NULL,
+    label       TEXT,
+    labelled_at REAL,
+    UNIQUE (device, pid)
+);
+CREATE INDEX captured_bundle ON captured (bundle, version, served);
+CREATE INDEX captured_received ON captured (received);
+CREATE TABLE capture_batches (
+    device      TEXT    NOT NULL,
+    batch       TEXT    NOT NULL,
+    rows        INTEGER NOT NULL,
+    received    REAL    NOT NULL,
+    PRIMARY KEY (device, batch)
+);
+CREATE INDEX capture_batches_received ON capture_batches (received);
+CREATE TABLE capture_labels (
+    device      TEXT    NOT NULL,
+    pid         TEXT    NOT NULL,
+    label       TEXT    NOT NULL,
+    at          REAL    NOT NULL,
+    PRIMARY KEY (device, pid)
+);
+CREATE INDEX capture_labels_at ON capture_labels (at);
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -413,6 +457,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (11, "group requirements, bundle approvals", _V11),
     (12, "dashboard sessions", _V12),
     (13, "retraining runs", _RETRAINS),
+    (14, "data capture", _CAPTURE),
 )
 LATEST = MIGRATIONS[-1][0]
 AUDIT_CHAIN = 7  # the version from which audit entries carry prev and hash

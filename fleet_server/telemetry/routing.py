@@ -108,6 +108,10 @@ class OutcomeService:
                 numbers[b.device] += 1
                 rows_out.append((b.device, numbers[b.device], b.outcomes, b.count))
             self.store.add_outcome_batches(rows_out, now)
+            # data capture: the label beside the captured row too (and kept for a row
+            # captured later), for `fleet dataset export`
+            self.store.record_capture_labels(
+                [(r.device, r.outcome.id, json.dumps(r.outcome.label)) for r in rows], now)
             self.store.audit(actor, "outcomes.upload", "outcomes",
                              {"outcomes": sum(adding.values()), "devices": len(devices),
                               "batches": len(rows_out)}, now)

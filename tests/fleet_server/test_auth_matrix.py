@@ -78,6 +78,9 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     # outcomes go to devices over MQTT only: a device reads none here, uploads none
     ("GET", "/api/v1/outcomes"): VIEWER,
     ("POST", "/api/v1/outcomes"): OPERATOR,
+    # captured rows come from devices (any device, as itself); the export is for viewers
+    ("POST", "/api/v1/capture"): frozenset({"device", "other-device"}),
+    ("GET", "/api/v1/capture/export"): VIEWER,
 }
 PRINCIPALS = ("anonymous", "revoked", "device", "other-device", "viewer", "operator", "approver")
 PATH_VALUES = {"device": "dev1", "name": "sensor", "version": "1.0.0", "alert_id": "1",
@@ -85,7 +88,8 @@ PATH_VALUES = {"device": "dev1", "name": "sensor", "version": "1.0.0", "alert_id
 QUERY = {"/api/v1/drift": {"bundle": "sensor@1.0.0"},
          "/api/v1/drift/series": {"bundle": "sensor@1.0.0"},
          "/api/v1/drift/windows": {"bundle": "sensor@1.0.0"},
-         "/api/v1/performance": {"bundle": "sensor@1.0.0"}}
+         "/api/v1/performance": {"bundle": "sensor@1.0.0"},
+         "/api/v1/capture/export": {"bundle": "sensor@1.0.0"}}
 # removing dev1 would take the "device" principal away from the tests after it
 URLS = {("DELETE", "/api/v1/devices/{device}"): "/api/v1/devices/dev-none"}
 

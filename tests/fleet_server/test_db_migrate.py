@@ -86,6 +86,8 @@ def source(tmp_path, signing_keys, sensor_bundle, sensor_ref):
     assert store.acks()["dev1"] == {"summary": 3, "report": 1}
     s.outcomes.upload(parse_json_body(b'{"outcomes": [{"device": "dev2", "id": "p-1", '
                                       b'"label": 1}]}'), "test")  # an outcomes queue
+    s.capture.ingest("dev2", b'{"schema": 1, "batch": "batch-0000000001", "rows": [{"id": '
+                     b'"p-1", "time": 1, "bundle": "sensor@1.0.0", "features": {"t": 1}}]}')
     assert set(store.table_names()) == {t for t, _ in copier.TABLES}
     empty = [t for t, _ in copier.TABLES
              if not store.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]]

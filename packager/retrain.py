@@ -8,7 +8,9 @@ A recipe (``recipe.toml``, versioned with the training code) says what to do::
     group = "everyone"               # the group whose running bundle is the champion
     key = "keys/build.key"           # the signing key (relative to the recipe's folder)
     target = "fault"
-    data = "training.data:load"      # module:function () -> DataFrame (your warehouse)
+    data = "training.data:load"      # module:function () -> DataFrame (your warehouse),
+                                     # or "fleet": the rows the group's devices captured
+                                     # (`fleet dataset export`), see below
     train = "training.model:fit"     # module:function (DataFrame) -> fitted estimator
     time_column = "ts"               # optional: the held-out rows are the most recent
     holdout = 0.2                    # the held-out share (default 0.2)
@@ -20,6 +22,13 @@ A recipe (``recipe.toml``, versioned with the training code) says what to do::
     soak = "1h"
     shadow_first = false
     gates = { max_error_rate = 0.02 }
+
+The fleet's own data: ``data = "fleet"`` (labelled rows of the last 14 days), or a table
+``[data]`` with ``source = "fleet"``, ``since = "14d"`` and ``labelled = true`` (TOML
+cannot give ``data`` both a text and a table). The run then fetches the capture export of
+the champion (the bundle the group runs now) for the group over the API
+(``GET /api/v1/capture/export``): the captured features, the true label as the
+``target`` column, the serving time as ``time_column`` (if set).
 
 A run (:func:`run`) records itself on the fleet server (``/api/v1/retrains``) first, then:
 fetches the data, splits off the held-out rows (the newest ``holdout`` share by
@@ -66,6 +75,8 @@ _KEYS = {"name", "bundle", "group", "key", "target", "data", "train", "time_colu
          "holdout", "promote_if", "version", "rollout", "watch"}
 _ROLLOUT_KEYS = {"stages", "soak", "shadow_first", "gates", "requires_approval"}
 MAX_RECIPE_BYTES = 64 * 1024
+FLEET_DATA = "fleet"  # data = "fleet": the capture export of the group's champion
+_SINCE_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)?[smhd]\Z")
 MEMBERS_READ = 500  # group members whose desired state is read to find the champion
 
 
@@ -86,6 +97,8 @@ class Recipe:
     version: str = "minor"  # major | minor | patch
     rollout: dict[str, Any] = field(default_factory=dict)
     watch: dict[str, Any] = field(default_factory=dict)  # packager.watch.policy_of reads it
+    data_since: str = "14d"  # data = "fleet": rows served since then ...
+    data_labelled: bool = True  # ... and only those with a true label
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -111,12 +124,25 @@ def load_recipe(path: Path) -> Recipe:
     unknown = sorted(set(doc) - _KEYS)
     if unknown:
         raise bad(unknown[0], f"unknown key (the keys: {', '.join(sorted(_KEYS))})")
+    since, labelled = "14d", True
+    if isinstance(doc.get("data"), dict):
+        table = doc["data"]
+        extra = sorted(set(table) - {"source", "since", "labelled"})
+        if extra:
+            raise bad("data", f"unknown key {extra[0]!r} (source, since, labelled)")
+        since, labelled = table.get("since", since), table.get("labelled", labelled)
+        if not isinstance(since, str) or not _SINCE_RE.match(since):
+            raise bad("data.since", "a duration like 14d, 12h")
+        if not isinstance(labelled, bool):
+            raise bad("data.labelled", "true or false")
+        doc = {**doc, "data": table.get("source")}
     for key in ("name", "bundle", "group", "key", "target", "data", "train"):
         if not isinstance(doc.get(key), str) or not doc[key]:
             raise bad(key, "missing, or not a text")
     for key in ("data", "train"):
-        if not _ENTRY_RE.match(doc[key]):
-            raise bad(key, f"{doc[key]!r} is not module:function")
+        if not _ENTRY_RE.match(doc[key]) and not (key == "data" and doc[key] == FLEET_DATA):
+            raise bad(key, f"{doc[key]!r} is not module:function"
+                      + (' nor "fleet"' if key == "data" else ""))
     if not NAME_RE.match(doc["bundle"]):
         raise bad("bundle", f"{doc['bundle']!r} is not a bundle name")
     holdout = doc.get("holdout", 0.2)
@@ -144,7 +170,7 @@ def load_recipe(path: Path) -> Recipe:
                   data=doc["data"], train=doc["train"], time_column=time_column,
                   holdout=float(holdout), promote_if=tuple(rules),
                   version=doc.get("version", "minor"), rollout=dict(rollout),
-                  watch=dict(watch))
+                  watch=dict(watch), data_since=since, data_labelled=labelled)
 
 
 def entry_point(spec: str, where: Path) -> Callable[..., Any]:
@@ -213,7 +239,8 @@ class FleetApi:
             raise FleetApiError(f"{method} {path}: {message} (HTTP {r.status_code})",
                                 status=r.status_code)
         return None if r.status_code == 204 or not r.content else \
-            (r.json() if "json" in r.headers.get("content-type", "") else r.content)
+            (r.json() if r.headers.get("content-type", "").startswith("application/json")
+             else r.content)
 
 
 @dataclass(frozen=True)
@@ -245,6 +272,40 @@ def champion_of(api: FleetApi, recipe: Recipe) -> str | None:
         if ref and ref["name"] == recipe.bundle:
             desired[f"{ref['name']}@{ref['version']}"] += 1
     return desired.most_common(1)[0][0] if desired else None
+
+
+def fleet_frame(api: FleetApi, recipe: Recipe) -> Any:
+    """The rows the group's devices captured for its champion, labelled, as a DataFrame:
+    the features, the true label as ``recipe.target``, the serving time as
+    ``recipe.time_column`` (when the recipe sets one).
+
+    Raises:
+        RecipeError: the group runs no bundle yet, or nothing was captured.
+        FleetApiError: the server refused the export.
+    """
+    import io
+
+    import pandas as pd
+
+    champion = champion_of(api, recipe)
+    if champion is None:
+        raise RecipeError(f"data = fleet: group {recipe.group!r} runs no {recipe.bundle} "
+                          "yet, so no rows were captured for it", field="data")
+    body = api.call("GET", "/api/v1/capture/export", params={
+        "bundle": champion, "group": recipe.group, "since": recipe.data_since,
+        **({"labelled": "true"} if recipe.data_labelled else {})})
+    if not body:
+        raise RecipeError(f"data = fleet: no captured rows of {champion} in group "
+                          f"{recipe.group!r} since {recipe.data_since}"
+                          + (" with a label" if recipe.data_labelled else ""), field="data")
+    frame = pd.read_json(io.BytesIO(body), lines=True, dtype=False)
+    frame = frame.drop(columns=["device", "id", "predicted"]).rename(
+        columns={"label": recipe.target})
+    if recipe.time_column:
+        frame = frame.rename(columns={"time": recipe.time_column})
+    else:
+        frame = frame.drop(columns=["time"])
+    return frame
 
 
 def _revision(where: Path) -> str:
@@ -293,7 +354,8 @@ def _run(recipe: Recipe, api: FleetApi, run_id: int, work: Path,
     from packager.build import BuildOptions, build
 
     work.mkdir(parents=True, exist_ok=True)
-    frame = entry_point(recipe.data, recipe.path)()
+    frame = fleet_frame(api, recipe) if recipe.data == FLEET_DATA else \
+        entry_point(recipe.data, recipe.path)()
     if recipe.target not in getattr(frame, "columns", ()):
         raise RecipeError(f"{recipe.data} returned no column {recipe.target!r} (the target)",
                           field="target")

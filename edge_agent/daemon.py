@@ -721,6 +721,7 @@ class AgentDaemon:
             "outbox_dropped": self.outbox.dropped, "connected": self.link.connected,
             "outcomes": self.store.totals.to_dict(), "predictions_stored": self.store.rows,
             "outcome_batch": self._applied_batch(),
+            "capture": self._capture_health(),
             "revision": self.slots.state.revision, "rss_bytes": _rss_bytes(),
             "last_report": None if self.last_outcome is None else {
                 "outcome": self.last_outcome.outcome,
@@ -728,6 +729,17 @@ class AgentDaemon:
                 "reason": self.last_outcome.reason},
         }
 
+
+    def _capture_health(self) -> dict[str, int] | None:
+        """Data capture's queue and counters (None: capture is off)."""
+        if self.capture is None:
+            return None
+        q = self.capture.queue
+        try:
+            return {"queued": q.depth(), **{k: q.counter(k) for k in (
+                "sampled", "uploaded", "dropped", "refused")}}
+        except Exception:  # a closed or broken queue file must not break /health
+            return None
 
     def _applied_batch(self) -> int | None:
         try:

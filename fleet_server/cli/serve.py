@@ -185,6 +185,10 @@ def _performance_config(items: tuple[str, ...]) -> Any:
               help="Seconds after which an outcome batch without a receipt is sent again.")
 @click.option("--max-undelivered-outcomes", type=int, default=1_000_000, show_default=True,
               help="Outcomes a device may have waiting; an upload past it is refused.")
+@click.option("--capture-retention", default="30d", show_default=True,
+              help="How long captured rows (data capture) are kept (30d, 12h).")
+@click.option("--capture-budget-mb", type=click.IntRange(1), default=1024, show_default=True,
+              help="Disk budget of captured rows, MiB: past it the oldest go first.")
 @click.option("--rollout-tick", type=click.FloatRange(0.05, 3600), default=5.0,
               show_default=True, help="Seconds between the rollout engine's judgements.")
 @click.option("--performance", "performance", multiple=True, metavar="NAME=VALUE",
@@ -199,8 +203,10 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
           webhook: str | None, webhook_secret_file: Path | None, window: int,
           drift_settings: tuple[str, ...], ingest: bool, share: str | None,
           max_upload_mb: int, outcome_resend: float, max_undelivered_outcomes: int,
+          capture_retention: str, capture_budget_mb: int,
           rollout_tick: float, performance: tuple[str, ...]) -> None:
-    from fleet_server.config import OutcomeConfig, ServerConfig, WebhookConfig
+    from edgefleet.parsing import parse_duration
+    from fleet_server.config import CaptureConfig, OutcomeConfig, ServerConfig, WebhookConfig
     from fleet_server.models import Database
     from fleet_server.server import FleetServer
 
@@ -219,6 +225,9 @@ def serve(db: str, broker: str | None, broker_user: str, broker_password_file: P
         host=host, port=port, role=role, rollout_tick_s=rollout_tick,
         outcomes=OutcomeConfig(resend_s=outcome_resend,
                                max_undelivered=max_undelivered_outcomes),
+        capture=CaptureConfig(
+            retention_s=parse_duration(capture_retention, "--capture-retention"),
+            max_bytes=capture_budget_mb * 1024 * 1024),
         performance=_performance_config(performance))
     http = role in ("all", "api")
     where = f"http://{host}:{port}" if http else f"role {role}"

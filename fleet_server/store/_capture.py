@@ -73,18 +73,16 @@ class CaptureTables(StoreBase):
                 stored += max(cur.rowcount, 0)
             return stored, False
 
-    def record_capture_labels(self, labels: Sequence[tuple[str, str, str]], now: float) -> int:
+    def record_capture_labels(self, labels: Sequence[tuple[str, str, str]], now: float
+                              ) -> None:
         """Record ``(device, pid, label JSON)`` outcomes uploaded centrally; label the
         captured rows they name (the first label stands). Call inside the upload's
-        transaction. Returns the captured rows labelled now."""
+        transaction (one batched statement each: an upload may hold a million rows)."""
         self._many("INSERT INTO capture_labels (device, pid, label, at) VALUES (?, ?, ?, ?) "
                    "ON CONFLICT DO NOTHING", [(d, p, lab, now) for d, p, lab in labels])
-        labelled = 0
-        for d, p, lab in labels:
-            cur = self._exec("UPDATE captured SET label = ?, labelled_at = ? "
-                             "WHERE device = ? AND pid = ? AND label IS NULL", [lab, now, d, p])
-            labelled += max(cur.rowcount, 0)
-        return labelled
+        self._many("UPDATE captured SET label = ?, labelled_at = ? "
+                   "WHERE device = ? AND pid = ? AND label IS NULL",
+                   [(lab, now, d, p) for d, p, lab in labels])
 
     def captured_rows(self, bundle: str, version: str, *, since: float, labelled: bool,
                       devices: Sequence[str] | None, after: int, limit: int

@@ -19,8 +19,9 @@ through the desired state). Then, per window of ``window_seconds``:
    (stored, or a duplicate of a stored batch) deletes the batch; a network error or a 5xx
    keeps it and the same bytes with the same id go again later. The server stores a batch
    id once per device, so each row is stored once across agent restarts and server
-   outages. A 4xx other than 408/429 (the server refuses the batch itself) drops it,
-   counted as ``refused``: sending it again cannot help.
+   outages. A 401 is retried too (a credential being rotated); another 4xx but 408/429
+   (the server refuses the batch itself) drops it, counted as ``refused``: sending it
+   again cannot help.
 
 The sampling is done by the agent's profiling worker (never on the request path).
 This module does not choose features, train or join labels (the server joins outcomes).
@@ -34,6 +35,7 @@ import math
 import random
 import secrets
 import sqlite3
+import ssl
 import threading
 import time
 import urllib.error
@@ -45,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.download import _NoRedirect
 from edge_agent.errors import CaptureError
 from edgefleet.contract.capture import MAX_BATCH_BYTES, encode_rows
 
@@ -325,12 +328,8 @@ class Uploader:
         if got is None:
             return 0
         batch_id, body, rows = got
-        from edge_agent.download import _NoRedirect
-
-        handlers: list = [_NoRedirect()]
+        handlers: list = [_NoRedirect()]  # the device secret goes to the server only
         if self.url.startswith("https://"):
-            import ssl
-
             ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
             handlers.append(urllib.request.HTTPSHandler(context=ctx))
         request = urllib.request.Request(self.url, data=body, method="POST", headers={

@@ -412,3 +412,26 @@ def test_a_running_agent_captures_and_uploads_through_its_daemon(
         if server is not None:
             server.stop()
         broker.cleanup()
+
+
+@pytest.mark.slow
+def test_the_uploader_drops_a_refused_batch_and_keeps_one_it_may_send_again(api, tmp_path):
+    _, tokens, server = api
+    queue = CaptureQueue(tmp_path / "capture.db", max_rows=100, max_bytes=10**6)
+    try:
+        bad = json.dumps({"id": "bad id", "time": 1.0, "bundle": "sensor@1.0.0",
+                          "features": {}, "label": None, "probabilities": None,
+                          "value": None}).encode()
+        queue.put([bad], batch_bytes=10_000)
+        stranger = Uploader(queue, server.base_url, "efd_not-a-device", batch_rows=10,
+                            batch_bytes=10_000)
+        with pytest.raises(CaptureError, match="401"):
+            stranger.upload_once()
+        assert queue.depth() == 1  # an unknown credential may be a rotation: kept
+        device = Uploader(queue, server.base_url, tokens["dev1"], batch_rows=10,
+                          batch_bytes=10_000)
+        assert device.upload_once() == 1  # 422: the batch itself is refused
+        assert queue.depth() == 0 and queue.counter("refused") == 1
+        assert device.upload_once() == 0
+    finally:
+        queue.close()

@@ -55,8 +55,9 @@ def run(config_path: Path, log_level: str, as_json: bool) -> None:
     AgentDaemon(load_config(config_path)).run()
 
 
-def _read_rows(path: Path, manifest: Any) -> list[dict[str, Any]]:
-    """Rows from CSV (header row) or JSON lines, typed by the bundle's schema."""
+def _read_rows(path: Path, manifest: Any) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows from CSV (header row) or JSON lines, typed by the bundle's schema, and the file
+    line of each (so every error names the line, as an editor shows it)."""
     try:
         with path.open("rb") as fh:
             raw = fh.read(MAX_INPUT_BYTES + 1)
@@ -66,7 +67,7 @@ def _read_rows(path: Path, manifest: Any) -> list[dict[str, Any]]:
         raise click.ClickException(f"{path}: larger than {MAX_INPUT_BYTES} bytes")
     text = raw.decode("utf-8", errors="replace")
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        rows = []
+        rows, lines = [], []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -77,11 +78,13 @@ def _read_rows(path: Path, manifest: Any) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise click.ClickException(f"{path}:{number}: expected an object per line")
             rows.append(row)
-        return rows
+            lines.append(number)
+        return rows, lines
     kinds = {s.name: s.kind for s in manifest.inputs}
     reader = csv.DictReader(io.StringIO(text))
-    rows = []
-    for number, record in enumerate(reader, 2):
+    rows, lines = [], []
+    for record in reader:
+        number = reader.line_num
         row: dict[str, Any] = {}
         for name, cell in record.items():
             if name not in kinds:
@@ -97,7 +100,8 @@ def _read_rows(path: Path, manifest: Any) -> list[dict[str, Any]]:
             else:
                 row[name] = cell
         rows.append(row)
-    return rows
+        lines.append(number)
+    return rows, lines
 
 
 def _verified_model(bundle_path: Path, trust: tuple[str, ...], config_path: Path | None,
@@ -142,7 +146,7 @@ def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
     from edge_agent.agent import Agent
 
     model = _verified_model(bundle_path, trust, config_path, threshold)
-    rows = _read_rows(input_path, model.manifest)
+    rows, lines = _read_rows(input_path, model.manifest)
     if not rows:
         raise click.ClickException(f"{input_path}: no rows")
     agent = Agent("local")
@@ -151,23 +155,32 @@ def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
         answers = []
         for start in range(0, len(rows), model.validator.max_rows):
             part = rows[start:start + model.validator.max_rows]
-            # no id: nothing keeps these predictions for an outcome to join
-            answers += agent.predict(part)._replace(ids=()).rows(model.classes)
+            try:
+                # no id: nothing keeps these predictions for an outcome to join
+                answers += agent.predict(part)._replace(ids=()).rows(model.classes)
+            except InputError as exc:  # the batch's row index → the file's line
+                if exc.row is None:
+                    raise
+                line = lines[start + exc.row]
+                raise InputError(f"{input_path}:{line}: {exc}", feature=exc.feature,
+                                 row=start + exc.row) from None
     finally:
         agent.close()
-    if as_json:
-        for answer in answers:
-            click.echo(json.dumps(answer, separators=(",", ":")))
+    if as_json:  # one object a line, with the file line it answers
+        for line, answer in zip(lines, answers, strict=True):
+            click.echo(json.dumps({"line": line, **answer}, separators=(",", ":")))
         return
     click.echo(f"{model.label}: {len(answers)} row(s)")
-    for i, answer in enumerate(answers):
+    regressor = not answers or "label" not in answers[0]
+    click.echo("   line  value" if regressor else "   line  label             p(top)")
+    for line, answer in zip(lines, answers, strict=True):
         if "label" in answer:
             probs = answer.get("probabilities") or {}
             top = max(probs.values()) if probs else None
-            click.echo(f"  {i:>5}  {answer['label']!s:<16}"
-                       + (f"  p={top:.3f}" if top is not None else ""))
+            click.echo(f"  {line:>5}  {answer['label']!s:<16}"
+                       + (f"  {top:.3f}" if top is not None else ""))
         else:
-            click.echo(f"  {i:>5}  {answer['value']:.6g}")
+            click.echo(f"  {line:>5}  {answer['value']:.6g}")
 
 
 @cli.command()

@@ -24,9 +24,9 @@ routes. It listens on 127.0.0.1 by default; it is not an internet-facing server.
 Errors are JSON ``{"error": {"type", "message", "feature"?, "row"?, "field"?, "id"?}}``
 with 400 for a refused input (naming the feature), bad prediction ids (``field`` "ids" and
 the ``row``), a malformed outcome (``field``) or a label outside the bundle's classes
-(type ``OutcomeLabelError``, naming the ``id``; nothing of the call is applied), 413 for a
-body over the limit, 415 for a body that is not JSON, 404/405 for other paths and
-methods, 503 when no model is installed (or no prediction store keeps predictions for
+(type ``OutcomeLabelError``, naming the ``id``; nothing of the call is applied) or a body
+that is not JSON (type ``NotJson``), 413 for a body over the limit, 404/405 for other paths
+and methods, 503 when no model is installed (or no prediction store keeps predictions for
 outcomes) and 500 when the model fails at run time. A request can never take the agent
 down: every handler error becomes a 500 and is logged.
 
@@ -121,7 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             doc = json.loads(raw)
         except (UnicodeDecodeError, ValueError) as exc:
-            self._error(415, "NotJson", f"the body is not JSON: {exc}")
+            self._error(400, "NotJson", f"the body is not JSON: {exc}")
             return
         if route == "/explain":
             self._explain(doc)

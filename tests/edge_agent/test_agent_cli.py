@@ -29,10 +29,15 @@ def test_predict_from_csv_and_jsonl_agree(bundles, signing_keys, inputs, capsys)
                      "--json"]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         outputs.append([json.loads(line) for line in lines])
+    # each answer names the file line it answers: CSV after its header, JSON lines from 1
+    assert [a.pop("line") for a in outputs[0]] == [2, 3, 4, 5, 6, 7]
+    assert [a.pop("line") for a in outputs[1]] == [1, 2, 3, 4, 5, 6]
     assert outputs[0] == outputs[1] and len(outputs[0]) == 6
     assert {"label", "probabilities"} <= set(outputs[0][0])
     assert main(["predict", "--bundle", str(bundle), "--input", str(inputs[0]), *trust]) == 0
-    assert "sensor@1.0.0: 6 row(s)" in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "sensor@1.0.0: 6 row(s)"
+    assert table[1].split() == ["line", "label", "p(top)"] and table[2].split()[0] == "2"
 
 
 @pytest.mark.parametrize(("args", "text"), [
@@ -59,6 +64,19 @@ def test_predict_names_a_bad_cell(bundles, signing_keys, tmp_path, capsys):
                  "--trust", signing_keys.trust_specs()[0]])
     err = capsys.readouterr().err
     assert code == 1 and "'current'" in err and "bad.csv:2" in err
+
+
+def test_a_row_the_model_refuses_is_named_by_its_file_line(bundles, signing_keys, tmp_path,
+                                                           capsys):
+    """The schema check runs in batches; its error names the line, not the batch index."""
+    rows = sensor_data(4, seed=3)[list(FEATURES)].to_dict("records")
+    rows[2]["current"] = "hot"  # a string where the schema wants a number
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n" + "\n".join(json.dumps(r) for r in rows) + "\n")  # a blank first
+    code = main(["predict", "--bundle", str(bundles.build("1.0.0")), "--input", str(bad),
+                 "--trust", signing_keys.trust_specs()[0]])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{bad}:4: " in err and "'current'" in err
 
 
 def test_status_of_a_device_that_never_ran(tmp_path, signing_keys, capsys):

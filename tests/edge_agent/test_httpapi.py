@@ -68,7 +68,7 @@ def test_predict_and_health(served, model):
                  id="missing-feature"),
     pytest.param("POST", "/predict", {"rows": "x"}, 400, "InputError", id="rows-not-a-list"),
     pytest.param("POST", "/predict", {"something": 1}, 400, "InputError", id="no-rows"),
-    pytest.param("POST", "/predict", b"{not json", 415, "NotJson", id="not-json"),
+    pytest.param("POST", "/predict", b"{not json", 400, "NotJson", id="not-json"),
     pytest.param("POST", "/predict", b"x" * 60_000, 413, "PayloadTooLarge", id="too-large"),
     pytest.param("GET", "/nope", None, 404, "NotFound", id="unknown-path"),
     pytest.param("POST", "/other", {"rows": []}, 404, "NotFound", id="unknown-post"),

@@ -9,7 +9,8 @@ routes. It listens on 127.0.0.1 by default; it is not an internet-facing server.
                     prediction ids, one per row, else the agent makes them)
                     → 200 {"bundle": "name@version", "predictions": [{"id": ..,
                        "label": .., "probabilities": {class: p, ..}} | {"id": ..,
-                       "value": ..}, ...]}
+                       "value": ..}, ...]}; a row with a category training never saw
+                       is served and its answer says so: "unseen": [feature, ...]
                     (for "row": {"bundle": .., "prediction": {...}})
     POST /explain   {"row": {...}} → 200 {"bundle", "method", "why", "baseline", "score",
                        "value", "baseline_value", "prediction", "contributions": [
@@ -40,6 +41,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -157,6 +159,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         model = agent.model
         answers = result.rows(model.classes if model is not None else ())
+        if model is not None:
+            _flag_unseen(answers, rows, model.manifest.inputs)
         if single:
             self._send(200, {"bundle": result.bundle, "prediction": answers[0]})
         else:
@@ -216,6 +220,32 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.read(int(length))
         else:
             self.close_connection = True
+
+
+@lru_cache(maxsize=8)
+def _vocabularies(inputs: tuple[Any, ...]) -> tuple[tuple[int, str, frozenset[str]], ...]:
+    """(position, name, training categories) of each categorical input."""
+    return tuple((i, f.name, frozenset(f.categories)) for i, f in enumerate(inputs)
+                 if f.kind == "categorical" and f.categories)
+
+
+def _flag_unseen(answers: list[dict[str, Any]], rows: list[Any], inputs: tuple[Any, ...]
+                 ) -> None:
+    """Add ``"unseen": [feature, ...]`` to the answer of a row with a category training
+    never saw: it is served (and counted in the window's profile), and the caller is told
+    the answer rests on a value the model has not learnt from."""
+    vocab = _vocabularies(tuple(inputs))
+    if not vocab:
+        return
+    for answer, row in zip(answers, rows, strict=False):
+        unseen = []
+        for i, name, known in vocab:
+            value = row.get(name) if isinstance(row, dict) else \
+                row[i] if isinstance(row, list) and i < len(row) else None
+            if value is not None and str(value) not in known:
+                unseen.append(name)
+        if unseen:
+            answer["unseen"] = unseen
 
 
 class _Server(ThreadingHTTPServer):

@@ -100,3 +100,21 @@ def test_keep_alive_serves_many_requests_on_one_connection(served, model):
     finally:
         conn.close()
     assert served[0].predictions == len(ROWS)
+
+
+def test_an_answer_resting_on_an_unseen_category_says_so():
+    """Served and counted as before, and now flagged in the answer (issue 17)."""
+    from edge_agent.httpapi import _flag_unseen
+    from edgefleet.contract.manifest import FeatureSpec
+
+    inputs = (FeatureSpec("load", "numeric", "float64"),
+              FeatureSpec("site", "categorical", "string", categories=("north", "south")),
+              FeatureSpec("shift", "categorical", "string", categories=("day", "night")))
+    answers = [{"label": 1}, {"label": 0}, {"label": 1}, {"label": 0}]
+    rows = [{"load": 1.0, "site": "north", "shift": "day"},
+            {"load": 2.0, "site": "east", "shift": "dusk"},
+            [3.0, "south", "dusk"],  # a list in schema order
+            {"load": 4.0, "site": None, "shift": "night"}]  # missing is not unseen
+    _flag_unseen(answers, rows, inputs)
+    assert answers == [{"label": 1}, {"label": 0, "unseen": ["site", "shift"]},
+                       {"label": 1, "unseen": ["shift"]}, {"label": 0}]

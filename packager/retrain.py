@@ -347,6 +347,25 @@ def run(recipe: Recipe, api: FleetApi, *, trigger: str = "manual", work: Path,
         raise
 
 
+def load_frame(recipe: Recipe, api: FleetApi) -> Any:
+    """The recipe's data: the fleet's captured rows or its own function's DataFrame.
+
+    Raises:
+        RecipeError: the data has no target column.
+    """
+    frame = fleet_frame(api, recipe) if recipe.data == FLEET_DATA else \
+        entry_point(recipe.data, recipe.path)()
+    if recipe.target not in getattr(frame, "columns", ()):
+        raise RecipeError(f"{recipe.data} returned no column {recipe.target!r} (the target)",
+                          field="target")
+    return frame
+
+
+def labelled_rows(frame: Any, target: str) -> int:
+    """Rows whose label is known (the target is not missing)."""
+    return int(frame[target].notna().sum())
+
+
 def _run(recipe: Recipe, api: FleetApi, run_id: int, work: Path,
          say: Callable[[str], None], finish: Callable[..., RunOutcome]) -> RunOutcome:
     import joblib
@@ -354,17 +373,14 @@ def _run(recipe: Recipe, api: FleetApi, run_id: int, work: Path,
     from packager.build import BuildOptions, build
 
     work.mkdir(parents=True, exist_ok=True)
-    frame = fleet_frame(api, recipe) if recipe.data == FLEET_DATA else \
-        entry_point(recipe.data, recipe.path)()
-    if recipe.target not in getattr(frame, "columns", ()):
-        raise RecipeError(f"{recipe.data} returned no column {recipe.target!r} (the target)",
-                          field="target")
+    frame = load_frame(recipe, api)
     train, held = split_holdout(frame, recipe.time_column, recipe.holdout)
     train_csv, held_csv = work / "train.csv", work / "held_out.csv"
     train.to_csv(train_csv, index=False)
     held.to_csv(held_csv, index=False)
     data: dict[str, Any] = {
-        "rows": len(frame), "train_rows": len(train), "held_out_rows": len(held),
+        "rows": len(frame), "labelled_rows": labelled_rows(frame, recipe.target),
+        "train_rows": len(train), "held_out_rows": len(held),
         "sha256": hashlib.sha256(train_csv.read_bytes() + held_csv.read_bytes()).hexdigest()}
     if recipe.time_column:
         data["time_range"] = [str(frame[recipe.time_column].min()),

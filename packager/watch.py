@@ -10,8 +10,11 @@ Each tick (every ``poll`` seconds):
    fleet-wide) that no run answered yet starts a run with trigger ``alert:<id>``;
 3. else, with ``schedule`` set, a run starts once that long has passed since the last one.
 
-Automatic runs (2 and 3) respect a cooldown after the last run of the recipe and a
-maximum number a day; runs of one recipe never overlap (the server refuses a second).
+Automatic runs (2 and 3) respect a cooldown after the last run of the recipe, a maximum
+number a day and, with ``min_new_rows``, a minimum number of labelled rows gained since the
+last run that got that far (the data is read to count them: retraining on the same rows
+would only re-learn the champion); runs of one recipe never overlap (the server refuses a
+second).
 Alerts are read by polling ``/api/v1/alerts``: the runner needs no inbound port, so it can
 live in CI or behind a firewall.
 
@@ -21,6 +24,7 @@ The recipe's ``[watch]`` table::
     poll = "30s"
     cooldown = "6h"
     max_per_day = 4
+    min_new_rows = 500           # labelled rows gained since the last run (default 0)
     schedule = "7d"              # optional
     alerts = ["drift", "performance_drop", "estimated_performance_drop"]
 """
@@ -38,14 +42,14 @@ from typing import Any
 from edgefleet.contract.errors import SchemaError
 from edgefleet.parsing import parse_duration
 from packager.errors import FleetApiError, RecipeError
-from packager.retrain import FleetApi, Recipe, RunOutcome, run
+from packager.retrain import FleetApi, Recipe, RunOutcome, labelled_rows, load_frame, run
 
 __all__ = ["WatchPolicy", "Watcher", "policy_of"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ALERTS = ("drift", "performance_drop", "estimated_performance_drop")
-_WATCH_KEYS = {"poll", "cooldown", "max_per_day", "schedule", "alerts"}
+_WATCH_KEYS = {"poll", "cooldown", "max_per_day", "schedule", "alerts", "min_new_rows"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class WatchPolicy:
     max_per_day: int = 4
     schedule_s: float | None = None
     alerts: tuple[str, ...] = DEFAULT_ALERTS
+    min_new_rows: int = 0
 
 
 def policy_of(recipe: Recipe) -> WatchPolicy:
@@ -81,13 +86,18 @@ def policy_of(recipe: Recipe) -> WatchPolicy:
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise RecipeError(f"{recipe.path}: watch.max_per_day: a whole number >= 1",
                           field="watch.max_per_day")
+    fresh = doc.get("min_new_rows", 0)
+    if isinstance(fresh, bool) or not isinstance(fresh, int) or fresh < 0:
+        raise RecipeError(f"{recipe.path}: watch.min_new_rows: a whole number >= 0",
+                          field="watch.min_new_rows")
     alerts = doc.get("alerts", list(DEFAULT_ALERTS))
     if not isinstance(alerts, list) or not all(isinstance(a, str) for a in alerts):
         raise RecipeError(f"{recipe.path}: watch.alerts: a list of alert kinds",
                           field="watch.alerts")
     return WatchPolicy(poll_s=seconds("poll", 30.0) or 30.0,
                        cooldown_s=seconds("cooldown", 6 * 3600.0) or 0.0, max_per_day=cap,
-                       schedule_s=seconds("schedule", None), alerts=tuple(alerts))
+                       schedule_s=seconds("schedule", None), alerts=tuple(alerts),
+                       min_new_rows=fresh)
 
 
 class Watcher:
@@ -119,12 +129,27 @@ class Watcher:
         runs = [r for r in self._runs() if r["status"] != "requested"]
         if runs:
             last = max(r["created"] for r in runs)
-            if now - last < self.policy.cooldown_s:
+            if self.policy.cooldown_s > 0 and now - last < self.policy.cooldown_s:
                 return (f"cooldown: the last run began {now - last:.0f} s ago "
                         f"(< {self.policy.cooldown_s:.0f} s)")
         today = [r for r in runs if now - r["created"] < 86400]
         if len(today) >= self.policy.max_per_day:
             return f"{len(today)} runs in the last day (max_per_day {self.policy.max_per_day})"
+        return self._too_few_new_rows(runs)
+
+    def _too_few_new_rows(self, runs: list[dict[str, Any]]) -> str | None:
+        """Why the data has not grown enough since the last run that read it, or None."""
+        need = self.policy.min_new_rows
+        before = [r["data"].get("labelled_rows", r["data"].get("rows"))
+                  for r in runs if r.get("data")]
+        before = [n for n in before if isinstance(n, int)]
+        if not need or not before:
+            return None
+        now = labelled_rows(load_frame(self.recipe, self.api), self.recipe.target)
+        last = before[0]  # runs come newest first
+        if now - last < need:
+            return (f"{now - last} new labelled rows since the last run "
+                    f"(min_new_rows {need}; {now} now, {last} then)")
         return None
 
     def _alert(self) -> dict[str, Any] | None:

@@ -26,8 +26,10 @@ from sklearn.preprocessing import StandardScaler
 from packager.sample_data import FEATURES, sensor_data
 
 
-def load():
-    frame = sensor_data(3000, seed=11)
+def load():  # LOOP_ROWS: how much labelled data the warehouse holds now
+    import os
+
+    frame = sensor_data(int(os.environ.get("LOOP_ROWS", "3000")), seed=11)
     frame["ts"] = pd.date_range("2026-11-01", periods=len(frame), freq="min").astype(str)
     return frame
 
@@ -232,3 +234,43 @@ def test_the_watcher_claims_a_requested_run_past_the_guardrails(
         assert [b.version for b in s.bundles.list("sensor")] == ["1.0.0"]
     finally:
         api.close()
+
+
+def test_the_watcher_waits_for_enough_new_labelled_rows(fleet, signing_keys, tmp_path,
+                                                        monkeypatch) -> None:
+    """min_new_rows: retraining on the rows the last run read would only re-learn it."""
+    server, token = fleet("inverted")
+    s = server.services
+    recipe = _recipe(tmp_path, signing_keys.build.private, "fit")
+    now = time.time() + 60  # the runner's clock may run ahead of the server's
+    watcher, api = _watcher(server, token, recipe, tmp_path, lambda: now, cooldown_s=0,
+                            max_per_day=10, min_new_rows=500)
+    try:
+        assert watcher.blocked(now) is None  # no run yet: nothing to compare with
+        s.alerts.raise_alert("drift", s.bundles.get("sensor", "1.0.0"), group="plant-a",
+                             message="humidity", details={}, now=now)
+        done = watcher.tick()
+        assert done is not None and done.status == "promoted"
+        assert s.retrains.get(done.run_id).data["labelled_rows"] == 3000
+        assert watcher.blocked(now) == ("0 new labelled rows since the last run "
+                                        "(min_new_rows 500; 3000 now, 3000 then)")
+        monkeypatch.setenv("LOOP_ROWS", "3400")
+        assert "400 new labelled rows" in watcher.blocked(now)
+        monkeypatch.setenv("LOOP_ROWS", "3500")
+        assert watcher.blocked(now) is None
+    finally:
+        api.close()
+
+
+def test_a_bad_watch_setting_is_refused_naming_it(tmp_path, signing_keys) -> None:
+    from packager.watch import policy_of
+
+    path = _recipe(tmp_path, signing_keys.build.private, "fit")
+    path.write_text(path.read_text() + '\n[watch]\nmin_new_rows = -1\n')
+    with pytest.raises(RecipeError) as err:
+        policy_of(load_recipe(path))
+    assert err.value.field == "watch.min_new_rows"
+    path.write_text(path.read_text().replace("min_new_rows = -1", 'cooldown = "6"'))
+    with pytest.raises(RecipeError) as err:
+        policy_of(load_recipe(path))
+    assert err.value.field == "watch.cooldown"

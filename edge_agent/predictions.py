@@ -57,7 +57,8 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -415,24 +416,10 @@ class PredictionStore:
             PredictionStoreError: the file failed; nothing was applied.
         """
         with self._lock:
-            conn = self._open()
-            try:
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("BEGIN IMMEDIATE")
+            with self._durably("record outcomes") as conn:
                 counts = self._join(conn, outcomes, strict, self.clock() if now is None
                                     else now)
-                conn.execute("COMMIT")
-            except OutcomeLabelError:
-                _rollback(conn)
-                raise
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                raise PredictionStoreError(f"{self.path}: cannot record outcomes: "
-                                           f"{exc}") from exc
-            finally:
-                _normal(conn)
-            self.totals += counts
-            self._waiting = self._waiting or counts != OutcomeCounts()
+            self._counted(counts)
         return counts
 
     def apply_batch(self, batch: int, outcomes: Iterable[tuple[str, Any]], *,
@@ -445,28 +432,42 @@ class PredictionStore:
             PredictionStoreError: the file failed; nothing was applied.
         """
         with self._lock:
-            conn = self._open()
-            try:
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("BEGIN IMMEDIATE")
+            with self._durably(f"apply outcome batch {batch}") as conn:
                 (applied,) = conn.execute(
                     "SELECT value FROM meta WHERE name = 'batch'").fetchone()
-                if batch != applied + 1:
-                    conn.execute("ROLLBACK")
+                if batch != applied + 1:  # read only: nothing to commit
                     return None, int(applied)
                 counts = self._join(conn, outcomes, False, self.clock() if now is None
                                     else now)
                 conn.execute("UPDATE meta SET value = ? WHERE name = 'batch'", (batch,))
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                raise PredictionStoreError(f"{self.path}: cannot apply outcome batch "
-                                           f"{batch}: {exc}") from exc
-            finally:
-                _normal(conn)
-            self.totals += counts
-            self._waiting = self._waiting or counts != OutcomeCounts()
+            self._counted(counts)
         return counts, batch
+
+    @contextmanager
+    def _durably(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction, on the disk (``synchronous=FULL``) when it commits: a
+        joined outcome is never counted twice nor lost. Any error rolls it back; a file
+        error is a :class:`PredictionStoreError` saying what could not be done. The caller
+        holds the lock."""
+        conn = self._open()
+        try:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise PredictionStoreError(f"{self.path}: cannot {what}: {exc}") from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+        finally:
+            _normal(conn)
+
+    def _counted(self, counts: OutcomeCounts) -> None:
+        self.totals += counts
+        self._waiting = self._waiting or counts != OutcomeCounts()
 
     @property
     def applied_batch(self) -> int:

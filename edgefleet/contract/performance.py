@@ -72,7 +72,7 @@ import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -256,7 +256,33 @@ _DELAY = np.asarray(DELAY_EDGES)
 _REL_BOUNDS = (0.0, *RELIABILITY_EDGES, 1.0)
 
 
-class Realized:
+_B = TypeVar("_B", bound="_Block")
+
+
+class _Block:
+    """What both blocks share: a spec, an exact merge, and the sum of many."""
+
+    def __init__(self, spec: PerformanceSpec) -> None:
+        self.spec = spec
+
+    def merge(self: _B, other: _B) -> _B:
+        raise NotImplementedError
+
+    @classmethod
+    def merged(cls: type[_B], spec: PerformanceSpec, blocks: Iterable[_B]) -> _B:
+        """The sum of ``blocks`` (an empty block when there are none; an empty estimate
+        counts as calibrated).
+
+        Raises:
+            ReferenceMismatchError: a block over another spec.
+        """
+        total = cls(spec)
+        for block in blocks:
+            total.merge(block)
+        return total
+
+
+class Realized(_Block):
     """Mutable accumulator of the labelled rows of one bundle (see the module docstring)."""
 
     def __init__(self, spec: PerformanceSpec) -> None:
@@ -395,18 +421,6 @@ class Realized:
             self.err += other.err
             self.err_hist += other.err_hist
         return self
-
-    @classmethod
-    def merged(cls, spec: PerformanceSpec, blocks: Iterable[Realized]) -> Realized:
-        """The sum of ``blocks`` (an empty block when there are none).
-
-        Raises:
-            ReferenceMismatchError: a block over another spec.
-        """
-        total = cls(spec)
-        for block in blocks:
-            total.merge(block)
-        return total
 
     # ----------------------------------------------------------------- wire
 
@@ -667,7 +681,7 @@ def _regression_metrics(n: int, err: np.ndarray) -> dict[str, Metric]:
 # --------------------------------------------------------------------------- estimated
 
 
-class Estimated:
+class Estimated(_Block):
     """Mutable accumulator over every served row of one bundle, for CBPE (see the module
     docstring). ``calibrated`` is False when the bundle had no calibration map and the
     raw probabilities were used (the estimate is then only as good as the model's own
@@ -731,18 +745,6 @@ class Estimated:
         self.v += other.v
         self.calibrated = self.calibrated and other.calibrated
         return self
-
-    @classmethod
-    def merged(cls, spec: PerformanceSpec, blocks: Iterable[Estimated]) -> Estimated:
-        """The sum of ``blocks`` (an empty, calibrated block when there are none).
-
-        Raises:
-            ReferenceMismatchError: a block over another spec.
-        """
-        total = cls(spec)
-        for block in blocks:
-            total.merge(block)
-        return total
 
     def to_wire(self) -> dict[str, Any]:
         """The compact form a summary carries (exact: no rounding)."""

@@ -47,6 +47,28 @@ MAX_RANGE_S = 366 * 86400
 MAX_TIME = 2.0**36  # the year 4147: every bucket start fits SQLite's integers
 
 
+def whole_steps(since: float | None, until: float | None, now: float, default_s: float,
+                step: int) -> tuple[int, int]:
+    """A report's time range, checked and widened to whole ``step``s: ``until`` defaults to
+    ``now``, ``since`` to ``default_s`` before it (the drift and performance reports' one
+    reading of ``--since``/``--until``).
+
+    Raises:
+        InvalidRequestError: a time out of range, until not after since, or over a year.
+    """
+    until = now if until is None else until
+    since = until - default_s if since is None else since
+    for name, t in (("since", since), ("until", until)):
+        if not (math.isfinite(t) and 0 <= t <= MAX_TIME):
+            raise InvalidRequestError(f"{name} must be a unix time between 0 and "
+                                      f"{MAX_TIME:.0f}", field=name)
+    if until <= since:
+        raise InvalidRequestError("until must be after since", field="until")
+    if until - since > MAX_RANGE_S:
+        raise InvalidRequestError("a report covers at most 366 days", field="since")
+    return int(since // step) * step, int(-(-until // step)) * step
+
+
 def tile(lo: int, hi: int, levels: Sequence[int]) -> list[tuple[int, int, int]]:
     """Split ``[lo, hi)`` (multiples of ``levels[0]``) into ``(width, start, end)`` runs of
     whole buckets, as coarse as the bounds allow: the fewest rollups to read."""
@@ -167,18 +189,7 @@ class DriftService:
         Raises:
             InvalidRequestError: until before since, or a range over a year.
         """
-        fine = self.levels[0]
-        until = now if until is None else until
-        since = until - DEFAULT_RANGE_S if since is None else since
-        for name, t in (("since", since), ("until", until)):
-            if not (math.isfinite(t) and 0 <= t <= MAX_TIME):
-                raise InvalidRequestError(f"{name} must be a unix time between 0 and "
-                                          f"{MAX_TIME:.0f}", field=name)
-        if until <= since:
-            raise InvalidRequestError("until must be after since", field="until")
-        if until - since > MAX_RANGE_S:
-            raise InvalidRequestError("a report covers at most 366 days", field="since")
-        return int(since // fine) * fine, int(-(-until // fine)) * fine
+        return whole_steps(since, until, now, DEFAULT_RANGE_S, self.levels[0])
 
     def important(self, ref: Reference, group: Group | None) -> tuple[str, ...]:
         if group is None:

@@ -35,7 +35,7 @@ from fleet_server.config import DEFAULT_PERFORMANCE, PerformanceConfig
 from fleet_server.errors import InvalidRequestError
 from fleet_server.models import FLEET_SCOPE, Group
 from fleet_server.monitoring.alerts import Alerts
-from fleet_server.monitoring.drift import MAX_RANGE_S, MAX_TIME, Scope
+from fleet_server.monitoring.drift import Scope, whole_steps
 from fleet_server.profiles.performance import (
     Drop,
     Expected,
@@ -151,16 +151,8 @@ class PerformanceService:
         """
         until = now if until is None else until
         since = until - DEFAULT_RANGE_S if since is None else since
-        for name, t in (("since", since), ("until", until)):
-            if not (math.isfinite(t) and 0 <= t <= MAX_TIME):
-                raise InvalidRequestError(f"{name} must be a unix time between 0 and "
-                                          f"{MAX_TIME:.0f}", field=name)
-        if until <= since:
-            raise InvalidRequestError("until must be after since", field="until")
-        if until - since > MAX_RANGE_S:
-            raise InvalidRequestError("a report covers at most 366 days", field="since")
-        step = step_for(until - since)
-        return int(since // step) * step, int(-(-until // step)) * step, step
+        step = step_for(until - since)  # a bad range: whole_steps refuses it
+        return (*whole_steps(since, until, now, DEFAULT_RANGE_S, step), step)
 
     def report(self, bundle: str, *, group: str | None = None, device: str | None = None,
                since: str | float | None = None, until: float | None = None,

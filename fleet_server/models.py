@@ -1,6 +1,9 @@
 """The server's records: frozen values that the store returns and the services pass around.
 
-Each has ``to_dict()`` (JSON-ready, what the API's schemas and the CLI's ``--json`` show).
+The API's response schemas read them as they are (``from_attributes``,
+:mod:`fleet_server.api.schemas`); a record keeps a ``to_dict()`` only where something else
+stores or sends it as JSON (an alert to the webhook, a group to the audit log, a token to
+the CLI's ``--json``).
 Nothing secret is ever in a record: tokens and device secrets exist in plaintext only in
 the one response that creates them (:class:`Issued`), and hashes stay inside the store.
 
@@ -92,10 +95,6 @@ def download_url(name: str, version: str) -> str:
     return f"/api/v1/bundles/{name}/{version}/download"
 
 
-def _ref(ref: BundleRef | None) -> dict[str, Any] | None:
-    return None if ref is None else ref.to_dict()
-
-
 @dataclass(frozen=True)
 class Token:
     id: int
@@ -145,15 +144,6 @@ class Device:
     summaries: int = 0
     dropped: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "labels": dict(self.labels), "set_labels": dict(self.set_labels),
-                "reported_labels": dict(self.reported_labels), "created": self.created,
-                "has_secret": self.has_secret, "online": self.online,
-                "status_time": self.status_time, "last_seen": self.last_seen,
-                "agent_version": self.agent_version, "bundle": _ref(self.bundle),
-                "shadow": _ref(self.shadow), "health": self.health,
-                "heartbeat_time": self.heartbeat_time, "last_summary": self.last_summary,
-                "summaries": self.summaries, "dropped": self.dropped}
 
 
 @dataclass(frozen=True)
@@ -199,19 +189,13 @@ class BundleRecord:
         return f"{self.name}@{self.version}"
 
     @property
-    def ref(self) -> BundleRef:
-        return BundleRef(self.name, self.version, self.sha256,
-                         download_url(self.name, self.version), self.size)
+    def url(self) -> str:
+        return download_url(self.name, self.version)
 
-    def to_dict(self, *, manifest: bool = False) -> dict[str, Any]:
-        out = {"name": self.name, "version": self.version, "sha256": self.sha256,
-               "size": self.size, "reference_hash": self.reference_hash,
-               "uploaded": self.uploaded, "uploaded_by": self.uploaded_by,
-               "signers": [dict(s) for s in self.signers],
-               "url": download_url(self.name, self.version)}
-        if manifest:
-            out["manifest"] = self.manifest
-        return out
+    @property
+    def ref(self) -> BundleRef:
+        return BundleRef(self.name, self.version, self.sha256, self.url, self.size)
+
 
 
 @dataclass(frozen=True)
@@ -224,10 +208,6 @@ class DesiredRecord:
     updated: float
     updated_by: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "revision": self.revision, "bundle": _ref(self.bundle),
-                "shadow": _ref(self.shadow), "allow_downgrade": self.allow_downgrade,
-                "updated": self.updated, "updated_by": self.updated_by}
 
 
 @dataclass(frozen=True)
@@ -241,10 +221,6 @@ class ReportRecord:
     time: float
     received: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "seq": self.seq, "revision": self.revision,
-                "outcome": self.outcome, "bundle": self.bundle.to_dict(),
-                "reason": self.reason, "time": self.time, "received": self.received}
 
 
 @dataclass(frozen=True)
@@ -265,13 +241,6 @@ class SummaryRecord:
     shadow: dict[str, Any] | None = None
     dropped: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "seq": self.seq, "bundle": self.bundle,
-                "reference_hash": self.reference_hash, "window_start": self.window_start,
-                "window_end": self.window_end, "rows": self.rows, "received": self.received,
-                "folded": self.folded, "errors": dict(self.errors),
-                "latency_counts": list(self.latency_counts), "shadow": self.shadow,
-                "dropped": self.dropped}
 
 
 @dataclass(frozen=True)
@@ -285,10 +254,10 @@ class DeadLetter:
     size: int  # of the whole payload; ``payload`` holds at most the configured prefix
     payload: bytes = field(repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "received": self.received, "topic": self.topic,
-                "device": self.device, "error": self.error, "reason": self.reason,
-                "size": self.size, "payload_prefix": self.payload[:256].hex()}
+    @property
+    def payload_prefix(self) -> str:
+        """The payload's first 256 bytes, hex: what the API shows of a refused message."""
+        return self.payload[:256].hex()
 
 
 @dataclass(frozen=True)
@@ -306,12 +275,6 @@ class DriftWindow:
     features: dict[str, Any]  # name -> {"verdict", "role", "psi", "ks", ...}
     evaluated: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"bundle": self.bundle, "scope": self.scope, "window_start": self.window_start,
-                "window_end": self.window_end, "verdict": self.verdict,
-                "share_drifted": self.share_drifted, "rows": self.rows,
-                "devices": self.devices, "features": self.features,
-                "evaluated": self.evaluated}
 
 
 @dataclass(frozen=True)
@@ -392,10 +355,6 @@ class AuditEntry:
     prev: str | None = None  # the hash of the entry before (None: written before the chain)
     hash: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "time": self.time, "actor": self.actor, "action": self.action,
-                "target": self.target, "details": self.details, "prev": self.prev,
-                "hash": self.hash}
 
 
 # The hash-chained audit log: each entry stores the sha256 of the one before it (the first

@@ -1,8 +1,15 @@
 """The API's request and response schemas, in families (``…Create`` in, ``…Public`` out).
 
-They mirror the records' ``to_dict()`` (:mod:`fleet_server.models`, the drift report's
-own) field for field, so a route is ``Model.model_validate(record.to_dict())``. Request
-models refuse unknown fields. Nothing here holds logic.
+A response schema reads the typed record a service returns (``from_attributes``, as the
+FastAPI full-stack template's ``UserPublic.model_validate(user)``): a route is
+``DevicePublic.model_validate(device)``, and no field is copied by hand between a record
+and its schema. A detail schema that adds what another service knows (a device's desired
+state, an alert's deliveries) reads the record through :class:`Joined`. The drift and
+performance results are read from their ``to_dict()``, their wire form (non-finite
+statistics as null, the report's schema version), and the rollouts' views are the engine's
+dicts. The fields are still declared here: they are the API's contract (the OpenAPI
+document), which a record's internal shape must not change by accident. Request models
+refuse unknown fields. Nothing here holds logic.
 """
 
 from __future__ import annotations
@@ -33,16 +40,43 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class ErrorDetail(BaseModel):
+class _Out(BaseModel):
+    # reads a record's attributes (a frozen dataclass from the services), or a dict
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Joined:
+    """A record read with more attributes beside it, for a detail schema that extends the
+    record's own (``DeviceDetail``: a device, its desired state and its reports).
+
+    ``Joined(device, desired=d, reports=r)`` answers ``desired`` and ``reports`` itself and
+    every other attribute from ``device``.
+    """
+
+    __slots__ = ("_extra", "_record")
+
+    def __init__(self, record: object, **extra: object) -> None:
+        self._record, self._extra = record, extra
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy, pickle and friends: not a record's
+            raise AttributeError(name)
+        extra = object.__getattribute__(self, "_extra")
+        if name in extra:
+            return extra[name]
+        return getattr(object.__getattribute__(self, "_record"), name)
+
+
+class ErrorDetail(_Out):
     type: str = Field(description="The error's class, e.g. NotFoundError, SignatureError")
     message: str = Field(description="What went wrong, naming the thing at fault")
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(_Out):
     error: ErrorDetail
 
 
-class BundleRefPublic(BaseModel):
+class BundleRefPublic(_Out):
     name: str
     version: str
     sha256: str = ""
@@ -53,7 +87,7 @@ class BundleRefPublic(BaseModel):
 # -- system ---------------------------------------------------------------------------------
 
 
-class HealthPublic(BaseModel):
+class HealthPublic(_Out):
     status: str
     version: str
     db_version: int
@@ -63,7 +97,7 @@ class HealthPublic(BaseModel):
 # -- devices --------------------------------------------------------------------------------
 
 
-class DevicePublic(BaseModel):
+class DevicePublic(_Out):
     id: str
     labels: dict[str, str]
     set_labels: dict[str, str]
@@ -83,7 +117,7 @@ class DevicePublic(BaseModel):
     dropped: int
 
 
-class DesiredPublic(BaseModel):
+class DesiredPublic(_Out):
     device: str
     revision: int
     bundle: BundleRefPublic | None
@@ -93,7 +127,7 @@ class DesiredPublic(BaseModel):
     updated_by: str
 
 
-class ReportPublic(BaseModel):
+class ReportPublic(_Out):
     device: str
     seq: int
     revision: int
@@ -115,13 +149,13 @@ class DeviceCreate(_In):
     rotate: bool = Field(False, description="Issue a new secret for an existing device")
 
 
-class DeviceCreated(BaseModel):
+class DeviceCreated(_Out):
     device: DevicePublic
     secret: str = Field(description="The device secret (MQTT password and HTTP token); "
                                     "shown only in this response")
 
 
-class DeviceRemoved(BaseModel):
+class DeviceRemoved(_Out):
     id: str
     retained_cleared: bool = Field(description="Whether its retained desired state was "
                                    "cleared on the broker now (else on the server's next "
@@ -173,7 +207,7 @@ class GroupUpdate(_In):
         description="Settings back to the server's (\"all\": every one)")
 
 
-class GroupPublic(BaseModel):
+class GroupPublic(_Out):
     name: str
     selector: dict[str, str]
     requires_approval: bool
@@ -188,13 +222,13 @@ class GroupPublic(BaseModel):
 # -- bundles --------------------------------------------------------------------------------
 
 
-class Signer(BaseModel):
+class Signer(_Out):
     keyid: str
     role: str
     name: str
 
 
-class BundlePublic(BaseModel):
+class BundlePublic(_Out):
     name: str
     version: str
     sha256: str
@@ -210,7 +244,7 @@ class BundleDetail(BundlePublic):
     manifest: dict[str, Any]
 
 
-class BundleGovernance(BaseModel):
+class BundleGovernance(_Out):
     """The six questions of one bundle, each an ``answer`` with its evidence, and what the
     fleet knows of it (``fleet``: devices running it, per group whether its requirements
     are met, rollouts, drift, open alerts)."""
@@ -234,7 +268,7 @@ class BundleGovernance(BaseModel):
 # -- telemetry ------------------------------------------------------------------------------
 
 
-class SummaryPublic(BaseModel):
+class SummaryPublic(_Out):
     device: str
     seq: int
     bundle: str
@@ -250,7 +284,7 @@ class SummaryPublic(BaseModel):
     dropped: int
 
 
-class DeadLetterPublic(BaseModel):
+class DeadLetterPublic(_Out):
     id: int
     received: float
     topic: str
@@ -264,7 +298,7 @@ class DeadLetterPublic(BaseModel):
 # -- drift ----------------------------------------------------------------------------------
 
 
-class FeatureDriftPublic(BaseModel):
+class FeatureDriftPublic(_Out):
     name: str
     role: str
     kind: str
@@ -279,7 +313,7 @@ class FeatureDriftPublic(BaseModel):
     min_rows: int
 
 
-class DriftReportPublic(BaseModel):
+class DriftReportPublic(_Out):
     model_config = ConfigDict(populate_by_name=True)
 
     schema_: int = Field(alias="schema")
@@ -299,7 +333,7 @@ class DriftReportPublic(BaseModel):
     features: list[FeatureDriftPublic]
 
 
-class DriftResultPublic(BaseModel):
+class DriftResultPublic(_Out):
     bundle: str
     scope: str
     since: int
@@ -316,7 +350,7 @@ class DriftResultPublic(BaseModel):
     report: DriftReportPublic
 
 
-class SeriesPublic(BaseModel):
+class SeriesPublic(_Out):
     bundle: str
     scope: str
     since: int
@@ -328,7 +362,7 @@ class SeriesPublic(BaseModel):
     features: dict[str, dict[str, list[Any]]]
 
 
-class DriftWindowPublic(BaseModel):
+class DriftWindowPublic(_Out):
     bundle: str
     scope: str
     window_start: int
@@ -344,7 +378,7 @@ class DriftWindowPublic(BaseModel):
 # -- performance ----------------------------------------------------------------------------
 
 
-class MetricPublic(BaseModel):
+class MetricPublic(_Out):
     """A metric with its 95 % interval, the rows behind it and how the interval was found."""
 
     value: float | None
@@ -354,7 +388,7 @@ class MetricPublic(BaseModel):
     method: str
 
 
-class ExpectedPublic(BaseModel):
+class ExpectedPublic(_Out):
     """A metric as the bundle's card measured it at packaging."""
 
     name: str
@@ -365,7 +399,7 @@ class ExpectedPublic(BaseModel):
     data: str
 
 
-class PerformancePointPublic(BaseModel):
+class PerformancePointPublic(_Out):
     start: int
     end: int
     devices: int
@@ -376,7 +410,7 @@ class PerformancePointPublic(BaseModel):
     estimated: dict[str, MetricPublic]
 
 
-class DropPublic(BaseModel):
+class DropPublic(_Out):
     verdict: Literal["ok", "drop", "insufficient", "unknown"]
     metric: str
     value: float | None
@@ -388,12 +422,12 @@ class DropPublic(BaseModel):
     reason: str
 
 
-class ConfusionPublic(BaseModel):
+class ConfusionPublic(_Out):
     classes: list[str]
     counts: list[list[int]] = Field(description="counts[true][predicted]")
 
 
-class ReliabilityBinPublic(BaseModel):
+class ReliabilityBinPublic(_Out):
     low: float
     high: float
     n: int
@@ -401,7 +435,7 @@ class ReliabilityBinPublic(BaseModel):
     observed: float = Field(description="Observed share of positives (or right answers)")
 
 
-class PerformancePublic(BaseModel):
+class PerformancePublic(_Out):
     bundle: str
     scope: str
     since: int
@@ -421,7 +455,7 @@ class PerformancePublic(BaseModel):
 # -- alerts ---------------------------------------------------------------------------------
 
 
-class AlertPublic(BaseModel):
+class AlertPublic(_Out):
     id: int
     kind: str
     bundle: str
@@ -436,7 +470,7 @@ class AlertPublic(BaseModel):
     attempts: int
 
 
-class AttemptPublic(BaseModel):
+class AttemptPublic(_Out):
     attempt: int
     time: float
     status: int | None
@@ -505,7 +539,7 @@ class RolloutActionIn(_In):
     reason: str = Field("", max_length=4096)
 
 
-class AuditEntryPublic(BaseModel):
+class AuditEntryPublic(_Out):
     time: float
     actor: str
     action: str
@@ -516,7 +550,7 @@ class AuditEntryPublic(BaseModel):
     reason: str
 
 
-class AuditLinkPublic(BaseModel):
+class AuditLinkPublic(_Out):
     """One audit log entry as stored, with its place in the hash chain."""
 
     id: int
@@ -530,13 +564,13 @@ class AuditLinkPublic(BaseModel):
     hash: str | None
 
 
-class AuditFindingPublic(BaseModel):
+class AuditFindingPublic(_Out):
     kind: Literal["edited", "inserted", "deleted", "unchained"]
     entry: int
     message: str
 
 
-class AuditChainPublic(BaseModel):
+class AuditChainPublic(_Out):
     intact: bool
     entries: int
     legacy: int
@@ -545,7 +579,7 @@ class AuditChainPublic(BaseModel):
     findings: list[AuditFindingPublic]
 
 
-class GateResultPublic(BaseModel):
+class GateResultPublic(_Out):
     name: str
     outcome: str = Field(description="pass, fail, wait or skip")
     value: float | None
@@ -554,7 +588,7 @@ class GateResultPublic(BaseModel):
     reason: str
 
 
-class RolloutDevicePublic(BaseModel):
+class RolloutDevicePublic(_Out):
     device: str
     role: str = Field(description="control, shadow, canary, complete, rollback, kept, left")
     stage: int | None
@@ -563,7 +597,7 @@ class RolloutDevicePublic(BaseModel):
     online: bool
 
 
-class RolloutStagePublic(BaseModel):
+class RolloutStagePublic(_Out):
     index: int
     fraction: float
     min_devices: int
@@ -572,7 +606,7 @@ class RolloutStagePublic(BaseModel):
     state: str = Field(description="done, current or pending")
 
 
-class RolloutSummary(BaseModel):
+class RolloutSummary(_Out):
     id: str
     bundle: str
     group: str
@@ -590,7 +624,7 @@ class RolloutPublic(RolloutSummary):
     stages: list[RolloutStagePublic]
 
 
-class PreviewStagePublic(BaseModel):
+class PreviewStagePublic(_Out):
     index: int
     fraction: float
     min_devices: int
@@ -599,7 +633,7 @@ class PreviewStagePublic(BaseModel):
     devices: list[str]
 
 
-class RolloutPreview(BaseModel):
+class RolloutPreview(_Out):
     id: str
     bundle: str
     group: str
@@ -643,7 +677,7 @@ class RetrainUpdate(_In):
     reason: Annotated[str, Field(max_length=4096)] | None = None
 
 
-class RetrainPublic(BaseModel):
+class RetrainPublic(_Out):
     id: int
     recipe: str
     recipe_hash: str
@@ -665,7 +699,7 @@ class RetrainPublic(BaseModel):
     reason: str
 
 
-class LineageLink(BaseModel):
+class LineageLink(_Out):
     model_config = ConfigDict(extra="allow")  # each step adds what it knows
     step: Literal["trigger", "alert", "run", "champion", "challenger", "rollout"]
     id: int | str

@@ -24,7 +24,7 @@ def export_audit(services: ServicesDep, _: Viewer,
 
 
 @router.get("/verify", response_model=AuditChainPublic)
-def verify_audit(services: ServicesDep, _: Viewer) -> dict[str, Any]:
+def verify_audit(services: ServicesDep, _: Viewer) -> AuditChainPublic:
     """Walk the whole chain: `intact`, the `head` hash to keep elsewhere, and every edited,
     inserted or deleted entry named."""
-    return services.audit.verify().to_dict()
+    return AuditChainPublic.model_validate(services.audit.verify())

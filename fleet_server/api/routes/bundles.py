@@ -64,7 +64,7 @@ async def upload_bundle(request: Request, response: Response, services: Services
     finally:
         temp.unlink(missing_ok=True)
     response.status_code = 201 if created else 200
-    return BundlePublic.model_validate(record.to_dict())
+    return BundlePublic.model_validate(record)
 
 
 @router.get("", response_model=list[BundlePublic])
@@ -72,14 +72,14 @@ def list_bundles(services: ServicesDep, _: Viewer,
                  name: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
                  ) -> list[BundlePublic]:
     """Stored bundles, by name then upload time; ``name`` filters."""
-    return [BundlePublic.model_validate(b.to_dict()) for b in services.bundles.list(name)]
+    return [BundlePublic.model_validate(b) for b in services.bundles.list(name)]
 
 
 @router.get("/{name}/{version}", response_model=BundleDetail)
 def get_bundle(name: Name, version: Version, services: ServicesDep, _: Viewer) -> BundleDetail:
     """One bundle with its full manifest (inputs, outputs, lineage, fidelity, files)."""
     record = services.bundles.get(name, version)
-    return BundleDetail.model_validate(record.to_dict(manifest=True))
+    return BundleDetail.model_validate(record)
 
 
 @router.get("/{name}/{version}/governance", response_model=BundleGovernance)

@@ -19,6 +19,7 @@ from fleet_server.api.schemas import (
     DeviceDetail,
     DevicePublic,
     DeviceRemoved,
+    Joined,
     LabelsUpdate,
     ReportPublic,
 )
@@ -54,7 +55,7 @@ def list_devices(
     """Devices, by id; filter by labels (all must match) and by online state."""
     found = services.registry.list(parse_selector(label), online=online, limit=limit,
                                    offset=offset)
-    return [DevicePublic.model_validate(d.to_dict()) for d in found]
+    return [DevicePublic.model_validate(d) for d in found]
 
 
 @router.post("", response_model=DeviceCreated, status_code=201)
@@ -66,7 +67,7 @@ def add_device(body: DeviceCreate, services: ServicesDep, who: Operator) -> Devi
     """
     device, issued = services.registry.add_device(body.id, body.labels, who.actor,
                                                   services.clock(), rotate=body.rotate)
-    return DeviceCreated(device=DevicePublic.model_validate(device.to_dict()),
+    return DeviceCreated(device=DevicePublic.model_validate(device),
                          secret=issued.secret)
 
 
@@ -77,9 +78,7 @@ def get_device(device: DeviceId, services: ServicesDep, _: Viewer) -> DeviceDeta
     found = services.registry.get(device)
     desired = services.desired.record(device)
     reports = services.store.list_reports(device, limit=20)
-    return DeviceDetail.model_validate({
-        **found.to_dict(), "desired": None if desired is None else desired.to_dict(),
-        "reports": [r.to_dict() for r in reports]})
+    return DeviceDetail.model_validate(Joined(found, desired=desired, reports=reports))
 
 
 @router.delete("/{device}", response_model=DeviceRemoved)
@@ -102,7 +101,7 @@ def set_labels(device: DeviceId, body: LabelsUpdate, services: ServicesDep,
                who: Operator) -> DevicePublic:
     """Replace the operator-set labels of a device (they override what it reports)."""
     found = services.registry.set_labels(device, body.labels, who.actor, services.clock())
-    return DevicePublic.model_validate(found.to_dict())
+    return DevicePublic.model_validate(found)
 
 
 @router.get("/{device}/desired", response_model=DesiredPublic)
@@ -117,7 +116,7 @@ def get_desired(device: DeviceId, services: ServicesDep, who: AnyPrincipal) -> D
     if record is None:
         raise NotFoundError("desired state", device, f"device {device!r} has no desired "
                                                      "state")
-    return DesiredPublic.model_validate(record.to_dict())
+    return DesiredPublic.model_validate(record)
 
 
 @router.put("/{device}/desired", response_model=DesiredPublic)
@@ -135,7 +134,7 @@ def set_desired(device: DeviceId, body: DesiredUpdate, services: ServicesDep,
                             actor=who.actor)
     record = services.desired.record(device)
     assert record is not None
-    return DesiredPublic.model_validate(record.to_dict())
+    return DesiredPublic.model_validate(record)
 
 
 @router.get("/{device}/reports", response_model=list[ReportPublic])
@@ -143,5 +142,5 @@ def list_reports(device: DeviceId, services: ServicesDep, _: Viewer,
                  limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[ReportPublic]:
     """Install and shadow reports of a device, newest first."""
     services.registry.get(device)
-    return [ReportPublic.model_validate(r.to_dict())
+    return [ReportPublic.model_validate(r)
             for r in services.store.list_reports(device, limit=limit)]

@@ -65,4 +65,4 @@ def drift_windows(services: ServicesDep, _: Viewer, bundle: Bundle, group: Group
         services.registry.group(group)
     found = services.store.list_windows(record.id, group or FLEET_SCOPE, since=since, until=until,
                                         limit=limit)
-    return [DriftWindowPublic.model_validate(w.to_dict()) for w in found]
+    return [DriftWindowPublic.model_validate(w) for w in found]

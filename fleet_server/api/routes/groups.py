@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 
 from fleet_server.api.deps import Operator, ServicesDep, Viewer
-from fleet_server.api.schemas import GROUP_PATTERN, GroupCreate, GroupPublic, GroupUpdate
+from fleet_server.api.schemas import GROUP_PATTERN, GroupCreate, GroupPublic, GroupUpdate, Joined
 from fleet_server.models import Group
 from fleet_server.services import Services
 
@@ -16,7 +16,8 @@ GroupName = Annotated[str, Path(pattern=GROUP_PATTERN)]
 
 
 def _public(services: Services, group: Group) -> GroupPublic:
-    return GroupPublic(**group.to_dict(), members=len(services.registry.members(group)))
+    return GroupPublic.model_validate(
+        Joined(group, members=len(services.registry.members(group))))
 
 
 @router.get("", response_model=list[GroupPublic])

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Path, Query, Response
 from fleet_server.api.deps import Operator, ServicesDep, Viewer
 from fleet_server.api.schemas import (
     RECIPE_PATTERN,
+    Joined,
     RetrainClaim,
     RetrainCreate,
     RetrainDetail,
@@ -33,7 +34,7 @@ def list_retrains(services: ServicesDep, _: Viewer,
                   alert: Annotated[int | None, Query(ge=1, le=2**62)] = None,
                   limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[RetrainPublic]:
     """Runs, newest first; filter by recipe, status and the alert that triggered them."""
-    return [RetrainPublic.model_validate(r.to_dict())
+    return [RetrainPublic.model_validate(r)
             for r in services.retrains.list(recipe=recipe, status=status, alert_id=alert,
                                             limit=limit)]
 
@@ -46,7 +47,7 @@ def start_retrain(body: RetrainCreate, services: ServicesDep, who: Operator) -> 
         recipe=body.recipe, recipe_hash=body.recipe_hash, revision=body.revision,
         trigger=body.trigger, group=body.group, bundle=body.bundle, actor=who.actor,
         now=services.clock(), requested=body.requested)
-    return RetrainPublic.model_validate(run.to_dict())
+    return RetrainPublic.model_validate(run)
 
 
 @router.post("/claim", response_model=RetrainPublic,
@@ -58,15 +59,14 @@ def claim_retrain(body: RetrainClaim, services: ServicesDep,
     run = services.retrains.claim(body.recipe, who.actor, services.clock())
     if run is None:
         return Response(status_code=204)
-    return RetrainPublic.model_validate(run.to_dict())
+    return RetrainPublic.model_validate(run)
 
 
 @router.get("/{run_id}", response_model=RetrainDetail)
 def get_retrain(run_id: RunId, services: ServicesDep, _: Viewer) -> RetrainDetail:
     """One run with its lineage: trigger (or alert), run, champion, challenger, rollout."""
     run = services.retrains.get(run_id)
-    return RetrainDetail.model_validate({**run.to_dict(),
-                                         "lineage": services.retrains.lineage(run)})
+    return RetrainDetail.model_validate(Joined(run, lineage=services.retrains.lineage(run)))
 
 
 @router.patch("/{run_id}", response_model=RetrainPublic)
@@ -76,4 +76,4 @@ def update_retrain(run_id: RunId, body: RetrainUpdate, services: ServicesDep,
     is finished."""
     changes = body.model_dump(exclude_none=True)
     run = services.retrains.update(run_id, changes, who.actor, services.clock())
-    return RetrainPublic.model_validate(run.to_dict())
+    return RetrainPublic.model_validate(run)

@@ -31,7 +31,7 @@ def list_summaries(
     found = services.store.list_summaries(
         device=device, bundle=parse_label(bundle) if bundle else None, since=since,
         until=until, limit=limit, offset=offset)
-    return [SummaryPublic.model_validate(s.to_dict()) for s in found]
+    return [SummaryPublic.model_validate(s) for s in found]
 
 
 @router.get("/dead-letters", response_model=list[DeadLetterPublic])
@@ -42,6 +42,6 @@ def list_dead_letters(
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> list[DeadLetterPublic]:
     """Refused messages, newest first: topic, the error's class and message, size."""
-    return [DeadLetterPublic.model_validate(d.to_dict())
+    return [DeadLetterPublic.model_validate(d)
             for d in services.store.list_dead_letters(limit=limit, offset=offset,
                                                       device=device)]

@@ -27,8 +27,10 @@ bundle, group, token or field at fault.
         │   └── CopyCountError         500 a copied table's counts differ (names the table)
         ├── ConfigError                a setting refused at start-up (names the setting)
         ├── ClientError                the CLI's view of a refusal: the server's status and type
-        ├── RolloutError               (fleet_server.rollouts.values: plan 422, transition 409,
-        │                               approval 403; each subclass carries its status)
+        ├── RolloutError               (fleet_server.rollouts.errors; each refusal is also the
+        │                               error of its kind above: a plan InvalidRequestError,
+        │                               a transition ConflictError, an approval
+        │                               PermissionDeniedError)
         └── OutcomeQueueFullError      409 an outcomes upload past a device's cap
                                        (fleet_server.telemetry.outcomes, beside the
                                        OutcomeError family of InvalidRequestError, 422)

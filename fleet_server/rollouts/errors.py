@@ -1,21 +1,31 @@
-"""The rollout errors: each refusal of the state machine, with the HTTP status it maps to.
+"""The rollout errors: each refusal of the state machine, under the fleet error whose
+kind it is, so its HTTP status (and the CLI's exit status) has one owner,
+:mod:`fleet_server.errors`.
 
-    RolloutError(FleetError)          names the rollout, its status and the action (422)
-    ├── PlanError                     a plan, stage or threshold is invalid (``field``)
+    RolloutError(FleetError)          names the rollout, its status and the action
+    ├── PlanError                     + InvalidRequestError (422): a plan, stage or
+    │                                   threshold is invalid (``field``)
     ├── ObservationError              the shell passed an impossible number (500)
     ├── StateMismatchError            the state belongs to another rollout (500)
-    ├── InvalidTransitionError        the action is not allowed in this status (409)
+    ├── InvalidTransitionError        + ConflictError (409): not allowed in this status
     │   ├── UnknownActionError        not an action at all
     │   └── RolloutFinishedError      anything on a completed or aborted rollout
-    ├── ApprovalRequiredError         start before approval; bundle without approval (403)
-    └── ActorNotAllowedError          a malformed actor; approve without the role (403)
+    ├── ApprovalRequiredError         + PermissionDeniedError (403): start before
+    │                                   approval; bundle without approval
+    └── ActorNotAllowedError          + PermissionDeniedError (403): a malformed actor;
+                                        approve without the role
 
 This module holds the classes only; :mod:`fleet_server.rollouts.machine` decides when.
 """
 
 from __future__ import annotations
 
-from fleet_server.errors import FleetError
+from fleet_server.errors import (
+    ConflictError,
+    FleetError,
+    InvalidRequestError,
+    PermissionDeniedError,
+)
 
 __all__ = [
     "ActorNotAllowedError",
@@ -33,11 +43,10 @@ __all__ = [
 class RolloutError(FleetError):
     """Base of the rollout errors; ``rollout_id``, ``rollout_status`` and ``action`` say where.
 
-    Each subclass carries its HTTP status (``status``) like every other fleet error, so the
-    API's one handler needs no rollout case.
+    Each subclass is also the fleet error of its kind (a conflict, a refused value, a
+    permission), whose ``status`` it carries, so the API's one handler needs no rollout case
+    and ``except ConflictError`` sees a rollout conflict too.
     """
-
-    status = 422
 
     def __init__(self, message: str, *, rollout_id: str | None = None,
                  rollout_status: str | None = None, action: str | None = None) -> None:
@@ -45,30 +54,24 @@ class RolloutError(FleetError):
         self.rollout_id, self.rollout_status, self.action = rollout_id, rollout_status, action
 
 
-class PlanError(RolloutError):
+class PlanError(InvalidRequestError, RolloutError):
     """A plan, stage or threshold value is invalid; ``field`` names it."""
 
     def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(message)
-        self.field = field
+        super().__init__(message, field=field)
+        self.field: str = field
 
 
 class ObservationError(RolloutError):
     """An observation the shell built holds an impossible value (negative, NaN)."""
 
-    status = 500
-
 
 class StateMismatchError(RolloutError):
     """The state passed with a plan belongs to another rollout."""
 
-    status = 500
 
-
-class InvalidTransitionError(RolloutError):
+class InvalidTransitionError(ConflictError, RolloutError):
     """The action is not allowed in the rollout's current status."""
-
-    status = 409
 
 
 class UnknownActionError(InvalidTransitionError):
@@ -79,13 +82,9 @@ class RolloutFinishedError(InvalidTransitionError):
     """The rollout is completed or aborted: no action applies any more."""
 
 
-class ApprovalRequiredError(RolloutError):
+class ApprovalRequiredError(PermissionDeniedError, RolloutError):
     """Start before approval, or a bundle without an approver's signature."""
 
-    status = 403
 
-
-class ActorNotAllowedError(RolloutError):
+class ActorNotAllowedError(PermissionDeniedError, RolloutError):
     """The actor may not do this (approve needs an operator with the approver role)."""
-
-    status = 403

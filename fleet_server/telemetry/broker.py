@@ -30,7 +30,10 @@ Service account names are a namespace of their own (:mod:`fleet_server.registry.
 
 The message size limit is the server's payload limit,
 :data:`edgefleet.contract.messages.MAX_PAYLOAD`, imported, not repeated: anything larger would
-be refused by ingest anyway, so the broker never holds, queues or forwards it.
+be refused by ingest anyway, so the broker never holds, queues or forwards it. The
+``mosquitto.conf`` text, each setting with its reason, is
+:mod:`fleet_server.telemetry.mosquitto_conf`'s; this module names the accounts and writes
+the files.
 
 :data:`ACL_TEMPLATE` is the single source of that text: the test broker
 (``tests/broker.py``) uses it too, so the tests exercise what production runs. That is
@@ -63,7 +66,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgefleet.contract.messages import MAX_PAYLOAD
 from fleet_server.errors import BrokerStartError, InvalidRequestError, ReservedNameError
 from fleet_server.registry.accounts import (
     bridge_account,
@@ -71,12 +73,14 @@ from fleet_server.registry.accounts import (
     ingest_account,
     is_service_name,
 )
-from fleet_server.telemetry.bridge import (
-    SiteBridge,
-    bridge_acl,
-    bridge_lines,
-    check_site,
-    local_acl,
+from fleet_server.telemetry.bridge import SiteBridge, bridge_acl, check_site, local_acl
+from fleet_server.telemetry.mosquitto_conf import (
+    ACL_NAME,
+    CONF_NAME,
+    MAX_PACKET_BYTES,
+    PASSWD_NAME,
+    PERSISTENCE_DIR,
+    conf_text,
 )
 
 if TYPE_CHECKING:
@@ -98,15 +102,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONF_NAME = "mosquitto.conf"
-PASSWD_NAME = "passwd"
-ACL_NAME = "acl"
 SERVER_PASSWORD_NAME = "server-password"
-PERSISTENCE_DIR = "data"
 DEFAULT_TLS_PORT = 8883
-# a whole MQTT packet: the largest payload plus the longest topic MQTT allows (65535
-# bytes) and room for the fixed header, packet id and properties
-MAX_PACKET_BYTES = MAX_PAYLOAD + 64 * 1024 + 4096
 # the read rights of an ingest worker: the kinds the server ingests (fleet_server.telemetry.link)
 _INGEST_KINDS = ("summary", "report", "heartbeat", "status", "receipt")
 
@@ -304,124 +301,6 @@ class BrokerSetup:
         return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-# One function on purpose: it is the mosquitto.conf text, each line with its reason, read
-# top to bottom as the file will be; split, the order of the lines would hide.
-def _conf(setup: BrokerSetup) -> str:
-    out = setup.out.resolve()
-    lines = [
-        "# Written by `fleet broker-config`; regenerate it rather than editing it.",
-        "# Start: mosquitto -c " + str(out / CONF_NAME),
-        "# Every setting is checked against Mosquitto 2.0.11 (mosquitto.conf(5)).",
-        "",
-        "# authentication and ACL are broker-wide, the same on every listener (the TLS one",
-        "# too): a listener without them would be a way around them",
-        "per_listener_settings false",
-        "# every client logs in with its own account: a device with its secret, the",
-        "# server and each ingest worker with theirs",
-        "allow_anonymous false",
-        f"password_file {out / PASSWD_NAME}",
-        f"acl_file {out / ACL_NAME}",
-        "# (use_username_as_clientid is a listener option: it follows each listener",
-        "# line below; before the first one it would open a default listener on 1883)",
-        "",
-        "# the largest publish payload accepted: the server's own limit",
-        "# (edgefleet.contract.messages.MAX_PAYLOAD). A larger one is refused (PUBACK with an",
-        "# error reason for MQTT 5 QoS 1), never stored, queued or forwarded. (2.0 logs",
-        "# a note recommending max_packet_size instead; that one disconnects, this one",
-        "# refuses a single message, so both are set.)",
-        f"message_size_limit {MAX_PAYLOAD}",
-        "# and a whole packet past that payload plus the longest topic: the client is",
-        "# disconnected before the broker buffers it (MQTT 5 clients are told the limit",
-        "# in CONNACK), so nobody can make the broker hold megabytes to refuse them",
-        f"max_packet_size {MAX_PACKET_BYTES}",
-        "",
-        "# Ingest must never lose a message: the server's kept session (MQTT 5 session",
-        "# expiry) is queued for while the server restarts or falls behind, and Mosquitto",
-        "# drops a client's messages past max_queued_messages (1000 by default). 0 is no",
-        "# limit (mosquitto.conf(5) of 2.0: \"Set to 0 for no maximum\"). Mosquitto has no",
-        "# per-account form of this option, so it holds for every client; devices use",
-        "# clean sessions and read only their retained desired state, so nothing queues",
-        "# for them. Memory is bounded by the server's Receive Maximum in flight, by",
-        "# message_size_limit and by the devices' own bounded outboxes. Checked on",
-        "# Mosquitto 2.0.11; 2.0.21 is reported to mishandle 0 (clients disconnected with",
-        "# \"Quota exceeded\": eclipse-mosquitto/mosquitto#3244).",
-        "max_queued_messages 0",
-        "# heartbeats (QoS 0) are not queued for an absent server: they are a live view",
-        "queue_qos0_messages false",
-        "# QoS 1 messages in flight per client: for MQTT 5 clients the Receive Maximum",
-        "# Mosquitto announces (how many unacknowledged publishes a device may send); what",
-        "# it sends to an MQTT 5 client is bounded by that client's own Receive Maximum",
-        "# (the fleet server asks for 2000). Mosquitto's default, written out.",
-        f"max_inflight_messages {setup.max_inflight_messages}",
-        "",
-        "# desired state is a retained message per device (a device offline for a week",
-        "# gets it on connect): retained messages must stay on",
-        "retain_available true",
-        "# a retained message is delivered only while its publisher still has the right",
-        "# to publish it: a decommissioned device's retained status goes with its account",
-        "check_retain_source true",
-        "# MQTT 5 clients asking for a longer (or no) keepalive are told 120 s, so a dead",
-        "# connection is noticed (and a device's last will `offline` published) in minutes",
-        "max_keepalive 120",
-        "# sessions that ask never to expire (MQTT 3.1.1 clean session false) are dropped",
-        "# after two weeks away; the server's own session expiry (a day) is shorter",
-        "persistent_client_expiration 14d",
-        "",
-        "# connections, refusals and disconnections in the log, with times; no debug",
-        "# (it would log every publish)",
-        "log_dest stderr",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
-        "connection_messages true",
-        "log_timestamp true",
-        "",
-    ]
-    if setup.persistence:
-        lines += [
-            "# sessions, subscriptions, retained and queued messages survive a broker",
-            "# restart; saved every minute (default 30) and on a clean exit. A PUBACK still",
-            "# means \"in memory\": what arrived since the last save is lost if the broker",
-            "# is killed, so delivery is confirmed end to end, not by the broker's PUBACK.",
-            "persistence true",
-            f"persistence_location {out / PERSISTENCE_DIR}/",
-            "autosave_interval 60",
-            "# every autosave_interval seconds, not after that many changes",
-            "autosave_on_changes false",
-        ]
-    else:
-        lines.append("persistence false")
-    if setup.as_root:
-        lines += [
-            "",
-            "# Started as root, Mosquitto switches to the user `mosquitto` *before* reading",
-            "# password_file, and the 0600 root-owned passwd file written here is then",
-            "# unreadable: it exits with status 13. So it keeps running as root. Better in",
-            "# production: chown these files to `mosquitto` and drop this line.",
-            "user root",
-        ]
-    bind_identity = [
-        "# the client id a client sends is replaced by its username: identity is the",
-        "# account, so no device can take over (kick off, or drain the kept session of)",
-        "# another device's or the server's connection by sending its client id. One",
-        "# connection per account: each server process has an account of its own.",
-        "# (Not reloaded on SIGHUP: restart the broker after changing it.)",
-        "use_username_as_clientid true",
-    ]
-    lines += ["", f"listener {setup.port} {setup.bind}", *bind_identity]
-    if setup.tls:
-        lines += ["", f"listener {setup.listener_tls_port} {setup.bind}", *bind_identity]
-        if setup.cafile is not None:
-            lines.append(f"cafile {Path(setup.cafile).resolve()}")
-        lines += [f"certfile {Path(setup.certfile).resolve()}",  # type: ignore[arg-type]
-                  f"keyfile {Path(setup.keyfile).resolve()}",  # type: ignore[arg-type]
-                  f"require_certificate {'true' if setup.require_certificate else 'false'}"]
-    if setup.bridge_to is not None:
-        lines += bridge_lines(setup.bridge_to, setup.server_user)
-    return "\n".join(lines) + "\n"
-
-
 def render(setup: BrokerSetup, users: Iterable[tuple[str, str]],
            site_devices: Mapping[str, Iterable[str]] | None = None) -> dict[str, str]:
     """The three files' texts: ``mosquitto.conf``, ``passwd``, ``acl``.
@@ -477,7 +356,7 @@ def render(setup: BrokerSetup, users: Iterable[tuple[str, str]],
     acl = acl_text(setup.server_user, setup.ingest_users, bridges)
     if setup.bridge_to is not None:
         acl += local_acl(bridge_account(setup.server_user, setup.bridge_to.site))
-    return {CONF_NAME: _conf(setup), PASSWD_NAME: "".join(lines), ACL_NAME: acl}
+    return {CONF_NAME: conf_text(setup), PASSWD_NAME: "".join(lines), ACL_NAME: acl}
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:

@@ -16,11 +16,17 @@ writes a broker for that site's devices only, bridged to the central one
 from __future__ import annotations
 
 import stat
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from fleet_server.cli.util import DB_OPTION, exits_on_error, print_json
+
+if TYPE_CHECKING:
+    from fleet_server.telemetry.bridge import SiteBridge
+    from fleet_server.telemetry.broker import BrokerSetup
 
 __all__ = ["broker_config"]
 
@@ -83,76 +89,116 @@ def broker_config(db: str, out: Path, port: int, bind: str, server_user: str,
                   bridge_ca: Path | None, no_persistence: bool, as_json: bool) -> None:
     from fleet_server.models import Database
     from fleet_server.store import Store
-    from fleet_server.telemetry.bridge import SiteBridge
-    from fleet_server.telemetry.broker import (
-        CONF_NAME,
-        PASSWD_NAME,
-        SERVER_PASSWORD_NAME,
-        BrokerSetup,
-        password_file_name,
-        write_broker_config,
-    )
+    from fleet_server.telemetry.broker import BrokerSetup, write_broker_config
 
     path = Database.parse(db).path
     if path is not None and not path.exists():
         raise click.UsageError(f"no database at {db}: run `fleet device add --db {db}` first")
-    password = None
-    if server_password_file is not None:
-        password = server_password_file.read_text(encoding="utf-8").strip()
-        if not password:
-            raise click.UsageError(f"{server_password_file} is empty")
-    bridge = None
-    if bridge_to is not None:
-        if site is None or bridge_password_file is None:
-            raise click.UsageError("--bridge-to needs --site and --bridge-password-file")
-        bridge_host, _, bridge_port = bridge_to.rpartition(":") if ":" in bridge_to \
-            else (bridge_to, "", "1883")
-        if not bridge_port.isdigit():
-            raise click.UsageError(f"--bridge-to {bridge_to!r}: HOST or HOST:PORT")
-        bridge = SiteBridge(site, bridge_host, int(bridge_port),
-                            bridge_password_file.read_text(encoding="utf-8").strip(),
-                            bridge_ca)
-    elif site is not None or bridge_password_file is not None or bridge_ca is not None:
-        raise click.UsageError("--site, --bridge-password-file and --bridge-ca go with "
-                               "--bridge-to")
     setup = BrokerSetup(out=out, port=port, bind=bind, server_user=server_user,
-                        server_password=password, persistence=not no_persistence,
+                        server_password=_read_password(server_password_file),
+                        persistence=not no_persistence,
                         cafile=tls_ca, certfile=tls_cert, keyfile=tls_key,
                         require_certificate=require_certificate, tls_port=tls_port,
                         ingest_workers=ingest_workers, bridge_sites=bridge_sites,
-                        site_label=site_label, bridge_to=bridge)
+                        site_label=site_label,
+                        bridge_to=_site_bridge(bridge_to, site, bridge_password_file,
+                                               bridge_ca))
     with Store(db) as store:
         written = write_broker_config(setup, store)
-    accounts = written[PASSWD_NAME].read_text(encoding="utf-8").count("\n")
-    password_path = written.get(SERVER_PASSWORD_NAME, server_password_file)
-    host = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
-    start = f"mosquitto -c {written[CONF_NAME].resolve()}"
-    serve = (f"fleet serve --db {db} --broker {host}:{port} --broker-user {server_user} "
-             f"--broker-password-file {password_path}")
-    ingest = [f"fleet ingest --db {db} --broker {host}:{port} --broker-user {user} "
-              f"--broker-password-file {written[password_file_name(user, server_user)]}"
-              for user in setup.ingest_users]
+    steps = _Steps.of(setup, written, db, server_password_file)
     if as_json:
-        print_json({"files": {k: str(v) for k, v in written.items()}, "accounts": accounts,
-                    "start": start, "serve": serve, "ingest": ingest})
+        print_json({"files": {k: str(v) for k, v in written.items()},
+                    "accounts": steps.accounts, "start": steps.start, "serve": steps.serve,
+                    "ingest": list(steps.ingest)})
         return
+    _print_steps(setup, written, steps, bridge_to)
+
+
+def _read_password(path: Path | None) -> str | None:
+    """The server account's password from ``--server-password-file`` (None: make one)."""
+    if path is None:
+        return None
+    password = path.read_text(encoding="utf-8").strip()
+    if not password:
+        raise click.UsageError(f"{path} is empty")
+    return password
+
+
+def _site_bridge(bridge_to: str | None, site: str | None, password_file: Path | None,
+                 ca: Path | None) -> SiteBridge | None:
+    """A site broker's bridge from ``--bridge-to HOST[:PORT]`` and its companions, or None
+    for the central broker (which must not be given them)."""
+    from fleet_server.telemetry.bridge import SiteBridge
+
+    if bridge_to is None:
+        if site is not None or password_file is not None or ca is not None:
+            raise click.UsageError("--site, --bridge-password-file and --bridge-ca go with "
+                                   "--bridge-to")
+        return None
+    if site is None or password_file is None:
+        raise click.UsageError("--bridge-to needs --site and --bridge-password-file")
+    host, _, port = bridge_to.rpartition(":") if ":" in bridge_to else (bridge_to, "", "1883")
+    if not port.isdigit():
+        raise click.UsageError(f"--bridge-to {bridge_to!r}: HOST or HOST:PORT")
+    return SiteBridge(site, host, int(port), password_file.read_text(encoding="utf-8").strip(),
+                      ca)
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """What to run next with the files written: the broker, the server, each ingest worker."""
+
+    accounts: int  # lines of the passwd file: every account the broker knows
+    host: str  # where the server and the workers reach the plain listener
+    start: str
+    serve: str
+    ingest: tuple[str, ...]
+
+    @classmethod
+    def of(cls, setup: BrokerSetup, written: dict[str, Path], db: str,
+           server_password_file: Path | None) -> _Steps:
+        from fleet_server.telemetry.broker import (
+            CONF_NAME,
+            PASSWD_NAME,
+            SERVER_PASSWORD_NAME,
+            password_file_name,
+        )
+
+        password_path = written.get(SERVER_PASSWORD_NAME, server_password_file)
+        host = "127.0.0.1" if setup.bind in ("0.0.0.0", "::") else setup.bind
+        broker = f"--broker {host}:{setup.port}"
+        return cls(
+            accounts=written[PASSWD_NAME].read_text(encoding="utf-8").count("\n"), host=host,
+            start=f"mosquitto -c {written[CONF_NAME].resolve()}",
+            serve=(f"fleet serve --db {db} {broker} --broker-user {setup.server_user} "
+                   f"--broker-password-file {password_path}"),
+            ingest=tuple(
+                f"fleet ingest --db {db} {broker} --broker-user {user} --broker-password-file "
+                f"{written[password_file_name(user, setup.server_user)]}"
+                for user in setup.ingest_users))
+
+
+def _print_steps(setup: BrokerSetup, written: dict[str, Path], steps: _Steps,
+                 bridge_to: str | None) -> None:
     for path in written.values():
         mode = stat.S_IMODE(path.stat().st_mode)
         click.echo(f"wrote {path} ({mode:04o})")
     if setup.bridge_to is not None:
-        click.echo(f"{accounts} device account(s) of site {site!r}, bridged to {bridge_to}")
-        click.echo(f"start the broker:  {start}")
+        click.echo(f"{steps.accounts} device account(s) of site {setup.bridge_to.site!r}, "
+                   f"bridged to {bridge_to}")
+        click.echo(f"start the broker:  {steps.start}")
         return
-    devices = accounts - 1 - len(setup.ingest_users) - len(setup.bridge_users)
-    click.echo(f"{devices} device account(s) and the server account {server_user!r}"
-               + (f", {len(ingest)} ingest worker account(s)" if ingest else "")
-               + (f", {len(bridge_sites)} site bridge account(s)" if bridge_sites else ""))
-    if setup.tls and host not in ("127.0.0.1", "::1", "localhost"):
-        click.echo(f"fleet: warning: the plain listener on {bind}:{port} carries passwords "
-                   "in the clear; bind it to 127.0.0.1 or firewall it", err=True)
-    click.echo(f"start the broker:  {start}")
-    click.echo(f"then the server:   {serve}")
-    for command in ingest:
+    devices = steps.accounts - 1 - len(setup.ingest_users) - len(setup.bridge_users)
+    click.echo(f"{devices} device account(s) and the server account {setup.server_user!r}"
+               + (f", {len(steps.ingest)} ingest worker account(s)" if steps.ingest else "")
+               + (f", {len(setup.bridge_sites)} site bridge account(s)"
+                  if setup.bridge_sites else ""))
+    if setup.tls and steps.host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo(f"fleet: warning: the plain listener on {setup.bind}:{setup.port} carries "
+                   "passwords in the clear; bind it to 127.0.0.1 or firewall it", err=True)
+    click.echo(f"start the broker:  {steps.start}")
+    click.echo(f"then the server:   {steps.serve}")
+    for command in steps.ingest:
         click.echo(f"an ingest worker:  {command}")
     click.echo("after adding or removing devices: run this again and send mosquitto "
                "SIGHUP to reload")

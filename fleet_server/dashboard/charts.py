@@ -30,14 +30,17 @@ from html import escape
 
 from markupsafe import Markup
 
-__all__ = ["VERDICT_COLOURS", "Line", "bars", "cut", "gauge", "heatmap", "histogram", "nice_ticks",
-           "series", "short_label", "time_ticks"]
+__all__ = ["VERDICT_COLOURS", "Frame", "Line", "bars", "cut", "gauge", "heatmap", "histogram",
+           "legend", "nice_ticks", "no_data", "open_svg", "series", "short_label",
+           "time_ticks"]
 
 BASE, LIVE, WARN, BAD, OK, GRID, INK, MUTED = ("#8da9c4", "#e07a5f", "#e9a23b", "#c1121f",
                                                 "#2a9d8f", "#e5e5e5", "#333", "#777")
 VERDICT_COLOURS = {"ok": OK, "warn": WARN, "drift": BAD, "insufficient": "#cfcfcf",
                    None: "#f3f3f3"}
 FONT = 11
+# the padding around a chart over time's plotting area (Frame): left, right, top, bottom
+PAD_L, PAD_R, PAD_T, PAD_B = 46, 22, 26, 30
 _TIME_STEPS = (60, 120, 300, 600, 900, 1800, 3600, 2 * 3600, 3 * 3600, 6 * 3600, 12 * 3600,
                86400, 2 * 86400, 7 * 86400, 14 * 86400, 30 * 86400)
 
@@ -124,14 +127,15 @@ def cut(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _open(width: int, height: int, title: str, css: str = "") -> str:
+def open_svg(width: int, height: int, title: str, css: str = "") -> str:
+    """The ``<svg>`` element's opening, with its accessible title."""
     cls = f' class="{escape(css, quote=True)}"' if css else ""
     return (f'<svg xmlns="http://www.w3.org/2000/svg" role="img"{cls} width="{width}" '
             f'height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" '
             f'font-size="{FONT}" fill="{INK}"><title>{escape(title)}</title>')
 
 
-def _legend(x: float, y: float, items: Sequence[tuple[str, str, bool]]) -> tuple[str, float]:
+def legend(x: float, y: float, items: Sequence[tuple[str, str, bool]]) -> tuple[str, float]:
     """Legend entries from ``x`` (name, colour, dashed line?); returns markup and end x."""
     out = []
     for name, colour, dashed in items:
@@ -147,79 +151,124 @@ def _legend(x: float, y: float, items: Sequence[tuple[str, str, bool]]) -> tuple
     return "".join(out), x
 
 
+@dataclass(frozen=True)
+class Frame:
+    """The plotting area of a chart over time (:func:`series`, the performance page's
+    ``band_series``): where a time and a value land, and the grid, axes and labels around
+    them. ``ticks`` are the value ticks, the first and last the axis' ends."""
+
+    width: int
+    height: int
+    t0: float
+    t1: float
+    ticks: Sequence[float]
+
+    @property
+    def inner_w(self) -> int:
+        return self.width - PAD_L - PAD_R
+
+    @property
+    def inner_h(self) -> int:
+        return self.height - PAD_T - PAD_B
+
+    def x(self, t: float) -> float:
+        return PAD_L + self.inner_w * (t - self.t0) / (self.t1 - self.t0)
+
+    def y(self, v: float) -> float:
+        y0, y1 = self.ticks[0], self.ticks[-1]
+        return PAD_T + self.inner_h * (1 - (v - y0) / (y1 - y0))
+
+    def grid(self) -> str:
+        """A grid line and a label at each value tick."""
+        return "".join(
+            f'<line x1="{PAD_L}" x2="{self.width - PAD_R}" y1="{_num(self.y(v))}" '
+            f'y2="{_num(self.y(v))}" stroke="{GRID}"/><text x="{PAD_L - 5}" '
+            f'y="{_num(self.y(v) + 4)}" text-anchor="end">{fmt(v)}</text>' for v in self.ticks)
+
+    def time_axis(self, spacing: int, *, marks: bool) -> str:
+        """Time labels (with tick marks if ``marks``) about every ``spacing`` pixels."""
+        base = PAD_T + self.inner_h
+        out = []
+        for t, label in time_ticks(self.t0, self.t1, max(2, self.inner_w // spacing)):
+            x = _num(self.x(t))
+            if marks:
+                out.append(f'<line x1="{x}" x2="{x}" y1="{base}" y2="{base + 4}" '
+                           f'stroke="{INK}"/>')
+            out.append(f'<text x="{x}" y="{base + 16}" text-anchor="middle">'
+                       f'{escape(label)}</text>')
+        return "".join(out)
+
+    def axes(self, y_label: str = "") -> str:
+        """The two axis lines, and the value axis' label written upwards beside it."""
+        base = PAD_T + self.inner_h
+        out = (f'<line x1="{PAD_L}" x2="{PAD_L}" y1="{PAD_T}" y2="{base}" '
+               f'stroke="{INK}"/><line x1="{PAD_L}" x2="{self.width - PAD_R}" '
+               f'y1="{base}" y2="{base}" stroke="{INK}"/>')
+        if y_label:
+            mid = _num(PAD_T + self.inner_h / 2)
+            out += (f'<text x="12" y="{mid}" text-anchor="middle" '
+                    f'transform="rotate(-90 12 {mid})" fill="{MUTED}">{escape(y_label)}</text>')
+        return out
+
+    def reference(self, value: float, colour: str, tooltip: str) -> str:
+        """A dashed line across the chart at ``value`` (a threshold, an expectation)."""
+        y = _num(self.y(value))
+        return (f'<line x1="{PAD_L}" x2="{self.width - PAD_R}" y1="{y}" y2="{y}" '
+                f'stroke="{colour}" stroke-width="1.5" stroke-dasharray="4 3">'
+                f'<title>{escape(tooltip)}</title></line>')
+
+
+def no_data(width: int, height: int) -> str:
+    """The chart's middle says there is nothing to draw; closes the SVG."""
+    return (f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" '
+            f'fill="{MUTED}">no data in this range</text></svg>')
+
+
 def series(lines: Sequence[Line], *, title: str,
            thresholds: Sequence[tuple[str, float, str]] = (), y_label: str = "",
            since: float | None = None, until: float | None = None,
            width: int = 440, height: int = 190) -> Markup:
     """Lines over time on labelled axes; ``thresholds``: (name, value, colour), dashed."""
-    pad_l, pad_r, pad_t, pad_b = 46, 22, 26, 30
-    inner_w, inner_h = width - pad_l - pad_r, height - pad_t - pad_b
     known = [(t, v) for ln in lines for t, v in ln.points if v is not None and math.isfinite(v)]
-    out = [_open(width, height, title, "chart series")]
-    legend_items = [(ln.name, ln.colour, False) for ln in lines]
-    legend_items += [(f"{name} {fmt(v)}", colour, True) for name, v, colour in thresholds]
-    legend, _ = _legend(pad_l, 14, legend_items)
-    out.append(legend)
+    out = [open_svg(width, height, title, "chart series"),
+           legend(PAD_L, 14, [(ln.name, ln.colour, False) for ln in lines]
+                  + [(f"{name} {fmt(v)}", colour, True) for name, v, colour in thresholds])[0]]
+    if not known:
+        return Markup("".join([*out, no_data(width, height)]))
     times = [t for ln in lines for t, _ in ln.points]
     t0 = since if since is not None else min(times, default=0.0)
     t1 = until if until is not None else max(times, default=1.0)
-    t1 = max(t1, t0 + 60)
-    if not known:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" '
-                   f'fill="{MUTED}">no data in this range</text></svg>')
-        return Markup("".join(out))
     top = max([v for _, v in known] + [v for _, v, _ in thresholds])
     bottom = min(0.0, *(v for _, v in known))
-    yt = nice_ticks(bottom, top * 1.05 if top > 0 else 1.0, 5)
-    y0, y1 = yt[0], yt[-1]
-
-    def x_of(t: float) -> float:
-        return pad_l + inner_w * (t - t0) / (t1 - t0)
-
-    def y_of(v: float) -> float:
-        return pad_t + inner_h * (1 - (v - y0) / (y1 - y0))
-
-    for v in yt:
-        y = y_of(v)
-        out.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{_num(y)}" y2="{_num(y)}" '
-                   f'stroke="{GRID}"/><text x="{pad_l - 5}" y="{_num(y + 4)}" '
-                   f'text-anchor="end">{fmt(v)}</text>')
-    for t, label in time_ticks(t0, t1, max(2, inner_w // 70)):
-        x = x_of(t)
-        out.append(f'<line x1="{_num(x)}" x2="{_num(x)}" y1="{pad_t + inner_h}" '
-                   f'y2="{pad_t + inner_h + 4}" stroke="{INK}"/><text x="{_num(x)}" '
-                   f'y="{pad_t + inner_h + 16}" text-anchor="middle">{escape(label)}</text>')
-    out.append(f'<line x1="{pad_l}" x2="{pad_l}" y1="{pad_t}" y2="{pad_t + inner_h}" '
-               f'stroke="{INK}"/><line x1="{pad_l}" x2="{width - pad_r}" '
-               f'y1="{pad_t + inner_h}" y2="{pad_t + inner_h}" stroke="{INK}"/>')
-    if y_label:
-        out.append(f'<text x="12" y="{_num(pad_t + inner_h / 2)}" text-anchor="middle" '
-                   f'transform="rotate(-90 12 {_num(pad_t + inner_h / 2)})" fill="{MUTED}">'
-                   f'{escape(y_label)}</text>')
-    for name, v, colour in thresholds:
-        y = y_of(v)
-        out.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{_num(y)}" y2="{_num(y)}" '
-                   f'stroke="{colour}" stroke-width="1.5" stroke-dasharray="4 3">'
-                   f'<title>{escape(name)} at {fmt(v)}</title></line>')
-    for ln in lines:
-        segments: list[list[tuple[float, float, float, float]]] = [[]]
-        for t, v in ln.points:
-            if v is None or not math.isfinite(v):
-                if segments[-1]:
-                    segments.append([])
-                continue
-            segments[-1].append((x_of(t), y_of(v), t, v))
-        for seg in segments:
-            if len(seg) > 1:
-                path = " ".join(f"{_num(x)},{_num(y)}" for x, y, _, _ in seg)
-                out.append(f'<polyline points="{path}" fill="none" stroke="{ln.colour}" '
-                           'stroke-width="1.8"/>')
-            for x, y, t, v in seg:
-                out.append(f'<circle cx="{_num(x)}" cy="{_num(y)}" r="2.5" fill="{ln.colour}">'
-                           f'<title>{escape(ln.name)} {fmt(v)} at {_clock(t)}</title>'
-                           '</circle>')
+    frame = Frame(width, height, t0, max(t1, t0 + 60),
+                  nice_ticks(bottom, top * 1.05 if top > 0 else 1.0, 5))
+    out += [frame.grid(), frame.time_axis(70, marks=True), frame.axes(y_label)]
+    out += [frame.reference(v, colour, f"{name} at {fmt(v)}") for name, v, colour in thresholds]
+    out += [_line_marks(frame, ln) for ln in lines]
     out.append("</svg>")
     return Markup("".join(out))
+
+
+def _line_marks(frame: Frame, line: Line) -> str:
+    """A line's runs of known values as polylines, each point a dot with its tooltip."""
+    segments: list[list[tuple[float, float, float, float]]] = [[]]
+    for t, v in line.points:
+        if v is None or not math.isfinite(v):
+            if segments[-1]:
+                segments.append([])
+            continue
+        segments[-1].append((frame.x(t), frame.y(v), t, v))
+    out = []
+    for seg in segments:
+        if len(seg) > 1:
+            path = " ".join(f"{_num(x)},{_num(y)}" for x, y, _, _ in seg)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{line.colour}" '
+                       'stroke-width="1.8"/>')
+        for x, y, t, v in seg:
+            out.append(f'<circle cx="{_num(x)}" cy="{_num(y)}" r="2.5" fill="{line.colour}">'
+                       f'<title>{escape(line.name)} {fmt(v)} at {_clock(t)}</title>'
+                       '</circle>')
+    return "".join(out)
 
 
 def histogram(labels: Sequence[str], base: Sequence[float], live: Sequence[float], *,
@@ -232,8 +281,8 @@ def histogram(labels: Sequence[str], base: Sequence[float], live: Sequence[float
     top = yt[-1]
     slot = inner_w / n
     bar = max(1.0, slot * 0.4)
-    out = [_open(width, height, title, "chart histogram")]
-    out.append(_legend(pad_l, 14, [("reference", BASE, False), ("live", LIVE, False)])[0])
+    out = [open_svg(width, height, title, "chart histogram")]
+    out.append(legend(pad_l, 14, [("reference", BASE, False), ("live", LIVE, False)])[0])
     for v in yt:
         y = pad_t + inner_h * (1 - v / top)
         out.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{_num(y)}" y2="{_num(y)}" '
@@ -270,8 +319,8 @@ def heatmap(rows: Sequence[tuple[str, Sequence[str | None]]], starts: Sequence[f
     inner_w = width - label_w - pad_r
     cell = inner_w / n
     height = pad_t + row_h * max(1, len(rows)) + pad_b
-    out = [_open(width, height, title, "chart heatmap")]
-    out.append(_legend(label_w, 14, [(v, VERDICT_COLOURS[v], False) for v in
+    out = [open_svg(width, height, title, "chart heatmap")]
+    out.append(legend(label_w, 14, [(v, VERDICT_COLOURS[v], False) for v in
                                      ("ok", "warn", "drift", "insufficient")]
                        + [("no data", VERDICT_COLOURS[None], False)])[0])
     for r, (name, verdicts) in enumerate(rows):
@@ -319,7 +368,7 @@ def bars(counts: Sequence[tuple[str, int]], *, title: str, width: int = 320,
     height = 10 + row * max(1, len(counts))
     top = max([c for _, c in counts] + [1])
     label_w = 130
-    out = [_open(width, height, title, "chart bars")]
+    out = [open_svg(width, height, title, "chart bars")]
     if not counts:
         out.append(f'<text x="{width / 2}" y="20" text-anchor="middle" fill="{MUTED}">'
                    'nothing yet</text>')
@@ -342,7 +391,7 @@ def gauge(value: float | None, threshold: float | None, *, op: str = "<=", outco
     colour = {"pass": OK, "fail": BAD, "wait": WARN}.get(outcome, "#999")
     known = [abs(v) for v in (value, threshold) if v is not None and math.isfinite(v)]
     top = max([*known, 1e-9]) * 1.25
-    out = [_open(width, height, title, "chart gauge")]
+    out = [open_svg(width, height, title, "chart gauge")]
     out.append(f'<rect x="0" y="3" width="{width}" height="{height - 6}" fill="{GRID}"/>')
     if value is not None and math.isfinite(value):
         w = width * min(abs(value), top) / top

@@ -262,22 +262,18 @@ class ServerLink:
         Callers republish on the next ``on_connect``, so nothing piles up in paho's
         memory while the broker is away.
         """
-        if not self._connected:
-            return False
-        try:
-            info = self._client.publish(topic, payload, qos=qos, retain=True)
-        except ValueError as exc:
-            log.error("cannot publish to %r: %s", topic, exc)
-            return False
-        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._publish(topic, payload, qos, retain=True)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> bool:
         """Publish a message that is not retained (outcome batches) if connected; False
         (nothing queued) if not: the caller sends it again later."""
+        return self._publish(topic, payload, qos, retain=False)
+
+    def _publish(self, topic: str, payload: bytes, qos: int, *, retain: bool) -> bool:
         if not self._connected:
             return False
         try:
-            info = self._client.publish(topic, payload, qos=qos, retain=False)
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
         except ValueError as exc:
             log.error("cannot publish to %r: %s", topic, exc)
             return False

@@ -22,6 +22,7 @@ from fleet_server.cli.util import (
     pairs,
     parse_time,
     print_json,
+    print_rows,
     stamp,
     table,
 )
@@ -30,12 +31,13 @@ __all__ = ["alerts", "bundle", "desired", "device_list", "device_remove", "devic
            "group"]
 
 
-def _device_rows(devices: list[dict[str, Any]]) -> str:
-    return table(["device", "online", "last seen", "bundle", "labels"],
-                 [[d["id"], "yes" if d["online"] else "no", stamp(d["last_seen"]),
-                   f"{d['bundle']['name']}@{d['bundle']['version']}" if d["bundle"] else "-",
-                   ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))]
-                  for d in devices])
+_DEVICE_HEAD = ["device", "online", "last seen", "bundle", "labels"]
+
+
+def _device_cells(d: dict[str, Any]) -> list[Any]:
+    return [d["id"], "yes" if d["online"] else "no", stamp(d["last_seen"]),
+            f"{d['bundle']['name']}@{d['bundle']['version']}" if d["bundle"] else "-",
+            ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))]
 
 
 @click.command("list", help="List devices, filtered by labels and online state.")
@@ -47,10 +49,7 @@ def device_list(api: FleetClient, label: tuple[str, ...], online: bool | None,
                 as_json: bool) -> None:
     devices = api.get("/api/v1/devices", label=list(label) or None,
                       online=None if online is None else str(online).lower())
-    if as_json:
-        print_json(devices)
-    else:
-        click.echo(_device_rows(devices))
+    print_rows(devices, as_json, _DEVICE_HEAD, _device_cells)
 
 
 
@@ -63,7 +62,7 @@ def device_show(api: FleetClient, device_id: str, as_json: bool) -> None:
     if as_json:
         print_json(d)
         return
-    click.echo(_device_rows([d]))
+    click.echo(table(_DEVICE_HEAD, [_device_cells(d)]))
     health = d.get("health") or {}
     if health:
         click.echo("health: " + ", ".join(f"{k}={v}" for k, v in sorted(health.items())))
@@ -207,18 +206,13 @@ def group_update(api: FleetClient, name: str, important: tuple[str, ...], no_imp
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @api_command
 def group_list(api: FleetClient, as_json: bool) -> None:
-    groups = api.get("/api/v1/groups")
-    if as_json:
-        print_json(groups)
-        return
-    click.echo(table(["group", "members", "selector", "approval", "important", "requires",
-                      "drift"],
-                     [[g["name"], g["members"],
-                       ",".join(f"{k}={v}" for k, v in sorted(g["selector"].items())) or "*",
-                       "yes" if g["requires_approval"] else "no",
-                       ",".join(g["important_features"]) or "-",
-                       ",".join(g.get("requires") or []) or "-", _settings(g["drift"])]
-                      for g in groups]))
+    print_rows(api.get("/api/v1/groups"), as_json,
+               ["group", "members", "selector", "approval", "important", "requires", "drift"],
+               lambda g: [g["name"], g["members"],
+                          ",".join(f"{k}={v}" for k, v in sorted(g["selector"].items())) or "*",
+                          "yes" if g["requires_approval"] else "no",
+                          ",".join(g["important_features"]) or "-",
+                          ",".join(g.get("requires") or []) or "-", _settings(g["drift"])])
 
 
 @group.command("delete", help="Delete a group (its devices are untouched).")
@@ -259,14 +253,10 @@ def bundle_upload(api: FleetClient, path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @api_command
 def bundle_list(api: FleetClient, name: str | None, as_json: bool) -> None:
-    bundles = api.get("/api/v1/bundles", name=name)
-    if as_json:
-        print_json(bundles)
-        return
-    click.echo(table(["bundle", "size", "uploaded", "by", "signers"],
-                     [[f"{b['name']}@{b['version']}", b["size"], stamp(b["uploaded"]),
-                       b["uploaded_by"], ",".join(s["role"] for s in b["signers"])]
-                      for b in bundles]))
+    print_rows(api.get("/api/v1/bundles", name=name), as_json,
+               ["bundle", "size", "uploaded", "by", "signers"],
+               lambda b: [f"{b['name']}@{b['version']}", b["size"], stamp(b["uploaded"]),
+                          b["uploaded_by"], ",".join(s["role"] for s in b["signers"])])
 
 
 _QUESTIONS = (("approved", "who approved it"), ("data", "what data trained it"),
@@ -400,10 +390,7 @@ def drift(api: FleetClient, label: str, group: str | None, device: str | None,
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @api_command
 def alerts(api: FleetClient, state: str | None, as_json: bool) -> None:
-    found = api.get("/api/v1/alerts", state=state)
-    if as_json:
-        print_json(found)
-        return
-    click.echo(table(["id", "kind", "state", "opened", "bundle", "group", "device", "message"],
-                     [[a["id"], a["kind"], a["state"], stamp(a["opened"]), a["bundle"],
-                       a["group"], a["device"] or "-", a["message"][:80]] for a in found]))
+    print_rows(api.get("/api/v1/alerts", state=state), as_json,
+               ["id", "kind", "state", "opened", "bundle", "group", "device", "message"],
+               lambda a: [a["id"], a["kind"], a["state"], stamp(a["opened"]), a["bundle"],
+                          a["group"], a["device"] or "-", a["message"][:80]])

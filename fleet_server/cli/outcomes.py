@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from fleet_server.cli.client import FleetClient
-from fleet_server.cli.util import api_command, print_json, stamp, table
+from fleet_server.cli.util import api_command, print_json, print_rows, stamp, table
 
 __all__ = ["outcomes"]
 
@@ -51,11 +51,7 @@ def upload(api: FleetClient, file: Path, form: str | None, as_json: bool) -> Non
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @api_command
 def status(api: FleetClient, device: str | None, as_json: bool) -> None:
-    rows = api.get("/api/v1/outcomes", device=device)
-    if as_json:
-        print_json(rows)
-        return
-    click.echo(table(["device", "queued", "sent", "receipted", "batch", "receipt",
-                      "last receipt"],
-                     [[r["device"], r["queued"], r["sent"], r["receipted"], r["batches"],
-                       r["receipt"], stamp(r["receipt_at"])] for r in rows]))
+    print_rows(api.get("/api/v1/outcomes", device=device), as_json,
+               ["device", "queued", "sent", "receipted", "batch", "receipt", "last receipt"],
+               lambda r: [r["device"], r["queued"], r["sent"], r["receipted"], r["batches"],
+                          r["receipt"], stamp(r["receipt_at"])])

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from fleet_server.cli.client import FleetClient
-from fleet_server.cli.util import JSON_OPTION, api_command, print_json, stamp, table
+from fleet_server.cli.util import JSON_OPTION, api_command, print_json, print_rows, stamp
 
 __all__ = ["retrain"]
 
@@ -33,15 +33,12 @@ def retrain() -> None:
 @api_command
 def retrain_list(api: FleetClient, recipe: str | None, status: str | None,
                  alert_id: int | None, as_json: bool) -> None:
-    runs = api.get("/api/v1/retrains", recipe=recipe, status=status, alert=alert_id)
-    if as_json:
-        print_json(runs)
-        return
-    click.echo(table(["id", "recipe", "trigger", "status", "started", "champion",
-                      "challenger", "rollout", "reason"],
-                     [[r["id"], r["recipe"], r["trigger"], r["status"], stamp(r["started"]),
-                       r["champion"] or "-", r["challenger"] or "-", r["rollout"] or "-",
-                       r["reason"][:60] or "-"] for r in runs]))
+    print_rows(api.get("/api/v1/retrains", recipe=recipe, status=status, alert=alert_id),
+               as_json, ["id", "recipe", "trigger", "status", "started", "champion",
+                         "challenger", "rollout", "reason"],
+               lambda r: [r["id"], r["recipe"], r["trigger"], r["status"], stamp(r["started"]),
+                          r["champion"] or "-", r["challenger"] or "-", r["rollout"] or "-",
+                          r["reason"][:60] or "-"])
 
 
 def data_line(data: dict[str, Any]) -> str:

@@ -19,7 +19,8 @@ from edgefleet.parsing import parse_duration, parse_pairs
 from fleet_server.cli.client import FleetClient
 
 __all__ = ["API_OPTIONS", "DB_OPTION", "JSON_OPTION", "api_command", "exits_on_error", "fail",
-           "human_duration", "num", "pairs", "parse_time", "print_json", "stamp", "table"]
+           "human_duration", "num", "pairs", "parse_time", "print_json", "print_rows", "stamp",
+           "table"]
 
 _DB_HELP = ("The server's database: a SQLite file (a path, or sqlite:///path) or "
            "postgresql://user@host[:port]/dbname.")
@@ -120,6 +121,16 @@ def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def print_rows(rows: Sequence[Any], as_json: bool, head: Sequence[str],
+               cells: Callable[[Any], Sequence[Any]]) -> None:
+    """A list command's answer: ``rows`` as they are with ``--json``, else a table of
+    ``head`` with ``cells(row)`` a line."""
+    if as_json:
+        print_json(rows)
+    else:
+        click.echo(table(head, [cells(r) for r in rows]))
 
 
 API_OPTIONS = [

@@ -1,4 +1,5 @@
-"""Dependencies every route takes, as ``Annotated`` aliases.
+"""Dependencies every route takes, and query parameters several take, as ``Annotated``
+aliases.
 
 ``Viewer``, ``Operator`` and ``Approver`` are the authenticated principal, refused with 403
 unless it is an operator token of at least that role; ``AnyPrincipal`` is any valid
@@ -17,14 +18,16 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from fleet_server.api.schemas import BUNDLE_PATTERN
 from fleet_server.errors import InvalidRequestError
 from fleet_server.registry.auth import Auth, Principal
 from fleet_server.services import Services
 
-__all__ = ["AnyPrincipal", "Approver", "Operator", "ServicesDep", "Viewer", "strict_query"]
+__all__ = ["AnyPrincipal", "Approver", "BundleQ", "DeviceQ", "GroupQ", "Operator",
+           "ServicesDep", "UntilQ", "Viewer", "strict_query"]
 
 _bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
                      description="An operator token (efo_…) or a device secret (efd_…)")
@@ -56,6 +59,12 @@ AnyPrincipal = Annotated[Principal, Depends(authenticated)]
 Viewer = Annotated[Principal, Depends(_role("viewer"))]
 Operator = Annotated[Principal, Depends(_role("operator"))]
 Approver = Annotated[Principal, Depends(_role("approver"))]
+
+# the scope and range of a report (drift, performance) or an export (capture)
+BundleQ = Annotated[str, Query(pattern=BUNDLE_PATTERN, description="name@version")]
+GroupQ = Annotated[str | None, Query(max_length=64)]
+DeviceQ = Annotated[str | None, Query(max_length=64)]
+UntilQ = Annotated[float | None, Query(description="unix seconds; default: now")]
 
 
 def _is_sequence(annotation: Any) -> bool:

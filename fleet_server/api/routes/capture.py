@@ -17,8 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from fleet_server.api.deps import AnyPrincipal, ServicesDep, Viewer
-from fleet_server.api.schemas import BUNDLE_PATTERN
+from fleet_server.api.deps import AnyPrincipal, BundleQ, GroupQ, ServicesDep, Viewer
 from fleet_server.errors import PermissionDeniedError
 from fleet_server.monitoring.performance import parse_since
 
@@ -58,8 +57,8 @@ async def upload_capture(request: Request, services: ServicesDep,
     "schema": {"type": "string"}}}, "description": "One captured row a line"}})
 def export_capture(
     services: ServicesDep, _: Viewer,
-    bundle: Annotated[str, Query(pattern=BUNDLE_PATTERN, description="name@version")],
-    group: Annotated[str | None, Query(max_length=64)] = None,
+    bundle: BundleQ,
+    group: GroupQ = None,
     since: Annotated[str | None, Query(max_length=40,
                                        description="14d, 12h (ago) or unix seconds")] = None,
     labelled: bool = False,

@@ -7,29 +7,27 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
-from fleet_server.api.deps import ServicesDep, Viewer
-from fleet_server.api.schemas import (
-    BUNDLE_PATTERN,
-    DriftResultPublic,
-    DriftWindowPublic,
-    SeriesPublic,
+from fleet_server.api.deps import (
+    BundleQ,
+    DeviceQ,
+    GroupQ,
+    ServicesDep,
+    UntilQ,
+    Viewer,
 )
+from fleet_server.api.schemas import DriftResultPublic, DriftWindowPublic, SeriesPublic
 from fleet_server.models import FLEET_SCOPE
 
 router = APIRouter(prefix="/api/v1/drift", tags=["drift"])
 
-Bundle = Annotated[str, Query(pattern=BUNDLE_PATTERN, description="name@version")]
-GroupQ = Annotated[str | None, Query(max_length=64)]
-DeviceQ = Annotated[str | None, Query(max_length=64)]
 Since = Annotated[float | None, Query(description="unix seconds; default: an hour before "
                                                   "until")]
-Until = Annotated[float | None, Query(description="unix seconds; default: now")]
 
 
 @router.get("", response_model=DriftResultPublic)
-async def drift_report(services: ServicesDep, _: Viewer, bundle: Bundle, group: GroupQ = None,
+async def drift_report(services: ServicesDep, _: Viewer, bundle: BundleQ, group: GroupQ = None,
                        device: DeviceQ = None, since: Since = None,
-                       until: Until = None) -> DriftResultPublic:
+                       until: UntilQ = None) -> DriftResultPublic:
     """The drift report of one bundle version over the fleet, a group or a device.
 
     Summaries are merged exactly (only those over this bundle's reference) over the range,
@@ -44,8 +42,8 @@ async def drift_report(services: ServicesDep, _: Viewer, bundle: Bundle, group: 
 
 
 @router.get("/series", response_model=SeriesPublic)
-async def drift_series(services: ServicesDep, _: Viewer, bundle: Bundle, group: GroupQ = None,
-                       device: DeviceQ = None, since: Since = None, until: Until = None,
+async def drift_series(services: ServicesDep, _: Viewer, bundle: BundleQ, group: GroupQ = None,
+                       device: DeviceQ = None, since: Since = None, until: UntilQ = None,
                        step: Annotated[int | None, Query(ge=1, le=366 * 86400)] = None,
                        ) -> SeriesPublic:
     """Drift over time: per feature and step, PSI, KS, Wasserstein, JS, values and verdict."""
@@ -56,8 +54,8 @@ async def drift_series(services: ServicesDep, _: Viewer, bundle: Bundle, group: 
 
 
 @router.get("/windows", response_model=list[DriftWindowPublic])
-def drift_windows(services: ServicesDep, _: Viewer, bundle: Bundle, group: GroupQ = None,
-                  since: Since = None, until: Until = None,
+def drift_windows(services: ServicesDep, _: Viewer, bundle: BundleQ, group: GroupQ = None,
+                  since: Since = None, until: UntilQ = None,
                   limit: Annotated[int, Query(ge=1, le=5000)] = 500) -> list[DriftWindowPublic]:
     """The windows the periodic evaluator judged (oldest first), for the fleet or a group."""
     record = services.bundles.by_label(bundle)

@@ -7,23 +7,26 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
-from fleet_server.api.deps import ServicesDep, Viewer
-from fleet_server.api.schemas import BUNDLE_PATTERN, PerformancePublic
+from fleet_server.api.deps import (
+    BundleQ,
+    DeviceQ,
+    GroupQ,
+    ServicesDep,
+    UntilQ,
+    Viewer,
+)
+from fleet_server.api.schemas import PerformancePublic
 
 router = APIRouter(prefix="/api/v1/performance", tags=["performance"])
 
-Bundle = Annotated[str, Query(pattern=BUNDLE_PATTERN, description="name@version")]
-GroupQ = Annotated[str | None, Query(max_length=64)]
-DeviceQ = Annotated[str | None, Query(max_length=64)]
 Since = Annotated[str | None, Query(max_length=40, description="7d, 12h (ago) or unix "
                                                                "seconds; default: 7 days "
                                                                "before until")]
-Until = Annotated[float | None, Query(description="unix seconds; default: now")]
 
 
 @router.get("", response_model=PerformancePublic)
-async def performance(services: ServicesDep, _: Viewer, bundle: Bundle, group: GroupQ = None,
-                      device: DeviceQ = None, since: Since = None, until: Until = None
+async def performance(services: ServicesDep, _: Viewer, bundle: BundleQ, group: GroupQ = None,
+                      device: DeviceQ = None, since: Since = None, until: UntilQ = None
                       ) -> PerformancePublic:
     """Realized and estimated performance of one bundle version over the fleet, a group or
     a device, as a time series (hourly up to two days, else daily) and in total.

@@ -3,7 +3,7 @@ resume, promote, abort). The rules are :class:`~fleet_server.rollouts.engine.Rol
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
 
@@ -28,6 +28,15 @@ def roles_of(who: Principal) -> set[str]:
     return {r for r in ROLES if who.has_role(r)}
 
 
+def _spec(body: RolloutCreate) -> dict[str, Any]:
+    """The plan's fields as the operator gave them (what they left out, the engine's
+    defaults fill), gates too."""
+    spec = body.model_dump(exclude_unset=True)
+    if body.gates is not None:
+        spec["gates"] = body.gates.model_dump(exclude_unset=True)
+    return spec
+
+
 @router.get("", response_model=list[RolloutSummary])
 def list_rollouts(services: ServicesDep, _: Viewer,
                   status: RolloutStatus | None = None) -> list[RolloutSummary]:
@@ -44,20 +53,14 @@ def create_rollout(body: RolloutCreate, services: ServicesDep,
     One unfinished rollout per group (and per device) at a time: 409 otherwise. A group
     marked ``requires_approval`` makes the rollout wait for an approver.
     """
-    spec = body.model_dump(exclude_unset=True)
-    if body.gates is not None:
-        spec["gates"] = body.gates.model_dump(exclude_unset=True)
     return RolloutPublic.model_validate(
-        services.rollouts.create(spec, actor=who.actor, roles=roles_of(who)))
+        services.rollouts.create(_spec(body), actor=who.actor, roles=roles_of(who)))
 
 
 @router.post("/preview", response_model=RolloutPreview)
 def preview_rollout(body: RolloutCreate, services: ServicesDep, _: Viewer) -> RolloutPreview:
     """A dry run: which devices each stage would hold (for the id given or generated)."""
-    spec = body.model_dump(exclude_unset=True)
-    if body.gates is not None:
-        spec["gates"] = body.gates.model_dump(exclude_unset=True)
-    return RolloutPreview.model_validate(services.rollouts.preview(spec))
+    return RolloutPreview.model_validate(services.rollouts.preview(_spec(body)))
 
 
 @router.get("/{rollout_id}", response_model=RolloutPublic)

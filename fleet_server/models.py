@@ -356,7 +356,6 @@ class AuditEntry:
     hash: str | None = None
 
 
-
 # The hash-chained audit log: each entry stores the sha256 of the one before it (the first
 # the genesis value) and its own, over the exact text stored. One owner for the digest: the
 # store computes it on insert, :mod:`fleet_server.registry.audit` on verification.

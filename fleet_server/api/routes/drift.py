@@ -7,14 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
-from fleet_server.api.deps import (
-    BundleQ,
-    DeviceQ,
-    GroupQ,
-    ServicesDep,
-    UntilQ,
-    Viewer,
-)
+from fleet_server.api.deps import BundleQ, DeviceQ, GroupQ, ServicesDep, UntilQ, Viewer
 from fleet_server.api.schemas import DriftResultPublic, DriftWindowPublic, SeriesPublic
 from fleet_server.models import FLEET_SCOPE
 

@@ -7,14 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 
-from fleet_server.api.deps import (
-    BundleQ,
-    DeviceQ,
-    GroupQ,
-    ServicesDep,
-    UntilQ,
-    Viewer,
-)
+from fleet_server.api.deps import BundleQ, DeviceQ, GroupQ, ServicesDep, UntilQ, Viewer
 from fleet_server.api.schemas import PerformancePublic
 
 router = APIRouter(prefix="/api/v1/performance", tags=["performance"])

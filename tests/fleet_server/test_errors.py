@@ -12,41 +12,33 @@ from fleet_server.errors import (
     InvalidRequestError,
     PermissionDeniedError,
 )
-from fleet_server.rollouts.errors import (
-    ActorNotAllowedError,
-    ApprovalRequiredError,
-    InvalidTransitionError,
-    ObservationError,
-    PlanError,
-    RolloutError,
-    RolloutFinishedError,
-    StateMismatchError,
-    UnknownActionError,
-)
+from fleet_server.rollouts import errors as rollout
 
 WHERE = {"rollout_id": "r1", "rollout_status": "running", "action": "start"}
 
 
 @pytest.mark.parametrize(("error", "kind", "status", "exit"), [
-    pytest.param(InvalidTransitionError("no", **WHERE), ConflictError, 409, 4, id="transition"),
-    pytest.param(UnknownActionError("no", **WHERE), ConflictError, 409, 4, id="unknown-action"),
-    pytest.param(RolloutFinishedError("no", **WHERE), ConflictError, 409, 4, id="finished"),
-    pytest.param(ApprovalRequiredError("no", **WHERE), PermissionDeniedError, 403, 5,
+    pytest.param(rollout.InvalidTransitionError("no", **WHERE), ConflictError, 409, 4,
+                 id="transition"),
+    pytest.param(rollout.UnknownActionError("no", **WHERE), ConflictError, 409, 4,
+                 id="unknown-action"),
+    pytest.param(rollout.RolloutFinishedError("no", **WHERE), ConflictError, 409, 4, id="finished"),
+    pytest.param(rollout.ApprovalRequiredError("no", **WHERE), PermissionDeniedError, 403, 5,
                  id="approval"),
-    pytest.param(ActorNotAllowedError("no", **WHERE), PermissionDeniedError, 403, 5,
+    pytest.param(rollout.ActorNotAllowedError("no", **WHERE), PermissionDeniedError, 403, 5,
                  id="actor"),
-    pytest.param(PlanError("no", field="stages[0].fraction"), InvalidRequestError, 422, 1,
+    pytest.param(rollout.PlanError("no", field="stages[0].fraction"), InvalidRequestError, 422, 1,
                  id="plan"),
-    pytest.param(ObservationError("no", **WHERE), FleetError, 500, 1, id="observation"),
-    pytest.param(StateMismatchError("no", **WHERE), FleetError, 500, 1, id="state"),
+    pytest.param(rollout.ObservationError("no", **WHERE), FleetError, 500, 1, id="observation"),
+    pytest.param(rollout.StateMismatchError("no", **WHERE), FleetError, 500, 1, id="state"),
 ])
 def test_a_rollout_refusal_is_the_fleet_error_of_its_kind(error, kind, status, exit):
-    assert isinstance(error, RolloutError) and isinstance(error, kind)
+    assert isinstance(error, rollout.RolloutError) and isinstance(error, kind)
     assert error.status == status and exit_code(error) == exit
 
 
 def test_a_rollout_refusal_keeps_where_it_happened():
-    error = RolloutFinishedError("finished", **WHERE)
+    error = rollout.RolloutFinishedError("finished", **WHERE)
     assert (error.rollout_id, error.rollout_status, error.action) == ("r1", "running", "start")
-    plan = PlanError("bad fraction", field="stages[0].fraction")
+    plan = rollout.PlanError("bad fraction", field="stages[0].fraction")
     assert plan.field == "stages[0].fraction" and str(plan) == "bad fraction"

@@ -1,10 +1,12 @@
-"""Act 8: the model heals itself.
+"""Acts 8 and 9: the model heals itself, and a retrain that loses deploys nothing.
 
 Act 8: the labelling rule flips for high-vibration machines (concept drift); v2's realized
 accuracy falls, a ``performance_drop`` alert calls the webhook, one tick of the retraining
 watcher trains a challenger on the fresh labelled rows, proves it better than v2 and rolls
 it out through canaries; realized accuracy recovers and ``fleet retrain show`` prints the
-lineage.
+lineage. Act 9: the same recipe trained on shuffled labels (a broken join in the label
+pipeline) builds a challenger that loses to the champion: the run is recorded ``rejected``
+with the comparison's reason, and nothing is uploaded or rolled out.
 """
 
 from __future__ import annotations
@@ -164,6 +166,41 @@ def _challenger_rolls_out(demo: Demo, outcome: Any) -> None:
     say(f"$ fleet performance {outcome.challenger}   (realized accuracy is back; packaged: "
         "on the held-out fresh rows)")
     performance_lines(result, explain=False)
+
+
+def a_retrain_that_loses(demo: Demo) -> None:
+    """Issue 15's negative path: a challenger that loses deploys nothing, and says why."""
+    from packager.retrain import FleetApi, load_recipe, run
+
+    banner("9. a retrain that loses: the challenger must win, or nothing ships")
+    say("a bug in the label pipeline shuffles the fresh rows' labels; the same recipe, "
+        "run by hand on them, trains a challenger that has learnt nothing")
+    work = demo.out / "retrain"
+    (work / "recipe-shuffled.toml").write_text(RECIPE.replace(
+        "demo.retraining:fit", "demo.retraining:fit_shuffled"))
+    before = demo.running()
+    rollouts = len(demo.client.get("/api/v1/rollouts"))
+    bundles = len(demo.client.get("/api/v1/bundles"))
+    say(f"$ edgepack retrain {work / 'recipe-shuffled.toml'} --server {demo.url}")
+    recipe = load_recipe(work / "recipe-shuffled.toml")
+    api = FleetApi(demo.url, demo.token)
+    try:
+        outcome = run(recipe, api, trigger="manual", work=work / "runs-shuffled",
+                      say=lambda line: say(f"  {line}"))
+    finally:
+        api.close()
+    if outcome.status != "rejected":
+        raise StoryFailed(f"the shuffled-label retrain was not rejected: {outcome}")
+    record = demo.client.get(f"/api/v1/retrains/{outcome.run_id}")
+    say(f"run {outcome.run_id} is {record['status']}: the challenger {outcome.challenger} "
+        f"lost to the champion {outcome.champion}")
+    say(f"$ fleet retrain show {outcome.run_id}")
+    demo.fleet("retrain", "show", str(outcome.run_id))
+    after = (len(demo.client.get("/api/v1/rollouts")), len(demo.client.get("/api/v1/bundles")))
+    say(f"nothing deployed: rollouts {rollouts} → {after[0]}, bundles {bundles} → {after[1]}; "
+        f"devices by bundle: {demo.running()}")
+    if after != (rollouts, bundles) or demo.running() != before:
+        raise StoryFailed("a rejected retrain changed the fleet")
 
 
 def _iso(t: float) -> str:

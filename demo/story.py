@@ -30,6 +30,9 @@
    the newest held-out rows (McNemar), uploads it and rolls it out through canaries; every
    device runs it, realized accuracy recovers, and ``fleet retrain show`` prints the
    lineage from the alert to the rollout.
+9. **A retrain that loses.** The same recipe run by hand on shuffled labels (a broken join
+   in the label pipeline): the challenger loses to the champion, the run is recorded
+   ``rejected`` with the comparison's reason, and nothing is uploaded or rolled out.
 
 It prints each step and the dashboard URL, then keeps running for you to look around
 until Ctrl-C (``--exit`` stops at the end instead). Everything it writes goes to
@@ -38,7 +41,7 @@ fits in minutes; the defaults of a real deployment are in ``deploy/`` and the RE
 
 The acts live in their own modules: :mod:`demo.packaging` (1), :mod:`demo.stage` (2: the
 fleet and its agents, and the plumbing every act shares), :mod:`demo.rollouts` (3 to 6),
-:mod:`demo.labels` (7) and :mod:`demo.healing` (8); :mod:`demo.lines` prints what
+:mod:`demo.labels` (7) and :mod:`demo.healing` (8 and 9); :mod:`demo.lines` prints what
 the fleet says. This module runs them in order and owns the command line.
 """
 
@@ -57,7 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demo.healing import heal
+from demo.healing import a_retrain_that_loses, heal
 from demo.labels import ground_truth
 from demo.lines import banner, say
 from demo.packaging import package
@@ -66,13 +69,14 @@ from demo.stage import OUT, Demo, StoryFailed
 
 
 def story(demo: Demo, bundles: dict[str, Path]) -> None:
-    """Acts 3 to 8, in order, on the fleet act 2 started."""
+    """Acts 3 to 9, in order, on the fleet act 2 started."""
     roll_out_v1(demo)
     site_b_drifts(demo)
     roll_out_v2(demo)
     roll_out_v3(demo)
     ground_truth(demo)
     heal(demo)
+    a_retrain_that_loses(demo)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tell(demo: Demo, bundles: dict[str, Path]) -> str | None:
-    """Acts 2 to 8; the reason the story stopped, or None when it was told to the end."""
+    """Acts 2 to 9; the reason the story stopped, or None when it was told to the end."""
     banner("2. start the fleet: Mosquitto, the fleet server, 20 agents")
     try:
         demo.start_fleet(bundles)

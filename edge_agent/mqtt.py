@@ -511,11 +511,8 @@ class MqttLink:
     def _pump_once(self, acked: list[tuple[int, bool]], call_connect: bool,
                    confirms: Sequence[tuple[str, int]] = ()) -> bool:
         """Ack what the broker acknowledged, apply what the server confirmed, re-send what
-        waited too long, then fill the in-flight window. True if busy.
-
-        The order of the steps is what keeps the in-flight window bounded: what the broker
-        and the server settled leaves the window before the room in it is measured.
-        """
+        waited too long, then fill the in-flight window (in this order, which keeps it
+        bounded: what is settled leaves before the room is measured). True if busy."""
         progressed = self._apply_confirms(list(confirms))
         self._apply_acks(acked)
         if call_connect and self._on_connect_cb is not None:
@@ -524,16 +521,8 @@ class MqttLink:
             except Exception:
                 log.exception("on_connect callback failed")
         worked = bool(acked) or progressed
-        window = self._room()
-        if window is None:
-            return worked
-        room, generation, busy = window
-        try:
-            items = self.outbox.pending(limit=room, exclude=busy)
-        except OutboxError:
-            log.exception("could not read the outbox")
-            return worked
-        return self._publish(items, generation) > 0 or worked
+        batch = self._next_batch()
+        return worked if batch is None else (self._publish(*batch) > 0 or worked)
 
     def _apply_acks(self, acked: list[tuple[int, bool]]) -> None:
         """Remove what the broker acknowledged (or refused) from the outbox."""
@@ -552,9 +541,9 @@ class MqttLink:
                     self._published += 1
                 self._cond.notify_all()  # flush() waiters
 
-    def _room(self) -> tuple[int, int, set[int]] | None:
-        """(room in the in-flight window, connection generation, ids not to send again);
-        None when nothing may be sent now."""
+    def _next_batch(self) -> tuple[list[OutboxItem], int] | None:
+        """The outbox rows that fit the in-flight window now, and the connection generation
+        they go out on; None when nothing may be sent now."""
         with self._cond:
             if not self._connected or self._stopping or time.monotonic() < self._retry_at:
                 # after a refusal the idle poll (every _IDLE_POLL s) resumes the pump
@@ -564,7 +553,13 @@ class MqttLink:
             room = min(self.max_inflight,
                        self.config.max_unconfirmed - len(self._awaiting)) - len(self._busy)
             busy = self._busy | self._awaiting.keys()
-        return None if room <= 0 else (room, generation, busy)
+        if room <= 0:
+            return None
+        try:
+            return self.outbox.pending(limit=room, exclude=busy), generation
+        except OutboxError:
+            log.exception("could not read the outbox")
+            return None
 
     def _publish(self, items: Sequence[OutboxItem], generation: int) -> int:
         """Hand ``items`` to paho on connection ``generation``; returns how many went."""

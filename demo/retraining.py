@@ -36,3 +36,12 @@ def fit(frame: Any) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter, not news in the story
         return model.fit(frame[list(FEATURES)], frame["fault"])
+
+
+def fit_shuffled(frame: Any) -> Any:
+    """:func:`fit` on the same rows with their labels shuffled (act 9: a broken join in the
+    label pipeline), so the challenger learns nothing and must lose to the champion."""
+    import numpy as np
+
+    shuffled = frame.assign(fault=np.random.default_rng(0).permutation(frame["fault"].to_numpy()))
+    return fit(shuffled)

@@ -4,6 +4,8 @@
 ``agent``        the serving core: predict, record, profile, close windows
 ``model``        a verified bundle loaded into onnxruntime
 ``daemon``       ``edge-agent run``: the threads that wire the parts together
+``installer``    the daemon's bundle installer: verify, load, download, fall back
+``windows``      the daemon's report loop: summaries, checkpoints, heartbeats
 ``reconcile``    the pure desired-state step (install, switch, roll back, shadow)
 ``slots``        the bundle slots on disk and the atomic switch between them
 ``download``     a bounded, digest-checked bundle download
@@ -21,5 +23,5 @@ Importing this package never imports scikit-learn, skl2onnx, pandas or fastapi (
 checks it): a device installs ``edgefleet[agent]`` only.
 """
 
-__all__ = ["agent", "cli", "config", "daemon", "download", "errors", "httpapi", "model",
-           "mqtt", "outbox", "predictions", "reconcile", "slots"]
+__all__ = ["agent", "cli", "config", "daemon", "download", "errors", "httpapi", "installer",
+           "model", "mqtt", "outbox", "predictions", "reconcile", "slots", "windows"]

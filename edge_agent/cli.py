@@ -14,6 +14,7 @@ import logging
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,17 +129,27 @@ def _verified_model(bundle_path: Path, trust: tuple[str, ...], config_path: Path
         return LoadedModel(bundle)  # streamed and verified into a temporary directory
 
 
+def _trust_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--trust``, ``--config`` and ``--threshold``: whom a one-off command trusts (read by
+    :func:`_verified_model`)."""
+    command = click.option("--threshold", type=int, default=None,
+                           help="Trusted signatures needed.")(command)
+    command = click.option("--config", "config_path",
+                           type=click.Path(dir_okay=False, path_type=Path),
+                           help="Take the trust store and policy from this agent config.")(
+                               command)
+    return click.option("--trust", multiple=True, metavar="[ROLE=]PUBKEY",
+                        help="A trusted public key (repeat). Or take them from --config.")(
+                            command)
+
+
 @cli.command()
 @click.option("--bundle", "bundle_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="The .edgebundle file.")
 @click.option("--input", "input_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Rows: CSV with a header row, or JSON lines (.jsonl).")
-@click.option("--trust", multiple=True, metavar="[ROLE=]PUBKEY",
-              help="A trusted public key (repeat). Or take them from --config.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Take the trust store and policy from this agent config.")
-@click.option("--threshold", type=int, default=None, help="Trusted signatures needed.")
+@_trust_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per row on stdout.")
 def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
             config_path: Path | None, threshold: int | None, as_json: bool) -> None:
@@ -189,11 +200,7 @@ def predict(bundle_path: Path, input_path: Path, trust: tuple[str, ...],
 @click.option("--row", "row_text", required=True, metavar="JSON",
               help='One row as a JSON object (feature → value) or a list in schema order; '
                    '"-" reads it from stdin.')
-@click.option("--trust", multiple=True, metavar="[ROLE=]PUBKEY",
-              help="A trusted public key (repeat). Or take them from --config.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Take the trust store and policy from this agent config.")
-@click.option("--threshold", type=int, default=None, help="Trusted signatures needed.")
+@_trust_options
 @click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
 def explain(bundle_path: Path, row_text: str, trust: tuple[str, ...],
             config_path: Path | None, threshold: int | None, as_json: bool) -> None:

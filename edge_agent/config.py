@@ -61,10 +61,12 @@ import math
 import os
 import stat
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edge_agent.capture import CaptureConfig
 from edge_agent.errors import ConfigError
 from edgefleet.contract.messages import LABEL_RE, valid_device_id
 
@@ -76,6 +78,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 __all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config"]
 
 MAX_CONFIG_BYTES = 64 * 1024
+_CAPTURE = {f.name: f.default for f in fields(CaptureConfig) if f.name != "features"}
 
 
 @dataclass(frozen=True)
@@ -124,16 +127,17 @@ class AgentConfig:
     predictions_max_bytes: int = 256 * 1024 * 1024
     # data capture (edge_agent.capture): off unless enabled, and then only the allowlisted
     # features of a bounded, reservoir-sampled share of served rows leave the device
+    # (the defaults are CaptureConfig's: one owner)
     capture_enabled: bool = False
     capture_features: tuple[str, ...] = ()
-    capture_rate: float = 0.01
-    capture_max_rows: int = 1000
-    capture_window_s: float = 3600.0
-    capture_upload_s: float = 60.0
-    capture_batch_rows: int = 500
-    capture_batch_bytes: int = 512 * 1024
-    capture_queue_max_rows: int = 100_000
-    capture_queue_max_bytes: int = 64 * 1024 * 1024
+    capture_rate: float = _CAPTURE["rate"]
+    capture_max_rows: int = _CAPTURE["max_rows"]
+    capture_window_s: float = _CAPTURE["window_s"]
+    capture_upload_s: float = _CAPTURE["upload_s"]
+    capture_batch_rows: int = _CAPTURE["batch_rows"]
+    capture_batch_bytes: int = _CAPTURE["batch_bytes"]
+    capture_queue_max_rows: int = _CAPTURE["queue_max_rows"]
+    capture_queue_max_bytes: int = _CAPTURE["queue_max_bytes"]
 
     @property
     def username(self) -> str:
@@ -142,6 +146,16 @@ class AgentConfig:
     @property
     def token(self) -> str:
         return self.server_token or self.broker_password
+
+    def capture_config(self) -> CaptureConfig:
+        """The ``[capture]`` section as data capture takes it (``capture_X`` → ``X``).
+
+        Raises:
+            CaptureError: the allowlist is empty or a bound is out of range.
+        """
+        return CaptureConfig(**{f.name: getattr(self, f"capture_{f.name}")
+                                for f in fields(CaptureConfig)
+                                if hasattr(self, f"capture_{f.name}")})
 
 
 # key -> (section, name, kind, extra); the table is the documentation of the file format
@@ -259,68 +273,112 @@ def parse_config(doc: dict[str, Any], *, base: Path = Path("."),
 
 
 def _convert(value: Any, kind: str, key: str, base: Path, source: str) -> Any:
-    def bad(why: str) -> ConfigError:
-        return ConfigError(f"{source}: {key} {why}", key=key)
+    """``value`` of ``key`` checked and converted as its ``kind`` (see :data:`_KEYS`).
 
-    if kind in ("str", "url", "device"):
-        if not isinstance(value, str) or not value.strip():
-            raise bad("must be a non-empty string")
-        if kind == "device" and not valid_device_id(value):
-            raise bad(f"{value!r}: letters, digits, '.', '_', '-' (at most 64)")
-        if kind == "url" and not value.startswith(("http://", "https://")):
-            raise bad(f"{value!r} must start with http:// or https://")
-        return value.rstrip("/") if kind == "url" else value
-    if kind in ("pos_int", "nonneg_int", "port", "port0"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("must be an integer")
-        low = {"pos_int": 1, "nonneg_int": 0, "port": 1, "port0": 0}[kind]
-        high = 65535 if kind.startswith("port") else sys.maxsize
-        if not low <= value <= high:
-            raise bad(f"must be between {low} and {high}")
-        return value
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad("must be true or false")
-        return value
-    if kind == "share":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not 0 < value <= 1:
-            raise bad("must be a number > 0 and <= 1")
-        return float(value)
-    if kind == "pos_float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("must be a number")
-        if not math.isfinite(value) or value <= 0:
-            raise bad("must be a positive number")
-        return float(value)
-    if kind == "path":
-        if not isinstance(value, str) or not value:
-            raise bad("must be a path")
-        return (base / value).resolve() if not os.path.isabs(value) else Path(value)
-    if kind == "secret":
-        return _read_secret(_convert(value, "path", key, base, source), key, source)
-    if kind == "labels":
-        if not isinstance(value, dict) or len(value) > 32:
-            raise bad("must be a table of at most 32 labels")
-        for k, v in value.items():
-            if not LABEL_RE.match(k) or not isinstance(v, str) or len(v) > 128:
-                raise bad(f"label {k!r}: lower-case key and a string value up to 128")
-        return dict(value)
-    if kind in ("keys", "str_list"):
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise bad("must be a list of strings")
-        if kind == "keys":
-            if not value:
-                raise bad("must name at least one trusted public key")
-            out = []
-            for spec in value:
-                role, sep, rest = spec.partition("=")
-                where = rest if sep else role
-                resolved = where if os.path.isabs(where) else str((base / where).resolve())
-                out.append(f"{role}={resolved}" if sep else resolved)
-            return tuple(out)
+    Raises:
+        ConfigError: the value is not of its kind (names the key).
+    """
+    converter = _CONVERTERS.get(kind)
+    if converter is None:  # pragma: no cover - the table of keys is closed
+        raise AssertionError(kind)
+    return converter(value, kind, _Field(key, base, source))
+
+
+@dataclass(frozen=True)
+class _Field:
+    """Where a value comes from: its key, and the config file's folder and name."""
+
+    key: str
+    base: Path
+    source: str
+
+    def bad(self, why: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.key} {why}", key=self.key)
+
+
+def _text(value: Any, kind: str, f: _Field) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise f.bad("must be a non-empty string")
+    if kind == "device" and not valid_device_id(value):
+        raise f.bad(f"{value!r}: letters, digits, '.', '_', '-' (at most 64)")
+    if kind == "url" and not value.startswith(("http://", "https://")):
+        raise f.bad(f"{value!r} must start with http:// or https://")
+    return value.rstrip("/") if kind == "url" else value
+
+
+def _integer(value: Any, kind: str, f: _Field) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise f.bad("must be an integer")
+    low = {"pos_int": 1, "nonneg_int": 0, "port": 1, "port0": 0}[kind]
+    high = 65535 if kind.startswith("port") else sys.maxsize
+    if not low <= value <= high:
+        raise f.bad(f"must be between {low} and {high}")
+    return value
+
+
+def _boolean(value: Any, kind: str, f: _Field) -> bool:
+    if not isinstance(value, bool):
+        raise f.bad("must be true or false")
+    return value
+
+
+def _share(value: Any, kind: str, f: _Field) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 < value <= 1:
+        raise f.bad("must be a number > 0 and <= 1")
+    return float(value)
+
+
+def _pos_float(value: Any, kind: str, f: _Field) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise f.bad("must be a number")
+    if not math.isfinite(value) or value <= 0:
+        raise f.bad("must be a positive number")
+    return float(value)
+
+
+def _path(value: Any, kind: str, f: _Field) -> Path:
+    if not isinstance(value, str) or not value:
+        raise f.bad("must be a path")
+    return (f.base / value).resolve() if not os.path.isabs(value) else Path(value)
+
+
+def _secret(value: Any, kind: str, f: _Field) -> str:
+    return _read_secret(_path(value, "path", f), f.key, f.source)
+
+
+def _labels(value: Any, kind: str, f: _Field) -> dict[str, str]:
+    if not isinstance(value, dict) or len(value) > 32:
+        raise f.bad("must be a table of at most 32 labels")
+    for k, v in value.items():
+        if not LABEL_RE.match(k) or not isinstance(v, str) or len(v) > 128:
+            raise f.bad(f"label {k!r}: lower-case key and a string value up to 128")
+    return dict(value)
+
+
+def _strings(value: Any, kind: str, f: _Field) -> tuple[str, ...]:
+    """A list of strings; for ``keys``, ``[ROLE=]PATH`` specs with the paths resolved."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise f.bad("must be a list of strings")
+    if kind != "keys":
         return tuple(value)
-    raise AssertionError(kind)  # pragma: no cover - the table above is closed
+    if not value:
+        raise f.bad("must name at least one trusted public key")
+    out = []
+    for spec in value:
+        role, sep, rest = spec.partition("=")
+        where = rest if sep else role
+        resolved = where if os.path.isabs(where) else str((f.base / where).resolve())
+        out.append(f"{role}={resolved}" if sep else resolved)
+    return tuple(out)
+
+
+_CONVERTERS: dict[str, Callable[[Any, str, _Field], Any]] = {
+    "str": _text, "url": _text, "device": _text,
+    "pos_int": _integer, "nonneg_int": _integer, "port": _integer, "port0": _integer,
+    "bool": _boolean, "share": _share, "pos_float": _pos_float, "path": _path,
+    "secret": _secret, "labels": _labels, "keys": _strings, "str_list": _strings,
+}
 
 
 def _read_secret(path: Path, key: str, source: str) -> str:

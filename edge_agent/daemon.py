@@ -45,61 +45,59 @@ This module does not define formats or rules; it carries them out.
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import resource
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from edge_agent.agent import Agent, Window, with_claim
-from edge_agent.capture import Capture, CaptureConfig, CaptureQueue, Uploader
+from edge_agent.agent import Agent, Window
+from edge_agent.capture import Capture, CaptureQueue, Uploader
 from edge_agent.config import AgentConfig, ConfigError
 from edge_agent.download import Downloader, DownloadError
 from edge_agent.errors import InstallError
-from edge_agent.model import LoadedModel, LoadError
+from edge_agent.installer import BundleInstaller, reason_of
+from edge_agent.model import LoadError
 from edge_agent.mqtt import LinkConfig, MqttLink
 from edge_agent.outbox import Outbox, OutboxError
-from edge_agent.predictions import Claim, PredictionStore, PredictionStoreError
+from edge_agent.predictions import PredictionStore, PredictionStoreError
 from edge_agent.reconcile import LiveStep, Plan, ShadowStep, plan
 from edge_agent.slots import SlotError, Slots, State
+from edge_agent.windows import WindowReporter, rss_bytes
 from edgefleet import __version__
-from edgefleet.contract.bundle import Limits, unpack_verified
+from edgefleet.contract.bundle import Limits
 from edgefleet.contract.errors import BundleError, KeyFileError, SchemaError
 from edgefleet.contract.messages import (
     Ack,
     BundleRef,
     DesiredState,
-    Heartbeat,
     Outcomes,
     Receipt,
     Report,
     Status,
-    Summary,
     decode,
     encode,
     topic,
 )
 from edgefleet.contract.signing import Policy, TrustStore
-from edgefleet.contract.wire import canonical_json, parse_json
 
 __all__ = ["AgentDaemon", "InstallError"]
 
 log = logging.getLogger(__name__)
 
-_TICK_S = 0.25
-_SERVED_S = 1.0  # the rows-served counter of the open window is saved this often
-_RETRY_MIN_S, _RETRY_MAX_S = 1.0, 60.0
-_EVICT_S = 60.0  # the prediction store drops what is past its horizon this often
 _OUTCOME_QUEUE = 64  # outcome batches waiting to be applied; beyond, dropped (resent)
 
 
-class AgentDaemon:
+class AgentDaemon(BundleInstaller, WindowReporter):
     """One device's agent: serving, reporting and reconciling, from one config.
+
+    Its parts by concept: the bundle installer (:class:`~edge_agent.installer.BundleInstaller`:
+    verify, load, download, smoke-test, fall back), the report loop
+    (:class:`~edge_agent.windows.WindowReporter`: windows, checkpoints, heartbeats), and
+    here the lifecycle, the MQTT callbacks, the outcome applier, the reconcile driver,
+    install reports and health.
 
     Args:
         config: the checked configuration.
@@ -123,6 +121,25 @@ class AgentDaemon:
         self.policy = Policy(config.threshold, frozenset(config.required_roles))
         self.limits = Limits(max_bundle_bytes=config.download_max_bytes)
         self.slots = Slots(config.data_dir)
+        self._open_files(config, clock)
+        self.agent = Agent(self.device, window_rows=config.window_rows, clock=clock,
+                           shadow_queue_rows=config.shadow_queue_rows, store=self.store,
+                           capture=self.capture)
+        self.downloader = Downloader(config.server_url, config.token,
+                                     max_bytes=config.download_max_bytes,
+                                     timeout_s=config.download_timeout_s,
+                                     ca_file=config.server_ca)
+        self.link = self._mqtt_link(config)  # after the agent: its will is a Status
+        self.http = None
+        if config.http_port:
+            from edge_agent.httpapi import LocalServer
+
+            self.http = LocalServer(self.agent, self.health, host=config.http_host,
+                                    port=config.http_port, max_body=config.http_max_body)
+        self._init_state()
+
+    def _open_files(self, config: AgentConfig, clock: Callable[[], float]) -> None:
+        """The outbox, the prediction store and (when enabled) data capture's queue."""
         self.outbox = Outbox(config.data_dir / "outbox.db", config.outbox_max_messages,
                              config.outbox_max_bytes)
         self.store = PredictionStore(config.data_dir / "predictions.db",
@@ -132,29 +149,18 @@ class AgentDaemon:
         self.capture: Capture | None = None
         self.uploader: Uploader | None = None
         if config.capture_enabled:
-            self.capture = Capture(CaptureConfig(
-                features=config.capture_features, rate=config.capture_rate,
-                max_rows=config.capture_max_rows, window_s=config.capture_window_s,
-                upload_s=config.capture_upload_s, batch_rows=config.capture_batch_rows,
-                batch_bytes=config.capture_batch_bytes,
-                queue_max_rows=config.capture_queue_max_rows,
-                queue_max_bytes=config.capture_queue_max_bytes),
-                CaptureQueue(config.data_dir / "capture.db",
-                             max_rows=config.capture_queue_max_rows,
-                             max_bytes=config.capture_queue_max_bytes), clock=clock)
+            self.capture = Capture(config.capture_config(), CaptureQueue(
+                config.data_dir / "capture.db", max_rows=config.capture_queue_max_rows,
+                max_bytes=config.capture_queue_max_bytes), clock=clock)
             self.uploader = Uploader(self.capture.queue, config.server_url, config.token,
                                      batch_rows=config.capture_batch_rows,
                                      batch_bytes=config.capture_batch_bytes,
                                      timeout_s=config.download_timeout_s,
                                      ca_file=config.server_ca)
-        self.agent = Agent(self.device, window_rows=config.window_rows, clock=clock,
-                           shadow_queue_rows=config.shadow_queue_rows, store=self.store,
-                           capture=self.capture)
-        self.downloader = Downloader(config.server_url, config.token,
-                                     max_bytes=config.download_max_bytes,
-                                     timeout_s=config.download_timeout_s,
-                                     ca_file=config.server_ca)
-        self.link = MqttLink(LinkConfig(
+
+    def _mqtt_link(self, config: AgentConfig) -> MqttLink:
+        """The link: the device's own topics, its last will (offline), the outbox."""
+        return MqttLink(LinkConfig(
             host=config.broker_host, port=config.broker_port, client_id=f"{self.device}-agent",
             username=config.username, password=config.broker_password, tls_ca=config.tls_ca,
             keepalive=config.keepalive_s, will_topic=topic(self.device, "status"),
@@ -164,12 +170,9 @@ class AgentDaemon:
             reconnect_max_delay=config.reconnect_max_delay_s,
             confirm_timeout=config.confirm_timeout_s),
             self.outbox, self._on_message, on_connect=self._on_connect)
-        self.http = None
-        if config.http_port:
-            from edge_agent.httpapi import LocalServer
 
-            self.http = LocalServer(self.agent, self.health, host=config.http_host,
-                                    port=config.http_port, max_body=config.http_max_body)
+    def _init_state(self) -> None:
+        """The threads' shared state: the desired state handed over, counters, clocks."""
         self._stop = threading.Event()
         self._desired_lock = threading.Condition()
         self._desired: DesiredState | None = None
@@ -259,59 +262,6 @@ class AgentDaemon:
         finally:
             self.stop()
 
-    # -- loading ---------------------------------------------------------------------------
-
-    def _load(self, path: Path, *, installed: BundleRef | None = None,
-              allow_downgrade: bool = True) -> LoadedModel:
-        """Verify the bundle file into a directory beside the slots, load it from there.
-
-        Verification streams (memory stays flat whatever the file holds); onnxruntime then
-        reads model.onnx from its verified file, and the directory goes once it has.
-        """
-        with unpack_verified(path, self.trust, self.policy, work_dir=self.slots.work_dir,
-                             limits=self.limits, allow_downgrade=allow_downgrade,
-                             installed_version=None if installed is None
-                             else installed.version) as bundle:
-            return LoadedModel(bundle, intra_op_threads=self.config.intra_op_threads,
-                               max_rows=self.config.max_rows_per_call)
-
-    def _load_installed(self) -> None:
-        state = self.slots.state
-        if self.slots.recovered:
-            self._report("failed", state.revision, BundleRef("unknown", "0.0.0"),
-                         self.slots.recovered)
-        if state.active is not None:
-            try:
-                self.agent.activate(self._load(self.slots.file(state.active.sha256)))
-            except (BundleError, LoadError, SlotError) as exc:
-                reason = f"installed bundle {state.active.label} failed to load: {exc}"
-                log.error("%s", reason)
-                self._fall_back(state, reason)
-        if self.slots.state.shadow is not None:
-            shadow = self.slots.state.shadow
-            try:
-                self.agent.set_shadow(self._load(self.slots.file(shadow.sha256)))
-            except (BundleError, LoadError, SlotError) as exc:
-                log.error("shadow %s failed to load: %s", shadow.label, exc)
-                self._commit(replace(self.slots.state, shadow=None))
-
-    def _fall_back(self, state: State, reason: str) -> None:
-        """The active bundle no longer loads (a corrupt disk, a revoked key): go back."""
-        previous = state.previous
-        if previous is not None:
-            try:
-                self.agent.activate(self._load(self.slots.file(previous.sha256)))
-                self._commit(replace(state, active=previous, previous=None)
-                             .with_failure(state.active.sha256, reason))
-                self._report("rolled_back", state.revision, previous,
-                             f"{reason}; back on {previous.label}")
-                return
-            except (BundleError, LoadError, SlotError) as exc:
-                reason = f"{reason}; the previous {previous.label} failed too: {exc}"
-        self._commit(replace(state, active=None, previous=None)
-                     .with_failure(state.active.sha256, reason))
-        self._report("failed", state.revision, state.active, reason)
-
     # -- MQTT callbacks (paho's and the link's threads: hand over, never block) --------
 
     def _on_message(self, topic_name: str, payload: bytes) -> None:
@@ -382,153 +332,6 @@ class AgentDaemon:
                       None if shadow is None else shadow.ref, dict(self.config.labels),
                       self._clock())
 
-    # -- ticker ------------------------------------------------------------------------------
-
-    def _tick_main(self) -> None:
-        while not self._stop.is_set():
-            due = self.agent.window_due.wait(_TICK_S)
-            try:
-                now = self._clock()
-                start = self.agent.window_start
-                if due or (start is not None and now - start >= self.config.window_s):
-                    self._close_window(now)
-                else:
-                    if now - self._last_checkpoint >= self.config.checkpoint_s:
-                        self._last_checkpoint = now
-                        self._checkpoint(now)
-                    if now - self._last_served >= _SERVED_S:
-                        self._last_served = now
-                        self._save_served()  # nothing written if the checkpoint just did
-                if now - self._last_heartbeat >= self.config.heartbeat_s:
-                    self._last_heartbeat = now
-                    self._heartbeat(now)
-                if now - self._last_evict >= _EVICT_S:
-                    self._last_evict = now
-                    self.store.evict(now)
-            except Exception:  # the ticker must outlive any one failure
-                log.exception("ticker step failed")
-                time.sleep(_TICK_S)
-
-    def _close_window(self, now: float | None = None) -> None:
-        with self._windows:
-            self._put_window(self.agent.close_window(now))
-
-    def _checkpoint(self, now: float) -> None:
-        """Save the open window so far (and its row count), so a crash loses seconds."""
-        with self._windows:
-            window = self.agent.snapshot(now)
-            if window is None:
-                return
-            try:
-                self.outbox.set_state(_CHECKPOINT, encode(window.summary(self.device, 0)))
-                self._write_served(window.start, window.rows)
-            except (OutboxError, SchemaError) as exc:
-                log.warning("could not checkpoint the open window: %s", exc)
-
-    def _save_served(self) -> None:
-        with self._windows:
-            start, rows = self.agent.window_start, self.agent.window_rows_so_far
-            if start is None or rows == 0 or self._served_saved == (start, rows):
-                return
-            try:
-                self._write_served(start, rows)
-            except OutboxError as exc:
-                log.warning("could not save the served-rows counter: %s", exc)
-
-    def _write_served(self, start: float, rows: int) -> None:
-        self.outbox.set_state(_SERVED, canonical_json({"start": start, "rows": rows}))
-        self._served_saved = (start, rows)
-
-    def _restore_window(self) -> None:
-        """After a crash: send the checkpointed window, count the rows served after it."""
-        try:
-            blob, served = self.outbox.get_state(_CHECKPOINT), self.outbox.get_state(_SERVED)
-        except OutboxError as exc:
-            log.error("could not read the window checkpoint: %s", exc)
-            return
-        if blob is None and served is None:
-            return
-        served_start, served_rows = None, 0
-        if served is not None:
-            try:
-                obj = parse_json(served, what="served counter", max_bytes=4096)
-                served_start, served_rows = float(obj["start"]), int(obj["rows"])
-            except (SchemaError, KeyError, TypeError, ValueError) as exc:
-                log.error("ignored a corrupt served-rows counter: %s", exc)
-        checkpoint = None
-        if blob is not None:
-            try:
-                checkpoint = decode(topic(self.device, "summary"), blob)
-            except SchemaError as exc:
-                log.error("ignored a corrupt window checkpoint: %s", exc)
-        if isinstance(checkpoint, Summary):
-            lost = max(0, served_rows - checkpoint.rows) \
-                if served_start == checkpoint.window_start else 0
-            window = Window(checkpoint.bundle, checkpoint.window_start, checkpoint.window_end,
-                            checkpoint.rows, checkpoint.profile, checkpoint.latency_counts,
-                            dict(checkpoint.errors), checkpoint.shadow,
-                            checkpoint.performance)
-            self.lost_rows += lost
-            self.restored = window
-            log.warning("restored the window checkpointed at %.0f (%d rows); %d row(s) served "
-                        "after it were lost", window.end, window.rows, lost)
-            self._put_window(window)
-            return
-        self.lost_rows += served_rows  # a window that crashed before its first checkpoint
-        log.warning("the last window was lost before its first checkpoint: %d row(s)",
-                    served_rows)
-        try:
-            self.outbox.set_state(_CHECKPOINT, None)
-            self.outbox.set_state(_SERVED, None)
-        except OutboxError as exc:
-            log.error("could not clear the window checkpoint: %s", exc)
-
-    def _put_window(self, window: Window | None) -> None:
-        if window is None:
-            return
-        extra = {}
-        if self.lost_windows:  # said in the next summary that could be stored
-            extra["lost_windows"] = self.lost_windows
-        if self.lost_rows:
-            extra["lost_rows"] = window.errors.get("lost_rows", 0) + self.lost_rows
-        if extra:
-            window = replace(window, errors={**window.errors, **extra})
-        claims: dict[int, Claim | None] = {}
-
-        def build(seq: int, floor: int) -> bytes:
-            # inside the outbox's transaction that stores summary `seq`: the outcomes joined
-            # since the last summary are marked with `seq` (see edge_agent.predictions)
-            if seq not in claims:
-                try:
-                    claims[seq] = self.store.claim(seq)
-                except PredictionStoreError as exc:
-                    log.error("outcomes wait for a later summary: %s", exc)
-                    claims[seq] = None
-            claim = claims[seq]
-            full = window if claim is None else with_claim(window, claim)
-            return encode(replace(full.summary(self.device, seq, self.outbox.dropped),
-                                  floor=floor))
-
-        try:
-            self.outbox.put_sequenced(topic(self.device, "summary"), build, "summary",
-                                      clear_state=(_CHECKPOINT, _SERVED))
-        except (OutboxError, SchemaError) as exc:
-            # a full disk: the window is lost and takes no sequence number (so the server's
-            # ledger has no gap for it); the loss is counted and reported once it can be
-            self.lost_windows += 1
-            log.error("could not store the window summary (%d lost so far): %s",
-                      self.lost_windows, exc)
-        else:
-            self.lost_windows = self.lost_rows = 0
-            self._served_saved = None
-
-    def _heartbeat(self, now: float) -> None:
-        p50, p95 = self.agent.latency_percentiles()
-        beat = Heartbeat(self.device, now, round(self.agent.uptime_s, 3), _rss_bytes(),
-                         self.agent.predictions, self.agent.errors, self.outbox.depth,
-                         self.outbox.dropped, p50, p95)
-        self.link.publish_now(beat.topic, encode(beat), qos=0)
-
     # -- reconciling ---------------------------------------------------------------------
 
     def _reconcile_main(self) -> None:
@@ -577,7 +380,7 @@ class AgentDaemon:
                                   installed=state.active,
                                   allow_downgrade=live.allow_downgrade or live.rollback)
         except (DownloadError, BundleError, LoadError, SlotError, InstallError) as exc:
-            self._fail(revision, live.target, _reason(exc))
+            self._fail(revision, live.target, reason_of(exc))
             return
         if model is None:
             return  # a newer desired state arrived during the download
@@ -609,7 +412,7 @@ class AgentDaemon:
             if model is None:
                 return
         except (DownloadError, BundleError, LoadError, SlotError, InstallError) as exc:
-            reason = _reason(exc)
+            reason = reason_of(exc)
             self._commit(self.slots.state.with_failure(target.sha256, reason)
                          if target.sha256 else self.slots.state)
             self._report("shadow_failed", revision, target, reason)
@@ -618,62 +421,6 @@ class AgentDaemon:
         self._commit(replace(self.slots.state, shadow=model.ref))
         self._report("shadow_started", revision, model.ref, "")
         self.link.publish_retained(topic(self.device, "status"), encode(self._status("online")))
-
-    def _prepare(self, target: BundleRef, revision: int, *, download: bool,
-                 installed: BundleRef | None = None,
-                 allow_downgrade: bool = True) -> LoadedModel | None:
-        """Get the bundle's file (download or slot), verify, load, smoke-test, keep.
-
-        The downloaded file becomes the slot file by a rename, only after it verified and
-        passed its smoke test; a failure removes it. None if superseded during download.
-
-        Raises:
-            DownloadError, BundleError, LoadError, SlotError, InstallError: the reason.
-        """
-        temp = None
-        try:
-            if download:
-                fetched = self._fetch(target, revision)
-                if fetched is None:
-                    return None
-                temp = path = fetched
-            else:
-                path = self.slots.file(target.sha256)
-            model = self._load(path, installed=installed, allow_downgrade=allow_downgrade)
-            problems = model.smoke_test()
-            if problems:
-                raise InstallError(f"smoke test failed: {'; '.join(problems)}")
-            if temp is not None:
-                self.slots.store(model.ref.sha256, temp=temp)
-                temp = None
-            return model
-        finally:
-            if temp is not None:
-                temp.unlink(missing_ok=True)
-
-    def _fetch(self, target: BundleRef, revision: int) -> Path | None:
-        """Download with retries for transient failures; None if superseded meanwhile.
-
-        Raises:
-            DownloadError: a failure that retrying cannot fix (or the agent is stopping).
-            SlotError: the disk refused the file.
-        """
-        delay = _RETRY_MIN_S
-        while True:
-            fd, temp = self.slots.temp_file()
-            try:
-                self.downloader.fetch(target.url or _default_url(target), fd,
-                                      sha256=target.sha256, size=target.size)
-                return temp
-            except DownloadError as exc:
-                temp.unlink(missing_ok=True)
-                if not exc.retryable or self._stop.is_set():
-                    raise
-                log.warning("download of %s failed (%s); retrying in %.0f s", target.label,
-                            exc, delay)
-            if self._stop.wait(delay) or self._newer(revision):
-                return None
-            delay = min(delay * 2, _RETRY_MAX_S)
 
     # -- reporting and state -----------------------------------------------------------------
 
@@ -722,13 +469,12 @@ class AgentDaemon:
             "outcomes": self.store.totals.to_dict(), "predictions_stored": self.store.rows,
             "outcome_batch": self._applied_batch(),
             "capture": self._capture_health(),
-            "revision": self.slots.state.revision, "rss_bytes": _rss_bytes(),
+            "revision": self.slots.state.revision, "rss_bytes": rss_bytes(),
             "last_report": None if self.last_outcome is None else {
                 "outcome": self.last_outcome.outcome,
                 "bundle": self.last_outcome.bundle.label,
                 "reason": self.last_outcome.reason},
         }
-
 
     def _capture_health(self) -> dict[str, int] | None:
         """Data capture's queue and counters (None: capture is off)."""
@@ -748,20 +494,3 @@ class AgentDaemon:
             return None
 
 
-_CHECKPOINT, _SERVED = "window", "served"  # outbox state names
-
-
-def _default_url(ref: BundleRef) -> str:
-    return f"/api/v1/bundles/{ref.name}/{ref.version}/download"
-
-
-def _reason(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

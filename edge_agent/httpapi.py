@@ -81,6 +81,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _serving_error(self, exc: InputError | NoModelError | PredictError) -> None:
+        """What ``/predict`` and ``/explain`` answer when serving refused: a bad row (400),
+        nothing installed (503), the runtime failed (500)."""
+        if isinstance(exc, InputError):
+            self._error(400, "InputError", str(exc), feature=exc.feature, row=exc.row)
+        elif isinstance(exc, NoModelError):
+            self._error(503, "NoModel", str(exc))
+        else:
+            self._error(500, "PredictError", str(exc))
+
     def _error(self, status: int, kind: str, message: str, **extra: Any) -> None:
         self._send(status, {"error": {"type": kind, "message": message, **extra}})
 
@@ -144,18 +154,12 @@ class _Handler(BaseHTTPRequestHandler):
         agent = self.server.agent
         try:
             result = agent.predict(rows, ids)
-        except InputError as exc:
-            self._error(400, "InputError", str(exc), feature=exc.feature, row=exc.row)
-            return
         except PredictionIdError as exc:
             self._error(400, "PredictionIdError", str(exc), field="id" if single else "ids",
                         row=exc.row)
             return
-        except NoModelError as exc:
-            self._error(503, "NoModel", str(exc))
-            return
-        except PredictError as exc:
-            self._error(500, "PredictError", str(exc))
+        except (InputError, NoModelError, PredictError) as exc:
+            self._serving_error(exc)
             return
         model = agent.model
         answers = result.rows(model.classes if model is not None else ())
@@ -172,14 +176,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             answer = self.server.agent.explain(doc["row"])
-        except InputError as exc:
-            self._error(400, "InputError", str(exc), feature=exc.feature, row=exc.row)
-            return
-        except NoModelError as exc:
-            self._error(503, "NoModel", str(exc))
-            return
-        except PredictError as exc:
-            self._error(500, "PredictError", str(exc))
+        except (InputError, NoModelError, PredictError) as exc:
+            self._serving_error(exc)
             return
         self._send(200, answer.to_dict())
 

@@ -62,7 +62,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.errors import MqttError
-from edge_agent.outbox import Outbox, OutboxError
+from edge_agent.outbox import Outbox, OutboxError, OutboxItem
 
 __all__ = ["LinkConfig", "MqttError", "MqttLink"]
 
@@ -508,13 +508,24 @@ class MqttLink:
                      len(expired), limit)
         return bool(removed or expired)
 
-    # One function on purpose: one pass of the link's pump (acks, confirmations, re-sends,
-    # refill) under one state; split, the order that keeps in-flight bounded would hide.
     def _pump_once(self, acked: list[tuple[int, bool]], call_connect: bool,
                    confirms: Sequence[tuple[str, int]] = ()) -> bool:
         """Ack what the broker acknowledged, apply what the server confirmed, re-send what
-        waited too long, then fill the in-flight window. True if busy."""
+        waited too long, then fill the in-flight window (in this order, which keeps it
+        bounded: what is settled leaves before the room is measured). True if busy."""
         progressed = self._apply_confirms(list(confirms))
+        self._apply_acks(acked)
+        if call_connect and self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb()
+            except Exception:
+                log.exception("on_connect callback failed")
+        worked = bool(acked) or progressed
+        batch = self._next_batch()
+        return worked if batch is None else (self._publish(*batch) > 0 or worked)
+
+    def _apply_acks(self, acked: list[tuple[int, bool]]) -> None:
+        """Remove what the broker acknowledged (or refused) from the outbox."""
         for item_id, refused in acked:
             try:
                 removed = self.outbox.ack(item_id)
@@ -529,28 +540,29 @@ class MqttLink:
                 elif not refused:
                     self._published += 1
                 self._cond.notify_all()  # flush() waiters
-        if call_connect and self._on_connect_cb is not None:
-            try:
-                self._on_connect_cb()
-            except Exception:
-                log.exception("on_connect callback failed")
 
+    def _next_batch(self) -> tuple[list[OutboxItem], int] | None:
+        """The outbox rows that fit the in-flight window now, and the connection generation
+        they go out on; None when nothing may be sent now."""
         with self._cond:
             if not self._connected or self._stopping or time.monotonic() < self._retry_at:
                 # after a refusal the idle poll (every _IDLE_POLL s) resumes the pump
-                return bool(acked) or progressed
+                return None
             generation = self._generation
             # what is in flight now waits for the server after its PUBACK: count it too
             room = min(self.max_inflight,
                        self.config.max_unconfirmed - len(self._awaiting)) - len(self._busy)
             busy = self._busy | self._awaiting.keys()
         if room <= 0:
-            return bool(acked) or progressed
+            return None
         try:
-            items = self.outbox.pending(limit=room, exclude=busy)
+            return self.outbox.pending(limit=room, exclude=busy), generation
         except OutboxError:
             log.exception("could not read the outbox")
-            return bool(acked) or progressed
+            return None
+
+    def _publish(self, items: Sequence[OutboxItem], generation: int) -> int:
+        """Hand ``items`` to paho on connection ``generation``; returns how many went."""
         sent = 0
         for item in items:
             with self._cond:
@@ -584,4 +596,4 @@ class MqttLink:
                     while len(self._sent) > self._max_sent:
                         del self._sent[next(iter(self._sent))]
             sent += 1
-        return bool(acked) or progressed or sent > 0
+        return sent

@@ -49,11 +49,12 @@ topic string, in order, and forgets them when told to. One process owns the file
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,38 +216,11 @@ class Outbox:
              ) -> tuple[int, int]:
         if isinstance(payload, bytes):
             self._check_size(topic, payload)
-        topic_bytes = topic.encode("utf-8", errors="replace")
-        if not topic or len(topic_bytes) > _MAX_TOPIC_BYTES or "+" in topic or "#" in topic:
-            # refused here: a message that can never be published would sit in the outbox
-            raise OutboxError(f"topic {topic[:80]!r} cannot be published", path=self.path)
-        if qos not in (0, 1, 2):
-            raise OutboxError(f"qos must be 0, 1 or 2, not {qos!r}", path=self.path)
+        self._check_topic(topic, qos)
         with self._lock:
-            conn = self._open_conn()
-            seq = 0
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                if sequence is not None:
-                    seq = self._bump(conn, sequence)
-                build = None if isinstance(payload, bytes) else payload
-                floor = 0
-                if build is not None:
-                    floor = self._floor(conn, sequence, seq)
-                    payload = bytes(build(seq, floor))
-                    self._check_size(topic, payload)
-                assert isinstance(payload, bytes)
-                n_drop, freed = 0, 0
-                for _ in range(4):  # a payload rebuilt with a new floor may grow a little
-                    over_count = max(0, self._depth - n_drop + 1 - self.max_messages)
-                    over_bytes = max(0, self._bytes - freed + len(payload) - self.max_bytes)
-                    if not (over_count or over_bytes):
-                        break
-                    more, more_freed = self._drop_oldest(conn, over_count, over_bytes)
-                    n_drop, freed = n_drop + more, freed + more_freed
-                    if build is not None and self._floor(conn, sequence, seq) != floor:
-                        floor = self._floor(conn, sequence, seq)
-                        payload = bytes(build(seq, floor))
-                        self._check_size(topic, payload)
+            with self._transaction(f"put to {topic!r}") as conn:
+                seq = 0 if sequence is None else self._bump(conn, sequence)
+                payload, n_drop, freed = self._fit(conn, topic, payload, sequence, seq)
                 row_id = conn.execute(
                     "INSERT INTO outbox (topic, payload, qos, created, stream, seq) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
@@ -255,13 +229,6 @@ class Outbox:
                 ).lastrowid
                 for name in clear_state:
                     conn.execute("DELETE FROM state WHERE name = ?", (name,))
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                raise self._mapped(exc, f"put to {topic!r}") from exc
-            except BaseException:
-                _rollback(conn)
-                raise
             # counters move only after the commit, so a failed put leaves them true
             self._depth += 1 - n_drop
             self._bytes += len(payload) - freed
@@ -276,6 +243,61 @@ class Outbox:
                 log.exception("outbox listener failed")
         assert row_id is not None
         return row_id, seq
+
+    def _check_topic(self, topic: str, qos: int) -> None:
+        topic_bytes = topic.encode("utf-8", errors="replace")
+        if not topic or len(topic_bytes) > _MAX_TOPIC_BYTES or "+" in topic or "#" in topic:
+            # refused here: a message that can never be published would sit in the outbox
+            raise OutboxError(f"topic {topic[:80]!r} cannot be published", path=self.path)
+        if qos not in (0, 1, 2):
+            raise OutboxError(f"qos must be 0, 1 or 2, not {qos!r}", path=self.path)
+
+    def _fit(self, conn: sqlite3.Connection, topic: str,
+             payload: bytes | Callable[[int, int], bytes], sequence: str | None,
+             seq: int) -> tuple[bytes, int, int]:
+        """The payload (built for ``seq`` and the stream's floor, when it is a builder),
+        and room made for it by dropping the oldest rows: (payload, rows dropped, bytes
+        freed). Inside the put's transaction."""
+        build = None if isinstance(payload, bytes) else payload
+        floor = 0
+        if build is not None:
+            floor = self._floor(conn, sequence, seq)
+            payload = bytes(build(seq, floor))
+            self._check_size(topic, payload)
+        assert isinstance(payload, bytes)
+        n_drop, freed = 0, 0
+        for _ in range(4):  # a payload rebuilt with a new floor may grow a little
+            over_count = max(0, self._depth - n_drop + 1 - self.max_messages)
+            over_bytes = max(0, self._bytes - freed + len(payload) - self.max_bytes)
+            if not (over_count or over_bytes):
+                break
+            more, more_freed = self._drop_oldest(conn, over_count, over_bytes)
+            n_drop, freed = n_drop + more, freed + more_freed
+            if build is not None and self._floor(conn, sequence, seq) != floor:
+                floor = self._floor(conn, sequence, seq)
+                payload = bytes(build(seq, floor))
+                self._check_size(topic, payload)
+        return payload, n_drop, freed
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``) on the connection;
+        the caller holds the lock. Any failure rolls it back; SQLite's are mapped.
+
+        Raises:
+            OutboxError, OutboxFullError: the file failed (``what`` says doing what).
+        """
+        conn = self._open_conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise self._mapped(exc, what) from exc
+        except BaseException:
+            _rollback(conn)
+            raise
 
     def _check_size(self, topic: str, payload: bytes) -> None:
         if len(payload) > self.max_payload:
@@ -333,19 +355,13 @@ class Outbox:
             OutboxError: the file failed (the message stays and will be sent again).
         """
         with self._lock:
-            conn = self._open_conn()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
+            with self._transaction(f"ack of {item_id}") as conn:
                 # no DELETE ... RETURNING: it needs SQLite 3.35, Debian 11 ships 3.34
                 row = conn.execute(
                     "SELECT LENGTH(payload) FROM outbox WHERE id = ?", (item_id,)
                 ).fetchone()
                 if row is not None:
                     conn.execute("DELETE FROM outbox WHERE id = ?", (item_id,))
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                raise self._mapped(exc, f"ack of {item_id}") from exc
             if row is None:
                 return False
             self._depth -= 1
@@ -365,9 +381,7 @@ class Outbox:
             OutboxError: the file failed (the rows stay and will be sent again).
         """
         with self._lock:
-            conn = self._open_conn()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
+            with self._transaction(f"confirm of {stream} up to {upto}") as conn:
                 rows = conn.execute(
                     "SELECT id, LENGTH(payload) FROM outbox WHERE stream = ? AND seq <= ?",
                     (stream, upto)).fetchall()
@@ -385,10 +399,6 @@ class Outbox:
                     # duplicates, so they are lost, and counted as drops are
                     conn.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'",
                                  (lost,))
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                raise self._mapped(exc, f"confirm of {stream} up to {upto}") from exc
             self._depth -= len(rows)
             self._bytes -= sum(size for _, size in rows)
             self._dropped += lost
@@ -440,15 +450,8 @@ class Outbox:
         Raises:
             OutboxError: the file failed (the counter did not move).
         """
-        with self._lock:
-            conn = self._open_conn()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                value = self._bump(conn, name)
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                raise self._mapped(exc, f"sequence {name!r}") from exc
+        with self._lock, self._transaction(f"sequence {name!r}") as conn:
+            value = self._bump(conn, name)
         return int(value)
 
     # -- reading ---------------------------------------------------------------------------

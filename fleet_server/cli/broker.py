@@ -151,7 +151,7 @@ class _Steps:
     accounts: int  # lines of the passwd file: every account the broker knows
     host: str  # where the server and the workers reach the plain listener
     start: str
-    serve: str
+    serve: str | None  # None on a site broker: no fleet server runs there
     ingest: tuple[str, ...]
 
     @classmethod
@@ -170,8 +170,9 @@ class _Steps:
         return cls(
             accounts=written[PASSWD_NAME].read_text(encoding="utf-8").count("\n"), host=host,
             start=f"mosquitto -c {written[CONF_NAME].resolve()}",
-            serve=(f"fleet serve --db {db} {broker} --broker-user {setup.server_user} "
-                   f"--broker-password-file {password_path}"),
+            serve=None if setup.bridge_to is not None else (
+                f"fleet serve --db {db} {broker} --broker-user {setup.server_user} "
+                f"--broker-password-file {password_path}"),
             ingest=tuple(
                 f"fleet ingest --db {db} {broker} --broker-user {user} --broker-password-file "
                 f"{written[password_file_name(user, setup.server_user)]}"

@@ -14,6 +14,7 @@ speak for another site's device, and another site's device cannot log in at this
 
 from __future__ import annotations
 
+import json
 import stat
 import sys
 import time
@@ -233,6 +234,14 @@ def test_cli_writes_a_central_broker_and_a_bridged_site_broker(tmp_path):
     conf = tmp_path / "site" / CONF_NAME
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600
     assert ("remote_password", password) in conf_pairs(conf.read_text())
+    as_json = runner.invoke(main, ["broker-config", "--db", str(db), "--out",
+                                   str(tmp_path / "site2"), "--bridge-to", "central.example:8883",
+                                   "--site", "plant-a", "--bridge-password-file", str(pw_file),
+                                   "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    answer = json.loads(as_json.output)
+    assert answer["serve"] is None and answer["ingest"] == []  # no fleet server on a site
+    assert answer["start"].startswith("mosquitto -c ")
     missing = runner.invoke(main, ["broker-config", "--db", str(db), "--out",
                                    str(tmp_path / "x"), "--bridge-to", "central"])
     assert missing.exit_code != 0 and "--site and --bridge-password-file" in missing.output

@@ -24,6 +24,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -247,6 +248,12 @@ def test_concept_drift_is_healed_by_the_watcher_through_a_staged_rollout(
     assert steps[0][0] == "alert" and steps[1:] == [
         ("run", "promoted"), ("champion", "judged against"), ("challenger", "won"),
         ("rollout", "completed")]
+    # the dashboard shows the chain to the end: the challenger's realized accuracy after
+    with httpx.Client(base_url=fleet.url, timeout=30) as web:
+        assert web.post("/login", data={"token": fleet.viewer}).status_code == 303
+        shown = web.get(f"/retrains/{run.id}")
+    assert shown.status_code == 200
+    assert "lineage-performance" in shown.text and f"<b>{healed:.4g}</b>" in shown.text
     # the second alert (the other scope) waits out the cooldown: one run, one rollout
     assert len(s.retrains.list()) == 1 and len(s.rollouts.list()) == 1
 

@@ -268,6 +268,7 @@ def test_concept_drift_is_healed_by_the_watcher_through_a_staged_rollout(
     [bad] = s.retrains.list(recipe="sensor-bad")
     assert bad.status == "rejected" and bad.rollout is None and bad.finished is not None
     assert bad.champion == "sensor@1.1.0" and "accuracy" in bad.reason
+    assert "accuracy" in bad.metrics["comparison_table"]  # the numbers behind the verdict
     assert [b.version for b in s.bundles.list("sensor")] == ["1.0.0", "1.1.0"]
     assert len(s.rollouts.list()) == 1
     assert all(fleet.running(d) == "1.1.0" for d in DEVICES)

@@ -89,7 +89,9 @@ def site(tmp_path_factory, signing_keys, bundles):
                                 actor="operator:ci", now=hour - 1800)
         s.retrains.update(lost.id, {"champion": "sensor@2.0.0", "challenger": "sensor@2.1.0",
                                     "status": "rejected",
-                                    "reason": "accuracy>=+0.05: observed -0.41 <script>"},
+                                    "reason": "accuracy>=+0.05: observed -0.41 <script>",
+                                    "metrics": {"comparison_table": "metric  champion  "
+                                                "challenger\naccuracy  0.93  0.52"}},
                           "operator:ci", hour - 1700)
         s.retrains.start(recipe="sensor-retrain", recipe_hash="", revision="",
                          trigger="manual", group="plant-a", bundle="sensor", actor="ana",
@@ -177,6 +179,7 @@ def test_a_rejected_run_says_why(page, site):
     assert steps == ["trigger", "run", "challenger", "champion"]
     text = page.inner_text("main")
     assert "nothing was deployed" in text and "observed -0.41 <script>" in text
+    assert page.inner_text("pre.comparison-table").endswith("accuracy  0.93  0.52")
 
 
 @pytest.mark.parametrize(("path", "status", "named"), [

@@ -584,7 +584,13 @@ class Agent:
                                    id=str(pid)[:80])
             items.append((pid, label))
         self.flush(timeout)
-        return self.store.record(items, strict=True)
+        counts = self.store.record(items, strict=True)
+        if self.capture is not None:  # the labels of captured rows go to the server too
+            try:
+                self.capture.label(items)
+            except Exception:  # a full disk must not refuse outcomes that joined
+                log.exception("queueing the labels of captured rows failed")
+        return counts
 
     def apply_outcome_batch(self, batch: Outcomes, *,
                             timeout: float = 10.0) -> tuple[OutcomeCounts | None, int]:

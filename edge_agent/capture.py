@@ -23,8 +23,17 @@ through the desired state). Then, per window of ``window_seconds``:
    (the server refuses the batch itself) drops it, counted as ``refused``: sending it
    again cannot help.
 
+Labels that join on the device (the local API's ``/outcomes``, ``Agent.record_outcomes``)
+for a row this device captured go to the server too (:meth:`Capture.label`): the queue
+remembers the ids of the last ``queue_max_rows`` rows it captured, keeps each such label
+once (the first stands, as on the server) and sends it in the ``outcomes`` of the next
+batch, with the row when the row is still queued, after it otherwise. A label for a row
+that was not captured never leaves the device. Labels routed by the server are not sent
+back: the server joined them already.
+
 The sampling is done by the agent's profiling worker (never on the request path).
-This module does not choose features, train or join labels (the server joins outcomes).
+This module does not choose features or train; the server joins the labels it gets with
+the rows.
 """
 
 from __future__ import annotations
@@ -158,7 +167,13 @@ class CaptureQueue:
                 "CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY, "
                 "body BLOB NOT NULL, rows INTEGER NOT NULL, made INTEGER NOT NULL);"
                 "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, "
-                "value INTEGER NOT NULL);")
+                "value INTEGER NOT NULL);"
+                # the ids of rows captured (the newest max_rows), and the labels that
+                # joined on the device for them, waiting for the next batch
+                "CREATE TABLE IF NOT EXISTS captured_ids (seq INTEGER PRIMARY KEY "
+                "AUTOINCREMENT, pid TEXT NOT NULL UNIQUE);"
+                "CREATE TABLE IF NOT EXISTS labels (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "pid TEXT NOT NULL UNIQUE, body BLOB NOT NULL);")
         except sqlite3.Error as exc:
             raise CaptureError(f"{self.path}: cannot open the capture queue ({exc})") from exc
 
@@ -183,6 +198,7 @@ class CaptureQueue:
             try:
                 c.executemany("INSERT INTO rows (body, size) VALUES (?, ?)",
                               [(r, len(r)) for r in keep])
+                self._remember(c, keep)
                 n, size = c.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM rows"
                                     ).fetchone()
                 b, bsize = c.execute("SELECT COALESCE(SUM(rows), 0), "
@@ -206,16 +222,57 @@ class CaptureQueue:
                 raise
         return dropped
 
+    def _remember(self, c: sqlite3.Connection, rows: Sequence[bytes]) -> None:
+        """Keep the ids of captured rows (the newest ``max_rows``): a label that joins on
+        the device later is sent only for them."""
+        pids = [(json.loads(r)["id"],) for r in rows]
+        c.executemany("INSERT INTO captured_ids (pid) VALUES (?) ON CONFLICT DO NOTHING",
+                      pids)
+        c.execute("DELETE FROM captured_ids WHERE seq <= (SELECT MAX(seq) FROM captured_ids)"
+                  " - ?", (self.max_rows,))
+
+    def label(self, outcomes: Sequence[tuple[str, Any]]) -> int:
+        """Queue the labels of captured rows among ``(prediction id, label)`` (the first
+        label of a row stands); others are ignored. Returns the labels queued."""
+        if not outcomes:
+            return 0
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                known: set[str] = set()
+                pids = list({pid for pid, _ in outcomes})
+                for lo in range(0, len(pids), 500):
+                    part = pids[lo:lo + 500]
+                    known.update(r[0] for r in c.execute(
+                        f"SELECT pid FROM captured_ids WHERE pid IN "
+                        f"({', '.join('?' * len(part))})", part))
+                fresh = [(pid, json.dumps({"id": pid, "label": _py(label)},
+                                          separators=(",", ":"), allow_nan=False).encode())
+                         for pid, label in outcomes if pid in known]
+                before = c.total_changes
+                c.executemany("INSERT INTO labels (pid, body) VALUES (?, ?) "
+                              "ON CONFLICT DO NOTHING", fresh)
+                queued = c.total_changes - before
+                if queued:
+                    self._count("labels", queued)
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return queued
+
     def next_batch(self, max_rows: int, max_bytes: int) -> tuple[str, bytes, int] | None:
         """The batch to send: the one already cut (same id, same bytes), else a new one cut
-        from the oldest rows (id stored as the rows leave the queue); None when empty."""
+        from the oldest rows and labels (id stored as they leave the queue); None when
+        there is nothing to send."""
         with self._lock:
             c = self._conn
             row = c.execute("SELECT id, body, rows FROM batches ORDER BY made LIMIT 1"
                             ).fetchone()
             if row is not None:
                 return row[0], bytes(row[1]), row[2]
-            bodies, seqs, size = [], [], 64
+            bodies, seqs, size = [], [], 96
             for seq, body in c.execute("SELECT seq, body FROM rows ORDER BY seq LIMIT ?",
                                        (max_rows,)):
                 if size + len(body) + 1 > max_bytes and bodies:
@@ -223,15 +280,26 @@ class CaptureQueue:
                 bodies.append(bytes(body))
                 seqs.append(seq)
                 size += len(body) + 1
-            if not bodies:
+            labels, label_seqs = [], []
+            for seq, body in c.execute("SELECT seq, body FROM labels ORDER BY seq LIMIT ?",
+                                       (max(0, max_rows - len(bodies)),)):
+                if size + len(body) + 1 > max_bytes:
+                    break
+                labels.append(bytes(body))
+                label_seqs.append(seq)
+                size += len(body) + 1
+            if not bodies and not labels:
                 return None
             batch_id = secrets.token_hex(16)
-            body = encode_rows(batch_id, bodies)
+            body = encode_rows(batch_id, bodies, labels)
             c.execute("BEGIN IMMEDIATE")
             try:
                 c.execute("INSERT INTO batches VALUES (?, ?, ?, ?)",
                           (batch_id, body, len(bodies), time.time_ns()))
-                c.execute("DELETE FROM rows WHERE seq <= ?", (seqs[-1],))
+                if seqs:
+                    c.execute("DELETE FROM rows WHERE seq <= ?", (seqs[-1],))
+                if label_seqs:
+                    c.execute("DELETE FROM labels WHERE seq <= ?", (label_seqs[-1],))
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
@@ -273,6 +341,7 @@ class Capture:
         self.reservoir = Reservoir(config.rate, config.max_rows, rng)
         self._lock = threading.Lock()
         self._window_start = clock()
+        self._waiting: dict[str, Any] = {}  # labels of rows in the open window's sample
 
     def observe(self, bundle: str, columns: dict[str, Any], n: int, ids: Sequence[str],
                 times: Any, labels: Any, proba: Any, values: Any) -> None:
@@ -297,9 +366,24 @@ class Capture:
                 return 0
             self._window_start = now
             sample = self.reservoir.take()
+            waiting, self._waiting = self._waiting, {}
         if sample:
             self.queue.put(sample, self.config.batch_bytes)
+            if waiting:
+                self.queue.label(list(waiting.items()))
         return len(sample)
+
+    def label(self, outcomes: Sequence[tuple[str, Any]]) -> int:
+        """Labels that joined on the device: those of rows this device captured go to the
+        server with the next batch (see the module docstring). A label for a row still in
+        the open window's sample waits with it: queued if the row is, dropped if the
+        reservoir lets the row go. Returns the labels queued now."""
+        with self._lock:
+            sampled = {json.loads(r)["id"] for r in self.reservoir.sample}
+            for pid, label in outcomes:
+                if pid in sampled:
+                    self._waiting.setdefault(pid, label)
+        return self.queue.label(outcomes)
 
 
 class Uploader:

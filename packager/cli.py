@@ -532,9 +532,16 @@ def card(bundle: Path, fmt: str, trust: tuple[str, ...], out: Path | None,
               help="Keep running: start runs on the recipe's triggers ([watch]: requested "
                    "runs, open alerts, a schedule) within its cooldown and daily cap, "
                    "until SIGTERM or Ctrl-C.")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="With --watch: also receive the fleet's alert webhook here (HMAC-signed; "
+                   "needs --webhook-secret-file) and answer an alert as it arrives.")
+@click.option("--webhook-secret-file", type=click.Path(exists=True, dir_okay=False,
+                                                       path_type=Path), default=None,
+              help="The secret the fleet signs its webhook with (fleet serve's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 def retrain(recipe: Path, server: str, token: str | None, trigger: str, work: Path | None,
-            watch: bool, as_json: bool) -> None:
+            watch: bool, listen: str | None, webhook_secret_file: Path | None,
+            as_json: bool) -> None:
     """One run of the retraining loop: fetch, split, train, build against the champion,
     and roll the challenger out only if it wins (recorded on the server either way).
 
@@ -546,9 +553,12 @@ def retrain(recipe: Path, server: str, token: str | None, trigger: str, work: Pa
     from packager.retrain import run as run_once
 
     rec = load_recipe(recipe)
+    if listen is not None and not watch:
+        raise click.UsageError("--listen receives alerts for --watch: give both")
     api = FleetApi(server, token)
     if watch:
-        _watch(rec, api, work or recipe.parent / f"retrain-{rec.name}")
+        _watch(rec, api, work or recipe.parent / f"retrain-{rec.name}", listen,
+               webhook_secret_file)
         return
     try:
         outcome = run_once(rec, api, trigger=trigger,
@@ -566,22 +576,36 @@ def retrain(recipe: Path, server: str, token: str | None, trigger: str, work: Pa
         raise ChampionLostError(f"retrain run {outcome.run_id}: rejected, nothing deployed")
 
 
-def _watch(rec: Any, api: Any, work: Path) -> None:
+def _watch(rec: Any, api: Any, work: Path, listen: str | None = None,
+           secret_file: Path | None = None) -> None:
     import signal
     import threading
 
+    from packager.hook import AlertInbox, HookServer, parse_listen
     from packager.watch import Watcher, policy_of
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     policy = policy_of(rec)
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    hook = None
+    watcher = Watcher(rec, api, policy, work=work, say=say)
+    if listen is not None:
+        address = parse_listen(listen)
+        # read as fleet serve reads its copy
+        secret = secret_file.read_text().strip().encode() if secret_file else b""
+        watcher.inbox = AlertInbox(watcher.concerns)
+        hook = HookServer(address, secret, watcher.inbox, say=say)
+        hook.start()
+        say(f"receiving the alert webhook on http://{address[0]}:{hook.port}/")
     click.echo(f"watching recipe {rec.name} (group {rec.group}, bundle {rec.bundle}): "
-               f"alerts {', '.join(policy.alerts)}; every {policy.poll_s:.0f} s", err=True)
+               f"alerts {', '.join(policy.alerts)}; every {policy.poll_s:g} s", err=True)
     try:
-        Watcher(rec, api, policy, work=work,
-                say=lambda line: click.echo(line, err=True)).serve(stop)
+        watcher.serve(stop)
     finally:
+        if hook is not None:
+            hook.stop()
         api.close()
 
 

@@ -78,6 +78,7 @@ MAX_RECIPE_BYTES = 64 * 1024
 FLEET_DATA = "fleet"  # data = "fleet": the capture export of the group's champion
 _SINCE_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)?[smhd]\Z")
 MEMBERS_READ = 500  # group members whose desired state is read to find the champion
+MAX_TABLE_CHARS = 16_000  # of a lost comparison's table, kept in the run's metrics
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,9 @@ def run(recipe: Recipe, api: FleetApi, *, trigger: str = "manual", work: Path,
         return _run(recipe, api, run_id, work, say, finish)
     except ChampionLostError as exc:
         say(f"the challenger does not beat the champion: {exc}")
-        return finish("rejected", reason=str(exc)[:4000])
+        # the whole comparison as edgepack build prints it: the run says why, with numbers
+        return finish("rejected", reason=str(exc)[:4000],
+                      metrics={"comparison_table": exc.table[:MAX_TABLE_CHARS]})
     except Exception as exc:  # recorded on the server, then raised for the caller
         with contextlib.suppress(FleetApiError):  # the run's error matters more
             finish("failed", reason=f"{type(exc).__name__}: {exc}"[:4000])

@@ -16,7 +16,11 @@ last run that got that far (the data is read to count them: retraining on the sa
 would only re-learn the champion); runs of one recipe never overlap (the server refuses a
 second).
 Alerts are read by polling ``/api/v1/alerts``: the runner needs no inbound port, so it can
-live in CI or behind a firewall.
+live in CI or behind a firewall. With an :class:`~packager.hook.AlertInbox` (``--listen
+HOST:PORT``: the fleet's HMAC-signed alert webhook, :mod:`packager.hook`), an alert the
+server pushed is taken first, and the runner wakes as it arrives rather than at the next
+poll; pushed or polled, an alert passes the same filter and the same guardrails, and one
+a run answered already (the server knows) is dropped.
 
 The recipe's ``[watch]`` table::
 
@@ -42,6 +46,7 @@ from typing import Any
 from edgefleet.contract.errors import SchemaError
 from edgefleet.parsing import parse_duration
 from packager.errors import FleetApiError, RecipeError
+from packager.hook import AlertInbox
 from packager.retrain import FleetApi, Recipe, RunOutcome, labelled_rows, load_frame, run
 
 __all__ = ["WatchPolicy", "Watcher", "policy_of"]
@@ -105,9 +110,36 @@ class Watcher:
 
     def __init__(self, recipe: Recipe, api: FleetApi, policy: WatchPolicy, *, work: Path,
                  clock: Callable[[], float] = time.time,
-                 say: Callable[[str], None] = lambda _: None) -> None:
+                 say: Callable[[str], None] = lambda _: None,
+                 inbox: AlertInbox | None = None) -> None:
         self.recipe, self.api, self.policy = recipe, api, policy
         self.work, self.clock, self.say = work, clock, say
+        self.inbox = inbox
+
+    def concerns(self, alert: dict[str, Any]) -> str | None:
+        """Why an alert is not this recipe's to answer (its kind is not watched, another
+        bundle, another group), or None: it is."""
+        if alert["kind"] not in self.policy.alerts:
+            return f"kind {alert['kind']} is not watched ({', '.join(self.policy.alerts)})"
+        if not str(alert["bundle"]).startswith(self.recipe.bundle + "@"):
+            return f"bundle {alert['bundle']} is not {self.recipe.bundle}"
+        if alert["group"] not in (self.recipe.group, "", "*"):
+            return f"group {alert['group']} is not {self.recipe.group} (nor the fleet)"
+        return None
+
+    def _answered(self, alert_id: int) -> bool:
+        return bool(self.api.call("GET", "/api/v1/retrains", params={"alert": alert_id}))
+
+    def _pushed(self) -> dict[str, Any] | None:
+        """The oldest alert the webhook brought that no run answered yet."""
+        if self.inbox is None:
+            return None
+        for alert in self.inbox.pending():
+            if self.concerns(alert) is not None or self._answered(alert["id"]):
+                self.inbox.done(alert["id"])
+                continue
+            return alert
+        return None
 
     def _runs(self) -> list[dict[str, Any]]:
         return self.api.call("GET", "/api/v1/retrains",
@@ -153,14 +185,12 @@ class Watcher:
         return None
 
     def _alert(self) -> dict[str, Any] | None:
-        bundle = self.recipe.bundle + "@"
+        pushed = self._pushed()
+        if pushed is not None:
+            return pushed
         for alert in sorted(self.api.call("GET", "/api/v1/alerts", params={"state": "open"}),
                             key=lambda a: a["id"]):
-            if alert["kind"] not in self.policy.alerts or \
-                    not alert["bundle"].startswith(bundle) or \
-                    alert["group"] not in (self.recipe.group, "", "*"):
-                continue
-            if not self.api.call("GET", "/api/v1/retrains", params={"alert": alert["id"]}):
+            if self.concerns(alert) is None and not self._answered(alert["id"]):
                 return alert
         return None
 
@@ -184,7 +214,9 @@ class Watcher:
             self.say(f"{'alert ' + str(alert['id']) if alert else 'schedule'} waits: {why}")
             return None
         if alert is not None:
-            self.say(f"alert {alert['id']} ({alert['kind']}): {alert['message']}")
+            self.say(f"alert {alert['id']} ({alert['kind']}): {alert.get('message', '')}")
+            if self.inbox is not None:
+                self.inbox.done(alert["id"])  # answered by this run, whatever its outcome
             return self._run(f"alert:{alert['id']}")
         return self._run("schedule")
 
@@ -199,4 +231,15 @@ class Watcher:
             except Exception as exc:  # keep watching: the run is recorded as failed
                 log.warning("retrain watcher: %s", exc)
                 self.say(f"error: {exc}")
+            self._rest(stop)
+
+    def _rest(self, stop: threading.Event) -> None:
+        """Until the next poll, or sooner: stopped, or an alert pushed by the webhook."""
+        if self.inbox is None:
             stop.wait(self.policy.poll_s)
+            return
+        deadline = time.monotonic() + self.policy.poll_s
+        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if self.inbox.arrived.wait(min(0.2, left)):
+                break
+        self.inbox.arrived.clear()

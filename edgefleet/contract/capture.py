@@ -9,9 +9,11 @@ A batch is one JSON object, schema 1::
 
 ``label``/``probabilities`` are a classifier's outputs, ``value`` a regressor's; the
 features are only those the device's allowlist names (the agent filters before anything
-is written to its queue). The batch id makes an upload idempotent: the server stores a
-batch once per device and answers a repeat as a duplicate, so a device that lost the
-answer sends it again safely.
+is written to its queue). An optional ``"outcomes": [{"id": "<prediction id>", "label":
+<the true label>}]`` carries labels that joined on the device for rows it captured (in
+this batch or an earlier one); a batch may then have no rows. The batch id makes an upload
+idempotent: the server stores a batch once per device and answers a repeat as a duplicate,
+so a device that lost the answer sends it again safely.
 
 Both sides use :func:`decode_batch` and :func:`encode_batch`: one owner of the format.
 This module does not sample, queue, send or store.
@@ -120,23 +122,32 @@ def _scalar(v: Any, where: str) -> Scalar:
 
 @dataclass(frozen=True)
 class CaptureBatch:
-    """A batch of captured rows with the device's idempotency key."""
+    """A batch of captured rows with the device's idempotency key, and the true labels
+    ``(prediction id, label)`` that joined on the device for rows it captured."""
 
     batch: str
     rows: tuple[CaptureRow, ...]
+    outcomes: tuple[tuple[str, Scalar], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "batch": self.batch, "rows": [r.to_dict() for r in self.rows]}
+        doc: dict[str, Any] = {"schema": SCHEMA, "batch": self.batch,
+                               "rows": [r.to_dict() for r in self.rows]}
+        if self.outcomes:
+            doc["outcomes"] = [{"id": pid, "label": label} for pid, label in self.outcomes]
+        return doc
 
 
 def encode_batch(batch: CaptureBatch) -> bytes:
     return json.dumps(batch.to_dict(), separators=(",", ":"), allow_nan=False).encode()
 
 
-def encode_rows(batch_id: str, rows: Sequence[bytes]) -> bytes:
-    """A batch body from rows already encoded as JSON objects (the agent's queue)."""
+def encode_rows(batch_id: str, rows: Sequence[bytes], outcomes: Sequence[bytes] = ()
+                ) -> bytes:
+    """A batch body from rows (and outcomes) already encoded as JSON objects (the agent's
+    queue)."""
+    tail = b',"outcomes":[' + b",".join(outcomes) + b"]" if outcomes else b""
     return b'{"schema":1,"batch":"' + batch_id.encode() + b'","rows":[' + \
-        b",".join(rows) + b"]}"
+        b",".join(rows) + b"]" + tail + b"}"
 
 
 def decode_batch(data: bytes, *, max_bytes: int = MAX_BATCH_BYTES) -> CaptureBatch:
@@ -153,14 +164,30 @@ def decode_batch(data: bytes, *, max_bytes: int = MAX_BATCH_BYTES) -> CaptureBat
     if not BATCH_RE.match(batch):
         raise f.bad("batch", "16-64 letters, digits, '_' or '-'")
     raw = f.list("rows", max_len=MAX_BATCH_ROWS)
-    if not raw:
+    labels = f.list("outcomes", max_len=MAX_BATCH_ROWS) if f.has("outcomes") else []
+    if not raw and not labels:
         raise f.bad("rows", "no rows")
     rows = tuple(CaptureRow.from_dict(r, f"capture.rows[{i}]") for i, r in enumerate(raw))
+    outcomes = tuple(_outcome(o, f"capture.outcomes[{i}]") for i, o in enumerate(labels))
     f.done()
+    if len({pid for pid, _ in outcomes}) < len(outcomes):
+        raise f.bad("outcomes", "a prediction id twice")
     ids = set()
     for i, r in enumerate(rows):
         if r.id in ids:
             raise SchemaError(f"capture.rows[{i}].id: {r.id!r} twice in the batch",
                               field=f"capture.rows[{i}].id")
         ids.add(r.id)
-    return CaptureBatch(batch, rows)
+    return CaptureBatch(batch, rows, outcomes)
+
+
+def _outcome(obj: Any, where: str) -> tuple[str, Scalar]:
+    f = Fields(obj, where)
+    pid = f.str("id", max_len=64)
+    if not ID_RE.match(pid):
+        raise f.bad("id", f"{pid!r} is not a prediction id")
+    label = _scalar(f.raw("label", None), f"{where}.label")
+    if label is None:
+        raise f.bad("label", "missing")
+    f.done()
+    return pid, label

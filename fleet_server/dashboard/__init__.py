@@ -12,7 +12,8 @@ Routes (all ``GET`` unless said, HTML, working without JavaScript):
   ``/rollouts`` (``status``) and ``/rollouts/{id}``; ``/bundles/{name@version}`` (the card,
   approvals, where the bundle runs and how it does; linked from the overview's bundles);
   ``/performance`` (``bundle``, ``group``, ``device``, ``days``: realized and estimated
-  performance).
+  performance); ``/retrains`` (``status``, ``recipe``, ``bundle``) and ``/retrains/{id}``
+  (the retraining runs and one run's lineage, linked from the bundle page).
 
 Routes do HTTP only: read the session cookie (:mod:`.session`), check the query string,
 call a page function (:mod:`.pages`, :mod:`.drift_page`, :mod:`.rollout_pages`) and
@@ -40,6 +41,7 @@ from fleet_server.dashboard import (
     drift_page,
     pages,
     performance_page,
+    retrain_pages,
     rollout_pages,
 )
 from fleet_server.dashboard.html import error_page, login_page, page
@@ -212,3 +214,15 @@ def bundle(request: Request, label: str) -> Response:
 def rollout(request: Request, rollout_id: str) -> Response:
     return _render(request, (), lambda s, q, now: rollout_pages.rollout(s, rollout_id, q, now),
                    active="/rollouts")
+
+
+@router.get("/retrains")
+def retrains(request: Request) -> Response:
+    return _render(request, ("status", "recipe", "bundle"), retrain_pages.retrain_list,
+                   active="/retrains")
+
+
+@router.get("/retrains/{run_id}")
+def retrain(request: Request, run_id: str) -> Response:
+    return _render(request, (), lambda s, q, now: retrain_pages.retrain(s, run_id, q, now),
+                   active="/retrains")

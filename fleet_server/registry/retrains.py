@@ -133,9 +133,10 @@ class Retrains:
         return self.store.get_retrain(run_id)
 
     def list(self, *, recipe: str | None = None, status: str | None = None,
-             alert_id: int | None = None, limit: int = 100) -> list[RetrainRun]:
+             alert_id: int | None = None, bundle: str | None = None,
+             limit: int = 100) -> list[RetrainRun]:
         return self.store.list_retrains(recipe=recipe, status=status, alert_id=alert_id,
-                                        limit=limit)
+                                        bundle=bundle, limit=limit)
 
     def lineage(self, run: RetrainRun) -> list[dict[str, Any]]:
         """The chain from the trigger to the devices, one link a step, each with its id

@@ -91,12 +91,19 @@ class RetrainTables(StoreBase):
         return _run(row)
 
     def list_retrains(self, *, recipe: str | None = None, status: str | None = None,
-                      alert_id: int | None = None, limit: int = 100) -> list[RetrainRun]:
-        where, params = [], []
+                      alert_id: int | None = None, bundle: str | None = None,
+                      limit: int = 100) -> list[RetrainRun]:
+        """Runs, newest first; ``bundle`` (``name@version``): those that built it or were
+        judged against it."""
+        where: list[str] = []
+        params: list[Any] = []
         for col, value in (("recipe", recipe), ("status", status), ("alert_id", alert_id)):
             if value is not None:
                 where.append(f"{col} = ?")
                 params.append(value)
+        if bundle is not None:
+            where.append("(challenger = ? OR champion = ?)")
+            params += [bundle, bundle]
         sql = "SELECT * FROM retrains" + (" WHERE " + " AND ".join(where) if where else "")
         return [_run(r) for r in self._rows(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])]
 

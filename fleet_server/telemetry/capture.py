@@ -6,7 +6,8 @@
   from the device its credential names (never one the body names) and stores it once per
   batch id; a row is stored once per (device, prediction id). A row whose outcome was
   uploaded centrally before it arrived is labelled as it is stored; outcomes uploaded
-  later label it then (:meth:`fleet_server.telemetry.routing.OutcomeService.upload`).
+  later label it then (:meth:`fleet_server.telemetry.routing.OutcomeService.upload`), and
+  so do a batch's ``outcomes``: labels that joined on the device for rows it captured.
 - :meth:`~CaptureService.export` yields one bundle's captured rows (of a group, served
   since a time, labelled only if asked), flat, ready to train on: ``device``, ``id``,
   ``time``, the features, the model's ``predicted`` label (or ``value``) and ``label``, the
@@ -84,8 +85,14 @@ class CaptureService:
             rows.append((r.id, r.time, name, version,
                          json.dumps(r.features, separators=(",", ":"), sort_keys=True),
                          json.dumps(prediction, separators=(",", ":"))))
-        stored, duplicate = self.store.add_capture_batch(device, batch.batch, rows,
-                                                         self.clock())
+        now = self.clock()
+        with self.store.transaction():
+            stored, duplicate = self.store.add_capture_batch(device, batch.batch, rows, now)
+            if batch.outcomes and not duplicate:
+                # labels joined on the device, for rows it captured: as an outcome uploaded
+                # centrally (kept for a row stored later; the first label stands)
+                self.store.record_capture_labels(
+                    [(device, pid, json.dumps(label)) for pid, label in batch.outcomes], now)
         return CaptureStored(batch.batch, len(rows), stored, duplicate)
 
     def export(self, name: str, version: str, *, group: str | None = None,

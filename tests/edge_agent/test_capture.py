@@ -174,3 +174,43 @@ def test_the_agent_captures_served_rows_with_ids_outputs_and_only_allowed_featur
     finally:
         agent.close()
         queue.close()
+
+
+def test_labels_joined_on_the_device_go_with_or_after_their_captured_rows(tmp_path):
+    q = CaptureQueue(tmp_path / "capture.db", max_rows=10_000, max_bytes=10**9)
+    q.put(_rows(5), batch_bytes=10_000)
+    # p-0000, p-0001 captured and still queued; p-9999 never captured: never leaves
+    assert q.label([("p-0000", 1), ("p-0001", "ok"), ("p-9999", 0)]) == 2
+    assert q.label([("p-0000", 0)]) == 0  # the first label stands
+    batch_id, body, rows = q.next_batch(1000, 10**6)
+    batch = decode_batch(body)
+    assert rows == 5 and len(batch.rows) == 5
+    assert batch.outcomes == (("p-0000", 1), ("p-0001", "ok"))
+    q.done(batch_id)
+    # after the rows left: the label goes alone, in a batch of its own (restart-safe)
+    assert q.label([("p-0003", 1)]) == 1
+    q.close()
+    q = CaptureQueue(tmp_path / "capture.db", max_rows=10_000, max_bytes=10**9)
+    _, body, rows = q.next_batch(1000, 10**6)
+    assert rows == 0 and decode_batch(body).outcomes == (("p-0003", 1),)
+    assert q.counter("labels") == 3
+    q.close()
+    # only the newest max_rows ids are remembered
+    q = CaptureQueue(tmp_path / "small.db", max_rows=3, max_bytes=10**9)
+    q.put(_rows(5), batch_bytes=10_000)
+    assert q.label([(f"p-{i:04d}", 1) for i in range(5)]) == 3
+    q.close()
+
+
+def test_a_label_for_a_row_in_the_open_window_waits_for_it(tmp_path):
+    now = [0.0]
+    queue = CaptureQueue(tmp_path / "capture.db", max_rows=10_000, max_bytes=10**9)
+    capture = Capture(CaptureConfig(features=("x",), rate=1.0, max_rows=2, window_s=60),
+                      queue, clock=lambda: now[0], rng=random.Random(1))
+    capture.reservoir.offer(2, lambda i: _rows(2)[i])
+    assert capture.label([("p-0000", 1), ("p-0007", 1)]) == 0  # not queued yet
+    now[0] = 61
+    assert capture.roll() == 2
+    _, body, _ = queue.next_batch(1000, 10**6)
+    assert decode_batch(body).outcomes == (("p-0000", 1),)
+    queue.close()

@@ -134,7 +134,7 @@ def matrix(tmp_path_factory, signing_keys, bundles):
 # or a redirect to the sign-in form; a bearer token, even an approver's, is not a session.
 DASHBOARD_PAGES = frozenset({"/", "/devices", "/devices/{device_id}", "/drift", "/performance",
                              "/alerts", "/rollouts", "/rollouts/{rollout_id}",
-                             "/bundles/{label}"})
+                             "/bundles/{label}", "/retrains", "/retrains/{run_id}"})
 DASHBOARD_OPEN = frozenset({("GET", "/login"), ("POST", "/login"), ("GET", "/logout"),
                             ("POST", "/logout")})
 

@@ -61,6 +61,15 @@ def test_a_run_from_an_alert_to_a_promotion_keeps_its_lineage(fleet: Services) -
                      ("challenger", "sensor@1.1.0", "won"),
                      ("rollout", "retrain-1", "gone")]  # no such rollout was made here
     assert [x.id for x in r.list(alert_id=alert_id)] == [run.id]
+    # by bundle: the runs that built it or were judged against it (the dashboard's filter)
+    other = r.start(recipe="other", recipe_hash="", revision="", trigger="manual",
+                    group="plant-a", bundle="sensor", actor="runner", now=T0 + 8)
+    r.update(other.id, {"champion": "sensor@1.1.0", "challenger": "sensor@1.2.0"}, "runner",
+             T0 + 9)
+    assert [x.id for x in r.list(bundle="sensor@1.1.0")] == [other.id, run.id]
+    assert [x.id for x in r.list(bundle="sensor@1.0.0")] == [run.id]
+    assert [x.id for x in r.list(bundle="sensor@1.2.0", status="running")] == [other.id]
+    assert r.list(bundle="sensor@9.0.0") == []
     # the audit log holds the start and the finish
     actions = [e.action for e in fleet.store.list_audit(target=f"retrain:{run.id}")]
     assert sorted(actions) == ["retrain.promoted", "retrain.start"]

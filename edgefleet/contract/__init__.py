@@ -21,6 +21,11 @@
 ``errors``       the contracts' error tree (under :class:`edgefleet.errors.EdgefleetError`)
 ===============  ===============================================================
 
+``performance`` and ``messages`` are faces over sibling modules, one concept each
+(``performance_spec``, ``performance_realized``, ``performance_estimated``,
+``performance_metrics``; ``messages_base``, ``messages_control``, ``messages_outcomes``,
+``latency``): import the names from the face.
+
 Each module is imported by name (``from edgefleet.contract.bundle import verify_bundle``);
 this package imports none of them, so importing one contract costs only that contract.
 Nothing here does I/O beyond reading a file it is handed; nothing here knows about a

@@ -37,9 +37,9 @@ class Outcome:
     @classmethod
     def from_dict(cls, obj: Any, where: str) -> Outcome:
         f = Fields(obj, where)
-        pid = f.str("id", max_len=64)
-        if not ID_RE.match(pid):
-            raise f.bad("id", "a prediction id: letters, digits, '_', '.', ':', '-' (max 64)")
+        pid = f.matching("id", ID_RE,
+                         "a prediction id: letters, digits, '_', '.', ':', '-' (max 64)",
+                         max_len=64)
         label = f.raw("label")
         if isinstance(label, bool) or not isinstance(label, (str, int, float)):
             raise f.bad("label", "a class label (string or integer) or a finite number")

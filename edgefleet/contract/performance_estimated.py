@@ -171,15 +171,6 @@ class Estimated(Block):
                                  rows, "cbpe", 0.0, 1.0)
         return out
 
-    def copy(self) -> Estimated:
-        return Estimated.from_wire(self.spec, self.to_wire())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Estimated) and self.spec == other.spec \
-            and self.to_wire() == other.to_wire()
-
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         return f"Estimated({self.spec.task}, n={self.n}, calibrated={self.calibrated})"
 

@@ -274,15 +274,6 @@ class Realized(Block):
             return regression_metrics(self.count, self.err)
         return class_metrics(self)
 
-    def copy(self) -> Realized:
-        return Realized.from_wire(self.spec, self.to_wire())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Realized) and self.spec == other.spec \
-            and self.to_wire() == other.to_wire()
-
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         return f"Realized({self.spec.task}, n={self.n})"
 

@@ -24,25 +24,10 @@ from edgefleet.contract.wire import Fields
 if TYPE_CHECKING:
     from edgefleet.contract.manifest import Manifest
 
-__all__ = [
-    "DELAY_EDGES",
-    "ERROR_EDGES",
-    "MAX_CLASSES",
-    "MAX_ENTRIES",
-    "MAX_ERROR",
-    "MAX_ERROR_EDGES",
-    "MAX_SCORE_CLASSES",
-    "RELIABILITY_EDGES",
-    "SCORE_EDGES",
-    "TASKS",
-    "Block",
-    "PerformanceSpec",
-    "count_list",
-    "float_list",
-    "index_array",
-    "int_list",
-    "same_spec",
-]
+__all__ = ["DELAY_EDGES", "ERROR_EDGES", "MAX_CLASSES", "MAX_ENTRIES", "MAX_ERROR",
+           "MAX_ERROR_EDGES", "MAX_SCORE_CLASSES", "RELIABILITY_EDGES", "SCORE_EDGES", "TASKS",
+           "Block", "PerformanceSpec", "count_list", "float_list", "index_array", "int_list",
+           "same_spec"]
 
 Label = int | str
 TASKS = ("classification", "regression")
@@ -153,7 +138,8 @@ _B = TypeVar("_B", bound="Block")
 
 
 class Block:
-    """What both blocks share: a spec, an exact merge, and the sum of many."""
+    """What both blocks share: a spec, an exact merge, the sum of many, and copies and
+    equality over the wire form."""
 
     def __init__(self, spec: PerformanceSpec) -> None:
         self.spec = spec
@@ -173,6 +159,23 @@ class Block:
         for block in blocks:
             total.merge(block)
         return total
+
+    def to_wire(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_wire(cls: type[_B], spec: PerformanceSpec, obj: Any, where: str = "block") -> _B:
+        raise NotImplementedError
+
+    def copy(self: _B) -> _B:
+        return type(self).from_wire(self.spec, self.to_wire())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, type(self)) and self.spec == other.spec \
+            and self.to_wire() == other.to_wire()
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 def same_spec(a: PerformanceSpec, b: PerformanceSpec) -> None:
     if a != b:

@@ -16,7 +16,7 @@ from typing import Any
 
 from edgefleet.contract.wire import Fields
 
-__all__ = ["CARD_SCHEMA", "MAX_COLUMNS", "MAX_GROUPS", "MAX_NAME", "MAX_TEXT", "METHODS",
+__all__ = ["CARD_SCHEMA", "DATE_RE", "MAX_COLUMNS", "MAX_GROUPS", "MAX_NAME", "MAX_TEXT", "METHODS",
            "Estimate", "items_of", "opt_floats", "opt_str", "parse_date"]
 
 CARD_SCHEMA = 1

@@ -34,15 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.contract.bundle import (
-    BUNDLE_SUFFIX,
-    file_entry,
-    pack_bundle,
-    read_bundle_file,
-    verify_bundle,
-)
-from edgefleet.contract.card import Champion, ModelCard, Statement, TimeRange
-from edgefleet.contract.errors import BundleError, KeyFileError, SchemaError
+from edgefleet.contract.bundle import BUNDLE_SUFFIX, file_entry, pack_bundle
+from edgefleet.contract.card import ModelCard, Statement
+from edgefleet.contract.errors import KeyFileError, SchemaError
 from edgefleet.contract.manifest import (
     NAME_RE,
     FeatureSpec,
@@ -52,30 +46,26 @@ from edgefleet.contract.manifest import (
     Quantization,
     parse_version,
 )
+from edgefleet.contract.profile import ProfileSpec
 from edgefleet.contract.runtime import ModelRunner, Prediction
-from edgefleet.contract.signing import (
-    Envelope,
-    TrustedKey,
-    TrustStore,
-    key_id,
-    load_private_key,
-)
+from edgefleet.contract.samples import Samples
+from edgefleet.contract.signing import Envelope, load_private_key
 from edgefleet.contract.wire import sha256_hex
-from packager import calibrate, evaluate
-from packager import champion as compare
+from packager import calibrate
 from packager.boosters import missing_library_hint
+from packager.build_card import (
+    build_warnings,
+    card_detail,
+    fit_calibration,
+    headline_metrics,
+    measure_card,
+)
+from packager.build_champion import check_champion_options, run_champion
 from packager.card import load_card
-from packager.champion import MAX_SLICE_LOSS
+from packager.champion import MAX_SLICE_LOSS, Rule
 from packager.convert import Converted, adopt_onnx, convert_sklearn, sklearn_outputs
 from packager.data import Table, load_table
-from packager.errors import (
-    BuildError,
-    ChampionLostError,
-    FairnessError,
-    FidelityError,
-    ModelLoadError,
-    SchemaChangeError,
-)
+from packager.errors import BuildError, FidelityError, ModelLoadError
 from packager.fidelity import Bounds, judge, table
 from packager.quantize import quantize
 from packager.reference import build_reference, pick_samples
@@ -247,22 +237,6 @@ def _columns(data: Table) -> dict[str, np.ndarray]:
     return {n: data.columns[n] for n in data.names}
 
 
-def _metrics(task: str, pred: Prediction, target: np.ndarray | None, prefix: str
-             ) -> dict[str, float]:
-    if target is None:
-        return {}
-    from sklearn import metrics
-
-    if task == "classification":
-        got, want = np.asarray(pred.labels).astype(str), np.asarray(target).astype(str)
-        return {f"{prefix}accuracy": float(metrics.accuracy_score(want, got)),
-                f"{prefix}f1_macro": float(metrics.f1_score(want, got, average="macro"))}
-    y = np.asarray(target, dtype=np.float64)
-    return {f"{prefix}mae": float(metrics.mean_absolute_error(y, pred.values)),
-            f"{prefix}rmse": float(np.sqrt(metrics.mean_squared_error(y, pred.values))),
-            f"{prefix}r2": float(metrics.r2_score(y, pred.values))}
-
-
 def _feature_specs(data: Table, binding_dtype: str) -> tuple[FeatureSpec, ...]:
     specs = []
     for n in data.names:
@@ -284,17 +258,87 @@ def _feature_specs(data: Table, binding_dtype: str) -> tuple[FeatureSpec, ...]:
 def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) -> BuildResult:
     """Build, sign and write a bundle; return where and what.
 
+    One function per step, in the order they run (each reported to ``progress``).
+
     Raises:
         PackagerError: a refused input or step (see :mod:`packager.errors`).
         KeyFileError: the signing key cannot be used.
     """
     step = _Steps(progress)
+    checked = _check(opts)
+    shipped = _package_model(opts, checked.created_at, step)
+    rows = _held_out(opts, shipped)
+    fidelity, fidelity_rows = _fidelity(opts, shipped.est, shipped.converted, rows.check,
+                                        rows.answers)
+    step("fidelity", f"{'passed' if fidelity.passed else 'FAILED (forced)'} on "
+         f"{fidelity.rows} rows")
+    spec, reference, samples = _profile(opts, shipped)
+    step("profile", f"reference over {shipped.features.rows} rows, {len(spec.inputs)} "
+         f"features, reference_hash {spec.reference_hash[:12]}")
+    calibrated, card = _measure(opts, checked, shipped, rows)
+    step("card", card_detail(card, calibrated))
+    files = {"model.onnx": shipped.model, "reference.json": reference,
+             "samples.json": samples.to_bytes()}
+    manifest = _manifest(opts, shipped, rows, files, spec.reference_hash, fidelity,
+                         calibrated, card)
+    bundle = pack_bundle(manifest, Envelope().signed(checked.key, manifest.to_bytes()), files,
+                         checked.epoch)
+    out = _write(opts.out_dir, f"{opts.name}-{opts.version}{BUNDLE_SUFFIX}", bundle)
+    step("sign", f"{out} ({len(bundle):,} bytes)")
+    return BuildResult(out, manifest, sha256_hex(bundle), len(bundle), fidelity_rows,
+                       step.timings, shipped.converted.notes,
+                       build_warnings(opts, rows.held_out))
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What the build checks and reads before anything slow runs."""
+
+    rules: tuple[Rule, ...]  # --promote-if, parsed
+    key: Any  # the private signing key
+    statement: Statement | None  # card.toml
+    epoch: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class _Shipped:
+    """The model as it will ship, and what it was made from."""
+
+    est: Any  # the scikit-learn estimator (None: an adopted ONNX model)
+    model_bytes: bytes  # the model file as given
+    data: Table  # the training data
+    converted: Converted
+    features: Table  # the training data's model inputs
+    model: bytes  # the ONNX model, quantised
+    quant: Quantization
+    provisional: Manifest  # files and reference come at the end
+    runner: ModelRunner
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The rows the shipped model is judged on, and its answers."""
+
+    # all the evaluation file's columns: a sensitive or slice column need not be an input
+    source: Table
+    check: Table  # the model's inputs of those rows
+    held_out: bool  # --eval-data given (else a sample of the training rows)
+    answers: Prediction
+
+
+def _check(opts: BuildOptions) -> _Checked:
+    """The options, the signing key and the card file: fail before the slow steps."""
     _check_identity(opts)
-    rules = _check_champion_options(opts)
-    key = load_signing_key(opts.key, opts.passphrase)  # fail before the slow steps
+    rules = check_champion_options(opts)
+    key = load_signing_key(opts.key, opts.passphrase)
     statement = load_card(opts.card) if opts.card else None
     epoch, created_at = _now(os.environ.get("SOURCE_DATE_EPOCH"))
+    return _Checked(rules, key, statement, epoch, created_at)
 
+
+def _package_model(opts: BuildOptions, created_at: str, step: _Steps) -> _Shipped:
+    """The load, convert and quantize steps, and a runner over the result."""
     est, model_bytes = _load_model(opts.model)
     data = load_table(opts.train_data, opts.target)
     step("load", f"{data.rows} rows × {len(data.names)} columns from {opts.train_data.name}")
@@ -308,55 +352,62 @@ def build(opts: BuildOptions, progress: Progress = lambda step, detail: None) ->
                                     if quant.applied else "none"))
 
     provisional = _provisional(opts, created_at, converted, features, est, model_bytes, data)
-    runner = ModelRunner(provisional, model)
+    return _Shipped(est, model_bytes, data, converted, features, model, quant, provisional,
+                    ModelRunner(provisional, model))
 
-    # all the evaluation file's columns: a sensitive or slice column need not be an input
+
+def _held_out(opts: BuildOptions, shipped: _Shipped) -> _Rows:
+    """The evaluation rows (or a sample of the training rows) and the shipped answers."""
     source = load_table(opts.eval_data, opts.target) if opts.eval_data \
-        else _sample(data, FIDELITY_ROWS)
-    check = source.select(features.names)
-    evaluation = check if opts.eval_data else None
-    shipped = runner.run_columns(_columns(check))
-    fidelity, rows = _fidelity(opts, est, converted, check, shipped)
-    step("fidelity", f"{'passed' if fidelity.passed else 'FAILED (forced)'} on "
-         f"{fidelity.rows} rows")
+        else _sample(shipped.data, FIDELITY_ROWS)
+    check = source.select(shipped.features.names)
+    return _Rows(source, check, bool(opts.eval_data),
+                 shipped.runner.run_columns(_columns(check)))
 
+
+def _profile(opts: BuildOptions, shipped: _Shipped) -> tuple[ProfileSpec, bytes, Samples]:
+    """The training profile (``reference.json``) and the smoke-test samples."""
+    runner, features, converted = shipped.runner, shipped.features, shipped.converted
     everything = runner.run_columns(_columns(features))
     spec, reference = build_reference(features, everything, converted.task,
                                       converted.classes, opts.bins)
     samples = pick_samples(features, lambda part: runner.run_columns(_columns(part)))
-    step("profile", f"reference over {features.rows} rows, {len(spec.inputs)} features, "
-         f"reference_hash {spec.reference_hash[:12]}")
+    return spec, reference, samples
 
-    calibrated = _calibrate(converted, shipped, check.target) \
-        if evaluation is not None else None
+
+def _measure(opts: BuildOptions, checked: _Checked, shipped: _Shipped, rows: _Rows
+             ) -> tuple[calibrate.Fitted | str | None, ModelCard]:
+    """The calibration map, the champion comparison and the measured card."""
+    calibrated = fit_calibration(shipped.converted, rows.answers, rows.check.target) \
+        if rows.held_out else None
     # before the card: a challenger that loses stops the build before the slow measures
-    champ = _champion(opts, key, provisional, model, runner, source, shipped, rules) \
+    champ = run_champion(opts, checked.key, shipped.provisional, shipped.model,
+                         shipped.runner, rows.source, rows.answers, checked.rules) \
         if opts.champion else None
-    card = replace(_card(opts, statement, converted, features.names, data, source, shipped,
-                         runner.run_columns), champion=champ)
-    step("card", _card_detail(card, calibrated))
+    card = replace(measure_card(opts, checked.statement, shipped.converted,
+                                shipped.features.names, shipped.data, rows.source,
+                                rows.answers, shipped.runner.run_columns), champion=champ)
+    return calibrated, card
 
-    metrics = _metrics(converted.task, shipped, check.target,
-                       "eval_" if evaluation is not None else "train_")
-    if isinstance(calibrated, calibrate.Fitted):
-        metrics[calibrate.RAW_BRIER] = calibrated.raw_brier
-    warned = _warnings(opts, evaluation is not None)
-    files = {"model.onnx": model, "reference.json": reference,
-             "samples.json": samples.to_bytes()}
-    manifest = replace(
+
+def _manifest(opts: BuildOptions, shipped: _Shipped, rows: _Rows, files: dict[str, bytes],
+              reference_hash: str, fidelity: Fidelity,
+              calibrated: calibrate.Fitted | str | None, card: ModelCard) -> Manifest:
+    """The final manifest: the provisional one with files, reference, metrics and lineage."""
+    metrics = headline_metrics(shipped.converted.task, rows.answers, rows.check.target,
+                               "eval_" if rows.held_out else "train_")
+    fitted = calibrated if isinstance(calibrated, calibrate.Fitted) else None
+    if fitted is not None:
+        metrics[calibrate.RAW_BRIER] = fitted.raw_brier
+    provisional = shipped.provisional
+    return replace(
         provisional, description=opts.description,
         files=tuple(sorted(file_entry(k, v) for k, v in files.items())),
-        reference_hash=spec.reference_hash, quantization=quant, fidelity=fidelity,
+        reference_hash=reference_hash, quantization=shipped.quant, fidelity=fidelity,
         metrics=metrics, card=card,
-        calibration=calibrated.calibration if isinstance(calibrated, calibrate.Fitted)
-        else None,
+        calibration=fitted.calibration if fitted is not None else None,
         lineage=replace(provisional.lineage, code_revision=opts.code_revision
                         or _git_revision(Path.cwd()), libraries=library_versions()))
-    bundle = pack_bundle(manifest, Envelope().signed(key, manifest.to_bytes()), files, epoch)
-    out = _write(opts.out_dir, f"{opts.name}-{opts.version}{BUNDLE_SUFFIX}", bundle)
-    step("sign", f"{out} ({len(bundle):,} bytes)")
-    return BuildResult(out, manifest, sha256_hex(bundle), len(bundle), rows, step.timings,
-                       converted.notes, warned)
 
 
 class _Steps:
@@ -406,16 +457,6 @@ def _provisional(opts: BuildOptions, created_at: str, converted: Converted, feat
         classes=converted.classes)
 
 
-def _warnings(opts: BuildOptions, held_out: bool) -> list[str]:
-    if opts.target is None:
-        return ["no --target: no metrics are recorded (accuracy, F1, error need the label "
-                "column: pass --target NAME)"]
-    if not held_out:
-        return ["metrics computed on the training rows (optimistic: the model has seen them);"
-                " pass --eval-data with held-out rows"]
-    return []
-
-
 def _quantize(opts: BuildOptions, converted: Converted, features: Table
               ) -> tuple[bytes, Quantization]:
     """The quantize step: static quantisation calibrates on (a sample of) real rows."""
@@ -448,204 +489,6 @@ def _fidelity(opts: BuildOptions, est: Any, converted: Converted, check: Table,
                 table(rows))
         fidelity = replace(fidelity, forced=True)
     return fidelity, rows
-
-
-def _card(opts: BuildOptions, statement: Statement | None, converted: Converted,
-          inputs: list[str], data: Table, source: Table, shipped: Prediction,
-          run: evaluate.Run) -> ModelCard:
-    """The measured part of the card on the evaluation rows (``source``); a fairness gap
-    past its bound stops the build unless forced (then the card records it).
-
-    Raises:
-        BuildError: a slice, sensitive or time column that is not in the data, or asked for
-            without a target.
-        FairnessError: a gap past its bound, without ``force``.
-    """
-    if opts.fairness_bounds and not opts.sensitive:
-        raise BuildError("--max-fairness-gap bounds the gaps of --sensitive columns; name one")
-    asked = [*opts.slice_by, *opts.sensitive]
-    missing = [c for c in asked if c not in source.columns]
-    if missing:
-        raise BuildError(f"{source.path}: column {missing[0]!r} (--slice-by / --sensitive) is "
-                         f"not in the evaluation data")
-    task, classes = converted.task, converted.classes
-    card = ModelCard(statement=statement, data_columns=tuple(data.names) + ((data.target_name,) if
-                                                        data.target_name else ()),
-                     time_range=_time_range(data, opts.time_column))
-    if source.target is None:
-        if asked or opts.fairness_bounds or opts.champion:
-            raise BuildError("--slice-by, --sensitive and --champion need the labels: "
-                             "pass --target")
-        return card
-    held_out = opts.eval_data is not None
-    reports = evaluate.fairness(task, source.columns, source.kinds, opts.sensitive, inputs,
-                                source.target, shipped, classes, opts.positive_label)
-    checks = evaluate.check_gaps(reports, opts.fairness_bounds, task)
-    forced = not all(c.passed for c in checks)
-    if forced and not opts.force:
-        failed = next(c for c in checks if not c.passed)
-        raise FairnessError(f"{source.path}: the {failed.gap} of {failed.column!r} is past its "
-                            f"bound (use --force to build anyway)", evaluate.gap_table(checks))
-    return replace(
-        card,
-        evaluation=evaluate.evaluation(task, source.target, shipped, held_out=held_out,
-                                       data_sha256=source.sha256),
-        slices=evaluate.slices(task, source.columns, source.kinds, opts.slice_by,
-                               source.target, shipped),
-        fairness=reports, checks=checks, forced=forced,
-        importances=evaluate.importances(task, source.select(inputs).frame(), source.target,
-                                         run) if opts.importances else None)
-
-
-def _check_champion_options(opts: BuildOptions) -> tuple[compare.Rule, ...]:
-    """The champion options, checked before anything slow runs; the parsed rules.
-
-    Raises:
-        BuildError: a comparison option without ``--champion``, or ``--champion`` without
-            held-out rows.
-        PromotionRuleError: a malformed rule (quoted).
-    """
-    if opts.champion is None:
-        if opts.promote_if or opts.allow_schema_change or opts.champion_trust:
-            raise BuildError("--promote-if, --allow-schema-change and --champion-trust "
-                             "compare with a champion: pass --champion BUNDLE")
-        return ()
-    if opts.eval_data is None:
-        raise BuildError("--champion compares both models on held-out rows: pass "
-                         "--eval-data (and --target)")
-    if not opts.max_slice_loss >= 0:
-        raise BuildError(f"--max-slice-loss {opts.max_slice_loss}: must be >= 0")
-    return compare.parse_rules(opts.promote_if)
-
-
-def _champion(opts: BuildOptions, key: Any, provisional: Manifest, model: bytes,
-              runner: ModelRunner, source: Table, shipped: Prediction,
-              rules: tuple[compare.Rule, ...]) -> Champion:
-    """Verify the champion bundle, run its model (its own inputs and binding) on the same
-    held-out rows as the challenger, time both, and compare (:mod:`packager.champion`).
-
-    The champion must be signed by the build's own key or a ``--champion-trust`` key: a
-    comparison with a model nobody vouches for proves nothing.
-
-    Raises:
-        BundleError: the champion does not verify (named).
-        BuildError: no labels, another task, or a column the data lacks.
-        SchemaChangeError: inputs or classes differ, without ``--allow-schema-change``.
-        ChampionLostError: the challenger does not win, without ``--force``.
-    """
-    path = opts.champion
-    if source.target is None:
-        raise BuildError("--champion needs the labels of the held-out rows: pass --target")
-    missing = [c for c in opts.slice_by if c not in source.columns]
-    if missing:
-        raise BuildError(f"{source.path}: column {missing[0]!r} (--slice-by) is not in the "
-                         "evaluation data")
-    public = key.public_key()
-    trust = TrustStore([TrustedKey(key_id(public), public, role="build", name="signing key"),
-                        *TrustStore.from_files(opts.champion_trust)])
-    try:
-        champ = verify_bundle(read_bundle_file(path), trust)
-    except BundleError as exc:
-        raise type(exc)(f"--champion {path}: {exc} (a champion must be signed by the build "
-                        "key or a --champion-trust key)", member=exc.member) from exc
-    m = champ.manifest
-    task = provisional.task
-    if m.task != task:
-        raise BuildError(f"--champion {path}: a {m.task} model cannot be compared with this "
-                         f"{task} model")
-    changes = compare.schema_changes(m, provisional)
-    if changes and not opts.allow_schema_change:
-        more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
-        raise SchemaChangeError(f"--champion {path}: {changes[0]}{more}: "
-                                "pass --allow-schema-change if the change is meant")
-    missing = [s.name for s in m.inputs if s.name not in source.columns]
-    if missing:
-        raise BuildError(f"--champion {path}: it takes column {missing[0]!r}, which the "
-                         "evaluation data lacks")
-    champion_model = champ.member("model.onnx")
-    theirs_runner = ModelRunner(m, champion_model)
-    their_columns = {s.name: source.columns[s.name] for s in m.inputs}
-    our_columns = {s.name: source.columns[s.name] for s in provisional.inputs}
-    theirs = theirs_runner.run_columns(their_columns)
-    latency = compare.latency_p95([theirs_runner.run_columns, runner.run_columns],
-                                  [their_columns, our_columns])
-    who = compare.Identity(m.name, m.version, champ.sha256, sha256_hex(champion_model),
-                           provisional.name, provisional.version, sha256_hex(model))
-    result = compare.compare(
-        task, source.target, shipped, theirs, who=who, data_sha256=source.sha256,
-        rules=rules, latency_ms=(latency[0], latency[1]),
-        size=(len(champion_model), len(model)),
-        slice_columns={c: source.columns[c] for c in opts.slice_by},
-        slice_kinds={c: source.kinds[c] for c in opts.slice_by},
-        max_slice_loss=opts.max_slice_loss, changes=changes,
-        schema_change_allowed=opts.allow_schema_change, forced=False)
-    if result.won:
-        return result
-    reasons = result.comparison.reasons
-    if not opts.force:
-        raise ChampionLostError(
-            f"{opts.name} {opts.version} does not beat the champion {m.name} {m.version}: "
-            f"{reasons[0]}" + (f" (and {len(reasons) - 1} more, in the table)"
-                               if len(reasons) > 1 else "")
-            + " (use --force to build anyway)",
-            compare.table(result))
-    return replace(result, comparison=replace(result.comparison, forced=True))
-
-
-def _time_range(data: Table, column: str | None) -> TimeRange | None:
-    """The first and last value of the training data's time column (ISO text sorts as
-    time; numbers as numbers).
-
-    Raises:
-        BuildError: the column is not in the training data, or has no values.
-    """
-    if column is None:
-        return None
-    if column not in data.columns:
-        raise BuildError(f"{data.path}: --time-column {column!r} is not in the training data")
-    col = data.columns[column]
-    if data.kinds[column] == "numeric":
-        finite = col[np.isfinite(col)]
-        values = [repr(float(finite.min())), repr(float(finite.max()))] if finite.size else []
-    else:
-        present = sorted(str(v) for v in col.tolist() if v is not None)
-        values = [present[0], present[-1]] if present else []
-    if not values:
-        raise BuildError(f"{data.path}: --time-column {column!r} has no values")
-    return TimeRange(column, values[0], values[1])
-
-
-def _calibrate(converted: Converted, shipped: Prediction, target: np.ndarray | None
-               ) -> calibrate.Fitted | str:
-    """The calibration map of a classifier on the held-out rows, or why there is none."""
-    if converted.task != "classification":
-        return "a regressor: no calibration map"
-    if target is None:
-        return "no --target: no calibration map"
-    return calibrate.fit(converted.classes, shipped, target)
-
-
-def _card_detail(card: ModelCard, calibrated: calibrate.Fitted | str | None = None) -> str:
-    parts = [f"{card.evaluation.rows} {card.evaluation.data.replace('_', '-')} rows"
-             if card.evaluation else "no labels: metrics left out"]
-    if isinstance(calibrated, calibrate.Fitted):
-        c = calibrated.calibration
-        parts.append(f"calibration {c.method} (Brier {calibrated.raw_brier:.4f} → "
-                     f"{c.score:.4f})")
-    elif calibrated is not None:
-        parts.append(f"no calibration map ({calibrated})")
-    parts += [f"worst {s.column}={s.worst}" for s in card.slices]
-    parts += [f"{len(card.checks)} fairness checks"
-              + (" FAILED (forced)" if card.forced else " passed")] if card.checks else []
-    if card.champion:
-        c = card.champion
-        parts.append(f"{'beats' if c.won else 'does NOT beat'} {c.name} {c.version} "
-                     f"({c.metric} {c.delta:+.4g})" if c.delta is not None else
-                     f"champion {c.name} {c.version}: no {c.metric}")
-    if card.importances:
-        parts.append(f"top feature {card.importances.features[0].feature}"
-                     if card.importances.features else "no features")
-    return ", ".join(parts)
 
 
 def _calibration_feeds(converted: Converted, cal: Table) -> list[dict[str, np.ndarray]]:

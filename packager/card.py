@@ -29,7 +29,6 @@ beyond checking the approvals against a trust store it is given.
 from __future__ import annotations
 
 import json
-import sys
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -39,11 +38,7 @@ from edgefleet.contract.bundle import UnverifiedBundle
 from edgefleet.contract.card import MAX_TEXT, STATEMENT_FIELDS, Statement, parse_date
 from edgefleet.contract.signing import TrustStore
 from packager.errors import CardError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from packager.tomlfile import read_toml
 
 __all__ = ["FORMATS", "card_document", "load_card", "render"]
 
@@ -58,16 +53,7 @@ def load_card(path: Path) -> Statement:
     Raises:
         CardError: unreadable, not TOML, an unknown key, a value of the wrong type.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CardError(f"{path}: cannot read the card ({exc.strerror})") from exc
-    if len(raw) > MAX_CARD_BYTES:
-        raise CardError(f"{path}: {len(raw)} bytes; a card is at most {MAX_CARD_BYTES}")
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise CardError(f"{path}: not a TOML file ({exc})") from exc
+    doc, _ = read_toml(path, MAX_CARD_BYTES, CardError, "card")
     unknown = sorted(set(doc) - set(STATEMENT_FIELDS))
     if unknown:
         raise CardError(f"{path}: unknown key {unknown[0]!r} (a card has "

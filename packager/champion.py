@@ -321,6 +321,33 @@ def compare(task: str, target: np.ndarray, ours: Prediction, theirs: Prediction,
     _check_task(given, task)
     n = len(target)
     their_estimates = evaluate._metric_estimates(task, target, theirs)
+    metrics = _metric_comparisons(task, target, ours, theirs, their_estimates, latency_ms, size)
+    by_name = {m.name: m for m in metrics}
+    main_m = by_name[main]
+    test = _mcnemar(target, ours, theirs) if task == "classification" else \
+        PairedTest("paired_bootstrap", main, None)
+    results, reasons = _judge_rules(given, by_name, test)
+    slices = _slices(task, target, ours, theirs, slice_columns, slice_kinds, max_slice_loss)
+    reasons += [f"slice {s.column}={s.value}: {main} worse by {_fmt(s.loss)} (n {s.n}; at "
+                f"most {max_slice_loss:g})" for s in slices if not s.passed]
+    verdict = "lose" if reasons else "win"
+    comparison = Comparison(
+        who.challenger_name, who.challenger_version, who.challenger_model_sha256,
+        who.champion_model_sha256, n, data_sha256, tuple(metrics), test, tuple(results),
+        not rules, slices, float(max_slice_loss), tuple(changes), schema_change_allowed,
+        verdict, tuple(reasons), forced)
+    main_theirs: tuple[Estimate, ...] = their_estimates
+    return Champion(who.champion_name, who.champion_version, who.champion_bundle_sha256, main,
+                    main_m.delta, main_m.low, main_m.high, verdict == "win", main_theirs,
+                    comparison)
+
+
+def _metric_comparisons(task: str, target: np.ndarray, ours: Prediction, theirs: Prediction,
+                        their_estimates: tuple[Estimate, ...], latency_ms: tuple[float, float],
+                        size: tuple[int, int]) -> list[MetricComparison]:
+    """Every metric of both models, with the paired interval of the difference; then
+    latency and size (no interval)."""
+    n = len(target)
     our_estimates = evaluate._metric_estimates(task, target, ours)
     labels = None
     if task == "classification":
@@ -341,11 +368,12 @@ def compare(task: str, target: np.ndarray, ours: Prediction, theirs: Prediction,
         b = None if b is None or not math.isfinite(b) else float(b)
         metrics.append(MetricComparison(name, "lower", a, b,
                                         None if a is None or b is None else b - a))
-    by_name = {m.name: m for m in metrics}
-    main_m = by_name[main]
-    test = _mcnemar(target, ours, theirs) if task == "classification" else \
-        PairedTest("paired_bootstrap", main, None)
+    return metrics
 
+
+def _judge_rules(given: Sequence[Rule], by_name: dict[str, MetricComparison], test: PairedTest
+                 ) -> tuple[list[RuleResult], list[str]]:
+    """Each promotion rule's result, and why each that failed did."""
     results, reasons = [], []
     for rule in given:
         m = by_name[rule.metric.name]
@@ -365,20 +393,7 @@ def compare(task: str, target: np.ndarray, ours: Prediction, theirs: Prediction,
                               f"95 % interval [{_fmt(m.low, sign=True)}, "
                               f"{_fmt(m.high, sign=True)}] includes 0")
                            + ")")
-
-    slices = _slices(task, target, ours, theirs, slice_columns, slice_kinds, max_slice_loss)
-    reasons += [f"slice {s.column}={s.value}: {main} worse by {_fmt(s.loss)} (n {s.n}; at "
-                f"most {max_slice_loss:g})" for s in slices if not s.passed]
-    verdict = "lose" if reasons else "win"
-    comparison = Comparison(
-        who.challenger_name, who.challenger_version, who.challenger_model_sha256,
-        who.champion_model_sha256, n, data_sha256, tuple(metrics), test, tuple(results),
-        not rules, slices, float(max_slice_loss), tuple(changes), schema_change_allowed,
-        verdict, tuple(reasons), forced)
-    main_theirs: tuple[Estimate, ...] = their_estimates
-    return Champion(who.champion_name, who.champion_version, who.champion_bundle_sha256, main,
-                    main_m.delta, main_m.low, main_m.high, verdict == "win", main_theirs,
-                    comparison)
+    return results, reasons
 
 
 def _slices(task: str, target: np.ndarray, ours: Prediction, theirs: Prediction,

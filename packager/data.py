@@ -115,10 +115,11 @@ def _typed(name: str, values: np.ndarray) -> tuple[np.ndarray, str, str]:
     return _typed(name, parsed)
 
 
-# One function on purpose: the reader's checks in the order a file fails them (exists,
-# size, format, rows, target), each with its own message.
 def load_table(path: Path, target: str | None = None) -> Table:
     """Read a data file; ``target`` (a column name) is split off as the label.
+
+    The reader's checks run in the order a file fails them (exists, format, columns,
+    rows, target), each with its own message.
 
     Raises:
         DataError: unreadable file, unknown format, no rows, unknown target column.
@@ -126,39 +127,7 @@ def load_table(path: Path, target: str | None = None) -> Table:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".csv", ".txt", ".gz"):
-            import pandas as pd
-
-            # round_trip: pandas < 3's default parser is off by an ulp on some values,
-            # and the schema's ranges and the reference must be the file's exact numbers
-            frame = pd.read_csv(path, keep_default_na=True, low_memory=False,
-                                float_precision="round_trip")
-            raw = {str(c): frame[c].to_numpy() for c in frame.columns}
-        elif suffix in (".parquet", ".pq"):
-            try:
-                import pandas as pd
-                import pyarrow  # noqa: F401
-            except ImportError as exc:
-                raise DataError(f"{path}: reading Parquet needs pyarrow "
-                                "(pip install pyarrow)") from exc
-            frame = pd.read_parquet(path)
-            raw = {str(c): frame[c].to_numpy() for c in frame.columns}
-        elif suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-            if arr.ndim != 2:
-                raise DataError(f"{path}: a .npy data file must be 2-D, got shape {arr.shape}")
-            raw = {f"x{i}": arr[:, i] for i in range(arr.shape[1])}
-        else:
-            raise DataError(f"{path}: unknown data format {suffix!r} "
-                            "(use .csv, .parquet or .npy)")
-    except DataError:
-        raise
-    except ValueError as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from exc
-    except Exception as exc:  # pandas' parser raises its own tree
-        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+    raw = _read_columns(path)
     if not raw:
         raise DataError(f"{path}: no columns")
     if len(raw) > MAX_COLUMNS:
@@ -178,3 +147,43 @@ def load_table(path: Path, target: str | None = None) -> Table:
         columns[name], kinds[name], dtypes[name] = _typed(name, values)
     return Table(path, columns, kinds, dtypes, _sha256_file(path), target_values, target,
                  list(columns))
+
+
+def _read_columns(path: Path) -> dict[str, np.ndarray]:
+    """The file's columns by name, read by its suffix (CSV, Parquet, 2-D .npy).
+
+    Raises:
+        DataError: an unknown format, or a file its reader refuses.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".txt", ".gz"):
+            import pandas as pd
+
+            # round_trip: pandas < 3's default parser is off by an ulp on some values,
+            # and the schema's ranges and the reference must be the file's exact numbers
+            frame = pd.read_csv(path, keep_default_na=True, low_memory=False,
+                                float_precision="round_trip")
+            return {str(c): frame[c].to_numpy() for c in frame.columns}
+        if suffix in (".parquet", ".pq"):
+            try:
+                import pandas as pd
+                import pyarrow  # noqa: F401
+            except ImportError as exc:
+                raise DataError(f"{path}: reading Parquet needs pyarrow "
+                                "(pip install pyarrow)") from exc
+            frame = pd.read_parquet(path)
+            return {str(c): frame[c].to_numpy() for c in frame.columns}
+        if suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+            if arr.ndim != 2:
+                raise DataError(f"{path}: a .npy data file must be 2-D, got shape {arr.shape}")
+            return {f"x{i}": arr[:, i] for i in range(arr.shape[1])}
+        raise DataError(f"{path}: unknown data format {suffix!r} "
+                        "(use .csv, .parquet or .npy)")
+    except DataError:
+        raise
+    except ValueError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    except Exception as exc:  # pandas' parser raises its own tree
+        raise DataError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc

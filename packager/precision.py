@@ -42,6 +42,7 @@ graph.
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -77,22 +78,49 @@ def _sklearn_threshold_f32(t: float) -> np.float32:
     return np.float32(sklearn_threshold(np.float64(t), np.float64, "BRANCH_LEQ"))
 
 
-# One function on purpose: the proof that a tree node is this ensemble, check by check in
-# order; a failed check ends it, and the checks share the arrays they build.
 def _prove(node, ens: Ensemble):
-    """Return (thresholds64, weights64 or None, base64 or None) when node is ens, else None."""
+    """Return (thresholds64, weights64 or None, base64 or None) when node is ens, else None.
+
+    The proof, check by check in order; a failed check ends it (None)."""
     a = _attrs(node)
-    get_ints = lambda k: np.asarray(a[k].ints, dtype=np.int64) if k in a else None  # noqa: E731
+    nodes = _node_arrays(a, ens)
+    if nodes is None:
+        return None
+    thr = _thresholds(nodes, ens)
+    if thr is None or not _same_in_float32(thr, nodes):
+        return None
+    return thr, _weights64(node, a, ens), _base64(a, ens)
+
+
+class _Nodes(NamedTuple):
+    """A tree ensemble node's per-node attributes, as arrays."""
+
+    treeids: np.ndarray
+    nodeids: np.ndarray
+    featids: np.ndarray
+    trues: np.ndarray
+    falses: np.ndarray
+    modes: list[str]
+    values: np.ndarray  # float32, as skl2onnx wrote them
+
+
+def _ints(a: dict, key: str) -> np.ndarray | None:
+    return np.asarray(a[key].ints, dtype=np.int64) if key in a else None
+
+
+def _node_arrays(a: dict, ens: Ensemble) -> _Nodes | None:
+    """The node's arrays, when it is a skl2onnx layout of the ensemble's trees."""
     if "nodes_values" not in a or any(
         k.endswith("_as_tensor") for k in a
     ):  # already rewritten, or not a skl2onnx layout
         return None
-    treeids, nodeids = get_ints("nodes_treeids"), get_ints("nodes_nodeids")
-    featids = get_ints("nodes_featureids")
-    trues, falses = get_ints("nodes_truenodeids"), get_ints("nodes_falsenodeids")
+    treeids, nodeids = _ints(a, "nodes_treeids"), _ints(a, "nodes_nodeids")
+    featids = _ints(a, "nodes_featureids")
+    trues, falses = _ints(a, "nodes_truenodeids"), _ints(a, "nodes_falsenodeids")
     modes = [m.decode() for m in a["nodes_modes"].strings]
     values = np.asarray(a["nodes_values"].floats, dtype=np.float32)
-    if any(x is None for x in (treeids, nodeids, featids, trues, falses)):
+    if treeids is None or nodeids is None or featids is None or trues is None \
+            or falses is None:
         return None
     n = len(values)
     if not (len(treeids) == len(nodeids) == len(featids) == len(modes) == n):
@@ -101,65 +129,80 @@ def _prove(node, ens: Ensemble):
         return None
     if any(m not in ("BRANCH_LEQ", "LEAF") for m in modes):
         return None
-    thr = np.zeros(n, dtype=np.float64)
-    for tid in np.unique(treeids):
+    return _Nodes(treeids, nodeids, featids, trues, falses, modes, values)
+
+
+def _thresholds(nodes: _Nodes, ens: Ensemble) -> np.ndarray | None:
+    """The estimator's float64 thresholds in the node's order, when every tree's shape
+    (nodes, branches, features, children) is the estimator's."""
+    thr = np.zeros(len(nodes.values), dtype=np.float64)
+    for tid in np.unique(nodes.treeids):
         tree = ens.trees[int(tid)]
-        sel = np.flatnonzero(treeids == tid)
-        nid = nodeids[sel]
+        sel = np.flatnonzero(nodes.treeids == tid)
+        nid = nodes.nodeids[sel]
         if len(nid) != len(tree.feature) or np.any(np.sort(nid) != np.arange(len(tree.feature))):
             return None
         br = tree.is_branch[nid]
-        if np.any(br != np.array([modes[i] == "BRANCH_LEQ" for i in sel])):
+        if np.any(br != np.array([nodes.modes[i] == "BRANCH_LEQ" for i in sel])):
             return None
         b = sel[br]
         nb = nid[br]
-        if np.any(featids[b] != tree.feature[nb]):
+        if np.any(nodes.featids[b] != tree.feature[nb]):
             return None
-        if np.any(trues[b] != tree.left[nb]) or np.any(falses[b] != tree.right[nb]):
+        if np.any(nodes.trues[b] != tree.left[nb]) or np.any(nodes.falses[b] != tree.right[nb]):
             return None
         thr[b] = tree.threshold[nb]
-        thr[sel[~br]] = values[sel[~br]]  # leaves keep whatever skl2onnx wrote (0.0)
-    # the thresholds are the estimator's, to float32 rounding (nearest or floor)
+        thr[sel[~br]] = nodes.values[sel[~br]]  # leaves keep whatever skl2onnx wrote (0.0)
+    return thr
+
+
+def _same_in_float32(thr: np.ndarray, nodes: _Nodes) -> bool:
+    """The thresholds are the estimator's, to float32 rounding (nearest or floor)."""
     t = thr.astype(np.float64)
+    values = nodes.values
     ok = (t.astype(np.float32) == values) | (_floor32(t) == values)
     for i in np.flatnonzero(~ok):
-        if modes[i] == "BRANCH_LEQ" and _sklearn_threshold_f32(t[i]) == values[i]:
+        if nodes.modes[i] == "BRANCH_LEQ" and _sklearn_threshold_f32(t[i]) == values[i]:
             ok[i] = True
-    if not ok.all():
-        return None
+    return bool(ok.all())
 
-    weights = None
+
+def _weights64(node, a: dict, ens: Ensemble) -> np.ndarray | None:
+    """The estimator's float64 leaf weights in the node's order, when they round to the
+    node's float32 ones."""
     wkey = "class_weights" if node.op_type == "TreeEnsembleClassifier" else "target_weights"
     pre = "class" if node.op_type == "TreeEnsembleClassifier" else "target"
-    if wkey in a:
-        w32 = np.asarray(a[wkey].floats, dtype=np.float32)
-        wt, wn, wi = get_ints(f"{pre}_treeids"), get_ints(f"{pre}_nodeids"), get_ints(f"{pre}_ids")
-        ids = (wt, wn, wi)
-        if all(v is not None and len(v) == len(w32) for v in ids):
-            w64 = np.empty(len(w32), dtype=np.float64)
-            good = True
-            for j, (tt, nn, ii) in enumerate(zip(wt, wn, wi, strict=True)):
-                tree = ens.trees.get(int(tt))
-                lw = (
-                    tree.leaf_weights[int(nn)]
-                    if tree is not None and nn < len(tree.leaf_weights)
-                    else None
-                )
-                k = int(ii) - (tree.bias if tree is not None else 0)
-                if lw is None or not 0 <= k < len(lw):
-                    good = False
-                    break
-                w64[j] = lw[k]
-            if good and np.array_equal(w64.astype(np.float32), w32):
-                weights = w64
-    base = None
+    if wkey not in a:
+        return None
+    w32 = np.asarray(a[wkey].floats, dtype=np.float32)
+    wt, wn, wi = _ints(a, f"{pre}_treeids"), _ints(a, f"{pre}_nodeids"), _ints(a, f"{pre}_ids")
+    if wt is None or wn is None or wi is None \
+            or not all(len(v) == len(w32) for v in (wt, wn, wi)):
+        return None
+    w64 = np.empty(len(w32), dtype=np.float64)
+    for j, (tt, nn, ii) in enumerate(zip(wt, wn, wi, strict=True)):
+        tree = ens.trees.get(int(tt))
+        lw = (
+            tree.leaf_weights[int(nn)]
+            if tree is not None and nn < len(tree.leaf_weights)
+            else None
+        )
+        k = int(ii) - (tree.bias if tree is not None else 0)
+        if lw is None or not 0 <= k < len(lw):
+            return None
+        w64[j] = lw[k]
+    return w64 if np.array_equal(w64.astype(np.float32), w32) else None
+
+
+def _base64(a: dict, ens: Ensemble) -> np.ndarray | None:
+    """The estimator's float64 base values, when they round to the node's."""
     if "base_values" in a and ens.base_values is not None:
         b32 = np.asarray(a["base_values"].floats, dtype=np.float32)
         if len(b32) == len(ens.base_values) and np.array_equal(
             ens.base_values.astype(np.float32), b32
         ):
-            base = ens.base_values
-    return thr, weights, base
+            return ens.base_values
+    return None
 
 
 # --------------------------------------------------------------------------- graph

@@ -154,12 +154,7 @@ def quantize(
             f"unknown quantisation mode {mode!r}; use one of {', '.join(QUANT_MODES)}"
         )
     feeds = check_feeds(calibration, required=mode == "static")
-    try:
-        proto = onnx.load_from_string(model)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise QuantizationError(
-            f"the model is not a readable ONNX file: {first_line(exc)}"
-        ) from exc
+    proto = _parse(model)
     if mode == "none":
         # nothing to do: the caller already holds a graph that loads (convert checked it)
         return model, Quantization(mode="none", note="not quantised (mode none)")
@@ -175,7 +170,22 @@ def quantize(
     out, note = _reduce(proto, mode, kept, path, feeds)
     if out is None:
         return model, Quantization(mode=mode, note=note)
+    return _ship(model, proto, out, mode, kept, note)
 
+
+def _parse(model: bytes) -> onnx.ModelProto:
+    try:
+        return onnx.load_from_string(model)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise QuantizationError(
+            f"the model is not a readable ONNX file: {first_line(exc)}"
+        ) from exc
+
+
+def _ship(model: bytes, proto: onnx.ModelProto, out: onnx.ModelProto, mode: str,
+          kept: tuple[str, ...], note: str) -> tuple[bytes, Quantization]:
+    """The reduced model's bytes and report, once onnxruntime loads it; the original
+    ``model`` when onnxruntime quantised no weight-bearing operator after all."""
     count = count_quantized(out, mode)
     check_kept(out, kept, mode)
     if count == 0:

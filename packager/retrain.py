@@ -62,11 +62,7 @@ from typing import Any
 from edgefleet.contract.manifest import NAME_RE, parse_version
 from edgefleet.contract.wire import canonical_json
 from packager.errors import ChampionLostError, FleetApiError, RecipeError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from packager.tomlfile import read_toml
 
 __all__ = ["Recipe", "RunOutcome", "load_recipe", "run", "split_holdout"]
 
@@ -108,16 +104,7 @@ def load_recipe(path: Path) -> Recipe:
     Raises:
         RecipeError: unreadable, not TOML, an unknown or missing key, a bad value (named).
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read ({exc.strerror})") from exc
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES} bytes")
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise RecipeError(f"{path}: not TOML ({exc})") from exc
+    doc, raw = read_toml(path, MAX_RECIPE_BYTES, RecipeError, "recipe")
 
     def bad(key: str, why: str) -> RecipeError:
         return RecipeError(f"{path}: {key}: {why}", field=key)

@@ -80,13 +80,10 @@ class CaptureRow:
     @classmethod
     def from_dict(cls, obj: Any, where: str) -> CaptureRow:
         f = Fields(obj, where)
-        pid = f.str("id", max_len=64)
-        if not ID_RE.match(pid):
-            raise f.bad("id", f"{pid!r} is not a prediction id")
+        pid = f.matching("id", ID_RE, "{value!r} is not a prediction id", max_len=64)
         time = f.float("time")
-        bundle = f.str("bundle", max_len=200)
-        if not _BUNDLE_RE.match(bundle):
-            raise f.bad("bundle", f"{bundle!r}: expected name@version")
+        bundle = f.matching("bundle", _BUNDLE_RE, "{value!r}: expected name@version",
+                            max_len=200)
         features = f.mapping("features")
         if len(features) > MAX_FEATURES:
             raise f.bad("features", f"more than {MAX_FEATURES} features")
@@ -160,9 +157,7 @@ def decode_batch(data: bytes, *, max_bytes: int = MAX_BATCH_BYTES) -> CaptureBat
     schema = f.int("schema")
     if schema != SCHEMA:
         raise f.bad("schema", f"{schema}: this server reads schema {SCHEMA}")
-    batch = f.str("batch", max_len=64)
-    if not BATCH_RE.match(batch):
-        raise f.bad("batch", "16-64 letters, digits, '_' or '-'")
+    batch = f.matching("batch", BATCH_RE, "16-64 letters, digits, '_' or '-'", max_len=64)
     raw = f.list("rows", max_len=MAX_BATCH_ROWS)
     labels = f.list("outcomes", max_len=MAX_BATCH_ROWS) if f.has("outcomes") else []
     if not raw and not labels:

@@ -108,9 +108,8 @@ class FeatureSpec:
     @classmethod
     def from_dict(cls, obj: Any, where: str) -> FeatureSpec:
         f = Fields(obj, where)
-        name = f.str("name", max_len=128)
-        if not FEATURE_RE.match(name):
-            raise f.bad("name", "must be 1-128 printable characters")
+        name = f.matching("name", FEATURE_RE, "must be 1-128 printable characters",
+                          max_len=128)
         kind = f.choice("kind", KINDS)
         dtype = f.choice("dtype", DTYPES)
         lo, hi = f.opt_float("min"), f.opt_float("max")
@@ -177,12 +176,9 @@ class FileEntry:
     @classmethod
     def from_dict(cls, obj: Any, where: str) -> FileEntry:
         f = Fields(obj, where)
-        path = f.str("path", max_len=64)
-        if not MEMBER_RE.match(path):
-            raise f.bad("path", f"{path!r} is not a plain lower-case file name")
-        sha = f.str("sha256", max_len=64)
-        if not SHA256_RE.match(sha):
-            raise f.bad("sha256", "must be 64 lower-case hex digits")
+        path = f.matching("path", MEMBER_RE, "{value!r} is not a plain lower-case file name",
+                          max_len=64)
+        sha = f.matching("sha256", SHA256_RE, "must be 64 lower-case hex digits", max_len=64)
         out = cls(path, sha, f.int("size"))
         f.done()
         return out
@@ -345,60 +341,22 @@ class Manifest:
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_dict())
 
-    # One function on purpose: a field-by-field reader of the manifest schema, in the order
-    # of the document; split, the schema would be scattered over helpers.
     @classmethod
     def from_dict(cls, obj: Any) -> Manifest:
-        """Parse and check a manifest document.
+        """Parse and check a manifest document, one reader per part, in the order of the
+        document (so the first field at fault is the one named).
 
         Raises:
             SchemaError: naming the field at fault.
         """
         f = Fields(obj, "manifest")
-        schema = f.int("schema")
-        if schema != MANIFEST_SCHEMA:
-            raise f.bad("schema", f"unsupported manifest schema {schema} "
-                                  f"(this edgefleet reads {MANIFEST_SCHEMA})")
-        name = f.str("name", max_len=64)
-        if not NAME_RE.match(name):
-            raise f.bad("name", f"{name!r} must be lower-case letters, digits, '.', '_' or '-'")
-        version = f.str("version", max_len=128)
-        try:
-            parse_version(version)
-        except SchemaError as exc:
-            raise f.bad("version", str(exc)) from exc
-        inputs = tuple(FeatureSpec.from_dict(o, f"manifest.inputs[{i}]")
-                       for i, o in enumerate(f.list("inputs", max_len=MAX_FEATURES)))
-        if not inputs:
-            raise f.bad("inputs", "a model needs at least one input feature")
-        names = [s.name for s in inputs]
-        if len(set(names)) != len(names):
-            raise f.bad("inputs", "feature names must be unique")
-        outputs = tuple(OutputSpec.from_dict(o, f"manifest.outputs[{i}]")
-                        for i, o in enumerate(f.list("outputs", max_len=16)))
-        classes = f.list("classes", max_len=MAX_CATEGORIES)
-        if not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes):
-            raise f.bad("classes", "class labels must be strings or integers")
-        files = tuple(FileEntry.from_dict(o, f"manifest.files[{i}]")
-                      for i, o in enumerate(f.list("files", max_len=64)))
-        paths = [e.path for e in files]
-        if len(set(paths)) != len(paths):
-            raise f.bad("files", "file paths must be unique")
-        if {"manifest.json", "signatures.json"} & set(paths):
-            raise f.bad("files", "manifest.json and signatures.json are not listed in files")
-        metrics = f.mapping("metrics")
-        for k, v in metrics.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise f.bad("metrics", f"metric {k!r} is not a number")
-        ref = f.str("reference_hash", max_len=64)
-        if not SHA256_RE.match(ref):
-            raise f.bad("reference_hash", "must be 64 lower-case hex digits")
-        card = f.raw("card", None)
-        if card is None and f.has("card"):
-            raise f.bad("card", "leave the field out rather than null")
-        calibration = f.raw("calibration", None)
-        if calibration is None and f.has("calibration"):
-            raise f.bad("calibration", "leave the field out rather than null")
+        schema, name, version = _read_identity(f)
+        inputs, outputs, classes = _read_signature(f)
+        files = _read_files(f)
+        metrics = _read_metrics(f)
+        ref = f.matching("reference_hash", SHA256_RE, "must be 64 lower-case hex digits",
+                         max_len=64)
+        card, calibration = _optional(f, "card"), _optional(f, "calibration")
         m = cls(
             name=name,
             version=version,
@@ -407,13 +365,13 @@ class Manifest:
             task=f.choice("task", TASKS),
             inputs=inputs,
             outputs=outputs,
-            classes=tuple(classes),
+            classes=classes,
             binding=Binding.from_dict(f.raw("binding"), "manifest.binding"),
-            files=tuple(sorted(files)),
+            files=files,
             reference_hash=ref,
             quantization=Quantization.from_dict(f.raw("quantization"), "manifest.quantization"),
             fidelity=Fidelity.from_dict(f.raw("fidelity"), "manifest.fidelity"),
-            metrics={k: float(v) for k, v in metrics.items()},
+            metrics=metrics,
             lineage=Lineage.from_dict(f.raw("lineage"), "manifest.lineage"),
             card=ModelCard.from_dict(card, "manifest.card") if card is not None else None,
             calibration=None if calibration is None else
@@ -437,3 +395,66 @@ class Manifest:
         if manifest.to_bytes() != data:
             raise SchemaError("manifest.json: not in canonical form", field="manifest")
         return manifest
+
+
+def _read_identity(f: Fields) -> tuple[int, str, str]:
+    """The manifest's schema, and the bundle's name and version."""
+    schema = f.int("schema")
+    if schema != MANIFEST_SCHEMA:
+        raise f.bad("schema", f"unsupported manifest schema {schema} "
+                              f"(this edgefleet reads {MANIFEST_SCHEMA})")
+    name = f.matching("name", NAME_RE,
+                      "{value!r} must be lower-case letters, digits, '.', '_' or '-'", max_len=64)
+    version = f.str("version", max_len=128)
+    try:
+        parse_version(version)
+    except SchemaError as exc:
+        raise f.bad("version", str(exc)) from exc
+    return schema, name, version
+
+
+def _read_signature(f: Fields
+                    ) -> tuple[tuple[FeatureSpec, ...], tuple[OutputSpec, ...], tuple[Label, ...]]:
+    """The model's inputs (at least one, unique names), outputs and classes."""
+    inputs = tuple(FeatureSpec.from_dict(o, f"manifest.inputs[{i}]")
+                   for i, o in enumerate(f.list("inputs", max_len=MAX_FEATURES)))
+    if not inputs:
+        raise f.bad("inputs", "a model needs at least one input feature")
+    names = [s.name for s in inputs]
+    if len(set(names)) != len(names):
+        raise f.bad("inputs", "feature names must be unique")
+    outputs = tuple(OutputSpec.from_dict(o, f"manifest.outputs[{i}]")
+                    for i, o in enumerate(f.list("outputs", max_len=16)))
+    classes = f.list("classes", max_len=MAX_CATEGORIES)
+    if not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes):
+        raise f.bad("classes", "class labels must be strings or integers")
+    return inputs, outputs, tuple(classes)
+
+
+def _read_files(f: Fields) -> tuple[FileEntry, ...]:
+    """The listed members, sorted: unique paths, never the manifest or the signatures."""
+    files = tuple(FileEntry.from_dict(o, f"manifest.files[{i}]")
+                  for i, o in enumerate(f.list("files", max_len=64)))
+    paths = [e.path for e in files]
+    if len(set(paths)) != len(paths):
+        raise f.bad("files", "file paths must be unique")
+    if {"manifest.json", "signatures.json"} & set(paths):
+        raise f.bad("files", "manifest.json and signatures.json are not listed in files")
+    return tuple(sorted(files))
+
+
+def _read_metrics(f: Fields) -> dict[str, float]:
+    metrics = f.mapping("metrics")
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise f.bad("metrics", f"metric {k!r} is not a number")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _optional(f: Fields, key: str) -> Any:
+    """An optional section: absent is None; null is refused (absent keeps old manifests'
+    signed bytes, so there is one way to say "none")."""
+    raw = f.raw(key, None)
+    if raw is None and f.has(key):
+        raise f.bad(key, "leave the field out rather than null")
+    return raw

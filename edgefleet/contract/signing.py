@@ -317,8 +317,6 @@ class Envelope:
         return Envelope(self.payload_type, self.signatures, (*self.approvals, approval))
 
 
-# One function on purpose: its order is the security argument (parse, match keys, verify,
-# count roles, then approvals), and it reads best as one sequence.
 def verify_envelope(
     envelope: Envelope, payload: bytes, trust: TrustStore, policy: Policy
 ) -> tuple[TrustedKey, ...]:
@@ -327,6 +325,9 @@ def verify_envelope(
     A signature by an unknown key is ignored (it may be a key this verifier does not
     trust, such as a developer's); a signature that claims a trusted key id and does not
     verify is a hard failure, because it means the payload or signature was altered.
+
+    The steps run in this order on purpose, and the order is the security argument:
+    parse, match keys and verify, count signers, then approvals, then roles.
 
     Returns:
         The trusted keys whose signatures verified, in key id order.
@@ -337,11 +338,27 @@ def verify_envelope(
         UntrustedSignerError: no signature by a trusted key.
         ThresholdError: fewer valid trusted signatures or roles than the policy asks.
     """
+    _check_payload_type(envelope)
+    valid = _trusted_signers(envelope, payload, trust)
+    _check_threshold(envelope, valid, policy)
+    # an altered approval by a trusted key is as bad as an altered signature
+    check_approvals(envelope.approvals, payload, trust)
+    _check_roles(valid, policy)
+    return tuple(valid[k] for k in sorted(valid))
+
+
+def _check_payload_type(envelope: Envelope) -> None:
     if envelope.payload_type != PAYLOAD_TYPE:
         raise BundleFormatError(
             f"signatures.json: payloadType {envelope.payload_type!r} is not {PAYLOAD_TYPE!r}",
             member="signatures.json",
         )
+
+
+def _trusted_signers(envelope: Envelope, payload: bytes, trust: TrustStore
+                     ) -> dict[str, TrustedKey]:
+    """The trusted keys whose signatures verify, by key id; unknown keys are skipped, a
+    trusted key whose signature fails is an alteration."""
     message = pae(envelope.payload_type, payload)
     valid: dict[str, TrustedKey] = {}
     for sig in envelope.signatures:
@@ -358,6 +375,10 @@ def verify_envelope(
                 member="signatures.json",
             ) from exc
         valid[sig.keyid] = trusted
+    return valid
+
+
+def _check_threshold(envelope: Envelope, valid: dict[str, TrustedKey], policy: Policy) -> None:
     if not valid:
         if not envelope.signatures:
             raise ThresholdError("signatures.json: the bundle is not signed",
@@ -373,8 +394,9 @@ def verify_envelope(
             f"{policy.threshold}",
             member="signatures.json",
         )
-    # an altered approval by a trusted key is as bad as an altered signature
-    check_approvals(envelope.approvals, payload, trust)
+
+
+def _check_roles(valid: dict[str, TrustedKey], policy: Policy) -> None:
     roles = {k.role for k in valid.values()}
     missing = sorted(policy.required_roles - roles)
     if missing:
@@ -382,7 +404,6 @@ def verify_envelope(
             f"signatures.json: no valid signature with role(s) {', '.join(missing)}",
             member="signatures.json",
         )
-    return tuple(valid[k] for k in sorted(valid))
 
 
 def trust_from_mapping(entries: Mapping[str, Ed25519PublicKey],

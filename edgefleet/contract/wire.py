@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -143,6 +144,15 @@ class Fields:
             raise self.bad(key, f"expected a string, got {_kind(value)}")
         if len(value) > max_len:
             raise self.bad(key, f"longer than {max_len} characters")
+        return value
+
+    def matching(self, key: str, pattern: re.Pattern[str], why: str, /, *,
+                 max_len: int = 256) -> str:
+        """A string (at most ``max_len`` characters) that ``pattern`` matches: a name, an
+        id, a digest. ``why`` says what it must be; ``{value!r}`` in it quotes the value."""
+        value = self.str(key, max_len=max_len)
+        if not pattern.match(value):
+            raise self.bad(key, why.format(value=value))
         return value
 
     def int(self, key: str, default: Any = ..., /, *, minimum: int | None = 0,

@@ -253,12 +253,17 @@ def _performance_gate(g: GateThresholds, m: GateMetrics, sample_ok: bool) -> Gat
 
 
 def _input_gates(g: GateThresholds, m: GateMetrics, ready: bool) -> list[GateResult]:
+    # below the drift monitor's row floor no input feature can be judged: say so (the stage
+    # waits, and at its deadline the reason says what it lacked)
+    missing = (f"not enough rows: the canaries profiled {m.input_rows}, an input feature "
+               f"needs {m.input_rows_needed} to be judged" if m.input_drift is None
+               and m.input_rows_needed else "not computed yet")
     share = _gate("input_drift_share", m.input_drift_share, g.max_input_drift_share, "<=",
-                  ready=ready)
+                  ready=ready, missing=missing)
     if not g.block_on_input_drift:
         return [share, _skip("input_drift", "<=", "disabled")]
     verdict = _gate("input_drift", None if m.input_drift is None else float(m.input_drift),
-                    0.0, "<=", ready=ready)
+                    0.0, "<=", ready=ready, missing=missing)
     if verdict.outcome == "fail":
         verdict = replace(verdict, reason="the drift monitor finds the canaries' inputs "
                                           "drifting from the bundle's reference")

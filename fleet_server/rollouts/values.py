@@ -422,7 +422,7 @@ class DeviceObs:
 
 _COUNTS = ("canary_predictions", "canary_errors", "control_predictions", "control_errors",
            "shadow_rows", "shadow_agreed", "shadow_errors", "canary_labelled",
-           "control_labelled")
+           "control_labelled", "input_rows", "input_rows_needed")
 _NUMBERS = ("canary_p95_ms", "control_p95_ms", "prediction_psi", "prediction_js",
             "input_drift_share", "canary_performance", "canary_performance_bound",
             "control_performance")
@@ -452,6 +452,10 @@ class GateMetrics:
     prediction_js: float | None = None
     input_drift_share: float | None = None  # share of input features drifting, canaries
     input_drift: bool | None = None  # the drift monitor's verdict on canary inputs
+    # the canaries' profiled rows, and (while no input feature has enough of them to be
+    # judged, so input_drift is None) the fewest rows an input feature needs
+    input_rows: int = 0
+    input_rows_needed: int = 0
     shadow_rows: int = 0  # summed ShadowStats of canaries, shadow phase
     shadow_agreed: int = 0
     shadow_errors: int = 0

@@ -7,7 +7,8 @@ counters summed per side, the p95 bounds of the summed latency histograms (the c
 lower bound against the controls' upper bound, :func:`p95_gate_inputs`), the canaries'
 merged profile against the controls' (prediction PSI and JS of the outputs) and against
 the bundle's reference (input drift share and verdict), and in a shadow phase the
-shadow's agreement. Merged profiles are kept per window and grown by the summaries each
+shadow's agreement and McNemar's table of the shadow against the live model on the rows
+whose outcomes came back. Merged profiles are kept per window and grown by the summaries each
 tick adds, so a tick reads only what is new.
 
 Performance (the ``accuracy`` or ``mae`` gate): the performance entries of the window,
@@ -26,7 +27,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from edgefleet.contract.messages import latency_p95, merge_latency
+from edgefleet.contract.messages import Paired, latency_p95, merge_latency
 from edgefleet.contract.profile import Profile, ProfileSpec
 from fleet_server.errors import NotFoundError
 from fleet_server.monitoring.drift import DriftService
@@ -122,6 +123,7 @@ class GateMetricsReader:
                                            limit=2 * self.max_summaries)
         if window.phase == "shadow":
             srows = sagreed = serrors = 0
+            paired = Paired()
             for s in rows:
                 sh = s.shadow or {}
                 b = sh.get("bundle") or {}
@@ -130,8 +132,13 @@ class GateMetricsReader:
                     srows += int(sh.get("rows", 0))
                     sagreed += int(sh.get("agreed", 0))
                     serrors += int(sh.get("errors", 0))
+                    if sh.get("paired") is not None:  # checked at ingest
+                        paired += Paired(**sh["paired"])
             return GateMetrics(window_start=window.since, shadow_rows=srows,
-                               shadow_agreed=min(sagreed, srows), shadow_errors=serrors)
+                               shadow_agreed=min(sagreed, srows), shadow_errors=serrors,
+                               paired_both=paired.both, paired_live_only=paired.live_only,
+                               paired_shadow_only=paired.shadow_only,
+                               paired_neither=paired.neither)
         mine = [s for s in rows if s.device in canaries and s.bundle_name == name
                 and s.bundle_version == version][:self.max_summaries]
         theirs = [s for s in rows if s.device in controls and not (

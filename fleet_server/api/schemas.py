@@ -146,7 +146,8 @@ DriftSettings = Annotated[
     dict[Annotated[str, Field(max_length=64)], float], Field(
         max_length=32, description="The group's own drift settings over the server's: "
         "statistic thresholds (psi_warn, psi_drift, ks_drift, wasserstein_drift, js_drift, "
-        "unseen_drift, rate_drift, min_rows), the group rule (importance_share, group_share, "
+        "unseen_drift, rate_drift, min_rows, alpha), the group rule (importance_share, "
+        "group_share, "
         "group_min), persistence, persistence_of, lateness_s")]
 PerformanceSettings = Annotated[
     dict[Annotated[str, Field(max_length=64)], float], Field(

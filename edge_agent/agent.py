@@ -16,7 +16,9 @@ path (it has to be, to run the model) and handed over as those columns. A single
 therefore pays no numpy pass of its own beyond building the model's input tensor.
 :meth:`Agent.wait_idle` waits for the profiling worker and the shadow worker. A shadow
 candidate runs on its own worker thread on the same checked inputs; its answers are
-compared with the live ones and never returned.
+compared with the live ones and never returned. With a prediction store they are also
+kept by prediction id, for outcomes to pair with the live model's
+(:mod:`edge_agent.shadow_labels`).
 
 Every served row gets a prediction id (the caller's, or ``<random prefix>-<counter>``).
 The same background worker, after profiling a chunk, folds it into the window's
@@ -69,6 +71,7 @@ from edge_agent.predictions import (
     class_indices,
     class_keys,
 )
+from edge_agent.shadow_labels import ShadowLabels, with_paired
 from edgefleet.contract.errors import InputError, SchemaError
 from edgefleet.contract.inputs import Batch
 from edgefleet.contract.messages import (
@@ -369,6 +372,8 @@ class Agent:
         self.device_id = device_id
         self.store = store
         self.capture = capture
+        # the shadow's answers by prediction id, judged when outcomes come (needs a store)
+        self.shadow_labels = ShadowLabels() if store is not None else None
         # prediction ids: a random prefix per process and a counter, so ids are unique per
         # device across restarts (48 random bits: a clash is a 1 in 2**48 event per pair of
         # runs) and cost one string format per row
@@ -553,7 +558,7 @@ class Agent:
         if wake is not None:
             self._profile_q.put(wake)
         if shadow is not None:
-            self._shadow_q.put((shadow, model, inputs, n, outputs))
+            self._shadow_q.put((shadow, model, inputs, n, outputs, ids))
         return ids
 
     # -- outcomes --------------------------------------------------------------------------
@@ -590,6 +595,8 @@ class Agent:
                 self.capture.label(items)
             except Exception:  # a full disk must not refuse outcomes that joined
                 log.exception("queueing the labels of captured rows failed")
+        if self.shadow_labels is not None:
+            self.shadow_labels.join(items)
         return counts
 
     def apply_outcome_batch(self, batch: Outcomes, *,
@@ -605,7 +612,11 @@ class Agent:
             raise OutcomeError("this agent keeps no prediction store: outcomes cannot join")
         if batch.batch == self.store.applied_batch + 1:
             self.flush(timeout)
-        return self.store.apply_batch(batch.batch, [(o.id, o.label) for o in batch.outcomes])
+        items = [(o.id, o.label) for o in batch.outcomes]
+        counts, applied = self.store.apply_batch(batch.batch, items)
+        if counts is not None and self.shadow_labels is not None:  # applied now, once
+            self.shadow_labels.join(items)
+        return counts, applied
 
     def _count_error(self, model: LoadedModel | None, kind: str) -> None:
         with self._lock:
@@ -634,7 +645,7 @@ class Agent:
                 old.start = now
                 return None
             self._window = _Open(old.model, now, old.store, old.capture)
-        return self._close(old, now)
+        return with_paired(self._close(old, now), self.shadow_labels)
 
     def snapshot(self, now: float | None = None) -> Window | None:
         """The open window so far, left open (the daemon checkpoints it); None if empty.
@@ -715,9 +726,11 @@ class Agent:
             item = self._shadow_q.get()
             if item is None:
                 return
-            shadow, model, inputs, n, live = item
+            shadow, model, inputs, n, live, ids = item
             try:
-                self._run_shadow(shadow, model, inputs, n, live)
+                got = self._run_shadow(shadow, model, inputs, n, live)
+                if got is not None and self.shadow_labels is not None:
+                    self.shadow_labels.add(ids, shadow.ref, live.labels, got.labels)
             except Exception:
                 log.exception("shadow step failed")
             finally:
@@ -725,7 +738,7 @@ class Agent:
                     self._shadow_waiting -= n
 
     def _run_shadow(self, shadow: LoadedModel, model: LoadedModel, inputs: Any, n: int,
-                    live: Outputs) -> None:
+                    live: Outputs) -> Outputs | None:
         t0 = time.perf_counter()
         try:
             if shadow.validator.names != model.validator.names:
@@ -749,7 +762,7 @@ class Agent:
         with self._lock:
             window = self._window
             if window is None or self._shadow is not shadow:
-                return  # the shadow was replaced meanwhile: this answer counts nowhere
+                return None  # the shadow was replaced meanwhile: this answer counts nowhere
             if window.shadow_ref != shadow.ref:
                 window.shadow_ref = shadow.ref
                 window.shadow_rows = window.shadow_agreed = window.shadow_errors = 0
@@ -760,6 +773,7 @@ class Agent:
             else:
                 window.shadow_rows += n
                 window.shadow_agreed += agreed
+        return got
 
     def _agreement(self, live: Outputs, shadow: Outputs) -> int:
         if live.labels is not None and shadow.labels is not None:

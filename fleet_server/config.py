@@ -31,12 +31,14 @@ __all__ = [
     "DEFAULT_OUTCOMES",
     "DEFAULT_PERFORMANCE",
     "DRIFT_KEYS",
+    "PERFORMANCE_KEYS",
     "SERVER_ROLES",
     "BrokerConfig", "CaptureConfig", "DriftConfig", "IngestConfig", "OutcomeConfig",
     "PerformanceConfig",
     "ServerConfig",
     "WebhookConfig",
     "drift_overrides",
+    "performance_overrides",
 ]
 
 
@@ -263,6 +265,54 @@ class PerformanceConfig:
         _positive("performance window_s", self.window_s)
         if self.max_entries < 1:
             raise ConfigError("performance max_entries must be >= 1")
+
+    def tolerances_for(self, overrides: Mapping[str, Any], where: str = "performance",
+                       ) -> Tolerances:
+        """The server's tolerances with some :data:`PERFORMANCE_KEYS` replaced (a group's).
+
+        Raises:
+            ConfigError: an unknown key or a bad value, named.
+        """
+        checked = performance_overrides(overrides, where)
+        return replace(self.tolerances, **checked) if checked else self.tolerances
+
+
+# the performance settings a group may set for itself over the server's (`fleet serve
+# --performance`): the alert tolerances
+PERFORMANCE_KEYS = tuple(f.name for f in fields(Tolerances))
+
+
+def performance_overrides(values: Mapping[str, Any], where: str = "performance",
+                          ) -> dict[str, float | int]:
+    """Check a partial performance setting (``{"rate": 0.02}``): known keys, finite numbers
+    (text too), whole numbers for the row counts, each in its range.
+
+    Raises:
+        ConfigError: an unknown key (the known ones listed) or a bad value, naming
+            ``where.key``.
+    """
+    out: dict[str, float | int] = {}
+    for key, raw in values.items():
+        if key not in PERFORMANCE_KEYS:
+            raise ConfigError(f"{where}: unknown setting {key!r} (one of "
+                              f"{', '.join(PERFORMANCE_KEYS)})")
+        try:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}.{key}: {raw!r} is not a number") from None
+        if key in ("min_labelled", "min_served"):
+            if not math.isfinite(value) or value != int(value):
+                raise ConfigError(f"{where}.{key}: must be a whole number, got {raw!r}")
+            out[key] = int(value)
+        else:
+            out[key] = value
+    try:
+        replace(Tolerances(), **out)
+    except SchemaError as exc:
+        raise ConfigError(f"{where}.{str(exc).partition('performance.')[2]}") from exc
+    return out
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,8 @@ class Group:
     requires: tuple[str, ...] = ()  # card, approval, fairness, champion (registry.governance)
     # the group's own drift settings over the server's (fleet_server.config.DRIFT_KEYS)
     drift: dict[str, float | int] = field(default_factory=dict)
+    # its own performance alert tolerances (fleet_server.config.PERFORMANCE_KEYS)
+    performance: dict[str, float | int] = field(default_factory=dict)
 
     def matches(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.selector.items())
@@ -168,7 +170,8 @@ class Group:
                 "requires_approval": self.requires_approval,
                 "important_features": list(self.important_features),
                 "created": self.created, "created_by": self.created_by,
-                "requires": list(self.requires), "drift": dict(self.drift)}
+                "requires": list(self.requires), "drift": dict(self.drift),
+                "performance": dict(self.performance)}
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,7 @@ __all__ = [
     "Message",
     "Outcome",
     "Outcomes",
+    "Paired",
     "Receipt",
     "Report",
     "ShadowStats",
@@ -137,25 +138,68 @@ __all__ = [
 ]
 
 
+MAX_PAIRED = 10**12  # a paired count beyond it is not a device's
+
+
+@dataclass(frozen=True)
+class Paired:
+    """The shadow's and the live model's answers on the same labelled rows: McNemar's
+    table (classifiers; a row is one the shadow answered and whose outcome came back)."""
+
+    both: int = 0  # both right
+    live_only: int = 0  # the live model right, the shadow wrong
+    shadow_only: int = 0
+    neither: int = 0
+
+    @property
+    def n(self) -> int:
+        return self.both + self.live_only + self.shadow_only + self.neither
+
+    def __add__(self, other: Paired) -> Paired:
+        return Paired(self.both + other.both, self.live_only + other.live_only,
+                      self.shadow_only + other.shadow_only, self.neither + other.neither)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"both": self.both, "live_only": self.live_only,
+                "shadow_only": self.shadow_only, "neither": self.neither}
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> Paired:
+        """Raises: SchemaError naming the count at fault."""
+        f = Fields(obj, where)
+        out = cls(*(f.int(k, maximum=MAX_PAIRED) for k in ("both", "live_only",
+                                                            "shadow_only", "neither")))
+        f.done()
+        return out
+
+
 @dataclass(frozen=True)
 class ShadowStats:
-    """A candidate bundle run beside the live one in a window."""
+    """A candidate bundle run beside the live one in a window; ``paired``, when outcomes
+    came back for rows the candidate answered, how both fared on them (possibly for a
+    candidate that no longer runs: then ``rows`` is 0)."""
 
     bundle: BundleRef
     rows: int
     agreed: int  # rows where the candidate's label (or value, within tolerance) matched
     latency_counts: tuple[int, ...] = ()
     errors: int = 0
+    paired: Paired | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bundle": self.bundle.to_dict(), "rows": self.rows, "agreed": self.agreed,
-                "latency_counts": list(self.latency_counts), "errors": self.errors}
+        out = {"bundle": self.bundle.to_dict(), "rows": self.rows, "agreed": self.agreed,
+               "latency_counts": list(self.latency_counts), "errors": self.errors}
+        if self.paired is not None:  # absent, not null: servers before it refuse the key
+            out["paired"] = self.paired.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, obj: Any, where: str, fmt: int = LATENCY_FORMAT) -> ShadowStats:
         f = Fields(obj, where)
+        paired = f.raw("paired", None)
         out = cls(BundleRef.from_dict(f.raw("bundle"), f"{where}.bundle"), f.int("rows"),
-                  f.int("agreed"), latency_counts(f, "latency_counts", fmt), f.int("errors", 0))
+                  f.int("agreed"), latency_counts(f, "latency_counts", fmt), f.int("errors", 0),
+                  None if paired is None else Paired.from_dict(paired, f"{where}.paired"))
         f.done()
         if out.agreed > out.rows:
             raise f.bad("agreed", "more agreeing rows than rows")

@@ -180,8 +180,14 @@ DriftSettings = Annotated[
     dict[Annotated[str, Field(max_length=64)], float], Field(
         max_length=32, description="The group's own drift settings over the server's: "
         "statistic thresholds (psi_warn, psi_drift, ks_drift, wasserstein_drift, js_drift, "
-        "unseen_drift, rate_drift, min_rows), the group rule (importance_share, group_share, "
+        "unseen_drift, rate_drift, min_rows, alpha), the group rule (importance_share, "
+        "group_share, "
         "group_min), persistence, persistence_of, lateness_s")]
+PerformanceSettings = Annotated[
+    dict[Annotated[str, Field(max_length=64)], float], Field(
+        max_length=8, description="The group's own performance alert tolerances over the "
+        "server's: rate (absolute accuracy-like drop), error (relative MAE-like rise), "
+        "min_labelled, min_served")]
 ImportantFeatures = Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]],
                               Field(max_length=256)]
 
@@ -196,6 +202,7 @@ class GroupCreate(_In):
         description="What a bundle needs before a rollout to this group: card, approval, "
                     "fairness, champion")
     drift: DriftSettings = Field(default_factory=dict)
+    performance: PerformanceSettings = Field(default_factory=dict)
 
 
 class GroupUpdate(_In):
@@ -205,6 +212,11 @@ class GroupUpdate(_In):
     reset_drift: list[Annotated[str, Field(max_length=64)]] = Field(
         default_factory=list, max_length=32,
         description="Settings back to the server's (\"all\": every one)")
+    performance: PerformanceSettings = Field(default_factory=dict,
+                                             description="Tolerances to set")
+    reset_performance: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=8,
+        description="Tolerances back to the server's (\"all\": every one)")
 
 
 class GroupPublic(_Out):
@@ -215,6 +227,8 @@ class GroupPublic(_Out):
     created: float
     created_by: str
     drift: dict[str, float | int] = Field(description="The group's own drift settings")
+    performance: dict[str, float | int] = Field(
+        default_factory=dict, description="The group's own performance tolerances")
     members: int
     requires: list[str] = []
 
@@ -450,6 +464,11 @@ class PerformancePublic(_Out):
     reliability: list[ReliabilityBinPublic] | None
     verdicts: dict[str, DropPublic]
     truncated: bool
+    tolerances: dict[str, float | int] = Field(
+        default_factory=dict, description="The alert tolerances applied (the group's own "
+                                          "over the server's)")
+    overrides: list[str] = Field(default_factory=list,
+                                 description="The tolerances the group set for itself")
 
 
 # -- alerts ---------------------------------------------------------------------------------

@@ -106,13 +106,19 @@ _DRIFT_HELP = ("The group's own drift setting over the server's (repeat): e.g. "
                "psi_drift=0.2 (the keys of `fleet serve --drift`).")
 
 
-def _drift_settings(items: tuple[str, ...]) -> dict[str, float]:
+_PERFORMANCE_HELP = ("The group's own performance alert tolerance over the server's "
+                     "(repeat): rate=0.02 (accuracy may fall two points below the packaged "
+                     "value), error=0.1, min_labelled=500, min_served=1000 (the keys of "
+                     "`fleet serve --performance`).")
+
+
+def _drift_settings(items: tuple[str, ...], option: str = "--drift") -> dict[str, float]:
     out = {}
-    for key, text in pairs(items, "--drift").items():
+    for key, text in pairs(items, option).items():
         try:
             out[key] = float(text)
         except ValueError:
-            raise click.BadParameter(f"--drift {key}: {text!r} is not a number") from None
+            raise click.BadParameter(f"{option} {key}: {text!r} is not a number") from None
     return out
 
 
@@ -150,6 +156,8 @@ def check_important(api: FleetClient, important: tuple[str, ...], label: str | N
                    "approver's signature, fairness checks passed, a champion comparison won "
                    "(comma-separated or repeated).")
 @click.option("--drift", "drift", multiple=True, metavar="KEY=VALUE", help=_DRIFT_HELP)
+@click.option("--performance", "performance", multiple=True, metavar="KEY=VALUE",
+              help=_PERFORMANCE_HELP)
 @click.option("--bundle", "schema_of", default=None, metavar="NAME@VERSION",
               help="Check --important against this bundle's inputs (a misspelt feature is "
                    "refused, naming the closest).")
@@ -157,23 +165,28 @@ def check_important(api: FleetClient, important: tuple[str, ...], label: str | N
 @api_command
 def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
                  requires_approval: bool, important: tuple[str, ...],
-                 require: tuple[str, ...], drift: tuple[str, ...], schema_of: str | None,
-                 as_json: bool) -> None:
+                 require: tuple[str, ...], drift: tuple[str, ...],
+                 performance: tuple[str, ...], schema_of: str | None, as_json: bool) -> None:
     check_important(api, important, schema_of)
     requires = [r.strip() for value in require for r in value.split(",") if r.strip()]
     g = api.post("/api/v1/groups", {"name": name, "selector": pairs(selector, "selector"),
                                     "requires_approval": requires_approval,
                                     "important_features": list(important),
-                                    "requires": requires, "drift": _drift_settings(drift)})
+                                    "requires": requires, "drift": _drift_settings(drift),
+                                    "performance": _drift_settings(performance,
+                                                                   "--performance")})
     if as_json:
         print_json(g)
         return
     needs = f", requires {', '.join(g['requires'])}" if g.get("requires") else ""
     click.echo(f"group {g['name']!r} created ({g['members']} member(s){needs})"
-               + (f", drift settings {_settings(g['drift'])}" if g["drift"] else ""))
+               + (f", drift settings {_settings(g['drift'])}" if g["drift"] else "")
+               + (f", performance tolerances {_settings(g['performance'])}"
+                  if g.get("performance") else ""))
 
 
-@group.command("update", help="Change a group's important features or drift settings.")
+@group.command("update", help="Change a group's important features, drift settings or "
+                              "performance tolerances.")
 @click.argument("name")
 @click.option("--important", multiple=True,
               help="Replace the important features (repeat; see --no-important).")
@@ -181,17 +194,25 @@ def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
 @click.option("--drift", "drift", multiple=True, metavar="KEY=VALUE", help=_DRIFT_HELP)
 @click.option("--reset-drift", multiple=True, metavar="KEY",
               help="A drift setting back to the server's (repeat; 'all' for every one).")
+@click.option("--performance", "performance", multiple=True, metavar="KEY=VALUE",
+              help=_PERFORMANCE_HELP)
+@click.option("--reset-performance", multiple=True, metavar="KEY",
+              help="A performance tolerance back to the server's (repeat; 'all' for every "
+                   "one).")
 @click.option("--bundle", "schema_of", default=None, metavar="NAME@VERSION",
               help="Check --important against this bundle's inputs.")
 @JSON_OPTION
 @api_command
 def group_update(api: FleetClient, name: str, important: tuple[str, ...], no_important: bool,
-                 drift: tuple[str, ...], reset_drift: tuple[str, ...], schema_of: str | None,
-                 as_json: bool) -> None:
+                 drift: tuple[str, ...], reset_drift: tuple[str, ...],
+                 performance: tuple[str, ...], reset_performance: tuple[str, ...],
+                 schema_of: str | None, as_json: bool) -> None:
     check_important(api, important, schema_of)
     if important and no_important:
         raise click.UsageError("--important and --no-important contradict each other")
-    body: dict[str, Any] = {"drift": _drift_settings(drift), "reset_drift": list(reset_drift)}
+    body: dict[str, Any] = {"drift": _drift_settings(drift), "reset_drift": list(reset_drift),
+                            "performance": _drift_settings(performance, "--performance"),
+                            "reset_performance": list(reset_performance)}
     if important or no_important:
         body["important_features"] = list(important)
     g = api.request("PATCH", f"/api/v1/groups/{name}", json=body).json()
@@ -199,7 +220,9 @@ def group_update(api: FleetClient, name: str, important: tuple[str, ...], no_imp
         print_json(g)
         return
     click.echo(f"group {g['name']!r}: important {','.join(g['important_features']) or '-'}; "
-               f"drift settings {_settings(g['drift'])}")
+               f"drift settings {_settings(g['drift'])}"
+               + (f"; performance tolerances {_settings(g['performance'])}"
+                  if g.get("performance") else ""))
 
 
 @group.command("list", help="List groups with their selectors and member counts.")

@@ -69,3 +69,8 @@ def performance(api: FleetClient, label: str, group: str | None, device: str | N
                       f"estimated {metric}", "expected"], rows_of(result)))
     for side, v in sorted(result["verdicts"].items()):
         click.echo(f"{side}: {v['verdict']} ({v['reason']})")
+    if result.get("tolerances"):
+        own = set(result.get("overrides") or ())
+        click.echo("tolerances: " + ", ".join(
+            f"{k}={v:g}" + (" (group)" if k in own else "")
+            for k, v in result["tolerances"].items()))

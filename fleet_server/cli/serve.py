@@ -172,7 +172,8 @@ def _performance_config(items: tuple[str, ...]) -> Any:
 @click.option("--drift", "drift_settings", multiple=True, metavar="KEY=VALUE",
               help="A drift setting (repeat): statistic thresholds psi_warn (0.1), psi_drift "
                    "(0.25), ks_drift (0.1), wasserstein_drift (0.1), js_drift (0.1), "
-                   "unseen_drift (0.01), rate_drift (0.05), min_rows; the group rule "
+                   "unseen_drift (0.01), rate_drift (0.05), min_rows; alpha (0.001), the "
+                   "chance a statistic passes its no-drift bound without drift; the group rule "
                    "importance_share (0.3), without importances group_share (0.15) and "
                    "group_min (2); persistence (2) of persistence_of (3) windows; "
                    "lateness_s (120). A group's own settings go over these.")

@@ -10,6 +10,11 @@ still running on devices after its review date), ``performance_drop`` (realized
 performance below the packaged expectation, beyond the tolerance and the interval) and
 ``estimated_performance_drop`` (the same on the label-free estimate).
 
+The drift and performance kinds are judged only while a bundle sends data; once no
+device runs, shadows or is told to run a bundle (retired, rolled back, replaced
+everywhere) nothing would judge them again, so :meth:`Alerts.resolve_retired` resolves
+them (the evaluator's housekeeping calls it every window).
+
 This module does not evaluate anything and does not speak HTTP; the webhook thread
 (:mod:`fleet_server.monitoring.webhook`) delivers.
 """
@@ -17,18 +22,23 @@ This module does not evaluate anything and does not speak HTTP; the webhook thre
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from fleet_server.metrics import Metrics
 from fleet_server.models import Alert, BundleRecord
 from fleet_server.store import Store
 
-__all__ = ["KINDS", "Alerts"]
+__all__ = ["KINDS", "WHILE_IN_SERVICE", "Alerts"]
 
 log = logging.getLogger(__name__)
 KINDS = ("drift", "suspect_sensor", "review_due", "review_overdue", "performance_drop",
          "estimated_performance_drop")
+# the kinds judged from a bundle's data, which a bundle out of service no longer sends
+# (the review kinds resolve by their own rule, which already asks what runs)
+WHILE_IN_SERVICE = ("drift", "suspect_sensor", "performance_drop",
+                    "estimated_performance_drop")
+MAX_SWEEP = 10_000  # open alerts of one kind looked at per sweep
 STATES = ("open", "resolved")
 
 
@@ -66,6 +76,21 @@ class Alerts:
         if n:
             log.info("resolved %d %s alert(s) of %s@%s%s", n, kind, bundle.name,
                      bundle.version, f" in group {group}" if group else "")
+        return n
+
+    def resolve_retired(self, in_service: Collection[str], now: float) -> int:
+        """Resolve the open :data:`WHILE_IN_SERVICE` alerts of bundles not ``in_service``
+        (labels of the bundles devices run, shadow or are told to); returns how many."""
+        n = 0
+        for kind in WHILE_IN_SERVICE:
+            for alert in self.store.list_alerts(state="open", kind=kind, limit=MAX_SWEEP):
+                if alert.bundle in in_service:
+                    continue
+                self.store.resolve_alert(alert.id, now)
+                n += 1
+                log.info("resolved alert %d (%s of %s%s): no device runs the bundle any more",
+                         alert.id, kind, alert.bundle,
+                         f" in group {alert.group}" if alert.group else "")
         return n
 
     def resolve_by_id(self, alert_id: int, actor: str, now: float) -> Alert:

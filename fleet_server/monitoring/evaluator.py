@@ -189,7 +189,10 @@ class Evaluator:
                "dead_letters": self.store.prune_dead_letters(c.dead_letter_keep),
                "performance": self.store.prune_performance(now - c.retention_s),
                # dashboard sessions past their expiry (a sign-in also sweeps them)
-               "sessions": self.store.delete_expired_sessions(now)}
+               "sessions": self.store.delete_expired_sessions(now),
+               # drift and performance alerts of bundles no device runs any more
+               "alerts_retired": self.alerts.resolve_retired(
+                   self.store.bundles_in_service(), now)}
         for i, width in enumerate(c.levels):
             keep = c.retention_s if i == 0 else c.coarse_retention_s
             out[f"rollups_{width}"] = self.store.prune_rollups(width, int(now - keep))

@@ -13,6 +13,8 @@ bundle's packaged metrics (its card's evaluation) with the verdict of each side
 :class:`PerformanceWatch` is what the periodic evaluator runs: every bundle with entries
 in the last ``window_s`` is judged for the fleet and every group, and a ``performance_drop``
 (realized) or ``estimated_performance_drop`` alert is raised while the verdict is ``drop``
+(judged with the group's own tolerances over the server's, ``fleet group create|update
+--performance KEY=VALUE``)
 (deduplicated while open: one alert per bundle and scope) and resolved once it is ``ok``;
 ``insufficient`` leaves it as it is. The alert's details hold the numbers behind it.
 
@@ -26,19 +28,20 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.contract.errors import SchemaError
 from edgefleet.parsing import parse_duration
 from fleet_server.config import DEFAULT_PERFORMANCE, PerformanceConfig
-from fleet_server.errors import InvalidRequestError
+from fleet_server.errors import ConfigError, InvalidRequestError
 from fleet_server.models import FLEET_SCOPE, Group
 from fleet_server.monitoring.alerts import Alerts
 from fleet_server.monitoring.drift import Scope, whole_steps
 from fleet_server.profiles.performance import (
     Drop,
     Expected,
+    Tolerances,
     confusion_of,
     judge_drop,
     merged_blocks,
@@ -112,6 +115,8 @@ class PerformanceReport:
     reliability: list[dict[str, Any]] | None  # realized calibration bins
     verdicts: dict[str, Drop]  # "realized", "estimated"
     truncated: bool  # more entries than max_entries: the newest were left out
+    tolerances: dict[str, float | int] = field(default_factory=dict)  # those applied
+    overrides: tuple[str, ...] = ()  # the tolerances the scope's group set for itself
 
     def to_dict(self) -> dict[str, Any]:
         return {"bundle": self.bundle, "scope": self.scope, "since": self.since,
@@ -121,7 +126,8 @@ class PerformanceReport:
                 "total": self.total.to_dict(), "points": [p.to_dict() for p in self.points],
                 "confusion": self.confusion, "reliability": self.reliability,
                 "verdicts": {k: v.to_dict() for k, v in self.verdicts.items()},
-                "truncated": self.truncated}
+                "truncated": self.truncated, "tolerances": dict(self.tolerances),
+                "overrides": list(self.overrides)}
 
 
 class PerformanceService:
@@ -178,6 +184,20 @@ class PerformanceService:
             limit=limit + 1)
         return rows[:limit], len(rows) > limit
 
+    def tolerances(self, scope: Scope) -> tuple[Tolerances, tuple[str, ...]]:
+        """The tolerances a scope is judged with: a group's own over the server's (a group
+        setting the server's configuration makes invalid is logged and left out)."""
+        group = scope.group if scope.kind == "group" else None
+        if group is None or not group.performance:
+            return self.config.tolerances, ()
+        try:
+            return (self.config.tolerances_for(group.performance,
+                                               f"group {group.name} performance"),
+                    tuple(sorted(group.performance)))
+        except ConfigError as exc:
+            log.warning("%s; the server's tolerances apply", exc)
+            return self.config.tolerances, ()
+
     def judge(self, perf: BundlePerformance, scope: Scope, lo: int, hi: int, step: int
               ) -> PerformanceReport:
         """The report of ``perf``'s bundle over ``scope`` and ``[lo, hi)`` by ``step``."""
@@ -190,7 +210,7 @@ class PerformanceService:
                        for k in range((hi - lo) // step))
         realized, estimated = merged_blocks(perf.spec, rows)
         total = _point(perf, lo, hi, rows, realized, estimated)
-        tol = self.config.tolerances
+        tol, overrides = self.tolerances(scope)
         verdicts = {}
         for side, values, min_n in (("realized", total.realized, tol.min_labelled),
                                     ("estimated", total.estimated, tol.min_served)):
@@ -201,7 +221,8 @@ class PerformanceService:
         return PerformanceReport(
             perf.bundle.label, scope.label, lo, hi, step, perf.task, perf.metric,
             perf.expected, total, points,
-            confusion_of(realized), reliability_of(realized), verdicts, truncated)
+            confusion_of(realized), reliability_of(realized), verdicts, truncated,
+            tol.to_dict(), overrides)
 
 
 def point(perf: BundlePerformance, start: int, end: int, rows: Sequence[PerformanceRow]

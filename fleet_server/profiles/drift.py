@@ -33,6 +33,15 @@ Per feature (inputs and outputs alike), with ``p`` live and ``q`` base proportio
 - Rates, live against base: missing (of all rows), out-of-range (numeric: below and
   above, of the present values), unseen (categorical, of the present values).
 
+Every judged statistic must also pass its no-drift bound at the two sides' sizes
+(``psi_noise``, ``ks_noise``, ``wasserstein_noise``, ``js_noise``, and the same for each
+rate: the value two samples of one distribution stay under with probability ``1 − alpha``,
+see :func:`~fleet_server.profiles.statistics.noise_bounds`). The bounds shrink as
+``sqrt(1/n_base + 1/n_live)``: on large samples the effect thresholds decide, on the few
+hundred rows of a canary stage the bound does, so one feature's noise does not read as
+drift (it was one stage in 50 with the effect thresholds alone). A statistic past its
+threshold but within its bound is a warning that says so.
+
 A feature is ``insufficient`` below ``min_rows`` (default ``40·max(B−1, 1)`` with ``B``
 the reference bins; a categorical feature's bins are its vocabulary, other and unseen)
 on either side; rates are judged on rows, distributions on present values. Any drift
@@ -40,8 +49,8 @@ rule gives ``drift`` with the reason; PSI alone also has a ``warn`` level.
 
 This module deliberately does not read or write anything (store, MQTT, reference.json),
 look at clocks, merge summaries (:meth:`Profile.merge` does) or send alerts; it does not
-compute p-values either: with 10⁵ rows every shift is "significant", so it judges effect
-sizes.
+judge by p-values either: with 10⁵ rows every shift is "significant", so it judges effect
+sizes, and the noise bounds only keep small samples from passing them by chance.
 """
 
 from __future__ import annotations
@@ -61,7 +70,9 @@ from edgefleet.contract.wire import Fields
 from fleet_server.profiles.statistics import (
     STAT_KEYS,
     categorical_stats,
+    noise_bounds,
     numeric_stats,
+    rate_noise,
     rates,
     side_of,
 )
@@ -106,6 +117,9 @@ class Thresholds:
     js_drift: float = 0.1
     unseen_drift: float = 0.01  # increase of the unseen-category share
     rate_drift: float = 0.05  # absolute increase in missing / out-of-range rate
+    # a statistic drifts only past its no-drift bound at the two sides' sizes too: the
+    # value two samples of one distribution stay under with probability 1 - alpha
+    alpha: float = 0.001
     min_rows: int | None = None  # None: 40 * max(bins - 1, 1) for each feature
     # the group rule: the drifting inputs carry this share of the model's positive
     # permutation importance; without importances, at least max(group_min,
@@ -134,6 +148,8 @@ class Thresholds:
                                   field=where)
             if f.name in _UNIT and value > 1:
                 raise SchemaError(f"{where}: must be at most 1, got {value!r}", field=where)
+            if f.name == "alpha" and value > 0.5:
+                raise SchemaError(f"{where}: must be at most 0.5, got {value!r}", field=where)
         if self.psi_warn > self.psi_drift:
             raise SchemaError("thresholds.psi_warn: must not exceed psi_drift",
                               field="thresholds.psi_warn")
@@ -329,6 +345,22 @@ def _g(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _past(drift: list[str], warn: list[str], label: str, value: float | None, limit: float,
+          noise: float | None, shown: str | None = None, close: str = "") -> None:
+    """Judge one statistic: drift at ``limit`` and past the no-drift bound ``noise``; at
+    ``limit`` but within the noise, a warning that says so."""
+    if value is None or value < limit:
+        return
+    text = f"{shown or f'{label} {_g(value)}'} ≥ {_g(limit)}{close}"
+    if noise is None or value >= noise:
+        drift.append(text + (
+            f" and past the no-drift bound {_g(noise)}" if noise is not None and noise > limit
+            else ""))
+    else:
+        warn.append(f"{text} but within the no-drift bound {_g(noise)} "
+                    "at these sample sizes (warn)")
+
+
 def _judge(stats: dict[str, float | None], rows: tuple[int, int], values: tuple[int, int],
            needed: int, t: Thresholds) -> tuple[str, tuple[str, ...]]:
     if min(rows) < needed:
@@ -337,28 +369,28 @@ def _judge(stats: dict[str, float | None], rows: tuple[int, int], values: tuple[
     drift: list[str] = []
     warn: list[str] = []
     enough = min(values) >= needed
-    rates = [("missing rate", "missing_rate", t.rate_drift)]
+    rates = [("missing rate", "missing_rate", t.rate_drift, rows)]
     if enough:
-        rates += [("out-of-range rate", "out_of_range_rate", t.rate_drift),
-                  ("unseen rate", "unseen_rate", t.unseen_drift)]
+        rates += [("out-of-range rate", "out_of_range_rate", t.rate_drift, values),
+                  ("unseen rate", "unseen_rate", t.unseen_drift, values)]
         psi = stats["psi"]
         if psi is not None and psi >= t.psi_drift:
-            drift.append(f"psi {_g(psi)} ≥ {_g(t.psi_drift)}")
+            _past(drift, warn, "psi", psi, t.psi_drift, stats["psi_noise"])
         elif psi is not None and psi >= t.psi_warn:
             warn.append(f"psi {_g(psi)} ≥ {_g(t.psi_warn)} (warn)")
         for key, limit in (("ks", t.ks_drift), ("js", t.js_drift)):
-            value = stats[key]
-            if value is not None and value >= limit:
-                drift.append(f"{key} {_g(value)} ≥ {_g(limit)}")
+            _past(drift, warn, key, stats[key], limit, stats[f"{key}_noise"])
         excess = stats["wasserstein_excess"]
-        if excess is not None and excess >= t.wasserstein_drift:
-            drift.append(f"wasserstein {_g(stats['wasserstein'] or 0.0)} − no-drift "
-                         f"{_g(stats['wasserstein_bias'] or 0.0)} = {_g(excess)} "
-                         f"≥ {_g(t.wasserstein_drift)}")
-    for label, key, limit in rates:
+        _past(drift, warn, "wasserstein", excess, t.wasserstein_drift,
+              stats["wasserstein_noise"],
+              f"wasserstein {_g(stats['wasserstein'] or 0.0)} − no-drift "
+              f"{_g(stats['wasserstein_bias'] or 0.0)} = {_g(excess or 0.0)}")
+    for label, key, limit, (n_base, n_live) in rates:
         live, base = stats[key], stats[f"{key}_base"]
-        if live is not None and base is not None and live - base >= limit:
-            drift.append(f"{label} {_g(live)} vs {_g(base)} (+{_g(live - base)} ≥ {_g(limit)})")
+        if live is not None and base is not None:
+            _past(drift, warn, label, live - base, limit,
+                  rate_noise(live, base, n_live, n_base, t.alpha),
+                  f"{label} {_g(live)} vs {_g(base)} (+{_g(live - base)}", ")")
     if drift:
         return "drift", tuple(drift)
     if not enough:
@@ -389,6 +421,8 @@ def _features(items: list[tuple[Any, str, Any, Any]], t: Thresholds,
                 if isinstance(spec, kind) and b.n and lv.n]
         if both:
             compute([sides[i] for i in both], [stats[i] for i in both])
+    for (_, b, lv), st in zip(sides, stats, strict=True):
+        noise_bounds(st, b.n, lv.n, t.alpha)
     out = []
     for (spec, b, lv), (_, role, _, _), st in zip(sides, items, stats, strict=True):
         numeric = isinstance(spec, NumericSpec)

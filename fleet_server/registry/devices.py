@@ -26,7 +26,13 @@ from dataclasses import replace
 from typing import Any
 
 from edgefleet.contract.messages import LABEL_RE, valid_device_id
-from fleet_server.config import DEFAULT_DRIFT, DRIFT_KEYS, drift_overrides
+from fleet_server.config import (
+    DEFAULT_DRIFT,
+    DRIFT_KEYS,
+    PERFORMANCE_KEYS,
+    drift_overrides,
+    performance_overrides,
+)
 from fleet_server.errors import ConfigError, InvalidRequestError, NotFoundError
 from fleet_server.models import Device, Group, Issued
 from fleet_server.registry.accounts import check_device_name
@@ -34,7 +40,7 @@ from fleet_server.registry.auth import DEVICE_PREFIX, mosquitto_hash, new_secret
 from fleet_server.registry.governance import parse_requirements
 from fleet_server.store import Store
 
-__all__ = ["GROUP_RE", "Registry", "check_drift", "check_labels"]
+__all__ = ["GROUP_RE", "Registry", "check_drift", "check_labels", "check_performance"]
 
 GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
 MAX_LABELS = 32
@@ -69,6 +75,30 @@ def check_drift(drift: Mapping[str, Any], field: str = "drift") -> dict[str, flo
     except ConfigError as exc:
         raise InvalidRequestError(str(exc), field=field) from exc
     return checked
+
+
+def check_performance(performance: Mapping[str, Any], field: str = "performance",
+                      ) -> dict[str, float | int]:
+    """A group's performance tolerances (known keys, each value in its range).
+
+    Raises:
+        InvalidRequestError: an unknown setting or a bad value, named.
+    """
+    try:
+        return performance_overrides(performance, field)
+    except ConfigError as exc:
+        raise InvalidRequestError(str(exc), field=field) from exc
+
+
+def _reset(settings: dict[str, Any], keys: Sequence[str], known: Sequence[str],
+           field: str) -> None:
+    for key in keys:
+        if key == "all":
+            settings.clear()
+        elif key in settings or key in known:
+            settings.pop(key, None)
+        else:
+            raise InvalidRequestError(f"{field}: unknown setting {key!r}", field=field)
 
 
 def _important(features: Sequence[str]) -> tuple[str, ...]:
@@ -158,8 +188,10 @@ class Registry:
                      requires_approval: bool = False,
                      important_features: Sequence[str] = (),
                      requires: Sequence[str] = (),
-                     drift: Mapping[str, Any] | None = None) -> Group:
-        """Raises: InvalidRequestError (bad name, selector, features, drift settings),
+                     drift: Mapping[str, Any] | None = None,
+                     performance: Mapping[str, Any] | None = None) -> Group:
+        """Raises: InvalidRequestError (bad name, selector, features, drift settings or
+        performance tolerances),
         ConflictError, UnknownRequirementError (a requirement that is none of ``card``,
         ``approval``, ``fairness``, ``champion``; names it)."""
         if not GROUP_RE.match(name):
@@ -168,7 +200,8 @@ class Registry:
         selector = check_labels(selector, "selector")
         features = _important(important_features)
         group = Group(name, selector, requires_approval, features, now, actor,
-                      requires=parse_requirements(requires), drift=check_drift(drift or {}))
+                      requires=parse_requirements(requires), drift=check_drift(drift or {}),
+                      performance=check_performance(performance or {}))
         with self.store.transaction():
             self.store.add_group(group)
             self.store.audit(actor, "group.create", f"group:{name}", group.to_dict(), now)
@@ -177,10 +210,13 @@ class Registry:
     def update_group(self, name: str, actor: str, now: float, *,
                      important_features: Sequence[str] | None = None,
                      drift: Mapping[str, Any] | None = None,
-                     reset_drift: Sequence[str] = ()) -> Group:
-        """Change a group's important features (replaced when given) and drift settings
+                     reset_drift: Sequence[str] = (),
+                     performance: Mapping[str, Any] | None = None,
+                     reset_performance: Sequence[str] = ()) -> Group:
+        """Change a group's important features (replaced when given), drift settings
         (``drift`` set key by key, ``reset_drift`` keys back to the server's; ``"all"``
-        resets every one).
+        resets every one) and performance tolerances (``performance``,
+        ``reset_performance``, the same way).
 
         Raises:
             InvalidRequestError: a bad feature name or drift setting, or resetting an
@@ -188,24 +224,21 @@ class Registry:
         """
         group = self.group(name)
         settings = dict(group.drift)
-        for key in reset_drift:
-            if key == "all":
-                settings.clear()
-            elif key in settings or key in DRIFT_KEYS:
-                settings.pop(key, None)
-            else:
-                raise InvalidRequestError(f"reset_drift: unknown setting {key!r}",
-                                          field="reset_drift")
+        _reset(settings, reset_drift, DRIFT_KEYS, "reset_drift")
         settings.update(drift or {})
+        tolerances = dict(group.performance)
+        _reset(tolerances, reset_performance, PERFORMANCE_KEYS, "reset_performance")
+        tolerances.update(performance or {})
         updated = replace(
-            group, drift=check_drift(settings),
+            group, drift=check_drift(settings), performance=check_performance(tolerances),
             important_features=group.important_features if important_features is None
             else _important(important_features))
         with self.store.transaction():
             self.store.update_group(updated)
             self.store.audit(actor, "group.update", f"group:{name}",
                              {"important_features": list(updated.important_features),
-                              "drift": dict(updated.drift)}, now)
+                              "drift": dict(updated.drift),
+                              "performance": dict(updated.performance)}, now)
         return updated
 
     def group(self, name: str) -> Group:

@@ -19,6 +19,7 @@ from fractions import Fraction
 from typing import Any
 
 from edgefleet.contract.messages import BundleRef
+from fleet_server.profiles.paired import mcnemar_worse
 from fleet_server.rollouts.values import (
     ACTIVE,
     LATENCY_FLOOR_MS,
@@ -253,12 +254,17 @@ def _performance_gate(g: GateThresholds, m: GateMetrics, sample_ok: bool) -> Gat
 
 
 def _input_gates(g: GateThresholds, m: GateMetrics, ready: bool) -> list[GateResult]:
+    # below the drift monitor's row floor no input feature can be judged: say so (the stage
+    # waits, and at its deadline the reason says what it lacked)
+    missing = (f"not enough rows: the canaries profiled {m.input_rows}, an input feature "
+               f"needs {m.input_rows_needed} to be judged" if m.input_drift is None
+               and m.input_rows_needed else "not computed yet")
     share = _gate("input_drift_share", m.input_drift_share, g.max_input_drift_share, "<=",
-                  ready=ready)
+                  ready=ready, missing=missing)
     if not g.block_on_input_drift:
         return [share, _skip("input_drift", "<=", "disabled")]
     verdict = _gate("input_drift", None if m.input_drift is None else float(m.input_drift),
-                    0.0, "<=", ready=ready)
+                    0.0, "<=", ready=ready, missing=missing)
     if verdict.outcome == "fail":
         verdict = replace(verdict, reason="the drift monitor finds the canaries' inputs "
                                           "drifting from the bundle's reference")
@@ -276,11 +282,44 @@ def _shadow_gates(g: GateThresholds, m: GateMetrics | None, missing: str) -> lis
             _gate("shadow_agreement", agreement, g.min_shadow_agreement, ">=", ready=ok),
             _gate("shadow_error_rate", _rate(m.shadow_errors, m.shadow_rows),
                   g.max_error_rate, "<=", ready=ok),
-            # the fair comparison (shadow vs live accuracy, paired on the same labelled
-            # rows) needs the agent to keep the shadow's answers with the prediction ids
-            # and join outcomes to both; it does not yet, and agreement is no stand-in
-            _skip("shadow_accuracy", ">=", "not measured: the agent does not label shadow "
-                                           "outputs yet (no paired rows)")]
+            _shadow_accuracy(g, m)]
+
+
+SHADOW_P = 0.05  # McNemar's one-sided level: a drop fails only when chance is ruled out
+
+
+def _shadow_accuracy(g: GateThresholds, m: GateMetrics) -> GateResult:
+    """The shadow's realized accuracy against the live model's on the same labelled rows
+    (paired): it may be at most ``max_accuracy_drop`` below, and fails only when McNemar's
+    exact test also rules out chance (one-sided p < :data:`SHADOW_P`), so a small table's
+    noise cannot fail it. Waits for ``min_labels`` paired rows; skipped when no outcome
+    came back for a shadowed row at all (labels never come for some models)."""
+    name = "shadow_accuracy"
+    tolerance = g.max_accuracy_drop
+    if tolerance is None:
+        return _skip(name, ">=", "disabled")
+    n = m.paired_both + m.paired_live_only + m.paired_shadow_only + m.paired_neither
+    if n == 0:
+        return _skip(name, ">=", "no outcomes for the rows the shadow answered (no paired "
+                                 "rows)")
+    live = (m.paired_both + m.paired_live_only) / n
+    shadow = (m.paired_both + m.paired_shadow_only) / n
+    threshold = max(0.0, live - tolerance)
+    what = (f"shadow accuracy {shadow:.4g} vs the live model's {live:.4g} on {n} paired "
+            f"rows ({m.paired_shadow_only} only the shadow got right, "
+            f"{m.paired_live_only} only the live model)")
+    if n < g.min_labels:
+        return GateResult(name, "wait", shadow, threshold, ">=",
+                          f"{what}: waiting for {g.min_labels} paired rows")
+    p = mcnemar_worse(m.paired_live_only, m.paired_shadow_only)
+    if live - shadow > tolerance and p < SHADOW_P:
+        return GateResult(name, "fail", shadow, threshold, ">=",
+                          f"{what}: more than {tolerance:.4g} below, and McNemar's exact "
+                          f"test rules out chance (one-sided p = {p:.2g})")
+    return GateResult(name, "pass", shadow, threshold, ">=",
+                      f"{what}: within {tolerance:.4g}" if live - shadow <= tolerance else
+                      f"{what}: more than {tolerance:.4g} below, but within chance "
+                      f"(McNemar one-sided p = {p:.2g})")
 
 
 def window_verdict(results: list[GateResult], now: float, deadline: float) -> str:

@@ -51,7 +51,8 @@ Rules this core decides (and the tests hold it to):
   (minimum predictions), ``error_rate``, ``error_rate_delta``, ``latency_p95_ratio``,
   ``prediction_psi``, ``prediction_js``, ``input_drift_share``, ``input_drift``; in the
   shadow phase ``install_failures``, ``shadow_sample``, ``shadow_agreement``,
-  ``shadow_error_rate``. A threshold of ``None`` disables a gate (skip). Comparative gates
+  ``shadow_error_rate``, ``shadow_accuracy`` (paired with the live model on the same
+  labelled rows, McNemar). A threshold of ``None`` disables a gate (skip). Comparative gates
   are skipped when the group has no control device left (the 100 % stage). A gate whose
   number is missing or whose sample is short *waits*; it never passes for lack of data.
 - Judgement: install failures abort at once (they are counted, not sampled); the other

@@ -7,7 +7,8 @@ counters summed per side, the p95 bounds of the summed latency histograms (the c
 lower bound against the controls' upper bound, :func:`p95_gate_inputs`), the canaries'
 merged profile against the controls' (prediction PSI and JS of the outputs) and against
 the bundle's reference (input drift share and verdict), and in a shadow phase the
-shadow's agreement. Merged profiles are kept per window and grown by the summaries each
+shadow's agreement and McNemar's table of the shadow against the live model on the rows
+whose outcomes came back. Merged profiles are kept per window and grown by the summaries each
 tick adds, so a tick reads only what is new.
 
 Performance (the ``accuracy`` or ``mae`` gate): the performance entries of the window,
@@ -26,11 +27,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from edgefleet.contract.messages import latency_p95, merge_latency
+from edgefleet.contract.messages import Paired, latency_p95, merge_latency
 from edgefleet.contract.profile import Profile, ProfileSpec
 from fleet_server.errors import NotFoundError
 from fleet_server.monitoring.drift import DriftService
-from fleet_server.profiles.drift import compare
+from fleet_server.profiles.drift import DriftReport, compare
 from fleet_server.profiles.performance import merged_blocks, metric_values
 from fleet_server.profiles.rollups import Packed
 from fleet_server.registry.bundles import Bundles, Reference
@@ -38,7 +39,7 @@ from fleet_server.registry.devices import Registry
 from fleet_server.rollouts.machine import GateMetrics, GateWindow, RolloutPlan
 from fleet_server.store import PerformanceRow, Store, WindowSummary
 
-__all__ = ["P95_Z", "GateMetricsReader", "p95_bounds_ms", "p95_gate_inputs"]
+__all__ = ["P95_Z", "GateMetricsReader", "input_drift_of", "p95_bounds_ms", "p95_gate_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class GateMetricsReader:
                                            limit=2 * self.max_summaries)
         if window.phase == "shadow":
             srows = sagreed = serrors = 0
+            paired = Paired()
             for s in rows:
                 sh = s.shadow or {}
                 b = sh.get("bundle") or {}
@@ -130,8 +132,13 @@ class GateMetricsReader:
                     srows += int(sh.get("rows", 0))
                     sagreed += int(sh.get("agreed", 0))
                     serrors += int(sh.get("errors", 0))
+                    if sh.get("paired") is not None:  # checked at ingest
+                        paired += Paired(**sh["paired"])
             return GateMetrics(window_start=window.since, shadow_rows=srows,
-                               shadow_agreed=min(sagreed, srows), shadow_errors=serrors)
+                               shadow_agreed=min(sagreed, srows), shadow_errors=serrors,
+                               paired_both=paired.both, paired_live_only=paired.live_only,
+                               paired_shadow_only=paired.shadow_only,
+                               paired_neither=paired.neither)
         mine = [s for s in rows if s.device in canaries and s.bundle_name == name
                 and s.bundle_version == version][:self.max_summaries]
         theirs = [s for s in rows if s.device in controls and not (
@@ -222,11 +229,7 @@ class GateMetricsReader:
         # judged as the drift monitor judges the group: its settings, the card's importances
         report = compare(ref.base, profile, self.drift.config_for(group).thresholds,
                          self.drift.important(ref, group), ref.importances)
-        if any(f.role == "input" and f.verdict != "insufficient" for f in report.features):
-            out["input_drift_share"] = float(report.share_drifted)
-            # the inputs' rules only: the predictions are the prediction gates' to judge
-            out["input_drift"] = bool({"importance", "count", "unseen"} & set(report.rules)) \
-                or any(name in report.important for name in report.drifted)
+        out.update(input_drift_of(report))
         control = self._control_outputs(plan, since, ref, theirs)
         if control is not None:
             vs = compare(control, _outputs_only(profile, control.spec), self.drift.thresholds)
@@ -299,6 +302,26 @@ class GateMetricsReader:
             del self._packed[k]
         self._packed[key] = (devices, last, merged)
         return merged
+
+
+def input_drift_of(report: DriftReport) -> dict[str, Any]:
+    """The input gates' numbers from the canaries' drift report against the bundle's
+    reference: ``input_drift_share`` and ``input_drift`` (the inputs' group rules only:
+    the predictions are the prediction gates' to judge) once an input feature has enough
+    rows to be judged; before that, ``input_rows_needed``, the fewest rows one needs, so
+    the gate can say what it waits for. Each feature's verdict is sample-size aware (a
+    statistic drifts only past its no-drift bound at the two sides' sizes, see
+    :func:`~fleet_server.profiles.statistics.noise_bounds`), which is what keeps a small
+    canary stage from failing on noise."""
+    out: dict[str, Any] = {"input_rows": int(report.rows_live)}
+    inputs = [f for f in report.features if f.role == "input"]
+    if any(f.verdict != "insufficient" for f in inputs):
+        out["input_drift_share"] = float(report.share_drifted)
+        out["input_drift"] = bool({"importance", "count", "unseen"} & set(report.rules)) \
+            or any(name in report.important for name in report.drifted)
+    elif inputs:
+        out["input_rows_needed"] = min(f.min_rows for f in inputs)
+    return out
 
 
 def _outputs_only(profile: Profile, spec: ProfileSpec) -> Profile:

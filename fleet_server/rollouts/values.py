@@ -139,7 +139,9 @@ class GateThresholds:
     # min_labels labelled rows, else the label-free estimate. A classifier's canary accuracy
     # may be at most max_accuracy_drop (absolute) below the controls', a regressor's MAE at
     # most max_mae_rise (relative) above; it fails only when the canary's interval also
-    # excludes the controls' value (sampling noise cannot fail it)
+    # excludes the controls' value (sampling noise cannot fail it). In a shadow phase the
+    # same tolerance and min_labels judge the shadow's accuracy against the live model's on
+    # the same labelled rows (paired; fails only when McNemar's exact test rules out chance)
     max_accuracy_drop: float | None = 0.02
     max_mae_rise: float | None = 0.1
     min_labels: int = 200
@@ -422,7 +424,8 @@ class DeviceObs:
 
 _COUNTS = ("canary_predictions", "canary_errors", "control_predictions", "control_errors",
            "shadow_rows", "shadow_agreed", "shadow_errors", "canary_labelled",
-           "control_labelled")
+           "control_labelled", "input_rows", "input_rows_needed", "paired_both",
+           "paired_live_only", "paired_shadow_only", "paired_neither")
 _NUMBERS = ("canary_p95_ms", "control_p95_ms", "prediction_psi", "prediction_js",
             "input_drift_share", "canary_performance", "canary_performance_bound",
             "control_performance")
@@ -452,9 +455,19 @@ class GateMetrics:
     prediction_js: float | None = None
     input_drift_share: float | None = None  # share of input features drifting, canaries
     input_drift: bool | None = None  # the drift monitor's verdict on canary inputs
+    # the canaries' profiled rows, and (while no input feature has enough of them to be
+    # judged, so input_drift is None) the fewest rows an input feature needs
+    input_rows: int = 0
+    input_rows_needed: int = 0
     shadow_rows: int = 0  # summed ShadowStats of canaries, shadow phase
     shadow_agreed: int = 0
     shadow_errors: int = 0
+    # McNemar's table of the shadow against the live model on the same labelled rows
+    # (summed ShadowStats.paired of canaries for the rollout's bundle, shadow phase)
+    paired_both: int = 0
+    paired_live_only: int = 0
+    paired_shadow_only: int = 0
+    paired_neither: int = 0
     # the performance gate: ``performance_metric`` (accuracy | mae) of both sides from the
     # same ``performance_source`` (realized | estimated); ``canary_performance_bound`` is
     # the canary's 95 % bound on its favourable side (accuracy's high, MAE's low)

@@ -123,6 +123,17 @@ class DashboardReads(StoreBase):
                         f"({sub})", [label, *params])
         return int(row["n"]) if row else 0
 
+    def bundles_in_service(self) -> set[str]:
+        """The labels (``name@version``) of the bundles some device runs or shadows (as it
+        last reported) or is told to run or shadow (its desired state)."""
+        shadow = _BUNDLE.replace("bundle", "shadow")
+        out: set[str] = set()
+        for table in ("devices", "desired"):
+            for column in (_BUNDLE, shadow):
+                out |= {r["label"] for r in self._rows(
+                    f"SELECT DISTINCT {column} AS label FROM {table}") if r["label"]}
+        return out
+
     def count_selected(self, selector: Mapping[str, str]) -> int:
         """How many devices match a label selector."""
         sub, params = selector_sql(selector)

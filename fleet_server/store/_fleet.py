@@ -51,7 +51,8 @@ def _group(row: dict[str, Any]) -> Group:
     return Group(row["name"], loads(row["selector"], {}), bool(row["requires_approval"]),
                  tuple(loads(row["important_features"], [])), row["created"], row["created_by"],
                  requires=tuple(loads(row.get("requires"), [])),
-                 drift=loads(row["drift"], {}))
+                 drift=loads(row["drift"], {}),
+                 performance=loads(row.get("performance"), {}))
 
 
 def selector_sql(selector: Mapping[str, str]) -> tuple[str, list[str]]:
@@ -312,24 +313,27 @@ class FleetTables(StoreBase):
         with self.transaction():
             self._exec(
                 "INSERT INTO groups (name, selector, requires_approval, important_features,"
-                " created, created_by, requires, drift) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " created, created_by, requires, drift, performance) VALUES (?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?)",
                 [group.name, dumps(group.selector), int(group.requires_approval),
                  dumps(list(group.important_features)), group.created, group.created_by,
-                 dumps(list(group.requires)), dumps(dict(group.drift))],
+                 dumps(list(group.requires)), dumps(dict(group.drift)),
+                 dumps(dict(group.performance))],
                 conflict=f"group {group.name!r} exists already")
         return group
 
     def update_group(self, group: Group) -> Group:
-        """Write a group's important features and drift settings (name, selector and
-        creation stay).
+        """Write a group's important features, drift settings and performance tolerances
+        (name, selector and creation stay).
 
         Raises:
             NotFoundError: no such group.
         """
         with self.transaction():
-            if self._exec("UPDATE groups SET important_features = ?, drift = ? WHERE name = ?",
+            if self._exec("UPDATE groups SET important_features = ?, drift = ?, "
+                          "performance = ? WHERE name = ?",
                           [dumps(list(group.important_features)), dumps(dict(group.drift)),
-                           group.name]).rowcount == 0:
+                           dumps(dict(group.performance)), group.name]).rowcount == 0:
                 raise NotFoundError("group", group.name)
         return group
 

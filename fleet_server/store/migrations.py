@@ -56,6 +56,9 @@ History:
     each device has uploaded (an upload is stored once); ``capture_labels``, the outcomes
     uploaded centrally, by (device, prediction id), so a row captured after its outcome
     gets its label too.
+17. ``groups.performance``: a group's own performance alert tolerances over the server's
+    (a JSON object of :data:`fleet_server.config.PERFORMANCE_KEYS` settings; ``{}``, the
+    server's, for every existing group).
 
 Migrations are append-only: a released one is never edited, a change is a new one. This
 module holds SQL text only; :mod:`fleet_server.store` runs it.
@@ -442,6 +445,12 @@ CREATE TABLE capture_labels (
 CREATE INDEX capture_labels_at ON capture_labels (at);
 """
 
+# gates14's number is 17 (rollups18 has 15, loop15 16): the two empty steps hold their
+# places on this branch only, and the lead renumbers at landing
+_V17 = """
+ALTER TABLE groups ADD COLUMN performance TEXT NOT NULL DEFAULT '{}';
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -458,6 +467,9 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (12, "dashboard sessions", _V12),
     (13, "retraining runs", _RETRAINS),
     (14, "data capture", _CAPTURE),
+    (15, "placeholder for rollups18's migration 15 (replaced at landing)", ""),
+    (16, "placeholder for loop15's migration 16 (replaced at landing)", ""),
+    (17, "groups' own performance tolerances", _V17),
 )
 LATEST = MIGRATIONS[-1][0]
 AUDIT_CHAIN = 7  # the version from which audit entries carry prev and hash

@@ -652,6 +652,8 @@ def test_thresholds_round_trip_and_partial_documents_keep_defaults():
     pytest.param({"js_drift": 1.5}, "thresholds.js_drift", id="js-above-one"),
     pytest.param({"group_share": 2}, "thresholds.group_share", id="share-above-one"),
     pytest.param({"psi_warn": 0.3}, "thresholds.psi_warn", id="warn-above-drift"),
+    pytest.param({"alpha": 0}, "thresholds.alpha", id="alpha-zero"),
+    pytest.param({"alpha": 0.6}, "thresholds.alpha", id="alpha-above-half"),
     pytest.param({"min_rows": 0}, "thresholds.min_rows", id="min-rows-zero"),
     pytest.param({"min_rows": 1.5}, "thresholds.min_rows", id="min-rows-float"),
     pytest.param({"persistence": True}, "thresholds.persistence", id="persistence-bool"),

@@ -418,7 +418,7 @@ def test_the_shadow_phase_says_what_it_cannot_compare():
     d = start(plan, devices)
     shadow = tick(plan, d.state, devices, 50.0)
     result = gate(shadow, "shadow_accuracy")
-    assert result.outcome == "skip" and "does not label shadow outputs" in result.reason
+    assert result.outcome == "skip" and "no paired rows" in result.reason
 
 
 def test_gate_metrics_read_the_windows_entries(fleet, bundles):

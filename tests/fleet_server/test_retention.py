@@ -71,7 +71,7 @@ def test_housekeeping_deletes_old_summaries_and_rollups_and_keeps_the_rest(fleet
 
     # two devices; rollups: each device's row and the fleet's (scope "*") per bucket
     assert removed == {"summaries": 4, "performance": 0, "dead_letters": 0, "sessions": 1,
-                       "rollups_60": 6, "rollups_3600": 3}
+                       "alerts_retired": 0, "rollups_60": 6, "rollups_3600": 3}
     assert Sessions(s.store).count(float(NOW)) == 1
     assert _ages(db, "SELECT window_end FROM summaries") == [1, 0]
     assert _ages(db, "SELECT bucket FROM rollups WHERE width = 60") == [1, 0]
@@ -82,7 +82,7 @@ def test_housekeeping_deletes_old_summaries_and_rollups_and_keeps_the_rest(fleet
                                                        ("dev2", 3), ("dev2", 4)]
     # and a second pass has nothing left to do
     assert ev.housekeeping(float(NOW)) == {"summaries": 0, "performance": 0, "dead_letters": 0,
-                                           "sessions": 0,
+                                           "sessions": 0, "alerts_retired": 0,
                                            "rollups_60": 0, "rollups_3600": 0}
 
 

@@ -5,8 +5,10 @@ smoke-testing and serving real bundles, their summaries judged by the real gates
 One fleet serves the whole module, and the tests run in file order, each starting from
 what the previous left (every agent on one bundle): the first rollout to fresh devices,
 a passing upgrade, a bundle whose smoke test fails, a bundle whose predictions disagree
-with the control, a device offline during a rollout, and the approval rule. What runs
-is checked on the agents themselves, not only in the server's view.
+with the control, a device offline during a rollout, the approval rule, a restart, and
+two ``--shadow-first`` rollouts judged by the shadow's accuracy paired with the live
+model's on labelled rows (one worse, stopped; one as good, passed). What runs is checked
+on the agents themselves, not only in the server's view.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ pytestmark = pytest.mark.slow
 DEVICES = tuple(f"dev{i}" for i in range(5))
 # distinct rows, more than a stage window serves: a cycled handful would repeat rows inside
 # one window, and duplicates are not the independent sample the drift statistics assume
-ROWS = sensor_data(4000, seed=21)[list(FEATURES)].to_dict("records")
-# The input-drift gate is off here: these tests judge the rollout's mechanics (stages,
-# rollbacks, restarts), and a canary stage of a few hundred rows trips the one-feature
-# importance rule on noise too often (seen: one stage in two to ten; the drift gate has tests
-# of its own in test_rollout.py and test_drift_matters.py).
+DATA = sensor_data(4000, seed=21)
+ROWS = DATA[list(FEATURES)].to_dict("records")
+LABELS = DATA["fault"].astype(int).tolist()
+# The input-drift gates are on with their defaults: a canary stage of a few hundred rows
+# used to trip the one-feature importance rule on noise (one run in two to ten); the drift
+# statistics now judge each feature against its no-drift bound at the stage's size
+# (test_gate_noise.py measures the rate)
 GATES = {"min_canary_predictions": 150, "min_control_predictions": 150,
-         "min_healthy_predictions": 20, "max_wait_s": 20, "max_latency_p95_ratio": 10.0,
-         "block_on_input_drift": False, "max_input_drift_share": None}
+         "min_healthy_predictions": 20, "max_wait_s": 20, "max_latency_p95_ratio": 10.0}
 STAGES = [{"fraction": 0.4, "min_devices": 2, "soak_s": 1.5},
           {"fraction": 1.0, "min_devices": 1, "soak_s": 1.0}]
 
@@ -58,7 +61,7 @@ class Fleet:
         paths = [bundles.build("1.0.0"), bundles.build("1.1.0"), bundles.broken_smoke("1.2.0"),
                  bundles.build("1.3.0", model="inverted"), bundles.build("1.4.0"),
                  bundles.build("1.5.0"), approved_bundle(bundles, keys, "2.0.0", tmp),
-                 bundles.build("2.1.0")]
+                 bundles.build("2.1.0"), bundles.build("2.2.0")]
         for path in paths:
             s.bundles.upload(path.read_bytes(), "test", now)
         s.registry.create_group("all", {"site": "test"}, "test", now)
@@ -300,3 +303,68 @@ def test_a_staged_rollout_resumes_across_a_server_restart(fleet):
     assert [e["stage"] for e in detail["audit"]] == [0, 0, 0, 1]
     wait_until(lambda: fleet.versions() == dict.fromkeys(DEVICES, "2.1.0"), 30,
                "every agent on 2.1.0")
+
+
+def _label_shadowed_rows(fleet, version: str, per_device: int = 120) -> list[str]:
+    """On each device that runs ``version`` as its shadow: serve labelled rows with ids
+    of our own and return their outcomes through the Python route, as a local app would."""
+    shadowed: list[str] = []
+
+    def ready() -> bool:
+        shadowed[:] = [d for d, a in fleet.agents.items()
+                       if a.agent.shadow is not None and a.agent.shadow.ref.version == version]
+        return len(shadowed) == 2
+    wait_until(ready, 30, f"two agents to run {version} as their shadow")
+    for j, device in enumerate(shadowed):
+        agent = fleet.agents[device].agent
+        start = 1000 * j
+        ids = [f"paired-{version}-{device}-{i}" for i in range(per_device)]
+        agent.predict(ROWS[start:start + per_device], ids=ids)
+        counts = agent.record_outcomes(list(zip(ids, LABELS[start:start + per_device],
+                                                strict=True)))
+        assert counts.joined == per_device
+    return shadowed
+
+
+def test_a_shadow_worse_on_the_same_labelled_rows_is_stopped_by_the_paired_gate(fleet):
+    """A candidate that gets the labelled rows wrong (trained on the inverted target) runs
+    as a shadow; agreement is switched off so the paired accuracy gate alone must stop it:
+    outcomes for rows the shadow answered come back, the agents count McNemar's table, and
+    the server's shadow gate aborts the rollout before any device serves the candidate."""
+    detail = fleet.rollout("1.3.0", id="paired-bad", shadow_first=True, shadow_soak_s=8.0,
+                           gates={**GATES, "min_shadow_agreement": None, "min_labels": 100,
+                                  "max_wait_s": 60})
+    assert detail["status"] == "shadow"
+    shadowed = _label_shadowed_rows(fleet, "1.3.0")
+    detail = fleet.finished("paired-bad", timeout=60)
+    assert detail["status"] == "aborted", detail["audit"][-1]
+    assert "shadow_accuracy" in detail["audit"][-1]["reason"]
+    result = _gates(detail)["shadow_accuracy"]
+    assert result["outcome"] == "fail" and result["value"] < 0.3, result
+    assert result["threshold"] > 0.6 and "McNemar" in result["reason"], result
+    wait_until(lambda: all(fleet.agents[d].agent.shadow is None for d in shadowed), 30,
+               "the shadows to stop")
+    assert fleet.versions() == dict.fromkeys(DEVICES, "2.1.0")
+
+
+def test_a_shadow_as_good_on_the_same_labelled_rows_passes_the_paired_gate(fleet):
+    """The same model as the live one (another version): every labelled row is a
+    concordant pair, the paired gate passes on them, and the rollout goes on to complete."""
+    detail = fleet.rollout("2.2.0", id="paired-good", shadow_first=True, shadow_soak_s=120.0,
+                           gates={**GATES, "min_labels": 100, "max_wait_s": 60})
+    assert detail["status"] == "shadow"
+    _label_shadowed_rows(fleet, "2.2.0")
+    found: dict = {}
+
+    def judged() -> bool:
+        found.update(_gates(fleet.ops.get("/api/v1/rollouts/paired-good")))
+        gate = found.get("shadow_accuracy", {})
+        return gate.get("outcome") == "pass" and "240 paired rows" in gate.get("reason", "")
+    wait_until(judged, 30, "the paired gate to pass on the labelled rows")
+    assert "0 only the shadow got right, 0 only the live model" in \
+        found["shadow_accuracy"]["reason"]
+    fleet.ops.post("/api/v1/rollouts/paired-good/promote", {})  # no need to sit the soak out
+    detail = fleet.finished("paired-good", timeout=60)
+    assert detail["status"] == "completed", detail["audit"][-1]
+    wait_until(lambda: fleet.versions() == dict.fromkeys(DEVICES, "2.2.0"), 30,
+               "every agent on 2.2.0")

@@ -34,23 +34,26 @@ def create_group(body: GroupCreate, services: ServicesDep, who: Operator) -> Gro
     ``requires_approval``: rollouts to it need an approver; ``requires``: what a bundle
     must carry before a rollout to it (``card``, ``approval``, ``fairness``, ``champion``);
     an unknown name is refused (422) naming it; ``drift``: the group's own drift settings
-    over the server's (an unknown key or a bad value is a 400 naming it).
+    over the server's, ``performance`` its own performance alert tolerances (an unknown
+    key or a bad value is a 400 naming it).
     """
     group = services.registry.create_group(
         body.name, body.selector, who.actor, services.clock(),
         requires_approval=body.requires_approval, important_features=body.important_features,
-        requires=body.requires, drift=body.drift)
+        requires=body.requires, drift=body.drift, performance=body.performance)
     return _public(services, group)
 
 
 @router.patch("/{name}", response_model=GroupPublic)
 def update_group(name: GroupName, body: GroupUpdate, services: ServicesDep, who: Operator
                  ) -> GroupPublic:
-    """Change a group's important features and drift settings (``drift`` sets keys,
-    ``reset_drift`` returns keys to the server's). The next evaluated window uses them."""
+    """Change a group's important features, drift settings (``drift`` sets keys,
+    ``reset_drift`` returns keys to the server's) and performance tolerances
+    (``performance``, ``reset_performance``). The next evaluated window uses them."""
     group = services.registry.update_group(
         name, who.actor, services.clock(), important_features=body.important_features,
-        drift=body.drift, reset_drift=body.reset_drift)
+        drift=body.drift, reset_drift=body.reset_drift, performance=body.performance,
+        reset_performance=body.reset_performance)
     return _public(services, group)
 
 

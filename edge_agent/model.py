@@ -15,7 +15,8 @@ This module does not record, profile or decide what to install.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -79,8 +80,7 @@ class LoadedModel:
         self.validator = InputValidator(manifest, max_rows=max_rows)
         self.task = manifest.task
         self.classes = manifest.classes
-        session = self.runner.session
-        self._session_run = session.run
+        self._session_run = _direct_run(self.runner.session)
         # fast path: one float tensor in schema order, outputs by role
         self._tensor = manifest.binding.layout == "tensor"
         self._input_name = manifest.binding.input_name
@@ -126,7 +126,7 @@ class LoadedModel:
 
     def _run(self, feeds: dict[str, np.ndarray]) -> Outputs:
         try:
-            results = self._session_run(self._names, feeds)
+            results = self._session_run(self._names, feeds, None)
         except Exception as exc:
             raise PredictError(f"{self.label}: the model failed: {type(exc).__name__}: "
                                f"{str(exc)[:300]}") from exc
@@ -160,6 +160,19 @@ class LoadedModel:
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.label}, sha256={self.ref.sha256[:12]}…)"
+
+
+def _direct_run(session: Any) -> Callable[..., list[Any]]:
+    """The session's compiled ``run(output_names, feeds, run_options)``, past
+    ``InferenceSession.run``'s Python checks: that every graph input is fed, that no
+    ``OrtValue`` belongs to another device, that no WebGPU graph capture is on. The agent
+    always feeds every input as a numpy array it built from the manifest, to a CPU-only
+    session, and onnxruntime's C++ run still refuses a missing or mistyped input. Those
+    checks cost about 4 µs a call (measured, 5 inputs): as much as all the rest the agent
+    adds to a single row. Falls back to the public ``run`` when the binding is not there."""
+    inner = getattr(session, "_sess", None)
+    run = getattr(inner, "run", None)
+    return run if callable(run) else session.run
 
 
 def concat_outputs(parts: list[Outputs]) -> Outputs:

@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/mixed.py [--quick] [--out benchmarks/out/mixed.json]
 
-Four models, built in this run with edgepack's library API (:func:`packager.build.build`)
+Four or five models, built in this run with edgepack's library API (:func:`packager.build.build`)
 from synthetic data:
 
 - ``mixed-logreg``: ``ColumnTransformer`` (3 numeric: ``SimpleImputer`` + ``StandardScaler``;
@@ -13,7 +13,9 @@ from synthetic data:
   ``force`` when the fidelity gate refuses it: issue 13's packager part; the build's note
   is kept in the JSON);
 - ``mlp-30``: ``StandardScaler`` + ``MLPClassifier``, 30 numeric features;
-- ``rf-30``: ``RandomForestClassifier``, 200 trees, 30 numeric features.
+- ``rf-30``: ``RandomForestClassifier``, 200 trees, 30 numeric features;
+- ``mixed-xgb``: the mixed preprocessing + ``XGBClassifier`` (100 trees, depth 6), when
+  xgboost is installed (``edgefleet[xgboost]``); left out of the table otherwise.
 
 For each, side by side in one process, in interleaved blocks (:func:`benchmarks.common.blocks`:
 two rounds, the second in reverse order), medians:
@@ -67,7 +69,8 @@ from edgefleet.contract.signing import TrustStore, generate_key, write_key_pair 
 from packager.build import BuildOptions, build  # noqa: E402
 from packager.errors import PackagerError  # noqa: E402
 
-LIBRARIES = ("edgefleet", "numpy", "onnxruntime", "scikit-learn", "skl2onnx", "pandas")
+LIBRARIES = ("edgefleet", "numpy", "onnxruntime", "scikit-learn", "skl2onnx", "pandas",
+             "xgboost", "onnxmltools")
 ROWS = 6_000
 BATCH = 1_000
 SEED = 7
@@ -137,7 +140,7 @@ def models() -> dict[str, tuple[str, Any]]:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return {
+    found = {
         "mixed-logreg": ("mixed", Pipeline([("pre", _mixed_pre()),
                                             ("model", LogisticRegression(max_iter=500))])),
         "mixed-hgb": ("mixed", Pipeline([("pre", _mixed_pre()), (
@@ -147,6 +150,14 @@ def models() -> dict[str, tuple[str, Any]]:
         "rf-30": ("numeric", RandomForestClassifier(200, max_depth=12, random_state=0,
                                                     n_jobs=1)),
     }
+    try:
+        from xgboost import XGBClassifier
+    except ImportError:
+        print("xgboost is not installed: mixed-xgb is left out", file=sys.stderr)
+        return found
+    found["mixed-xgb"] = ("mixed", Pipeline([("pre", _mixed_pre()), ("model", XGBClassifier(
+        n_estimators=100, max_depth=6, learning_rate=0.1, n_jobs=1, random_state=0))]))
+    return found
 
 
 # ----------------------------------------------------------------------------- build

@@ -85,6 +85,7 @@ log = logging.getLogger(__name__)
 
 RECENT_LATENCIES = 2048  # for the heartbeat's p50/p95
 _latency_slot = partial(bisect.bisect_right, LATENCY_EDGES_MS)
+_new_tuple = tuple.__new__
 
 
 class Result(NamedTuple):
@@ -238,7 +239,7 @@ class Agent:
                 n = inputs.shape[0]
             elif type(rows) is list and len(rows) == 1:  # the single-row path, kept short
                 inputs = [validator.row(rows[0])]
-                outputs = model.run_cells(inputs)
+                outputs = model.run_row(inputs[0])
                 n = 1
             else:
                 if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
@@ -258,7 +259,7 @@ class Agent:
             raise PredictionIdError(f"ids: {len(ids)} id(s) for {n} row(s); give one per row")
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
         ids = self._record(model, inputs, n, outputs, elapsed_ms, ids)
-        return Result(model.label, outputs.labels, outputs.probabilities, outputs.values, ids)
+        return _new_tuple(Result, (model.label, *outputs, ids))  # (no Python __new__)
 
     def predict_one(self, row: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
         """One row in, one plain-Python answer out (``label``/``probabilities``/``value``)."""

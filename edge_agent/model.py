@@ -16,6 +16,7 @@ This module does not record, profile or decide what to install.
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,6 +31,9 @@ from edgefleet.contract.runtime import _NP, ModelRunner
 from edgefleet.contract.samples import Samples, smoke_test
 
 __all__ = ["LoadError", "LoadedModel", "Outputs", "PredictError", "concat_outputs"]
+
+
+_new_tuple = tuple.__new__  # a NamedTuple from a tuple, without its Python __new__
 
 
 class Outputs(NamedTuple):
@@ -89,7 +93,9 @@ class LoadedModel:
                  if o.role in ("label", "probabilities", "value")]
         self._names = [name for _, name in roles]
         where = {role: i for i, (role, _) in enumerate(roles)}
-        self._at = tuple(where.get(r) for r in ("label", "probabilities", "value"))
+        # the run's result list, with a None appended, read into Outputs in one C call
+        self._pick = itemgetter(*(where.get(r, len(roles))
+                                  for r in ("label", "probabilities", "value")))
         self._row_feeds = self.runner.row_feeds
 
     # -- running ---------------------------------------------------------------------
@@ -100,16 +106,26 @@ class LoadedModel:
         Raises:
             PredictError: onnxruntime failed on these rows.
         """
+        if len(cells) == 1:
+            return self.run_row(cells[0])
         if self._tensor:
             return self._run({self._input_name: np.array(cells, dtype=self._dtype)})
-        if len(cells) == 1:  # the lean single-row path: a cell written per feature
-            try:
-                feeds = self._row_feeds(cells[0])
-            except (ValueError, TypeError, OverflowError) as exc:  # e.g. NaN into int64
-                raise PredictError(f"{self.label}: the row does not fit the model's inputs: "
-                                   f"{type(exc).__name__}: {str(exc)[:300]}") from exc
-            return self._run(feeds)
         return self.run_batch(self.validator.from_cells(cells))
+
+    def run_row(self, cells: list[Cell]) -> Outputs:
+        """Run one checked row (from :meth:`InputValidator.row`): the lean path, this
+        thread's feed arrays rewritten in place (see
+        :meth:`~edgefleet.contract.runtime.ModelRunner.row_feeds`), no array made.
+
+        Raises:
+            PredictError: the row does not fit the model's inputs, or onnxruntime failed.
+        """
+        try:
+            feeds = self._row_feeds(cells)
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. NaN into int64
+            raise PredictError(f"{self.label}: the row does not fit the model's inputs: "
+                               f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+        return self._run(feeds)
 
     def run_matrix(self, matrix: np.ndarray) -> Outputs:
         """Run a checked ``(n, F)`` float array in schema order."""
@@ -130,10 +146,8 @@ class LoadedModel:
         except Exception as exc:
             raise PredictError(f"{self.label}: the model failed: {type(exc).__name__}: "
                                f"{str(exc)[:300]}") from exc
-        label, proba, value = self._at
-        return Outputs(None if label is None else results[label],
-                       None if proba is None else results[proba],
-                       None if value is None else results[value])
+        results.append(None)  # what a role the model lacks reads
+        return _new_tuple(Outputs, self._pick(results))
 
     # -- what the profile and the shadow need -----------------------------------------
 

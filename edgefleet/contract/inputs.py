@@ -84,6 +84,7 @@ class InputValidator:
         # a row of the common kind: a float for every numeric feature, a str for every
         # categorical one (any schema); checked with one tuple compare, then a sum
         self._expect = tuple(float if c[1] else str for c in self._checks)
+        self._all_of = _getter(self.names)
         numeric_at = [j for j, c in enumerate(self._checks) if c[1]]
         self._numeric_cells = _getter(numeric_at)
         self._whole_at = tuple(j for j, c in enumerate(self._checks) if c[3])
@@ -107,7 +108,7 @@ class InputValidator:
         if kind is dict or (kind is not list and isinstance(values, Mapping)):
             # (exact type tests first: the Mapping ABC check costs a microsecond)
             try:
-                cells = [values[n] for n in self.names]
+                cells = list(self._all_of(values))  # (one C call: itemgetter)
             except KeyError as exc:
                 name = exc.args[0]
                 raise InputError(f"row {index}: feature {name!r} is missing", feature=name,
@@ -134,7 +135,8 @@ class InputValidator:
                 return cells
         elif tuple(map(type, cells)) == self._expect:
             total = sum(self._numeric_cells(cells))
-            if total - total == 0.0 and all(cells[j].is_integer() for j in self._whole_at):
+            if total - total == 0.0 and (not self._whole_at or all(
+                    cells[j].is_integer() for j in self._whole_at)):
                 return cells
         return self._slow_row(cells, index)
 

@@ -52,11 +52,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from edge_agent.capture import Capture
 from edge_agent.errors import (
     NoModelError,
     OutcomeError,
@@ -77,6 +76,9 @@ from edge_agent.window import (
 from edgefleet.contract.errors import InputError
 from edgefleet.contract.inputs import Batch
 from edgefleet.contract.messages import ID_RE, LATENCY_EDGES_MS, Outcome, Outcomes
+
+if TYPE_CHECKING:  # data capture is the daemon's (urllib and ssl: 7 MiB resident)
+    from edge_agent.capture import Capture
 
 __all__ = ["CHUNK_ROWS", "Agent", "NoModelError", "OutcomeCounts", "Result", "Window",
            "performance_spec", "with_claim"]

@@ -20,11 +20,10 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_agent.capture import Capture
 from edge_agent.model import LoadedModel, Outputs, concat_outputs
 from edge_agent.predictions import (
     BundleRows,
@@ -45,6 +44,9 @@ from edgefleet.contract.performance import (
     Realized,
 )
 from edgefleet.contract.profile import Profile, to_wire
+
+if TYPE_CHECKING:  # data capture is the daemon's (urllib and ssl: 7 MiB resident)
+    from edge_agent.capture import Capture
 
 __all__ = ["CHUNK_ROWS", "LATENCY_SLOTS", "MAX_ERROR_KEYS", "OpenWindow", "Window",
            "performance_spec", "with_claim"]

@@ -235,14 +235,14 @@ class Agent:
                 raise
         validator = model.validator
         try:
-            if isinstance(rows, np.ndarray):
-                inputs: Any = validator.array(rows).matrix
-                outputs = model.run_matrix(inputs)
-                n = inputs.shape[0]
-            elif type(rows) is list and len(rows) == 1:  # the single-row path, kept short
-                inputs = [validator.row(rows[0])]
+            if type(rows) is list and len(rows) == 1:  # the single-row path, kept short
+                inputs: Any = [validator.row(rows[0])]
                 outputs = model.run_row(inputs[0])
                 n = 1
+            elif isinstance(rows, np.ndarray):
+                inputs = validator.array(rows).matrix
+                outputs = model.run_matrix(inputs)
+                n = inputs.shape[0]
             else:
                 if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
                     raise InputError("rows: expected a list of rows (objects or lists in "

@@ -166,11 +166,12 @@ class ModelRunner:
         try:
             fill = self._local.fill
         except AttributeError:
-            fill = self._local.fill = self._row_filler()
+            fill = self._local.fill = self.row_filler()
         return fill(cells)
 
-    def _row_filler(self) -> Callable[[list[Cell]], dict[str, np.ndarray]]:
-        """A function that writes one row into this thread's feed arrays: no array made
+    def row_filler(self) -> Callable[[list[Cell]], dict[str, np.ndarray]]:
+        """A function that writes one row into feed arrays of its own (for one thread:
+        :meth:`row_feeds` keeps one per thread, as the agent does): no array made
         per call, and no numpy indexing where a float input takes a float (a memoryview
         store is a fifth of ``a[0, 0] = v``; one ``struct.pack_into`` fills a whole
         float tensor, a half of ``np.array(cells)``)."""

@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/mixed.py [--quick] [--out benchmarks/out/mixed.json]
 
-Four models, built in this run with edgepack's library API (:func:`packager.build.build`)
+Four or five models, built in this run with edgepack's library API (:func:`packager.build.build`)
 from synthetic data:
 
 - ``mixed-logreg``: ``ColumnTransformer`` (3 numeric: ``SimpleImputer`` + ``StandardScaler``;
@@ -13,13 +13,16 @@ from synthetic data:
   ``force`` when the fidelity gate refuses it: issue 13's packager part; the build's note
   is kept in the JSON);
 - ``mlp-30``: ``StandardScaler`` + ``MLPClassifier``, 30 numeric features;
-- ``rf-30``: ``RandomForestClassifier``, 200 trees, 30 numeric features.
+- ``rf-30``: ``RandomForestClassifier``, 200 trees, 30 numeric features;
+- ``mixed-xgb``: the mixed preprocessing + ``XGBClassifier`` (100 trees, depth 6), when
+  xgboost is installed (``edgefleet[xgboost]``); left out of the table otherwise.
 
 For each, side by side in one process, in interleaved blocks (:func:`benchmarks.common.blocks`:
 two rounds, the second in reverse order), medians:
 
 - one row: a bare ``session.run`` on ready arrays against :meth:`Agent.predict` on one dict
-  (what an app sends), profiling on;
+  (what an app sends), profiling on; beside them the session's compiled ``run`` on the
+  same arrays, past ``InferenceSession.run``'s Python checks (what the agent calls);
 - 1,000 rows: bare ``session.run`` on ready arrays, the agent on 1,000 dicts, the agent on a
   float64 array (all-numeric models only), scikit-learn's ``predict_proba`` on the same
   rows as a DataFrame;
@@ -67,7 +70,8 @@ from edgefleet.contract.signing import TrustStore, generate_key, write_key_pair 
 from packager.build import BuildOptions, build  # noqa: E402
 from packager.errors import PackagerError  # noqa: E402
 
-LIBRARIES = ("edgefleet", "numpy", "onnxruntime", "scikit-learn", "skl2onnx", "pandas")
+LIBRARIES = ("edgefleet", "numpy", "onnxruntime", "scikit-learn", "skl2onnx", "pandas",
+             "xgboost", "onnxmltools")
 ROWS = 6_000
 BATCH = 1_000
 SEED = 7
@@ -137,7 +141,7 @@ def models() -> dict[str, tuple[str, Any]]:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return {
+    found = {
         "mixed-logreg": ("mixed", Pipeline([("pre", _mixed_pre()),
                                             ("model", LogisticRegression(max_iter=500))])),
         "mixed-hgb": ("mixed", Pipeline([("pre", _mixed_pre()), (
@@ -147,6 +151,14 @@ def models() -> dict[str, tuple[str, Any]]:
         "rf-30": ("numeric", RandomForestClassifier(200, max_depth=12, random_state=0,
                                                     n_jobs=1)),
     }
+    try:
+        from xgboost import XGBClassifier
+    except ImportError:
+        print("xgboost is not installed: mixed-xgb is left out", file=sys.stderr)
+        return found
+    found["mixed-xgb"] = ("mixed", Pipeline([("pre", _mixed_pre()), ("model", XGBClassifier(
+        n_estimators=100, max_depth=6, learning_rate=0.1, n_jobs=1, random_state=0))]))
+    return found
 
 
 # ----------------------------------------------------------------------------- build
@@ -231,8 +243,10 @@ def _latency(path: Path, fitted: Any, held: pd.DataFrame, trust: TrustStore,
     agent = Agent("bench")
     agent.activate(model)
 
+    c_run = session._sess.run  # the compiled run the agent calls (see edge_agent.model)
     single = blocks({
         "bare": lambda i: session.run(outs, one[i % BATCH]),
+        "bare_c": lambda i: c_run(outs, one[i % BATCH], None),
         "agent_dict": lambda i: agent.predict([dicts[i % BATCH]]),
     }, rep.warmup, rep.single)
     contenders = {
@@ -368,12 +382,14 @@ def report(doc: dict[str, Any]) -> str:
     for name, r in doc["models"].items():
         s, b, t = r["latency"]["single"], r["latency"]["batch"], r["latency"]["tail"]
         bare1, agent1 = s["bare"]["median_us"], s["agent_dict"]["median_us"]
+        bare_c = s.get("bare_c", {}).get("median_us")
         bare_k, dicts_k = b["bare"]["median_us"], b["agent_dicts"]["median_us"]
         sk = b["sklearn"]["median_us"]
         arr = b.get("agent_array", {}).get("median_us")
         m = r["memory"]
         rows.append([
-            name, f"{bare1:.1f}", f"{agent1:.1f}", f"{agent1 / bare1:.2f}x",
+            name, f"{bare1:.1f}", "n/a" if bare_c is None else f"{bare_c:.1f}",
+            f"{agent1:.1f}", f"{agent1 / bare1:.2f}x",
             f"{agent1 - bare1:+.1f}", f"{bare_k / 1e3:.3f}", f"{dicts_k / 1e3:.3f}",
             f"{dicts_k / bare_k:.2f}x", "n/a" if arr is None else f"{arr / 1e3:.3f}",
             "n/a" if arr is None else f"{arr / bare_k:.2f}x", f"{sk / 1e3:.3f}",
@@ -390,8 +406,9 @@ def report(doc: dict[str, Any]) -> str:
                       f"{r['latency']['single_amortised_us']:.1f}"])
     out = ["Medians of interleaved blocks; single row in µs, 1,000 rows in ms; ratios agent / "
            "bare (targets: single <= 1.25x or <= +4 µs when bare < 16 µs; 1k dicts <= 2x "
-           "bare and below scikit-learn; RSS <= 1.25x):\n",
-           table(["model", "bare 1", "agent 1", "ratio", "+µs", "bare 1k", "dicts 1k",
+           "bare and below scikit-learn; RSS <= 1.25x). \"C run\": the compiled run "
+           "past InferenceSession.run's Python checks, which the agent calls:\n",
+           table(["model", "bare 1", "C run 1", "agent 1", "ratio", "+µs", "bare 1k", "dicts 1k",
                   "ratio", "array 1k", "ratio", "sklearn 1k", "dicts/sk", "RSS MiB agent/bare",
                   "ratio"], rows),
            f"\nSingle-row tail with profiling on, {doc['repeats']['tail']:,} consecutive calls "

@@ -31,6 +31,10 @@ attributed to the bundle that made the predictions (:func:`with_claim`), in the 
 whose sequence number claimed them. Rows served while the model was being switched are
 answered (with ids) but neither profiled nor stored.
 
+The window itself (its counters and buffers, what the worker does with a chunk, the
+closed value) is :mod:`edge_agent.window`; this module serves, counts and runs the two
+workers.
+
 Windows close by time or by rows: :attr:`Agent.window_due` is set when the row bound is
 reached, and the owner (the daemon, or a library user) calls :meth:`close_window`.
 
@@ -49,12 +53,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from edge_agent.capture import Capture
 from edge_agent.errors import (
     NoModelError,
     OutcomeError,
@@ -62,44 +65,32 @@ from edge_agent.errors import (
     PredictionStoreError,
 )
 from edge_agent.explain import Explanation, explainer_for
-from edge_agent.model import LoadedModel, Outputs, PredictError, concat_outputs
-from edge_agent.predictions import (
-    BundleRows,
-    Claim,
-    OutcomeCounts,
-    PredictionStore,
-    class_indices,
-    class_keys,
-)
+from edge_agent.model import LoadedModel, Outputs, PredictError
+from edge_agent.predictions import OutcomeCounts, PredictionStore
 from edge_agent.shadow_labels import ShadowLabels, with_paired
-from edgefleet.contract.errors import InputError, SchemaError
+from edge_agent.window import (
+    CHUNK_ROWS,
+    LATENCY_SLOTS,
+    OpenWindow,
+    Window,
+    performance_spec,
+    with_claim,
+)
+from edgefleet.contract.errors import InputError
 from edgefleet.contract.inputs import Batch
-from edgefleet.contract.messages import (
-    ID_RE,
-    LATENCY_EDGES_MS,
-    BundleRef,
-    Outcome,
-    Outcomes,
-    ShadowStats,
-    Summary,
-)
-from edgefleet.contract.performance import (
-    ERROR_EDGES,
-    MAX_ENTRIES,
-    Estimated,
-    PerformanceEntry,
-    PerformanceSpec,
-    Realized,
-)
-from edgefleet.contract.profile import Profile, to_wire
+from edgefleet.contract.messages import ID_RE, LATENCY_EDGES_MS, Outcome, Outcomes
 
-__all__ = ["Agent", "NoModelError", "OutcomeCounts", "Result", "Window", "with_claim"]
+if TYPE_CHECKING:  # data capture is the daemon's (urllib and ssl: 7 MiB resident)
+    from edge_agent.capture import Capture
+
+__all__ = ["CHUNK_ROWS", "Agent", "NoModelError", "OutcomeCounts", "Result", "Window",
+           "performance_spec", "with_claim"]
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 256  # single rows buffered before the worker profiles them
-LATENCY_SLOTS = len(LATENCY_EDGES_MS) + 1
 RECENT_LATENCIES = 2048  # for the heartbeat's p50/p95
+_latency_slot = partial(bisect.bisect_right, LATENCY_EDGES_MS)
+_new_tuple = tuple.__new__
 
 
 class Result(NamedTuple):
@@ -130,224 +121,6 @@ class Result(NamedTuple):
             for row, v in zip(out, np.asarray(self.values).reshape(-1).tolist(), strict=True):
                 row["value"] = v
         return out
-
-
-@dataclass(frozen=True)
-class Window:
-    """A closed window: everything a summary carries except its sequence number."""
-
-    bundle: BundleRef
-    start: float
-    end: float
-    rows: int
-    profile: dict[str, Any]  # edgefleet.contract.profile.to_wire()
-    latency_counts: tuple[int, ...]
-    errors: dict[str, int] = field(default_factory=dict)
-    shadow: ShadowStats | None = None
-    # the window's estimate (live bundle), then realized blocks (see with_claim)
-    performance: tuple[PerformanceEntry, ...] = ()
-
-    def summary(self, device: str, seq: int, dropped: int = 0) -> Summary:
-        return Summary(device, seq, self.bundle, self.start, self.end, self.profile,
-                       self.latency_counts, dict(self.errors), self.shadow, dropped,
-                       performance=self.performance)
-
-
-MAX_ERROR_KEYS = 32  # a summary's errors dict holds at most this many counters
-
-
-def with_claim(window: Window, claim: Claim) -> Window:
-    """``window`` with what the prediction store claimed for its summary: a realized
-    performance block per bundle whose predictions got labels (attributed to the bundle
-    that made them, merged into the live bundle's entry when it is that one), and the
-    outcome counters as ``errors["outcome_<reason>"]``.
-
-    The counters fit in :data:`MAX_ERROR_KEYS` with the window's own: the window's keep
-    their place and the outcome counters come first among what would not fit.
-    """
-    errors = dict(window.errors)
-    entries = {e.bundle: e for e in window.performance}
-    for rows in claim.bundles:
-        try:
-            realized = _realized(rows)
-        except Exception:  # a bug, not the data: count it, and the summary still goes
-            log.exception("the labelled rows of %s cannot be reported", rows.bundle.label)
-            errors["performance"] = errors.get("performance", 0) + 1
-            continue
-        known = entries.get(rows.bundle)
-        entries[rows.bundle] = PerformanceEntry(rows.bundle, realized.to_wire(),
-                                                None if known is None else known.estimated)
-    for reason, n in (claim.counts or {}).items():
-        key = f"outcome_{reason}"
-        if key in errors or len(errors) < MAX_ERROR_KEYS:
-            errors[key] = errors.get(key, 0) + n
-    return replace(window, errors=dict(sorted(errors.items())),
-                   performance=tuple(entries.values())[:MAX_ENTRIES])
-
-
-def performance_spec(task: str, classes: Sequence[Any]) -> PerformanceSpec:
-    """The spec of a bundle's performance blocks from its task and classes (what the
-    prediction store keeps of a bundle the device may no longer have)."""
-    if task == "regression":
-        return PerformanceSpec("regression", (), ERROR_EDGES)
-    return PerformanceSpec("classification", tuple(classes))
-
-
-def _realized(rows: BundleRows) -> Realized:
-    block = Realized(performance_spec(rows.task, rows.classes))
-    if rows.task == "regression":
-        block.add(rows.predicted, rows.truth, None, rows.delays_s)
-        return block
-    ok = rows.predicted >= 0  # a predicted label outside the classes has no index
-    block.add(rows.predicted[ok], rows.truth[ok],
-              None if rows.scores is None else rows.scores[ok], rows.delays_s[ok])
-    return block
-
-
-class _Open:
-    """The current window of one model. ``lock`` guards the profile and the buffers."""
-
-    def __init__(self, model: LoadedModel, start: float,
-                 store: tuple[PredictionStore, int] | None = None,
-                 capture: Capture | None = None) -> None:
-        self.model = model
-        self.capture = capture  # data capture's sampler (None: off)
-        self.start = start
-        self.rows = 0
-        self.profile = Profile(model.spec)
-        self.store = store  # where served rows go (the store, this bundle's number in it)
-        self.keys = class_keys(model.classes)
-        self.calibration = model.manifest.calibration
-        try:
-            self.estimated: Estimated | None = Estimated(
-                PerformanceSpec.from_manifest(model.manifest), self.calibration is not None)
-        except SchemaError as exc:  # a classifier without two classes: nothing to estimate
-            log.warning("%s: no performance estimate: %s", model.label, exc)
-            self.estimated = None
-        self.lock = threading.Lock()
-        self.cells: list[list[Any]] = []  # single rows not yet handed to the worker
-        self.cell_outputs: list[Outputs] = []
-        self.cell_ids: list[str] = []
-        self.cell_times: list[float] = []
-        # chunks for the worker: (cells, a Batch or an array; the outputs of its calls;
-        # the rows' ids; their serving times, one per row or one for the chunk)
-        self.pending: deque[tuple[Any, list[Outputs], Sequence[str], Any]] = deque()
-        self.latency = [0] * LATENCY_SLOTS
-        self.errors: dict[str, int] = {}
-        self.shadow_ref: BundleRef | None = None
-        self.shadow_rows = self.shadow_agreed = self.shadow_errors = 0
-        self.shadow_latency = [0] * LATENCY_SLOTS
-        self.finished = False
-
-    def empty(self) -> bool:
-        return self.rows == 0 and not self.errors and self.shadow_rows == 0
-
-    def drain(self) -> None:
-        """Profile every pending chunk (the worker, and :meth:`finish`)."""
-        with self.lock:
-            while self.pending:
-                self._profile(*self.pending.popleft())
-
-    def hand_over(self) -> bool:
-        """Queue the buffered single rows for the worker (the caller holds the agent's
-        lock, which guards ``cells``); whether there were any."""
-        if not self.cells:
-            return False
-        self.pending.append((self.cells, self.cell_outputs, self.cell_ids, self.cell_times))
-        self.cells, self.cell_outputs, self.cell_ids, self.cell_times = [], [], [], []
-        return True
-
-    def finish(self) -> None:
-        with self.lock:
-            self.hand_over()
-            while self.pending:
-                self._profile(*self.pending.popleft())
-            self.finished = True
-
-    def _profile(self, inputs: Any, parts: list[Outputs], ids: Sequence[str],
-                 times: Any) -> None:
-        model = self.model
-        try:
-            outputs = concat_outputs(parts)
-            if isinstance(inputs, Batch):
-                columns, n = inputs.columns, inputs.rows
-            elif isinstance(inputs, np.ndarray):
-                columns = {n: inputs[:, j] for j, n in enumerate(model.validator.names)}
-                n = inputs.shape[0]
-            else:
-                batch = model.validator.from_cells(inputs)
-                columns, n = batch.columns, batch.rows
-            matrix = inputs.matrix if isinstance(inputs, Batch) else \
-                inputs if isinstance(inputs, np.ndarray) else None
-            self.profile.update(columns, model.profile_outputs(outputs), rows=n, matrix=matrix)
-        except Exception:  # a profiling bug must never take serving down
-            log.exception("profiling a chunk of %s failed; its rows are not profiled",
-                          model.label)
-            self.errors["profile"] = self.errors.get("profile", 0) + 1
-            return
-        try:
-            if self.model.task == "regression":
-                predicted = np.asarray(outputs.values, dtype=np.float64).reshape(-1)
-            elif outputs.labels is not None:
-                predicted = class_indices(self.keys, outputs.labels)
-            else:
-                predicted = np.asarray(outputs.probabilities).argmax(axis=1)
-            if self.estimated is not None:
-                self._estimate(outputs.probabilities, predicted)
-        except Exception:  # an estimation bug must never take serving down
-            log.exception("estimating the performance of %s failed", model.label)
-            self.errors["estimate"] = self.errors.get("estimate", 0) + 1
-            return
-        if self.store is not None:
-            self._keep(outputs, ids, times, predicted)
-        if self.capture is not None:
-            try:
-                self.capture.observe(model.label, columns, n, ids, times, outputs.labels,
-                                     outputs.probabilities, outputs.values)
-            except Exception:  # a full disk must never take serving down
-                log.exception("capturing rows of %s failed", model.label)
-                self.errors["capture"] = self.errors.get("capture", 0) + 1
-
-    def _estimate(self, proba: np.ndarray | None, predicted: np.ndarray) -> None:
-        """Fold the chunk into the window's CBPE sums (see edgefleet.contract.performance):
-        calibrated P(classes[1]) (binary) or top-class probability, with the bundle's
-        calibration map when it has one, else the raw probabilities."""
-        estimated = self.estimated
-        spec = estimated.spec
-        if spec.task == "regression":
-            estimated.add(None, predicted)
-            return
-        if proba is None:
-            return  # a classifier without probabilities: nothing to estimate from
-        ok = predicted >= 0
-        proba = np.asarray(proba, dtype=np.float64)
-        pred = predicted
-        if not ok.all():
-            proba, pred = proba[ok], predicted[ok]
-        cal = self.calibration
-        if spec.binary:
-            if cal is None or cal.target == "positive":
-                p = proba[:, 1] if cal is None else cal.apply(proba[:, 1])
-            else:  # the top class calibrated: back to P(classes[1])
-                q = cal.apply(proba.max(axis=1))
-                p = np.where(pred == 1, q, 1.0 - q)
-        else:
-            top = proba.max(axis=1)
-            p = cal.apply(top) if cal is not None and cal.target == "top" else top
-        estimated.add(np.clip(p, 0.0, 1.0), pred)
-
-    def _keep(self, outputs: Outputs, ids: Sequence[str], times: Any,
-              predicted: np.ndarray) -> None:
-        """Write the chunk's predictions to the prediction store (the worker's job)."""
-        store, bundle = self.store
-        try:
-            repeated = store.add(bundle, ids, times if isinstance(times, float)
-                                 else np.asarray(times), predicted, outputs.probabilities)
-            if repeated:
-                self.errors["duplicate_id"] = self.errors.get("duplicate_id", 0) + repeated
-        except Exception:  # a full disk must never take serving down
-            log.exception("storing %d prediction(s) of %s failed", len(ids), self.model.label)
-            self.errors["prediction_store"] = self.errors.get("prediction_store", 0) + 1
 
 
 class Agent:
@@ -385,7 +158,7 @@ class Agent:
         self._lock = threading.Lock()
         self._model: LoadedModel | None = None
         self._shadow: LoadedModel | None = None
-        self._window: _Open | None = None
+        self._window: OpenWindow | None = None
         self._recent: deque[float] = deque(maxlen=RECENT_LATENCIES)
         self._started = time.monotonic()
         self.predictions = 0  # rows served since start
@@ -395,7 +168,7 @@ class Agent:
         self._shadow_limit = shadow_queue_rows
         self._shadow_waiting = 0
         self._profile_waiting = 0  # wake-ups queued for the profiling worker
-        self._profile_q: queue.SimpleQueue[_Open | None] = queue.SimpleQueue()
+        self._profile_q: queue.SimpleQueue[OpenWindow | None] = queue.SimpleQueue()
         self._shadow_q: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._closed = False
         self._workers = [
@@ -428,7 +201,7 @@ class Agent:
         with self._lock:
             old = self._window
             self._model = model
-            self._window = _Open(model, now, kept, self.capture)
+            self._window = OpenWindow(model, now, kept, self.capture)
         return self._close(old, now)
 
     def set_shadow(self, model: LoadedModel | None) -> None:
@@ -467,14 +240,14 @@ class Agent:
                 raise
         validator = model.validator
         try:
-            if isinstance(rows, np.ndarray):
-                inputs: Any = validator.array(rows).matrix
+            if type(rows) is list and len(rows) == 1:  # the single-row path, kept short
+                inputs: Any = [validator.row(rows[0])]
+                outputs = model.run_row(inputs[0])
+                n = 1
+            elif isinstance(rows, np.ndarray):
+                inputs = validator.array(rows).matrix
                 outputs = model.run_matrix(inputs)
                 n = inputs.shape[0]
-            elif type(rows) is list and len(rows) == 1:  # the single-row path, kept short
-                inputs = [validator.row(rows[0])]
-                outputs = model.run_cells(inputs)
-                n = 1
             else:
                 if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Sequence):
                     raise InputError("rows: expected a list of rows (objects or lists in "
@@ -493,7 +266,7 @@ class Agent:
             raise PredictionIdError(f"ids: {len(ids)} id(s) for {n} row(s); give one per row")
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
         ids = self._record(model, inputs, n, outputs, elapsed_ms, ids)
-        return Result(model.label, outputs.labels, outputs.probabilities, outputs.values, ids)
+        return _new_tuple(Result, (model.label, *outputs, ids))  # (no Python __new__)
 
     def predict_one(self, row: Mapping[str, Any] | Sequence[Any]) -> dict[str, Any]:
         """One row in, one plain-Python answer out (``label``/``probabilities``/``value``)."""
@@ -518,32 +291,33 @@ class Agent:
 
     def _record(self, model: LoadedModel, inputs: Any, n: int, outputs: Outputs,
                 elapsed_ms: float, ids: list[str] | None) -> list[str]:
-        slot = bisect.bisect_right(LATENCY_EDGES_MS, elapsed_ms)
-        wake = shadow = None
+        """Count the call and buffer what it served for the worker (the request path:
+        one append per call, no numpy, the worker woken once per chunk)."""
+        slot = _latency_slot(elapsed_ms)
         store = self.store
         now = store.clock() if store is not None else 0.0
+        wake = shadow = None
         with self._lock:
             self.calls += 1
             self.predictions += n
             self._recent.append(elapsed_ms)
             if ids is None:
                 first = self._id_next
-                self._id_next += n
-                ids = new_ids(self._id_prefix, first, n)
+                self._id_next = first + n
+                ids = [f"{self._id_prefix}{first:x}"] if n == 1 else \
+                    new_ids(self._id_prefix, first, n)
             window = self._window
             if window is None or window.model is not model:
                 return ids  # the model was switched while this call ran: served, not profiled
             window.rows += n
             window.latency[slot] += 1
-            if type(inputs) is list:
-                window.cells.extend(inputs)
-                window.cell_outputs.append(outputs)
-                window.cell_ids.extend(ids)
-                window.cell_times.append(now)
-                if len(window.cells) >= CHUNK_ROWS and window.hand_over():
+            if type(inputs) is list:  # one row (predict's single-row path)
+                singles = window.singles
+                singles.append((inputs[0], outputs, ids[0], now))
+                if len(singles) >= CHUNK_ROWS and window.hand_over():
                     wake = window  # (the worker concatenates: nothing more here)
             else:
-                window.pending.append((inputs, [outputs], ids, now))
+                window.pending.append((inputs, outputs, ids, now))
                 wake = window
             if wake is not None:
                 self._profile_waiting += 1
@@ -644,7 +418,7 @@ class Agent:
             if old.empty() and (self.store is None or not self.store.waiting):
                 old.start = now
                 return None
-            self._window = _Open(old.model, now, old.store, old.capture)
+            self._window = OpenWindow(old.model, now, old.store, old.capture)
         return with_paired(self._close(old, now), self.shadow_labels)
 
     def snapshot(self, now: float | None = None) -> Window | None:
@@ -661,28 +435,14 @@ class Agent:
                 return None
             with window.lock:
                 window.hand_over()  # the single rows not yet handed to the worker
-                while window.pending:
-                    window._profile(*window.pending.popleft())
-                return self._value(window, now)
+                window.profile_pending()
+                return window.value(now)
 
-    def _close(self, old: _Open | None, now: float) -> Window | None:
+    def _close(self, old: OpenWindow | None, now: float) -> Window | None:
         if old is None or (old.empty() and (self.store is None or not self.store.waiting)):
             return None
         old.finish()
-        return self._value(old, now)
-
-    @staticmethod
-    def _value(old: _Open, now: float) -> Window:
-        shadow = None
-        if old.shadow_ref is not None:
-            shadow = ShadowStats(old.shadow_ref, old.shadow_rows, old.shadow_agreed,
-                                 tuple(old.shadow_latency), old.shadow_errors)
-        estimate = ()
-        if old.estimated is not None and old.estimated.n:
-            estimate = (PerformanceEntry(old.model.ref, None, old.estimated.to_wire()),)
-        return Window(old.model.ref, old.start, max(now, old.start), old.rows,
-                      to_wire(old.profile), tuple(old.latency), dict(sorted(old.errors.items())),
-                      shadow, estimate)
+        return old.value(now)
 
     @property
     def window_start(self) -> float | None:

@@ -8,8 +8,10 @@ joined with its prediction here, and the joined row is kept, apart from the pred
 until a summary has carried it to the server.
 
 Writes come from the agent's background profiling worker, a chunk at a time (see
-:mod:`edge_agent.agent`): never from the request path. A crash (SIGKILL, power cut) may
-therefore lose the last chunk not yet written; an outcome for one of those predictions is
+:mod:`edge_agent.window`): never from the request path, one transaction per chunk. A crash
+(SIGKILL, power cut) may therefore lose the last chunk not yet written (at most
+``CHUNK_ROWS``, 1,024 single rows, or the rows served since the daemon's last checkpoint,
+which hands the buffer over: 5 s by default); an outcome for one of those predictions is
 counted as ``unknown`` when it comes. Prediction chunks are committed with
 ``synchronous=NORMAL`` (a power cut may lose the last ones: the same loss); everything an
 outcome changes (the join, its counters, the number of the last applied outcome batch) is

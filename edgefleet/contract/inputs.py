@@ -84,6 +84,7 @@ class InputValidator:
         # a row of the common kind: a float for every numeric feature, a str for every
         # categorical one (any schema); checked with one tuple compare, then a sum
         self._expect = tuple(float if c[1] else str for c in self._checks)
+        self._all_of = _getter(self.names)
         numeric_at = [j for j, c in enumerate(self._checks) if c[1]]
         self._numeric_cells = _getter(numeric_at)
         self._whole_at = tuple(j for j, c in enumerate(self._checks) if c[3])
@@ -107,7 +108,7 @@ class InputValidator:
         if kind is dict or (kind is not list and isinstance(values, Mapping)):
             # (exact type tests first: the Mapping ABC check costs a microsecond)
             try:
-                cells = [values[n] for n in self.names]
+                cells = list(self._all_of(values))  # (one C call: itemgetter)
             except KeyError as exc:
                 name = exc.args[0]
                 raise InputError(f"row {index}: feature {name!r} is missing", feature=name,
@@ -134,7 +135,8 @@ class InputValidator:
                 return cells
         elif tuple(map(type, cells)) == self._expect:
             total = sum(self._numeric_cells(cells))
-            if total - total == 0.0 and all(cells[j].is_integer() for j in self._whole_at):
+            if total - total == 0.0 and (not self._whole_at or all(
+                    cells[j].is_integer() for j in self._whole_at)):
                 return cells
         return self._slow_row(cells, index)
 
@@ -224,7 +226,7 @@ class InputValidator:
                 return None
             if self._numeric_whole.any():
                 sub = x[:, self._numeric_whole]
-                if (np.isfinite(sub) & (sub != np.round(sub))).any():
+                if (np.isfinite(sub) & (sub != np.trunc(sub))).any():
                     return None
             if self.numeric_only:
                 return Batch(n, {name: x[:, j] for j, name in enumerate(self.names)}, x)
@@ -326,7 +328,7 @@ class InputValidator:
                                  "model does not allow it", feature=self.names[j], row=i)
         if self._whole.any():
             sub = x[:, self._whole]
-            frac = np.isfinite(sub) & (sub != np.round(sub))
+            frac = np.isfinite(sub) & (sub != np.trunc(sub))
             if frac.any():
                 i, j = map(int, np.argwhere(frac)[0])
                 name = np.array(self.names)[self._whole][j]
@@ -373,7 +375,7 @@ def _numbers(col: Sequence[Any], missing_ok: bool, whole: bool) -> np.ndarray | 
         return None  # maybe an int past 64 bits, which the row path reads as not finite
     if whole:
         sub = arr if finite is None else arr[finite]
-        if (sub != np.round(sub)).any():
+        if (sub != np.trunc(sub)).any():
             return None
     return arr
 
@@ -383,7 +385,8 @@ def _categories(col: Sequence[Any], missing_ok: bool) -> np.ndarray | None:
     bad (or is a str subclass: the cell-by-cell check decides)."""
     if not set(map(type, col)) <= (_STR_MISSING if missing_ok else _STR):
         return None
-    return _objects(col)
+    # exactly str and None: nothing numpy would split, and a third of _objects' time
+    return np.array(col, dtype=object)
 
 
 def _objects(col: Sequence[Any]) -> np.ndarray:

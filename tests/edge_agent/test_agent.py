@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_agent.agent import CHUNK_ROWS, Agent, NoModelError
-from edge_agent.model import LoadedModel
+from edge_agent.model import LoadedModel, PredictError
 from edgefleet.contract.bundle import verify_bundle
 from edgefleet.contract.errors import InputError
 from edgefleet.contract.messages import LATENCY_EDGES_MS, decode, encode
@@ -313,3 +316,97 @@ def test_wait_idle_and_flush_wait_for_profiling(agent, load):
     assert agent.wait_idle(30) and agent._window.profile.rows == CHUNK_ROWS + 50
     assert agent.flush(30) and agent._window.profile.rows == len(data) + 50
     assert agent.close_window().rows == len(data) + 50
+
+
+# -- the single-row path and the column path through the agent (Hypothesis) -------------
+
+_ODD = st.one_of(st.none(), st.just(math.nan), st.just(math.inf), st.booleans(),
+                 st.text(max_size=3), st.just(2**63), st.just(1e300), st.just([1.0]),
+                 st.just(np.float64(2.5)), st.just(np.int64(3)))
+
+
+@st.composite
+def _served_rows(draw, kinds: dict[str, str]):
+    """Rows as apps send them: mostly good cells (ints and floats, unseen categories,
+    missing values), now and then a wrong type, a non-finite number or a missing key."""
+    n = draw(st.integers(1, 8))
+    good = {"numeric": st.one_of(st.floats(-1e4, 1e4, allow_nan=False),
+                                 st.integers(-10**4, 10**4)),
+            "categorical": st.sampled_from(["north", "south", "lab", "unseen", ""])}
+    rows = []
+    for _ in range(n):
+        row = {}
+        for name, kind in kinds.items():
+            cell = good[kind] if draw(st.integers(0, 40)) else _ODD
+            row[name] = draw(cell)
+        if not draw(st.integers(0, 60)):
+            row.pop(draw(st.sampled_from(sorted(kinds))))
+        rows.append(row)
+    return rows
+
+
+def _served(agent, rows):
+    try:
+        return "ok", agent.predict(rows)
+    except (InputError, PredictError) as exc:
+        return "error", (type(exc), getattr(exc, "feature", None), str(exc))
+
+
+def _check_both_paths(model, rows):
+    """One call with all rows and one call per row: the same answers (to onnxruntime's
+    last float32 bit between a 1-row and an n-row kernel), the same error as the first
+    bad row's own (its message naming its index), the same profile of what was served."""
+    by_batch, by_rows = Agent("dev-b"), Agent("dev-r")
+    try:
+        by_batch.activate(model)
+        by_rows.activate(model)
+        whole = _served(by_batch, rows)
+        ones = [_served(by_rows, [r]) for r in rows]
+        bad = [i for i, o in enumerate(ones) if o[0] == "error"]
+        if bad:
+            i = bad[0]
+            kind, feature, text = ones[i][1]
+            assert whole == ("error", (kind, feature, text.replace("row 0:", f"row {i}:", 1)))
+        else:
+            assert whole[0] == "ok", whole
+            got = whole[1]
+            labels = np.concatenate([o[1].labels for o in ones])
+            proba = np.concatenate([o[1].probabilities for o in ones])
+            # float32 sums of large inputs round apart between a 1-row and an n-row kernel
+            np.testing.assert_allclose(got.probabilities, proba, rtol=1e-4, atol=1e-5)
+            top = np.sort(got.probabilities, axis=1)
+            clear = top[:, -1] - top[:, -2] > 1e-3  # (a near tie may go either way)
+            np.testing.assert_array_equal(got.labels[clear], labels[clear])
+            same_outputs = np.array_equal(got.probabilities, proba, equal_nan=True)
+            # the packager's fidelity gate runs the same rows through run_columns
+            cells = [model.validator.row(r, i) for i, r in enumerate(rows)]
+            ref = model.runner.run_columns(model.validator.from_cells(cells).columns)
+            np.testing.assert_array_equal(got.labels, ref.labels)
+        a, b = by_batch.close_window(), by_rows.close_window()
+        assert a.errors == ({"input": 1} if bad else {})
+        assert b.errors == ({"input": len(bad)} if bad else {})
+        assert a.rows == (0 if bad else len(rows)) and b.rows == len(rows) - len(bad)
+        if not bad:  # the inputs exactly, the outputs when the kernels agreed to the bit
+            assert a.profile.keys() == b.profile.keys() and a.profile["in"] == b.profile["in"]
+            assert a.profile["out"] == b.profile["out"] or not same_outputs
+    finally:
+        by_batch.close()
+        by_rows.close()
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_rows_alone_and_in_a_batch_agree_on_a_mixed_model(mixed, data):
+    kinds = {s.name: s.kind for s in mixed.manifest.inputs}
+    _check_both_paths(mixed, data.draw(_served_rows(kinds)))
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_rows_alone_and_in_a_batch_agree_on_a_tensor_model(load, data):
+    model = load()
+    assert model.manifest.binding.layout == "tensor"  # one float tensor: the struct path
+    kinds = {s.name: s.kind for s in model.manifest.inputs}
+    _check_both_paths(model, data.draw(_served_rows(kinds)))

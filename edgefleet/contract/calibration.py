@@ -66,7 +66,8 @@ class Calibration:
             return np.interp(p, self.x, self.y)
         q = np.clip(p, _EPS, 1.0 - _EPS)
         z = self.a * (np.log(q) - np.log1p(-q)) + self.b
-        return 1.0 / (1.0 + np.exp(-z))
+        with np.errstate(over="ignore"):  # exp(-z) = inf for z << 0 gives 0.0, as it should
+            return 1.0 / (1.0 + np.exp(-z))
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"method": self.method, "target": self.target,

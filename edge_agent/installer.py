@@ -147,7 +147,7 @@ class BundleInstaller:
         while True:
             fd, temp = self.slots.temp_file()
             try:
-                self.downloader.fetch(target.url or _default_url(target), fd,
+                self.downloader.fetch(target.download_url, fd,
                                       sha256=target.sha256, size=target.size)
                 return temp
             except DownloadError as exc:
@@ -160,9 +160,6 @@ class BundleInstaller:
                 return None
             delay = min(delay * 2, _RETRY_MAX_S)
 
-
-def _default_url(ref: BundleRef) -> str:
-    return f"/api/v1/bundles/{ref.name}/{ref.version}/download"
 
 
 def reason_of(exc: Exception) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.messages_base import download_path
 from edgefleet.contract.wire import canonical_json, sha256_hex
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "SummaryRecord",
     "Token",
     "audit_digest",
-    "download_url",
 ]
 
 # ordered: each role may do everything the ones before it may
@@ -88,11 +88,6 @@ ROLLOUT_STATUSES = tuple(s.value for s in RolloutStatus)
 ROLLOUT_ACTIVE = (RolloutStatus.SHADOW.value, RolloutStatus.RUNNING.value)
 ROLLOUT_FINISHED = (RolloutStatus.COMPLETED.value, RolloutStatus.ABORTED.value)
 ROLLOUT_ACTIONS = tuple(a.value for a in RolloutAction)
-
-
-def download_url(name: str, version: str) -> str:
-    """The download path of a bundle; relative, the agent joins it with its server URL."""
-    return f"/api/v1/bundles/{name}/{version}/download"
 
 
 @dataclass(frozen=True)
@@ -193,7 +188,7 @@ class BundleRecord:
 
     @property
     def url(self) -> str:
-        return download_url(self.name, self.version)
+        return download_path(self.name, self.version)  # relative: the agent joins its server
 
     @property
     def ref(self) -> BundleRef:

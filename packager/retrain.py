@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.contract.manifest import NAME_RE, parse_version
+from edgefleet.contract.messages_base import download_path
 from edgefleet.contract.wire import canonical_json
 from packager.errors import ChampionLostError, FleetApiError, RecipeError
 from packager.tomlfile import read_toml
@@ -385,7 +386,7 @@ def _run(recipe: Recipe, api: FleetApi, run_id: int, work: Path,
         name, version = champion.split("@")
         champion_path = work / f"{name}-{version}.champion.edgebundle"
         champion_path.write_bytes(
-            api.call("GET", f"/api/v1/bundles/{name}/{version}/download"))
+            api.call("GET", download_path(name, version)))
         api.call("PATCH", f"/api/v1/retrains/{run_id}", json={"champion": champion})
     say(f"champion: {champion or 'none (the group runs no ' + recipe.bundle + ' yet)'}")
 

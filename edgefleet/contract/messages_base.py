@@ -19,7 +19,8 @@ from edgefleet.contract.wire import Fields
 
 __all__ = ["ACK_STREAMS", "DEVICE_RE", "ID_RE", "KINDS", "LABEL_RE", "MAX_INFLATED",
            "MAX_OUTCOMES", "MAX_PAYLOAD", "MESSAGE_SCHEMA", "TOPIC_PREFIX", "BundleRef",
-           "Message", "opt_bundle", "parse_topic", "seq_floor", "topic", "valid_device_id"]
+           "Message", "download_path", "opt_bundle", "parse_topic", "seq_floor", "topic",
+           "valid_device_id"]
 
 TOPIC_PREFIX = "edgefleet/v1"
 MESSAGE_SCHEMA = 1
@@ -33,6 +34,12 @@ MAX_OUTCOMES = 1000  # per Outcomes batch: about 100 KB at most, within MAX_PAYL
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")  # a prediction id
 # the numbered streams an Ack acknowledges; each is also the name of the device's counter
 ACK_STREAMS = ("summary", "report")
+
+
+def download_path(name: str, version: str) -> str:
+    """Where the fleet server serves a bundle's bytes (relative to its base URL): the
+    default of a desired state's ``url``, and what ``edgepack retrain`` fetches."""
+    return f"/api/v1/bundles/{name}/{version}/download"
 
 
 def valid_device_id(device: str) -> bool:
@@ -102,6 +109,11 @@ class BundleRef:
     @property
     def label(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def download_url(self) -> str:
+        """``url``, or the fleet server's path for the bundle when the state names none."""
+        return self.url or download_path(self.name, self.version)
 
 
 def opt_bundle(f: Fields, key: str) -> BundleRef | None:

@@ -14,8 +14,8 @@ import pytest
 
 from edgefleet.contract.bundle import file_entry, pack_bundle, read_unverified, sign_bundle
 from edgefleet.contract.errors import BundleFormatError
+from edgefleet.contract.messages_base import download_path
 from edgefleet.contract.signing import Envelope, generate_key, load_private_key
-from fleet_server.models import download_url
 from tests.hostile import HOSTILE
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_an_upload_is_verified_stored_and_downloadable_by_a_device(api, sensor_b
     assert [(b["name"], b["version"]) for b in listed] == [("sensor", "1.0.0")]
     detail = call("GET", "/api/v1/bundles/sensor/1.0.0", who="viewer").json()
     assert detail["manifest"]["reference_hash"] == detail["reference_hash"]
-    url = download_url("sensor", "1.0.0")
+    url = download_path("sensor", "1.0.0")
     # a device downloads only what is assigned to it
     assert error(call("GET", url, who="device"))[:2] == (403, "PermissionDeniedError")
     assert call("PUT", "/api/v1/devices/dev1/desired",
@@ -90,10 +90,10 @@ def test_an_upload_is_verified_stored_and_downloadable_by_a_device(api, sensor_b
     got = call("GET", url, who="device")
     assert got.status_code == 200 and got.content == data
     assert got.headers["x-edgefleet-sha256"] == detail["sha256"]
-    assert call("GET", download_url("sensor", "1.0.0"), who=None).status_code == 401
+    assert call("GET", download_path("sensor", "1.0.0"), who=None).status_code == 401
     # an unassigned name@version is 403 to a device whether stored or not (no probing)
-    assert call("GET", download_url("sensor", "9.0.0"), who="device").status_code == 403
-    assert call("GET", download_url("sensor", "9.0.0"), who="viewer").status_code == 404
+    assert call("GET", download_path("sensor", "9.0.0"), who="device").status_code == 403
+    assert call("GET", download_path("sensor", "9.0.0"), who="viewer").status_code == 404
 
 
 def test_refused_uploads_name_their_reason(api, sensor_bundle, signing_keys):
@@ -156,7 +156,7 @@ def test_devices_groups_and_desired_state(api, sensor_bundle, devices):
     assert [g["name"] for g in call("GET", "/api/v1/groups", who="viewer").json()] == ["plant-a"]
     r = call("PUT", "/api/v1/devices/dev1/desired", json={"bundle": "sensor@1.0.0"})
     assert r.status_code == 200 and r.json()["revision"] == 1
-    assert r.json()["bundle"]["url"] == download_url("sensor", "1.0.0")
+    assert r.json()["bundle"]["url"] == download_path("sensor", "1.0.0")
     # a device reads its own desired state with its secret, never another's
     assert call("GET", "/api/v1/devices/dev1/desired", who="device").json()["revision"] == 1
     assert error(call("GET", "/api/v1/devices/dev2/desired", who="device"))[0] == 403
@@ -222,4 +222,4 @@ def test_a_signed_bundle_with_something_hidden_is_refused_and_not_stored(api, se
     r = call("POST", "/api/v1/bundles", content=valid)
     assert r.status_code == 201, r.text
     assert [p.name for p in blobs.iterdir()] == [f"{r.json()['sha256']}.edgebundle"]
-    assert call("GET", download_url("sensor", "1.0.0"), who="viewer").content == valid
+    assert call("GET", download_path("sensor", "1.0.0"), who="viewer").content == valid

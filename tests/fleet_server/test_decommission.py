@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edgefleet.contract.messages import topic
+from edgefleet.contract.messages_base import download_path
 from fleet_server.cli import main
 from fleet_server.errors import NotFoundError, ReservedNameError
-from fleet_server.models import download_url
 from tests.broker import SERVER_USER
 from tests.fleet_server.conftest import SERVER_PASSWORD, wait_until
 
@@ -114,7 +114,7 @@ def fleet(broker, server_factory, sensor_bundle):
 
 def test_remove_decommissions_a_device_and_nothing_else(fleet, broker):
     server, client, secrets, _ = fleet
-    url = download_url("sensor", "1.0.0")
+    url = download_path("sensor", "1.0.0")
 
     def as_device(d: str, path: str) -> int:
         return httpx.get(server.base_url + path, timeout=10,

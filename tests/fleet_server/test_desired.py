@@ -7,8 +7,8 @@ import time
 import pytest
 
 from edgefleet.contract.messages import DesiredState, decode, topic
+from edgefleet.contract.messages_base import download_path
 from fleet_server.errors import InvalidRequestError, NotFoundError
-from fleet_server.models import download_url
 from fleet_server.registry.desired import Assignment
 from tests.fleet_server.conftest import wait_until
 
@@ -36,7 +36,7 @@ def test_an_assignment_reaches_the_device_retained(broker, devices, server_facto
     assert got == state
     record = s.bundles.get("sensor", "1.0.0")
     assert got.bundle.sha256 == record.sha256 and got.bundle.size == v1.stat().st_size
-    assert got.bundle.url == download_url("sensor", "1.0.0")
+    assert got.bundle.url == download_path("sensor", "1.0.0")
     # the same again changes nothing
     assert s.desired.assign("dev1", "sensor@1.0.0", actor="operator:ana").revision == 1
     # a shadow is a change

@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.messages import BundleRef, CapturePolicy
 from edgefleet.contract.wire import canonical_json, sha256_hex
 
 __all__ = [
@@ -159,6 +159,8 @@ class Group:
     requires: tuple[str, ...] = ()  # card, approval, fairness, champion (registry.governance)
     # the group's own drift settings over the server's (fleet_server.config.DRIFT_KEYS)
     drift: dict[str, float | int] = field(default_factory=dict)
+    # the group's data capture (None: none set; its devices' own configs stand)
+    capture: CapturePolicy | None = None
 
     def matches(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.selector.items())
@@ -168,7 +170,8 @@ class Group:
                 "requires_approval": self.requires_approval,
                 "important_features": list(self.important_features),
                 "created": self.created, "created_by": self.created_by,
-                "requires": list(self.requires), "drift": dict(self.drift)}
+                "requires": list(self.requires), "drift": dict(self.drift),
+                "capture": None if self.capture is None else self.capture.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,7 @@ class DesiredRecord:
     allow_downgrade: bool
     updated: float
     updated_by: str
+    capture: CapturePolicy | None = None  # the stricter of the device's groups' policies
 
 
 

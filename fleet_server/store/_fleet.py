@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.messages import BundleRef, CapturePolicy
 from fleet_server.errors import ConflictError, NotFoundError
 from fleet_server.models import (
     AUDIT_GENESIS,
@@ -30,6 +30,15 @@ def _ref_json(ref: BundleRef | None) -> str | None:
     return None if ref is None else dumps(ref.to_dict())
 
 
+def _capture(text: str | None) -> CapturePolicy | None:
+    doc = loads(text)
+    return None if doc is None else CapturePolicy.from_dict(doc, "capture")
+
+
+def _capture_json(policy: CapturePolicy | None) -> str | None:
+    return None if policy is None else dumps(policy.to_dict())
+
+
 def _device(row: dict[str, Any]) -> Device:
     return Device(
         id=row["id"], labels=loads(row["labels"], {}), set_labels=loads(row["set_labels"], {}),
@@ -51,7 +60,7 @@ def _group(row: dict[str, Any]) -> Group:
     return Group(row["name"], loads(row["selector"], {}), bool(row["requires_approval"]),
                  tuple(loads(row["important_features"], [])), row["created"], row["created_by"],
                  requires=tuple(loads(row.get("requires"), [])),
-                 drift=loads(row["drift"], {}))
+                 drift=loads(row["drift"], {}), capture=_capture(row.get("capture")))
 
 
 def selector_sql(selector: Mapping[str, str]) -> tuple[str, list[str]]:
@@ -312,24 +321,27 @@ class FleetTables(StoreBase):
         with self.transaction():
             self._exec(
                 "INSERT INTO groups (name, selector, requires_approval, important_features,"
-                " created, created_by, requires, drift) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " created, created_by, requires, drift, capture) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [group.name, dumps(group.selector), int(group.requires_approval),
                  dumps(list(group.important_features)), group.created, group.created_by,
-                 dumps(list(group.requires)), dumps(dict(group.drift))],
+                 dumps(list(group.requires)), dumps(dict(group.drift)),
+                 _capture_json(group.capture)],
                 conflict=f"group {group.name!r} exists already")
         return group
 
     def update_group(self, group: Group) -> Group:
-        """Write a group's important features and drift settings (name, selector and
-        creation stay).
+        """Write a group's important features, drift settings and data capture (name,
+        selector and creation stay).
 
         Raises:
             NotFoundError: no such group.
         """
         with self.transaction():
-            if self._exec("UPDATE groups SET important_features = ?, drift = ? WHERE name = ?",
+            if self._exec("UPDATE groups SET important_features = ?, drift = ?, capture = ? "
+                          "WHERE name = ?",
                           [dumps(list(group.important_features)), dumps(dict(group.drift)),
-                           group.name]).rowcount == 0:
+                           _capture_json(group.capture), group.name]).rowcount == 0:
                 raise NotFoundError("group", group.name)
         return group
 
@@ -366,16 +378,19 @@ class FleetTables(StoreBase):
         with self.transaction():
             self._many(
                 "INSERT INTO desired (device, revision, bundle, shadow, allow_downgrade, "
-                "updated, updated_by) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device) DO "
+                "updated, updated_by, capture) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (device) DO "
                 "UPDATE SET revision = excluded.revision, bundle = excluded.bundle, "
                 # the rollback slot: the bundle this one replaces (kept while it stays)
                 "previous = CASE WHEN desired.bundle = excluded.bundle OR (desired.bundle IS "
                 "NULL AND excluded.bundle IS NULL) THEN desired.previous ELSE desired.bundle "
                 "END, "
                 "shadow = excluded.shadow, allow_downgrade = excluded.allow_downgrade, "
-                "updated = excluded.updated, updated_by = excluded.updated_by",
+                "updated = excluded.updated, updated_by = excluded.updated_by, "
+                "capture = excluded.capture",
                 [(r.device, r.revision, _ref_json(r.bundle), _ref_json(r.shadow),
-                  int(r.allow_downgrade), r.updated, r.updated_by) for r in records])
+                  int(r.allow_downgrade), r.updated, r.updated_by, _capture_json(r.capture))
+                 for r in records])
 
     def assigned_bundles(self, device: str) -> set[tuple[str, str]]:
         """``(name, version)`` of the desired bundle, shadow and rollback slot of a device
@@ -428,4 +443,4 @@ class FleetTables(StoreBase):
 def _desired(row: dict[str, Any]) -> DesiredRecord:
     return DesiredRecord(row["device"], row["revision"], _ref(row["bundle"]),
                          _ref(row["shadow"]), bool(row["allow_downgrade"]), row["updated"],
-                         row["updated_by"])
+                         row["updated_by"], _capture(row.get("capture")))

@@ -55,7 +55,11 @@ History:
     arrives centrally), one per (device, prediction id); ``capture_batches``, the batch ids
     each device has uploaded (an upload is stored once); ``capture_labels``, the outcomes
     uploaded centrally, by (device, prediction id), so a row captured after its outcome
-    gets its label too.
+    gets its label too;
+15. data capture per group (issue 15; 16 in the landing plan): ``groups.capture``, the
+    group's :class:`~edgefleet.contract.messages.CapturePolicy` as JSON (NULL: none set,
+    every existing group), and ``desired.capture``, the policy a device's desired state
+    carries (the stricter of its groups'), changed with a new revision.
 
 Migrations are append-only: a released one is never edited, a change is a new one. This
 module holds SQL text only; :mod:`fleet_server.store` runs it.
@@ -442,6 +446,13 @@ CREATE TABLE capture_labels (
 CREATE INDEX capture_labels_at ON capture_labels (at);
 """
 
+# data capture per group (issue 15): the group's CapturePolicy as JSON (NULL: the group
+# sets none), and the one its devices' desired states carry
+_CAPTURE_GROUPS = """
+ALTER TABLE groups ADD COLUMN capture TEXT;
+ALTER TABLE desired ADD COLUMN capture TEXT;
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -458,6 +469,8 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (12, "dashboard sessions", _V12),
     (13, "retraining runs", _RETRAINS),
     (14, "data capture", _CAPTURE),
+    # 16 in the plan of issue 15's landing (15 is the rollups'); numbered on in order here
+    (15, "data capture per group", _CAPTURE_GROUPS),
 )
 LATEST = MIGRATIONS[-1][0]
 AUDIT_CHAIN = 7  # the version from which audit entries carry prev and hash

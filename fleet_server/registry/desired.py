@@ -139,23 +139,33 @@ class DesiredStates:
             self.store.after_commit(lambda: self.publish(devices))
         return [message(r) for r in out]
 
-    def sync_capture(self, actor: str, now: float | None = None) -> list[str]:
-        """Give every device the data capture of its groups now (the stricter of their
-        policies; none when no group of it sets one): a device whose policy changes gets a
-        new revision, audited (``desired.capture``) and published once committed. A device
-        with no desired state yet gets one without a bundle. Returns the devices changed.
+    def sync_capture(self, actor: str, now: float | None = None,
+                     devices: Sequence[str] | None = None) -> list[str]:
+        """Give every device (or only ``devices``: one added or relabelled) the data capture
+        of its groups now (the stricter of their policies; none when no group of it sets
+        one): a device whose policy changes gets a new revision, audited
+        (``desired.capture``) and published once committed. A device with no desired state
+        yet gets one without a bundle. Returns the devices changed.
         """
         now = self.clock() if now is None else now
         with self.store.transaction():
+            groups = [(g, g.capture) for g in self.store.list_groups() if g.capture is not None]
             want: dict[str, list[CapturePolicy]] = {}
-            for group in self.store.list_groups():
-                if group.capture is not None:
+            if devices is None:
+                for group, policy in groups:
                     for device in self.store.device_ids(group.selector):
-                        want.setdefault(device, []).append(group.capture)
-            current = {r.device: r for r in self.store.list_desired()}
-            devices = set(want) | {d for d, r in current.items() if r.capture is not None}
+                        want.setdefault(device, []).append(policy)
+                current = {r.device: r for r in self.store.list_desired()}
+            else:  # a device's own change: its groups only, no scan of the fleet
+                for device in devices:
+                    found = self.store.get_device(device)
+                    for group, policy in groups if found is not None else ():
+                        if group.matches(found.labels):
+                            want.setdefault(device, []).append(policy)
+                current = {r.device: r for r in self.store.list_desired(list(devices))}
+            devices = sorted(set(want) | {d for d, r in current.items() if r.capture is not None})
             changed: list[DesiredRecord] = []
-            for device in sorted(devices):
+            for device in devices:
                 policy, old = combine(want.get(device, ())), current.get(device)
                 if (None if old is None else old.capture) == policy:
                     continue

@@ -92,11 +92,12 @@ class Registry:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.on_membership: Callable[[str, float], object] | None = None
+        self.on_membership: Callable[..., object] | None = None
 
-    def _membership_changed(self, actor: str, now: float) -> None:
+    def _membership_changed(self, actor: str, now: float, device: str | None = None) -> None:
+        """``device``: only its groups changed (added, relabelled); else any device's."""
         if self.on_membership is not None:
-            self.on_membership(actor, now)
+            self.on_membership(actor, now, None if device is None else [device])
 
     def _bundle_inputs(self, selector: Mapping[str, str]) -> dict[str, list[str]]:
         """The input names of the bundles the devices matching ``selector`` are assigned
@@ -135,7 +136,7 @@ class Registry:
                                           mosquitto_hash(secret), actor, now, rotate=rotate)
             self.store.audit(actor, "device.rotate" if rotate else "device.add",
                              f"device:{device}", {"labels": labels}, now)
-            self._membership_changed(actor, now)
+            self._membership_changed(actor, now, device)
         return found, Issued(device, secret, "device")
 
     def remove_device(self, device: str, actor: str, now: float) -> None:
@@ -175,7 +176,7 @@ class Registry:
             found = self.store.set_labels(device, labels)
             self.store.audit(actor, "device.labels", f"device:{device}", {"labels": labels},
                              now)
-            self._membership_changed(actor, now)
+            self._membership_changed(actor, now, device)
         return found
 
     def mosquitto_password_file(self) -> str:

@@ -1,7 +1,17 @@
 """Data capture: a bounded, uniform sample of served rows, uploaded to the server for retraining.
 
-Off unless the config's ``[capture]`` section enables it (per device; groups do not set it
-through the desired state). Then, per window of ``window_seconds``:
+Off unless the config's ``[capture]`` section enables it: the device owner's "no" wins,
+whatever its groups say. A device that enables it may be narrowed by its group, through the
+desired state (:class:`~edgefleet.contract.messages.CapturePolicy`, :meth:`Capture.apply`):
+the device's config is an upper bound, so the group's policy gets the stricter rate, the
+smaller cap and the intersection of the allowlists (:func:`effective`); a group's "off"
+stops sampling at once (the open window's sample is dropped, never written); a desired
+state without a policy (a group that sets none, or a server older than capture per group)
+leaves the device's own config. A change closes the open window (its sample, taken under the
+old settings, is queued) and the next window samples under the new ones, without a restart.
+The policy applied is kept in ``capture.db``, so a restarted agent samples under it before
+the broker hands it the retained desired state again. Then, per window of
+``window_seconds``:
 
 1. every served row is a candidate with probability ``rate``, and the candidates go
    through a reservoir of ``max_rows`` (Algorithm R), so the window's sample is uniform
@@ -50,7 +60,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +69,11 @@ import numpy as np
 from edge_agent.download import _NoRedirect
 from edge_agent.errors import CaptureError
 from edgefleet.contract.capture import MAX_BATCH_BYTES, encode_rows
+from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.messages import CapturePolicy
+from edgefleet.contract.wire import parse_json
 
-__all__ = ["Capture", "CaptureConfig", "CaptureQueue", "Reservoir", "Uploader"]
+__all__ = ["Capture", "CaptureConfig", "CaptureQueue", "Reservoir", "Uploader", "effective"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +101,22 @@ class CaptureConfig:
             raise CaptureError("capture row bounds must be >= 1")
         if not 0 < self.batch_bytes <= MAX_BATCH_BYTES:
             raise CaptureError(f"capture.batch_bytes must be in 1..{MAX_BATCH_BYTES}")
+
+
+def effective(local: CaptureConfig, policy: CapturePolicy | None) -> CaptureConfig | None:
+    """The settings to sample under: the device's own, narrowed by its group's ``policy``
+    (None: the group sets none). None: capture is off (the group said off, its rate is 0,
+    or its allowlist and the device's have no feature in common)."""
+    if policy is None:
+        return local
+    if not policy.enabled or policy.rate <= 0:
+        return None
+    features = local.features if policy.features is None else \
+        tuple(f for f in local.features if f in set(policy.features))
+    if not features:
+        return None
+    return replace(local, features=features, rate=min(local.rate, policy.rate),
+                   max_rows=min(local.max_rows, policy.max_rows))
 
 
 class Reservoir:
@@ -173,13 +202,38 @@ class CaptureQueue:
                 "CREATE TABLE IF NOT EXISTS captured_ids (seq INTEGER PRIMARY KEY "
                 "AUTOINCREMENT, pid TEXT NOT NULL UNIQUE);"
                 "CREATE TABLE IF NOT EXISTS labels (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-                "pid TEXT NOT NULL UNIQUE, body BLOB NOT NULL);")
+                "pid TEXT NOT NULL UNIQUE, body BLOB NOT NULL);"
+                # the group's policy last applied (Capture.apply), JSON; none: no row
+                "CREATE TABLE IF NOT EXISTS policy (one INTEGER PRIMARY KEY CHECK (one = 1), "
+                "body TEXT NOT NULL);")
         except sqlite3.Error as exc:
             raise CaptureError(f"{self.path}: cannot open the capture queue ({exc})") from exc
 
     def _count(self, name: str, n: int) -> None:
         self._conn.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE "
                            "SET value = value + excluded.value", (name, n))
+
+    def policy(self) -> CapturePolicy | None:
+        """The group's policy last applied (None: none, or one this agent cannot read)."""
+        with self._lock:
+            row = self._conn.execute("SELECT body FROM policy").fetchone()
+        if row is None:
+            return None
+        try:
+            return CapturePolicy.from_dict(parse_json(row[0].encode(), what="capture policy",
+                                                      max_bytes=1 << 20), "policy")
+        except SchemaError as exc:
+            log.warning("%s: ignored the stored capture policy (%s)", self.path, exc)
+            return None
+
+    def set_policy(self, policy: CapturePolicy | None) -> None:
+        with self._lock:
+            if policy is None:
+                self._conn.execute("DELETE FROM policy")
+            else:
+                self._conn.execute("INSERT INTO policy VALUES (1, ?) ON CONFLICT (one) DO "
+                                   "UPDATE SET body = excluded.body",
+                                   (json.dumps(policy.to_dict()),))
 
     def counter(self, name: str) -> int:
         with self._lock:
@@ -330,30 +384,72 @@ class CaptureQueue:
 
 
 class Capture:
-    """The sampler over windows, fed by the agent's profiling worker."""
+    """The sampler over windows, fed by the agent's profiling worker.
+
+    ``local`` is the device's own config (the upper bound); ``config`` the settings sampled
+    under now, narrowed by the group's policy (None: off by the group).
+    """
 
     def __init__(self, config: CaptureConfig, queue: CaptureQueue, *,
                  clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
-        self.config = config
+        self.local = config
         self.queue = queue
         self.clock = clock
-        self.reservoir = Reservoir(config.rate, config.max_rows, rng)
+        self.rng = rng or random.Random()
+        self.policy = queue.policy()  # the group's, as last applied (kept across restarts)
+        self.config: CaptureConfig | None = effective(config, self.policy)
+        self.reservoir = self._reservoir(self.config)
         self._lock = threading.Lock()
         self._window_start = clock()
         self._waiting: dict[str, Any] = {}  # labels of rows in the open window's sample
 
+    def _reservoir(self, config: CaptureConfig | None) -> Reservoir:
+        config = config or self.local  # off: an empty reservoir nothing is offered to
+        return Reservoir(config.rate, config.max_rows, self.rng)
+
+    def apply(self, policy: CapturePolicy | None) -> bool:
+        """Sample under the group's ``policy`` from now on (see the module docstring): off
+        drops the open window's sample; another change queues it and opens a new window.
+        Returns whether anything changed."""
+        if policy == self.policy:
+            return False
+        new = effective(self.local, policy)
+        self.queue.set_policy(policy)
+        with self._lock:
+            self.policy = policy
+            if new == self.config:
+                return False
+            old, self.config = self.config, new
+            sample = self.reservoir.take()
+            waiting, self._waiting = self._waiting, {}
+            self.reservoir = self._reservoir(new)
+            self._window_start = self.clock()
+        if new is None:
+            log.info("data capture off by the group's policy: %d sampled row(s) of the open "
+                     "window dropped", len(sample))
+            return True
+        if old is not None and sample:
+            self.queue.put(sample, self.local.batch_bytes)
+            if waiting:
+                self.queue.label(list(waiting.items()))
+        log.info("data capture under the group's policy: rate %g, at most %d rows a window, "
+                 "features %s", new.rate, new.max_rows, ",".join(new.features))
+        return True
+
     def observe(self, bundle: str, columns: dict[str, Any], n: int, ids: Sequence[str],
                 times: Any, labels: Any, proba: Any, values: Any) -> None:
         """Offer a profiled chunk's rows (the profiling worker's call)."""
-        allow = self.config.features
         times_of = (lambda i: times) if isinstance(times, float) else (lambda i: times[i])
-
-        def make(i: int) -> bytes:
-            return encode_row(ids[i], times_of(i), bundle, columns, i, allow, labels,
-                              proba, values)
-
         with self._lock:
+            if self.config is None:
+                return  # off by the group: not a row is read
+            allow = self.config.features
+
+            def make(i: int) -> bytes:
+                return encode_row(ids[i], times_of(i), bundle, columns, i, allow, labels,
+                                  proba, values)
+
             self.reservoir.offer(min(n, len(ids)), make)
         self.roll()
 
@@ -362,13 +458,13 @@ class Capture:
         Returns the rows queued."""
         with self._lock:
             now = self.clock()
-            if not force and now - self._window_start < self.config.window_s:
+            if not force and now - self._window_start < self.local.window_s:
                 return 0
             self._window_start = now
             sample = self.reservoir.take()
             waiting, self._waiting = self._waiting, {}
         if sample:
-            self.queue.put(sample, self.config.batch_bytes)
+            self.queue.put(sample, self.local.batch_bytes)
             if waiting:
                 self.queue.label(list(waiting.items()))
         return len(sample)

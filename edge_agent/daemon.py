@@ -358,6 +358,7 @@ class AgentDaemon(BundleInstaller, WindowReporter):
             log.info("ignored desired revision %d (acted on %d already)", desired.revision,
                      self.slots.state.revision)
             return step
+        self._apply_capture(desired)
         if step.live is not None:
             self._live(step.live, desired.revision)
         if step.shadow is not None:
@@ -365,6 +366,21 @@ class AgentDaemon(BundleInstaller, WindowReporter):
         if self.slots.state.revision != desired.revision:
             self._commit(replace(self.slots.state, revision=desired.revision))
         return step
+
+    def _apply_capture(self, desired: DesiredState) -> None:
+        """The group's data capture, first (an "off" must not wait for a download); the
+        device's own config bounds it, and a device that did not enable capture ignores it
+        (see :mod:`edge_agent.capture`)."""
+        if self.capture is None:
+            if desired.capture is not None and desired.capture.enabled:
+                log.info("the group asks for data capture (revision %d); this device's "
+                         "config does not enable it: nothing is captured", desired.revision)
+            return
+        try:
+            self.capture.apply(desired.capture)
+        except Exception:  # a full disk: keep reconciling the bundles
+            log.exception("applying the group's data capture (revision %d) failed",
+                          desired.revision)
 
     def _live(self, live: LiveStep, revision: int) -> None:
         state = self.slots.state

@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.messages import BundleRef, CapturePolicy
 from edgefleet.contract.messages_base import download_path
 from edgefleet.contract.wire import canonical_json, sha256_hex
 
@@ -156,6 +156,8 @@ class Group:
     drift: dict[str, float | int] = field(default_factory=dict)
     # its own performance alert tolerances (fleet_server.config.PERFORMANCE_KEYS)
     performance: dict[str, float | int] = field(default_factory=dict)
+    # the group's data capture (None: none set; its devices' own configs stand)
+    capture: CapturePolicy | None = None
 
     def matches(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.selector.items())
@@ -166,7 +168,8 @@ class Group:
                 "important_features": list(self.important_features),
                 "created": self.created, "created_by": self.created_by,
                 "requires": list(self.requires), "drift": dict(self.drift),
-                "performance": dict(self.performance)}
+                "performance": dict(self.performance),
+                "capture": None if self.capture is None else self.capture.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,7 @@ class DesiredRecord:
     allow_downgrade: bool
     updated: float
     updated_by: str
+    capture: CapturePolicy | None = None  # the stricter of the device's groups' policies
 
 
 

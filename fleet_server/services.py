@@ -107,6 +107,7 @@ def build_services(config: ServerConfig, *, publisher: Publisher | None = None,
         ingestor = Ingestor(store, bundles, config.ingest_config, metrics, clock)
         bundles.on_uploaded = ingestor.fold_pending
         desired = DesiredStates(store, bundles, publisher, clock)
+        registry.on_membership = desired.sync_capture
         drift = DriftService(store, bundles, registry, config.drift,
                              config.ingest_config.levels)
         alerts = Alerts(store, metrics)

@@ -92,7 +92,15 @@ from edgefleet.contract.messages_base import (
     topic,
     valid_device_id,
 )
-from edgefleet.contract.messages_control import Ack, DesiredState, Heartbeat, Report, Status
+from edgefleet.contract.messages_control import (
+    MAX_CAPTURE_ROWS,
+    Ack,
+    CapturePolicy,
+    DesiredState,
+    Heartbeat,
+    Report,
+    Status,
+)
 from edgefleet.contract.messages_outcomes import Label, Outcome, Outcomes, Receipt
 from edgefleet.contract.wire import FAST_CHECKS_FLOATS, Fields, canonical_json, parse_json
 
@@ -108,6 +116,7 @@ __all__ = [
     "LATENCY_EDGES_MS",
     "LATENCY_EDGES_V1_MS",
     "LATENCY_FORMAT",
+    "MAX_CAPTURE_ROWS",
     "MAX_INFLATED",
     "MAX_OUTCOMES",
     "MAX_PAYLOAD",
@@ -115,6 +124,7 @@ __all__ = [
     "TOPIC_PREFIX",
     "Ack",
     "BundleRef",
+    "CapturePolicy",
     "DesiredState",
     "Heartbeat",
     "Label",

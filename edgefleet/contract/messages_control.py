@@ -1,15 +1,16 @@
 """The control messages: install reports, heartbeats, presence, desired state, acks.
 
 The device publishes :class:`Report`, :class:`Heartbeat` and :class:`Status`; the server
-:class:`DesiredState` and :class:`Ack`. Their topics and delivery (reports and summaries
-leave the device's outbox only on an ack) are in :mod:`edgefleet.contract.messages` (read
-its docstring; import them from there).
+:class:`DesiredState` (with its group's :class:`CapturePolicy`) and :class:`Ack`. Their
+topics and delivery (reports and summaries leave the device's outbox only on an ack) are in
+:mod:`edgefleet.contract.messages` (read its docstring; import them from there).
 
 This module does not encode or decode payloads.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -24,7 +25,12 @@ from edgefleet.contract.messages_base import (
 )
 from edgefleet.contract.wire import Fields
 
-__all__ = ["Ack", "DesiredState", "Heartbeat", "Report", "Status"]
+__all__ = ["MAX_CAPTURE_FEATURES", "MAX_CAPTURE_ROWS", "Ack", "CapturePolicy", "DesiredState",
+           "Heartbeat", "Report", "Status"]
+
+MAX_CAPTURE_ROWS = 1_000_000  # a group's per-window cap on captured rows, per device
+MAX_CAPTURE_FEATURES = 1024  # names in a group's allowlist (the capture batch's own bound)
+CAPTURE_FEATURE_RE = re.compile(r"^[^\x00-\x1f]{1,128}\Z")  # as a capture batch reads them
 
 
 def _labels(f: Fields, key: str) -> dict[str, str]:
@@ -125,6 +131,54 @@ class Status(Message):
 
 
 @dataclass(frozen=True)
+class CapturePolicy:
+    """A group's data capture, carried in its devices' desired states (issue 15).
+
+    ``enabled`` false: capture stops at once. Otherwise at most ``rate`` of the served rows,
+    at most ``max_rows`` a window, only the ``features`` named (``None``: no list of the
+    group's own). The device's own ``[capture]`` config is an upper bound: the agent takes
+    the stricter rate, the smaller cap and the intersection of the allowlists, and a device
+    whose config does not enable capture never captures (``edge_agent.capture``).
+    """
+
+    enabled: bool
+    rate: float = 0.0
+    max_rows: int = 0
+    features: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {"enabled": False}
+        doc: dict[str, Any] = {"enabled": True, "rate": self.rate, "max_rows": self.max_rows}
+        if self.features is not None:
+            doc["features"] = list(self.features)
+        return doc
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str) -> CapturePolicy:
+        """Raises: SchemaError: a field missing, out of range or unknown (named)."""
+        f = Fields(obj, where)
+        if not f.bool("enabled"):
+            f.done()
+            return cls(False)
+        rate = f.float("rate")
+        if not 0 <= rate <= 1:
+            raise f.bad("rate", f"must be in [0, 1], got {rate}")
+        max_rows = f.int("max_rows", minimum=1, maximum=MAX_CAPTURE_ROWS)
+        features = None
+        if f.has("features"):
+            names = f.list("features", max_len=MAX_CAPTURE_FEATURES)
+            for name in names:
+                if not isinstance(name, str) or not CAPTURE_FEATURE_RE.match(name):
+                    raise f.bad("features", f"feature name {str(name)[:40]!r} refused")
+            if len(set(names)) < len(names):
+                raise f.bad("features", "a feature named twice")
+            features = tuple(names)
+        f.done()
+        return cls(True, rate, max_rows, features)
+
+
+@dataclass(frozen=True)
 class DesiredState(Message):
     """What a device should run; ``revision`` increases with every change."""
 
@@ -135,19 +189,30 @@ class DesiredState(Message):
     shadow: BundleRef | None = None
     allow_downgrade: bool = False
     time: float = 0.0
+    # the device's group's data capture; None: the group sets none, the device's own
+    # config stands. Written only when set, so a state without it has the bytes it had
+    # before capture per group: an agent older than this field refuses a state that
+    # carries it (unknown field) and keeps running what it runs
+    capture: CapturePolicy | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
-                "revision": self.revision,
-                "bundle": None if self.bundle is None else self.bundle.to_dict(),
-                "shadow": None if self.shadow is None else self.shadow.to_dict(),
-                "allow_downgrade": self.allow_downgrade, "time": self.time}
+        doc = {"schema": MESSAGE_SCHEMA, "type": self.kind, "device": self.device,
+               "revision": self.revision,
+               "bundle": None if self.bundle is None else self.bundle.to_dict(),
+               "shadow": None if self.shadow is None else self.shadow.to_dict(),
+               "allow_downgrade": self.allow_downgrade, "time": self.time}
+        if self.capture is not None:
+            doc["capture"] = self.capture.to_dict()
+        return doc
 
     @classmethod
     def from_fields(cls, f: Fields) -> DesiredState:
+        capture = f.raw("capture", None)
         return cls(f.str("device", max_len=64), f.int("revision"), opt_bundle(f, "bundle"),
                    opt_bundle(f, "shadow"), f.bool("allow_downgrade", False),
-                   f.float("time", 0.0))
+                   f.float("time", 0.0),
+                   None if capture is None else CapturePolicy.from_dict(
+                       capture, f"{f.where}.capture"))
 
 
 @dataclass(frozen=True)

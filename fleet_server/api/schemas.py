@@ -192,6 +192,26 @@ ImportantFeatures = Annotated[list[Annotated[str, Field(min_length=1, max_length
                               Field(max_length=256)]
 
 
+class CaptureIn(_In):
+    """A group's data capture: values over its current policy, ``enabled: false`` to turn
+    it off, ``reset: true`` to remove it (the devices' own configs stand again)."""
+
+    enabled: bool | None = Field(None, description="true: on; false: off at once")
+    rate: float | None = Field(None, description="Share of served rows sampled, [0, 1]")
+    max_rows: int | None = Field(None, description="Rows a window at most, per device")
+    features: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        None, max_length=1024, description="The allowlist: inputs of the group's bundle")
+    reset: bool = False
+
+
+class CapturePublic(_Out):
+    enabled: bool
+    rate: float
+    max_rows: int
+    features: list[str] | None = Field(
+        description="The group's allowlist (null: the devices' own allowlists)")
+
+
 class GroupCreate(_In):
     name: GroupName
     selector: Labels = Field(default_factory=dict, description="Labels a member must all have")
@@ -203,6 +223,7 @@ class GroupCreate(_In):
                     "fairness, champion")
     drift: DriftSettings = Field(default_factory=dict)
     performance: PerformanceSettings = Field(default_factory=dict)
+    capture: CaptureIn | None = Field(None, description="Data capture on the group's devices")
 
 
 class GroupUpdate(_In):
@@ -217,6 +238,7 @@ class GroupUpdate(_In):
     reset_performance: list[Annotated[str, Field(max_length=64)]] = Field(
         default_factory=list, max_length=8,
         description="Tolerances back to the server's (\"all\": every one)")
+    capture: CaptureIn | None = Field(None, description="Data capture on the group's devices")
 
 
 class GroupPublic(_Out):
@@ -231,6 +253,8 @@ class GroupPublic(_Out):
         default_factory=dict, description="The group's own performance tolerances")
     members: int
     requires: list[str] = []
+    capture: CapturePublic | None = Field(
+        None, description="The group's data capture (null: none set; the devices' own)")
 
 
 # -- bundles --------------------------------------------------------------------------------

@@ -146,6 +146,55 @@ def check_important(api: FleetClient, important: tuple[str, ...], label: str | N
                 + f"; its inputs: {', '.join(inputs[:20])}", param_hint="--important")
 
 
+def capture_options(command: Any) -> Any:
+    """``--capture on|off|reset``, ``--capture-rate``, ``--capture-cap``,
+    ``--capture-features``: a group's data capture (issue 15)."""
+    for option in reversed((
+        click.option("--capture", "capture", type=click.Choice(["on", "off", "reset"]),
+                     default=None, help="Data capture on the group's devices: on, off (stops "
+                     "at once), or reset (none: each device's own config stands)."),
+        click.option("--capture-rate", type=float, default=None, metavar="SHARE",
+                     help="Share of served rows sampled, in [0, 1] (default 0.01)."),
+        click.option("--capture-cap", type=int, default=None, metavar="ROWS",
+                     help="Rows a window at most, per device (default 1000)."),
+        click.option("--capture-features", default=None, metavar="A,B,C",
+                     help="The allowlist: inputs of the bundle the group runs; no other "
+                          "feature leaves a device (default: each device's own list)."),
+    )):
+        command = option(command)
+    return command
+
+
+def capture_body(capture: str | None, rate: float | None, cap: int | None,
+                 features: str | None) -> dict[str, Any] | None:
+    """The API's ``capture`` object from the options (None: none given)."""
+    if capture is None and rate is None and cap is None and features is None:
+        return None
+    body: dict[str, Any] = {}
+    if capture == "reset":
+        body["reset"] = True
+    elif capture is not None:
+        body["enabled"] = capture == "on"
+    if rate is not None:
+        body["rate"] = rate
+    if cap is not None:
+        body["max_rows"] = cap
+    if features is not None:
+        body["features"] = [f.strip() for f in features.split(",") if f.strip()]
+    return body
+
+
+def capture_text(policy: dict[str, Any] | None) -> str:
+    if policy is None:
+        return "-"
+    if not policy["enabled"]:
+        return "off"
+    features = policy.get("features")
+    return (f"rate {num(policy['rate'], 'g')}, at most {policy['max_rows']} rows a window, "
+            + ("the devices' own features" if features is None else
+               "features " + ",".join(features)))
+
+
 @group.command("create", help="Create a group of the devices matching every --selector.")
 @click.argument("name")
 @click.option("--selector", multiple=True, metavar="KEY=VALUE", help="Label to match (repeat).")
@@ -161,20 +210,25 @@ def check_important(api: FleetClient, important: tuple[str, ...], label: str | N
 @click.option("--bundle", "schema_of", default=None, metavar="NAME@VERSION",
               help="Check --important against this bundle's inputs (a misspelt feature is "
                    "refused, naming the closest).")
+@capture_options
 @JSON_OPTION
 @api_command
 def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
                  requires_approval: bool, important: tuple[str, ...],
                  require: tuple[str, ...], drift: tuple[str, ...],
-                 performance: tuple[str, ...], schema_of: str | None, as_json: bool) -> None:
+                 performance: tuple[str, ...], schema_of: str | None,
+                 capture: str | None, capture_rate: float | None, capture_cap: int | None,
+                 capture_features: str | None, as_json: bool) -> None:
     check_important(api, important, schema_of)
     requires = [r.strip() for value in require for r in value.split(",") if r.strip()]
-    g = api.post("/api/v1/groups", {"name": name, "selector": pairs(selector, "selector"),
-                                    "requires_approval": requires_approval,
-                                    "important_features": list(important),
-                                    "requires": requires, "drift": _drift_settings(drift),
-                                    "performance": _drift_settings(performance,
-                                                                   "--performance")})
+    body = {"name": name, "selector": pairs(selector, "selector"),
+            "requires_approval": requires_approval, "important_features": list(important),
+            "requires": requires, "drift": _drift_settings(drift),
+            "performance": _drift_settings(performance, "--performance")}
+    wanted = capture_body(capture, capture_rate, capture_cap, capture_features)
+    if wanted is not None:
+        body["capture"] = wanted
+    g = api.post("/api/v1/groups", body)
     if as_json:
         print_json(g)
         return
@@ -182,11 +236,12 @@ def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
     click.echo(f"group {g['name']!r} created ({g['members']} member(s){needs})"
                + (f", drift settings {_settings(g['drift'])}" if g["drift"] else "")
                + (f", performance tolerances {_settings(g['performance'])}"
-                  if g.get("performance") else ""))
+                  if g.get("performance") else "")
+               + (f", capture {capture_text(g['capture'])}" if g.get("capture") else ""))
 
 
-@group.command("update", help="Change a group's important features, drift settings or "
-                              "performance tolerances.")
+@group.command("update", help="Change a group's important features, drift settings, "
+                              "performance tolerances or data capture.")
 @click.argument("name")
 @click.option("--important", multiple=True,
               help="Replace the important features (repeat; see --no-important).")
@@ -201,12 +256,15 @@ def group_create(api: FleetClient, name: str, selector: tuple[str, ...],
                    "one).")
 @click.option("--bundle", "schema_of", default=None, metavar="NAME@VERSION",
               help="Check --important against this bundle's inputs.")
+@capture_options
 @JSON_OPTION
 @api_command
 def group_update(api: FleetClient, name: str, important: tuple[str, ...], no_important: bool,
                  drift: tuple[str, ...], reset_drift: tuple[str, ...],
                  performance: tuple[str, ...], reset_performance: tuple[str, ...],
-                 schema_of: str | None, as_json: bool) -> None:
+                 schema_of: str | None,
+                 capture: str | None, capture_rate: float | None, capture_cap: int | None,
+                 capture_features: str | None, as_json: bool) -> None:
     check_important(api, important, schema_of)
     if important and no_important:
         raise click.UsageError("--important and --no-important contradict each other")
@@ -215,14 +273,42 @@ def group_update(api: FleetClient, name: str, important: tuple[str, ...], no_imp
                             "reset_performance": list(reset_performance)}
     if important or no_important:
         body["important_features"] = list(important)
+    wanted = capture_body(capture, capture_rate, capture_cap, capture_features)
+    if wanted is not None:
+        body["capture"] = wanted
     g = api.request("PATCH", f"/api/v1/groups/{name}", json=body).json()
     if as_json:
         print_json(g)
         return
+    shown = g.get("capture") is not None or wanted is not None
     click.echo(f"group {g['name']!r}: important {','.join(g['important_features']) or '-'}; "
                f"drift settings {_settings(g['drift'])}"
                + (f"; performance tolerances {_settings(g['performance'])}"
-                  if g.get("performance") else ""))
+                  if g.get("performance") else "")
+               + (f"; capture {capture_text(g.get('capture'))}" if shown else ""))
+
+
+@group.command("show", help="One group: selector, members, requirements, drift settings, "
+                            "performance tolerances, data capture.")
+@click.argument("name")
+@JSON_OPTION
+@api_command
+def group_show(api: FleetClient, name: str, as_json: bool) -> None:
+    g = api.get(f"/api/v1/groups/{name}")
+    if as_json:
+        print_json(g)
+        return
+    for key, value in (
+            ("group", g["name"]), ("members", g["members"]),
+            ("selector", ",".join(f"{k}={v}" for k, v in sorted(g["selector"].items())) or "*"),
+            ("approval", "required" if g["requires_approval"] else "not required"),
+            ("requires", ",".join(g.get("requires") or []) or "-"),
+            ("important", ",".join(g["important_features"]) or "-"),
+            ("drift", _settings(g["drift"])),
+            ("performance", _settings(g.get("performance") or {})),
+            ("capture", capture_text(g.get("capture")) if g.get("capture") is not None
+             else "- (each device's own config)")):
+        click.echo(f"{key:11} {value}")
 
 
 @group.command("list", help="List groups with their selectors and member counts.")
@@ -230,12 +316,14 @@ def group_update(api: FleetClient, name: str, important: tuple[str, ...], no_imp
 @api_command
 def group_list(api: FleetClient, as_json: bool) -> None:
     print_rows(api.get("/api/v1/groups"), as_json,
-               ["group", "members", "selector", "approval", "important", "requires", "drift"],
+               ["group", "members", "selector", "approval", "important", "requires", "drift",
+                "capture"],
                lambda g: [g["name"], g["members"],
                           ",".join(f"{k}={v}" for k, v in sorted(g["selector"].items())) or "*",
                           "yes" if g["requires_approval"] else "no",
                           ",".join(g["important_features"]) or "-",
-                          ",".join(g.get("requires") or []) or "-", _settings(g["drift"])])
+                          ",".join(g.get("requires") or []) or "-", _settings(g["drift"]),
+                          capture_text(g.get("capture"))])
 
 
 @group.command("delete", help="Delete a group (its devices are untouched).")

@@ -9,9 +9,11 @@ and when the server's own connection (re)connects it republishes every device's 
 without persistence) is repaired. The agent reconciles toward it and answers with
 :class:`~edgefleet.contract.messages.Report` messages carrying the revision (stored by ingest).
 
-:meth:`DesiredStates.assign` is the one way to change it: the API's ``PUT
-/api/v1/devices/{device}/desired`` and (later) the rollout engine call it;
-:meth:`assign_many` changes many devices in one transaction (a rollout stage). Bundle
+:meth:`DesiredStates.assign` is the one way to change the bundles: the API's ``PUT
+/api/v1/devices/{device}/desired`` and the rollout engine call it; :meth:`assign_many`
+changes many devices in one transaction (a rollout stage). The data capture a state
+carries (issue 15) is its device's groups' (:func:`~fleet_server.registry.capture_policy.combine`),
+kept so by :meth:`DesiredStates.sync_capture` whenever groups or memberships change. Bundle
 references are completed from the stored bundle (sha256, size, download URL), so a
 device can only be pointed at a bundle the server has verified.
 
@@ -29,10 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from edgefleet.contract.messages import BundleRef, DesiredState, encode, topic
+from edgefleet.contract.messages import BundleRef, CapturePolicy, DesiredState, encode, topic
 from fleet_server.errors import NotFoundError
 from fleet_server.models import DesiredRecord
 from fleet_server.registry.bundles import Bundles, parse_label
+from fleet_server.registry.capture_policy import combine
 from fleet_server.store import Store
 
 __all__ = ["Assignment", "DesiredStates", "Publisher"]
@@ -55,7 +58,7 @@ class Assignment:
 
 def message(record: DesiredRecord) -> DesiredState:
     return DesiredState(record.device, record.revision, record.bundle, record.shadow,
-                        record.allow_downgrade, record.updated)
+                        record.allow_downgrade, record.updated, record.capture)
 
 
 class DesiredStates:
@@ -118,7 +121,7 @@ class DesiredStates:
                     out.append(old)
                     continue
                 record = DesiredRecord(device, (old.revision if old else 0) + 1, bundle, shadow,
-                                       downgrade, now, actor)
+                                       downgrade, now, actor, old.capture if old else None)
                 current[device] = record
                 changed.append(record)
                 out.append(record)
@@ -135,6 +138,51 @@ class DesiredStates:
             devices = [r.device for r in out]
             self.store.after_commit(lambda: self.publish(devices))
         return [message(r) for r in out]
+
+    def sync_capture(self, actor: str, now: float | None = None,
+                     devices: Sequence[str] | None = None) -> list[str]:
+        """Give every device (or only ``devices``: one added or relabelled) the data capture
+        of its groups now (the stricter of their policies; none when no group of it sets
+        one): a device whose policy changes gets a new revision, audited
+        (``desired.capture``) and published once committed. A device with no desired state
+        yet gets one without a bundle. Returns the devices changed.
+        """
+        now = self.clock() if now is None else now
+        with self.store.transaction():
+            groups = [(g, g.capture) for g in self.store.list_groups() if g.capture is not None]
+            want: dict[str, list[CapturePolicy]] = {}
+            if devices is None:
+                for group, policy in groups:
+                    for device in self.store.device_ids(group.selector):
+                        want.setdefault(device, []).append(policy)
+                current = {r.device: r for r in self.store.list_desired()}
+            else:  # a device's own change: its groups only, no scan of the fleet
+                for device in devices:
+                    found = self.store.get_device(device)
+                    for group, policy in groups if found is not None else ():
+                        if group.matches(found.labels):
+                            want.setdefault(device, []).append(policy)
+                current = {r.device: r for r in self.store.list_desired(list(devices))}
+            devices = sorted(set(want) | {d for d, r in current.items() if r.capture is not None})
+            changed: list[DesiredRecord] = []
+            for device in devices:
+                policy, old = combine(want.get(device, ())), current.get(device)
+                if (None if old is None else old.capture) == policy:
+                    continue
+                changed.append(DesiredRecord(
+                    device, (old.revision if old else 0) + 1, old.bundle if old else None,
+                    old.shadow if old else None, old.allow_downgrade if old else False, now,
+                    actor, policy))
+            if not changed:
+                return []
+            self.store.put_desired(changed)
+            for r in changed:
+                self.store.audit(actor, "desired.capture", f"device:{r.device}",
+                                 {"revision": r.revision, "capture": None if r.capture is None
+                                  else r.capture.to_dict()}, now)
+            names = [r.device for r in changed]
+            self.store.after_commit(lambda: self.publish(names))
+        return names
 
     def may_download(self, device: str, name: str, version: str) -> bool:
         """Whether ``device`` is assigned bundle ``name@version``: its desired bundle, its
@@ -181,6 +229,10 @@ class DesiredStates:
         those of removed devices."""
         if self.publisher is None:
             return 0
+        try:  # memberships may have changed meanwhile (devices added offline, relabelled)
+            self.sync_capture("server")
+        except Exception:
+            log.exception("could not bring the desired states' data capture up to date")
         with self._lock:
             records = self.store.list_desired()
             sent = sum(1 for r in records if self.publisher.publish_retained(

@@ -21,7 +21,7 @@ the lines a broker's ``password_file`` needs, for whoever installs it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -37,6 +37,7 @@ from fleet_server.errors import ConfigError, InvalidRequestError, NotFoundError
 from fleet_server.models import Device, Group, Issued
 from fleet_server.registry.accounts import check_device_name
 from fleet_server.registry.auth import DEVICE_PREFIX, mosquitto_hash, new_secret, secret_hash
+from fleet_server.registry.capture_policy import CaptureChange, apply_change, check_features
 from fleet_server.registry.governance import parse_requirements
 from fleet_server.store import Store
 
@@ -111,8 +112,36 @@ def _important(features: Sequence[str]) -> tuple[str, ...]:
 
 
 class Registry:
+    """Devices and groups.
+
+    ``on_membership`` (set by :func:`fleet_server.services.build_services` to
+    :meth:`fleet_server.registry.desired.DesiredStates.sync_capture`) is called inside the
+    transaction of every change that can change what a device's groups say about data
+    capture: a group created, updated or deleted, a device added or relabelled.
+    """
+
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.on_membership: Callable[..., object] | None = None
+
+    def _membership_changed(self, actor: str, now: float, device: str | None = None) -> None:
+        """``device``: only its groups changed (added, relabelled); else any device's."""
+        if self.on_membership is not None:
+            self.on_membership(actor, now, None if device is None else [device])
+
+    def _bundle_inputs(self, selector: Mapping[str, str]) -> dict[str, list[str]]:
+        """The input names of the bundles the devices matching ``selector`` are assigned
+        (desired and shadow), by bundle label."""
+        out: dict[str, list[str]] = {}
+        for record in self.store.list_desired(self.store.device_ids(selector)):
+            for ref in (record.bundle, record.shadow):
+                if ref is None or ref.label in out:
+                    continue
+                bundle = self.store.get_bundle(ref.name, ref.version)
+                if bundle is not None:
+                    out[ref.label] = [str(i.get("name")) for i in
+                                      bundle.manifest.get("inputs", [])]
+        return out
 
     # -- devices -------------------------------------------------------------------------
 
@@ -137,6 +166,7 @@ class Registry:
                                           mosquitto_hash(secret), actor, now, rotate=rotate)
             self.store.audit(actor, "device.rotate" if rotate else "device.add",
                              f"device:{device}", {"labels": labels}, now)
+            self._membership_changed(actor, now, device)
         return found, Issued(device, secret, "device")
 
     def remove_device(self, device: str, actor: str, now: float) -> None:
@@ -176,6 +206,7 @@ class Registry:
             found = self.store.set_labels(device, labels)
             self.store.audit(actor, "device.labels", f"device:{device}", {"labels": labels},
                              now)
+            self._membership_changed(actor, now, device)
         return found
 
     def mosquitto_password_file(self) -> str:
@@ -189,22 +220,30 @@ class Registry:
                      important_features: Sequence[str] = (),
                      requires: Sequence[str] = (),
                      drift: Mapping[str, Any] | None = None,
-                     performance: Mapping[str, Any] | None = None) -> Group:
+                     performance: Mapping[str, Any] | None = None,
+                     capture: CaptureChange | None = None) -> Group:
         """Raises: InvalidRequestError (bad name, selector, features, drift settings or
         performance tolerances),
         ConflictError, UnknownRequirementError (a requirement that is none of ``card``,
-        ``approval``, ``fairness``, ``champion``; names it)."""
+        ``approval``, ``fairness``, ``champion``; names it), CapturePolicyError (a bad
+        capture setting, named), UnknownCaptureFeatureError (a capture feature that is no
+        input of the bundles the group's devices are assigned)."""
         if not GROUP_RE.match(name):
             raise InvalidRequestError(f"group name {name!r}: lower-case letters, digits, "
                                       "'_', '.', '-', at most 64", field="name")
         selector = check_labels(selector, "selector")
         features = _important(important_features)
+        policy = None if capture is None or capture.empty else apply_change(None, capture)
         group = Group(name, selector, requires_approval, features, now, actor,
                       requires=parse_requirements(requires), drift=check_drift(drift or {}),
-                      performance=check_performance(performance or {}))
+                      performance=check_performance(performance or {}),
+                      capture=policy)
         with self.store.transaction():
+            check_features(policy, self._bundle_inputs(selector))
             self.store.add_group(group)
             self.store.audit(actor, "group.create", f"group:{name}", group.to_dict(), now)
+            if policy is not None:
+                self._membership_changed(actor, now)
         return group
 
     def update_group(self, name: str, actor: str, now: float, *,
@@ -212,15 +251,19 @@ class Registry:
                      drift: Mapping[str, Any] | None = None,
                      reset_drift: Sequence[str] = (),
                      performance: Mapping[str, Any] | None = None,
-                     reset_performance: Sequence[str] = ()) -> Group:
+                     reset_performance: Sequence[str] = (),
+                     capture: CaptureChange | None = None) -> Group:
         """Change a group's important features (replaced when given), drift settings
         (``drift`` set key by key, ``reset_drift`` keys back to the server's; ``"all"``
-        resets every one) and performance tolerances (``performance``,
-        ``reset_performance``, the same way).
+        resets every one), performance tolerances (``performance``,
+        ``reset_performance``, the same way) and data capture (``capture``: values over the
+        current policy, off, or reset; its devices' desired states follow in the same
+        transaction).
 
         Raises:
             InvalidRequestError: a bad feature name or drift setting, or resetting an
-                unknown setting. NotFoundError: no such group.
+                unknown setting. CapturePolicyError, UnknownCaptureFeatureError: a bad
+                capture setting (see :meth:`create_group`). NotFoundError: no such group.
         """
         group = self.group(name)
         settings = dict(group.drift)
@@ -229,16 +272,23 @@ class Registry:
         tolerances = dict(group.performance)
         _reset(tolerances, reset_performance, PERFORMANCE_KEYS, "reset_performance")
         tolerances.update(performance or {})
+        policy = group.capture if capture is None or capture.empty else \
+            apply_change(group.capture, capture)
         updated = replace(
             group, drift=check_drift(settings), performance=check_performance(tolerances),
             important_features=group.important_features if important_features is None
-            else _important(important_features))
+            else _important(important_features), capture=policy)
         with self.store.transaction():
+            if policy != group.capture:
+                check_features(policy, self._bundle_inputs(group.selector))
             self.store.update_group(updated)
             self.store.audit(actor, "group.update", f"group:{name}",
                              {"important_features": list(updated.important_features),
                               "drift": dict(updated.drift),
-                              "performance": dict(updated.performance)}, now)
+                              "performance": dict(updated.performance),
+                              "capture": None if policy is None else policy.to_dict()}, now)
+            if policy != group.capture:
+                self._membership_changed(actor, now)
         return updated
 
     def group(self, name: str) -> Group:
@@ -256,6 +306,7 @@ class Registry:
         with self.store.transaction():
             self.store.delete_group(name)
             self.store.audit(actor, "group.delete", f"group:{name}", {}, now)
+            self._membership_changed(actor, now)
 
     def members(self, group: Group) -> list[str]:
         return self.store.device_ids(group.selector)

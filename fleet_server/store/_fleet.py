@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from edgefleet.contract.messages import BundleRef
+from edgefleet.contract.messages import BundleRef, CapturePolicy
 from fleet_server.errors import ConflictError, NotFoundError
 from fleet_server.models import (
     AUDIT_GENESIS,
@@ -28,6 +28,15 @@ def _ref(text: str | None) -> BundleRef | None:
 
 def _ref_json(ref: BundleRef | None) -> str | None:
     return None if ref is None else dumps(ref.to_dict())
+
+
+def _capture(text: str | None) -> CapturePolicy | None:
+    doc = loads(text)
+    return None if doc is None else CapturePolicy.from_dict(doc, "capture")
+
+
+def _capture_json(policy: CapturePolicy | None) -> str | None:
+    return None if policy is None else dumps(policy.to_dict())
 
 
 def _device(row: dict[str, Any]) -> Device:
@@ -52,7 +61,8 @@ def _group(row: dict[str, Any]) -> Group:
                  tuple(loads(row["important_features"], [])), row["created"], row["created_by"],
                  requires=tuple(loads(row.get("requires"), [])),
                  drift=loads(row["drift"], {}),
-                 performance=loads(row.get("performance"), {}))
+                 performance=loads(row.get("performance"), {}),
+                 capture=_capture(row.get("capture")))
 
 
 def selector_sql(selector: Mapping[str, str]) -> tuple[str, list[str]]:
@@ -313,27 +323,28 @@ class FleetTables(StoreBase):
         with self.transaction():
             self._exec(
                 "INSERT INTO groups (name, selector, requires_approval, important_features,"
-                " created, created_by, requires, drift, performance) VALUES (?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?)",
+                " created, created_by, requires, drift, performance, capture) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [group.name, dumps(group.selector), int(group.requires_approval),
                  dumps(list(group.important_features)), group.created, group.created_by,
                  dumps(list(group.requires)), dumps(dict(group.drift)),
-                 dumps(dict(group.performance))],
+                 dumps(dict(group.performance)), _capture_json(group.capture)],
                 conflict=f"group {group.name!r} exists already")
         return group
 
     def update_group(self, group: Group) -> Group:
-        """Write a group's important features, drift settings and performance tolerances
-        (name, selector and creation stay).
+        """Write a group's important features, drift settings, performance tolerances and
+        data capture (name, selector and creation stay).
 
         Raises:
             NotFoundError: no such group.
         """
         with self.transaction():
             if self._exec("UPDATE groups SET important_features = ?, drift = ?, "
-                          "performance = ? WHERE name = ?",
+                          "performance = ?, capture = ? WHERE name = ?",
                           [dumps(list(group.important_features)), dumps(dict(group.drift)),
-                           dumps(dict(group.performance)), group.name]).rowcount == 0:
+                           dumps(dict(group.performance)), _capture_json(group.capture),
+                           group.name]).rowcount == 0:
                 raise NotFoundError("group", group.name)
         return group
 
@@ -370,16 +381,19 @@ class FleetTables(StoreBase):
         with self.transaction():
             self._many(
                 "INSERT INTO desired (device, revision, bundle, shadow, allow_downgrade, "
-                "updated, updated_by) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device) DO "
+                "updated, updated_by, capture) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (device) DO "
                 "UPDATE SET revision = excluded.revision, bundle = excluded.bundle, "
                 # the rollback slot: the bundle this one replaces (kept while it stays)
                 "previous = CASE WHEN desired.bundle = excluded.bundle OR (desired.bundle IS "
                 "NULL AND excluded.bundle IS NULL) THEN desired.previous ELSE desired.bundle "
                 "END, "
                 "shadow = excluded.shadow, allow_downgrade = excluded.allow_downgrade, "
-                "updated = excluded.updated, updated_by = excluded.updated_by",
+                "updated = excluded.updated, updated_by = excluded.updated_by, "
+                "capture = excluded.capture",
                 [(r.device, r.revision, _ref_json(r.bundle), _ref_json(r.shadow),
-                  int(r.allow_downgrade), r.updated, r.updated_by) for r in records])
+                  int(r.allow_downgrade), r.updated, r.updated_by, _capture_json(r.capture))
+                 for r in records])
 
     def assigned_bundles(self, device: str) -> set[tuple[str, str]]:
         """``(name, version)`` of the desired bundle, shadow and rollback slot of a device
@@ -432,4 +446,4 @@ class FleetTables(StoreBase):
 def _desired(row: dict[str, Any]) -> DesiredRecord:
     return DesiredRecord(row["device"], row["revision"], _ref(row["bundle"]),
                          _ref(row["shadow"]), bool(row["allow_downgrade"]), row["updated"],
-                         row["updated_by"])
+                         row["updated_by"], _capture(row.get("capture")))

@@ -55,7 +55,11 @@ History:
     arrives centrally), one per (device, prediction id); ``capture_batches``, the batch ids
     each device has uploaded (an upload is stored once); ``capture_labels``, the outcomes
     uploaded centrally, by (device, prediction id), so a row captured after its outcome
-    gets its label too.
+    gets its label too;
+16. data capture per group (issue 15): ``groups.capture``, the group's
+    :class:`~edgefleet.contract.messages.CapturePolicy` as JSON (NULL: none set, every
+    existing group), and ``desired.capture``, the policy a device's desired state carries
+    (the stricter of its groups'), changed with a new revision;
 17. ``groups.performance``: a group's own performance alert tolerances over the server's
     (a JSON object of :data:`fleet_server.config.PERFORMANCE_KEYS` settings; ``{}``, the
     server's, for every existing group).
@@ -445,8 +449,13 @@ CREATE TABLE capture_labels (
 CREATE INDEX capture_labels_at ON capture_labels (at);
 """
 
-# gates14's number is 17 (rollups18 has 15, loop15 16): the two empty steps hold their
-# places on this branch only, and the lead renumbers at landing
+# data capture per group (issue 15): the group's CapturePolicy as JSON (NULL: the group
+# sets none), and the one its devices' desired states carry
+_CAPTURE_GROUPS = """
+ALTER TABLE groups ADD COLUMN capture TEXT;
+ALTER TABLE desired ADD COLUMN capture TEXT;
+"""
+
 _V17 = """
 ALTER TABLE groups ADD COLUMN performance TEXT NOT NULL DEFAULT '{}';
 """
@@ -468,7 +477,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (13, "retraining runs", _RETRAINS),
     (14, "data capture", _CAPTURE),
     (15, "placeholder for rollups18's migration 15 (replaced at landing)", ""),
-    (16, "placeholder for loop15's migration 16 (replaced at landing)", ""),
+    (16, "data capture per group", _CAPTURE_GROUPS),
     (17, "groups' own performance tolerances", _V17),
 )
 LATEST = MIGRATIONS[-1][0]

@@ -16,10 +16,12 @@ from edgefleet.contract.messages import (
     ACK_STREAMS,
     LATENCY_EDGES_MS,
     LATENCY_EDGES_V1_MS,
+    MAX_CAPTURE_ROWS,
     MAX_INFLATED,
     MAX_OUTCOMES,
     Ack,
     BundleRef,
+    CapturePolicy,
     DesiredState,
     Heartbeat,
     Outcome,
@@ -123,6 +125,12 @@ def summaries(draw):
                    draw(st.lists(st.builds(_entries, bundles, st.integers(0, 10**6)),
                                  max_size=3).map(tuple)))
 
+capture_policies = st.one_of(
+    st.none(), st.just(CapturePolicy(False)),
+    st.builds(CapturePolicy, st.just(True), st.floats(0, 1), st.integers(1, MAX_CAPTURE_ROWS),
+              st.one_of(st.none(), st.lists(st.text(st.characters(min_codepoint=32),
+                                                    min_size=1, max_size=30),
+                                            max_size=8, unique=True).map(tuple))))
 
 messages = st.one_of(
     summaries(),
@@ -137,7 +145,7 @@ messages = st.one_of(
               st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True),
                               st.text(max_size=20), max_size=5), finite),
     st.builds(DesiredState, devices, st.integers(0, 2**53), st.one_of(st.none(), bundles),
-              st.one_of(st.none(), bundles), st.booleans(), finite),
+              st.one_of(st.none(), bundles), st.booleans(), finite, capture_policies),
     st.builds(Ack, devices, st.dictionaries(st.sampled_from(ACK_STREAMS),
                                             st.integers(0, 2**63 - 1)), finite),
     st.builds(Outcomes, devices, st.integers(1, 2**53), st.lists(st.builds(
@@ -188,6 +196,44 @@ def test_a_summary_without_performance_keeps_its_bytes():
     s = Summary("d", 1, BundleRef("m", "1.0.0"), 0.0, 1.0, to_wire(_profile(_spec(2), 5)))
     assert "performance" not in s.to_dict()
     assert decode(s.topic, encode(s)).performance == ()
+
+
+def test_a_desired_state_without_capture_keeps_its_bytes():
+    # an agent older than capture per group refuses unknown fields: a group that sets no
+    # capture must send exactly what it sent before
+    d = DesiredState("d", 3, BundleRef("m", "1.0.0"), None, False, 5.0)
+    assert set(d.to_dict()) == {"schema", "type", "device", "revision", "bundle", "shadow",
+                                "allow_downgrade", "time"}
+    assert decode(d.topic, encode(d)).capture is None
+
+
+@pytest.mark.parametrize(("capture", "field"), [
+    pytest.param({"enabled": True, "rate": 1.5, "max_rows": 10}, "desired.capture.rate",
+                 id="rate-above-1"),
+    pytest.param({"enabled": True, "rate": -0.1, "max_rows": 10}, "desired.capture.rate",
+                 id="rate-negative"),
+    pytest.param({"enabled": True, "rate": 0.1, "max_rows": 0}, "desired.capture.max_rows",
+                 id="cap-zero"),
+    pytest.param({"enabled": True, "rate": 0.1, "max_rows": MAX_CAPTURE_ROWS + 1},
+                 "desired.capture.max_rows", id="cap-too-large"),
+    pytest.param({"enabled": True, "rate": 0.1}, "desired.capture.max_rows", id="cap-missing"),
+    pytest.param({"enabled": True, "rate": 0.1, "max_rows": 5, "features": ["a", "a"]},
+                 "desired.capture.features", id="feature-twice"),
+    pytest.param({"enabled": True, "rate": 0.1, "max_rows": 5, "features": ["a\n"]},
+                 "desired.capture.features", id="feature-control-char"),
+    pytest.param({"enabled": True, "rate": 0.1, "max_rows": 5, "features": [3]},
+                 "desired.capture.features", id="feature-not-a-string"),
+    pytest.param({"enabled": False, "rate": 0.1}, "desired.capture.rate", id="off-with-rate"),
+    pytest.param({"enabled": "yes"}, "desired.capture.enabled", id="enabled-not-bool"),
+    pytest.param({"enabled": True, "rate": 0.1, "max_rows": 5, "spy": 1},
+                 "desired.capture.spy", id="unknown-field"),
+])
+def test_bad_capture_policies_name_the_field(capture, field):
+    body = DesiredState("d", 1, None).to_dict()
+    body["capture"] = capture
+    with pytest.raises(SchemaError) as info:
+        decode(topic("d", "desired"), json.dumps(body).encode())
+    assert info.value.field == field
 
 
 def _perf_body(performance):

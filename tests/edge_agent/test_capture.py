@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from edge_agent.agent import Agent
-from edge_agent.capture import Capture, CaptureConfig, CaptureQueue, Reservoir, encode_row
+from edge_agent.capture import (
+    Capture,
+    CaptureConfig,
+    CaptureQueue,
+    Reservoir,
+    effective,
+    encode_row,
+)
 from edge_agent.config import parse_config
 from edge_agent.errors import CaptureError, ConfigError
 from edge_agent.model import LoadedModel
 from edgefleet.contract.bundle import verify_bundle
 from edgefleet.contract.capture import decode_batch
+from edgefleet.contract.messages import CapturePolicy
 from edgefleet.contract.signing import TrustStore
 from tests.bundles import FEATURES, sensor_data
 
@@ -214,3 +223,66 @@ def test_a_label_for_a_row_in_the_open_window_waits_for_it(tmp_path):
     _, body, _ = queue.next_batch(1000, 10**6)
     assert decode_batch(body).outcomes == (("p-0000", 1),)
     queue.close()
+
+
+# -- the group's policy, through the desired state (issue 15) ---------------------------------
+
+LOCAL = CaptureConfig(features=("temperature", "vibration", "humidity"), rate=0.2, max_rows=50,
+                      window_s=60)
+
+
+@pytest.mark.parametrize(("policy", "want"), [
+    pytest.param(None, LOCAL, id="none-set-the-device-config-stands"),
+    pytest.param(CapturePolicy(False), None, id="off"),
+    pytest.param(CapturePolicy(True, 0.0, 10), None, id="rate-zero-is-off"),
+    pytest.param(CapturePolicy(True, 1.0, 1000), LOCAL, id="looser-than-the-device"),
+    pytest.param(CapturePolicy(True, 0.05, 10, ("humidity", "pressure", "temperature")),
+                 replace(LOCAL, rate=0.05, max_rows=10, features=("temperature", "humidity")),
+                 id="stricter-and-intersected-in-the-device-order"),
+    pytest.param(CapturePolicy(True, 0.5, 10, ("pressure",)), None, id="disjoint-lists-off"),
+])
+def test_the_device_config_is_an_upper_bound(policy, want):
+    assert effective(LOCAL, policy) == want
+
+
+def test_a_group_policy_takes_effect_without_restart_and_off_stops_at_once(tmp_path):
+    now = [0.0]
+    queue = CaptureQueue(tmp_path / "capture.db", max_rows=10_000, max_bytes=10**9)
+    capture = Capture(replace(LOCAL, rate=1.0), queue, clock=lambda: now[0],
+                      rng=random.Random(2))
+    columns = {"temperature": np.arange(100.0), "vibration": np.arange(100.0),
+               "humidity": np.arange(100.0)}
+
+    def serve(n: int, start: int) -> None:
+        capture.observe("sensor@1.0.0", columns, n, [f"p-{start + i:04d}" for i in range(n)],
+                        float(now[0]), None, None, np.zeros(n))
+
+    serve(30, 0)
+    # narrowed: the open window's 30 rows are queued under the old settings, and the new
+    # window samples 5 rows of only the group's feature
+    assert capture.apply(CapturePolicy(True, 1.0, 5, ("vibration",))) is True
+    assert capture.apply(CapturePolicy(True, 1.0, 5, ("vibration",))) is False  # the same
+    assert queue.depth() == 30
+    serve(40, 100)
+    now[0] = 61
+    assert capture.roll() == 5
+    batch_id, body, rows = queue.next_batch(1000, 10**6)
+    queue.done(batch_id)
+    batch = decode_batch(body)
+    assert rows == 35
+    assert [set(r.features) for r in batch.rows[30:]] == [{"vibration"}] * 5
+    assert all(set(r.features) == set(LOCAL.features) for r in batch.rows[:30])
+    # off: the open window's sample is dropped and nothing more is sampled
+    serve(10, 200)
+    assert capture.apply(CapturePolicy(False)) is True
+    serve(10, 300)
+    now[0] = 200
+    assert capture.roll() == 0 and queue.depth() == 0
+    queue.close()
+    # the policy outlives a restart: still off before any desired state arrives
+    queue = CaptureQueue(tmp_path / "capture.db", max_rows=10_000, max_bytes=10**9)
+    again = Capture(LOCAL, queue, clock=lambda: now[0])
+    assert again.policy == CapturePolicy(False) and again.config is None
+    assert again.apply(None) is True and again.config == LOCAL  # the group reset: its own
+    queue.close()
+    assert CaptureQueue(tmp_path / "capture.db", max_rows=1, max_bytes=10**9).policy() is None

@@ -308,7 +308,7 @@ def group_show(api: FleetClient, name: str, as_json: bool) -> None:
             ("performance", _settings(g.get("performance") or {})),
             ("capture", capture_text(g.get("capture")) if g.get("capture") is not None
              else "- (each device's own config)")):
-        click.echo(f"{key:11} {value}")
+        click.echo(f"{key:10} {value}")
 
 
 @group.command("list", help="List groups with their selectors and member counts.")

@@ -13,7 +13,8 @@ The parts, by table:
 
 - ``_fleet``: tokens and dashboard sessions, devices and their labels, groups, desired
   state, audit;
-- ``_telemetry``: summaries, rollups, reports, dead letters, counters;
+- ``_telemetry``: summaries, rollups (of devices, groups and the fleet), reports, dead
+  letters, counters;
 - ``_drift``: bundles, evaluated drift windows, alerts, webhook attempts;
 - ``_rollouts``: rollouts, and the telemetry reads their gates make;
 - ``_retrains``: retraining runs and their lineage;
@@ -41,12 +42,14 @@ from fleet_server.store._rollouts import RolloutRow, RolloutTables, WindowSummar
 from fleet_server.store._telemetry import (
     FLEET_SCOPE,
     FOLDED,
+    GROUP_PREFIX,
     PENDING,
     REFUSED,
     PendingSummary,
     RollupKey,
     SummaryRow,
     TelemetryTables,
+    group_scope,
 )
 from fleet_server.store.migrations import LATEST
 
@@ -54,6 +57,7 @@ __all__ = [
     "DEVICE_SORTS",
     "FLEET_SCOPE",
     "FOLDED",
+    "GROUP_PREFIX",
     "LATEST",
     "PENDING",
     "REFUSED",
@@ -69,6 +73,7 @@ __all__ = [
     "Store",
     "SummaryRow",
     "WindowSummary",
+    "group_scope",
     "selector_sql",
 ]
 

@@ -15,6 +15,17 @@ PENDING, FOLDED, REFUSED = 0, 1, 2
 
 RollupKey = tuple[int, int, int, str]  # bundle id, width, bucket, scope
 
+# A group's own rollups are stored under the scope ``group:<name>``: a device id cannot hold
+# ":" (messages.DEVICE_RE), so a group's scope never meets a device's, and the readers of
+# device rollups leave these out.
+GROUP_PREFIX = "group:"
+_NOT_GROUP = "scope NOT LIKE ?"  # with the parameter GROUP_PREFIX + "%"
+
+
+def group_scope(name: str) -> str:
+    """The rollup scope of a group's own rollups."""
+    return GROUP_PREFIX + name
+
 
 @dataclass(frozen=True)
 class SummaryRow:
@@ -203,8 +214,8 @@ class TelemetryTables(StoreBase):
             sql += f" AND scope IN ({sub})"
             params += sub_params
         else:
-            sql += " AND scope != ?"
-            params.append(FLEET_SCOPE)
+            sql += f" AND scope != ? AND {_NOT_GROUP}"
+            params += [FLEET_SCOPE, GROUP_PREFIX + "%"]
         return [(s, b, d) for s, b, d in self._exec(sql, params).fetchall()]
 
     def count_rollup_scopes(self, bundle_id: int, tiles: Sequence[tuple[int, int, int]]
@@ -213,11 +224,56 @@ class TelemetryTables(StoreBase):
         if not tiles:
             return 0
         part = ("SELECT scope FROM rollups WHERE bundle_id = ? AND width = ? AND bucket >= ? "
-                "AND bucket < ? AND scope != ?")
-        params = [x for w, lo, hi in tiles for x in (bundle_id, w, lo, hi, FLEET_SCOPE)]
+                f"AND bucket < ? AND scope != ? AND {_NOT_GROUP}")
+        params = [x for w, lo, hi in tiles
+                  for x in (bundle_id, w, lo, hi, FLEET_SCOPE, GROUP_PREFIX + "%")]
         union = " UNION ALL ".join([part] * len(tiles))
         row = self._exec(f"SELECT COUNT(DISTINCT scope) FROM ({union}) AS u", params).fetchone()
         return int(row[0])
+
+    def count_member_scopes(self, bundle_id: int, tiles: Sequence[tuple[int, int, int]],
+                            selector: Mapping[str, str]) -> int:
+        """The devices a ``selector`` matches now with a rollup in any of ``(width, lo,
+        hi)``: one index probe per member (``rollups_scope``), not a scan of every device's
+        rollups in the range (a group's report over 30 days has 720 of them per member)."""
+        if not tiles:
+            return 0
+        sub, sub_params = selector_sql(selector)
+        probe = ("EXISTS (SELECT 1 FROM rollups WHERE bundle_id = ? AND width = ? AND "
+                 "scope = m.id AND bucket >= ? AND bucket < ?)")
+        params = [*sub_params, *(x for w, lo, hi in tiles for x in (bundle_id, w, lo, hi))]
+        row = self._exec(f"SELECT COUNT(*) FROM ({sub}) AS m WHERE "
+                         + " OR ".join([probe] * len(tiles)), params).fetchone()
+        return int(row[0])
+
+    # -- groups' own rollups ---------------------------------------------------------------
+
+    def device_labels(self, devices: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The effective labels of ``devices`` (those stored)."""
+        out: dict[str, dict[str, str]] = {}
+        for part in chunks(sorted(set(devices)), 500):
+            marks = ",".join("?" * len(part))
+            for r in self._rows(f"SELECT id, labels FROM devices WHERE id IN ({marks})", part):
+                out[r["id"]] = loads(r["labels"], {})
+        return out
+
+    def group_rollup_starts(self) -> dict[str, tuple[float, int]]:
+        """``{group: (its creation time, first bucket of its own rollups)}``."""
+        return {r["group_name"]: (r["created"], int(r["start"])) for r in self._rows(
+            "SELECT group_name, created, start FROM group_rollup_starts")}
+
+    def group_rollups_from(self, name: str, created: float) -> int | None:
+        """The first bucket (of every level) from which the group of that name and creation
+        time has complete rollups of its own; None: none yet."""
+        row = self._one("SELECT created, start FROM group_rollup_starts WHERE group_name = ?",
+                        [name])
+        return None if row is None or row["created"] != created else int(row["start"])
+
+    def set_group_rollup_starts(self, rows: Sequence[tuple[str, float, int]]) -> None:
+        """Record ``(group, created, start)``: a group (re)created starts anew."""
+        self._many("INSERT INTO group_rollup_starts (group_name, created, start) VALUES "
+                   "(?, ?, ?) ON CONFLICT (group_name) DO UPDATE SET created = "
+                   "excluded.created, start = excluded.start", rows)
 
     def rollup_buckets(self, bundle_id: int, width: int, lo: int, hi: int,
                        scope: str = FLEET_SCOPE) -> list[int]:

@@ -442,6 +442,17 @@ CREATE TABLE capture_labels (
 CREATE INDEX capture_labels_at ON capture_labels (at);
 """
 
+# a group's own rollups (scope "group:<name>" in rollups) are complete from ``start``, a
+# bucket boundary of every level, for the group created at ``created`` (a group deleted and
+# made again under its name starts anew)
+_GROUP_ROLLUPS = """
+CREATE TABLE group_rollup_starts (
+    group_name  TEXT    PRIMARY KEY,
+    created     REAL    NOT NULL,
+    start       INTEGER NOT NULL
+);
+"""
+
 # (version, what it does, SQL); versions are 1, 2, ... in order
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "registry, credentials, groups, bundles, summaries, reports, dead letters, audit", _V1),
@@ -458,6 +469,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (12, "dashboard sessions", _V12),
     (13, "retraining runs", _RETRAINS),
     (14, "data capture", _CAPTURE),
+    (15, "groups' own rollups", _GROUP_ROLLUPS),
 )
 LATEST = MIGRATIONS[-1][0]
 AUDIT_CHAIN = 7  # the version from which audit entries carry prev and hash

@@ -20,7 +20,8 @@ The parts, by table:
 - ``_retrains``: retraining runs and their lineage;
 - ``_outcomes``: the outcomes queue (batches of true labels waiting for their device);
 - ``_capture``: captured rows devices uploaded, their batch ids, central labels;
-- ``_performance``: summaries' performance entries (realized and estimated, per bundle);
+- ``_performance``: summaries' performance entries (realized and estimated, per bundle)
+  and their rollups;
 - ``_dashboard``: the dashboard's paged device list and its counts (reads only).
 
 The store decides nothing: it does not judge, validate messages, hash secrets or read the
@@ -36,7 +37,12 @@ from fleet_server.store._dashboard import DEVICE_SORTS, DashboardReads, DeviceQu
 from fleet_server.store._drift import DriftTables
 from fleet_server.store._fleet import FleetTables, selector_sql
 from fleet_server.store._outcomes import OutcomeBatchRow, OutcomeQueueRow, OutcomeTables
-from fleet_server.store._performance import PerformanceRow, PerformanceTables
+from fleet_server.store._performance import (
+    PerformanceKey,
+    PerformanceRollup,
+    PerformanceRow,
+    PerformanceTables,
+)
 from fleet_server.store._retrains import RetrainTables
 from fleet_server.store._rollouts import RolloutRow, RolloutTables, WindowSummary
 from fleet_server.store._telemetry import (
@@ -67,6 +73,8 @@ __all__ = [
     "OutcomeBatchRow",
     "OutcomeQueueRow",
     "PendingSummary",
+    "PerformanceKey",
+    "PerformanceRollup",
     "PerformanceRow",
     "RolloutRow",
     "RollupKey",

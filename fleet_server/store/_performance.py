@@ -4,6 +4,11 @@ A row is one entry of one summary (``(device, seq, bundle)`` is its key), attrib
 entry's bundle, in the wire form ingest checked against that bundle's spec. Readers get
 them back as :class:`PerformanceRow` values and merge them (the merging rules are the
 contract's, :mod:`edgefleet.contract.performance`); this module neither parses nor merges.
+
+``performance_rollups`` holds, per bundle, width (an hour, a day), bucket and scope (a
+device, a group as ``group:<name>``, the fleet as ``*``), the sum of the entries whose
+window's middle falls in the bucket, as ingest added them (:class:`PerformanceRollup`): a
+report over 30 days reads 30 of them per scope, not every entry.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from edgefleet.contract.messages import MAX_PAYLOAD
 from edgefleet.contract.wire import parse_json
 from fleet_server.store._base import StoreBase, chunks, dumps
 from fleet_server.store._fleet import selector_sql
+from fleet_server.store._telemetry import FLEET_SCOPE, GROUP_PREFIX
 
-__all__ = ["PerformanceRow", "PerformanceTables"]
+__all__ = ["PerformanceRollup", "PerformanceRow", "PerformanceTables"]
 
 _COLUMNS = ("device", "seq", "bundle_id", "window_start", "window_end", "labelled", "served",
             "realized", "estimated")
@@ -40,6 +46,29 @@ class PerformanceRow:
     @property
     def middle(self) -> float:
         return (self.window_start + self.window_end) / 2
+
+
+PerformanceKey = tuple[int, int, int, str]  # bundle id, width, bucket, scope
+
+
+@dataclass(frozen=True)
+class PerformanceRollup:
+    """The sum of the entries of one bundle, scope and bucket (an entry counts in the
+    bucket holding the middle of its window): ``realized`` and ``estimated`` are the added
+    wire dicts (None: no entry had that block)."""
+
+    scope: str
+    bucket: int
+    entries: int
+    labelled: int
+    served: int
+    realized: dict[str, Any] | None
+    estimated: dict[str, Any] | None
+
+
+def _rollup(r: Mapping[str, Any]) -> PerformanceRollup:
+    return PerformanceRollup(r["scope"], int(r["bucket"]), r["entries"], r["labelled"],
+                             r["served"], _block(r["realized"]), _block(r["estimated"]))
 
 
 def _block(text: str | None) -> dict[str, Any] | None:
@@ -119,3 +148,81 @@ class PerformanceTables(StoreBase):
         with self.transaction():
             return self._exec("DELETE FROM performance WHERE window_end < ?",
                               [before]).rowcount
+
+    # -- rollups -------------------------------------------------------------------------
+
+    def load_performance_rollups(self, keys: Sequence[PerformanceKey]
+                                 ) -> dict[PerformanceKey, PerformanceRollup]:
+        out: dict[PerformanceKey, PerformanceRollup] = {}
+        for part in chunks(list(keys), 200):
+            values = ",".join(["(?, ?, ?, ?)"] * len(part))
+            for r in self._rows(
+                    "SELECT * FROM performance_rollups WHERE (bundle_id, width, bucket, scope) "
+                    f"IN (VALUES {values})", [x for key in part for x in key]):
+                out[(r["bundle_id"], r["width"], int(r["bucket"]), r["scope"])] = _rollup(r)
+        return out
+
+    def save_performance_rollups(self, rows: Sequence[tuple[PerformanceKey,
+                                                            PerformanceRollup]]) -> None:
+        """Write summed rollups; each replaces what is stored under its key."""
+        self._many(
+            "INSERT INTO performance_rollups (bundle_id, width, bucket, scope, entries, "
+            "labelled, served, realized, estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (bundle_id, width, bucket, scope) DO UPDATE SET "
+            "entries = excluded.entries, labelled = excluded.labelled, "
+            "served = excluded.served, realized = excluded.realized, "
+            "estimated = excluded.estimated",
+            [(*key, r.entries, r.labelled, r.served,
+              None if r.realized is None else dumps(r.realized),
+              None if r.estimated is None else dumps(r.estimated)) for key, r in rows])
+
+    @staticmethod
+    def _scope_sql(scope: str | None, selector: Mapping[str, str] | None
+                   ) -> tuple[str, list[Any]]:
+        """``scope``: one scope; else the devices ``selector`` matches, or every device."""
+        if scope is not None:
+            return " AND scope = ?", [scope]
+        if selector:
+            sub, params = selector_sql(selector)
+            return f" AND scope IN ({sub})", params
+        return " AND scope != ? AND scope NOT LIKE ?", [FLEET_SCOPE, GROUP_PREFIX + "%"]
+
+    def read_performance_rollups(self, bundle_id: int, width: int, lo: int, hi: int, *,
+                                 scope: str | None = None,
+                                 selector: Mapping[str, str] | None = None
+                                 ) -> list[PerformanceRollup]:
+        """Rollups of buckets ``lo <= bucket < hi`` of one width, by bucket: of one
+        ``scope``, else of the devices a ``selector`` matches (every device for none)."""
+        where, params = self._scope_sql(scope, selector)
+        return [_rollup(r) for r in self._rows(
+            "SELECT * FROM performance_rollups WHERE bundle_id = ? AND width = ? AND "
+            f"bucket >= ? AND bucket < ?{where} ORDER BY bucket, scope",
+            [bundle_id, width, lo, hi, *params])]
+
+    def performance_devices(self, bundle_id: int, width: int, lo: int, hi: int, step: int,
+                            *, scope: str | None = None,
+                            selector: Mapping[str, str] | None = None
+                            ) -> tuple[dict[int, int], int]:
+        """Devices with entries: ``({step start: devices}, devices in all)`` over buckets
+        ``lo <= bucket < hi`` (``step`` a multiple of ``width``), counted from device
+        rollups (of ``scope``, one device, or of the devices ``selector`` matches)."""
+        where, params = self._scope_sql(scope, selector)
+        base = ("FROM performance_rollups WHERE bundle_id = ? AND width = ? AND bucket >= ? "
+                f"AND bucket < ?{where}")
+        args = [bundle_id, width, lo, hi, *params]
+        per = {lo + int(r["k"]) * step: int(r["n"]) for r in self._rows(
+            f"SELECT (bucket - ?) / ? AS k, COUNT(DISTINCT scope) AS n {base} "
+            "GROUP BY 1", [lo, step, *args])}
+        row = self._one(f"SELECT COUNT(DISTINCT scope) AS n {base}", args)
+        return per, int(row["n"]) if row else 0
+
+    def performance_rollup_bundles(self, width: int, lo: int, hi: int) -> list[int]:
+        return [int(r["bundle_id"]) for r in self._rows(
+            "SELECT DISTINCT bundle_id FROM performance_rollups WHERE width = ? AND scope = ? "
+            "AND bucket >= ? AND bucket < ? ORDER BY bundle_id", [width, FLEET_SCOPE, lo, hi])]
+
+    def prune_performance_rollups(self, width: int, before: int) -> int:
+        """Delete the rollups of one width whose bucket starts before ``before``."""
+        with self.transaction():
+            return self._exec("DELETE FROM performance_rollups WHERE width = ? AND "
+                              "bucket < ?", [width, before]).rowcount

@@ -445,12 +445,27 @@ CREATE INDEX capture_labels_at ON capture_labels (at);
 # a group's own rollups (scope "group:<name>" in rollups) are complete from ``start``, a
 # bucket boundary of every level, for the group created at ``created`` (a group deleted and
 # made again under its name starts anew)
+# performance_rollups: the sums of performance entries per bundle, width (an hour, a day),
+# bucket and scope (device, "group:<name>", "*"), as ingest adds them
 _GROUP_ROLLUPS = """
 CREATE TABLE group_rollup_starts (
     group_name  TEXT    PRIMARY KEY,
     created     REAL    NOT NULL,
     start       INTEGER NOT NULL
 );
+CREATE TABLE performance_rollups (
+    bundle_id   INTEGER NOT NULL,
+    width       INTEGER NOT NULL,
+    bucket      INTEGER NOT NULL,
+    scope       TEXT    NOT NULL,
+    entries     INTEGER NOT NULL,
+    labelled    INTEGER NOT NULL,
+    served      INTEGER NOT NULL,
+    realized    TEXT,
+    estimated   TEXT,
+    PRIMARY KEY (bundle_id, width, bucket, scope)
+);
+CREATE INDEX performance_rollups_scope ON performance_rollups (bundle_id, width, scope, bucket);
 """
 
 # (version, what it does, SQL); versions are 1, 2, ... in order
@@ -469,7 +484,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (12, "dashboard sessions", _V12),
     (13, "retraining runs", _RETRAINS),
     (14, "data capture", _CAPTURE),
-    (15, "groups' own rollups", _GROUP_ROLLUPS),
+    (15, "groups' own rollups, performance rollups", _GROUP_ROLLUPS),
 )
 LATEST = MIGRATIONS[-1][0]
 AUDIT_CHAIN = 7  # the version from which audit entries carry prev and hash

@@ -33,7 +33,9 @@ process (``on_outcomes``, called after the commit).
 
 A new summary's performance entries (:attr:`Summary.performance`, one per bundle that
 answered rows of its window or whose predictions got labels in it) are stored per
-(device, seq, bundle), attributed to the entry's bundle, not the summary's: each block is
+(device, seq, bundle), and added into the performance rollups of its device, groups and the
+fleet by hour and by day (:meth:`Ingestor._fold_performance`), attributed to the entry's
+bundle, not the summary's: each block is
 read with that bundle's spec (from its stored manifest, :meth:`Bundles.performance`), so
 its numbers are checked once, here. An entry for a bundle the server does not hold, or
 whose blocks do not read, goes to the dead letters on its own (topic, the entry as its
@@ -91,7 +93,7 @@ from fleet_server.config import DEFAULT_INGEST, IngestConfig
 from fleet_server.errors import StoreError
 from fleet_server.metrics import Metrics
 from fleet_server.models import BundleRecord, ReportRecord
-from fleet_server.profiles.performance import entry_bytes, read_entry
+from fleet_server.profiles.performance import ROLLUP_WIDTHS, add_blocks, entry_bytes, read_entry
 from fleet_server.profiles.rollups import Packed
 from fleet_server.registry.bundles import Bundles, Reference
 from fleet_server.store import (
@@ -99,6 +101,8 @@ from fleet_server.store import (
     FOLDED,
     PENDING,
     REFUSED,
+    PerformanceKey,
+    PerformanceRollup,
     PerformanceRow,
     RollupKey,
     Store,
@@ -323,7 +327,9 @@ class Ingestor:
         store.note_summaries({d: tuple(v) for d, v in counts.items()})
         store.insert_performance(performance)
         # the groups of each device as it is now, after this batch's statuses (labels)
-        groups = self._group_scopes({msg.device for _, msg, _ in folding}, now)
+        groups = self._group_scopes({msg.device for _, msg, _ in folding} |
+                                    {r.device for r in performance}, now)
+        self._fold_performance(performance, groups)
         for bundle_id, msg, packed in folding:
             for k in self._keys(bundle_id, msg.device, msg.window_start, msg.window_end,
                                 groups.get(msg.device, ())):
@@ -489,6 +495,33 @@ class Ingestor:
             rows += [(key, m.rows, m.summaries, m.to_bytes())
                      for key, m in zip(keys, merged, strict=True)]
         self.store.save_rollups(rows)
+
+    def _fold_performance(self, rows: list[PerformanceRow],
+                          groups: dict[str, list[tuple[str, int]]]) -> None:
+        """Add new performance entries into the rollups of their device, groups and the
+        fleet, at every width, in the bucket holding the middle of their window (inside
+        the transaction that stored them: only a new summary's entries are added)."""
+        if not rows:
+            return
+        deltas: dict[PerformanceKey, list[PerformanceRow]] = defaultdict(list)
+        for r in rows:
+            for width in ROLLUP_WIDTHS:
+                bucket = int(r.middle // width) * width
+                scopes = [r.device, FLEET_SCOPE, *(scope for scope, first in
+                                                   groups.get(r.device, ()) if bucket >= first)]
+                for scope in scopes:
+                    deltas[(r.bundle_id, width, bucket, scope)].append(r)
+        stored = self.store.load_performance_rollups(list(deltas))
+        out = []
+        for key, parts in deltas.items():
+            old = stored.get(key)
+            items: list[PerformanceRow | PerformanceRollup] = [*([old] if old else []), *parts]
+            out.append((key, PerformanceRollup(
+                key[3], key[2], len(parts) + (old.entries if old else 0),
+                sum(x.labelled for x in items), sum(x.served for x in items),
+                add_blocks([x.realized for x in items]),
+                add_blocks([x.estimated for x in items]))))
+        self.store.save_performance_rollups(out)
 
     def _dead_letters(self, dead: list[_Dead], result: BatchResult) -> None:
         keep = self.config.dead_letter_payload_bytes

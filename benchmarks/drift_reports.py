@@ -167,19 +167,21 @@ def seed_performance(s: Any, bundle_id: int, ids: list[str], groups: list[str], 
         est.add(scores[:, 1] if k == 2 else conf, pred)
         return real.to_wire(), est.to_wire()
 
-    def rollup(width: int, scope: str, bucket: int, real: bool) -> tuple:
+    def rollup(width: int, scope: str, bucket: int, devices: int, real: bool) -> tuple:
         r, e = blocks(200) if real else (None, None)
         return ((bundle_id, width, bucket, scope),
-                PerformanceRollup(scope, bucket, width // 60, 200 if real else 0, 200, r, e))
+                PerformanceRollup(scope, bucket, width // 60 * devices,
+                                  200 if real else 0, 200, devices, r, e))
 
     days = range(first_day, -(-top // 86400) * 86400, 86400)
     rows = []
     for width, buckets in ((86400, days), (3600, range(top - 48 * 3600, top, 3600))):
-        rows += [rollup(width, sc, b, True) for b in buckets
-                 for sc in (FLEET_SCOPE, *(group_scope(g) for g in groups))]
-    rows += [rollup(86400, d, b, d == "dev-00003") for b in days for d in ids]
-    rows += [rollup(3600, d, b, d == "dev-00003") for b in range(top - 24 * 3600, top, 3600)
-             for d in ids]
+        rows += [rollup(width, FLEET_SCOPE, b, len(ids), True) for b in buckets]
+        rows += [rollup(width, group_scope(g), b, len(ids) // 10, True) for b in buckets
+                 for g in groups]
+    rows += [rollup(86400, d, b, 1, d == "dev-00003") for b in days for d in ids]
+    rows += [rollup(3600, d, b, 1, d == "dev-00003")
+             for b in range(top - 24 * 3600, top, 3600) for d in ids]
     t0 = time.perf_counter()
     for i in range(0, len(rows), 5000):
         with s.store.transaction():

@@ -232,14 +232,16 @@ class PerformanceService:
             rollups = store.read_performance_rollups(
                 bundle_id, step, lo, hi,
                 scope=scope.name if scope.kind == "device" else FLEET_SCOPE)
-        per, devices = store.performance_devices(
-            bundle_id, step, lo, hi, step,
-            scope=scope.name if scope.kind == "device" else None, selector=selector)
+        if scope.kind == "device":
+            devices = min(len(rollups), 1)
+        else:
+            devices = store.performance_devices(bundle_id, step, lo, hi, selector=selector)
         buckets: dict[int, list[PerformanceRollup]] = defaultdict(list)
         for r in rollups:
             buckets[r.bucket].append(r)
-        points = tuple(_summed(perf, t, t + step, per.get(t, 0), buckets.get(t, []))[0]
-                       for t in range(lo, hi, step))
+        # a step's devices: its rollups' (a device's own counts one, a scope's its devices)
+        points = tuple(_summed(perf, t, t + step, sum(r.devices for r in buckets.get(t, [])),
+                               buckets.get(t, []))[0] for t in range(lo, hi, step))
         total, realized = _summed(perf, lo, hi, devices, rollups)
         return total, points, realized
 

@@ -62,13 +62,15 @@ class PerformanceRollup:
     entries: int
     labelled: int
     served: int
+    devices: int  # devices with entries in the bucket (1 for a device's own rollup)
     realized: dict[str, Any] | None
     estimated: dict[str, Any] | None
 
 
 def _rollup(r: Mapping[str, Any]) -> PerformanceRollup:
     return PerformanceRollup(r["scope"], int(r["bucket"]), r["entries"], r["labelled"],
-                             r["served"], _block(r["realized"]), _block(r["estimated"]))
+                             r["served"], r["devices"], _block(r["realized"]),
+                             _block(r["estimated"]))
 
 
 def _block(text: str | None) -> dict[str, Any] | None:
@@ -167,12 +169,12 @@ class PerformanceTables(StoreBase):
         """Write summed rollups; each replaces what is stored under its key."""
         self._many(
             "INSERT INTO performance_rollups (bundle_id, width, bucket, scope, entries, "
-            "labelled, served, realized, estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (bundle_id, width, bucket, scope) DO UPDATE SET "
-            "entries = excluded.entries, labelled = excluded.labelled, "
-            "served = excluded.served, realized = excluded.realized, "
-            "estimated = excluded.estimated",
-            [(*key, r.entries, r.labelled, r.served,
+            "labelled, served, devices, realized, estimated) VALUES "
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bundle_id, width, bucket, scope) "
+            "DO UPDATE SET entries = excluded.entries, labelled = excluded.labelled, "
+            "served = excluded.served, devices = excluded.devices, "
+            "realized = excluded.realized, estimated = excluded.estimated",
+            [(*key, r.entries, r.labelled, r.served, r.devices,
               None if r.realized is None else dumps(r.realized),
               None if r.estimated is None else dumps(r.estimated)) for key, r in rows])
 
@@ -199,22 +201,15 @@ class PerformanceTables(StoreBase):
             f"bucket >= ? AND bucket < ?{where} ORDER BY bucket, scope",
             [bundle_id, width, lo, hi, *params])]
 
-    def performance_devices(self, bundle_id: int, width: int, lo: int, hi: int, step: int,
-                            *, scope: str | None = None,
-                            selector: Mapping[str, str] | None = None
-                            ) -> tuple[dict[int, int], int]:
-        """Devices with entries: ``({step start: devices}, devices in all)`` over buckets
-        ``lo <= bucket < hi`` (``step`` a multiple of ``width``), counted from device
-        rollups (of ``scope``, one device, or of the devices ``selector`` matches)."""
-        where, params = self._scope_sql(scope, selector)
-        base = ("FROM performance_rollups WHERE bundle_id = ? AND width = ? AND bucket >= ? "
-                f"AND bucket < ?{where}")
-        args = [bundle_id, width, lo, hi, *params]
-        per = {lo + int(r["k"]) * step: int(r["n"]) for r in self._rows(
-            f"SELECT (bucket - ?) / ? AS k, COUNT(DISTINCT scope) AS n {base} "
-            "GROUP BY 1", [lo, step, *args])}
-        row = self._one(f"SELECT COUNT(DISTINCT scope) AS n {base}", args)
-        return per, int(row["n"]) if row else 0
+    def performance_devices(self, bundle_id: int, width: int, lo: int, hi: int, *,
+                            selector: Mapping[str, str] | None = None) -> int:
+        """Devices with entries in buckets ``lo <= bucket < hi`` of one width: of those a
+        ``selector`` matches now, or of all (a skip scan: one probe per device, not one
+        row per device and bucket)."""
+        if selector:
+            return self.count_member_scopes(bundle_id, [(width, lo, hi)], selector,
+                                            table="performance_rollups")
+        return len(self.device_scopes("performance_rollups", bundle_id, [(width, lo, hi)]))
 
     def performance_rollup_bundles(self, width: int, lo: int, hi: int) -> list[int]:
         return [int(r["bundle_id"]) for r in self._rows(

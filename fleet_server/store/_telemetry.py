@@ -27,6 +27,23 @@ def group_scope(name: str) -> str:
     return GROUP_PREFIX + name
 
 
+def device_scopes_sql(table: str, spans: int) -> str:
+    """The device scopes of ``table`` (rollups or performance_rollups) of one bundle and
+    width with a row in any of ``spans`` bucket ranges. Parameters: bundle id and width
+    twice, fleet scope, group pattern, then per span bundle id, width, lo, hi.
+
+    A skip scan over the ``(bundle_id, width, scope, bucket)`` index: one probe per
+    distinct scope, then one per scope and span, so counting the devices of 30 days does
+    not read 30 days of device rows (720 per device at hours)."""
+    probe = (f"EXISTS (SELECT 1 FROM {table} r WHERE r.bundle_id = ? AND r.width = ? AND "
+             "r.scope = s.scope AND r.bucket >= ? AND r.bucket < ?)")
+    return (f"WITH RECURSIVE s(scope) AS (SELECT MIN(scope) FROM {table} WHERE "
+            "bundle_id = ? AND width = ? UNION ALL SELECT (SELECT MIN(scope) FROM "
+            f"{table} WHERE bundle_id = ? AND width = ? AND scope > s.scope) FROM s "
+            "WHERE s.scope IS NOT NULL) SELECT scope FROM s WHERE scope IS NOT NULL AND "
+            f"scope != ? AND {_NOT_GROUP} AND ({' OR '.join([probe] * spans)})")
+
+
 @dataclass(frozen=True)
 class SummaryRow:
     """One summary as the ingest worker stores it: the message as received (``profile``,
@@ -221,25 +238,32 @@ class TelemetryTables(StoreBase):
     def count_rollup_scopes(self, bundle_id: int, tiles: Sequence[tuple[int, int, int]]
                             ) -> int:
         """Distinct devices with a rollup in any of ``(width, lo, hi)``."""
-        if not tiles:
-            return 0
-        part = ("SELECT scope FROM rollups WHERE bundle_id = ? AND width = ? AND bucket >= ? "
-                f"AND bucket < ? AND scope != ? AND {_NOT_GROUP}")
-        params = [x for w, lo, hi in tiles
-                  for x in (bundle_id, w, lo, hi, FLEET_SCOPE, GROUP_PREFIX + "%")]
-        union = " UNION ALL ".join([part] * len(tiles))
-        row = self._exec(f"SELECT COUNT(DISTINCT scope) FROM ({union}) AS u", params).fetchone()
-        return int(row[0])
+        return len(self.device_scopes("rollups", bundle_id, tiles))
+
+    def device_scopes(self, table: str, bundle_id: int, tiles: Sequence[tuple[int, int, int]]
+                      ) -> set[str]:
+        """The devices with a row of ``table`` in any of ``(width, lo, hi)``."""
+        by_width: dict[int, list[tuple[int, int]]] = {}
+        for w, lo, hi in tiles:
+            by_width.setdefault(w, []).append((lo, hi))
+        out: set[str] = set()
+        for w, spans in by_width.items():
+            params = [bundle_id, w, bundle_id, w, FLEET_SCOPE, GROUP_PREFIX + "%",
+                      *(x for lo, hi in spans for x in (bundle_id, w, lo, hi))]
+            out.update(r[0] for r in self._exec(device_scopes_sql(table, len(spans)),
+                                                params).fetchall())
+        return out
 
     def count_member_scopes(self, bundle_id: int, tiles: Sequence[tuple[int, int, int]],
-                            selector: Mapping[str, str]) -> int:
-        """The devices a ``selector`` matches now with a rollup in any of ``(width, lo,
-        hi)``: one index probe per member (``rollups_scope``), not a scan of every device's
-        rollups in the range (a group's report over 30 days has 720 of them per member)."""
+                            selector: Mapping[str, str], table: str = "rollups") -> int:
+        """The devices a ``selector`` matches now with a row of ``table`` (rollups or
+        performance_rollups) in any of ``(width, lo, hi)``: one index probe per member,
+        not a scan of every device's rows in the range (a group's report over 30 days has
+        720 of them per member)."""
         if not tiles:
             return 0
         sub, sub_params = selector_sql(selector)
-        probe = ("EXISTS (SELECT 1 FROM rollups WHERE bundle_id = ? AND width = ? AND "
+        probe = (f"EXISTS (SELECT 1 FROM {table} WHERE bundle_id = ? AND width = ? AND "
                  "scope = m.id AND bucket >= ? AND bucket < ?)")
         params = [*sub_params, *(x for w, lo, hi in tiles for x in (bundle_id, w, lo, hi))]
         row = self._exec(f"SELECT COUNT(*) FROM ({sub}) AS m WHERE "

@@ -446,7 +446,8 @@ CREATE INDEX capture_labels_at ON capture_labels (at);
 # bucket boundary of every level, for the group created at ``created`` (a group deleted and
 # made again under its name starts anew)
 # performance_rollups: the sums of performance entries per bundle, width (an hour, a day),
-# bucket and scope (device, "group:<name>", "*"), as ingest adds them
+# bucket and scope (device, "group:<name>", "*"), as ingest adds them; devices: how many
+# device rows the bucket has under this scope (1 for a device's own)
 _GROUP_ROLLUPS = """
 CREATE TABLE group_rollup_starts (
     group_name  TEXT    PRIMARY KEY,
@@ -461,6 +462,7 @@ CREATE TABLE performance_rollups (
     entries     INTEGER NOT NULL,
     labelled    INTEGER NOT NULL,
     served      INTEGER NOT NULL,
+    devices     INTEGER NOT NULL,
     realized    TEXT,
     estimated   TEXT,
     PRIMARY KEY (bundle_id, width, bucket, scope)

@@ -504,21 +504,32 @@ class Ingestor:
         if not rows:
             return
         deltas: dict[PerformanceKey, list[PerformanceRow]] = defaultdict(list)
+        shared: dict[PerformanceKey, list[str]] = {}  # a device's key -> its other scopes
         for r in rows:
             for width in ROLLUP_WIDTHS:
                 bucket = int(r.middle // width) * width
-                scopes = [r.device, FLEET_SCOPE, *(scope for scope, first in
-                                                   groups.get(r.device, ()) if bucket >= first)]
+                scopes = [FLEET_SCOPE, *(scope for scope, first in groups.get(r.device, ())
+                                         if bucket >= first)]
+                own = (r.bundle_id, width, bucket, r.device)
+                deltas[own].append(r)
+                shared[own] = scopes
                 for scope in scopes:
                     deltas[(r.bundle_id, width, bucket, scope)].append(r)
         stored = self.store.load_performance_rollups(list(deltas))
+        # a device new in a bucket counts once more in its fleet's and groups' bucket
+        more: dict[PerformanceKey, int] = defaultdict(int)
+        for own, scopes in shared.items():
+            if own not in stored:
+                for scope in scopes:
+                    more[(*own[:3], scope)] += 1
         out = []
         for key, parts in deltas.items():
             old = stored.get(key)
             items: list[PerformanceRow | PerformanceRollup] = [*([old] if old else []), *parts]
+            devices = 1 if key in shared else (old.devices if old else 0) + more[key]
             out.append((key, PerformanceRollup(
                 key[3], key[2], len(parts) + (old.entries if old else 0),
-                sum(x.labelled for x in items), sum(x.served for x in items),
+                sum(x.labelled for x in items), sum(x.served for x in items), devices,
                 add_blocks([x.realized for x in items]),
                 add_blocks([x.estimated for x in items]))))
         self.store.save_performance_rollups(out)

@@ -85,7 +85,7 @@ def source(tmp_path, signing_keys, sensor_bundle, sensor_ref):
             {"calibrated": True, "n": [1, 2], "q": [0.75, 1.5], "v": [0.1875, 0.375]})])
         store.save_performance_rollups([(  # and its hour's rollup
             (bundle_id, 3600, 1_799_996_400, "dev1"), PerformanceRollup(
-                "dev1", 1_799_996_400, 1, 0, 3, None,
+                "dev1", 1_799_996_400, 1, 0, 3, 1, None,
                 {"calibrated": True, "n": [1, 2], "q": [0.75, 1.5], "v": [0.1875, 0.375]}))])
     assert store.acks()["dev1"] == {"summary": 3, "report": 1}
     s.outcomes.upload(parse_json_body(b'{"outcomes": [{"device": "dev2", "id": "p-1", '

@@ -17,8 +17,8 @@ transaction:
   the middle of its window). A device that changes group later leaves its past windows in
   the rollups of the group it reported under, as a report over time should; a group's
   rollups start at a bucket boundary after it is first seen (:meth:`Ingestor._group_scopes`).
-  A summary whose bundle is not uploaded
-  yet is stored *pending* and folded in when the bundle arrives (:meth:`fold_pending`).
+  A summary whose bundle is not uploaded yet is stored *pending* and folded in when the
+  bundle arrives (:meth:`fold_pending`).
   Folding happens inside the transaction that marks a summary folded, so no summary is
   ever counted twice, even with several workers and an upload racing them;
 - status, heartbeat and every valid message keep the device registry: online/offline,
@@ -33,13 +33,13 @@ process (``on_outcomes``, called after the commit).
 
 A new summary's performance entries (:attr:`Summary.performance`, one per bundle that
 answered rows of its window or whose predictions got labels in it) are stored per
-(device, seq, bundle), and added into the performance rollups of its device, groups and the
-fleet by hour and by day (:meth:`Ingestor._fold_performance`), attributed to the entry's
-bundle, not the summary's: each block is
-read with that bundle's spec (from its stored manifest, :meth:`Bundles.performance`), so
-its numbers are checked once, here. An entry for a bundle the server does not hold, or
-whose blocks do not read, goes to the dead letters on its own (topic, the entry as its
-payload); the summary and its other entries are stored.
+(device, seq, bundle), and added into the performance rollups of its device, groups and
+the fleet by hour and by day (:meth:`Ingestor._fold_performance`), attributed to the
+entry's bundle, not the summary's: each block is read with that bundle's spec (from its
+stored manifest, :meth:`Bundles.performance`), so its numbers are checked once, here. An
+entry for a bundle the server does not hold, or whose blocks do not read, goes to the dead
+letters on its own (topic, the entry as its payload); the summary and its other entries
+are stored.
 
 A summary ending more than ``max_clock_skew_s`` in the future is refused: its device's
 clock is wrong, and its window would land in buckets no report asks for.

@@ -97,6 +97,13 @@ def test_a_group_keeps_rollups_of_its_own_from_a_boundary_after_it_is_seen(rig):
         assert devices == 2
     _, _, n = s.drift.merged(ref, scope, start, start + 6 * HOUR)
     assert n == 6  # one rollup per hour, not one per device and hour
+    # the drift-over-time series too, on either side of the start
+    series = s.drift.series("sensor@1.0.0", group="plant-a", since=T0 - HOUR,
+                            until=start + 6 * HOUR, step=HOUR, now=now)
+    assert len(series.starts) == DAY // HOUR + 7
+    assert list(series.rows) == [device_merge(s, ref, {"site": "a"}, t, t + HOUR).rows
+                                 for t in series.starts]
+    assert sum(series.rows) > 0
     # the public report says the same
     result = s.drift.report("sensor@1.0.0", group="plant-a", since=start,
                             until=start + 6 * HOUR, now=now)

@@ -222,3 +222,27 @@ def test_a_group_report_from_its_rollups_is_the_merge_of_its_devices_rollups(
              for _, _, d in s.store.read_rollups(ref.bundle.id, w, a, b, scope=FLEET_SCOPE)]
     every = [d for w, a, b in tiles for _, _, d in s.store.read_rollups(ref.bundle.id, w, a, b)]
     assert_same(ref.layout.merge_bytes(fleet), ref.layout.merge_bytes(every))
+
+
+def test_summaries_folded_when_their_bundle_arrives_go_into_their_groups_once(rig, bundles):
+    s, _, group, spec = rig
+    start = T0 + DAY
+    s.ingestor.process(incoming([status("dev1", "a"), status("dev2", "b"),
+                                 summary_of("dev1", 1, profile_of(spec, 5, 1), T0 - 60, T0)],
+                                T0), now=T0)
+    assert s.store.group_rollups_from("plant-a", group.created) == start
+    # windows of sensor@1.1.0, not uploaded yet: stored pending, in no rollup
+    waiting = [summary_of(d, 2 + k, profile_of(spec, 20 + k, 7 * k + i),
+                          start + k * HOUR, start + k * HOUR + 900, version="1.1.0")
+               for i, d in enumerate(("dev1", "dev2")) for k in range(3)]
+    now = start + DAY
+    assert s.ingestor.process(incoming(waiting, now), now=now).pending == 6
+    s.bundles.upload(bundles.build("1.1.0").read_bytes(), "test", now)  # folds them
+    newer = s.bundles.reference(s.store.bundle_id("sensor", "1.1.0"))
+    merged, devices, n = s.drift.merged(newer, s.drift.scope("plant-a"), start,
+                                        start + 3 * HOUR)
+    assert (merged.summaries, devices, n) == (3, 1, 3)  # dev1's, in the group's own rollups
+    assert_same(merged, device_merge(s, newer, {"site": "a"}, start, start + 3 * HOUR))
+    assert s.ingestor.sweep_pending() == 0  # nothing left to fold twice
+    assert s.drift.merged(newer, s.drift.scope("plant-a"), start, start + 3 * HOUR)[0] \
+        .summaries == 3

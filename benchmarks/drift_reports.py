@@ -1,4 +1,4 @@
-"""Drift reports over 30 days of rollups for a 10,000-device fleet, SQLite and PostgreSQL.
+"""Drift and performance reports over 30 days for a 10,000-device fleet, SQLite and PostgreSQL.
 
 Run from the repository root::
 
@@ -9,18 +9,28 @@ Run from the repository root::
 The same fleet is seeded into each engine (a SQLite file, and a private PostgreSQL 15 from
 ``tests/pg.py`` with fsync on for ``--postgres``, or the empty database ``--db`` names):
 ``--devices`` devices in 10 groups (``site=s0..s9``), one bundle built by the packager,
-and the rollups the server keeps: the fleet's hourly rollups for ``--days`` days (the
-second half drifted), its minute rollups for the last 2 hours, and every device's hourly
-rollups for the last ``--device-hours`` hours. Each report is
-:meth:`fleet_server.monitoring.drift.DriftService.report` (read the rollups, merge them,
-compare with the reference), one warm-up then ``--repeats`` runs; medians.
+and the rollups the server keeps:
 
-Not seeded: every device's hourly rollups for all 30 days (7.2 million rows of several KB
-for 10,000 devices, tens of GB). A group's report reads one rollup per device and hour,
-so its time over 30 days is projected from the measured cost per rollup read and merged
-(printed as a projection, not a measurement); the fleet's report reads the fleet's own
-rollups plus one count of devices over the device rows, measured here over the rows
-seeded.
+- drift: the fleet's and every group's hourly rollups for ``--days`` days (the second
+  half drifted) and minute rollups for the last 2 hours (the groups' own rollups start at
+  the first day seeded), and every device's hourly rollups for the last
+  ``--device-hours`` hours; the members of group ``s3`` also have hourly rows for every
+  earlier hour of the ``--days``, as placeholders (an empty blob: no report here merges
+  them, the device counts probe them), so that counting a group's devices over 30 days
+  meets 720 rows per member;
+- performance: the fleet's and every group's rollups for every day (and every hour of the
+  last 2 days) with real realized and estimated blocks of a classifier; every device's
+  day rows (and the last 24 hours' hour rows) as placeholders without blocks (what the
+  device counts read), but ``dev-00003``'s with real blocks.
+
+Each drift report is :meth:`fleet_server.monitoring.drift.DriftService.report` (read the
+rollups, merge them, compare with the reference), each performance report
+:meth:`fleet_server.monitoring.performance.PerformanceService.report` (read the rollups,
+add the blocks, metrics, verdicts); one warm-up then ``--repeats`` runs; medians.
+
+Not seeded: every device's hourly drift rollups for all 30 days (7.2 million rows of
+several KB for 10,000 devices, tens of GB): no report reads them any more (a group reads
+its own); the fleet's device count reads the rows there are.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ def seed(work: Path, db: str | Path, bundle_path: Path, keys, args: argparse.Nam
     from fleet_server.config import DriftConfig, ServerConfig
     from fleet_server.models import FLEET_SCOPE
     from fleet_server.services import build_services
+    from fleet_server.store import group_scope
     from tests.bundles import sensor_data
 
     config = ServerConfig(db=db, bundle_dir=work / "bundles", trust=tuple(keys.trust_specs()),
@@ -105,30 +116,109 @@ def seed(work: Path, db: str | Path, bundle_path: Path, keys, args: argparse.Nam
             store.save_rollups(rows[i:i + 5000])
     log(f"  {len(rows):,} rollups ({len(packs[1]):,} bytes each) in "
         f"{time.perf_counter() - t0:.0f} s")
+    # the groups' own rollups, complete from the first day seeded
+    first_day = (top - hours * coarse) // 86400 * 86400
+    store.set_group_rollup_starts([(g, now, first_day) for g in groups])
+    per_group = args.devices // 10
+    grows = [((main.id, coarse, top - (hours - h) * coarse, group_scope(g)), 400 * per_group,
+              per_group, packs[h >= hours // 2]) for g in groups for h in range(hours)]
+    grows += [((main.id, fine, top - 2 * 3600 + m * fine, group_scope(g)), 400, 1, packs[1])
+              for g in groups for m in range(2 * 3600 // fine)]
+    # group s3's members: placeholder rows for the hours before the last device hours
+    members = [d for i, d in enumerate(ids) if i % 10 == 3]
+    placeholders = [((main.id, coarse, top - (hours - h) * coarse, d), 400, 1, b"")
+                    for h in range(hours - args.device_hours) for d in members]
+    t0 = time.perf_counter()
+    for part in (grows, placeholders):
+        for i in range(0, len(part), 5000):
+            with store.transaction():
+                store.save_rollups(part[i:i + 5000])
+    log(f"  {len(grows):,} group rollups and {len(placeholders):,} placeholder device rows "
+        f"in {time.perf_counter() - t0:.0f} s")
+    n_perf = seed_performance(s, main.id, ids, groups, top, first_day, args)
     if args.analyze:  # what autovacuum does some time after a bulk load
         store._exec("ANALYZE")
     return s, {"devices": len(ids), "rollups": len(rows), "rollup_bytes": len(packs[1]),
-               "top": top}
+               "group_rollups": len(grows), "placeholder_device_rows": len(placeholders),
+               "performance_rollups": n_perf, "top": top}
+
+
+def seed_performance(s: Any, bundle_id: int, ids: list[str], groups: list[str], top: int,
+                     first_day: int, args: argparse.Namespace) -> int:
+    """Performance rollups by day and hour (see the top); how many rows."""
+    import numpy as np
+
+    from edgefleet.contract.performance import Estimated, Realized
+    from fleet_server.models import FLEET_SCOPE
+    from fleet_server.store import PerformanceRollup, group_scope
+
+    spec = s.bundles.performance(bundle_id).spec
+    rng = np.random.default_rng(1)
+
+    def blocks(n: int) -> tuple[dict, dict]:
+        k = spec.k
+        truth = rng.integers(0, k, n)
+        pred = np.where(rng.random(n) < 0.85, truth, rng.integers(0, k, n))
+        conf = rng.uniform(0.6, 0.99, n)
+        scores = np.tile(((1 - conf) / (k - 1))[:, None], (1, k))
+        scores[np.arange(n), pred] = conf
+        real, est = Realized(spec), Estimated(spec)
+        real.add(pred, truth, scores)
+        est.add(scores[:, 1] if k == 2 else conf, pred)
+        return real.to_wire(), est.to_wire()
+
+    def rollup(width: int, scope: str, bucket: int, devices: int, real: bool) -> tuple:
+        r, e = blocks(200) if real else (None, None)
+        return ((bundle_id, width, bucket, scope),
+                PerformanceRollup(scope, bucket, width // 60 * devices,
+                                  200 if real else 0, 200, devices, r, e))
+
+    days = range(first_day, -(-top // 86400) * 86400, 86400)
+    rows = []
+    for width, buckets in ((86400, days), (3600, range(top - 48 * 3600, top, 3600))):
+        rows += [rollup(width, FLEET_SCOPE, b, len(ids), True) for b in buckets]
+        rows += [rollup(width, group_scope(g), b, len(ids) // 10, True) for b in buckets
+                 for g in groups]
+    rows += [rollup(86400, d, b, 1, d == "dev-00003") for b in days for d in ids]
+    rows += [rollup(3600, d, b, 1, d == "dev-00003")
+             for b in range(top - 24 * 3600, top, 3600) for d in ids]
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), 5000):
+        with s.store.transaction():
+            s.store.save_performance_rollups(rows[i:i + 5000])
+    log(f"  {len(rows):,} performance rollups in {time.perf_counter() - t0:.0f} s")
+    return len(rows)
 
 
 def cases(top: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     d = args.device_hours * 3600
+    month = top - args.days * 86400
+    group = f"group s3 ({args.devices // 10:,} devices)"
     return {
-        f"fleet, {args.days} d": {"since": top - args.days * 86400, "until": top},
-        "fleet, 24 h": {"since": top - 86400, "until": top},
-        "fleet, last 90 min (minutes + hours)": {"since": top - 5400, "until": top},
-        f"group s3 ({args.devices // 10:,} devices), {args.device_hours} h":
-            {"since": top - d, "until": top, "group": "s3"},
-        f"one device, {args.device_hours} h": {"since": top - d, "until": top,
-                                               "device": "dev-00003"},
+        f"drift: fleet, {args.days} d": {"since": month, "until": top},
+        "drift: fleet, 24 h": {"since": top - 86400, "until": top},
+        "drift: fleet, last 90 min (minutes + hours)": {"since": top - 5400, "until": top},
+        f"drift: {group}, {args.days} d": {"since": month, "until": top, "group": "s3"},
+        f"drift: {group}, {args.device_hours} h": {"since": top - d, "until": top,
+                                                   "group": "s3"},
+        f"drift: one device, {args.device_hours} h": {"since": top - d, "until": top,
+                                                      "device": "dev-00003"},
+        f"performance: fleet, {args.days} d": {"since": month, "until": top},
+        "performance: fleet, 24 h": {"since": top - 86400, "until": top},
+        f"performance: {group}, {args.days} d": {"since": month, "until": top,
+                                                 "group": "s3"},
+        f"performance: one device, {args.days} d": {"since": month, "until": top,
+                                                    "device": "dev-00003"},
     }
 
 
 def measure(s: Any, top: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out = {}
     for name, kw in cases(top, args).items():
-        def run(kw=kw):
-            return s.drift.report("sensor@1.0.0", now=top + 60, **kw)
+        service = s.drift if name.startswith("drift") else s.performance
+
+        def run(kw=kw, service=service):
+            return service.report("sensor@1.0.0", now=top + 60, **kw)
         t0 = time.perf_counter()
         first = run()  # the warm-up: the first query plans on fresh tables
         first_ms = (time.perf_counter() - t0) * 1000
@@ -137,11 +227,14 @@ def measure(s: Any, top: int, args: argparse.Namespace) -> dict[str, dict[str, A
             t0 = time.perf_counter()
             run()
             times.append((time.perf_counter() - t0) * 1000)
+        if name.startswith("drift"):
+            read, devices = first.rollups, first.devices
+        else:  # one rollup per step (a device's or the scope's own)
+            read, devices = len(first.points), first.total.devices
         out[name] = {"p50_ms": statistics.median(times), "max_ms": max(times),
-                     "first_ms": first_ms,
-                     "rollups": first.rollups, "devices": first.devices}
-        log(f"  {name}: {out[name]['p50_ms']:.1f} ms ({first.rollups:,} rollups; the "
-            f"first run {first_ms:,.0f} ms)")
+                     "first_ms": first_ms, "rollups": read, "devices": devices}
+        log(f"  {name}: {out[name]['p50_ms']:.1f} ms ({read:,} rollups, {devices:,} "
+            f"devices; the first run {first_ms:,.0f} ms)")
     return out
 
 
@@ -203,20 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in names]
     print(table(["report", *[f"{e} p50 ms" for e in engines], "rollups read",
                  *[f"{e} < 1 s" for e in engines]], rows))
-    group = next(n for n in names if n.startswith("group"))
-    projected = {}
-    for e in engines:
-        # the group's time per rollup it read (its fixed costs included: an upper bound)
-        per = results[e][group]["p50_ms"] / results[e][group]["rollups"]
-        n = (args.devices // 10) * args.days * 24
-        projected[e] = {"ms_per_rollup": per, "rollups": n, "projected_ms": per * n}
-        print(f"{e}: group of {args.devices // 10:,} over {args.days} d would read {n:,} "
-              f"rollups: about {per * n / 1000:,.0f} s at {per * 1000:.1f} µs a rollup "
-              "(projected, an upper bound)")
     doc = {"benchmark": "drift_reports", "sizes": {k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(args).items()},
            "seeded": seeded, "target_ms": TARGET_MS, "reports": results,
-           "group_projection": projected,
            "machine": machine(["numpy", "psycopg"]), "loadavg": loads}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))

@@ -2,11 +2,18 @@
 
 A report is always over one bundle version (rollups are keyed by bundle, and a summary
 is only folded into its own bundle's rollups after its ``reference_hash`` was checked),
-one scope — the whole fleet, a group (its current members), or one device — and a time
+one scope — the whole fleet, a group, or one device — and a time
 range. The range is widened to whole buckets of the finest rollup level (the result says
 which range it covers) and split into the coarsest buckets that tile it
 (:func:`tile`): an hour-aligned hour of a 10,000-device group is 10,000 hourly rollups,
 merged in one vectorised pass. What the devices profiled is exactly what is counted.
+
+A group's report reads the group's own rollups, kept at ingest like the fleet's (one per
+bucket: a group of 1,000 over 30 days is 720 rollups, not 720,000), from the bucket where
+they are complete (:meth:`DriftService.group_from`); before it, the rollups of the devices
+that are its members now. Its own rollups hold each window under the groups its device
+belonged to when the window was stored: a device that moves to another group leaves its
+past in the old one.
 
 The statistics and verdicts are :mod:`fleet_server.profiles.drift`'s (``compare``,
 ``suspect_sensors``); this module only assembles their inputs: the settings in force for
@@ -36,7 +43,7 @@ from fleet_server.profiles.drift import DriftReport, Thresholds, compare, suspec
 from fleet_server.profiles.rollups import Packed
 from fleet_server.registry.bundles import Bundles, Reference
 from fleet_server.registry.devices import Registry
-from fleet_server.store import FLEET_SCOPE, Store
+from fleet_server.store import FLEET_SCOPE, Store, group_scope
 
 __all__ = ["DriftResult", "DriftService", "Scope", "Series", "drift_config", "tile"]
 
@@ -197,25 +204,50 @@ class DriftService:
         names = {s.name for s in (*ref.spec.inputs, *ref.spec.outputs)}
         return tuple(f for f in group.important_features if f in names)
 
+    def group_from(self, group: Group) -> int:
+        """The first bucket from which a group's own rollups are complete (a bucket
+        boundary of every level); before it its reports merge its members' device rollups.
+        Far in the future while ingest has not yet seen the group."""
+        start = self.store.group_rollups_from(group.name, group.created)
+        return int(MAX_TIME) if start is None else start
+
     def merged(self, ref: Reference, scope: Scope, lo: int, hi: int
                ) -> tuple[Packed, int, int]:
-        """The merged rollup of a scope over ``[lo, hi)``: (packed, devices, rollups read)."""
+        """The merged rollup of a scope over ``[lo, hi)``: (packed, devices, rollups read).
+
+        A group's range is read from its own rollups from :meth:`group_from` on (one
+        rollup per bucket, as the fleet's) and from its current members' device rollups
+        before that; its device count is its current members with rollups in the range."""
         blobs: list[bytes] = []
         scopes: set[str] = set()
-        for width, a, b in tile(lo, hi, self.levels):
-            if scope.kind == "device":
-                rows = self.store.read_rollups(ref.bundle.id, width, a, b, scope=scope.name)
-            elif scope.kind == "group":
-                assert scope.group is not None
+        tiles = tile(lo, hi, self.levels)
+        if scope.kind == "group":
+            assert scope.group is not None
+            cut = min(max(lo, self.group_from(scope.group)), hi)
+            for width, a, b in tile(lo, cut, self.levels):
                 rows = self.store.read_rollups(ref.bundle.id, width, a, b,
                                                selector=scope.group.selector or None)
+                blobs += [d for _, _, d in rows]
+            own = group_scope(scope.group.name)
+            for width, a, b in tile(cut, hi, self.levels):
+                blobs += [d for _, _, d in self.store.read_rollups(ref.bundle.id, width, a, b,
+                                                                   scope=own)]
+            if scope.group.selector:
+                devices = self.store.count_member_scopes(ref.bundle.id, tiles,
+                                                         scope.group.selector)
+            else:  # every device: as the fleet
+                devices = self.store.count_rollup_scopes(ref.bundle.id, tiles)
+            return ref.layout.merge_bytes(blobs), devices, len(blobs)
+        for width, a, b in tiles:
+            if scope.kind == "device":
+                rows = self.store.read_rollups(ref.bundle.id, width, a, b, scope=scope.name)
             else:
                 rows = self.store.read_rollups(ref.bundle.id, width, a, b, scope=FLEET_SCOPE)
             blobs += [d for _, _, d in rows]
             if scope.kind != "fleet":
                 scopes.update(s for s, _, _ in rows)
         devices = len(scopes) if scope.kind != "fleet" else \
-            self.store.count_rollup_scopes(ref.bundle.id, tile(lo, hi, self.levels))
+            self.store.count_rollup_scopes(ref.bundle.id, tiles)
         return ref.layout.merge_bytes(blobs), devices, len(blobs)
 
     # -- reports -------------------------------------------------------------------------
@@ -280,10 +312,18 @@ class DriftService:
                                       f"{self.config.max_series_points} (use a larger step)",
                                       field="step")
         width = max(w for w in self.levels if step % w == 0)
-        sel = scope.group.selector if scope.kind == "group" and scope.group else None
-        rows = self.store.read_rollups(
-            record.id, width, lo, hi, scope=scope.name if scope.kind == "device" else
-            (None if scope.kind == "group" else FLEET_SCOPE), selector=sel)
+        if scope.kind == "group":
+            assert scope.group is not None
+            # its own rollups from where they are complete (a boundary of every level)
+            cut = min(max(lo, self.group_from(scope.group)), hi)
+            rows = self.store.read_rollups(record.id, width, lo, cut,
+                                           selector=scope.group.selector or None)
+            rows += self.store.read_rollups(record.id, width, cut, hi,
+                                            scope=group_scope(scope.group.name))
+        else:
+            rows = self.store.read_rollups(
+                record.id, width, lo, hi,
+                scope=scope.name if scope.kind == "device" else FLEET_SCOPE)
         index = np.array([(b - lo) // step for _, b, _ in rows], dtype=np.int64)
         merged = ref.layout.merge_groups([d for _, _, d in rows], index, points)
         important = self.important(ref, scope.group)

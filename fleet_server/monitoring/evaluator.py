@@ -48,6 +48,7 @@ from fleet_server.monitoring.alerts import Alerts
 from fleet_server.monitoring.drift import drift_config
 from fleet_server.monitoring.performance import PerformanceWatch
 from fleet_server.profiles.drift import DriftReport, compare, persistent_verdict, suspect_sensors
+from fleet_server.profiles.performance import ROLLUP_WIDTHS as PERFORMANCE_WIDTHS
 from fleet_server.registry.bundles import Bundles, Reference
 from fleet_server.registry.devices import Registry
 from fleet_server.store import Store
@@ -196,6 +197,12 @@ class Evaluator:
         for i, width in enumerate(c.levels):
             keep = c.retention_s if i == 0 else c.coarse_retention_s
             out[f"rollups_{width}"] = self.store.prune_rollups(width, int(now - keep))
+        # performance rollups: hours (series up to two days) as the finest drift level, days
+        # as the coarser ones
+        for i, width in enumerate(PERFORMANCE_WIDTHS):
+            keep = c.retention_s if i == 0 else c.coarse_retention_s
+            out[f"performance_rollups_{width}"] = self.store.prune_performance_rollups(
+                width, int(now - keep))
         return out
 
     # -- the thread ----------------------------------------------------------------------

@@ -1,14 +1,19 @@
 """Realized and estimated performance: reports over a scope and range, and their alerts.
 
 A report is over one bundle version (entries are stored attributed to the bundle whose
-predictions they count), one scope — the whole fleet, a group (its current members) or one
-device — and a time range: the stored entries whose window overlaps the range are read
-and merged exactly (the blocks add, :mod:`edgefleet.contract.performance`), in total and
-per step (an hour for ranges up to two days, else a day; an entry counts in the step that
-holds the middle of its window). Each point carries the realized metrics with their 95 %
-intervals and n (labelled rows), the estimated ones (every served row), and the report the
-bundle's packaged metrics (its card's evaluation) with the verdict of each side
-(:func:`~fleet_server.profiles.performance.judge_drop`).
+predictions they count), one scope — the whole fleet, a group or one device — and a time
+range of whole steps (an hour for ranges up to two days, else a day): the performance
+rollups of that width, which ingest keeps per device, group and the fleet (the entries
+whose window's middle falls in the bucket, added: the blocks add,
+:mod:`edgefleet.contract.performance`), are read and added again, in total and per step.
+That is exactly the merge of the entries whose middle falls in the range (every count;
+sums to rounding), at 30 rollups for a 30-day fleet report. A group's rollups hold the
+windows of the devices that were its members when they were stored, from where they are
+complete (:meth:`~fleet_server.monitoring.drift.DriftService.group_from`; its members'
+device rollups before); the device counts are of its current members. Each point carries
+the realized metrics with their 95 % intervals and n (labelled rows), the estimated ones
+(every served row), and the report the bundle's packaged metrics (its card's evaluation)
+with the verdict of each side (:func:`~fleet_server.profiles.performance.judge_drop`).
 
 :class:`PerformanceWatch` is what the periodic evaluator runs: every bundle with entries
 in the last ``window_s`` is judged for the fleet and every group, and a ``performance_drop``
@@ -16,7 +21,9 @@ in the last ``window_s`` is judged for the fleet and every group, and a ``perfor
 (judged with the group's own tolerances over the server's, ``fleet group create|update
 --performance KEY=VALUE``)
 (deduplicated while open: one alert per bundle and scope) and resolved once it is ``ok``;
-``insufficient`` leaves it as it is. The alert's details hold the numbers behind it.
+``insufficient`` leaves it as it is. The alert's details hold the numbers behind it. Its
+sliding window is not whole steps: it reads the entries that overlap it (at most
+``max_entries``).
 
 This module reads the store and writes only alerts; the statistics are the contract's and
 the rule is :mod:`fleet_server.profiles.performance`'s.
@@ -32,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgefleet.contract.errors import SchemaError
+from edgefleet.contract.performance import Realized
 from edgefleet.parsing import parse_duration
 from fleet_server.config import DEFAULT_PERFORMANCE, PerformanceConfig
 from fleet_server.errors import ConfigError, InvalidRequestError
@@ -39,6 +47,7 @@ from fleet_server.models import FLEET_SCOPE, Group
 from fleet_server.monitoring.alerts import Alerts
 from fleet_server.monitoring.drift import Scope, whole_steps
 from fleet_server.profiles.performance import (
+    ROLLUP_WIDTHS,
     Drop,
     Expected,
     Tolerances,
@@ -51,7 +60,7 @@ from fleet_server.profiles.performance import (
 )
 from fleet_server.registry.bundles import BundlePerformance, Bundles
 from fleet_server.registry.devices import Registry
-from fleet_server.store import PerformanceRow, Store
+from fleet_server.store import PerformanceRollup, PerformanceRow, Store, group_scope
 
 __all__ = ["PerformancePoint", "PerformanceReport", "PerformanceService", "PerformanceWatch",
            "parse_since"]
@@ -172,7 +181,7 @@ class PerformanceService:
         lo, hi, step = self.window(parse_since(since, now), until, now)
         record = self.bundles.by_label(bundle)
         perf = self.bundles.performance(record.id)
-        return self.judge(perf, self.scope(group, device), lo, hi, step)
+        return self.judge(perf, self.scope(group, device), lo, hi, step, rollups=True)
 
     def read(self, perf: BundlePerformance, scope: Scope, lo: float, hi: float
              ) -> tuple[list[PerformanceRow], bool]:
@@ -198,9 +207,18 @@ class PerformanceService:
             log.warning("%s; the server's tolerances apply", exc)
             return self.config.tolerances, ()
 
-    def judge(self, perf: BundlePerformance, scope: Scope, lo: int, hi: int, step: int
-              ) -> PerformanceReport:
-        """The report of ``perf``'s bundle over ``scope`` and ``[lo, hi)`` by ``step``."""
+    def judge(self, perf: BundlePerformance, scope: Scope, lo: int, hi: int, step: int,
+              *, rollups: bool = False) -> PerformanceReport:
+        """The report of ``perf``'s bundle over ``scope`` and ``[lo, hi)`` by ``step``:
+        with ``rollups``, from the rollups of width ``step`` (a report: whole steps of a
+        rollup width, entries counted by their middle), else from the entries that
+        overlap the range (the alerts' sliding window)."""
+        if rollups:
+            if step not in ROLLUP_WIDTHS or lo % step or hi % step:
+                raise InvalidRequestError(f"a report from rollups is whole steps of "
+                                          f"{ROLLUP_WIDTHS} s", field="step")
+            return self._judged(perf, scope, lo, hi, step, *self._from_rollups(
+                perf, scope, lo, hi, step), truncated=False)
         rows, truncated = self.read(perf, scope, lo, hi)
         buckets: dict[int, list[PerformanceRow]] = defaultdict(list)
         for r in rows:
@@ -210,6 +228,46 @@ class PerformanceService:
                        for k in range((hi - lo) // step))
         realized, estimated = merged_blocks(perf.spec, rows)
         total = _point(perf, lo, hi, rows, realized, estimated)
+        return self._judged(perf, scope, lo, hi, step, total, points, realized,
+                            truncated=truncated)
+
+    def _from_rollups(self, perf: BundlePerformance, scope: Scope, lo: int, hi: int,
+                      step: int) -> tuple[PerformancePoint, tuple[PerformancePoint, ...],
+                                          Realized | None]:
+        """The total, the points and the realized block of a report, from the rollups of
+        width ``step``: one per step for the fleet, a device, or a group from where its
+        own are complete (its members' device rollups before, as drift reports do)."""
+        store, bundle_id = self.store, perf.bundle.id
+        selector = None
+        if scope.kind == "group":
+            assert scope.group is not None
+            selector = scope.group.selector or None
+            start = store.group_rollups_from(scope.group.name, scope.group.created)
+            cut = hi if start is None else min(max(lo, -(-start // step) * step), hi)
+            rollups = store.read_performance_rollups(bundle_id, step, lo, cut,
+                                                     selector=selector)
+            rollups += store.read_performance_rollups(bundle_id, step, cut, hi,
+                                                      scope=group_scope(scope.group.name))
+        else:
+            rollups = store.read_performance_rollups(
+                bundle_id, step, lo, hi,
+                scope=scope.name if scope.kind == "device" else FLEET_SCOPE)
+        if scope.kind == "device":
+            devices = min(len(rollups), 1)
+        else:
+            devices = store.performance_devices(bundle_id, step, lo, hi, selector=selector)
+        buckets: dict[int, list[PerformanceRollup]] = defaultdict(list)
+        for r in rollups:
+            buckets[r.bucket].append(r)
+        # a step's devices: its rollups' (a device's own counts one, a scope's its devices)
+        points = tuple(_summed(perf, t, t + step, sum(r.devices for r in buckets.get(t, [])),
+                               buckets.get(t, []))[0] for t in range(lo, hi, step))
+        total, realized = _summed(perf, lo, hi, devices, rollups)
+        return total, points, realized
+
+    def _judged(self, perf: BundlePerformance, scope: Scope, lo: int, hi: int, step: int,
+                total: PerformancePoint, points: tuple[PerformancePoint, ...],
+                realized: Realized | None, *, truncated: bool) -> PerformanceReport:
         tol, overrides = self.tolerances(scope)
         verdicts = {}
         for side, values, min_n in (("realized", total.realized, tol.min_labelled),
@@ -230,6 +288,15 @@ def point(perf: BundlePerformance, start: int, end: int, rows: Sequence[Performa
     """The merged entries ``rows`` as one point of a series."""
     realized, estimated = merged_blocks(perf.spec, rows)
     return _point(perf, start, end, rows, realized, estimated)
+
+
+def _summed(perf: BundlePerformance, start: int, end: int, devices: int,
+            rollups: Sequence[PerformanceRollup]) -> tuple[PerformancePoint, Realized | None]:
+    """Rollups as one point (and its realized block)."""
+    realized, estimated = merged_blocks(perf.spec, rollups)
+    return PerformancePoint(start, end, devices, sum(r.entries for r in rollups),
+                            sum(r.labelled for r in rollups), sum(r.served for r in rollups),
+                            metric_values(realized), metric_values(estimated)), realized
 
 
 def _point(perf: BundlePerformance, start: int, end: int, rows: Sequence[PerformanceRow],

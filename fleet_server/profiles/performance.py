@@ -23,7 +23,7 @@ into plain values for the API. Nothing here reads the store, a clock or a socket
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -38,15 +38,18 @@ from edgefleet.contract.performance import (
 )
 from edgefleet.contract.wire import canonical_json
 
-__all__ = ["ERROR_METRICS", "VERDICTS", "Drop", "Expected", "Tolerances", "confusion_of",
-           "entry_bytes", "expectations", "judge_drop", "main_metric", "merged_blocks",
-           "metric_values", "read_entry", "reliability_of", "step_for"]
+__all__ = ["ERROR_METRICS", "ROLLUP_WIDTHS", "VERDICTS", "Drop", "Expected", "Tolerances",
+           "add_blocks", "confusion_of", "entry_bytes", "expectations", "judge_drop",
+           "main_metric", "merged_blocks", "metric_values", "read_entry", "reliability_of",
+           "step_for"]
 
 # metrics where lower is better; every other one (accuracy, F1, precision, recall, AUC)
 # is a rate where higher is better
 ERROR_METRICS = frozenset({"mae", "rmse", "brier", "ece"})
 VERDICTS = ("ok", "drop", "insufficient", "unknown")
 HOUR, DAY = 3600, 86400
+# the widths of performance rollups: the steps of a report's series (step_for)
+ROLLUP_WIDTHS = (HOUR, DAY)
 
 
 def main_metric(task: str) -> str:
@@ -229,6 +232,13 @@ def merged_blocks(spec: PerformanceSpec, rows: Iterable[Stored]
             estimated.append(r.estimated)
     return (Realized.from_wire(spec, _add_wires(realized)) if realized else None,
             Estimated.from_wire(spec, _add_wires(estimated)) if estimated else None)
+
+
+def add_blocks(wires: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The sum of blocks' wire forms of one spec and side (None: there were none), as
+    :func:`merged_blocks` adds them: what a performance rollup keeps."""
+    present = [w for w in wires if w is not None]
+    return _add_wires(present) if present else None
 
 
 def _add_wires(wires: list[dict[str, Any]]) -> dict[str, Any]:

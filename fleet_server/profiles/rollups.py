@@ -2,8 +2,8 @@
 
 A drift report over 10,000 devices cannot parse 10,000 x 60 summary documents; it merges
 rollups instead. A rollup is the exact merge of the window summaries of one bundle, one
-scope (a device, or the whole fleet) and one time bucket, stored as two flat arrays whose
-layout is fixed by the bundle's :class:`~edgefleet.contract.profile.ProfileSpec`:
+scope (a device, a group, or the whole fleet) and one time bucket, stored as two flat
+arrays whose layout is fixed by the bundle's :class:`~edgefleet.contract.profile.ProfileSpec`:
 
 - ``ints`` (int64): ``rows``, ``summaries``, then per feature (inputs, then outputs, in
   spec order) its bin counts and, for a numeric feature, its missing count;

@@ -13,13 +13,15 @@ The parts, by table:
 
 - ``_fleet``: tokens and dashboard sessions, devices and their labels, groups, desired
   state, audit;
-- ``_telemetry``: summaries, rollups, reports, dead letters, counters;
+- ``_telemetry``: summaries, rollups (of devices, groups and the fleet), reports, dead
+  letters, counters;
 - ``_drift``: bundles, evaluated drift windows, alerts, webhook attempts;
 - ``_rollouts``: rollouts, and the telemetry reads their gates make;
 - ``_retrains``: retraining runs and their lineage;
 - ``_outcomes``: the outcomes queue (batches of true labels waiting for their device);
 - ``_capture``: captured rows devices uploaded, their batch ids, central labels;
-- ``_performance``: summaries' performance entries (realized and estimated, per bundle);
+- ``_performance``: summaries' performance entries (realized and estimated, per bundle)
+  and their rollups;
 - ``_dashboard``: the dashboard's paged device list and its counts (reads only).
 
 The store decides nothing: it does not judge, validate messages, hash secrets or read the
@@ -35,18 +37,25 @@ from fleet_server.store._dashboard import DEVICE_SORTS, DashboardReads, DeviceQu
 from fleet_server.store._drift import DriftTables
 from fleet_server.store._fleet import FleetTables, selector_sql
 from fleet_server.store._outcomes import OutcomeBatchRow, OutcomeQueueRow, OutcomeTables
-from fleet_server.store._performance import PerformanceRow, PerformanceTables
+from fleet_server.store._performance import (
+    PerformanceKey,
+    PerformanceRollup,
+    PerformanceRow,
+    PerformanceTables,
+)
 from fleet_server.store._retrains import RetrainTables
 from fleet_server.store._rollouts import RolloutRow, RolloutTables, WindowSummary
 from fleet_server.store._telemetry import (
     FLEET_SCOPE,
     FOLDED,
+    GROUP_PREFIX,
     PENDING,
     REFUSED,
     PendingSummary,
     RollupKey,
     SummaryRow,
     TelemetryTables,
+    group_scope,
 )
 from fleet_server.store.migrations import LATEST
 
@@ -54,6 +63,7 @@ __all__ = [
     "DEVICE_SORTS",
     "FLEET_SCOPE",
     "FOLDED",
+    "GROUP_PREFIX",
     "LATEST",
     "PENDING",
     "REFUSED",
@@ -63,12 +73,15 @@ __all__ = [
     "OutcomeBatchRow",
     "OutcomeQueueRow",
     "PendingSummary",
+    "PerformanceKey",
+    "PerformanceRollup",
     "PerformanceRow",
     "RolloutRow",
     "RollupKey",
     "Store",
     "SummaryRow",
     "WindowSummary",
+    "group_scope",
     "selector_sql",
 ]
 

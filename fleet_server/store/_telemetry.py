@@ -15,6 +15,34 @@ PENDING, FOLDED, REFUSED = 0, 1, 2
 
 RollupKey = tuple[int, int, int, str]  # bundle id, width, bucket, scope
 
+# A group's own rollups are stored under the scope ``group:<name>``: a device id cannot hold
+# ":" (messages.DEVICE_RE), so a group's scope never meets a device's, and the readers of
+# device rollups leave these out.
+GROUP_PREFIX = "group:"
+_NOT_GROUP = "scope NOT LIKE ?"  # with the parameter GROUP_PREFIX + "%"
+
+
+def group_scope(name: str) -> str:
+    """The rollup scope of a group's own rollups."""
+    return GROUP_PREFIX + name
+
+
+def device_scopes_sql(table: str, spans: int) -> str:
+    """The device scopes of ``table`` (rollups or performance_rollups) of one bundle and
+    width with a row in any of ``spans`` bucket ranges. Parameters: bundle id and width
+    twice, fleet scope, group pattern, then per span bundle id, width, lo, hi.
+
+    A skip scan over the ``(bundle_id, width, scope, bucket)`` index: one probe per
+    distinct scope, then one per scope and span, so counting the devices of 30 days does
+    not read 30 days of device rows (720 per device at hours)."""
+    probe = (f"EXISTS (SELECT 1 FROM {table} r WHERE r.bundle_id = ? AND r.width = ? AND "
+             "r.scope = s.scope AND r.bucket >= ? AND r.bucket < ?)")
+    return (f"WITH RECURSIVE s(scope) AS (SELECT MIN(scope) FROM {table} WHERE "
+            "bundle_id = ? AND width = ? UNION ALL SELECT (SELECT MIN(scope) FROM "
+            f"{table} WHERE bundle_id = ? AND width = ? AND scope > s.scope) FROM s "
+            "WHERE s.scope IS NOT NULL) SELECT scope FROM s WHERE scope IS NOT NULL AND "
+            f"scope != ? AND {_NOT_GROUP} AND ({' OR '.join([probe] * spans)})")
+
 
 @dataclass(frozen=True)
 class SummaryRow:
@@ -203,21 +231,73 @@ class TelemetryTables(StoreBase):
             sql += f" AND scope IN ({sub})"
             params += sub_params
         else:
-            sql += " AND scope != ?"
-            params.append(FLEET_SCOPE)
+            sql += f" AND scope != ? AND {_NOT_GROUP}"
+            params += [FLEET_SCOPE, GROUP_PREFIX + "%"]
         return [(s, b, d) for s, b, d in self._exec(sql, params).fetchall()]
 
     def count_rollup_scopes(self, bundle_id: int, tiles: Sequence[tuple[int, int, int]]
                             ) -> int:
         """Distinct devices with a rollup in any of ``(width, lo, hi)``."""
+        return len(self.device_scopes("rollups", bundle_id, tiles))
+
+    def device_scopes(self, table: str, bundle_id: int, tiles: Sequence[tuple[int, int, int]]
+                      ) -> set[str]:
+        """The devices with a row of ``table`` in any of ``(width, lo, hi)``."""
+        by_width: dict[int, list[tuple[int, int]]] = {}
+        for w, lo, hi in tiles:
+            by_width.setdefault(w, []).append((lo, hi))
+        out: set[str] = set()
+        for w, spans in by_width.items():
+            params = [bundle_id, w, bundle_id, w, FLEET_SCOPE, GROUP_PREFIX + "%",
+                      *(x for lo, hi in spans for x in (bundle_id, w, lo, hi))]
+            out.update(r[0] for r in self._exec(device_scopes_sql(table, len(spans)),
+                                                params).fetchall())
+        return out
+
+    def count_member_scopes(self, bundle_id: int, tiles: Sequence[tuple[int, int, int]],
+                            selector: Mapping[str, str], table: str = "rollups") -> int:
+        """The devices a ``selector`` matches now with a row of ``table`` (rollups or
+        performance_rollups) in any of ``(width, lo, hi)``: one index probe per member,
+        not a scan of every device's rows in the range (a group's report over 30 days has
+        720 of them per member)."""
         if not tiles:
             return 0
-        part = ("SELECT scope FROM rollups WHERE bundle_id = ? AND width = ? AND bucket >= ? "
-                "AND bucket < ? AND scope != ?")
-        params = [x for w, lo, hi in tiles for x in (bundle_id, w, lo, hi, FLEET_SCOPE)]
-        union = " UNION ALL ".join([part] * len(tiles))
-        row = self._exec(f"SELECT COUNT(DISTINCT scope) FROM ({union}) AS u", params).fetchone()
+        sub, sub_params = selector_sql(selector)
+        probe = (f"EXISTS (SELECT 1 FROM {table} WHERE bundle_id = ? AND width = ? AND "
+                 "scope = m.id AND bucket >= ? AND bucket < ?)")
+        params = [*sub_params, *(x for w, lo, hi in tiles for x in (bundle_id, w, lo, hi))]
+        row = self._exec(f"SELECT COUNT(*) FROM ({sub}) AS m WHERE "
+                         + " OR ".join([probe] * len(tiles)), params).fetchone()
         return int(row[0])
+
+    # -- groups' own rollups ---------------------------------------------------------------
+
+    def device_labels(self, devices: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The effective labels of ``devices`` (those stored)."""
+        out: dict[str, dict[str, str]] = {}
+        for part in chunks(sorted(set(devices)), 500):
+            marks = ",".join("?" * len(part))
+            for r in self._rows(f"SELECT id, labels FROM devices WHERE id IN ({marks})", part):
+                out[r["id"]] = loads(r["labels"], {})
+        return out
+
+    def group_rollup_starts(self) -> dict[str, tuple[float, int]]:
+        """``{group: (its creation time, first bucket of its own rollups)}``."""
+        return {r["group_name"]: (r["created"], int(r["start"])) for r in self._rows(
+            "SELECT group_name, created, start FROM group_rollup_starts")}
+
+    def group_rollups_from(self, name: str, created: float) -> int | None:
+        """The first bucket (of every level) from which the group of that name and creation
+        time has complete rollups of its own; None: none yet."""
+        row = self._one("SELECT created, start FROM group_rollup_starts WHERE group_name = ?",
+                        [name])
+        return None if row is None or row["created"] != created else int(row["start"])
+
+    def set_group_rollup_starts(self, rows: Sequence[tuple[str, float, int]]) -> None:
+        """Record ``(group, created, start)``: a group (re)created starts anew."""
+        self._many("INSERT INTO group_rollup_starts (group_name, created, start) VALUES "
+                   "(?, ?, ?) ON CONFLICT (group_name) DO UPDATE SET created = "
+                   "excluded.created, start = excluded.start", rows)
 
     def rollup_buckets(self, bundle_id: int, width: int, lo: int, hi: int,
                        scope: str = FLEET_SCOPE) -> list[int]:

@@ -61,6 +61,8 @@ TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("captured", ("id",)),
     ("capture_batches", ("device", "batch")),
     ("capture_labels", ("device", "pid")),
+    ("group_rollup_starts", ("group_name",)),
+    ("performance_rollups", ("bundle_id", "width", "bucket", "scope")),
 )
 # tables whose integer id the database assigns (an identity on PostgreSQL)
 _IDENTITY = {"tokens", "bundles", "summaries", "reports", "dead_letters", "audit",

@@ -56,6 +56,10 @@ History:
     each device has uploaded (an upload is stored once); ``capture_labels``, the outcomes
     uploaded centrally, by (device, prediction id), so a row captured after its outcome
     gets its label too;
+15. a group's own rollups (issue 18): ``group_rollup_starts``, from when each group's rollups
+    (scope ``group:<name>`` in ``rollups``) are complete; ``performance_rollups``, the sums
+    of performance entries per bundle, width (an hour, a day), bucket and scope (device,
+    group, fleet), kept at ingest;
 16. data capture per group (issue 15): ``groups.capture``, the group's
     :class:`~edgefleet.contract.messages.CapturePolicy` as JSON (NULL: none set, every
     existing group), and ``desired.capture``, the policy a device's desired state carries
@@ -449,6 +453,34 @@ CREATE TABLE capture_labels (
 CREATE INDEX capture_labels_at ON capture_labels (at);
 """
 
+# a group's own rollups (scope "group:<name>" in rollups) are complete from ``start``, a
+# bucket boundary of every level, for the group created at ``created`` (a group deleted and
+# made again under its name starts anew)
+# performance_rollups: the sums of performance entries per bundle, width (an hour, a day),
+# bucket and scope (device, "group:<name>", "*"), as ingest adds them; devices: how many
+# device rows the bucket has under this scope (1 for a device's own)
+_GROUP_ROLLUPS = """
+CREATE TABLE group_rollup_starts (
+    group_name  TEXT    PRIMARY KEY,
+    created     REAL    NOT NULL,
+    start       INTEGER NOT NULL
+);
+CREATE TABLE performance_rollups (
+    bundle_id   INTEGER NOT NULL,
+    width       INTEGER NOT NULL,
+    bucket      INTEGER NOT NULL,
+    scope       TEXT    NOT NULL,
+    entries     INTEGER NOT NULL,
+    labelled    INTEGER NOT NULL,
+    served      INTEGER NOT NULL,
+    devices     INTEGER NOT NULL,
+    realized    TEXT,
+    estimated   TEXT,
+    PRIMARY KEY (bundle_id, width, bucket, scope)
+);
+CREATE INDEX performance_rollups_scope ON performance_rollups (bundle_id, width, scope, bucket);
+"""
+
 # data capture per group (issue 15): the group's CapturePolicy as JSON (NULL: the group
 # sets none), and the one its devices' desired states carry
 _CAPTURE_GROUPS = """
@@ -476,7 +508,7 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (12, "dashboard sessions", _V12),
     (13, "retraining runs", _RETRAINS),
     (14, "data capture", _CAPTURE),
-    (15, "placeholder for rollups18's migration 15 (replaced at landing)", ""),
+    (15, "groups' own rollups, performance rollups", _GROUP_ROLLUPS),
     (16, "data capture per group", _CAPTURE_GROUPS),
     (17, "groups' own performance tolerances", _V17),
 )

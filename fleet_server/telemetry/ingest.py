@@ -12,9 +12,13 @@ transaction:
 - summaries and reports are stored once per (device, sequence): a repeat (the outbox
   re-sends after a lost PUBACK) is counted as a duplicate and changes nothing;
 - a new summary of a known bundle is packed into that bundle's rollup layout and merged
-  into the rollups of its device and of the whole fleet, at every level, in its bucket
-  (the bucket holding the middle of its window); a summary whose bundle is not uploaded
-  yet is stored *pending* and folded in when the bundle arrives (:meth:`fold_pending`).
+  into the rollups of its device, of each group its device belongs to when it is stored
+  (or folded), and of the whole fleet, at every level, in its bucket (the bucket holding
+  the middle of its window). A device that changes group later leaves its past windows in
+  the rollups of the group it reported under, as a report over time should; a group's
+  rollups start at a bucket boundary after it is first seen (:meth:`Ingestor._group_scopes`).
+  A summary whose bundle is not uploaded yet is stored *pending* and folded in when the
+  bundle arrives (:meth:`fold_pending`).
   Folding happens inside the transaction that marks a summary folded, so no summary is
   ever counted twice, even with several workers and an upload racing them;
 - status, heartbeat and every valid message keep the device registry: online/offline,
@@ -29,11 +33,13 @@ process (``on_outcomes``, called after the commit).
 
 A new summary's performance entries (:attr:`Summary.performance`, one per bundle that
 answered rows of its window or whose predictions got labels in it) are stored per
-(device, seq, bundle), attributed to the entry's bundle, not the summary's: each block is
-read with that bundle's spec (from its stored manifest, :meth:`Bundles.performance`), so
-its numbers are checked once, here. An entry for a bundle the server does not hold, or
-whose blocks do not read, goes to the dead letters on its own (topic, the entry as its
-payload); the summary and its other entries are stored.
+(device, seq, bundle), and added into the performance rollups of its device, groups and
+the fleet by hour and by day (:meth:`Ingestor._fold_performance`), attributed to the
+entry's bundle, not the summary's: each block is read with that bundle's spec (from its
+stored manifest, :meth:`Bundles.performance`), so its numbers are checked once, here. An
+entry for a bundle the server does not hold, or whose blocks do not read, goes to the dead
+letters on its own (topic, the entry as its payload); the summary and its other entries
+are stored.
 
 A summary ending more than ``max_clock_skew_s`` in the future is refused: its device's
 clock is wrong, and its window would land in buckets no report asks for.
@@ -87,7 +93,7 @@ from fleet_server.config import DEFAULT_INGEST, IngestConfig
 from fleet_server.errors import StoreError
 from fleet_server.metrics import Metrics
 from fleet_server.models import BundleRecord, ReportRecord
-from fleet_server.profiles.performance import entry_bytes, read_entry
+from fleet_server.profiles.performance import ROLLUP_WIDTHS, add_blocks, entry_bytes, read_entry
 from fleet_server.profiles.rollups import Packed
 from fleet_server.registry.bundles import Bundles, Reference
 from fleet_server.store import (
@@ -95,10 +101,13 @@ from fleet_server.store import (
     FOLDED,
     PENDING,
     REFUSED,
+    PerformanceKey,
+    PerformanceRollup,
     PerformanceRow,
     RollupKey,
     Store,
     SummaryRow,
+    group_scope,
 )
 from fleet_server.telemetry.link import Incoming, ServerLink
 
@@ -252,6 +261,7 @@ class Ingestor:
         statuses: list[tuple[float, Status]] = []
         receipts: dict[str, int] = {}
         summaries: list[tuple[Summary, SummaryRow, Packed | None, Reference | None]] = []
+        folding: list[tuple[int, Summary, Packed]] = []
         for item, msg in decoded:
             if not item.retained:
                 seen[msg.device] = max(seen.get(msg.device, 0.0), item.received)
@@ -299,8 +309,7 @@ class Ingestor:
             if packed is None or ref is None:
                 result.pending += 1
                 continue
-            for k in self._keys(ref.bundle.id, msg.device, msg.window_start, msg.window_end):
-                deltas[k].append(packed)
+            folding.append((ref.bundle.id, msg, packed))
         online: set[str] = set()
         for t, s in sorted(statuses, key=lambda x: x[0]):
             if store.apply_status(s.device, online=s.state == "online", time=t,
@@ -317,6 +326,14 @@ class Ingestor:
         store.touch_devices(seen)
         store.note_summaries({d: tuple(v) for d, v in counts.items()})
         store.insert_performance(performance)
+        # the groups of each device as it is now, after this batch's statuses (labels)
+        groups = self._group_scopes({msg.device for _, msg, _ in folding} |
+                                    {r.device for r in performance}, now)
+        self._fold_performance(performance, groups)
+        for bundle_id, msg, packed in folding:
+            for k in self._keys(bundle_id, msg.device, msg.window_start, msg.window_end,
+                                groups.get(msg.device, ())):
+                deltas[k].append(packed)
         self._merge(deltas)
         if dead:
             self._dead_letters(dead, result)
@@ -411,13 +428,45 @@ class Ingestor:
         # from_wire's checks, without building a Profile (see Layout.pack_wire)
         return ref.layout.pack_wire(msg.profile, "summary.profile")
 
-    def _keys(self, bundle_id: int, device: str, start: float, end: float) -> list[RollupKey]:
+    def _keys(self, bundle_id: int, device: str, start: float, end: float,
+              groups: Sequence[tuple[str, int]] = ()) -> list[RollupKey]:
+        """The rollups a window goes into at every level: its device's, the fleet's, and
+        those of ``groups`` (``(scope, first bucket)``) from their first bucket on."""
         mid = (start + end) / 2
         out = []
         for width in self.config.levels:
             bucket = int(mid // width) * width
             out += [(bundle_id, width, bucket, device), (bundle_id, width, bucket, FLEET_SCOPE)]
+            out += [(bundle_id, width, bucket, scope) for scope, first in groups
+                    if bucket >= first]
         return out
+
+    def _group_scopes(self, devices: set[str], now: float
+                      ) -> dict[str, list[tuple[str, int]]]:
+        """Per device, ``(rollup scope, first bucket)`` of each group its labels match now.
+
+        A group's own rollups start at the first bucket of the coarsest level that begins
+        at least ``max_clock_skew_s`` after the group is first seen here: every summary
+        stored before that ended before it, so from that bucket on the group's rollups hold
+        every window its members sent (:meth:`Store.group_rollups_from`, what the drift
+        report reads them from; before it, the report merges device rollups)."""
+        if not devices:
+            return {}
+        store = self.store
+        starts = store.group_rollup_starts()
+        coarse = self.config.levels[-1]
+        first = int(-(-(now + self.config.max_clock_skew_s) // coarse)) * coarse
+        groups, new = [], []
+        for g in store.list_groups():
+            known = starts.get(g.name)
+            if known is None or known[0] != g.created:
+                known = (g.created, first)
+                new.append((g.name, g.created, first))
+            groups.append((g, group_scope(g.name), known[1]))
+        store.set_group_rollup_starts(new)
+        labels = store.device_labels(sorted(devices))
+        return {d: [(scope, start) for g, scope, start in groups if g.matches(ls)]
+                for d, ls in labels.items()}
 
     def _merge(self, deltas: dict[RollupKey, list[Packed]]) -> None:
         """Merge a batch's new windows into their stored rollups, one grouped merge per
@@ -446,6 +495,44 @@ class Ingestor:
             rows += [(key, m.rows, m.summaries, m.to_bytes())
                      for key, m in zip(keys, merged, strict=True)]
         self.store.save_rollups(rows)
+
+    def _fold_performance(self, rows: list[PerformanceRow],
+                          groups: dict[str, list[tuple[str, int]]]) -> None:
+        """Add new performance entries into the rollups of their device, groups and the
+        fleet, at every width, in the bucket holding the middle of their window (inside
+        the transaction that stored them: only a new summary's entries are added)."""
+        if not rows:
+            return
+        deltas: dict[PerformanceKey, list[PerformanceRow]] = defaultdict(list)
+        shared: dict[PerformanceKey, list[str]] = {}  # a device's key -> its other scopes
+        for r in rows:
+            for width in ROLLUP_WIDTHS:
+                bucket = int(r.middle // width) * width
+                scopes = [FLEET_SCOPE, *(scope for scope, first in groups.get(r.device, ())
+                                         if bucket >= first)]
+                own = (r.bundle_id, width, bucket, r.device)
+                deltas[own].append(r)
+                shared[own] = scopes
+                for scope in scopes:
+                    deltas[(r.bundle_id, width, bucket, scope)].append(r)
+        stored = self.store.load_performance_rollups(list(deltas))
+        # a device new in a bucket counts once more in its fleet's and groups' bucket
+        more: dict[PerformanceKey, int] = defaultdict(int)
+        for own, scopes in shared.items():
+            if own not in stored:
+                for scope in scopes:
+                    more[(*own[:3], scope)] += 1
+        out = []
+        for key, parts in deltas.items():
+            old = stored.get(key)
+            items: list[PerformanceRow | PerformanceRollup] = [*([old] if old else []), *parts]
+            devices = 1 if key in shared else (old.devices if old else 0) + more[key]
+            out.append((key, PerformanceRollup(
+                key[3], key[2], len(parts) + (old.entries if old else 0),
+                sum(x.labelled for x in items), sum(x.served for x in items), devices,
+                add_blocks([x.realized for x in items]),
+                add_blocks([x.estimated for x in items]))))
+        self.store.save_performance_rollups(out)
 
     def _dead_letters(self, dead: list[_Dead], result: BatchResult) -> None:
         keep = self.config.dead_letter_payload_bytes
@@ -483,15 +570,14 @@ class Ingestor:
             if not rows:
                 return folded
             after = rows[-1].id
-            packed: dict[int, tuple[list[RollupKey], Packed]] = {}
+            packed: dict[int, tuple[Summary, Packed]] = {}
             refused: list[tuple[int, _Dead]] = []
             for row in rows:
                 topic = f"edgefleet/v1/{row.device}/summary"
                 try:
                     msg = decode(topic, row.profile)
                     assert isinstance(msg, Summary)
-                    packed[row.id] = (self._keys(bundle.id, msg.device, msg.window_start,
-                                                 msg.window_end), self._pack(ref, msg))
+                    packed[row.id] = (msg, self._pack(ref, msg))
                 except (EdgefleetError, AssertionError) as exc:
                     refused.append((row.id, _Dead(self.clock(), topic, type(exc).__name__,
                                                   str(exc), row.profile)))
@@ -501,9 +587,11 @@ class Ingestor:
                     bundle.name, bundle.version, len(rows), rows[0].id - 1)}
                 deltas: dict[RollupKey, list[Packed]] = defaultdict(list)
                 ids = [i for i in packed if i in still]
+                groups = self._group_scopes({packed[i][0].device for i in ids}, self.clock())
                 for i in ids:
-                    keys, p = packed[i]
-                    for k in keys:
+                    msg, p = packed[i]
+                    for k in self._keys(bundle.id, msg.device, msg.window_start,
+                                        msg.window_end, groups.get(msg.device, ())):
                         deltas[k].append(p)
                 self._merge(deltas)
                 self.store.fold_summaries({i: packed[i][1].to_bytes() for i in ids})

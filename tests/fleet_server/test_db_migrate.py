@@ -27,7 +27,7 @@ from fleet_server.errors import CopyCountError
 from fleet_server.models import DriftWindow
 from fleet_server.registry.audit import AuditLog
 from fleet_server.services import build_services
-from fleet_server.store import PerformanceRow, Store
+from fleet_server.store import PerformanceRollup, PerformanceRow, Store
 from fleet_server.store import copy as copier
 from fleet_server.telemetry.link import Incoming
 from fleet_server.telemetry.outcomes import parse_json_body
@@ -83,6 +83,10 @@ def source(tmp_path, signing_keys, sensor_bundle, sensor_ref):
         store.insert_performance([PerformanceRow(  # a summary's performance entry
             "dev1", 1, bundle_id, NOW - 180, NOW - 120, 0, 3, None,
             {"calibrated": True, "n": [1, 2], "q": [0.75, 1.5], "v": [0.1875, 0.375]})])
+        store.save_performance_rollups([(  # and its hour's rollup
+            (bundle_id, 3600, 1_799_996_400, "dev1"), PerformanceRollup(
+                "dev1", 1_799_996_400, 1, 0, 3, 1, None,
+                {"calibrated": True, "n": [1, 2], "q": [0.75, 1.5], "v": [0.1875, 0.375]}))])
     assert store.acks()["dev1"] == {"summary": 3, "report": 1}
     s.outcomes.upload(parse_json_body(b'{"outcomes": [{"device": "dev2", "id": "p-1", '
                                       b'"label": 1}]}'), "test")  # an outcomes queue

@@ -535,6 +535,9 @@ def test_housekeeping_prunes_entries_with_the_summaries(fleet):
                    s.config.ingest_config)
     removed = ev.housekeeping(T0 + 8 * 86400 + W)  # 7 days of retention
     assert removed["performance"] == 1
+    # the hour rollups of the first (dev1's and the fleet's) go with them, days stay
+    assert (removed["performance_rollups_3600"], removed["performance_rollups_86400"]) == \
+        (2, 0)
     assert [r.seq for r in s.store.read_performance(1, T0, T0 + 9 * 86400)] == [2]
 
 

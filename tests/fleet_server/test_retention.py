@@ -71,7 +71,8 @@ def test_housekeeping_deletes_old_summaries_and_rollups_and_keeps_the_rest(fleet
 
     # two devices; rollups: each device's row and the fleet's (scope "*") per bucket
     assert removed == {"summaries": 4, "performance": 0, "dead_letters": 0, "sessions": 1,
-                       "alerts_retired": 0, "rollups_60": 6, "rollups_3600": 3}
+                       "alerts_retired": 0, "rollups_60": 6, "rollups_3600": 3,
+                       "performance_rollups_3600": 0, "performance_rollups_86400": 0}
     assert Sessions(s.store).count(float(NOW)) == 1
     assert _ages(db, "SELECT window_end FROM summaries") == [1, 0]
     assert _ages(db, "SELECT bucket FROM rollups WHERE width = 60") == [1, 0]
@@ -83,7 +84,9 @@ def test_housekeeping_deletes_old_summaries_and_rollups_and_keeps_the_rest(fleet
     # and a second pass has nothing left to do
     assert ev.housekeeping(float(NOW)) == {"summaries": 0, "performance": 0, "dead_letters": 0,
                                            "sessions": 0, "alerts_retired": 0,
-                                           "rollups_60": 0, "rollups_3600": 0}
+                                           "rollups_60": 0, "rollups_3600": 0,
+                                           "performance_rollups_3600": 0,
+                                           "performance_rollups_86400": 0}
 
 
 def test_the_retention_boundary_is_kept(fleet):

@@ -64,8 +64,8 @@ from edge_agent.mqtt import LinkConfig, MqttLink
 from edge_agent.outbox import Outbox, OutboxError
 from edge_agent.predictions import PredictionStore, PredictionStoreError
 from edge_agent.reconcile import LiveStep, Plan, ShadowStep, plan
+from edge_agent.reporting import WindowReporter, rss_bytes
 from edge_agent.slots import SlotError, Slots, State
-from edge_agent.windows import WindowReporter, rss_bytes
 from edgefleet import __version__
 from edgefleet.contract.bundle import Limits
 from edgefleet.contract.errors import BundleError, KeyFileError, SchemaError
@@ -95,7 +95,7 @@ class AgentDaemon(BundleInstaller, WindowReporter):
 
     Its parts by concept: the bundle installer (:class:`~edge_agent.installer.BundleInstaller`:
     verify, load, download, smoke-test, fall back), the report loop
-    (:class:`~edge_agent.windows.WindowReporter`: windows, checkpoints, heartbeats), and
+    (:class:`~edge_agent.reporting.WindowReporter`: windows, checkpoints, heartbeats), and
     here the lifecycle, the MQTT callbacks, the outcome applier, the reconcile driver,
     install reports and health.
 

@@ -130,12 +130,19 @@ class Watcher:
     def _answered(self, alert_id: int) -> bool:
         return bool(self.api.call("GET", "/api/v1/retrains", params={"alert": alert_id}))
 
+    def _open_alerts(self) -> list[dict[str, Any]]:
+        return self.api.call("GET", "/api/v1/alerts", params={"state": "open"})
+
     def _pushed(self) -> dict[str, Any] | None:
-        """The oldest alert the webhook brought that no run answered yet."""
-        if self.inbox is None:
+        """The oldest alert the webhook brought that is still open and no run answered yet
+        (one that resolved while the guardrails held it back is dropped)."""
+        pending = [] if self.inbox is None else self.inbox.pending()
+        if not pending:
             return None
-        for alert in self.inbox.pending():
-            if self.concerns(alert) is not None or self._answered(alert["id"]):
+        still_open = {a["id"] for a in self._open_alerts()}
+        for alert in pending:
+            if alert["id"] not in still_open or self.concerns(alert) is not None \
+                    or self._answered(alert["id"]):
                 self.inbox.done(alert["id"])
                 continue
             return alert
@@ -188,8 +195,7 @@ class Watcher:
         pushed = self._pushed()
         if pushed is not None:
             return pushed
-        for alert in sorted(self.api.call("GET", "/api/v1/alerts", params={"state": "open"}),
-                            key=lambda a: a["id"]):
+        for alert in sorted(self._open_alerts(), key=lambda a: a["id"]):
             if self.concerns(alert) is None and not self._answered(alert["id"]):
                 return alert
         return None

@@ -214,6 +214,13 @@ def test_the_fleets_webhook_wakes_the_watcher_which_runs_once(
                    "the second alert to wait out the cooldown")
         assert [a["id"] for a in inbox.pending()] == [fresh.id]
         assert len(s.retrains.list()) == 1
+        # resolved while it waited: dropped from the inbox, never run
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive()
+        s.alerts.resolve_by_id(fresh.id, "t", time.time())
+        assert tick() is None
+        assert inbox.pending() == [] and len(s.retrains.list()) == 1
     finally:
         stop.set()
         if thread is not None:

@@ -25,6 +25,7 @@ The steps, in the order a build runs them:
 ``tomlfile``        reading the small TOML files a user writes (the card, a recipe), bounded
 ``sample_data``     small synthetic data sets the tests and the demo train on
 ``cli``             the ``edgepack`` command
+``inspection``      what ``edgepack inspect`` prints of a bundle (pure formatting)
 ``errors``          the packager's error tree
 ==================  ==============================================================
 
@@ -34,6 +35,6 @@ manifest, profile and signing formats) is in :mod:`edgefleet.contract`.
 """
 
 __all__ = ["boosters", "build", "build_card", "build_champion", "calibrate", "card", "champion",
-           "cli", "convert", "data", "errors", "evaluate", "fidelity", "graph", "precision",
-           "quantize", "reference", "retrain", "sample_data", "tomlfile", "trees", "watch",
-           "wide"]
+           "cli", "convert", "data", "errors", "evaluate", "fidelity", "graph", "inspection",
+           "precision", "quantize", "reference", "retrain", "sample_data", "tomlfile", "trees",
+           "watch", "wide"]

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 
 from fleet_server.api.schemas_base import BUNDLE_PATTERN, GroupName, _In, _Out
+from fleet_server.api.schemas_rollouts import ROLLOUT_ID_PATTERN
 
 # -- retraining runs ------------------------------------------------------------------------
 
@@ -41,7 +42,7 @@ class RetrainUpdate(_In):
     status: Literal["running", "promoted", "rejected", "failed"] | None = None
     champion: Annotated[str, Field(pattern=BUNDLE_PATTERN)] | None = None
     challenger: Annotated[str, Field(pattern=BUNDLE_PATTERN)] | None = None
-    rollout: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = None
+    rollout: Annotated[str, Field(pattern=ROLLOUT_ID_PATTERN)] | None = None
     data: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     reason: Annotated[str, Field(max_length=4096)] | None = None

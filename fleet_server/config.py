@@ -133,6 +133,23 @@ MAX_LATENESS_S = 7 * 86400.0
 MAX_PERSISTENCE_OF = 100  # windows the evaluator reads back (and catches up) per scope
 
 
+def _setting(where: str, key: str, raw: Any, known: tuple[str, ...]) -> float:
+    """One ``key: raw`` of a group's partial setting, as a number (text too, as
+    ``KEY=VALUE`` options give them; not a bool).
+
+    Raises:
+        ConfigError: ``key`` is not in ``known`` (listed), or ``raw`` is not a number.
+    """
+    if key not in known:
+        raise ConfigError(f"{where}: unknown setting {key!r} (one of {', '.join(known)})")
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        return float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}.{key}: {raw!r} is not a number") from None
+
+
 def drift_overrides(values: Mapping[str, Any], where: str = "drift") -> dict[str, float | int]:
     """Check a partial drift setting (``{"importance_share": 0.2, "persistence": 3}``):
     known keys, numbers (text too, as ``KEY=VALUE`` options give them), whole numbers where
@@ -144,15 +161,7 @@ def drift_overrides(values: Mapping[str, Any], where: str = "drift") -> dict[str
     """
     out: dict[str, float | int] = {}
     for key, raw in values.items():
-        if key not in DRIFT_KEYS:
-            raise ConfigError(f"{where}: unknown setting {key!r} (one of "
-                              f"{', '.join(DRIFT_KEYS)})")
-        try:
-            if isinstance(raw, bool):
-                raise ValueError
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}.{key}: {raw!r} is not a number") from None
+        value = _setting(where, key, raw, DRIFT_KEYS)
         if not math.isfinite(value):
             raise ConfigError(f"{where}.{key}: must be finite")
         if key in _DRIFT_INTS:
@@ -293,15 +302,7 @@ def performance_overrides(values: Mapping[str, Any], where: str = "performance",
     """
     out: dict[str, float | int] = {}
     for key, raw in values.items():
-        if key not in PERFORMANCE_KEYS:
-            raise ConfigError(f"{where}: unknown setting {key!r} (one of "
-                              f"{', '.join(PERFORMANCE_KEYS)})")
-        try:
-            if isinstance(raw, bool):
-                raise ValueError
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}.{key}: {raw!r} is not a number") from None
+        value = _setting(where, key, raw, PERFORMANCE_KEYS)
         if key in ("min_labelled", "min_served"):
             if not math.isfinite(value) or value != int(value):
                 raise ConfigError(f"{where}.{key}: must be a whole number, got {raw!r}")

@@ -44,9 +44,9 @@ from fleet_server.monitoring.performance import PerformanceWatch
 from fleet_server.monitoring.webhook import Webhook
 from fleet_server.rollouts.engine import RolloutEngine
 from fleet_server.services import build_services
-from fleet_server.telemetry.ingest import IngestWorker
 from fleet_server.telemetry.link import ServerLink
 from fleet_server.telemetry.routing import OutcomeRouter
+from fleet_server.telemetry.worker import IngestWorker
 
 __all__ = ["FleetServer"]
 

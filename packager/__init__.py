@@ -22,9 +22,11 @@ The steps, in the order a build runs them:
 ``build_champion``  the build's champion step: verify the champion, run both, compare
 ``retrain``         the retraining loop, one run: fresh data to a promoted bundle, or why not
 ``watch``           ``edgepack retrain --watch``: runs of the loop on its recipe's triggers
+``hook``            ``--watch --listen``: the fleet's signed alert webhook, checked, queued
 ``tomlfile``        reading the small TOML files a user writes (the card, a recipe), bounded
 ``sample_data``     small synthetic data sets the tests and the demo train on
 ``cli``             the ``edgepack`` command
+``inspection``      what ``edgepack inspect`` prints of a bundle (pure formatting)
 ``errors``          the packager's error tree
 ==================  ==============================================================
 
@@ -34,6 +36,6 @@ manifest, profile and signing formats) is in :mod:`edgefleet.contract`.
 """
 
 __all__ = ["boosters", "build", "build_card", "build_champion", "calibrate", "card", "champion",
-           "cli", "convert", "data", "errors", "evaluate", "fidelity", "graph", "precision",
-           "quantize", "reference", "retrain", "sample_data", "tomlfile", "trees", "watch",
-           "wide"]
+           "cli", "convert", "data", "errors", "evaluate", "fidelity", "graph", "hook",
+           "inspection", "precision", "quantize", "reference", "retrain", "sample_data", "tomlfile",
+           "trees", "watch", "wide"]

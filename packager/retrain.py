@@ -99,6 +99,25 @@ class Recipe:
     data_labelled: bool = True  # ... and only those with a true label
 
 
+def _data_table(doc: dict[str, Any], bad: Callable[[str, str], RecipeError]
+                ) -> tuple[dict[str, Any], str, bool]:
+    """A ``[data]`` table read: the recipe with ``data`` its source, and the table's
+    ``since`` and ``labelled`` (their defaults when ``data`` is a plain entry point)."""
+    since, labelled = "14d", True
+    if not isinstance(doc.get("data"), dict):
+        return doc, since, labelled
+    table = doc["data"]
+    extra = sorted(set(table) - {"source", "since", "labelled"})
+    if extra:
+        raise bad("data", f"unknown key {extra[0]!r} (source, since, labelled)")
+    since, labelled = table.get("since", since), table.get("labelled", labelled)
+    if not isinstance(since, str) or not _SINCE_RE.match(since):
+        raise bad("data.since", "a duration like 14d, 12h")
+    if not isinstance(labelled, bool):
+        raise bad("data.labelled", "true or false")
+    return {**doc, "data": table.get("source")}, since, labelled
+
+
 def load_recipe(path: Path) -> Recipe:
     """Read and check a recipe.
 
@@ -113,18 +132,7 @@ def load_recipe(path: Path) -> Recipe:
     unknown = sorted(set(doc) - _KEYS)
     if unknown:
         raise bad(unknown[0], f"unknown key (the keys: {', '.join(sorted(_KEYS))})")
-    since, labelled = "14d", True
-    if isinstance(doc.get("data"), dict):
-        table = doc["data"]
-        extra = sorted(set(table) - {"source", "since", "labelled"})
-        if extra:
-            raise bad("data", f"unknown key {extra[0]!r} (source, since, labelled)")
-        since, labelled = table.get("since", since), table.get("labelled", labelled)
-        if not isinstance(since, str) or not _SINCE_RE.match(since):
-            raise bad("data.since", "a duration like 14d, 12h")
-        if not isinstance(labelled, bool):
-            raise bad("data.labelled", "true or false")
-        doc = {**doc, "data": table.get("source")}
+    doc, since, labelled = _data_table(doc, bad)
     for key in ("name", "bundle", "group", "key", "target", "data", "train"):
         if not isinstance(doc.get(key), str) or not doc[key]:
             raise bad(key, "missing, or not a text")

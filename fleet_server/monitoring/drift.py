@@ -298,6 +298,30 @@ class DriftService:
         record = self.bundles.by_label(bundle)
         ref = self.bundles.reference(record.id)
         scope = self.scope(group, device)
+        lo, hi, step, points = self._grid(lo, hi, step)
+        width = max(w for w in self.levels if step % w == 0)
+        rows = self._rows(record.id, scope, width, lo, hi)
+        index = np.array([(b - lo) // step for _, b, _ in rows], dtype=np.int64)
+        merged = ref.layout.merge_groups([d for _, _, d in rows], index, points)
+        important = self.important(ref, scope.group)
+        t = self.config_for(scope.group).thresholds
+        features: dict[str, dict[str, list[Any]]] = {}
+        verdicts, counts = [], []
+        for packed in merged:
+            rep = compare(ref.base, packed.to_profile(), t, important, ref.importances)
+            verdicts.append(rep.verdict)
+            counts.append(packed.rows)
+            _add_point(features, rep)
+        return Series(record.label, scope.label, lo, hi, step,
+                      tuple(range(lo, hi, step)), tuple(counts), tuple(verdicts), features)
+
+    def _grid(self, lo: int, hi: int, step: int | None) -> tuple[int, int, int, int]:
+        """A series' range widened to whole steps: (lo, hi, step, points).
+
+        Raises:
+            InvalidRequestError: a step that is not a multiple of the finest level, or
+                too many points.
+        """
         if step is None:
             fits = [w for w in self.levels if (hi - lo) // w >= 12]
             step = fits[-1] if fits else self.levels[0]
@@ -311,38 +335,34 @@ class DriftService:
             raise InvalidRequestError(f"{points} points; at most "
                                       f"{self.config.max_series_points} (use a larger step)",
                                       field="step")
-        width = max(w for w in self.levels if step % w == 0)
-        if scope.kind == "group":
-            assert scope.group is not None
-            # its own rollups from where they are complete (a boundary of every level)
-            cut = min(max(lo, self.group_from(scope.group)), hi)
-            rows = self.store.read_rollups(record.id, width, lo, cut,
-                                           selector=scope.group.selector or None)
-            rows += self.store.read_rollups(record.id, width, cut, hi,
-                                            scope=group_scope(scope.group.name))
-        else:
-            rows = self.store.read_rollups(
-                record.id, width, lo, hi,
+        return lo, hi, step, points
+
+    def _rows(self, bundle_id: int, scope: Scope, width: int, lo: int, hi: int
+              ) -> list[tuple[str, int, bytes]]:
+        """A scope's stored rollups of one width over ``[lo, hi)`` (a group's: its
+        members' device rollups before :meth:`group_from`, its own from there)."""
+        if scope.kind != "group":
+            return self.store.read_rollups(
+                bundle_id, width, lo, hi,
                 scope=scope.name if scope.kind == "device" else FLEET_SCOPE)
-        index = np.array([(b - lo) // step for _, b, _ in rows], dtype=np.int64)
-        merged = ref.layout.merge_groups([d for _, _, d in rows], index, points)
-        important = self.important(ref, scope.group)
-        t = self.config_for(scope.group).thresholds
-        features: dict[str, dict[str, list[Any]]] = {}
-        verdicts, counts = [], []
-        for packed in merged:
-            rep = compare(ref.base, packed.to_profile(), t, important, ref.importances)
-            verdicts.append(rep.verdict)
-            counts.append(packed.rows)
-            for f in rep.features:
-                key = f.name if f.role == "input" else f"output:{f.name}"
-                slot = features.setdefault(key, {k: [] for k in
-                                                 ("verdict", "n", "psi", "ks", "wasserstein",
-                                                  "js")})
-                slot["verdict"].append(f.verdict)
-                slot["n"].append(f.n_live)
-                for k in ("psi", "ks", "wasserstein", "js"):
-                    v = f.stats.get(k)
-                    slot[k].append(None if v is None or not math.isfinite(v) else float(v))
-        return Series(record.label, scope.label, lo, hi, step,
-                      tuple(range(lo, hi, step)), tuple(counts), tuple(verdicts), features)
+        assert scope.group is not None
+        # its own rollups from where they are complete (a boundary of every level)
+        cut = min(max(lo, self.group_from(scope.group)), hi)
+        rows = self.store.read_rollups(bundle_id, width, lo, cut,
+                                       selector=scope.group.selector or None)
+        rows += self.store.read_rollups(bundle_id, width, cut, hi,
+                                        scope=group_scope(scope.group.name))
+        return rows
+
+
+def _add_point(features: dict[str, dict[str, list[Any]]], rep: DriftReport) -> None:
+    """Append one step's verdict, rows and statistics to each feature's series."""
+    for f in rep.features:
+        key = f.name if f.role == "input" else f"output:{f.name}"
+        slot = features.setdefault(key, {k: [] for k in
+                                         ("verdict", "n", "psi", "ks", "wasserstein", "js")})
+        slot["verdict"].append(f.verdict)
+        slot["n"].append(f.n_live)
+        for k in ("psi", "ks", "wasserstein", "js"):
+            v = f.stats.get(k)
+            slot[k].append(None if v is None or not math.isfinite(v) else float(v))

@@ -1,7 +1,7 @@
 """The gates of a rollout's window, judged: pure functions of the plan, state and numbers.
 
 :func:`judge` classifies each touched device's install (healthy, failed, waiting), turns
-the window's :class:`~fleet_server.rollouts.values.GateMetrics` into one
+the window's :class:`~fleet_server.rollouts.observations.GateMetrics` into one
 :class:`~fleet_server.rollouts.values.GateResult` per gate (pass, fail, wait or skip,
 with value, threshold and reason) and gives the window's verdict. The state machine
 (:mod:`fleet_server.rollouts.machine`) acts on the verdict; the numbers come from
@@ -20,15 +20,17 @@ from typing import Any
 
 from edgefleet.contract.messages import BundleRef
 from fleet_server.profiles.paired import mcnemar_worse
+from fleet_server.rollouts.observations import (
+    DeviceObs,
+    GateMetrics,
+    GateWindow,
+    Observation,
+)
 from fleet_server.rollouts.values import (
     ACTIVE,
     LATENCY_FLOOR_MS,
-    DeviceObs,
-    GateMetrics,
     GateResult,
     GateThresholds,
-    GateWindow,
-    Observation,
     RolloutPlan,
     RolloutState,
     TouchedDevice,

@@ -130,6 +130,13 @@ from fleet_server.rollouts.gates import (
     share_of,
     window_verdict,
 )
+from fleet_server.rollouts.observations import (
+    DeviceObs,
+    GateMetrics,
+    GateWindow,
+    InstallObs,
+    Observation,
+)
 from fleet_server.rollouts.values import (
     ACTIONS,
     ACTIVE,
@@ -144,13 +151,8 @@ from fleet_server.rollouts.values import (
     AuditEntry,
     Decision,
     DesiredAssignment,
-    DeviceObs,
-    GateMetrics,
     GateResult,
     GateThresholds,
-    GateWindow,
-    InstallObs,
-    Observation,
     RolloutPlan,
     RolloutState,
     Stage,

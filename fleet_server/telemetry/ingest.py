@@ -16,7 +16,8 @@ transaction:
   (or folded), and of the whole fleet, at every level, in its bucket (the bucket holding
   the middle of its window). A device that changes group later leaves its past windows in
   the rollups of the group it reported under, as a report over time should; a group's
-  rollups start at a bucket boundary after it is first seen (:meth:`Ingestor._group_scopes`).
+  rollups start at a bucket boundary after it is first seen (the rollup keys and the merge
+  are :mod:`fleet_server.telemetry.folding`'s).
   A summary whose bundle is not uploaded yet is stored *pending* and folded in when the
   bundle arrives (:meth:`fold_pending`).
   Folding happens inside the transaction that marks a summary folded, so no summary is
@@ -34,12 +35,12 @@ process (``on_outcomes``, called after the commit).
 A new summary's performance entries (:attr:`Summary.performance`, one per bundle that
 answered rows of its window or whose predictions got labels in it) are stored per
 (device, seq, bundle), and added into the performance rollups of its device, groups and
-the fleet by hour and by day (:meth:`Ingestor._fold_performance`), attributed to the
-entry's bundle, not the summary's: each block is read with that bundle's spec (from its
-stored manifest, :meth:`Bundles.performance`), so its numbers are checked once, here. An
-entry for a bundle the server does not hold, or whose blocks do not read, goes to the dead
-letters on its own (topic, the entry as its payload); the summary and its other entries
-are stored.
+the fleet by hour and by day (:meth:`~fleet_server.telemetry.folding.Folder.performance`),
+attributed to the entry's bundle, not the summary's: each block is read with that bundle's
+spec (from its stored manifest, :meth:`Bundles.performance`), so its numbers are checked
+once, here. An entry for a bundle the server does not hold, or whose blocks do not read,
+goes to the dead letters on its own (topic, the entry as its payload); the summary and its
+other entries are stored.
 
 A summary ending more than ``max_clock_skew_s`` in the future is refused: its device's
 clock is wrong, and its window would land in buckets no report asks for.
@@ -52,13 +53,8 @@ after decoding, e.g. for clock skew, is settled so that the device stops sending
 message that cannot even be decoded names no sequence: it holds its device's
 acknowledgement until the device's outbox drops it (its bound; counted there).
 
-:class:`IngestWorker` is the thread around it: drain the link, process, ack after the
-commit, then publish each such device's :class:`~edgefleet.contract.messages.Ack` (retained, QoS
-1, on the device's own ``ack`` topic): only then may the device forget the messages. On
-every (re)connection it publishes every device's acknowledgement again from the store,
-so a restarted server (or a broker that lost its retained messages) tells devices what
-it holds. If the store fails (disk full, locked past the timeout) the batch is retried
-with back-off and not acknowledged, so the broker holds further messages.
+The thread that drains the link into an :class:`Ingestor` and publishes the devices'
+acknowledgements after each commit is :class:`fleet_server.telemetry.worker.IngestWorker`.
 
 This module does not connect to the broker (:mod:`fleet_server.telemetry.link`) or judge drift.
 """
@@ -66,18 +62,14 @@ This module does not connect to the broker (:mod:`fleet_server.telemetry.link`) 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from edgefleet.contract.errors import ReferenceMismatchError, SchemaError
 from edgefleet.contract.messages import (
     ACK_STREAMS,
-    Ack,
     Heartbeat,
     Message,
     Receipt,
@@ -85,7 +77,6 @@ from edgefleet.contract.messages import (
     Status,
     Summary,
     decode,
-    encode,
     topic,
 )
 from edgefleet.errors import EdgefleetError
@@ -93,28 +84,23 @@ from fleet_server.config import DEFAULT_INGEST, IngestConfig
 from fleet_server.errors import StoreError
 from fleet_server.metrics import Metrics
 from fleet_server.models import BundleRecord, ReportRecord
-from fleet_server.profiles.performance import ROLLUP_WIDTHS, add_blocks, entry_bytes, read_entry
+from fleet_server.profiles.performance import entry_bytes, read_entry
 from fleet_server.profiles.rollups import Packed
 from fleet_server.registry.bundles import Bundles, Reference
 from fleet_server.store import (
-    FLEET_SCOPE,
     FOLDED,
     PENDING,
     REFUSED,
-    PerformanceKey,
-    PerformanceRollup,
     PerformanceRow,
-    RollupKey,
     Store,
     SummaryRow,
-    group_scope,
 )
-from fleet_server.telemetry.link import Incoming, ServerLink
+from fleet_server.telemetry.folding import Folder
+from fleet_server.telemetry.link import Incoming
 
-__all__ = ["BatchResult", "IngestWorker", "Ingestor"]
+__all__ = ["BatchResult", "Ingestor"]
 
 log = logging.getLogger(__name__)
-_RETRY_S = (0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass
@@ -147,6 +133,19 @@ class _Dead:
     def device(self) -> str:
         parts = self.topic.split("/")
         return parts[2][:64] if len(parts) > 2 else ""
+
+
+@dataclass
+class _Batch:
+    """What one batch's messages leave for the steps of :meth:`Ingestor._write`."""
+
+    seen: dict[str, float] = field(default_factory=dict)  # device -> last received
+    beats: dict[str, tuple[float, dict]] = field(default_factory=dict)  # the newest
+    counts: dict[str, list] = field(default_factory=dict)  # [summaries, last end, dropped]
+    statuses: list[tuple[float, Status]] = field(default_factory=list)
+    receipts: dict[str, int] = field(default_factory=dict)  # device -> outcome batch
+    summaries: list[tuple[Summary, SummaryRow, Packed | None, Reference | None]] = field(
+        default_factory=list)
 
 
 _INT64 = 2**63 - 1
@@ -191,6 +190,7 @@ class Ingestor:
         self.metrics = metrics
         self.clock = clock
         self._known: dict[tuple[str, str], int] = {}  # bundles are never deleted
+        self._fold = Folder(store, config)
         # called after a commit with BatchResult.outcome_devices (the router's kick)
         self.on_outcomes: Callable[[set[str]], None] | None = None
 
@@ -248,31 +248,41 @@ class Ingestor:
         result.lags = [max(0.0, done - end) for end in result.lags]
         return result
 
-    # One function on purpose: one write transaction over a batch, accumulating per-device
-    # deltas in one pass; its steps share the accumulators.
     def _write(self, decoded: list[tuple[Incoming, Message]], dead: list[_Dead],
                result: BatchResult, now: float) -> None:
-        store = self.store
-        store.ensure_devices({m.device for _, m in decoded}, now)
-        seen: dict[str, float] = {}
-        beats: dict[str, tuple[float, dict]] = {}
-        counts: dict[str, list] = {}
-        deltas: dict[RollupKey, list[Packed]] = defaultdict(list)
-        statuses: list[tuple[float, Status]] = []
-        receipts: dict[str, int] = {}
-        summaries: list[tuple[Summary, SummaryRow, Packed | None, Reference | None]] = []
-        folding: list[tuple[int, Summary, Packed]] = []
+        """One write transaction over a batch, in named steps that share its accumulators
+        (:class:`_Batch`): sort the messages, store the new summaries, apply statuses and
+        receipts, keep the device registry, fold into rollups, settle and acknowledge."""
+        self.store.ensure_devices({m.device for _, m in decoded}, now)
+        batch = self._sort(decoded, dead, result)
+        performance, folding = self._store_summaries(batch, dead, result)
+        self._apply_statuses(batch, now, result)
+        self._keep_registry(batch)
+        self.store.insert_performance(performance)
+        # the groups of each device as it is now, after this batch's statuses (labels)
+        groups = self._fold.group_scopes({msg.device for _, msg, _ in folding} |
+                                         {r.device for r in performance}, now)
+        self._fold.performance(performance, groups)
+        self._fold.windows(folding, groups)
+        if dead:
+            self._dead_letters(dead, result)
+        self._advance_acks(decoded, dead, result)
+
+    def _sort(self, decoded: list[tuple[Incoming, Message]], dead: list[_Dead],
+              result: BatchResult) -> _Batch:
+        """Each message to its accumulator; a report is stored at once (once per seq)."""
+        batch = _Batch()
         for item, msg in decoded:
             if not item.retained:
-                seen[msg.device] = max(seen.get(msg.device, 0.0), item.received)
+                batch.seen[msg.device] = max(batch.seen.get(msg.device, 0.0), item.received)
             if isinstance(msg, Summary):
                 prepared = self._summary(item, msg, dead)
                 if prepared is not None:
-                    summaries.append(prepared)
+                    batch.summaries.append(prepared)
             elif isinstance(msg, Report):
                 rec = ReportRecord(msg.device, msg.seq, msg.revision, msg.outcome, msg.bundle,
                                    msg.reason, msg.time or item.received, item.received)
-                if store.insert_report(rec):
+                if self.store.insert_report(rec):
                     result.stored["report"] += 1
                 else:
                     result.duplicates["report"] += 1
@@ -281,20 +291,27 @@ class Ingestor:
                 for key in ("schema", "type", "device"):
                     body.pop(key, None)
                 t = msg.time or item.received
-                if t >= beats.get(msg.device, (-1.0, {}))[0]:
-                    beats[msg.device] = (t, body)
+                if t >= batch.beats.get(msg.device, (-1.0, {}))[0]:
+                    batch.beats[msg.device] = (t, body)
                 result.stored["heartbeat"] += 1
             elif isinstance(msg, Receipt):
-                receipts[msg.device] = max(receipts.get(msg.device, 0), msg.outcomes)
+                batch.receipts[msg.device] = max(batch.receipts.get(msg.device, 0),
+                                                 msg.outcomes)
                 result.stored["receipt"] += 1
             else:
                 assert isinstance(msg, Status)
-                statuses.append((msg.time or item.received, msg))
+                batch.statuses.append((msg.time or item.received, msg))
                 result.stored["status"] += 1
-        # one existence query and one executemany for the batch's summaries
-        inserted = store.insert_summaries([row for _, row, _, _ in summaries])
+        return batch
+
+    def _store_summaries(self, batch: _Batch, dead: list[_Dead], result: BatchResult
+                         ) -> tuple[list[PerformanceRow], list[tuple[int, Summary, Packed]]]:
+        """Insert the batch's summaries (one existence query, one executemany); of the new
+        ones, the performance rows to store and the packed windows to fold."""
+        inserted = self.store.insert_summaries([row for _, row, _, _ in batch.summaries])
         performance: list[PerformanceRow] = []
-        for (msg, _, packed, ref), fresh in zip(summaries, inserted, strict=True):
+        folding: list[tuple[int, Summary, Packed]] = []
+        for (msg, _, packed, ref), fresh in zip(batch.summaries, inserted, strict=True):
             if not fresh:
                 result.duplicates["summary"] += 1
                 continue
@@ -302,7 +319,7 @@ class Ingestor:
             if msg.performance:
                 performance += self._performance(msg, dead)
             result.lags.append(msg.window_end)
-            c = counts.setdefault(msg.device, [0, 0.0, 0])
+            c = batch.counts.setdefault(msg.device, [0, 0.0, 0])
             c[0] += 1
             c[1] = max(c[1], msg.window_end)
             c[2] = max(c[2], msg.dropped)
@@ -310,8 +327,14 @@ class Ingestor:
                 result.pending += 1
                 continue
             folding.append((ref.bundle.id, msg, packed))
+        return performance, folding
+
+    def _apply_statuses(self, batch: _Batch, now: float, result: BatchResult) -> None:
+        """Statuses in time order, then receipts; a device that came online has its
+        unreceipted outcome batches due again."""
+        store = self.store
         online: set[str] = set()
-        for t, s in sorted(statuses, key=lambda x: x[0]):
+        for t, s in sorted(batch.statuses, key=lambda x: x[0]):
             if store.apply_status(s.device, online=s.state == "online", time=t,
                                   agent_version=s.agent_version, bundle=s.bundle,
                                   shadow=s.shadow, labels=s.labels or None) \
@@ -319,25 +342,15 @@ class Ingestor:
                 online.add(s.device)
         if online:
             store.outcomes_due_again(online)
-        if receipts:
-            self._receipts(receipts, now, result)
+        if batch.receipts:
+            self._receipts(batch.receipts, now, result)
         result.outcome_devices |= online
-        store.apply_heartbeats(beats)
-        store.touch_devices(seen)
-        store.note_summaries({d: tuple(v) for d, v in counts.items()})
-        store.insert_performance(performance)
-        # the groups of each device as it is now, after this batch's statuses (labels)
-        groups = self._group_scopes({msg.device for _, msg, _ in folding} |
-                                    {r.device for r in performance}, now)
-        self._fold_performance(performance, groups)
-        for bundle_id, msg, packed in folding:
-            for k in self._keys(bundle_id, msg.device, msg.window_start, msg.window_end,
-                                groups.get(msg.device, ())):
-                deltas[k].append(packed)
-        self._merge(deltas)
-        if dead:
-            self._dead_letters(dead, result)
-        self._advance_acks(decoded, dead, result)
+
+    def _keep_registry(self, batch: _Batch) -> None:
+        """The devices' heartbeats, last seen, and summary counts."""
+        self.store.apply_heartbeats(batch.beats)
+        self.store.touch_devices(batch.seen)
+        self.store.note_summaries({d: tuple(v) for d, v in batch.counts.items()})
 
     def _receipts(self, receipts: dict[str, int], now: float, result: BatchResult) -> None:
         advanced, ignored = self.store.record_outcome_receipts(receipts, now)
@@ -428,112 +441,6 @@ class Ingestor:
         # from_wire's checks, without building a Profile (see Layout.pack_wire)
         return ref.layout.pack_wire(msg.profile, "summary.profile")
 
-    def _keys(self, bundle_id: int, device: str, start: float, end: float,
-              groups: Sequence[tuple[str, int]] = ()) -> list[RollupKey]:
-        """The rollups a window goes into at every level: its device's, the fleet's, and
-        those of ``groups`` (``(scope, first bucket)``) from their first bucket on."""
-        mid = (start + end) / 2
-        out = []
-        for width in self.config.levels:
-            bucket = int(mid // width) * width
-            out += [(bundle_id, width, bucket, device), (bundle_id, width, bucket, FLEET_SCOPE)]
-            out += [(bundle_id, width, bucket, scope) for scope, first in groups
-                    if bucket >= first]
-        return out
-
-    def _group_scopes(self, devices: set[str], now: float
-                      ) -> dict[str, list[tuple[str, int]]]:
-        """Per device, ``(rollup scope, first bucket)`` of each group its labels match now.
-
-        A group's own rollups start at the first bucket of the coarsest level that begins
-        at least ``max_clock_skew_s`` after the group is first seen here: every summary
-        stored before that ended before it, so from that bucket on the group's rollups hold
-        every window its members sent (:meth:`Store.group_rollups_from`, what the drift
-        report reads them from; before it, the report merges device rollups)."""
-        if not devices:
-            return {}
-        store = self.store
-        starts = store.group_rollup_starts()
-        coarse = self.config.levels[-1]
-        first = int(-(-(now + self.config.max_clock_skew_s) // coarse)) * coarse
-        groups, new = [], []
-        for g in store.list_groups():
-            known = starts.get(g.name)
-            if known is None or known[0] != g.created:
-                known = (g.created, first)
-                new.append((g.name, g.created, first))
-            groups.append((g, group_scope(g.name), known[1]))
-        store.set_group_rollup_starts(new)
-        labels = store.device_labels(sorted(devices))
-        return {d: [(scope, start) for g, scope, start in groups if g.matches(ls)]
-                for d, ls in labels.items()}
-
-    def _merge(self, deltas: dict[RollupKey, list[Packed]]) -> None:
-        """Merge a batch's new windows into their stored rollups, one grouped merge per
-        layout (bundle), and write them back."""
-        if not deltas:
-            return
-        existing = self.store.load_rollups(list(deltas))
-        by_layout: dict[int, list[RollupKey]] = defaultdict(list)
-        for key in deltas:
-            by_layout[key[0]].append(key)
-        rows = []
-        for keys in by_layout.values():
-            layout = deltas[keys[0]][0].layout
-            parts: list[Packed] = []
-            groups: list[int] = []
-            blobs: list[bytes] = []
-            blob_groups: list[int] = []
-            for g, key in enumerate(keys):
-                if key in existing:
-                    blobs.append(existing[key])
-                    blob_groups.append(g)
-                parts += deltas[key]
-                groups += [g] * len(deltas[key])
-            merged = layout.merge_parts(parts, np.asarray(groups, dtype=np.intp), len(keys),
-                                        blobs, blob_groups)
-            rows += [(key, m.rows, m.summaries, m.to_bytes())
-                     for key, m in zip(keys, merged, strict=True)]
-        self.store.save_rollups(rows)
-
-    def _fold_performance(self, rows: list[PerformanceRow],
-                          groups: dict[str, list[tuple[str, int]]]) -> None:
-        """Add new performance entries into the rollups of their device, groups and the
-        fleet, at every width, in the bucket holding the middle of their window (inside
-        the transaction that stored them: only a new summary's entries are added)."""
-        if not rows:
-            return
-        deltas: dict[PerformanceKey, list[PerformanceRow]] = defaultdict(list)
-        shared: dict[PerformanceKey, list[str]] = {}  # a device's key -> its other scopes
-        for r in rows:
-            for width in ROLLUP_WIDTHS:
-                bucket = int(r.middle // width) * width
-                scopes = [FLEET_SCOPE, *(scope for scope, first in groups.get(r.device, ())
-                                         if bucket >= first)]
-                own = (r.bundle_id, width, bucket, r.device)
-                deltas[own].append(r)
-                shared[own] = scopes
-                for scope in scopes:
-                    deltas[(r.bundle_id, width, bucket, scope)].append(r)
-        stored = self.store.load_performance_rollups(list(deltas))
-        # a device new in a bucket counts once more in its fleet's and groups' bucket
-        more: dict[PerformanceKey, int] = defaultdict(int)
-        for own, scopes in shared.items():
-            if own not in stored:
-                for scope in scopes:
-                    more[(*own[:3], scope)] += 1
-        out = []
-        for key, parts in deltas.items():
-            old = stored.get(key)
-            items: list[PerformanceRow | PerformanceRollup] = [*([old] if old else []), *parts]
-            devices = 1 if key in shared else (old.devices if old else 0) + more[key]
-            out.append((key, PerformanceRollup(
-                key[3], key[2], len(parts) + (old.entries if old else 0),
-                sum(x.labelled for x in items), sum(x.served for x in items), devices,
-                add_blocks([x.realized for x in items]),
-                add_blocks([x.estimated for x in items]))))
-        self.store.save_performance_rollups(out)
-
     def _dead_letters(self, dead: list[_Dead], result: BatchResult) -> None:
         keep = self.config.dead_letter_payload_bytes
         self.store.add_dead_letters([
@@ -585,15 +492,10 @@ class Ingestor:
                 # re-read under the write lock: another folder may have taken some
                 still = {r.id for r in self.store.pending_summaries(
                     bundle.name, bundle.version, len(rows), rows[0].id - 1)}
-                deltas: dict[RollupKey, list[Packed]] = defaultdict(list)
                 ids = [i for i in packed if i in still]
-                groups = self._group_scopes({packed[i][0].device for i in ids}, self.clock())
-                for i in ids:
-                    msg, p = packed[i]
-                    for k in self._keys(bundle.id, msg.device, msg.window_start,
-                                        msg.window_end, groups.get(msg.device, ())):
-                        deltas[k].append(p)
-                self._merge(deltas)
+                groups = self._fold.group_scopes({packed[i][0].device for i in ids},
+                                                 self.clock())
+                self._fold.windows([(bundle.id, *packed[i]) for i in ids], groups)
                 self.store.fold_summaries({i: packed[i][1].to_bytes() for i in ids})
                 gone = [r for r in refused if r[0] in still]
                 self.store.mark_summaries([i for i, _ in gone], REFUSED)
@@ -610,105 +512,3 @@ class Ingestor:
             if record is not None:
                 total += self.fold_pending(record)
         return total
-
-
-class IngestWorker:
-    """The thread that drains a :class:`ServerLink` into an :class:`Ingestor`."""
-
-    def __init__(self, link: ServerLink, ingestor: Ingestor, config: IngestConfig) -> None:
-        self.link = link
-        self.ingestor = ingestor
-        self.config = config
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.batches = 0
-        self.failures = 0
-        self.acks_published = 0
-        self._acks_connection = 0  # the link's connection count all acks were published on
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._main, name="fleet-ingest", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after committing and acknowledging what has been received."""
-        if self._thread is None:
-            return
-        if self.link.config.session_expiry_s == 0:
-            # a clean session forgets what it holds: stop the flow, drain what came
-            self.link.unsubscribe()
-        # (a kept session must keep its subscriptions: the broker queues for them while we
-        # are away, and what we received and did not acknowledge comes again)
-        self._stop.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("ingest worker did not stop within %.1f s", timeout)
-        self._thread = None
-
-    def _main(self) -> None:
-        while True:
-            stopping = self._stop.is_set()
-            if self.link.connects != self._acks_connection and self.link.connected:
-                self._republish_acks()
-            batch = self.link.drain(self.config.batch_max, 0.0 if stopping else 0.2,
-                                    self.config.batch_wait_s)
-            if not batch:
-                if stopping:
-                    return
-                continue
-            self._commit(batch)
-
-    def _republish_acks(self) -> None:
-        """Every device's acknowledgement again, from the store (after each connect)."""
-        connects = self.link.connects
-        try:
-            acks = self.ingestor.store.acks()
-        except StoreError:
-            log.exception("cannot read the acknowledgements to publish them again")
-            return
-        if all(self._publish_acks(device, acked) for device, acked in acks.items()):
-            self._acks_connection = connects
-
-    def _publish_acks(self, device: str, acked: dict[str, int]) -> bool:
-        ok = self.link.publish_retained(topic(device, "ack"),
-                                        encode(Ack(device, acked, time.time())))
-        self.acks_published += ok
-        return ok
-
-    def _commit(self, batch: list[Incoming]) -> None:
-        attempt = 0
-        acks: dict[str, dict[str, int]] = {}
-        while True:
-            started = time.monotonic()
-            try:
-                acks = self.ingestor.process(batch).acks
-            except StoreError:
-                # not acked: the broker keeps the rest of its window for us
-                self.failures += 1
-                delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
-                log.exception("ingest batch of %d failed; retrying in %.1f s", len(batch), delay)
-                attempt += 1
-                if self._stop.wait(delay) and attempt > len(_RETRY_S):
-                    log.error("stopping with %d uncommitted messages", len(batch))
-                    return
-                continue
-            except Exception:
-                # a bug on this batch: process message by message so one bad message
-                # cannot hold the rest (or the broker's window) forever
-                log.exception("ingest batch failed unexpectedly; retrying one by one")
-                for item in batch:
-                    try:
-                        acks.update(self.ingestor.process([item]).acks)
-                    except Exception as exc:
-                        log.exception("refusing one message on %r", item.topic[:200])
-                        self.ingestor.refuse(item, exc)
-            if self.ingestor.metrics is not None:
-                self.ingestor.metrics.batch.observe(time.monotonic() - started)
-            self.link.ack(batch)
-            self.batches += 1
-            # after the commit, never before: the device forgets what these cover. One not
-            # published (no connection) goes out with all of them on the next connect.
-            for device, acked in acks.items():
-                self._publish_acks(device, acked)
-            return

@@ -425,7 +425,7 @@ def test_gate_metrics_read_the_windows_entries(fleet, bundles):
     """Canaries on 1.1.0 whose labels say they are wrong far more often than the controls
     on 1.0.0: the reader merges each side's entries, realized once both have labels."""
     from fleet_server.rollouts.metrics import GateMetricsReader
-    from fleet_server.rollouts.values import GateWindow
+    from fleet_server.rollouts.observations import GateWindow
     from tests.fleet_server.test_rollout import make_plan
 
     s = fleet

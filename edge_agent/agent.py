@@ -49,10 +49,12 @@ import bisect
 import logging
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -476,7 +478,8 @@ class Agent:
             if window is None:
                 return
             try:
-                window.drain()
+                with prompt_switching():
+                    window.drain()
             finally:
                 with self._lock:
                     self._profile_waiting -= 1
@@ -577,6 +580,37 @@ class Agent:
         self._shadow_q.put(None)
         for worker in self._workers:
             worker.join(5)
+
+
+# While the profiling worker holds the GIL, a request that wants it back (after
+# session.run, which releases it) waits for the interpreter's switch interval (5 ms by
+# default) before it asks the worker to let go: one call in a chunk waited for the whole
+# chunk (1-3 ms). While a chunk is being profiled the interval is this short, so a
+# request waits at most about this long for the worker (the worker's numpy steps are
+# short: see edge_agent.window.STEP_CELLS). The interval is the process's; it is lowered
+# only while some agent's worker is busy, and restored when the last one is done.
+SWITCH_INTERVAL_S = 20e-6
+_switching = threading.Lock()
+_switching_users = 0
+_switching_saved = 0.0
+
+
+@contextmanager
+def prompt_switching() -> Iterator[None]:
+    """Lower the interpreter's switch interval to :data:`SWITCH_INTERVAL_S` meanwhile."""
+    global _switching_users, _switching_saved
+    with _switching:
+        if _switching_users == 0:
+            _switching_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switching_saved, SWITCH_INTERVAL_S))
+        _switching_users += 1
+    try:
+        yield
+    finally:
+        with _switching:
+            _switching_users -= 1
+            if _switching_users == 0:
+                sys.setswitchinterval(_switching_saved)
 
 
 def new_ids(prefix: str, first: int, n: int) -> list[str]:

@@ -24,14 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_agent.claims import BundleRows, Claim
+from edge_agent.labels import class_indices, class_keys
 from edge_agent.model import LoadedModel, Outputs, concat_outputs
-from edge_agent.predictions import (
-    BundleRows,
-    Claim,
-    PredictionStore,
-    class_indices,
-    class_keys,
-)
+from edge_agent.predictions import PredictionStore
 from edgefleet.contract.errors import SchemaError
 from edgefleet.contract.inputs import Batch
 from edgefleet.contract.messages import LATENCY_EDGES_MS, BundleRef, ShadowStats, Summary

@@ -303,6 +303,7 @@ class Agent:
                 else:
                     window.errors["shadow_skipped"] = window.errors.get("shadow_skipped", 0) + n
         if wake is not None:
+            switch_often()  # before the worker wakes (see SWITCH_INTERVAL_S)
             self._profile_q.put(wake)
         if shadow is not None:
             self._shadow_q.put((shadow, model, inputs, n, outputs, ids))
@@ -449,9 +450,9 @@ class Agent:
             if window is None:
                 return
             try:
-                with prompt_switching():
-                    window.drain()
+                window.drain()
             finally:
+                switch_as_before()  # (the wake-up lowered it; undone before wait_idle sees 0)
                 with self._lock:
                     self._profile_waiting -= 1
 
@@ -539,6 +540,7 @@ class Agent:
             window = self._window
             if window is not None and window.hand_over():
                 self._profile_waiting += 1
+                switch_often()
                 self._profile_q.put(window)
         return self.wait_idle(timeout)
 
@@ -556,29 +558,43 @@ class Agent:
 # While the profiling worker holds the GIL, a request that wants it back (after
 # session.run, which releases it) waits for the interpreter's switch interval (5 ms by
 # default) before it asks the worker to let go: one call in a chunk waited for the whole
-# chunk (1-3 ms). While a chunk is being profiled the interval is this short, so a
-# request waits at most about this long for the worker (the worker's numpy steps are
-# short: see edge_agent.window.STEP_CELLS). The interval is the process's; it is lowered
-# only while some agent's worker is busy, and restored when the last one is done.
+# chunk (1-3 ms). From the moment the worker is woken until it is done, the interval is
+# this short, so a request waits at most about this long for the worker (whose numpy
+# steps are short: see edge_agent.window.STEP_CELLS). It is lowered by the thread that
+# wakes the worker, before the wake-up: a request that started waiting with the old
+# interval would wait out the old interval. The interval is the process's; it is
+# restored when no agent's worker has anything queued.
 SWITCH_INTERVAL_S = 20e-6
 _switching = threading.Lock()
 _switching_users = 0
 _switching_saved = 0.0
 
 
-@contextmanager
-def prompt_switching() -> Iterator[None]:
-    """Lower the interpreter's switch interval to :data:`SWITCH_INTERVAL_S` meanwhile."""
+def switch_often() -> None:
+    """Lower the interpreter's switch interval to :data:`SWITCH_INTERVAL_S` until the
+    matching :func:`switch_as_before` (calls nest, across threads and agents)."""
     global _switching_users, _switching_saved
     with _switching:
         if _switching_users == 0:
             _switching_saved = sys.getswitchinterval()
             sys.setswitchinterval(min(_switching_saved, SWITCH_INTERVAL_S))
         _switching_users += 1
+
+
+def switch_as_before() -> None:
+    """Undo one :func:`switch_often`; the last one restores the interval."""
+    global _switching_users
+    with _switching:
+        _switching_users -= 1
+        if _switching_users == 0:
+            sys.setswitchinterval(_switching_saved)
+
+
+@contextmanager
+def prompt_switching() -> Iterator[None]:
+    """:func:`switch_often` for the length of a ``with`` block."""
+    switch_often()
     try:
         yield
     finally:
-        with _switching:
-            _switching_users -= 1
-            if _switching_users == 0:
-                sys.setswitchinterval(_switching_saved)
+        switch_as_before()

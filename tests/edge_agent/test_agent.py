@@ -430,6 +430,19 @@ def test_the_switch_interval_is_short_only_while_a_worker_profiles():
     assert sys.getswitchinterval() == before
 
 
+def test_an_agent_leaves_the_switch_interval_as_it_found_it(agent, load):
+    import sys
+
+    before = sys.getswitchinterval()
+    agent.activate(load())
+    data = rows(2 * CHUNK_ROWS + 5)
+    for r in data:  # two chunks woken by the request path, the rest by flush
+        agent.predict([r])
+    agent.predict(data[:50])  # a batch wakes the worker too
+    assert agent.flush(30)
+    assert sys.getswitchinterval() == before
+
+
 def test_a_chunk_of_single_rows_is_assembled_as_one_conversion_would(load, mixed):
     from edge_agent.window import STEP_CELLS, OpenWindow
 

@@ -21,7 +21,7 @@ In one run, side by side:
 3. **Summary size on the wire** for a window of 20 numeric features (plus class and
    confidence outputs): the deflated payload the agent publishes, and its JSON.
 4. **Prediction ids and outcomes, per row.** On the request path: making the agent's ids
-   (:func:`edge_agent.agent.new_ids`) and checking a caller's ids, for a 1,000-row batch and
+   (:func:`edge_agent.answers.new_ids`) and checking a caller's ids, for a 1,000-row batch and
    for one row. Off it, in the profiling worker: the CBPE estimate sums (the window's
    ``_estimate``, raw probabilities as the bundle has no calibration map) and writing the
    predictions to the prediction store (SQLite, a temporary file); and joining outcomes
@@ -289,7 +289,7 @@ def _memory(path: Path, keys: Path, work: Path) -> dict[str, Any]:
 
 
 def _outcomes(path: Path, trust: TrustStore, rep: Repeats, work: Path) -> dict[str, Any]:
-    from edge_agent.agent import _check_ids, new_ids
+    from edge_agent.answers import check_ids, new_ids
     from edge_agent.predictions import PredictionStore
 
     model = LoadedModel(verify_bundle(path.read_bytes(), trust))
@@ -315,7 +315,7 @@ def _outcomes(path: Path, trust: TrustStore, rep: Repeats, work: Path) -> dict[s
         "ids_1k": lambda i: new_ids("0123456789ab-", i * BATCH, BATCH),
         "ids_1": lambda i: new_ids("0123456789ab-", i, 1),
         "floor_1": lambda i: None,  # the timing's own cost per call
-        "caller_ids_1k": lambda i: _check_ids(caller),
+        "caller_ids_1k": lambda i: check_ids(caller),
         "estimate_1k": lambda i: window._estimate(proba, predicted),
         "store_1k": add,
     }, 2, rep.batch * 5)

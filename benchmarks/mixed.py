@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -399,8 +400,10 @@ def report(doc: dict[str, Any]) -> str:
         ta, tb = t["agent_dict"], t["bare"]
         tails.append([name, f"{tb['p50_us']:.1f}", f"{tb['p99_us']:.1f}",
                       f"{tb['unpreempted_p99_us'] / tb['unpreempted_p50_us']:.2f}x",
+                      f"{tb.get('p999_us', math.nan):.0f}",
                       f"{ta['p50_us']:.1f}", f"{ta['p99_us']:.1f}",
                       f"{ta['p99_us'] / ta['p50_us']:.2f}x",
+                      f"{ta.get('p999_us', math.nan):.0f}",
                       f"{ta['unpreempted_p99_us'] / ta['unpreempted_p50_us']:.2f}x",
                       f"{100 * tb['preempted_share']:.2f} / {100 * ta['preempted_share']:.2f}",
                       f"{r['latency']['single_amortised_us']:.1f}"])
@@ -415,8 +418,9 @@ def report(doc: dict[str, Any]) -> str:
            "(target: agent p99 <= 2x its median); p99/p50 raw and without the calls the OS "
            "preempted (their share in %, bare / agent); amortised = calls + profiling them, "
            "per call, µs:\n",
-           table(["model", "bare p50", "bare p99", "bare unpre.", "agent p50", "agent p99",
-                  "p99/p50", "unpreempted", "preempted %", "amortised"], tails)]
+           table(["model", "bare p50", "bare p99", "bare unpre.", "bare p99.9", "agent p50",
+                  "agent p99", "p99/p50", "agent p99.9", "unpreempted", "preempted %",
+                  "amortised"], tails)]
     for name, r in doc["models"].items():
         for note in r["notes"]:
             if "force" in note:

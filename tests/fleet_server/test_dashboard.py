@@ -271,7 +271,9 @@ def test_drift_index_is_a_heatmap_of_verdicts_drifting_first(signed_in):
 def test_drift_page_per_feature_verdicts_series_and_histograms(signed_in):
     page, _ = signed_in
     page.goto("/drift")
-    page.click("table.picker a:text-is('plant-a')")
+    with page.expect_navigation():
+        page.click("table.picker a:text-is('plant-a')")
+    page.wait_for_load_state()
     assert "group=plant-a" in page.url and "bundle=sensor%401.0.0" in page.url
     assert "Drift · sensor@1.0.0 · group:plant-a" in page.title()
     rows = page.query_selector_all("table.features tbody tr")
@@ -327,7 +329,9 @@ def test_rollout_pages_show_stages_gates_and_decisions(signed_in, fleet):
     assert listed["r-sensor-2"][1] == "1/2 · 50 %"
     assert listed["r-old"][1].startswith("1/") and listed["r-old"][-1] == "wrong group"
     shot(page, "rollouts")
-    page.click("text=r-sensor-2")
+    with page.expect_navigation():
+        page.click("text=r-sensor-2")
+    page.wait_for_load_state()
     assert page.title().startswith("Rollout r-sensor-2")
 
     def shown() -> dict[str, str]:
@@ -526,7 +530,9 @@ def test_overview_shows_what_needs_attention(signed_in):
     assert "rollout.abort rollout:r-old (running → aborted): wrong group" in events
     assert "drift alert #" in events and "bundle.upload" in events
     assert "· fleet: " in events and "· *" not in events  # the fleet scope, named
-    page.click("#attention a:text('drift on sensor@1.0.0 · plant-a')")  # alert → drift page
+    with page.expect_navigation():  # alert → drift page
+        page.click("#attention a:text('drift on sensor@1.0.0 · plant-a')")
+    page.wait_for_load_state()
     assert "Drift · sensor@1.0.0 · group:plant-a" in page.title()
 
 
@@ -535,7 +541,9 @@ def test_alerts_link_to_their_drift_page(signed_in):
     page.goto("/alerts?state=open")
     row = page.query_selector("table.alerts tbody tr:has-text('plant-a')")
     assert row is not None and "row-open" in (row.get_attribute("class") or "")
-    row.query_selector("a:text('drift page')").click()
+    with page.expect_navigation():  # the URL changes before the new page has its title
+        row.query_selector("a:text('drift page')").click()
+    page.wait_for_load_state()
     assert "group=plant-a" in page.url and "hours=24" in page.url
     assert page.title().startswith("Drift · sensor@1.0.0 · group:plant-a")
 

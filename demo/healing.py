@@ -44,8 +44,13 @@ version = "minor"
 [rollout]
 stages = "10%,50%,100%"
 soak = "6s"
+# a model retrained for a changed rule is meant to answer differently from the controls:
+# the accuracy gate on labels judges it, the prediction-shift gates only catch a wild one;
+# before labels arrive the gate compares estimates, and the controls' estimate is the old
+# model's own confidence, which concept drift does not dent: a wider tolerance until then
 gates = { min_healthy_predictions = 10, min_canary_predictions = 60, \
-min_control_predictions = 60, min_labels = 100, max_wait_s = 60 }
+min_control_predictions = 60, min_labels = 100, max_wait_s = 60, \
+max_prediction_js = 0.3, max_prediction_psi = 1.0, max_accuracy_drop = 0.05 }
 
 [watch]
 alerts = ["performance_drop"]

@@ -34,7 +34,7 @@ def ground_truth(demo: Demo) -> None:
         r = demo.client.get("/api/v1/performance", bundle="sensor@2.0.0", since=str(started))
         return r if r["total"]["labelled"] >= total else None
 
-    result = wait_for("the labelled rows in the summaries", report, 60)
+    result = wait_for("the labelled rows in the summaries", report, 120)
     say("$ fleet performance sensor@2.0.0   (GET /api/v1/performance)")
     performance_lines(result, explain=True)
     verdicts = result["verdicts"]

@@ -10,6 +10,7 @@ exactly those rows. Screenshots go where the dashboard tests put theirs.
 from __future__ import annotations
 
 import html
+import re
 import time
 
 import httpx
@@ -136,3 +137,27 @@ def test_performance_alerts_link_to_the_performance_page(site):
             assert r.status_code == 200
             assert 'href="/performance?bundle=sensor%401.0.0&amp;days=2"' in r.text, path
         assert "performance page" in client.get("/alerts").text
+
+
+def test_the_page_shows_the_tolerances_applied_and_a_groups_own(site):
+    base_url, server, token, _, _ = site
+    s = server.services
+    with httpx.Client(base_url=base_url) as client:
+        assert client.post("/login", data={"token": token}).status_code == 303
+        fleet = _tolerances(client.get("/performance?bundle=sensor@1.0.0&days=2").text)
+        assert "rate 0.05" in fleet and "this group's own" not in fleet
+        s.registry.update_group("plant-a", "test", time.time(), performance={"rate": 0.02})
+        try:
+            group = _tolerances(client.get(
+                "/performance?bundle=sensor@1.0.0&group=plant-a&days=2").text)
+        finally:
+            s.registry.update_group("plant-a", "test", time.time(), reset_performance=["all"])
+        assert "rate 0.02 (this group's own)" in group
+        assert "min_labelled" in group and "rate 0.05" not in group
+
+
+def _tolerances(page: str) -> str:
+    """The text of the page's tolerances cell."""
+    cell = re.search(r'<td class="tolerances[^"]*">(.*?)</td>', page, re.S)
+    assert cell is not None, page[:300]
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", "", cell.group(1))).split())

@@ -24,6 +24,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,18 @@ class SqliteEngine:
         return sqlite_utils.Database(conn, execute_plugins=False)
 
     def setup(self, db: sqlite_utils.Database) -> None:
-        db.execute("PRAGMA journal_mode=WAL")
+        deadline = time.monotonic() + self.busy_timeout_s
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                # switching a fresh file to WAL needs its lock upgraded; while another
+                # connection is taking the same step SQLite answers "locked" at once, past
+                # the busy handler (its deadlock avoidance): retry within busy_timeout
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def begin(self, db: sqlite_utils.Database) -> None:
         db.conn.execute("BEGIN IMMEDIATE")

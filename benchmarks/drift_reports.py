@@ -47,7 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, table  # noqa: E402
+from benchmarks.common import machine, performance_blocks, table  # noqa: E402
 
 TARGET_MS = 1000.0
 
@@ -148,27 +148,14 @@ def seed_performance(s: Any, bundle_id: int, ids: list[str], groups: list[str], 
     """Performance rollups by day and hour (see the top); how many rows."""
     import numpy as np
 
-    from edgefleet.contract.performance import Estimated, Realized
     from fleet_server.models import FLEET_SCOPE
     from fleet_server.store import PerformanceRollup, group_scope
 
     spec = s.bundles.performance(bundle_id).spec
     rng = np.random.default_rng(1)
 
-    def blocks(n: int) -> tuple[dict, dict]:
-        k = spec.k
-        truth = rng.integers(0, k, n)
-        pred = np.where(rng.random(n) < 0.85, truth, rng.integers(0, k, n))
-        conf = rng.uniform(0.6, 0.99, n)
-        scores = np.tile(((1 - conf) / (k - 1))[:, None], (1, k))
-        scores[np.arange(n), pred] = conf
-        real, est = Realized(spec), Estimated(spec)
-        real.add(pred, truth, scores)
-        est.add(scores[:, 1] if k == 2 else conf, pred)
-        return real.to_wire(), est.to_wire()
-
     def rollup(width: int, scope: str, bucket: int, devices: int, real: bool) -> tuple:
-        r, e = blocks(200) if real else (None, None)
+        r, e = performance_blocks(spec, rng, 200) if real else (None, None)
         return ((bundle_id, width, bucket, scope),
                 PerformanceRollup(scope, bucket, width // 60 * devices,
                                   200 if real else 0, 200, devices, r, e))

@@ -42,7 +42,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import machine, table  # noqa: E402
+from benchmarks.common import machine, performance_blocks, table  # noqa: E402
 from benchmarks.server import build_bundle  # noqa: E402
 from benchmarks.store_engines import BATCH, messages  # noqa: E402
 
@@ -55,22 +55,13 @@ def log(text: str) -> None:
 
 def with_performance(msgs: list[tuple[str, bytes]], spec: Any) -> list[tuple[str, bytes]]:
     from edgefleet.contract.messages import BundleRef, decode, encode
-    from edgefleet.contract.performance import Estimated, PerformanceEntry, Realized
+    from edgefleet.contract.performance import PerformanceEntry
 
     rng = np.random.default_rng(3)
     entries = []
     for _ in range(64):
-        k, n = spec.k, 10
-        truth = rng.integers(0, k, n)
-        pred = np.where(rng.random(n) < 0.85, truth, rng.integers(0, k, n))
-        conf = rng.uniform(0.6, 0.99, n)
-        scores = np.tile(((1 - conf) / (k - 1))[:, None], (1, k))
-        scores[np.arange(n), pred] = conf
-        real, est = Realized(spec), Estimated(spec)
-        real.add(pred, truth, scores)
-        est.add(scores[:, 1] if k == 2 else conf, pred)
-        entries.append(PerformanceEntry(BundleRef("bench", "1.0.0"), real.to_wire(),
-                                        est.to_wire()))
+        real, est = performance_blocks(spec, rng, 10)
+        entries.append(PerformanceEntry(BundleRef("bench", "1.0.0"), real, est))
     out = []
     for i, (t, payload) in enumerate(msgs):
         msg = replace(decode(t, payload), performance=(entries[i % 64],))

@@ -20,17 +20,6 @@ from edgefleet.contract.signing import TrustStore
 from tests.bundles import FEATURES, sensor_data
 
 
-@pytest.fixture(scope="module")
-def load(bundles, signing_keys):
-    trust = TrustStore.from_files(signing_keys.trust_specs())
-
-    def make(version: str = "1.0.0", model: str = "logreg") -> LoadedModel:
-        data = bundles.build(version, model=model).read_bytes()
-        return LoadedModel(verify_bundle(data, trust))
-
-    return make
-
-
 @pytest.fixture
 def agent():
     clock = iter(float(t) for t in range(1000, 100000, 10))

@@ -22,17 +22,6 @@ from edgefleet.contract.signing import TrustStore
 from tests.bundles import FEATURES, sensor_data
 
 
-@pytest.fixture(scope="module")
-def load(bundles, signing_keys):
-    trust = TrustStore.from_files(signing_keys.trust_specs())
-
-    def make(version: str = "1.0.0", model: str = "logreg") -> LoadedModel:
-        return LoadedModel(verify_bundle(bundles.build(version, model=model).read_bytes(),
-                                         trust))
-
-    return make
-
-
 @pytest.fixture
 def store(tmp_path):
     s = PredictionStore(tmp_path / "predictions.db")

@@ -9,26 +9,15 @@ import numpy as np
 import pytest
 
 from edge_agent.agent import Agent
-from edge_agent.model import LoadedModel
 from edge_agent.predictions import PredictionStore
 from edge_agent.shadow_labels import MAX_BUNDLES, ShadowLabels, with_paired
-from edgefleet.contract.bundle import verify_bundle
 from edgefleet.contract.messages import BundleRef, Paired, ShadowStats, decode, encode
-from edgefleet.contract.signing import TrustStore
 from tests.bundles import FEATURES, sensor_data
 
 A = BundleRef("sensor", "2.0.0")
 B = BundleRef("sensor", "3.0.0")
 
 
-@pytest.fixture(scope="module")
-def load(bundles, signing_keys):
-    trust = TrustStore.from_files(signing_keys.trust_specs())
-
-    def make(version: str = "1.0.0", model: str = "logreg") -> LoadedModel:
-        return LoadedModel(verify_bundle(bundles.build(version, model=model).read_bytes(),
-                                         trust))
-    return make
 
 
 @pytest.fixture
